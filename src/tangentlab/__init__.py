@@ -1,0 +1,27 @@
+"""tangentlab: forecast fine-tuning of pre-trained PyTorch networks from their tangent model."""
+
+from tangentlab._version import __version__
+from tangentlab.compute import compute_kernel
+from tangentlab.errors import (
+    CacheMismatchError,
+    MemoryBudgetError,
+    TangentlabError,
+    TangentlabWarning,
+)
+from tangentlab.kernel import Kernel, load_kernel
+from tangentlab.projection import Projection, ProjectionKind
+from tangentlab.tangent import Tangent
+
+__all__ = [
+    "__version__",
+    "CacheMismatchError",
+    "Kernel",
+    "Projection",
+    "ProjectionKind",
+    "Tangent",
+    "compute_kernel",
+    "MemoryBudgetError",
+    "TangentlabError",
+    "TangentlabWarning",
+    "load_kernel",
+]

@@ -1,0 +1,432 @@
+"""The ``Tangent`` model: the linearization of a network around its pre-trained weights w0.
+
+.. math::
+
+    f_w(x) \\approx f_0(x) + J(x)\\,(w - w_0), \\qquad J(x) = \\partial f / \\partial w |_{w_0}
+    \\quad [C \\times P]
+
+Everything is computed with ``torch.func`` (``functional_call``, ``vmap``, ``jacrev``,
+``jvp``, ``vjp``) on the selected trainable weights; the caller's weights are never changed.
+
+NOTE [eval mode]. The tangent model is taken in ``eval()`` mode: batch-norm running
+statistics frozen, dropout off (DESIGN.md §2). A model that arrives in training mode is
+switched to eval (in place) with a :class:`~tangentlab.errors.ModeSwitchWarning`.
+
+NOTE [jacobian modes]. Three strategies give the same ``[B, C, P]`` Jacobians:
+
+- ``vmap``: ``vmap(jacrev(f))`` over samples — one call, best for MLPs/transformers;
+- ``loop-jacrev``: a Python loop over samples, ``jacrev`` (vmap over the C outputs only);
+- ``loop-vjp``: a loop over samples and outputs, one reverse pass each with a retained
+  graph — no vmap at all.
+On CPU, per-sample weight gradients of convolutions under ``vmap`` become grouped
+convolutions, which are several times slower than a loop over samples (EfficientNet-Lite0:
+measured in benchmarks/RESULTS.md). ``auto`` times the three on the first chunk (a
+warm-up call, then up to 4 samples) and keeps the fastest.
+
+NOTE [vmap fallback]. Per-sample Jacobians use ``vmap(jacrev(f))``. Models that ``vmap``
+cannot trace (``.item()``, data-dependent control flow, in-place ops on inputs, random
+ops) fall back to a per-sample autograd loop, announced with a
+:class:`~tangentlab.errors.VmapFallbackWarning`; results are identical, only slower.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from tangentlab.data import Inputs, num_rows, take, to_device
+from tangentlab.errors import ModeSwitchWarning, TangentlabError, VmapFallbackWarning
+from tangentlab.projection import Projection, Projector, as_projection
+
+ParamSpec = str | Sequence[str] | None
+
+
+class JacobianMode(enum.StrEnum):
+    """How per-sample Jacobians are computed (NOTE [jacobian modes])."""
+
+    AUTO = "auto"
+    VMAP = "vmap"
+    LOOP_JACREV = "loop-jacrev"
+    LOOP_VJP = "loop-vjp"
+
+
+def _row(x: Inputs, i: int) -> Inputs:
+    return {k: v[i] for k, v in x.items()} if isinstance(x, Mapping) else x[i]
+
+
+def select_params(model: nn.Module, params: ParamSpec) -> list[str]:
+    """Names of the trainable weights, in ``model.named_parameters()`` order.
+
+    Args:
+      params: ``None`` (every parameter with ``requires_grad``), a regular expression
+        searched in each parameter name (e.g. ``r"^(_blocks\\.15|_fc)\\."``), or a list of
+        names / regular expressions (each fully matched against the names).
+    """
+    named = [(n, p) for n, p in model.named_parameters()]
+    if not named:
+        raise TangentlabError("Tangent: the model has no parameters.")
+    if params is None:
+        chosen = [n for n, p in named if p.requires_grad]
+        if not chosen:
+            raise TangentlabError(
+                "Tangent: no parameter of the model has requires_grad=True; pass params=... "
+                "to choose the trainable weights."
+            )
+        return chosen
+    if isinstance(params, str):
+        try:
+            rx = re.compile(params)
+        except re.error as exc:
+            msg = f"Tangent: params={params!r} is not a valid regex ({exc})."
+            raise TangentlabError(msg) from None
+        chosen = [n for n, _ in named if rx.search(n)]
+    else:
+        pats = list(params)
+        try:
+            rxs = [re.compile(p) for p in pats]
+        except re.error as exc:
+            msg = f"Tangent: params={pats!r} holds an invalid regex ({exc})."
+            raise TangentlabError(msg) from None
+        chosen = [
+            n for n, _ in named if any(n == p or rx.fullmatch(n) for p, rx in zip(pats, rxs))
+        ]
+    if not chosen:
+        sample = ", ".join(n for n, _ in named[:6])
+        raise TangentlabError(
+            f"Tangent: params={params!r} selects no parameter. Parameter names look like: "
+            f"{sample}, ... ({len(named)} in all; list them with model.named_parameters())."
+        )
+    return chosen
+
+
+def _logits(out: object, where: str) -> torch.Tensor:
+    """Extract the ``[batch, C]`` logits from a model's output (tensor, HF ModelOutput, dict)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TangentlabError(
+        f"{where}: the model returned {type(out).__name__}; expected a tensor [batch, C] or an "
+        "output with a .logits tensor. Wrap the model so that forward returns the logits."
+    )
+
+
+def _ensure_eval(model: nn.Module) -> None:
+    training = [n or "<root>" for n, m in model.named_modules() if m.training]
+    if training:
+        model.eval()
+        warnings.warn(
+            f"Tangent: switched the model to eval mode (batch-norm statistics frozen, dropout "
+            f"off), as the tangent model requires; {len(training)} modules were in training "
+            "mode. Call model.train() afterwards to restore it.",
+            ModeSwitchWarning,
+            stacklevel=3,
+        )
+
+
+class Tangent:
+    """The tangent model of ``model`` at its current weights ``w0``.
+
+    Args:
+      model: a ``torch.nn.Module`` whose forward takes a tensor batch ``[B, ...]`` (or keyword
+        tensors ``[B, L]`` such as Hugging Face ``input_ids``/``attention_mask``) and
+        returns logits ``[B, C]`` (a tensor or an output with ``.logits``). Switched to eval
+        mode (NOTE [eval mode]).
+      params: which weights are trainable (see :func:`select_params`); all by default.
+      projection: ``None`` (exact Jacobians), ``k`` or a :class:`~tangentlab.Projection`.
+      seed: seed of the projection when ``projection`` is an int.
+      jacobian_mode: ``"auto"`` (default: time the strategies on the first chunk and keep
+        the fastest), ``"vmap"``, ``"loop-jacrev"`` or ``"loop-vjp"`` (NOTE [jacobian modes]).
+
+    Example::
+
+        >>> t = Tangent(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))
+        >>> x = torch.randn(5, 4)                   # [B, ...]
+        >>> t.f0(x).shape, t.jacobian(x).shape      # [B, C], [B, C, P]
+        (torch.Size([5, 3]), torch.Size([5, 3, 67]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = None,
+        projection: int | Projection | None = None,
+        seed: int = 0,
+        *,
+        jacobian_mode: str = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TangentlabError(
+                f"Tangent: model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        _ensure_eval(model)
+        self.model = model
+        self.param_names = select_params(model, params)
+        named = dict(model.named_parameters())
+        self.w0 = {n: named[n].detach() for n in self.param_names}
+        self.frozen = {n: p.detach() for n, p in named.items() if n not in self.w0}
+        self.frozen.update({n: b for n, b in model.named_buffers()})
+        self.projection = as_projection(projection, seed=seed)
+        self.numels = {n: self.w0[n].numel() for n in self.param_names}
+        self.projector = Projector(self.projection, self.numels) if self.projection else None
+        self.jacobian_mode = JacobianMode(jacobian_mode)
+        self.mode_timings: float | None = None
+        self.use_forward_ad = True
+        self.params_spec = params
+
+    # ---- sizes and provenance ----------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """P, the number of trainable weights."""
+        return sum(self.numels.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.w0.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.w0.values())).dtype
+
+    def to(self, device: torch.device | str) -> Tangent:
+        """Move the weights used by the tangent model (not the caller's module) to ``device``."""
+        self.w0 = {n: w.to(device) for n, w in self.w0.items()}
+        self.frozen = {n: w.to(device) for n, w in self.frozen.items()}
+        return self
+
+    def weights_hash(self) -> str:
+        """sha256 of every parameter and buffer value (trainable and frozen) and their names."""
+        h = hashlib.sha256()
+        for name, t in sorted({**self.w0, **self.frozen}.items()):
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy())
+        return h.hexdigest()[:32]
+
+    def params_hash(self) -> str:
+        return hashlib.sha256("\n".join(self.param_names).encode()).hexdigest()[:16]
+
+    # ---- the network as a function of its trainable weights -----------------------------
+    def _call(self, w: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
+        pb = {**self.frozen, **w}
+        if isinstance(x, Mapping):
+            out = functional_call(self.model, pb, args=(), kwargs=dict(x))
+        else:
+            out = functional_call(self.model, pb, (x,))
+        return _logits(out, "Tangent")
+
+    def _call_one(self, w: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
+        """f(w, x) for ONE sample without batch dimension -> ``[C]`` (for vmap)."""
+        if isinstance(x, Mapping):
+            xb = {k: v.unsqueeze(0) for k, v in x.items()}
+        else:
+            xb = x.unsqueeze(0)
+        return self._call(w, xb)[0]
+
+    def f0(self, x: Inputs) -> torch.Tensor:
+        """Outputs of the pre-trained network ``f0(x)`` ``[B, C]`` (checked: 2-D and finite)."""
+        x = to_device(x, self.device)
+        with torch.no_grad():
+            out = self._call(self.w0, x)
+        check_output(out, num_rows(x), "Tangent.f0")
+        return out
+
+    # ---- Jacobians -----------------------------------------------------------------------
+    def jacobian_blocks(self, x: Inputs) -> dict[str, torch.Tensor]:
+        """Per-sample Jacobians per weight tensor: ``{name: [B, C, numel]}`` (exact).
+
+        The strategy is ``self.jacobian_mode`` (NOTE [jacobian modes]); ``"auto"`` times
+        the candidates on the first call and keeps the fastest.
+        """
+        x = to_device(x, self.device)
+        if self.jacobian_mode is JacobianMode.AUTO:
+            self.jacobian_mode = self._choose_mode(x)
+        if self.jacobian_mode is JacobianMode.VMAP:
+            try:
+                return self._jacobian_vmap(x)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # vmap cannot trace this model: see NOTE [vmap fallback]
+                self._vmap_failed(exc)
+        if self.jacobian_mode is JacobianMode.LOOP_JACREV:
+            try:
+                return self._jacobian_loop_jacrev(x)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                self._vmap_failed(exc)
+        return self._jacobian_loop_vjp(x)
+
+    def _vmap_failed(self, exc: Exception) -> None:
+        self.jacobian_mode = JacobianMode.LOOP_VJP
+        warnings.warn(
+            f"Tangent: torch.func.vmap cannot handle this model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); falling back "
+            "to a per-sample autograd loop (same result, slower).",
+            VmapFallbackWarning,
+            stacklevel=3,
+        )
+
+    @property
+    def use_vmap(self) -> bool:
+        return self.jacobian_mode is not JacobianMode.LOOP_VJP
+
+    def _choose_mode(self, x: Inputs) -> JacobianMode:
+        """Time each strategy on a few samples (after a warm-up call) and keep the fastest."""
+        m = min(num_rows(x), 4)
+        xs = take(x, slice(0, m))
+        best, best_t = JacobianMode.LOOP_VJP, float("inf")
+        for mode, fn in (
+            (JacobianMode.VMAP, self._jacobian_vmap),
+            (JacobianMode.LOOP_JACREV, self._jacobian_loop_jacrev),
+            (JacobianMode.LOOP_VJP, self._jacobian_loop_vjp),
+        ):
+            try:
+                fn(take(x, slice(0, 1)))  # warm-up (allocator, kernels, functorch caches)
+                t0 = time.perf_counter()
+                fn(xs)
+                elapsed = time.perf_counter() - t0
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                if mode is not JacobianMode.LOOP_VJP:
+                    self._vmap_failed(exc)
+                    return JacobianMode.LOOP_VJP
+                raise
+            if elapsed < best_t:
+                best, best_t = mode, elapsed
+        self.mode_timings = best_t / m
+        return best
+
+    def _jacobian_vmap(self, x: Inputs) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            # functorch warns for ops without batching rules (it loops internally).
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            jac = vmap(jacrev(self._call_one), in_dims=(None, 0))(self.w0, x)
+        b = num_rows(x)
+        return {n: jac[n].reshape(b, jac[n].shape[1], -1) for n in self.param_names}
+
+    def _jacobian_loop_jacrev(self, x: Inputs) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in self.param_names}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            for i in range(num_rows(x)):
+                jac = jacrev(self._call_one)(self.w0, _row(x, i))
+                for n in self.param_names:
+                    rows[n].append(jac[n].reshape(jac[n].shape[0], -1))
+        return {n: torch.stack(r) for n, r in rows.items()}
+
+    def _jacobian_loop_vjp(self, x: Inputs) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in self.param_names}
+        for i in range(num_rows(x)):
+            xi = take(x, slice(i, i + 1))
+            out, pull = vjp(lambda w, xi=xi: self._call(w, xi)[0], self.w0)
+            per_class = []
+            for a in range(out.shape[0]):
+                cot = torch.zeros_like(out)
+                cot[a] = 1.0
+                (g,) = pull(cot, retain_graph=True)
+                per_class.append(g)
+            for n in self.param_names:
+                rows[n].append(torch.stack([pc[n].reshape(-1) for pc in per_class]))
+        return {n: torch.stack(r) for n, r in rows.items()}
+
+    def jacobian(self, x: Inputs) -> torch.Tensor:
+        """Exact per-sample Jacobians ``J(x_i)`` flattened over the weights: ``[B, C, P]``."""
+        blocks = self.jacobian_blocks(x)
+        return torch.cat([blocks[n] for n in self.param_names], dim=-1)
+
+    def project(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``Phi = J R`` from Jacobian blocks ``{name: [B, C, numel]}`` -> ``[B, C, k]``."""
+        if self.projector is None:
+            raise TangentlabError("Tangent.project: this Tangent has no projection (k).")
+        first = blocks[self.param_names[0]]
+        b, c = first.shape[:2]
+        out = torch.zeros(b * c, self.projector.k, dtype=first.dtype, device=first.device)
+        for n in self.param_names:
+            self.projector.project_block(n, blocks[n].reshape(b * c, -1), out)
+        return out.reshape(b, c, -1)
+
+    def projected_jacobian(self, x: Inputs) -> torch.Tensor:
+        """Projected per-sample Jacobians ``J(x_i) R``: ``[B, C, k]``."""
+        return self.project(self.jacobian_blocks(x))
+
+    def jw0(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``J(x_i) w0`` from Jacobian blocks -> ``[B, C]`` (the coupled weight-decay constant)."""
+        return sum(blocks[n] @ self.w0[n].reshape(-1).to(blocks[n].dtype) for n in self.param_names)
+
+    # ---- products ------------------------------------------------------------------------
+    def _unflatten(self, v: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(v, Mapping):
+            return {n: v[n].to(self.w0[n]) for n in self.param_names}
+        v = torch.as_tensor(v)
+        if v.shape != (self.num_params,):
+            raise TangentlabError(
+                f"Tangent: a weight-space vector must have shape [P] = [{self.num_params}], "
+                f"got {tuple(v.shape)}."
+            )
+        out, offset = {}, 0
+        for n in self.param_names:
+            m = self.numels[n]
+            out[n] = v[offset : offset + m].reshape(self.w0[n].shape).to(self.w0[n])
+            offset += m
+        return out
+
+    def jvp(self, x: Inputs, v: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Jacobian-vector product ``J(x_i) v`` for every sample: ``v`` ``[P]`` -> ``[B, C]``."""
+        x = to_device(x, self.device)
+        tangent = self._unflatten(v)
+        if self.use_forward_ad:
+            try:
+                _, out = jvp(lambda w: self._call(w, x), (self.w0,), (tangent,))
+                return out
+            except (NotImplementedError, RuntimeError) as exc:
+                self.use_forward_ad = False
+                warnings.warn(
+                    f"Tangent.jvp: forward-mode AD is not supported by this model "
+                    f"({str(exc).splitlines()[0][:160]}); computing J v from the per-sample "
+                    "Jacobians instead (same result, C backward passes per sample).",
+                    VmapFallbackWarning,
+                    stacklevel=2,
+                )
+        blocks = self.jacobian_blocks(x)
+        return sum(blocks[n] @ tangent[n].reshape(-1) for n in self.param_names)
+
+    def vjp(self, x: Inputs, u: torch.Tensor) -> torch.Tensor:
+        """Vector-Jacobian product ``sum_i J(x_i)^T u_i``: ``u`` ``[B, C]`` -> ``[P]``."""
+        x = to_device(x, self.device)
+        out, pull = vjp(lambda w: self._call(w, x), self.w0)
+        if tuple(u.shape) != tuple(out.shape):
+            raise TangentlabError(
+                f"Tangent.vjp: u must have the output's shape {tuple(out.shape)}, "
+                f"got {tuple(u.shape)}."
+            )
+        (g,) = pull(u.to(out))
+        return torch.cat([g[n].reshape(-1) for n in self.param_names])
+
+
+def check_output(out: torch.Tensor, batch: int, where: str) -> None:
+    """The model output must be ``[batch, C]`` and finite."""
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise TangentlabError(
+            f"{where}: the model output must have shape [batch, C] = [{batch}, C], got "
+            f"{tuple(out.shape)}. For a single-output model return [batch, 1]; for a "
+            "sequence model pool or select the classification logits."
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise TangentlabError(
+            f"{where}: the model produced non-finite outputs (NaN or inf) on this data. "
+            "Check the input normalization and the weights (e.g. a fresh head's scale)."
+        )
