@@ -92,6 +92,11 @@ def test_bad_num_samples(bad: object) -> None:
         load_example("digits-cnn", num_samples=bad)  # type: ignore[arg-type]
 
 
+def test_bad_seed() -> None:
+    with pytest.raises(TangentlabError, match=r"seed should be an int \(got 1.5\)"):
+        load_example("digits-cnn", seed=1.5)  # type: ignore[arg-type]
+
+
 def test_bad_split() -> None:
     with pytest.raises(TangentlabError, match=r"split should be one of .*'val'"):
         load_example("digits-cnn", split="val")

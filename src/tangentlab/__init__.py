@@ -8,6 +8,7 @@ from tangentlab.errors import (
     TangentlabError,
     TangentlabWarning,
 )
+from tangentlab.forecast import Forecast, forecast, sweep
 from tangentlab.kernel import Kernel, load_kernel
 from tangentlab.projection import Projection, ProjectionKind
 from tangentlab.tangent import Tangent
@@ -15,11 +16,14 @@ from tangentlab.tangent import Tangent
 __all__ = [
     "__version__",
     "CacheMismatchError",
+    "Forecast",
     "Kernel",
     "Projection",
     "ProjectionKind",
     "Tangent",
     "compute_kernel",
+    "forecast",
+    "sweep",
     "MemoryBudgetError",
     "TangentlabError",
     "TangentlabWarning",

@@ -3,16 +3,17 @@
 Every example is loaded from files installed with the package's ``examples`` extra or
 shipped by the system; nothing is downloaded and nothing is cached on disk.
 
-=================  ==============================================================  ==========
+=================  ==============================================================  ============
 name               model / data                                                    load time
-=================  ==============================================================  ==========
-``digits-cnn``     small CNN pre-trained here on half of scikit-learn's digits;    < 1 s
+=================  ==============================================================  ============
+``digits-cnn``     small CNN pre-trained here on half of scikit-learn's digits;    0.3 s
                    fresh 10-class head; the other half of the digits (8x8)
-``fashion-lite0``  EfficientNet-Lite0 (ImageNet weights) with a fresh 10-class     ~ 1-2 s
+``fashion-lite0``  EfficientNet-Lite0 (ImageNet weights) with a fresh 10-class     0.5-1 s
                    head; Fashion-MNIST images resized to 64x64, 3 channels
-``rt-minilm``      MiniLM-L6 (all-MiniLM-L6-v2) BERT encoder with a fresh 2-class  ~ 2-4 s
-                   head; Rotten Tomatoes review snippets (fresh / rotten)
-=================  ==============================================================  ==========
+``rt-minilm``      MiniLM-L6 (all-MiniLM-L6-v2) BERT encoder with a fresh 2-class  ~5 s cold
+                   head; Rotten Tomatoes review snippets (fresh / rotten)          (imports
+                                                                                   transformers)
+=================  ==============================================================  ============
 
 Data come as ``(X, y)``: ``y`` is an int64 tensor ``[N]`` of labels in ``[0, C)`` and ``X``
 a float32 tensor ``[N, ...]`` or, for the text model, a dict of int64 tensors ``[N, L]``
@@ -188,6 +189,8 @@ def load_example(
         raise TangentlabError(
             f"load_example: num_samples should be None or a positive int (got {num_samples!r})."
         )
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TangentlabError(f"load_example: seed should be an int (got {seed!r}).")
     if "split" in options and options["split"] not in _SPLITS:
         raise TangentlabError(
             f"load_example: split should be one of {_SPLITS} (got {options['split']!r})."

@@ -27,7 +27,8 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,23 @@ def _hf_offline() -> None:
     """Make sure nothing from the Hugging Face stack tries the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (we warn ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # =========================================================================== models
@@ -255,14 +273,15 @@ def _load_hf_model(path: Path, spec: str, num_classes: int | None) -> nn.Module:
     if num_classes is not None:
         kwargs["num_labels"] = num_classes
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            str(path),
-            attn_implementation="eager",
-            local_files_only=True,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            **kwargs,
-        )
+        with _quiet_transformers():
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                str(path),
+                attn_implementation="eager",
+                local_files_only=True,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
     except (OSError, ValueError, KeyError) as err:
         raise TangentlabError(
             f"load_model_spec: transformers could not load {spec!r} as a sequence "

@@ -184,6 +184,13 @@ class Tangent:
         self.mode_timings: float | None = None
         self.use_forward_ad = True
         self.params_spec = params
+        config = getattr(model, "config", None)
+        self._hf_encoder = bool(
+            config is not None
+            and hasattr(config, "model_type")
+            and not getattr(config, "is_encoder_decoder", False)
+            and not getattr(config, "is_decoder", False)
+        )
 
     # ---- sizes and provenance ----------------------------------------------------------
     @property
@@ -222,7 +229,15 @@ class Tangent:
     def _call(self, w: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
         pb = {**self.frozen, **w}
         if isinstance(x, Mapping):
-            out = functional_call(self.model, pb, args=(), kwargs=dict(x))
+            x = dict(x)
+            mask = x.get("attention_mask")
+            if self._hf_encoder and mask is not None and mask.ndim == 2:
+                # NOTE [Hugging Face masks]: an additive [B, 1, 1, L] mask is used as-is by
+                # BERT-like encoders, while a [B, L] mask goes through an "all ones?" check
+                # that vmap cannot trace. Same logits either way.
+                neg = torch.finfo(self.dtype).min
+                x["attention_mask"] = (1.0 - mask[:, None, None, :].to(self.dtype)) * neg
+            out = functional_call(self.model, pb, args=(), kwargs=x)
         else:
             out = functional_call(self.model, pb, (x,))
         return _logits(out, "Tangent")

@@ -1,0 +1,445 @@
+"""``tangentlab`` command line: parse -> call the Python API -> write JSON/PNG/HTML.
+
+No mathematics here: every step is a public function (``load_example`` /
+``specs.load_model_spec`` / ``specs.load_data_spec``, ``compute_kernel``, ``forecast``,
+``sweep``, ``report.write_*``).
+
+Examples::
+
+    tangentlab forecast --example fashion-lite0 --out runs/demo
+    tangentlab forecast --example digits-cnn --lr 0.5 --batch-size 32 --momentum 0.9
+    tangentlab sweep --example digits-cnn --lr 0.1,0.3,1 --batch-size 16,full --momentum 0,0.9
+    tangentlab forecast --model mypkg.models:make_net --weights w.safetensors \\
+        --data train.npz --params '^head\\.' --out runs/mine
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tangentlab.errors import TangentlabError
+
+_EXAMPLE_NAMES = ("digits-cnn", "fashion-lite0", "rt-minilm")
+
+# Sizes the built-in examples run with when the user gives none (minutes on 2 CPU cores).
+_EXAMPLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits-cnn": {"samples": 200, "steps": 300},
+    "fashion-lite0": {"samples": 500, "steps": 300},
+    "rt-minilm": {"samples": 300, "steps": 300},
+}
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--config file.toml``: its keys (option names, ``-`` or ``_``) become defaults."""
+    if not value:
+        return value
+    try:
+        with open(value, "rb") as fh:
+            conf = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"cannot read TOML config {value!r}: {exc}") from None
+    defaults = {}
+    for key, v in conf.items():
+        if isinstance(v, list):
+            v = ",".join("full" if x in ("full", None) else str(x) for x in v)
+        defaults[key.replace("-", "_")] = v
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise click.BadParameter(f"unknown keys {unknown} in {value!r}; allowed: {sorted(known)}")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _source_options(fn):
+    """Model, data and kernel options shared by every command (one block, not copies)."""
+    opts = [
+        click.option("--config", type=click.Path(dir_okay=False), callback=_load_config,
+                     is_eager=True, expose_value=False,
+                     help="TOML file whose keys are option names (flags override it)."),
+        click.option("--example", type=click.Choice(_EXAMPLE_NAMES), default=None,
+                     help="Built-in model + data (default: fashion-lite0 when no --model)."),
+        click.option("--model", "model_spec", default=None, metavar="SPEC",
+                     help="'pkg.module:factory' returning an nn.Module (imports and runs "
+                     "that code), or a local Hugging Face model directory."),
+        click.option("--weights", default=None, metavar="FILE",
+                     help="Weights for --model: .safetensors or a torch file "
+                     "(loaded with weights_only=True)."),
+        click.option("--data", "data_spec", default=None, metavar="SPEC",
+                     help="Data for --model: .npz with X and y, an image folder "
+                     "(root/<class>/*.png), a CSV of text,label, or a saved HF dataset."),
+        click.option("--tokenizer", default=None, metavar="DIR",
+                     help="Tokenizer directory for text data (default: the model directory)."),
+        click.option("--num-classes", type=int, default=None, help="C (for --model)."),
+        click.option("--samples", type=int, default=None,
+                     help="N: number of training samples (examples: default per example)."),
+        click.option("--seq-len", type=int, default=64, show_default=True,
+                     help="Tokens per text sample."),
+        click.option("--image-size", type=int, default=None,
+                     help="Resize images to this side (fashion-lite0: 64)."),
+        click.option("--params", default=None, metavar="REGEX",
+                     help="Trainable weights: regex on parameter names, or 'all' "
+                     "(default: the example's choice, else all)."),
+        click.option("--projection", default="auto", show_default=True,
+                     help="'exact', a dimension k (e.g. 2048), or 'auto' (exact when all "
+                     "Jacobians fit in memory, else k=2048)."),
+        click.option("--projection-kind", type=click.Choice(["sparse", "gaussian", "rademacher"]),
+                     default="sparse", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the example's head/subset, the projection and SGD noise."),
+        click.option("--memory-budget", default=None,
+                     help="Bytes or e.g. '4GB' (default: 50%% of free RAM, 80%% of GPU)."),
+        click.option("--device", default=None, help="e.g. cpu, cuda (default: the model's)."),
+        click.option("--kernel-batch-size", type=int, default=None,
+                     help="Samples per Jacobian chunk (default: planned from the budget)."),
+        click.option("--cache", default=None, metavar="DIR",
+                     help="Kernel cache directory (default: OUT/kernel); resumable."),
+        click.option("--kernel", "kernel_file", default=None, metavar="FILE",
+                     help="Use a saved kernel (.safetensors) instead of computing one."),
+        click.option("--out", default="runs/tangentlab", show_default=True,
+                     help="Output directory for JSON, PNG and HTML."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _hyper_options(*, lists: bool):
+    """Training hyper-parameters; comma-separated lists for ``sweep``."""
+    kind = str if lists else None
+    many = " (comma-separated list)" if lists else ""
+
+    def deco(fn):
+        opts = [
+            click.option("--lr", type=kind or float, default=None,
+                         help=f"Learning rate η{many} (default: per example)."),
+            click.option("--steps", type=int, default=None,
+                         help="Forecast horizon in optimizer steps (default: per example)."),
+            click.option("--batch-size", default="full", show_default=True,
+                         help=f"Batch size B or 'full'{many}."),
+            click.option("--momentum", type=kind or float, default="0" if lists else 0.0,
+                         show_default=True, help=f"SGD momentum m{many}."),
+            click.option("--weight-decay", type=kind or float, default="0" if lists else 0.0,
+                         show_default=True, help=f"Coupled L2 as torch SGD{many}."),
+            click.option("--loss", "loss_name", type=click.Choice(["mse", "ce"]), default="mse",
+                         show_default=True, help="½‖f − s·onehot(y)‖² or cross-entropy."),
+            click.option("--target-scale", type=float, default=1.0, show_default=True,
+                         help="s, the MSE target scale."),
+            click.option("--paths", type=int, default=10, show_default=True,
+                         help="Sample paths of a minibatch forecast."),
+            click.option("--target-loss", type=float, default=None,
+                         help="ε of steps-to-target (default: (1 − target-drop)·L0)."),
+            click.option("--target-drop", type=float, default=0.8, show_default=True,
+                         help="Relative drop of the loss that defines the default target."),
+        ]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def _errors_as_usage(fn):
+    """Library errors become one clear line and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TangentlabError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; finished kernel chunks are kept in the cache and "
+                       "the next run resumes from them.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _resolve(o: dict[str, Any]):
+    """Load model and data (example or specs); returns (model, data, C, params, name, info)."""
+    from tangentlab.examples import load_example
+    from tangentlab.specs import load_data_spec, load_model_spec
+
+    if o["model_spec"] is None and o["data_spec"] is None:
+        name = o["example"] or "fashion-lite0"
+        d = _EXAMPLE_DEFAULTS[name]
+        opts: dict[str, Any] = {}
+        if name == "fashion-lite0" and o["image_size"]:
+            opts["image_size"] = o["image_size"]
+        if name == "rt-minilm":
+            opts["seq_len"] = o["seq_len"]
+        ex = load_example(name, num_samples=o["samples"] or d["samples"], seed=o["seed"], **opts)
+        _echo(f"tangentlab: example {name}: {ex.description}")
+        params = ex.default_params if o["params"] is None else o["params"]
+        return ex.model, ex.data, ex.num_classes, params, name, d
+    if o["example"] is not None:
+        raise TangentlabError("tangentlab: give either --example or --model/--data, not both.")
+    if o["model_spec"] is None or o["data_spec"] is None:
+        raise TangentlabError(
+            "tangentlab: --model and --data go together (or use --example NAME)."
+        )
+    model = load_model_spec(o["model_spec"], num_classes=o["num_classes"], weights=o["weights"])
+    tok = o["tokenizer"] or (o["model_spec"] if os.path.isdir(o["model_spec"]) else None)
+    data = load_data_spec(
+        o["data_spec"], tokenizer_dir=tok, seq_len=o["seq_len"], image_size=o["image_size"],
+        num_samples=o["samples"], seed=o["seed"],
+    )  # fmt: skip
+    return model, data, o["num_classes"], o["params"], Path(o["data_spec"]).name, {}
+
+
+def _projection(o: dict[str, Any], model, data, params):
+    from tangentlab.memory import default_budget, parse_bytes
+    from tangentlab.projection import Projection
+    from tangentlab.tangent import select_params
+
+    spec = str(o["projection"]).strip().lower()
+    if spec == "exact":
+        return None
+    if spec == "auto":
+        import torch
+
+        from tangentlab.data import num_rows
+
+        names = select_params(model, None if params == "all" else params)
+        named = dict(model.named_parameters())
+        p = sum(named[n].numel() for n in names)
+        n = num_rows(data[0]) if isinstance(data, tuple) else 1000
+        c = o["num_classes"] or 10
+        dev = torch.device(o["device"] or "cpu")
+        budget = parse_bytes(o["memory_budget"]) or default_budget(dev)
+        if n * c * p * 4 * 2 <= budget:  # all Jacobians at once, with room to work
+            return None
+        return Projection(2048, kind=o["projection_kind"], seed=o["seed"])
+    try:
+        k = int(spec)
+    except ValueError:
+        raise TangentlabError(
+            f"tangentlab: --projection must be 'exact', 'auto' or an integer k, got {spec!r}."
+        ) from None
+    return Projection(k, kind=o["projection_kind"], seed=o["seed"])
+
+
+def _kernel(o: dict[str, Any]):
+    """Load or compute the kernel described by the options; returns (kernel, seconds, info)."""
+    import tangentlab as tl
+
+    t0 = time.perf_counter()
+    if o["kernel_file"]:
+        kernel = tl.load_kernel(o["kernel_file"])
+        _echo(f"tangentlab: loaded kernel {o['kernel_file']} (N={kernel.num_samples}, "
+              f"C={kernel.num_classes})")
+        return kernel, time.perf_counter() - t0, {}, {"kernel": o["kernel_file"]}
+    model, data, c, params, name, defaults = _resolve(o)
+    if params == "all":
+        params = None
+    proj = _projection({**o, "num_classes": c}, model, data, params)
+    t0 = time.perf_counter()
+    kernel = tl.compute_kernel(
+        model, data, num_classes=c, projection=proj, params=params,
+        memory_budget=o["memory_budget"], device=o["device"],
+        batch_size=o["kernel_batch_size"],
+        cache=o["cache"] or Path(o["out"]) / "kernel", progress=not o["no_progress"],
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    info = {"source": name, "params": str(params), "projection": kernel.metadata["projection"],
+            "num_samples": kernel.num_samples, "num_classes": kernel.num_classes,
+            "kernel_seconds": round(seconds, 2)}  # fmt: skip
+    return kernel, seconds, defaults, info
+
+
+def _batch(value: str | int | None) -> int | None:
+    if value is None or str(value).strip().lower() in ("full", "none", ""):
+        return None
+    try:
+        b = int(value)
+    except ValueError:
+        raise TangentlabError(
+            f"tangentlab: --batch-size must be an integer or 'full', got {value!r}."
+        ) from None
+    return b
+
+
+def _floats(value: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise TangentlabError(
+            f"tangentlab: --{name} must be a comma-separated list of numbers, got {value!r}."
+        ) from None
+
+
+def _default_lr(kernel, momentum: float) -> float:
+    """Half the stability limit: η̃ λ_max / N = 1 with η̃ = η / (1 − m) (DESIGN.md §3)."""
+    lam_max = float(kernel.eigh()[0].max())
+    lr = (1.0 - momentum) * kernel.num_samples / lam_max
+    _echo(f"tangentlab: --lr not given: using lr = {lr:.4g}, half the stability limit "
+          f"(λ_max/N = {lam_max / kernel.num_samples:.4g}, momentum {momentum:g}).")  # fmt: skip
+    return float(f"{lr:.3g}")
+
+
+def _target(o: dict[str, Any], initial_loss: float) -> float:
+    if o["target_loss"] is not None:
+        return float(o["target_loss"])
+    if not 0 < o["target_drop"] < 1:
+        raise TangentlabError(
+            f"tangentlab: --target-drop must be in (0, 1), got {o['target_drop']!r}."
+        )
+    return (1.0 - o["target_drop"]) * initial_loss
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="tangentlab")
+def main() -> None:
+    """Forecast fine-tuning of pre-trained PyTorch networks from their tangent model,
+    without training."""
+    warnings.filterwarnings("default", category=UserWarning, module="tangentlab")
+
+
+@main.command()
+@_source_options
+@_hyper_options(lists=False)
+@_errors_as_usage
+def forecast(**o: Any) -> None:
+    """Forecast the loss/accuracy curves of SGD fine-tuning and the steps to a target loss.
+
+    \b
+    Example:
+      $ tangentlab forecast --example digits-cnn --lr 0.5 --steps 200 --out runs/d
+      setting           steps_to_target  ...  final_accuracy  diverges
+      lr=0.5, full ...  41               ...  0.985           False
+    """
+    import tangentlab as tl
+    from tangentlab.report import format_table, summary_row, write_forecast_report
+
+    kernel, k_sec, defaults, info = _kernel(o)
+    lr = o["lr"] if o["lr"] is not None else _default_lr(kernel, o["momentum"])
+    steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    t0 = time.perf_counter()
+    fc = tl.forecast(
+        kernel, lr, steps, batch_size=_batch(o["batch_size"]), momentum=o["momentum"],
+        weight_decay=o["weight_decay"], loss=o["loss_name"], target_scale=o["target_scale"],
+        paths=o["paths"], seed=o["seed"],
+    )  # fmt: skip
+    f_sec = time.perf_counter() - t0
+    target = _target(o, float(fc.loss[0]))
+    info.update(forecast_seconds=round(f_sec, 3), target_loss=target)
+    paths = write_forecast_report(o["out"], [fc], kernel, target_loss=target,
+                                  title=f"tangentlab forecast: {info.get('source', '')}",
+                                  info=info)  # fmt: skip
+    click.echo(format_table([summary_row(fc, target)]))
+    if fc.diverges:
+        click.echo(f"DIVERGES: η̃·λ_max/N = {fc.stability:.3g} ≥ {fc.stability_limit:g}; "
+                   "lower the learning rate.")  # fmt: skip
+    t = fc.steps_to(target)
+    click.echo(
+        f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}"
+        f"  (kernel {k_sec:.1f} s, forecast {f_sec:.2f} s)"
+    )
+    click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+@main.command()
+@_source_options
+@_hyper_options(lists=True)
+@_errors_as_usage
+def sweep(**o: Any) -> None:
+    """Forecast every combination of comma-separated hyper-parameters from ONE kernel,
+    ranked by predicted steps to the target loss.
+
+    \b
+    Example:
+      $ tangentlab sweep --example digits-cnn --lr 0.1,0.5 --batch-size 16,full
+      lr   batch_size  rank  steps_to_target  final_loss ...
+    """
+    import tangentlab as tl
+    from tangentlab.report import write_sweep_report
+
+    kernel, k_sec, defaults, info = _kernel(o)
+    if o["lr"] is not None:
+        lrs = _floats(o["lr"], "lr")
+    else:
+        base = _default_lr(kernel, max(_floats(o["momentum"], "momentum")))
+        lrs = [base * f for f in (0.1, 0.3, 1.0, 1.5)]
+    steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    grid = {
+        "lr": lrs,
+        "batch_size": [_batch(b) for b in str(o["batch_size"]).split(",")],
+        "momentum": _floats(o["momentum"], "momentum"),
+        "weight_decay": _floats(o["weight_decay"], "weight-decay"),
+    }
+    t0 = time.perf_counter()
+    first = tl.forecast(kernel, lrs[0], 0, loss=o["loss_name"], target_scale=o["target_scale"])
+    target = _target(o, float(first.loss[0]))
+    table = tl.sweep(
+        kernel, grid, target_loss=target, steps=steps, loss=o["loss_name"],
+        target_scale=o["target_scale"], paths=o["paths"], seed=o["seed"],
+    )  # fmt: skip
+    s_sec = time.perf_counter() - t0
+    info.update(sweep_seconds=round(s_sec, 3), settings=len(table), target_loss=target)
+    paths = write_sweep_report(o["out"], table, kernel, info=info,
+                               title=f"tangentlab sweep: {info.get('source', '')}")  # fmt: skip
+    shown = table.drop(columns=["forecast", "target_loss", "loss_limit"])
+    with _pd_display():
+        click.echo(shown.to_string(index=False))
+    click.echo(f"target loss {target:.4g}; {len(table)} settings from one kernel "
+               f"(kernel {k_sec:.1f} s, sweep {s_sec:.2f} s)")  # fmt: skip
+    click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+class _pd_display:
+    def __enter__(self):
+        import pandas as pd
+
+        self._ctx = pd.option_context("display.width", 160, "display.precision", 4)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+@main.command()
+@_source_options
+@_errors_as_usage
+def kernel(**o: Any) -> None:
+    """Compute (or load from the cache) the kernel and print its summary as JSON."""
+    import json
+
+    from tangentlab.report import write_json
+
+    kernel, k_sec, _, info = _kernel(o)
+    kernel.eigh()
+    summary = {**kernel.describe(), "info": info}
+    path = write_json(summary, Path(o["out"]) / "kernel.json")
+    click.echo(json.dumps(summary, indent=1, default=str))
+    click.echo(f"kernel in {k_sec:.1f} s; wrote {path} (kernel file: "
+               f"{Path(o['cache'] or Path(o['out']) / 'kernel') / 'kernel.safetensors'})",
+               err=True)  # fmt: skip
+
+
+@main.command("examples")
+def list_examples() -> None:
+    """List the built-in examples."""
+    from tangentlab.examples import EXAMPLES
+
+    for name, desc in EXAMPLES.items():
+        click.echo(f"{name:14s} {desc}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

@@ -1,0 +1,297 @@
+"""Reports: forecast plots (PNG), JSON summaries and a self-contained HTML page.
+
+Everything here only formats results computed elsewhere; no numerics, no model code.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tangentlab.forecast import Forecast
+from tangentlab.kernel import Kernel, atomic_write
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def label_of(fc: Forecast) -> str:
+    """A short legend label from a forecast's hyper-parameters."""
+    hp = fc.hyperparameters
+    parts = [f"lr={hp.get('lr'):g}"]
+    bs = hp.get("batch_size")
+    parts.append("full batch" if bs is None or bs >= hp.get("num_samples", math.inf) else f"B={bs}")
+    if hp.get("momentum"):
+        parts.append(f"m={hp['momentum']:g}")
+    if hp.get("weight_decay"):
+        parts.append(f"wd={hp['weight_decay']:g}")
+    parts.append(str(hp.get("loss", "mse")).upper())
+    return ", ".join(parts)
+
+
+def plot_forecasts(
+    forecasts: Sequence[tuple[str, Forecast]],
+    path: str | Path,
+    *,
+    target_loss: float | None = None,
+    title: str = "Forecast of fine-tuning (tangent model, no training)",
+    measured: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = (),
+) -> Path:
+    """Loss (log scale, with the stochastic band) and accuracy over steps, saved as PNG.
+
+    Args:
+      forecasts: ``(label, Forecast)`` pairs.
+      target_loss: drawn as a horizontal line with the forecast steps-to-target marked.
+      measured: optional real curves ``(label, steps [T], loss [T], accuracy [T] or None)``.
+    """
+    plt = _plt()
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, fc) in enumerate(forecasts):
+        col = colors[i % len(colors)]
+        steps = fc.steps
+        lbl = f"{label} (diverges)" if fc.diverges else label
+        ax_l.plot(steps, fc.loss, color=col, lw=1.8, label=lbl)
+        if fc.loss_band is not None:
+            ax_l.fill_between(steps, fc.loss_band[0], fc.loss_band[1], color=col, alpha=0.2, lw=0)
+        ax_a.plot(steps, fc.accuracy, color=col, lw=1.8, label=lbl)
+        if target_loss is not None:
+            t = fc.steps_to(target_loss)
+            if t is not None:
+                ax_l.plot([t], [fc.loss[t]], "o", color=col, ms=5)
+    for j, (label, steps, loss, acc) in enumerate(measured):
+        col = colors[(len(forecasts) + j) % len(colors)]
+        ax_l.plot(steps, loss, "--", color=col, lw=1.5, label=label)
+        if acc is not None:
+            ax_a.plot(steps, acc, "--", color=col, lw=1.5, label=label)
+    if target_loss is not None:
+        ax_l.axhline(target_loss, color="0.4", lw=0.8, ls=":", label=f"target {target_loss:.3g}")
+    ax_l.set_yscale("log")
+    ax_l.set_xlabel("step")
+    ax_l.set_ylabel("training loss")
+    ax_a.set_xlabel("step")
+    ax_a.set_ylabel("training accuracy")
+    ax_a.set_ylim(-0.02, 1.02)
+    for ax in (ax_l, ax_a):
+        ax.grid(alpha=0.3)
+    ax_l.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as JSON (NaN -> null), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_clean(obj), indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
+    """The numbers a person reads first, for one forecast."""
+    d = fc.to_dict()
+    return {
+        "setting": label_of(fc),
+        "steps_to_target": None if target_loss is None else fc.steps_to(target_loss),
+        "steps_to_plateau_1pct": d["steps_to_plateau_1pct"],
+        "initial_loss": d["initial_loss"],
+        "final_loss": d["final_loss"],
+        "final_accuracy": d["final_accuracy"],
+        "diverges": d["diverges"],
+        "stability": d["stability"],
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table (for the terminal)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return "nan" if not math.isfinite(v) else f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def _html_table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    cols = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "&ndash;"
+        if isinstance(v, float):
+            return "nan" if not math.isfinite(v) else f"{v:.4g}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3} h1{font-size:1.4em} h2{font-size:1.1em;margin-top:1.6em}
+.note{color:#555;font-size:13px} img{max-width:100%}
+"""
+
+
+def write_html(
+    path: str | Path,
+    *,
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    images: Sequence[str | Path] = (),
+) -> Path:
+    """A self-contained HTML page: PNGs embedded as base64, sections as (heading, html)."""
+    imgs = "".join(
+        f'<img alt="plot" src="data:image/png;base64,'
+        f'{base64.b64encode(Path(p).read_bytes()).decode()}">'
+        for p in images
+    )
+    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{imgs}{body}"
+        "<p class='note'>Made by tangentlab from the tangent model (linearization at the "
+        "pre-trained weights); no training was run for the forecast.</p></body></html>"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return path
+
+
+def kernel_rows(kernel: Kernel) -> list[dict[str, Any]]:
+    d = kernel.describe()
+    meta = d.pop("metadata")
+    rows = [{"quantity": k, "value": v} for k, v in d.items()]
+    rows += [{"quantity": k, "value": v} for k, v in meta.items()]
+    return rows
+
+
+def write_forecast_report(
+    out_dir: str | Path,
+    forecasts: Sequence[Forecast],
+    kernel: Kernel,
+    *,
+    target_loss: float | None = None,
+    title: str = "tangentlab forecast",
+    info: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``forecast.json``, ``forecast.png`` and ``report.html`` into ``out_dir``.
+
+    Returns the paths written, by kind.
+    """
+    out = Path(out_dir)
+    rows = [summary_row(fc, target_loss) for fc in forecasts]
+    png = plot_forecasts(
+        [(label_of(fc), fc) for fc in forecasts], out / "forecast.png",
+        target_loss=target_loss, title=title,
+    )  # fmt: skip
+    js = write_json(
+        {
+            "title": title,
+            "target_loss": target_loss,
+            "summary": rows,
+            "forecasts": [fc.to_dict() for fc in forecasts],
+            "kernel": kernel.describe(),
+            "info": info or {},
+        },
+        out / "forecast.json",
+    )
+    info_rows = [{"quantity": k, "value": v} for k, v in (info or {}).items()]
+    page = write_html(
+        out / "report.html",
+        title=title,
+        images=[png],
+        sections=[
+            ("Summary", _html_table(rows)),
+            ("Run", _html_table(info_rows)),
+            ("Kernel", _html_table(kernel_rows(kernel))),
+        ],
+    )
+    return {"json": js, "png": png, "html": page}
+
+
+def write_sweep_report(
+    out_dir: str | Path,
+    table,
+    kernel: Kernel,
+    *,
+    title: str = "tangentlab sweep",
+    top: int = 6,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``sweep.csv``, ``sweep.json``, ``sweep.png`` (best ``top`` curves), ``report.html``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = table.drop(columns=["forecast"])
+    target = table.attrs.get("target_loss")
+    csv = out / "sweep.csv"
+    atomic_write(csv, lambda tmp: flat.to_csv(tmp, index=False))
+    records = json.loads(flat.to_json(orient="records"))
+    summary = {"title": title, "target_loss": target, "table": records,
+               "kernel": kernel.describe(), "info": info or {}}  # fmt: skip
+    js = write_json(summary, out / "sweep.json")
+    best = [(label_of(fc), fc) for fc in table["forecast"].head(top)]
+    png = plot_forecasts(best, out / "sweep.png", target_loss=target,
+                         title=f"{title}: best {len(best)} of {len(table)} settings")  # fmt: skip
+    page = write_html(
+        out / "report.html",
+        title=title,
+        images=[png],
+        sections=[
+            (f"All settings, ranked by steps to loss {target:.4g}", _html_table(records)),
+            ("Run", _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
+            ("Kernel", _html_table(kernel_rows(kernel))),
+        ],
+    )
+    return {"csv": csv, "json": js, "png": png, "html": page}
