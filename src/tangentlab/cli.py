@@ -47,15 +47,22 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
             conf = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"cannot read TOML config {value!r}: {exc}") from None
-    defaults = {}
+    # a key is an option's flag (``model``, ``batch-size``) or its parameter name (``model_spec``)
+    known = {p.name: p.name for p in ctx.command.params}
+    for p in ctx.command.params:
+        known.update({o.lstrip("-").replace("-", "_"): p.name for o in p.opts})
+    defaults, unknown = {}, []
     for key, v in conf.items():
         if isinstance(v, list):
             v = ",".join("full" if x in ("full", None) else str(x) for x in v)
-        defaults[key.replace("-", "_")] = v
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(defaults) - known)
+        name = known.get(key.replace("-", "_"))
+        if name is None:
+            unknown.append(key)
+        else:
+            defaults[name] = v
     if unknown:
-        raise click.BadParameter(f"unknown keys {unknown} in {value!r}; allowed: {sorted(known)}")
+        allowed = sorted({o.lstrip("-") for p in ctx.command.params for o in p.opts} - {"config"})
+        raise click.BadParameter(f"unknown keys {sorted(unknown)} in {value!r}; allowed: {allowed}")
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -149,6 +156,12 @@ def _hyper_options(*, lists: bool):
     return deco
 
 
+class _InputError(click.ClickException):
+    """``Error: <message>`` on one line (no usage block), exit code 2 like a usage error."""
+
+    exit_code = 2
+
+
 def _errors_as_usage(fn):
     """Library errors become one clear line and exit code 2, not a traceback."""
 
@@ -157,7 +170,7 @@ def _errors_as_usage(fn):
         try:
             return fn(*args, **kwargs)
         except TangentlabError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _InputError(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted; finished kernel chunks are kept in the cache and "
                        "the next run resumes from them.", err=True)
@@ -302,6 +315,18 @@ def _target(o: dict[str, Any], initial_loss: float) -> float:
     return (1.0 - o["target_drop"]) * initial_loss
 
 
+def _check_hyper(o: dict[str, Any], *, lists: bool) -> None:
+    """Reject malformed hyper-parameter options before the (possibly long) kernel computation."""
+    sizes = str(o["batch_size"]).split(",") if lists else [o["batch_size"]]
+    for b in sizes:
+        _batch(b)
+    if lists:
+        for name in ("lr", "momentum", "weight_decay"):
+            if o[name] is not None:
+                _floats(o[name], name.replace("_", "-"))
+    _target(o, 1.0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tangentlab")
 def main() -> None:
@@ -326,6 +351,7 @@ def forecast(**o: Any) -> None:
     import tangentlab as tl
     from tangentlab.report import format_table, summary_row, write_forecast_report
 
+    _check_hyper(o, lists=False)
     kernel, k_sec, defaults, info = _kernel(o)
     lr = o["lr"] if o["lr"] is not None else _default_lr(kernel, o["momentum"])
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
@@ -369,6 +395,7 @@ def sweep(**o: Any) -> None:
     import tangentlab as tl
     from tangentlab.report import write_sweep_report
 
+    _check_hyper(o, lists=True)
     kernel, k_sec, defaults, info = _kernel(o)
     if o["lr"] is not None:
         lrs = _floats(o["lr"], "lr")

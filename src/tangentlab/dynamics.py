@@ -30,16 +30,35 @@ Two ways to forecast minibatch SGD (batch B < N), both in function space:
   correlations and the smaller last batch are not modelled. Each step is one full kernel
   product Θ @ [NC, paths]: O((NC)^2 · paths), all paths at once.
 
-Measured on 2 CPU cores (AMD EPYC, OpenBLAS), float64:
+Measured on 2 CPU cores (AMD EPYC; numpy/OpenBLAS), float64 (scripts kept out of the
+repository; rerun them with the test helpers of tests/test_dynamics.py):
 
-- N=1000, C=10, B=32, 1000 steps, 10 paths, dense Θ [10^4, 10^4]:
-  simulate 17.6 s, sde 102 s (Θ is read in full at every step).
-- Accuracy against 4000 explicit weight-space SGD runs of the linear model (N=40, C=3,
-  P=30, B=4, 200 steps, lr=0.5, 400 forecast paths), max over steps of
-  |mean forecast loss - mean explicit loss| in units of its standard error:
-  epoch sampling: simulate 1.9, sde 7.5 (the sde misses the within-epoch correlations);
-  i.i.d. batches: simulate 2.6, sde 2.2. The 10%-90% band edges agree with the explicit
-  runs within 3% (simulate) and 13% (sde, epoch sampling).
+- Cost, N=1000, C=10, B=32, 1000 steps, 10 paths, dense Θ [10^4, 10^4], lr at half the
+  full-batch limit: simulate 24 s (MSE) / 28 s (CE), about 2 ms per step and path, bound by
+  reading the 32x10 kernel rows (25 MB); sde 230 s / 211 s, because every step reads all
+  of Θ (800 MB). Two threads do not help the simulation (memory bandwidth).
+- Error against 4000 explicit weight-space SGD runs of the linear model (N=40, C=3, P=30,
+  B=4, 200 steps, 400 forecast paths, lr = 0.2 N/λ_max·(1-m)), as the max (mean) over steps
+  of |forecast mean loss - explicit mean loss| in standard errors, and the max relative
+  error of the 10%/90% band edges:
+
+  ===========  ========  ==========  ==================  ============
+  sampling     momentum  noise       max (mean) z        band error
+  ===========  ========  ==========  ==================  ============
+  epoch        0         simulate    2.95 (0.83)         0.8%
+  epoch        0         sde         39.6 (26.5)         19.5%
+  replacement  0         simulate    2.12 (0.70)         1.6%
+  replacement  0         sde         2.53 (0.85)         4.4%
+  epoch        0.5       simulate    3.32 (0.84)         0.5%
+  epoch        0.5       sde         46.5 (32.5)         20.0%
+  replacement  0.5       simulate    1.78 (0.72)         1.3%
+  replacement  0.5       sde         2.35 (0.85)         3.5%
+  ===========  ========  ==========  ==================  ============
+
+  Both took 1-5 s here (Python-loop bound at this size). The sde is unbiased for i.i.d.
+  batches but overestimates the noise of epoch sampling (reshuffling cancels most of the
+  gradient noise within an epoch; the sde treats steps as independent): its mean loss is
+  11-12% too high, the default DataLoader case.
 
 ``simulate`` is therefore the default: exact for the linear model, and cheaper unless the
 number of paths exceeds about N/B (then one Θ product per step for all paths wins).
@@ -75,12 +94,12 @@ def targets_matrix(targets: np.ndarray, num_classes: int, *, scale: float = 1.0)
 
 
 def loss_value(f: np.ndarray, targets: np.ndarray, *, loss: str, scale: float = 1.0) -> np.ndarray:
-    """Mean training loss of outputs ``f`` ``[..., N, C]`` -> ``[...]``.
+    r"""Mean training loss of outputs ``f`` ``[..., N, C]`` -> ``[...]``.
 
     .. math::
-        \\mathrm{MSE} = \\frac{1}{N} \\sum_i \\tfrac12 \\lVert f_i - s\\,e_{y_i} \\rVert^2,
-        \\qquad
-        \\mathrm{CE} = \\frac{1}{N} \\sum_i -\\log \\operatorname{softmax}(f_i)_{y_i}
+        \mathrm{MSE} = \frac{1}{N} \sum_i \tfrac12 \lVert f_i - s\,e_{y_i} \rVert^2,
+        \qquad
+        \mathrm{CE} = \frac{1}{N} \sum_i -\log \operatorname{softmax}(f_i)_{y_i}
     """
     n = f.shape[-2]
     rows = np.arange(n)
@@ -141,7 +160,7 @@ class DenseKernelOperator:
         return self.theta @ x
 
     def cols_matvec(self, batch: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """``Σ_j Θ[:, batch_j] x_j`` for sample ids ``batch`` ``[b]`` and ``x`` ``[b, C]`` -> ``[NC]``.
+        """``Σ_j Θ[:, batch_j] x_j`` for sample ids ``batch`` ``[b]``, ``x`` ``[b, C]`` -> ``[NC]``.
 
         Repeated ids (sampling with replacement) add up.
         """
@@ -213,7 +232,7 @@ def top_eigenvalue(op: KernelOperator, nc: int, *, weight: np.ndarray | None = N
 
 
 def softmax_hessian_sqrt(f: np.ndarray) -> np.ndarray:
-    """Symmetric square roots of the CE Hessians ``diag(p_i) - p_i p_i^T``, ``[N, C] -> [N, C, C]``."""
+    """Symmetric roots of the CE Hessians ``diag(p_i) - p_i p_i^T``, ``[N, C] -> [N, C, C]``."""
     p = np.exp(f - f.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     h = np.einsum("na,ab->nab", p, np.eye(f.shape[-1])) - p[:, :, None] * p[:, None, :]
@@ -301,13 +320,14 @@ def iterate_trajectory(
     batches: Sequence[np.ndarray] | None = None,
     blowup_loss: float = math.inf,
 ) -> Trajectory:
-    """Exact discrete SGD steps of the tangent model in function space (one path).
+    r"""Exact discrete SGD steps of the tangent model in function space (one path).
 
     .. math::
-        G_t = \\tfrac{1}{|b_t|} \\Theta_{:, b_t} \\delta_{b_t}(f_t) + \\lambda (f_t - a),\\quad
-        \\mathrm{buf}_t = m\\,\\mathrm{buf}_{t-1} + G_t,\\quad f_{t+1} = f_t - \\eta\\,\\mathrm{buf}_t
+        G_t = \tfrac{1}{|b_t|} \Theta_{:, b_t} \delta_{b_t}(f_t) + \lambda (f_t - a),\quad
+        v_t = m\,v_{t-1} + G_t,\quad f_{t+1} = f_t - \eta\, v_t
 
-    ``heavy_ball=False`` replaces momentum by the effective rate ``η/(1-m)`` (no buffer).
+    (v: torch's momentum buffer in function space, v_{-1} = 0). ``heavy_ball=False``
+    replaces momentum by the effective rate ``η/(1-m)`` (no buffer).
 
     Args:
       op: kernel products (primal or dual).
@@ -380,10 +400,10 @@ def flow_trajectory(
     atol: float = 1e-10,
     blowup_loss: float = math.inf,
 ) -> Trajectory:
-    """Gradient flow of the tangent model, integrated by an adaptive scipy solver.
+    r"""Gradient flow of the tangent model, integrated by an adaptive scipy solver.
 
     .. math::
-        \\frac{df}{dt} = -\\tilde\\eta \\Big(\\tfrac1N \\Theta\\,\\delta(f) + \\lambda (f - a)\\Big)
+        \frac{df}{dt} = -\tilde\eta \Big(\tfrac1N \Theta\,\delta(f) + \lambda (f - a)\Big)
 
     with ``t`` in steps and ``lr`` the effective rate η̃ = η/(1-m). The solver is stepped
     by hand and its dense output read at the integer steps, so memory stays O(NC).
@@ -453,14 +473,14 @@ def sde_trajectories(
     rng: np.random.Generator,
     blowup_loss: float = math.inf,
 ) -> Trajectory:
-    """Minibatch SGD as a function-space SDE (Euler-Maruyama, one step per optimizer step).
+    r"""Minibatch SGD as a function-space SDE (Euler-Maruyama, one step per optimizer step).
 
     The gradient of :func:`iterate_trajectory` is replaced by the full-batch gradient plus
     Gaussian noise with the minibatch covariance (DESIGN.md §3), all paths in one product:
 
     .. math::
-        G_t = \\Theta \\Big(\\tfrac1N \\delta + \\sqrt{\\tfrac{\\kappa}{BN}}\\;
-              \\Delta P \\xi_t\\Big) + \\lambda (f_t - a),\\qquad \\xi_t \\sim N(0, I_N)
+        G_t = \Theta \Big(\tfrac1N \delta + \sqrt{\tfrac{\kappa}{BN}}\;
+              \Delta P \xi_t\Big) + \lambda (f_t - a),\qquad \xi_t \sim N(0, I_N)
 
     with ``Δ P ξ`` the vector whose block i is ``δ_i (ξ_i - mean ξ)``, κ = (N-B)/(N-1)
     for batches drawn without replacement and 1 with replacement. Momentum as in

@@ -23,14 +23,14 @@ dynamics: ``stability >= stability_limit`` with ``stability = η̃ (λ_max/N + �
 η̃ = η/(1-m), limit 2 (and 2(1+m)/(1-m) for exact heavy-ball, whose modes are stable iff
 η h < 2(1+m)); or (b) an iterated path's loss became non-finite or exceeded 10^4 × L_0
 (any loss). From ``divergence_step`` on, ``loss``, ``accuracy``, the band and the paths
-are NaN: for (b) the first blow-up step of any path; for (a) the step after the minimum
-of the loss curve (after it only the unstable modes grow; MSE loss without momentum is
-convex in t), or step 1 for gradient flow, which cannot represent an unstable step size.
-An unstable forecast whose loss is still at its minimum at the horizon keeps its (exact)
-numbers and says ``diverges=True``. For CE ``stability`` uses the initial sharpness
-λ_max(H^{1/2} Θ H^{1/2}) with H the softmax Hessians at f0: an indicator only (CE curvature
-falls as training proceeds and large-step GD on CE need not diverge), so CE divergence is
-decided by (b) alone.
+are NaN, with ``divergence_step`` the step after the lowest mean loss before the first
+blow-up (after it the forecast only climbs toward the blow-up: the unstable modes grow;
+MSE loss without momentum is even convex in t), or step 1 for gradient flow, which cannot
+represent an unstable step size. An unstable forecast whose loss is still at its minimum
+at the horizon keeps its (exact) numbers, ``divergence_step=None``, ``diverges=True``.
+For CE ``stability`` uses the initial sharpness λ_max(H^{1/2} Θ H^{1/2}) with H the
+softmax Hessians at f0: an indicator only (CE curvature falls as training proceeds and
+large-step GD on CE need not diverge), so CE divergence is decided by (b) alone.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Forecast:
       diverges: the training diverges (NOTE [divergence policy]).
       divergence_step: first NaN step, or ``None``.
       stability: η̃ (λ_max/N + λ_wd) with η̃ = η/(1-m) (CE: λ_max of the Hessian-weighted
-        kernel at f0); NaN when not computed (``stability=False``).
+        kernel at f0); NaN when skipped (``stability=False`` off the closed form).
       stability_limit: the value of ``stability`` at which the linear dynamics diverge.
       loss_limit: L_∞, the loss the forecast converges to (exact for full-batch MSE, else
         the mean of the last 10% of the curve), NaN when it diverges.
@@ -113,6 +113,10 @@ class Forecast:
 
     def steps_to(self, target_loss: float) -> int | None:
         """T(ε) = min{t : L_t <= ε}, or ``None`` when the forecast never reaches ``target_loss``."""
+        if not _is_real(target_loss):
+            raise TangentlabError(
+                f"Forecast.steps_to: target_loss must be a finite number, got {target_loss!r}."
+            )
         hit = np.flatnonzero(self.loss <= target_loss)  # NaN compares False: never "reached"
         return int(hit[0]) if hit.size else None
 
@@ -182,13 +186,13 @@ def forecast(
     accuracy_every: int | None = None,
     stability: bool = True,
 ) -> Forecast:
-    """Forecast the training loss and accuracy of SGD fine-tuning on the tangent model.
+    r"""Forecast the training loss and accuracy of SGD fine-tuning on the tangent model.
 
     Full-batch gradient descent of the linear model, in function space:
 
     .. math::
-        f_{t+1} = f_t - \\frac{\\eta}{N} \\Theta\\, \\delta(f_t)
-                  - \\eta\\lambda (f_t - f_0) - \\eta\\lambda\\, J w_0
+        f_{t+1} = f_t - \frac{\eta}{N} \Theta\, \delta(f_t)
+                  - \eta\lambda (f_t - f_0) - \eta\lambda\, J w_0
 
     (MSE closed form L_t = (1/2N) Σ_j (1 - η̃λ_j/N)^{2t} (u_j^T r_0)^2 without decay);
     minibatch SGD replaces (1/N) Θ δ by (1/B) Σ_{i∈batch} Θ[:, i] δ_i. Zancato et al.,
@@ -228,8 +232,9 @@ def forecast(
       accuracy_every: full-batch MSE only: evaluate the accuracy every this many steps and
         interpolate linearly between (each evaluation is an NC × m product). ``None``:
         every step unless that exceeds ~2e11 flops, then the smallest stride that fits.
-      stability: compute ``Forecast.stability`` (a Lanczos run when the closed form does not
-        already give λ_max).
+      stability: compute ``Forecast.stability`` when the closed form does not already give
+        λ_max (a Lanczos run, ~20-60 kernel products). ``False`` saves it; divergence is
+        then detected from blow-ups only.
 
     Returns:
       A :class:`Forecast`.
@@ -482,6 +487,8 @@ def _validate(fn: str, kernel: Any, p: dict[str, Any]) -> dict[str, Any]:
         raise TangentlabError(
             f"{fn}: accuracy_every must be a positive integer or None (automatic), got {ae!r}."
         )
+    if not isinstance(p["stability"], bool):
+        raise TangentlabError(f"{fn}: stability must be True or False, got {p['stability']!r}.")
     out = dict(p)
     out.update(
         lr=float(p["lr"]), steps=int(p["steps"]), momentum=float(p["momentum"]),
@@ -642,7 +649,7 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
         method.update(noise=p["noise"], sampling=p["sampling"], paths=p["paths"])
 
     # ---- stability and the divergence policy (NOTE [divergence policy])
-    if p["stability"]:
+    if p["stability"] or execution == "spectral":  # free from the cached eigenvalues
         top = prep.top_eigenvalue(loss, execution)
         stab = lr_eff * (top / n + wd)
     else:
@@ -650,18 +657,16 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
     limit = 2.0 * (1.0 + m) / (1.0 - m) if heavy and p["time"] == "discrete" else 2.0
     spectral_unstable = loss == "mse" and stab >= limit
     mean_loss = loss_paths.mean(axis=0)
-    cut = [b for b in blowups if b is not None]
-    if spectral_unstable:
-        if p["time"] == "continuous":
-            cut.append(1)
-        else:
-            finite = np.flatnonzero(~np.isfinite(mean_loss))
-            end = finite[0] if finite.size else steps + 1
-            turn = int(np.argmin(mean_loss[:end])) + 1
-            if turn <= steps:
-                cut.append(turn)
-    div_step = min(cut) if cut else None
-    diverges = spectral_unstable or bool(cut)
+    blown = [b for b in blowups if b is not None]
+    diverges = spectral_unstable or bool(blown)
+    div_step = None
+    if diverges and p["time"] == "continuous":
+        div_step = 1
+    elif diverges:
+        bad = np.flatnonzero(~np.isfinite(mean_loss))
+        end = min(blown + [int(bad[0]) if bad.size else steps + 1])
+        turn = int(np.argmin(mean_loss[:end])) + 1  # after the lowest loss: only the climb
+        div_step = turn if turn <= steps else None
 
     if acc_paths is None:  # full-batch MSE closed form: accuracy up to the divergence step
         valid = steps + 1 if div_step is None else div_step
@@ -735,7 +740,7 @@ def _simulate(prep: _Prepared, op, anchor, p, common) -> dyn.Trajectory:
 
 
 def _accuracy_stride(requested: int | None, nc: int, m: int, count: int) -> int:
-    """Every step unless NC·m·count·2 flops exceed the budget; then the smallest stride that fits."""
+    """Every step unless 2·NC·m·count flops exceed the budget, else the smallest fitting stride."""
     if requested is not None:
         return requested
     return max(1, math.ceil(2.0 * nc * max(m, 1) * count / _ACCURACY_FLOPS))

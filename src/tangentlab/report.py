@@ -289,7 +289,11 @@ def write_sweep_report(
         title=title,
         images=[png],
         sections=[
-            (f"All settings, ranked by steps to loss {target:.4g}", _html_table(records)),
+            (
+                "All settings"
+                + ("" if target is None else f", ranked by steps to loss {target:.4g}"),
+                _html_table(records),
+            ),
             ("Run", _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
             ("Kernel", _html_table(kernel_rows(kernel))),
         ],

@@ -12,8 +12,11 @@ NOTE [eval mode]. The tangent model is taken in ``eval()`` mode: batch-norm runn
 statistics frozen, dropout off (DESIGN.md §2). A model that arrives in training mode is
 switched to eval (in place) with a :class:`~tangentlab.errors.ModeSwitchWarning`.
 
-NOTE [jacobian modes]. Three strategies give the same ``[B, C, P]`` Jacobians:
+NOTE [jacobian modes]. Four strategies give the same ``[B, C, P]`` Jacobians:
 
+- ``structured``: one forward and C reverse passes of the whole chunk; per-sample
+  gradients from layer inputs and output gradients (tangentlab.structured) — covers
+  weights used by linear, convolution, eval batch-norm and layer-norm calls;
 - ``vmap``: ``vmap(jacrev(f))`` over samples — one call, best for MLPs/transformers;
 - ``loop-jacrev``: a Python loop over samples, ``jacrev`` (vmap over the C outputs only);
 - ``loop-vjp``: a loop over samples and outputs, one reverse pass each with a retained
@@ -21,7 +24,8 @@ NOTE [jacobian modes]. Three strategies give the same ``[B, C, P]`` Jacobians:
 On CPU, per-sample weight gradients of convolutions under ``vmap`` become grouped
 convolutions, which are several times slower than a loop over samples (EfficientNet-Lite0:
 measured in benchmarks/RESULTS.md). ``auto`` times the three on the first chunk (a
-warm-up call, then up to 4 samples) and keeps the fastest.
+warm-up call, then up to 4 samples) and keeps the fastest; ``structured`` is a
+candidate only when it covers every trainable weight.
 
 NOTE [vmap fallback]. Per-sample Jacobians use ``vmap(jacrev(f))``. Models that ``vmap``
 cannot trace (``.item()``, data-dependent control flow, in-place ops on inputs, random
@@ -45,6 +49,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from tangentlab.data import Inputs, num_rows, take, to_device
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, VmapFallbackWarning
 from tangentlab.projection import Projection, Projector, as_projection
+from tangentlab.structured import Unsupported, structured_jacobian
 
 ParamSpec = str | Sequence[str] | None
 
@@ -53,6 +58,7 @@ class JacobianMode(enum.StrEnum):
     """How per-sample Jacobians are computed (NOTE [jacobian modes])."""
 
     AUTO = "auto"
+    STRUCTURED = "structured"
     VMAP = "vmap"
     LOOP_JACREV = "loop-jacrev"
     LOOP_VJP = "loop-vjp"
@@ -147,7 +153,8 @@ class Tangent:
       projection: ``None`` (exact Jacobians), ``k`` or a :class:`~tangentlab.Projection`.
       seed: seed of the projection when ``projection`` is an int.
       jacobian_mode: ``"auto"`` (default: time the strategies on the first chunk and keep
-        the fastest), ``"vmap"``, ``"loop-jacrev"`` or ``"loop-vjp"`` (NOTE [jacobian modes]).
+        the fastest), ``"structured"``, ``"vmap"``, ``"loop-jacrev"`` or ``"loop-vjp"``
+        (NOTE [jacobian modes]).
 
     Example::
 
@@ -268,6 +275,17 @@ class Tangent:
         x = to_device(x, self.device)
         if self.jacobian_mode is JacobianMode.AUTO:
             self.jacobian_mode = self._choose_mode(x)
+        if self.jacobian_mode is JacobianMode.STRUCTURED:
+            try:
+                return self._jacobian_structured(x)
+            except Unsupported as exc:
+                self.jacobian_mode = JacobianMode.VMAP
+                warnings.warn(
+                    f"Tangent: jacobian_mode='structured' does not cover this model ({exc}); "
+                    "using 'vmap' instead.",
+                    VmapFallbackWarning,
+                    stacklevel=2,
+                )
         if self.jacobian_mode is JacobianMode.VMAP:
             try:
                 return self._jacobian_vmap(x)
@@ -303,7 +321,13 @@ class Tangent:
         m = min(num_rows(x), 4)
         xs = take(x, slice(0, m))
         best, best_t = JacobianMode.LOOP_VJP, float("inf")
+        try:
+            self._jacobian_structured(take(x, slice(0, 1)))
+            candidates = [(JacobianMode.STRUCTURED, self._jacobian_structured)]
+        except Unsupported:
+            candidates = []
         for mode, fn in (
+            *candidates,
             (JacobianMode.VMAP, self._jacobian_vmap),
             (JacobianMode.LOOP_JACREV, self._jacobian_loop_jacrev),
             (JacobianMode.LOOP_VJP, self._jacobian_loop_vjp),
@@ -324,6 +348,9 @@ class Tangent:
                 best, best_t = mode, elapsed
         self.mode_timings = best_t / m
         return best
+
+    def _jacobian_structured(self, x: Inputs) -> dict[str, torch.Tensor]:
+        return structured_jacobian(self._call, self.w0, self.param_names, x)
 
     def _jacobian_vmap(self, x: Inputs) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():

@@ -1,0 +1,213 @@
+"""Per-sample Jacobians from layer inputs and output gradients ("structured" mode).
+
+For the layers that hold the trainable weights, the per-sample gradient of an output
+``f_a(x_i)`` factorizes into the layer's input and the gradient at the layer's output:
+
+.. math::
+
+    \\text{linear:}\\ \\frac{\\partial f_a(x_i)}{\\partial W} = \\sum_s g_{is}\\, u_{is}^T,
+    \\qquad
+    \\text{conv:}\\ \\frac{\\partial f_a(x_i)}{\\partial W} = g_i\\, \\mathrm{unfold}(u_i)^T,
+    \\qquad
+    \\text{norm:}\\ \\frac{\\partial f_a(x_i)}{\\partial \\gamma}
+        = \\sum_s g_{is} \\odot \\hat u_{is}
+
+with ``u`` the layer input, ``g = df_a/d(output)`` and ``s`` the positions (tokens,
+pixels). So one forward pass of a chunk of B samples and C reverse passes *of the whole
+chunk* (one per output ``a``, cotangent ``e_a`` for every sample) give all ``B x C``
+per-sample gradients — instead of B x C reverse passes of single samples. This is the
+approach of BackPACK / Opacus (Dangel et al., 2020: https://arxiv.org/abs/1912.10985).
+
+The calls are captured with a ``TorchFunctionMode`` at the functional level
+(``F.linear``, ``F.conv1d/2d``, ``F.batch_norm`` in eval mode, ``F.layer_norm``,
+``F.group_norm`` is not covered), so custom wrappers such as "same"-padding convolutions
+are seen with their real arguments. Every trainable weight must be used exactly once, by
+a covered call, as its weight or bias; otherwise :class:`Unsupported` is raised and the
+caller falls back to another mode (NOTE [jacobian modes] in tangent.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+class Unsupported(RuntimeError):
+    """The model uses its trainable weights in a way the structured mode does not cover."""
+
+
+_COVERED = {
+    F.linear: "linear",
+    torch.conv1d: "conv1d",
+    torch.conv2d: "conv2d",
+    F.conv1d: "conv1d",
+    F.conv2d: "conv2d",
+    F.batch_norm: "batch_norm",
+    F.layer_norm: "layer_norm",
+}
+
+
+class _Capture(TorchFunctionMode):
+    def __init__(self, ids: dict[int, str]) -> None:
+        super().__init__()
+        self.ids = ids
+        self.calls: list[tuple[str, dict, torch.Tensor]] = []
+        self.uses: dict[str, int] = {}
+        self.error: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind = _COVERED.get(func)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        used = [self.ids[id(t)] for t in tensors if id(t) in self.ids]
+        if not used:
+            return out
+        for name in used:
+            self.uses[name] = self.uses.get(name, 0) + 1
+        if kind is None:
+            name = getattr(func, "__name__", str(func))
+            self.error = f"trainable weight {used[0]!r} is used by {name}"
+            return out
+        self.calls.append((kind, _bind(kind, args, kwargs), out))
+        return out
+
+
+def _bind(kind: str, args: tuple, kwargs: dict) -> dict:
+    names = {
+        "linear": ("input", "weight", "bias"),
+        "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+        "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+        "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training",
+                       "momentum", "eps"),
+        "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+    }[kind]  # fmt: skip
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _pair(v, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(int(a) for a in v)
+
+
+def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``{"weight": [B, *w.shape], "bias": [B, *b.shape]}``."""
+    u = a["input"]
+    b = u.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    if kind == "linear":
+        u2 = u.reshape(b, -1, u.shape[-1])
+        g2 = g.reshape(b, -1, g.shape[-1])
+        out["weight"] = torch.einsum("bso,bsi->boi", g2, u2)
+        out["bias"] = g2.sum(1)
+    elif kind in ("conv1d", "conv2d"):
+        if kind == "conv1d":  # treat as a conv2d of height 1
+            u, g = u.unsqueeze(2), g.unsqueeze(2)
+            w_shape = a["weight"].shape
+            ks = (1, w_shape[-1])
+            stride, padding, dilation = (
+                (1, *_pair(a.get("stride", 1), 1)),
+                (0, *_pair(a.get("padding", 0), 1)),
+                (1, *_pair(a.get("dilation", 1), 1)),
+            )
+        else:
+            w_shape = a["weight"].shape
+            ks = tuple(w_shape[-2:])
+            stride = _pair(a.get("stride", 1), 2)
+            padding = a.get("padding", 0)
+            if isinstance(padding, str):
+                raise Unsupported(f"string padding {padding!r}")
+            padding = _pair(padding, 2)
+            dilation = _pair(a.get("dilation", 1), 2)
+        groups = int(a.get("groups", 1))
+        cout, cin_g = w_shape[0], w_shape[1]
+        unf = F.unfold(u, ks, dilation=dilation, padding=padding, stride=stride)  # [B, Cin*K, L]
+        ell = unf.shape[-1]
+        unf = unf.reshape(b, groups, cin_g * ks[0] * ks[1], ell)
+        g2 = g.reshape(b, groups, cout // groups, ell)
+        gw = torch.einsum("bgol,bgkl->bgok", g2, unf)
+        out["weight"] = gw.reshape(b, *w_shape)
+        out["bias"] = g.reshape(b, cout, -1).sum(-1)
+    elif kind == "batch_norm":
+        if a.get("training", False):
+            raise Unsupported("batch norm in training mode")
+        shape = (1, -1) + (1,) * (u.ndim - 2)
+        xhat = (u - a["running_mean"].reshape(shape)) * torch.rsqrt(
+            a["running_var"].reshape(shape) + a.get("eps", 1e-5)
+        )
+        red = tuple(range(2, u.ndim))
+        out["weight"] = (g * xhat).sum(red) if red else g * xhat
+        out["bias"] = g.sum(red) if red else g
+    elif kind == "layer_norm":
+        nshape = tuple(a["normalized_shape"])
+        dims = tuple(range(u.ndim - len(nshape), u.ndim))
+        mean = u.mean(dims, keepdim=True)
+        var = u.var(dims, unbiased=False, keepdim=True)
+        xhat = (u - mean) * torch.rsqrt(var + a.get("eps", 1e-5))
+        lead = tuple(range(1, u.ndim - len(nshape)))
+        out["weight"] = (g * xhat).sum(lead) if lead else g * xhat
+        out["bias"] = g.sum(lead) if lead else g
+    return out
+
+
+def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) -> dict:
+    """``{name: [B, C, numel]}`` for the trainable weights ``names`` (see module docstring).
+
+    Args:
+      call: ``call(w, x) -> logits [B, C]`` (the functional model).
+      w0: the weights, by name.
+      names: trainable weight names (all must be covered).
+
+    Raises:
+      Unsupported: a trainable weight is used by an uncovered op, or more than once.
+    """
+    w = {n: w0[n].detach().requires_grad_(True) for n in names}
+    ids = {id(t): n for n, t in w.items()}
+    cap = _Capture(ids)
+    with torch.enable_grad():
+        with cap:
+            logits = call(w, x)
+        if cap.error:
+            raise Unsupported(cap.error)
+        twice = [n for n, k in cap.uses.items() if k > 1]
+        if twice:
+            raise Unsupported(f"trainable weight {twice[0]!r} is used more than once")
+        missing = [n for n in names if n not in cap.uses]
+        if missing:
+            raise Unsupported(f"trainable weight {missing[0]!r} is not used by a covered op")
+        # which captured argument is which weight
+        roles = []
+        for _, a, _ in cap.calls:
+            r = {}
+            for role in ("weight", "bias"):
+                t = a.get(role)
+                if isinstance(t, torch.Tensor) and id(t) in ids:
+                    r[role] = ids[id(t)]
+            other = [k for k, v in a.items() if k not in ("weight", "bias", "input")
+                     and isinstance(v, torch.Tensor) and id(v) in ids]  # fmt: skip
+            if other or (isinstance(a.get("input"), torch.Tensor) and id(a["input"]) in ids):
+                raise Unsupported("a trainable weight is used as a layer input")
+            roles.append(r)
+        outs = [out for _, _, out in cap.calls]
+        b, c = logits.shape
+        # Filled class by class (no list of C copies to stack: half the peak memory).
+        result = {
+            n: torch.empty(b, c, w0[n].numel(), dtype=logits.dtype, device=logits.device)
+            for n in names
+        }
+        for cls in range(c):
+            grads = torch.autograd.grad(
+                logits[:, cls].sum(), outs, retain_graph=cls < c - 1, allow_unused=True
+            )
+            for (kind, a, out), r, g in zip(cap.calls, roles, grads):
+                if g is None:
+                    g = torch.zeros_like(out)
+                ps = _per_sample(kind, {k: (v.detach() if isinstance(v, torch.Tensor) else v)
+                                        for k, v in a.items()}, g.detach())  # fmt: skip
+                for role, name in r.items():
+                    result[name][:, cls] = ps[role].reshape(b, -1)
+    return result

@@ -1,0 +1,370 @@
+"""Tests of the ``tangentlab`` command line (``tangentlab.cli``), run in-process with click's
+``CliRunner`` on the fast ``digits-cnn`` example (N = 20).
+
+The digits kernel is computed once per module (``digits_run``); other tests point ``--cache``
+at it so they only pay for the forecast.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import inspect
+import itertools
+import json
+import re
+import subprocess
+import sys
+import traceback
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from tangentlab.cli import main
+from tangentlab.examples import EXAMPLES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STEPS = 20
+DIGITS = ("--example", "digits-cnn", "--samples", "20")  # progress on: cache reuse is announced
+QUIET = (*DIGITS, "--no-progress")
+
+
+def _runner() -> CliRunner:
+    # click < 8.2 mixes stderr into stdout unless mix_stderr=False; click >= 8.2 dropped the
+    # argument and always keeps result.stdout / result.stderr apart (result.output = both).
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        return CliRunner(mix_stderr=False)
+    return CliRunner()
+
+
+def invoke(*args: object) -> Result:
+    return _runner().invoke(main, [str(a) for a in args])
+
+
+def ok(res: Result) -> Result:
+    """Assert a successful run; show its output and any traceback when it failed."""
+    tb = "".join(traceback.format_exception(*res.exc_info)) if res.exc_info else ""
+    assert res.exit_code == 0, f"exit {res.exit_code}\n{res.output}\n{tb}"
+    return res
+
+
+def strict_json(path: Path) -> dict:
+    """Parse JSON, refusing the non-standard NaN / Infinity tokens."""
+
+    def bad(token: str):
+        raise AssertionError(f"{path.name} contains {token}")
+
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > 1000
+
+
+def assert_self_contained_html(path: Path, png: Path) -> None:
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>")
+    m = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert m, "no embedded PNG"
+    assert base64.b64decode(m.group(1)) == png.read_bytes()  # the plot itself, inline
+    assert not re.search(r'(src|href)="(https?:|file:|/)', page)  # nothing fetched
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """``forecast`` on digits-cnn into a fresh OUT: computes and caches the kernel."""
+    out = tmp_path_factory.mktemp("digits")
+    res = invoke("forecast", *QUIET, "--steps", STEPS, "--out", out)
+    return out, res
+
+
+@pytest.fixture
+def cache(digits_run) -> Path:
+    return digits_run[0] / "kernel"
+
+
+# --------------------------------------------------------------------------- forecast
+
+
+def test_forecast_end_to_end(digits_run):
+    out, res = digits_run
+    ok(res)
+    js = strict_json(out / "forecast.json")
+    assert {"summary", "forecasts", "kernel"} <= set(js)
+    (fc,) = js["forecasts"]
+    assert len(fc["loss"]) == STEPS + 1
+    assert len(fc["accuracy"]) == STEPS + 1
+    assert fc["loss_band"] is None  # full batch is deterministic
+    assert fc["loss"][-1] < fc["loss"][0]
+    assert js["kernel"]["num_samples"] == 20 and js["kernel"]["num_classes"] == 10
+    assert js["info"]["source"] == "digits-cnn"
+    assert_png(out / "forecast.png")
+    assert_self_contained_html(out / "report.html", out / "forecast.png")
+
+    m = re.search(r"^steps to loss ([0-9.e+-]+): (\d+) ", res.stdout, re.M)
+    assert m, res.stdout
+    assert int(m.group(2)) == js["summary"][0]["steps_to_target"]
+    assert float(m.group(1)) == pytest.approx(js["target_loss"], rel=1e-3)
+    # default target: 80% drop of the initial loss
+    assert js["target_loss"] == pytest.approx(0.2 * fc["loss"][0])
+    assert "--lr not given" in res.stderr  # default lr announced on stderr, not stdout
+    assert "DIVERGES" not in res.stdout
+    assert f"wrote {out / 'forecast.json'}" in res.stdout
+
+
+def test_forecast_minibatch_has_band(cache, tmp_path):
+    out = tmp_path / "mb"
+    ok(invoke("forecast", *QUIET, "--cache", cache, "--out", out, "--steps", 10, "--lr", 0.003,
+              "--batch-size", 8, "--momentum", 0.9, "--paths", 3))  # fmt: skip
+    (fc,) = strict_json(out / "forecast.json")["forecasts"]
+    hp = fc["hyperparameters"]
+    assert (hp["batch_size"], hp["momentum"], hp["paths"]) == (8, 0.9, 3)
+    band = fc["loss_band"]
+    assert band is not None
+    low, high = np.array(band["low"]), np.array(band["high"])
+    assert low.shape == high.shape == (11,)
+    assert np.all(low <= high + 1e-12)
+    assert np.any(high - low > 1e-9)  # the paths really differ
+    assert_png(out / "forecast.png")
+
+
+def test_forecast_too_large_lr_diverges(cache, tmp_path):
+    out = tmp_path / "div"
+    res = ok(invoke("forecast", *QUIET, "--cache", cache, "--out", out, "--steps", 10,
+                    "--lr", 10))  # fmt: skip
+    assert re.search(r"^DIVERGES: .*lower the learning rate", res.stdout, re.M), res.stdout
+    assert "not reached in 10" in res.stdout
+    js = strict_json(out / "forecast.json")  # no NaN / Infinity tokens
+    (fc,) = js["forecasts"]
+    assert fc["diverges"] is True and js["summary"][0]["diverges"] is True
+    assert fc["stability"] > fc["stability_limit"]
+    step = fc["divergence_step"]
+    assert 1 <= step <= 10
+    assert all(v is None for v in fc["loss"][step:])  # NaN -> null, not garbage
+    assert all(v is not None and np.isfinite(v) for v in fc["loss"][:step])
+    assert fc["loss_limit"] is None
+    assert js["summary"][0]["steps_to_target"] is None
+
+
+def test_second_run_reuses_cached_kernel(digits_run):
+    out, first = digits_run
+    kfile = out / "kernel" / "kernel.safetensors"
+    stamp = kfile.stat().st_mtime_ns
+    res = ok(invoke("forecast", *DIGITS, "--steps", STEPS, "--out", out))
+    assert "reusing cached kernel" in res.stderr
+    assert "reusing cached kernel" not in first.stderr
+    assert kfile.stat().st_mtime_ns == stamp  # not recomputed
+    assert res.stdout.splitlines()[:3] == first.stdout.splitlines()[:3]  # same table
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_sweep_writes_ranked_table(cache, tmp_path):
+    out = tmp_path / "sw"
+    res = ok(invoke("sweep", *QUIET, "--cache", cache, "--out", out, "--steps", STEPS,
+                    "--paths", 2, "--lr", "0.001,0.003", "--batch-size", "8,full",
+                    "--momentum", "0,0.9"))  # fmt: skip
+    with open(out / "sweep.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8
+    assert [int(r["rank"]) for r in rows] == list(range(1, 9))
+    combos = [
+        (float(r["lr"]), int(float(r["batch_size"])) if r["batch_size"] else None,
+         float(r["momentum"]))
+        for r in rows
+    ]  # fmt: skip
+    assert sorted(combos, key=str) == sorted(
+        itertools.product([0.001, 0.003], [8, None], [0.0, 0.9]), key=str
+    )
+    # ranked by steps to target: reached ones first, ascending
+    reached = [int(r["steps_to_target"]) for r in rows if r["steps_to_target"]]
+    assert 0 < len(reached) < 8  # full batch, m=0.9 gets there; lr=0.001 without momentum not
+    assert reached == sorted(reached)
+    assert all(r["steps_to_target"] for r in rows[: len(reached)])
+    js = strict_json(out / "sweep.json")
+    assert len(js["table"]) == 8 and [r["rank"] for r in js["table"]] == list(range(1, 9))
+    assert js["target_loss"] == pytest.approx(float(rows[0]["target_loss"]))
+    assert_png(out / "sweep.png")
+    assert_self_contained_html(out / "report.html", out / "sweep.png")
+    assert "8 settings from one kernel" in res.stdout
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def test_kernel_command_writes_json_and_kernel_file_is_usable(cache, tmp_path):
+    out = tmp_path / "k"
+    res = ok(invoke("kernel", *QUIET, "--cache", cache, "--out", out))
+    printed = json.loads(res.stdout)  # stdout is exactly the JSON summary
+    saved = strict_json(out / "kernel.json")
+    assert printed == saved
+    assert saved["num_samples"] == 20 and saved["num_classes"] == 10
+    assert saved["lambda_max"] > saved["lambda_min_nonzero"] > 0
+    assert saved["info"]["source"] == "digits-cnn"
+    kfile = cache / "kernel.safetensors"
+    assert str(kfile) in res.stderr
+
+    res = ok(invoke("forecast", "--kernel", kfile, "--steps", 5, "--lr", 0.003, "--out",
+                    tmp_path / "fk", "--no-progress"))  # fmt: skip
+    assert "loaded kernel" in res.stderr
+    js = strict_json(tmp_path / "fk" / "forecast.json")
+    assert len(js["forecasts"][0]["loss"]) == 6 and js["kernel"]["num_samples"] == 20
+
+
+# --------------------------------------------------------------------------- --config
+
+
+def test_config_sets_options_and_flags_override(cache, tmp_path):
+    out = tmp_path / "cfg"
+    conf = tmp_path / "run.toml"
+    conf.write_text(
+        f'example = "digits-cnn"\nsamples = 20\nsteps = 4\nlr = 0.002\nno-progress = true\n'
+        f"cache = {json.dumps(str(cache))}\nout = {json.dumps(str(out))}\n"
+    )
+    ok(invoke("forecast", "--config", conf))
+    (fc,) = strict_json(out / "forecast.json")["forecasts"]
+    assert len(fc["loss"]) == 5 and fc["hyperparameters"]["lr"] == 0.002
+    ok(invoke("forecast", "--config", conf, "--steps", 6, "--lr", 0.001))
+    (fc,) = strict_json(out / "forecast.json")["forecasts"]
+    assert len(fc["loss"]) == 7 and fc["hyperparameters"]["lr"] == 0.001
+    assert fc["hyperparameters"]["num_samples"] == 20
+
+
+def test_config_lists_for_sweep(cache, tmp_path):
+    out = tmp_path / "cfgsw"
+    conf = tmp_path / "sweep.toml"
+    conf.write_text(
+        'example = "digits-cnn"\nsamples = 20\nsteps = 5\nlr = [0.001, 0.003]\n'
+        f'batch-size = ["full"]\nno-progress = true\ncache = {json.dumps(str(cache))}\n'
+    )
+    ok(invoke("sweep", "--config", conf, "--out", out))
+    table = strict_json(out / "sweep.json")["table"]
+    assert sorted(r["lr"] for r in table) == [0.001, 0.003]
+    assert all(r["batch_size"] is None for r in table)
+
+
+def test_config_unknown_key_is_a_usage_error(tmp_path):
+    conf = tmp_path / "bad.toml"
+    conf.write_text('example = "digits-cnn"\nbogus_key = 1\n')
+    res = invoke("forecast", "--config", conf, "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    assert "bogus_key" in res.stderr and "unknown keys" in res.stderr
+    assert "example" not in res.stderr.split("unknown keys")[1].split("allowed")[0]
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_unreadable_is_a_usage_error(tmp_path):
+    conf = tmp_path / "broken.toml"
+    conf.write_text("lr = = 1\n")
+    res = invoke("forecast", "--config", conf)
+    assert res.exit_code == 2 and "cannot read TOML config" in res.stderr
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["forecast", *QUIET, "--projection", "abc"], "--projection"),
+        (["forecast", *QUIET, "--batch-size", "x"], "--batch-size"),
+        (["sweep", *QUIET, "--batch-size", "8,x"], "--batch-size"),
+        (["sweep", *QUIET, "--lr", "0.1,abc"], "--lr"),
+        (["forecast", *QUIET, "--target-drop", "1.5"], "--target-drop"),
+        (["forecast", "--model", "tl_nowhere.mod:make", "--no-progress"], "--data"),
+        ("forecast --example digits-cnn --model x.y:z --data d.npz".split(), "--example"),
+        (["forecast", "--kernel", "missing.safetensors"], "missing.safetensors"),
+    ],
+    ids=[
+        "projection",
+        "batch-size",
+        "sweep-batch-size",
+        "sweep-lr",
+        "target-drop",
+        "model-without-data",
+        "example-and-model",
+        "missing-kernel",
+    ],
+)
+def test_bad_input_is_one_clear_line(args, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths (missing.safetensors) resolve here
+    out = tmp_path / "out"
+    res = invoke(*args, "--out", out)
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit)  # handled, not a crash
+    assert "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and says in errors[0], res.stderr
+    assert res.stderr.rstrip().endswith(errors[0])  # the error is the last thing said
+    assert res.stdout == ""
+    assert not (out / "kernel").exists()  # rejected before any kernel work
+
+
+def test_console_script_exit_code_and_message(tmp_path):
+    """The installed entry point, as a real process: exit status 2 and one line on stderr."""
+    exe = Path(sys.executable).with_name("tangentlab")
+    if not exe.exists():
+        pytest.skip("the tangentlab console script is not installed next to this python")
+    proc = subprocess.run(
+        [str(exe), "forecast", "--kernel", str(tmp_path / "missing.safetensors")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: load_kernel: no such file {str(tmp_path / 'missing.safetensors')!r}."
+    ]
+
+
+# --------------------------------------------------------------------------- --model/--data
+
+
+def test_model_and_data_specs(tmp_path, monkeypatch):
+    mod = f"tl_user_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{mod}.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "def make(num_classes=2):\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, num_classes)).eval()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "train.npz"
+    np.savez(npz, X=rng.standard_normal((24, 6)).astype(np.float32),
+             y=np.arange(24, dtype=np.int64) % 3)  # fmt: skip
+    out = tmp_path / "mine"
+    res = ok(invoke("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                    "--steps", 5, "--lr", 0.1, "--out", out, "--no-progress"))  # fmt: skip
+    js = strict_json(out / "forecast.json")
+    assert js["kernel"]["num_samples"] == 24 and js["kernel"]["num_classes"] == 3
+    assert len(js["forecasts"][0]["loss"]) == 6
+    assert js["info"]["source"] == "train.npz"
+    assert "steps to loss" in res.stdout
+
+    # the same run from a TOML file keyed by the option names (model, data, num-classes)
+    conf = tmp_path / "mine.toml"
+    conf.write_text(
+        f'model = "{mod}:make"\ndata = {json.dumps(str(npz))}\nnum-classes = 3\n'
+        f"steps = 5\nlr = 0.1\nout = {json.dumps(str(out))}\n"
+    )
+    res = ok(invoke("forecast", "--config", conf))
+    assert "reusing cached kernel" in res.stderr  # same model and data as above
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def test_examples_lists_the_three_examples():
+    res = ok(invoke("examples"))
+    lines = res.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == ["digits-cnn", "fashion-lite0", "rt-minilm"] == list(EXAMPLES)
+    for line, name in zip(lines, names):
+        assert EXAMPLES[name][:30] in line

@@ -1,0 +1,304 @@
+"""The forecast API: divergence, primal/dual execution, sweep, summaries and input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tangentlab.errors import TangentlabError
+from tangentlab.forecast import Forecast, forecast, sweep
+from tangentlab.kernel import Kernel
+
+
+def make_kernel(n=20, c=3, p=10, seed=0, *, kind="theta", jw0=True):
+    """A linear model's kernel: theta = J J^T (kind='theta'), or features = J (projected)."""
+    rng = np.random.default_rng(seed)
+    jac = torch.tensor(rng.standard_normal((n * c, p)) / math.sqrt(p))
+    kw = {}
+    if kind in ("theta", "both"):
+        kw["theta"] = jac @ jac.T
+    if kind in ("features", "both"):
+        kw["features"] = jac
+    if jw0:
+        kw["jw0"] = (jac @ torch.tensor(rng.standard_normal(p))).reshape(n, c)
+    y = torch.tensor(rng.integers(0, c, n))
+    return Kernel(f0=torch.tensor(rng.standard_normal((n, c)) * 0.3), targets=y, **kw)
+
+
+def critical_lr(k, momentum=0.0, weight_decay=0.0):
+    """The learning rate at which η/(1-m) (λ_max/N + λ) = 2."""
+    lam_max = float(k.eigh()[0][-1])
+    return 2.0 * (1.0 - momentum) / (lam_max / k.num_samples + weight_decay)
+
+
+# ---- divergence -------------------------------------------------------------------------
+
+
+def test_divergence_flagged_above_stability_limit_and_not_returned():
+    k = make_kernel()
+    lr_c = critical_lr(k)
+    ok = forecast(k, 0.97 * lr_c, 200)
+    assert not ok.diverges and ok.divergence_step is None
+    assert ok.stability == pytest.approx(1.94, rel=1e-9) and ok.stability_limit == 2.0
+    assert np.isfinite(ok.loss).all() and np.isfinite(ok.accuracy).all()
+
+    bad = forecast(k, 1.05 * lr_c, 200)
+    assert bad.diverges and bad.stability >= bad.stability_limit
+    t = bad.divergence_step
+    assert t is not None and 0 < t <= 200
+    assert np.isnan(bad.loss[t:]).all() and np.isnan(bad.accuracy[t:]).all()
+    assert np.isfinite(bad.loss[:t]).all() and (bad.loss[:t] <= bad.loss[0]).all()
+    assert math.isnan(bad.loss_limit) and bad.steps_to_plateau(0.01) is None
+    assert bad.to_dict()["loss"][-1] is None  # JSON: null, never a huge number
+
+
+def test_heavy_ball_stability_limit_is_two_one_plus_m_over_one_minus_m():
+    k = make_kernel(seed=1)
+    m = 0.5
+    lr_c = critical_lr(k, momentum=m) * (1 + m) / (1 - m)  # exact heavy-ball limit
+    stable = forecast(k, 0.98 * lr_c, 400, momentum=m)
+    unstable = forecast(k, 1.02 * lr_c, 400, momentum=m)
+    assert stable.stability_limit == pytest.approx(6.0)
+    assert not stable.diverges and np.isfinite(stable.loss).all()
+    assert unstable.diverges and np.isnan(unstable.loss[-1])
+    # the effective-rate model is unstable already at a third of that rate
+    eff = forecast(k, 0.4 * lr_c, 50, momentum=m, momentum_mode="effective")
+    assert eff.stability_limit == 2.0 and eff.diverges
+
+
+def test_gradient_flow_reports_unstable_step_size():
+    k = make_kernel(seed=2)
+    fc = forecast(k, 1.1 * critical_lr(k), 50, time="continuous")
+    assert fc.diverges and fc.divergence_step == 1 and np.isnan(fc.loss[1:]).all()
+
+
+@pytest.mark.parametrize("noise", ["simulate", "sde"])
+def test_minibatch_blowup_is_flagged_with_nans(noise):
+    k = make_kernel(seed=3)
+    fc = forecast(k, 5 * critical_lr(k), 300, batch_size=4, paths=4, noise=noise)
+    assert fc.diverges and fc.divergence_step is not None
+    t = fc.divergence_step
+    assert np.isnan(fc.loss[t:]).all() and np.isnan(fc.loss_paths[:, t:]).all()
+    assert np.isnan(fc.loss_band[0][t:]).all()
+    assert np.isfinite(fc.loss[:t]).all() and np.nanargmin(fc.loss) == t - 1
+    assert fc.loss_paths[np.isfinite(fc.loss_paths)].max() < 1e4 * fc.loss[0]
+
+
+def test_ce_stability_is_reported_but_large_steps_need_not_diverge():
+    k = make_kernel(seed=4)
+    fc = forecast(k, 50.0, 100, loss="ce")
+    assert math.isfinite(fc.stability) and fc.stability > 2
+    assert not fc.diverges and np.isfinite(fc.loss).all()
+
+
+# ---- primal vs dual ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(loss="ce", momentum=0.9, weight_decay=0.01),
+        dict(loss="ce", time="continuous"),
+        dict(loss="mse", batch_size=4, momentum=0.5, weight_decay=0.01),
+        dict(loss="ce", batch_size=4, sampling="replacement"),
+        dict(loss="mse", batch_size=4, noise="sde"),
+    ],
+)
+def test_primal_and_dual_execution_agree_on_a_projected_kernel(settings):
+    k = make_kernel(seed=5, kind="features")  # k = 10 < N*C = 60
+    primal = forecast(k, 1.0, 60, execution="primal", paths=3, **settings)
+    dual = forecast(k, 1.0, 60, execution="dual", paths=3, **settings)
+    assert primal.method["execution"] == "primal" and dual.method["execution"] == "dual"
+    np.testing.assert_allclose(primal.loss, dual.loss, rtol=1e-7)
+    np.testing.assert_allclose(primal.accuracy, dual.accuracy)
+    if "batch_size" in settings:
+        np.testing.assert_allclose(primal.loss_paths, dual.loss_paths, rtol=1e-7)
+
+
+def test_mse_iterated_steps_agree_with_the_closed_form():
+    k = make_kernel(seed=6, kind="features")
+    closed = forecast(k, 0.8, 100, momentum=0.6, weight_decay=0.02)
+    steps = forecast(k, 0.8, 100, momentum=0.6, weight_decay=0.02, execution="primal")
+    assert closed.method["execution"] == "spectral"
+    np.testing.assert_allclose(closed.loss, steps.loss, rtol=1e-9)
+    np.testing.assert_array_equal(closed.accuracy, steps.accuracy)
+
+
+def test_auto_execution_picks_primal_for_small_projections():
+    k = make_kernel(n=60, c=4, p=6, seed=7, kind="features")
+    assert forecast(k, 0.5, 5, loss="ce").method["execution"] == "primal"
+    assert forecast(k, 0.5, 5, batch_size=8).method["execution"] == "primal"
+    exact = make_kernel(seed=7)
+    assert forecast(exact, 0.5, 5, loss="ce").method["execution"] == "dual"
+
+
+def test_accuracy_stride_interpolates_between_evaluations():
+    k = make_kernel(seed=8)
+    every = forecast(k, 1.0, 40)
+    strided = forecast(k, 1.0, 40, accuracy_every=10)
+    assert strided.method["accuracy_every"] == 10
+    for t in (0, 10, 20, 30, 39, 40):
+        assert strided.accuracy[t] == every.accuracy[t]
+    np.testing.assert_allclose(strided.loss, every.loss)
+
+
+# ---- Forecast object --------------------------------------------------------------------
+
+
+def test_forecast_summary_methods_and_json():
+    k = make_kernel(seed=9)
+    fc = forecast(k, 2.0, 100, batch_size=5, paths=4, seed=3)
+    assert isinstance(fc, Forecast)
+    assert fc.loss.shape == fc.accuracy.shape == (101,)
+    assert fc.loss_paths.shape == (4, 101) and fc.loss_band[0].shape == (101,)
+    assert (fc.loss_band[0] <= fc.loss_band[1]).all()
+    np.testing.assert_allclose(fc.epochs[[0, 4, 100]], [0.0, 1.0, 25.0])
+    target = 0.5 * (fc.loss[0] + np.nanmin(fc.loss))
+    t = fc.steps_to(target)
+    assert fc.loss[t] <= target and (fc.loss[:t] > target).all()
+    assert fc.steps_to(-1.0) is None
+    assert fc.steps_to(fc.loss[0]) == 0
+    d = json.loads(json.dumps(fc.to_dict()))
+    assert d["hyperparameters"]["batch_size"] == 5 and d["hyperparameters"]["paths"] == 4
+    assert d["method"]["noise"] == "simulate" and len(d["loss_band"]["low"]) == 101
+    assert d["diverges"] is False
+    with pytest.raises(TangentlabError, match="steps_to: target_loss must be a finite"):
+        fc.steps_to(float("nan"))
+    with pytest.raises(TangentlabError, match="steps_to_plateau: rel_eps"):
+        fc.steps_to_plateau(0.0)
+
+
+def test_full_batch_is_deterministic_and_batch_ge_n_is_full_batch():
+    k = make_kernel(seed=10)
+    a = forecast(k, 1.0, 30)
+    b = forecast(k, 1.0, 30, batch_size=20, paths=5, seed=99)
+    np.testing.assert_array_equal(a.loss, b.loss)
+    assert a.loss_band is None and b.loss_paths is None and b.hyperparameters["paths"] == 1
+    assert forecast(k, 1.0, 0).loss.shape == (1,)
+
+
+def test_seed_controls_minibatch_paths():
+    k = make_kernel(seed=11)
+    a = forecast(k, 1.0, 30, batch_size=4, paths=2, seed=1)
+    b = forecast(k, 1.0, 30, batch_size=4, paths=5, seed=1)
+    c = forecast(k, 1.0, 30, batch_size=4, paths=2, seed=2)
+    np.testing.assert_array_equal(a.loss_paths, b.loss_paths[:2])
+    assert not np.array_equal(a.loss_paths, c.loss_paths)
+
+
+def test_decay_to_is_reported():
+    k = make_kernel(seed=12)
+    fc = forecast(k, 1.0, 10, weight_decay=0.1)
+    assert fc.method["decay_to"] == "zero" and "toward 0" in fc.method["decay_note"]
+    assert forecast(k, 1.0, 10, weight_decay=0.1, decay_to="w0").method["decay_to"] == "w0"
+
+
+# ---- sweep ------------------------------------------------------------------------------
+
+
+def test_sweep_ranks_by_steps_to_target_and_decomposes_once(monkeypatch):
+    k = make_kernel(n=30, seed=13)
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    lr_c = critical_lr(k)
+    assert len(calls) == 1
+    grid = {"lr": [0.05 * lr_c, 0.3 * lr_c, 0.9 * lr_c, 3.0 * lr_c], "momentum": [0.0, 0.5]}
+    df = sweep(k, grid, steps=200, target_loss=None)
+    assert len(calls) == 1  # the cached decomposition served every closed form
+    assert isinstance(df, pd.DataFrame) and len(df) == 8
+    assert list(df["rank"]) == list(range(1, 9))
+    target = df.attrs["target_loss"]
+    for _, row in df.iterrows():
+        fc = row["forecast"]
+        want = fc.steps_to(target)
+        assert (pd.isna(row["steps_to_target"]) and want is None) or row["steps_to_target"] == want
+        ref = forecast(k, row["lr"], 200, momentum=row["momentum"])
+        assert ref.steps_to(target) == want
+    reached = df["steps_to_target"].dropna().tolist()
+    assert reached == sorted(reached) and len(reached) >= 2
+    assert df["steps_to_target"].isna().tolist() == sorted(df["steps_to_target"].isna().tolist())
+    assert df.iloc[-1]["diverges"]  # the unstable settings come last
+    best = min(np.nanmin(f.loss) for f in df["forecast"])
+    l0 = df.iloc[0]["forecast"].loss[0]
+    assert target == pytest.approx(l0 - 0.9 * (l0 - best))
+
+
+def test_sweep_mixes_batch_sizes_with_explicit_target():
+    k = make_kernel(seed=14)
+    df = sweep(k, {"batch_size": [None, 5], "lr": [0.5, 1.0]}, steps=60, target_loss=0.3,
+               paths=3)
+    assert set(df["batch_size"].dropna()) == {5} and df["batch_size"].isna().sum() == 2
+    for _, row in df.iterrows():
+        assert row["target_loss"] == 0.3
+        bs = None if pd.isna(row["batch_size"]) else int(row["batch_size"])
+        fc = forecast(k, row["lr"], 60, batch_size=bs, paths=3)
+        np.testing.assert_allclose(row["forecast"].loss, fc.loss)
+
+
+@pytest.mark.parametrize(
+    ("grid", "kwargs", "match"),
+    [
+        ({}, {}, "grid must be a non-empty dict"),
+        ({"learning_rate": [0.1]}, {}, "unknown grid key 'learning_rate'"),
+        ({"lr": []}, {}, r"grid\['lr'\] must be a non-empty list"),
+        ({"lr": [0.1]}, {"lr": 0.2}, "'lr' is both in grid and a fixed option"),
+        ({"lr": [0.1], "loss": ["mse", "ce"]}, {}, "pass target_loss"),
+        ({"lr": [0.1, -1.0]}, {}, "sweep: lr must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_sweep_errors(grid, kwargs, match):
+    with pytest.raises(TangentlabError, match=match):
+        sweep(make_kernel(), grid, steps=5, **kwargs)
+
+
+# ---- input validation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(lr=0.0), r"forecast: lr must be a finite number > 0, got 0.0"),
+        (dict(lr=float("nan")), r"forecast: lr must be a finite number > 0, got nan"),
+        (dict(steps=-1), r"forecast: steps must be an integer >= 0, got -1"),
+        (dict(steps=2.5), r"forecast: steps must be an integer >= 0, got 2.5"),
+        (dict(momentum=1.0), r"forecast: momentum must lie in \[0, 1\), got 1.0"),
+        (dict(momentum=-0.1), r"forecast: momentum must lie in \[0, 1\), got -0.1"),
+        (dict(weight_decay=-1e-3), r"forecast: weight_decay must be .* got -0.001"),
+        (dict(batch_size=0), r"forecast: batch_size must be a positive integer .* got 0"),
+        (dict(loss="hinge"), r"forecast: loss must be one of \['mse', 'ce'\], got 'hinge'"),
+        (dict(paths=0), r"forecast: paths must be an integer >= 1, got 0"),
+        (dict(target_scale=0.0), r"forecast: target_scale must be .* > 0, got 0.0"),
+        (dict(loss="ce", target_scale=2.0), r"only applies to loss='mse'"),
+        (dict(noise="ito"), r"forecast: noise must be one of"),
+        (dict(sampling="stratified"), r"forecast: sampling must be one of"),
+        (dict(time="continuous", batch_size=4), r"time='continuous' .* batch_size=4 < N=20"),
+        (dict(time="continuous", momentum_mode="heavy_ball"), r"needs time='discrete'"),
+        (dict(execution="primal"), r"execution='primal' needs kernel.features"),
+        (dict(execution="spectral", loss="ce"), r"execution='spectral' is the closed form"),
+        (dict(band=(0.9, 0.1)), r"forecast: band must be two quantiles"),
+        (dict(accuracy_every=0), r"forecast: accuracy_every must be a positive integer"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    k = make_kernel()
+    args = dict(lr=0.5, steps=10) | kwargs
+    with pytest.raises(TangentlabError, match=match):
+        forecast(k, **args)
+
+
+def test_weight_decay_without_jw0_names_the_fix():
+    k = make_kernel(jw0=False)
+    with pytest.raises(TangentlabError, match=r"weight_decay=0.1 .*kernel.jw0.*decay_to='w0'"):
+        forecast(k, 0.5, 10, weight_decay=0.1)
+    assert forecast(k, 0.5, 10, weight_decay=0.1, decay_to="w0").method["decay_to"] == "w0"
+
+
+def test_kernel_must_be_a_kernel():
+    with pytest.raises(TangentlabError, match="forecast: kernel must be a tangentlab.Kernel"):
+        forecast(np.eye(3), 0.5, 10)

@@ -1,0 +1,219 @@
+"""Tests of the report writers (``tangentlab.report``) on a tiny kernel built from arrays."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.axes import Axes
+from matplotlib.image import imread
+
+import tangentlab as tl
+from tangentlab.report import (
+    format_table,
+    label_of,
+    plot_forecasts,
+    summary_row,
+    write_json,
+    write_sweep_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N, C = 12, 3
+
+
+def strict_json(path: Path):
+    def bad(token: str):
+        raise AssertionError(f"{path.name} contains {token}")
+
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def assert_png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    img = imread(path)  # decodes: a complete image, not just a header
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    return img
+
+
+@pytest.fixture
+def kernel() -> tl.Kernel:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(N * C, 20, generator=g, dtype=torch.float64)
+    return tl.Kernel(
+        f0=0.1 * torch.randn(N, C, generator=g, dtype=torch.float64),
+        targets=torch.arange(N) % C,
+        theta=a @ a.T,  # random PSD, [N*C, N*C]
+    )
+
+
+def stable_lr(kernel: tl.Kernel, stability: float) -> float:
+    """The lr with η λ_max / N = ``stability`` (diverges from 2 on, full batch, no momentum)."""
+    return stability * kernel.num_samples / float(kernel.eigh()[0].max())
+
+
+# --------------------------------------------------------------------------- tables, JSON
+
+
+def test_format_table_handles_none_and_nan():
+    rows = [
+        {"setting": "lr=0.1", "steps": None, "loss": float("nan"), "acc": 0.123456},
+        {"setting": "lr=1", "steps": 42, "loss": np.float64(1.5), "acc": float("inf")},
+    ]
+    lines = format_table(rows).splitlines()
+    assert len(lines) == 4
+    assert lines[0].split() == ["setting", "steps", "loss", "acc"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].split() == ["lr=0.1", "-", "nan", "0.1235"]
+    assert lines[3].split() == ["lr=1", "42", "1.5", "nan"]
+    assert len({len(line) for line in lines}) == 1  # columns aligned
+    assert format_table([]) == ""
+
+
+def test_write_json_turns_nan_into_null(tmp_path):
+    obj = {
+        "a": float("nan"),
+        "b": [1.0, float("inf"), -math.inf],
+        "c": np.float64("nan"),
+        "d": {"n": np.int64(3), "ok": np.bool_(True), "t": (np.float32(0.5), None)},
+    }
+    path = write_json(obj, tmp_path / "sub" / "x.json")  # parent created
+    assert path == tmp_path / "sub" / "x.json"
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert strict_json(path) == {
+        "a": None,
+        "b": [1.0, None, None],
+        "c": None,
+        "d": {"n": 3, "ok": True, "t": [0.5, None]},
+    }
+
+
+def test_summary_row_and_label(kernel):
+    fc = tl.forecast(kernel, stable_lr(kernel, 0.5), 30, batch_size=4, momentum=0.5, paths=2)
+    assert label_of(fc) == f"lr={fc.hyperparameters['lr']:g}, B=4, m=0.5, MSE"
+    full = tl.forecast(kernel, stable_lr(kernel, 0.5), 30)
+    assert "full batch" in label_of(full)
+    target = float(full.loss[10])
+    row = summary_row(full, target)
+    assert 0 < row["steps_to_target"] == full.steps_to(target) <= 10
+    assert row["diverges"] is False and row["initial_loss"] == pytest.approx(full.loss[0])
+
+
+# --------------------------------------------------------------------------- plots
+
+
+@pytest.fixture
+def spy_axes(monkeypatch):
+    """Record Axes.plot / Axes.fill_between calls made while plotting."""
+    calls: dict[str, list] = {"plot": [], "fill_between": []}
+    for name in calls:
+        orig = getattr(Axes, name)
+
+        def spy(self, *args, _orig=orig, _name=name, **kwargs):
+            calls[_name].append((args, kwargs))
+            return _orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(Axes, name, spy)
+    return calls
+
+
+def test_plot_stochastic_forecast_draws_band(kernel, tmp_path, spy_axes):
+    fc = tl.forecast(kernel, stable_lr(kernel, 0.5), 25, batch_size=4, paths=4, seed=1)
+    assert fc.loss_band is not None
+    target = float(fc.loss[10])
+    path = plot_forecasts([("minibatch", fc)], tmp_path / "p" / "band.png", target_loss=target)
+    assert path == tmp_path / "p" / "band.png"
+    assert_png(path)
+    (band,) = spy_axes["fill_between"]
+    steps, low, high = band[0]
+    np.testing.assert_array_equal(steps, np.arange(26))
+    np.testing.assert_array_equal(low, fc.loss_band[0])
+    np.testing.assert_array_equal(high, fc.loss_band[1])
+    t = fc.steps_to(target)
+    assert t is not None  # so the steps-to-target marker is drawn:
+    markers = [a for a, _ in spy_axes["plot"] if len(a) == 3 and a[2] == "o"]
+    assert markers == [([t], [fc.loss[t]], "o")]
+
+
+def test_plot_with_measured_curves(kernel, tmp_path, spy_axes):
+    fc = tl.forecast(kernel, stable_lr(kernel, 0.5), 20)
+    steps = np.arange(0, 21, 5)
+    loss = fc.loss[steps] * 1.1
+    acc = fc.accuracy[steps]
+    path = plot_forecasts(
+        [("forecast", fc)],
+        tmp_path / "measured.png",
+        measured=[("run A", steps, loss, acc), ("run B", steps, loss * 0.9, None)],
+    )
+    assert_png(path)
+    assert spy_axes["fill_between"] == []  # deterministic: no band
+    dashed = [(a, kw) for a, kw in spy_axes["plot"] if len(a) == 3 and a[2] == "--"]
+    assert [kw["label"] for _, kw in dashed] == ["run A", "run A", "run B"]  # B: no accuracy
+    np.testing.assert_array_equal(dashed[0][0][1], loss)
+    np.testing.assert_array_equal(dashed[1][0][1], acc)
+
+
+def test_plot_diverging_forecast(kernel, tmp_path):
+    fc = tl.forecast(kernel, stable_lr(kernel, 5.0), 20)
+    assert fc.diverges and np.isnan(fc.loss[-1])
+    assert_png(plot_forecasts([(label_of(fc), fc)], tmp_path / "div.png", target_loss=0.1))
+
+
+# --------------------------------------------------------------------------- sweep report
+
+
+def _sweep(kernel):
+    grid = {"lr": [stable_lr(kernel, 0.3), stable_lr(kernel, 1.0), stable_lr(kernel, 5.0)],
+            "batch_size": [4, None]}  # fmt: skip
+    return tl.sweep(kernel, grid, steps=30, paths=2)
+
+
+def test_write_sweep_report_writes_all_four_files(kernel, tmp_path):
+    table = _sweep(kernel)
+    assert table["diverges"].any()  # a diverging row exercises NaN -> null
+    paths = write_sweep_report(tmp_path / "sw", table, kernel, info={"who": "test"}, top=4)
+    out = tmp_path / "sw"
+    assert paths == {
+        "csv": out / "sweep.csv",
+        "json": out / "sweep.json",
+        "png": out / "sweep.png",
+        "html": out / "report.html",
+    }
+    with open(paths["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and "forecast" not in rows[0]
+    assert [int(r["rank"]) for r in rows] == list(range(1, 7))
+
+    js = strict_json(paths["json"])
+    assert js["target_loss"] == pytest.approx(table.attrs["target_loss"])
+    assert [r["rank"] for r in js["table"]] == list(range(1, 7))
+    assert js["info"] == {"who": "test"} and js["kernel"]["num_samples"] == N
+    div = [r for r in js["table"] if r["diverges"]]
+    assert div and all(r["loss_limit"] is None for r in div)
+    never = [r for r in js["table"] if r["steps_to_target"] is None]
+    assert never and all(r["rank"] > len(js["table"]) - len(never) for r in never)
+
+    assert_png(paths["png"])
+    page = paths["html"].read_text(encoding="utf-8")
+    m = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert m and base64.b64decode(m.group(1)) == paths["png"].read_bytes()
+    assert "ranked by steps to loss" in page
+    assert page.count("<tr>") >= 1 + 6  # header + one row per setting (+ run, kernel tables)
+
+
+def test_write_sweep_report_without_target_attr(kernel, tmp_path):
+    table = _sweep(kernel)
+    table.attrs.clear()  # e.g. after pd.concat of sweeps with different targets
+    paths = write_sweep_report(tmp_path, table, kernel)
+    assert strict_json(paths["json"])["target_loss"] is None
+    page = paths["html"].read_text(encoding="utf-8")
+    assert "All settings" in page and "ranked by steps to loss" not in page
+    assert_png(paths["png"])
