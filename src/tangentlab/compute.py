@@ -85,7 +85,8 @@ def compute_kernel(
       cache: a directory for the kernel, its metadata and finished chunks (resumable).
       seed: projection seed when ``projection`` is an int.
       keep_theta: projected kernels: form ``Theta = Phi Phi^T`` (default: when it fits).
-      progress: show a progress bar (samples/s) and announce cache reuse on stderr.
+      progress: show a progress bar (samples/s) and the plan on stderr (a reused cache is
+        announced on stderr in any case).
 
     Returns:
       :class:`Kernel` with ``theta`` ``[N*C, N*C]`` (when it fits), ``features``
@@ -147,7 +148,7 @@ def compute_kernel(
     if store is not None:
         done = store.finished_kernel()
         if done is not None:
-            _say(f"reusing cached kernel {store.kernel_path}", progress)
+            _say(f"reusing cached kernel {store.kernel_path}", True)  # always announced
             return done
         mplan = store.plan(mplan)
     _say(
