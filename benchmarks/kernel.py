@@ -249,8 +249,8 @@ def render(r: dict) -> str:
             lines.append(
                 f"| {what} | {row['n']} | {row['samples_per_s']:.2f} | "
                 f"{row['samples_per_s'] / nv['samples_per_s']:.1f}× | {row['seconds']:.1f} s | "
-                f"{epochs:.1f} | {gib(row['peak_rss'])} | {gib(row['peak_rss'] - row['rss_before'])}"
-                f" | {row['jacobian_mode']} |"
+                f"{epochs:.1f} | {gib(row['peak_rss'])} | "
+                f"{gib(row['peak_rss'] - row['rss_before'])} | {row['jacobian_mode']} |"
             )
         er = res["error"]
         lines += [
