@@ -1,6 +1,7 @@
 """tangentlab: forecast fine-tuning of pre-trained PyTorch networks from their tangent model."""
 
 from tangentlab._version import __version__
+from tangentlab.compare import Comparison, compare
 from tangentlab.compute import compute_kernel
 from tangentlab.errors import (
     CacheMismatchError,
@@ -8,6 +9,7 @@ from tangentlab.errors import (
     TangentlabError,
     TangentlabWarning,
 )
+from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import Forecast, forecast, sweep
 from tangentlab.kernel import Kernel, load_kernel
 from tangentlab.projection import Projection, ProjectionKind
@@ -16,16 +18,20 @@ from tangentlab.tangent import Tangent
 __all__ = [
     "__version__",
     "CacheMismatchError",
+    "Comparison",
     "Forecast",
     "Kernel",
     "Projection",
     "ProjectionKind",
     "Tangent",
+    "compare",
     "compute_kernel",
+    "finetune",
     "forecast",
     "sweep",
     "MemoryBudgetError",
     "TangentlabError",
     "TangentlabWarning",
+    "TrainingRun",
     "load_kernel",
 ]

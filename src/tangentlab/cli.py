@@ -369,8 +369,11 @@ def forecast(**o: Any) -> None:
                                   info=info)  # fmt: skip
     click.echo(format_table([summary_row(fc, target)]))
     if fc.diverges:
-        click.echo(f"DIVERGES: η̃·λ_max/N = {fc.stability:.3g} ≥ {fc.stability_limit:g}; "
-                   "lower the learning rate.")  # fmt: skip
+        if fc.stability >= fc.stability_limit:
+            why = f"η̃·λ_max/N = {fc.stability:.3g} ≥ {fc.stability_limit:g}"
+        else:
+            why = f"the loss blows up after step {fc.divergence_step}"
+        click.echo(f"DIVERGES: {why}; lower the learning rate.")
     t = fc.steps_to(target)
     click.echo(
         f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}"
@@ -456,6 +459,144 @@ def kernel(**o: Any) -> None:
     click.echo(f"kernel in {k_sec:.1f} s; wrote {path} (kernel file: "
                f"{Path(o['cache'] or Path(o['out']) / 'kernel') / 'kernel.safetensors'})",
                err=True)  # fmt: skip
+
+
+@main.command()
+@_source_options
+@_hyper_options(lists=False)
+@click.option("--log-every", type=int, default=None,
+              help="Log the real run's full training loss every this many steps "
+              "(default: ceil(steps/200)); 1 gives exact steps-to-target.")
+@click.option("--bn", type=click.Choice(["frozen", "train"]), default="frozen",
+              show_default=True,
+              help="Batch norm in the real run: frozen (eval mode, as the tangent model) "
+              "or train (batch statistics, running statistics updated, dropout on).")
+@_errors_as_usage
+def validate(**o: Any) -> None:
+    """Forecast, then really fine-tune the same model on the same data with the same
+    settings (a fresh copy, torch.optim.SGD), and compare the two.
+
+    Prints the steps-to-target error |T̂ − T|/T, the curve error mean|L̂ − L|/L0, the
+    plateau and final-accuracy differences and the cost ratio (real run / kernel +
+    forecast); writes validation.json, validation.png (overlay) and validation.html.
+
+    \b
+    Example:
+      $ tangentlab validate --example digits-cnn --samples 30 --steps 20 --out runs/v
+      quantity                 forecast  real run  error
+      steps to loss 0.3064     14        18        0.222
+      ...
+      curve error mean|L̂−L|/L0: 0.0226 (max 0.0286) over 21 logged steps
+    """
+    import tangentlab as tl
+    from tangentlab.compare import compare
+    from tangentlab.finetune import finetune
+    from tangentlab.report import format_table, write_validation_report
+
+    _check_hyper(o, lists=False)
+    if o["log_every"] is not None and o["log_every"] < 1:
+        raise TangentlabError(
+            f"tangentlab: --log-every must be a positive integer, got {o['log_every']!r}."
+        )
+    kernel, k_sec, defaults, info = _kernel(o)
+    lr = o["lr"] if o["lr"] is not None else _default_lr(kernel, o["momentum"])
+    steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    batch = _batch(o["batch_size"])
+    hyper = dict(batch_size=batch, momentum=o["momentum"], weight_decay=o["weight_decay"],
+                 loss=o["loss_name"], target_scale=o["target_scale"])  # fmt: skip
+    t0 = time.perf_counter()
+    fc = tl.forecast(kernel, lr, steps, paths=o["paths"], seed=o["seed"], **hyper)
+    f_sec = time.perf_counter() - t0
+
+    # The real run starts from a freshly loaded model: the kernel's is left as it was.
+    model, data, _, params, _, _ = _resolve(o)
+    if params == "all":
+        params = None
+    _check_same_source(kernel, model, data, params)
+    _echo(f"tangentlab: fine-tuning for real: {steps} steps of torch.optim.SGD "
+          f"(BN {o['bn']}) ...")  # fmt: skip
+    run = finetune(model, data, lr, steps, params=params, seed=o["seed"],
+                   log_every=o["log_every"], bn=o["bn"], device=o["device"],
+                   progress=not o["no_progress"], **hyper)  # fmt: skip
+    if run.steps.size == 0:  # interrupted before the initial loss: nothing to compare
+        raise KeyboardInterrupt
+    # a kernel reused from the cache costs ~0 s now: count what it cost when computed
+    k_cost = max(k_sec, float(kernel.metadata.get("seconds", 0.0) or 0.0))
+    cmp = compare(fc, run, target_loss=o["target_loss"], target_drop=o["target_drop"],
+                  forecast_seconds=k_cost + f_sec)
+    target = cmp.target_loss
+    info.update(
+        forecast_seconds=round(f_sec, 3), kernel_seconds_counted=round(k_cost, 3),
+        run_train_seconds=round(run.train_seconds, 3),
+        run_eval_seconds=round(run.eval_seconds, 3),
+        run_wall_seconds=round(run.wall_seconds, 3), cost_ratio=cmp.cost_ratio,
+        target_loss=target, lr=lr, bn=o["bn"], log_every=run.hyperparameters["log_every"],
+    )  # fmt: skip
+    paths = write_validation_report(o["out"], fc, run, cmp, kernel, info=info,
+                                    title=f"tangentlab validate: {info.get('source', '')}")
+
+    def err(v):
+        return "-" if v is None else f"{v:.3g}"
+
+    rows = [
+        {"quantity": f"steps to loss {target:.4g}", "forecast": cmp.steps_to_target_forecast,
+         "real run": cmp.steps_to_target_run, "error": err(cmp.steps_to_target_error)},
+        {"quantity": f"steps to plateau ({cmp.plateau_rel_eps:g})",
+         "forecast": cmp.steps_to_plateau_forecast, "real run": cmp.steps_to_plateau_run,
+         "error": err(cmp.steps_to_plateau_error)},
+        {"quantity": f"loss at step {cmp.final_step}", "forecast": cmp.final_loss_forecast,
+         "real run": cmp.final_loss_run, "error": "-"},
+        {"quantity": f"accuracy at step {cmp.final_step}",
+         "forecast": cmp.final_accuracy_forecast, "real run": cmp.final_accuracy_run,
+         "error": err(cmp.final_accuracy_diff)},
+    ]  # fmt: skip
+    click.echo(format_table(rows))
+    res = "" if cmp.steps_resolution in (None, 1) else f", located to {cmp.steps_resolution} steps"
+    click.echo(f"steps-to-target error |T̂−T|/T: {err(cmp.steps_to_target_error)}"
+               f"  (target {cmp.target_note}{res})")  # fmt: skip
+    click.echo(f"curve error mean|L̂−L|/L0: {cmp.curve_error:.3g} (max {cmp.curve_error_max:.3g}) "
+               f"over {cmp.steps.size} logged steps")  # fmt: skip
+    if cmp.band_coverage is not None:
+        click.echo(f"real loss inside the forecast band at {cmp.band_coverage:.0%} of the steps")
+    click.echo(
+        f"cost: real run {run.train_seconds:.2f} s training + {run.eval_seconds:.2f} s "
+        f"full-loss evaluation; kernel {k_cost:.2f} s + forecast {f_sec:.2f} s; "
+        f"ratio real/forecast {cmp.cost_ratio:.3g}x ({cmp.cost_ratio_with_eval:.3g}x with "
+        "evaluation)"
+    )
+    if run.interrupted:
+        click.echo(f"note: the real run was interrupted after {run.steps_done} steps; "
+                   "compared on the steps it logged")  # fmt: skip
+    for note in cmp.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+def _check_same_source(kernel, model, data, params) -> None:
+    """The reloaded model and data must be those of the kernel (weights hash, fingerprint)."""
+    from tangentlab.data import as_arrays, fingerprint
+    from tangentlab.errors import ModeSwitchWarning
+    from tangentlab.tangent import Tangent
+
+    meta = kernel.metadata
+    if "weights_sha" in meta:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModeSwitchWarning)  # the kernel already said so
+            sha = Tangent(model, params=params).weights_hash()
+        if sha != meta["weights_sha"]:
+            raise TangentlabError(
+                f"tangentlab validate: the model loaded for the real run differs from the "
+                f"kernel's (weights sha {sha} vs {meta['weights_sha']}); its factory is not "
+                "deterministic (random initialization?). Save the weights and pass --weights."
+            )
+    if "data_fingerprint" in meta:
+        fp = fingerprint(*as_arrays(data, where="tangentlab validate"))
+        if fp != meta["data_fingerprint"]:
+            raise TangentlabError(
+                f"tangentlab validate: the data loaded for the real run differs from the "
+                f"kernel's (fingerprint {fp} vs {meta['data_fingerprint']}); use the same "
+                "--data/--samples/--seed as the kernel."
+            )
 
 
 @main.command("examples")

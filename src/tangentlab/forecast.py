@@ -358,6 +358,8 @@ def sweep(
         )
     df = pd.DataFrame(rows)
     df["steps_to_target"] = df["steps_to_target"].astype("Int64")
+    if "batch_size" in df:  # None (full batch) must not turn the column into floats
+        df["batch_size"] = df["batch_size"].astype("Int64")
     df = df.sort_values(
         ["steps_to_target", "final_loss"], na_position="last", kind="mergesort"
     ).reset_index(drop=True)

@@ -299,3 +299,69 @@ def write_sweep_report(
         ],
     )
     return {"csv": csv, "json": js, "png": png, "html": page}
+
+
+def write_validation_report(
+    out_dir: str | Path,
+    forecast: Forecast,
+    run,
+    comparison,
+    kernel: Kernel,
+    *,
+    title: str = "tangentlab validate",
+    info: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``validation.json``, ``validation.png`` and ``validation.html`` into ``out_dir``.
+
+    The plot overlays the forecast (mean and band) and the real run (dashed, at its logged
+    steps); the JSON holds the comparison, both curves, the kernel summary and ``info``.
+
+    Args:
+      forecast: the :class:`~tangentlab.Forecast`.
+      run: the :class:`~tangentlab.finetune.TrainingRun` of the same setting.
+      comparison: ``tangentlab.compare.compare(forecast, run)``.
+      kernel: the kernel the forecast was computed from.
+
+    Returns the paths written, by kind.
+    """
+    out = Path(out_dir)
+    hp = run.hyperparameters
+    target = comparison.target_loss
+    run_label = f"real run (BN {hp.get('bn', 'frozen')}, seed {hp.get('seed', '?')})"
+    png = plot_forecasts(
+        [(f"forecast: {label_of(forecast)}", forecast)], out / "validation.png",
+        target_loss=target, title=title,
+        measured=[(run_label, run.steps, run.loss, run.accuracy)],
+    )  # fmt: skip
+    summary = comparison.summary()
+    js = write_json(
+        {
+            "title": title,
+            "comparison": comparison.to_dict(),
+            "forecast": forecast.to_dict(),
+            "run": run.to_dict(),
+            "kernel": kernel.describe(),
+            "info": info or {},
+        },
+        out / "validation.json",
+    )
+    rows = [{"quantity": k, "value": "; ".join(v) if isinstance(v, list) else v}
+            for k, v in summary.items()]  # fmt: skip
+    run_rows = [{"quantity": k, "value": v} for k, v in hp.items()]
+    run_rows += [
+        {"quantity": k, "value": getattr(run, k)}
+        for k in ("train_seconds", "eval_seconds", "wall_seconds", "diverged", "interrupted")
+    ]
+    page = write_html(
+        out / "validation.html",
+        title=title,
+        images=[png],
+        sections=[
+            ("Forecast vs real run", _html_table(rows)),
+            ("Real fine-tuning run", _html_table(run_rows)),
+            ("Forecast", _html_table([summary_row(forecast, target)])),
+            ("Run", _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
+            ("Kernel", _html_table(kernel_rows(kernel))),
+        ],
+    )
+    return {"json": js, "png": png, "html": page}

@@ -1,0 +1,492 @@
+"""Compare a forecast with a real fine-tuning run: :func:`compare` -> :class:`Comparison`.
+
+The headline metric (DESIGN.md §3) is the relative error of steps to a target loss,
+|T̂ - T| / T, with ε inside both curves' range; next to it the curve error
+mean_t |L̂_t - L_t| / L_0 over the run's logged steps, the steps-to-plateau error and the
+final accuracy difference.
+
+NOTE [steps on the logged grid]
+A run logs its loss every ``log_every`` steps (plus step 0 and the last step), while a
+forecast has every step. Both T's are located the same way, on the run's logged steps
+s_0 = 0 < s_1 < ... < s_K: T(ε) = the first s_k with L_{s_k} <= ε, for the run and for the
+forecast read at the same steps. With ``log_every=1`` this is exactly
+T(ε) = min{t : L_t <= ε}; on a coarser grid the true crossing lies in (s_{k-1}, s_k], and
+``steps_resolution`` = s_k - s_{k-1} (the larger of the two intervals, 1 when exact)
+says how coarse it is. Reading both curves on one grid keeps the rounding the same for
+both, so a coarse log does not bias |T̂ - T|. Only the run's logged steps within the
+forecast's horizon are compared.
+
+NOTE [plateau on a common window]
+Steps to plateau, T = min{t : |L_t - L_∞| < ε_rel |L_0 - L_∞|}, needs L_∞, which a real
+run does not have. Both curves use the same estimate: L_∞ = the mean loss over the logged
+steps in the last 10% of the compared horizon (at least the last two logged steps). A
+curve whose two halves of that window differ by ε_rel |L_0 - L_∞| or more is still moving:
+no plateau within the horizon (``None``, with the reason in ``plateau_note``). The
+forecast's own ``loss_limit`` (exact for full-batch MSE) is not used, so that both sides
+are estimated alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tangentlab.errors import TangentlabError
+from tangentlab.forecast import _is_real
+
+_PLATEAU_TAIL = 0.1  # NOTE [plateau on a common window]
+_L0_REL_TOL = 1e-3  # initial losses further apart than this are flagged (different setups?)
+_SETTINGS = ("lr", "momentum", "weight_decay", "loss", "target_scale", "num_samples")
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """A forecast against a real run, on the run's logged steps (NOTE [steps on the logged grid]).
+
+    Attributes:
+      steps: the compared steps (the run's logged steps within the forecast's horizon), ``[K]``.
+      loss_run, loss_forecast: the two losses at ``steps``, ``[K]`` (forecast: mean over paths).
+      accuracy_run, accuracy_forecast: the two training accuracies at ``steps``, ``[K]``
+        (``accuracy_run`` all NaN when the run has no accuracy).
+      initial_loss: L_0 of the run (normalizes the curve error; sets the default target).
+      target_loss: ε of steps-to-target.
+      target_note: where ε comes from ("given" or the default's definition) and, when
+        there is no step error, why.
+      steps_to_target_run: T, the first logged step with L_t <= ε, or ``None``.
+      steps_to_target_forecast: T̂, the same for the forecast on the same steps, or ``None``.
+      steps_to_target_error: |T̂ - T| / T, or ``None`` when ε is not inside both curves'
+        range (min L <= ε < L_0 for each).
+      steps_resolution: width of the logged interval ending at T (or T̂), 1 when exact.
+      plateau_rel_eps: ε_rel of steps-to-plateau.
+      steps_to_plateau_run, steps_to_plateau_forecast: NOTE [plateau on a common window].
+      steps_to_plateau_error: |T̂_p - T_p| / T_p, or ``None``.
+      plateau_note: why a plateau is missing, or how L_∞ was estimated.
+      curve_error: mean over ``steps`` of |L̂_t - L_t| / L_0 (steps where both are finite).
+      curve_error_max: max over the same steps.
+      final_step: the last step where both curves are finite.
+      final_loss_run, final_loss_forecast: losses at ``final_step``.
+      final_accuracy_run, final_accuracy_forecast: accuracies at ``final_step``.
+      final_accuracy_diff: forecast minus run at ``final_step`` (``None`` without accuracy).
+      band_coverage: fraction of the steps after 0 where the run's loss lies in the
+        forecast's band (10%-90% of paths by default: about 0.8 when calibrated), or
+        ``None`` for a deterministic forecast.
+      diverges_forecast, diverged_run: divergence on either side.
+      cost_ratio: run training seconds / (kernel + forecast) seconds, when given.
+      cost_ratio_with_eval: the same with the run's full-loss evaluations counted.
+      notes: anything the reader should know (mismatches, truncations, divergence).
+    """
+
+    steps: np.ndarray
+    loss_run: np.ndarray
+    loss_forecast: np.ndarray
+    accuracy_run: np.ndarray
+    accuracy_forecast: np.ndarray
+    initial_loss: float
+    target_loss: float | None
+    target_note: str
+    steps_to_target_run: int | None
+    steps_to_target_forecast: int | None
+    steps_to_target_error: float | None
+    steps_resolution: int | None
+    plateau_rel_eps: float
+    steps_to_plateau_run: int | None
+    steps_to_plateau_forecast: int | None
+    steps_to_plateau_error: float | None
+    plateau_note: str
+    curve_error: float
+    curve_error_max: float
+    final_step: int | None
+    final_loss_run: float | None
+    final_loss_forecast: float | None
+    final_accuracy_run: float | None
+    final_accuracy_forecast: float | None
+    final_accuracy_diff: float | None
+    band_coverage: float | None
+    diverges_forecast: bool
+    diverged_run: bool
+    cost_ratio: float | None = None
+    cost_ratio_with_eval: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary(self) -> dict[str, Any]:
+        """The scalar results (no curves), JSON-able."""
+        d = self.to_dict()
+        for key in ("steps", "loss_run", "loss_forecast", "accuracy_run", "accuracy_forecast"):
+            d.pop(key)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: every attribute, arrays as lists, NaN -> None."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            if isinstance(v, np.ndarray):
+                v = [int(s) for s in v] if name == "steps" else [_json_float(a) for a in v]
+            elif isinstance(v, float):
+                v = _json_float(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[name] = v
+        return out
+
+
+def compare(
+    forecast: Any,
+    run: Any,
+    target_loss: float | None = None,
+    *,
+    target_drop: float = 0.8,
+    plateau_rel_eps: float = 0.05,
+    forecast_seconds: float | None = None,
+    check_settings: bool = True,
+) -> Comparison:
+    r"""Errors of a forecast against a real fine-tuning run of the same setting.
+
+    .. math::
+        e_T = \frac{|\hat T(\varepsilon) - T(\varepsilon)|}{T(\varepsilon)},\qquad
+        e_L = \frac{1}{K} \sum_{k} \frac{|\hat L_{s_k} - L_{s_k}|}{L_0}
+
+    over the run's logged steps s_k (NOTE [steps on the logged grid]). Zancato et al., 2020,
+    "Predicting training time without training", https://arxiv.org/abs/2008.12478.
+
+    Args:
+      forecast: a :class:`~tangentlab.Forecast`, or a mapping with ``"loss"`` ``[T+1]``
+        (one entry per step from 0; ``None`` entries read as NaN, so ``Forecast.to_dict()``
+        output works) and optionally ``"accuracy"``, ``"loss_band"`` (``{"low", "high"}``
+        or a pair), ``"hyperparameters"``, ``"diverges"``.
+      run: a :class:`~tangentlab.finetune.TrainingRun`, or a mapping with ``"steps"``
+        ``[K]`` (increasing, starting at 0), ``"loss"`` ``[K]`` and optionally
+        ``"accuracy"``, ``"hyperparameters"``, ``"train_seconds"``, ``"wall_seconds"``,
+        ``"diverged"`` (e.g. a training log of your own).
+      target_loss: ε. ``None``: a ``target_drop`` drop of the run's initial loss,
+        ε = (1 - target_drop) L_0 (default 0.2 L_0). The step error is reported only when
+        min L <= ε < L_0 holds for both curves.
+      target_drop: relative drop that defines the default target, in (0, 1).
+      plateau_rel_eps: ε_rel of steps to plateau (NOTE [plateau on a common window]).
+      forecast_seconds: what the forecast cost (kernel + forecast, seconds); gives
+        ``cost_ratio`` = run training seconds / forecast_seconds.
+      check_settings: refuse a forecast and a run whose hyper-parameters differ (lr,
+        batch size, momentum, weight decay, loss, target scale, N), when both carry them.
+
+    Returns:
+      A :class:`Comparison`.
+
+    Raises:
+      TangentlabError: malformed curves, a run without step 0, or different settings.
+    """
+    fn = "compare"
+    fc = _forecast_curves(fn, forecast)
+    rn = _run_curves(fn, run)
+    if not _is_real(plateau_rel_eps) or not 0 < plateau_rel_eps < 1:
+        raise TangentlabError(
+            f"{fn}: plateau_rel_eps must be in (0, 1), got {plateau_rel_eps!r}; e.g. 0.05 "
+            "for 'within 5% of the initial gap'."
+        )
+    if not _is_real(target_drop) or not 0 < target_drop < 1:
+        raise TangentlabError(
+            f"{fn}: target_drop must be in (0, 1), got {target_drop!r}; 0.8 targets an 80% "
+            "drop of the run's initial loss."
+        )
+    if target_loss is not None and not _is_real(target_loss):
+        raise TangentlabError(
+            f"{fn}: target_loss must be a finite number or None (0.2 x the run's initial "
+            f"loss), got {target_loss!r}."
+        )
+    if forecast_seconds is not None and (not _is_real(forecast_seconds) or forecast_seconds <= 0):
+        raise TangentlabError(
+            f"{fn}: forecast_seconds must be a number > 0 (kernel + forecast time), got "
+            f"{forecast_seconds!r}."
+        )
+    if check_settings:
+        _check_same_settings(fn, fc["hyper"], rn["hyper"])
+
+    notes: list[str] = []
+    horizon = fc["loss"].shape[0] - 1
+    keep = rn["steps"] <= horizon
+    if not keep.all():
+        notes.append(
+            f"the run goes to step {int(rn['steps'][-1])} but the forecast only to step "
+            f"{horizon}; compared on steps 0..{horizon}"
+        )
+    steps = rn["steps"][keep]
+    loss_run, acc_run = rn["loss"][keep], rn["accuracy"][keep]
+    loss_fc, acc_fc = fc["loss"][steps], fc["accuracy"][steps]
+    l0 = float(loss_run[0])
+    l0_fc = float(loss_fc[0])
+    if not (math.isfinite(l0) and l0 > 0):
+        raise TangentlabError(
+            f"{fn}: the run's initial loss must be finite and > 0 to normalize the errors, "
+            f"got {l0!r}."
+        )
+    if not math.isclose(l0_fc, l0, rel_tol=_L0_REL_TOL):
+        notes.append(
+            f"initial losses differ: forecast {l0_fc:.6g}, run {l0:.6g}; are the model, data, "
+            "trainable weights and loss the same?"
+        )
+    if fc["diverges"] and not rn["diverged"]:
+        notes.append("the forecast diverges but the run does not")
+    if rn["diverged"] and not fc["diverges"]:
+        notes.append("the run diverged but the forecast does not")
+
+    # ---- steps to target (NOTE [steps on the logged grid])
+    if target_loss is None:
+        eps = (1.0 - target_drop) * l0
+        origin = (f"{target_drop:.0%} drop of the run's initial loss: "
+                  f"{1.0 - target_drop:.3g} x {l0:.4g}")  # fmt: skip
+    else:
+        eps = float(target_loss)
+        origin = "given"
+    t_run, i_run = _first_below(steps, loss_run, eps)
+    t_fc, i_fc = _first_below(steps, loss_fc, eps)
+    why = []
+    for name, curve, first in (("run", loss_run, l0), ("forecast", loss_fc, l0_fc)):
+        low = _nanmin(curve)
+        if not eps < first:
+            why.append(f"the {name} starts at or below it (L_0 = {first:.4g})")
+        elif not low <= eps:
+            why.append(f"the {name} does not reach it by step {int(steps[-1])} "
+                       f"(lowest {low:.4g})")  # fmt: skip
+    if why:
+        err_t, resolution = None, None
+        if t_fc is None and t_run is not None and fc["loss"].shape[0] > steps[-1] + 1:
+            later = _first_below(np.arange(horizon + 1), fc["loss"], eps)[0]
+            if later is not None:
+                why.append(f"the forecast reaches it at step {later}")
+        target_note = f"{origin}; no step error: " + "; ".join(why)
+    else:
+        err_t = abs(t_fc - t_run) / t_run
+        resolution = max(int(steps[i] - steps[i - 1]) for i in (i_run, i_fc))
+        target_note = origin
+
+    # ---- steps to plateau (NOTE [plateau on a common window])
+    p_run, why_run = _plateau(steps, loss_run, plateau_rel_eps)
+    p_fc, why_fc = _plateau(steps, loss_fc, plateau_rel_eps)
+    plateau_note = "L_inf = mean of each curve over the last 10% of the compared steps"
+    if why_run or why_fc:
+        plateau_note += "; " + "; ".join(
+            f"{name}: {w}" for name, w in (("run", why_run), ("forecast", why_fc)) if w
+        )
+    if p_run is None or p_fc is None:
+        err_p = None
+    elif p_run == 0:
+        err_p = None
+        plateau_note += "; the run is flat from step 0 (no relative error)"
+    else:
+        err_p = abs(p_fc - p_run) / p_run
+
+    # ---- curves and final values
+    both = np.isfinite(loss_run) & np.isfinite(loss_fc)
+    if both.any():
+        dev = np.abs(loss_fc[both] - loss_run[both]) / l0
+        curve_err, curve_max = float(dev.mean()), float(dev.max())
+    else:
+        curve_err = curve_max = math.nan
+    if both.sum() < both.size:
+        notes.append(
+            f"curve error over {int(both.sum())} of {both.size} steps (NaN after divergence)"
+        )
+    final = np.flatnonzero(both)
+    if final.size:
+        j = int(final[-1])
+        final_step = int(steps[j])
+        fl_run, fl_fc = float(loss_run[j]), float(loss_fc[j])
+        fa_run, fa_fc = _maybe(acc_run[j]), _maybe(acc_fc[j])
+    else:
+        final_step = fl_run = fl_fc = fa_run = fa_fc = None
+    acc_diff = None if fa_run is None or fa_fc is None else fa_fc - fa_run
+
+    coverage = None
+    if fc["band"] is not None:
+        low, high = fc["band"][0][steps], fc["band"][1][steps]
+        inside = (loss_run >= low) & (loss_run <= high)
+        sel = both & (steps > 0)
+        coverage = float(inside[sel].mean()) if sel.any() else None
+
+    ratio = ratio_eval = None
+    if forecast_seconds is not None:
+        if rn["train_seconds"] is not None:
+            ratio = rn["train_seconds"] / forecast_seconds
+        if rn["wall_seconds"] is not None:
+            ratio_eval = rn["wall_seconds"] / forecast_seconds
+
+    return Comparison(
+        steps=steps, loss_run=loss_run, loss_forecast=loss_fc, accuracy_run=acc_run,
+        accuracy_forecast=acc_fc, initial_loss=l0, target_loss=eps, target_note=target_note,
+        steps_to_target_run=t_run, steps_to_target_forecast=t_fc,
+        steps_to_target_error=err_t, steps_resolution=resolution,
+        plateau_rel_eps=float(plateau_rel_eps), steps_to_plateau_run=p_run,
+        steps_to_plateau_forecast=p_fc, steps_to_plateau_error=err_p,
+        plateau_note=plateau_note, curve_error=curve_err, curve_error_max=curve_max,
+        final_step=final_step, final_loss_run=fl_run, final_loss_forecast=fl_fc,
+        final_accuracy_run=fa_run, final_accuracy_forecast=fa_fc, final_accuracy_diff=acc_diff,
+        band_coverage=coverage, diverges_forecast=bool(fc["diverges"]),
+        diverged_run=bool(rn["diverged"]), cost_ratio=ratio, cost_ratio_with_eval=ratio_eval,
+        notes=tuple(notes),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Locating steps.
+# ---------------------------------------------------------------------------------------
+
+
+def _first_below(steps: np.ndarray, loss: np.ndarray, eps: float) -> tuple[int | None, int]:
+    """(first step with loss <= eps, its index), or (None, -1); NaN never counts."""
+    hit = np.flatnonzero(loss <= eps)
+    return (int(steps[hit[0]]), int(hit[0])) if hit.size else (None, -1)
+
+
+def _plateau(steps: np.ndarray, loss: np.ndarray, rel_eps: float) -> tuple[int | None, str]:
+    """Steps to plateau on the common window, or (None, why)."""
+    if not np.isfinite(loss).all():
+        return None, "diverges (NaN in the compared steps)"
+    if steps.size < 2:
+        return None, "fewer than two logged steps"
+    start = steps[-1] - _PLATEAU_TAIL * steps[-1]
+    tail = np.flatnonzero(steps >= start)
+    if tail.size < 2:
+        tail = np.arange(steps.size - 2, steps.size)
+    limit = float(loss[tail].mean())
+    gap = abs(float(loss[0]) - limit)
+    if gap == 0:
+        return 0, ""
+    half = tail.size // 2
+    drift = abs(float(loss[tail[:half]].mean()) - float(loss[tail[half:]].mean()))
+    if drift >= rel_eps * gap:
+        return None, "still moving at the end of the horizon (no plateau within it)"
+    hit = np.flatnonzero(np.abs(loss - limit) < rel_eps * gap)
+    return int(steps[hit[0]]), ""
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: Forecast / TrainingRun objects or plain mappings (e.g. their to_dict()).
+# ---------------------------------------------------------------------------------------
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _floats(fn: str, what: str, values: Any) -> np.ndarray:
+    try:
+        arr = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TangentlabError(
+            f"{fn}: {what} must be a 1-D sequence of numbers, got {type(values).__name__}."
+        ) from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise TangentlabError(
+            f"{fn}: {what} must be a non-empty 1-D sequence, got shape {arr.shape}."
+        )
+    return arr
+
+
+def _forecast_curves(fn: str, forecast: Any) -> dict[str, Any]:
+    loss = _get(forecast, "loss")
+    if loss is None:
+        raise TangentlabError(
+            f"{fn}: forecast must be a tangentlab.Forecast or a mapping with a 'loss' curve "
+            f"(one entry per step from 0), got {type(forecast).__name__}."
+        )
+    loss = _floats(fn, "forecast loss", loss)
+    acc = _get(forecast, "accuracy")
+    acc = np.full_like(loss, math.nan) if acc is None else _floats(fn, "forecast accuracy", acc)
+    if acc.shape != loss.shape:
+        raise TangentlabError(
+            f"{fn}: the forecast's accuracy has {acc.size} entries but its loss {loss.size}."
+        )
+    band = _get(forecast, "loss_band")
+    if isinstance(band, Mapping):
+        band = (band.get("low"), band.get("high"))
+    if band is not None:
+        band = (_floats(fn, "forecast band", band[0]), _floats(fn, "forecast band", band[1]))
+        if band[0].shape != loss.shape or band[1].shape != loss.shape:
+            raise TangentlabError(f"{fn}: the forecast's loss_band must match its loss curve.")
+    diverges = _get(forecast, "diverges")
+    if diverges is None:
+        diverges = bool(np.isnan(loss).any())
+    return {"loss": loss, "accuracy": acc, "band": band, "diverges": bool(diverges),
+            "hyper": _get(forecast, "hyperparameters") or {}}  # fmt: skip
+
+
+def _run_curves(fn: str, run: Any) -> dict[str, Any]:
+    steps, loss = _get(run, "steps"), _get(run, "loss")
+    if steps is None or loss is None:
+        raise TangentlabError(
+            f"{fn}: run must be a TrainingRun (tangentlab.finetune) or a mapping with 'steps' "
+            f"and 'loss' (and optionally 'accuracy'), got {type(run).__name__}."
+        )
+    loss = _floats(fn, "run loss", loss)
+    raw = np.asarray(steps)
+    if raw.ndim != 1 or raw.shape != loss.shape or not np.issubdtype(raw.dtype, np.integer):
+        raise TangentlabError(
+            f"{fn}: the run's steps must be integers, one per loss value; got "
+            f"{raw.size} steps ({raw.dtype}) for {loss.size} losses."
+        )
+    steps = raw.astype(np.int64)
+    if steps[0] != 0 or (np.diff(steps) <= 0).any():
+        raise TangentlabError(
+            f"{fn}: the run's steps must increase strictly from 0 (the initial loss L_0 "
+            f"normalizes the errors); got steps starting {steps[:4].tolist()}. Log step 0."
+        )
+    acc = _get(run, "accuracy")
+    acc = np.full_like(loss, math.nan) if acc is None else _floats(fn, "run accuracy", acc)
+    if acc.shape != loss.shape:
+        raise TangentlabError(f"{fn}: the run's accuracy has {acc.size} entries, loss {loss.size}.")
+    diverged = _get(run, "diverged")
+    if diverged is None:
+        diverged = bool(np.isnan(loss).any())
+    train_s, wall_s = _get(run, "train_seconds"), _get(run, "wall_seconds")
+    return {"steps": steps, "loss": loss, "accuracy": acc, "diverged": bool(diverged),
+            "hyper": _get(run, "hyperparameters") or {},
+            "train_seconds": None if train_s is None else float(train_s),
+            "wall_seconds": None if wall_s is None else float(wall_s)}  # fmt: skip
+
+
+def _check_same_settings(fn: str, hf: Mapping, hr: Mapping) -> None:
+    """Both sides' hyper-parameters must agree where both give them (full batch = B >= N)."""
+    diff = []
+    for key in _SETTINGS:
+        a, b = hf.get(key), hr.get(key)
+        if a is None or b is None:
+            continue
+        same = math.isclose(a, b, rel_tol=1e-9) if _is_real(a) and _is_real(b) else a == b
+        if not same:
+            diff.append(f"{key} ({a!r} vs {b!r})")
+    n = hf.get("num_samples") or hr.get("num_samples")
+    if "batch_size" in hf and "batch_size" in hr:
+        a, b = (_full(hf["batch_size"], n), _full(hr["batch_size"], n))
+        if a != b:
+            diff.append(f"batch_size ({hf['batch_size']!r} vs {hr['batch_size']!r})")
+    if diff:
+        raise TangentlabError(
+            f"{fn}: the forecast and the run have different settings: {', '.join(diff)} "
+            "(forecast vs run). Run both with the same settings, or pass "
+            "check_settings=False to compare anyway."
+        )
+
+
+def _full(batch: Any, n: Any) -> Any:
+    return "full" if batch is None or (n is not None and batch >= n) else batch
+
+
+def _nanmin(x: np.ndarray) -> float:
+    ok = x[np.isfinite(x)]
+    return float(ok.min()) if ok.size else math.nan
+
+
+def _maybe(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _json_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None

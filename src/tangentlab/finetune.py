@@ -1,0 +1,508 @@
+"""Real fine-tuning runs, to validate forecasts against: :func:`finetune` -> :class:`TrainingRun`.
+
+:func:`finetune` trains a copy of the model with ``torch.optim.SGD`` under exactly the
+conventions of :func:`tangentlab.forecast` (DESIGN.md §2): the same losses and reductions,
+time in optimizer steps, the same trainable weights (``params``), batch norm frozen, and
+the same minibatch order. It records the full-training-set loss and accuracy, computed
+like the forecast's: eval mode, ``torch.no_grad``, the whole training set (in chunks).
+
+NOTE [same batches as the forecast]
+The batches of a run are ``dynamics.batch_schedule(N, B, steps, sampling=sampling,
+rng=dynamics.path_rngs(seed, 1)[0])``: the sample ids of path 0 of
+``forecast(kernel, ..., seed=seed)`` (any number of paths; see ``path_rngs``). ``"epoch"``
+sampling reshuffles every epoch and keeps the smaller last batch when B does not divide N,
+as ``DataLoader(shuffle=True, drop_last=False)``; only the random stream differs from
+torch's (numpy's generator instead of torch's), not the distribution. So on a model that
+is exactly linear in its trainable weights the run and path 0 of the forecast are the same
+sequence of SGD steps, and agree to round-off. The schedule is drawn in full up front
+(``steps * B`` ids), like the forecast's.
+
+NOTE [interruption]
+Ctrl-C (``KeyboardInterrupt``) during a run does not lose it: :func:`finetune` stops,
+warns, and returns the :class:`TrainingRun` logged so far with ``interrupted=True``
+(``steps`` ends at the last logged step; ``steps_done`` counts the optimizer steps that
+completed; ``model`` holds the weights at the interruption, possibly mid-update when the
+interrupt hit inside ``optimizer.step()``). Callers that must stop should check
+``run.interrupted``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tangentlab import dynamics as dyn
+from tangentlab.data import Inputs, as_arrays, check_labels, num_rows, take, to_device
+from tangentlab.errors import TangentlabError, TangentlabWarning
+from tangentlab.forecast import _BLOWUP_FACTOR, _is_int, _is_real
+from tangentlab.tangent import ParamSpec, _logits, check_output, select_params
+
+_LOSSES = ("mse", "ce")
+_SAMPLINGS = ("epoch", "replacement")
+_BN_MODES = ("frozen", "train")
+_EVAL_CHUNK = 256  # samples per forward pass of the loss evaluation (and of a frozen-BN step)
+_MOVE_DATA_BYTES = 1024**3  # data up to this size is moved to the model's device once
+_AUTO_LOG_POINTS = 200  # log_every=None: about this many evaluations of the full loss
+
+_BN_NOTES = {
+    "frozen": "eval mode during training, as the tangent model: batch-norm running "
+    "statistics fixed, dropout off",
+    "train": "train mode for the optimizer steps (batch norm normalizes with batch "
+    "statistics and updates its running statistics; dropout on); eval mode for the logged "
+    "loss; differs from the tangent model's convention",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingRun:
+    """A real fine-tuning run: full-training-set loss and accuracy at the logged steps.
+
+    Attributes:
+      steps: the logged optimizer steps, ``[K]`` int, increasing; always 0 and the last
+        step (unless the run diverged or was interrupted first).
+      loss: full-training-set loss at ``steps``, ``[K]``, as the forecast defines it (MSE
+        ½‖f - s·onehot(y)‖² summed over outputs, or CE; mean over samples), computed in
+        eval mode without gradients; NaN from ``divergence_step`` on.
+      accuracy: training accuracy of argmax f at ``steps``, ``[K]``.
+      train_seconds: time spent in optimizer steps (forward, backward, update).
+      eval_seconds: time spent evaluating the full-training-set loss and accuracy.
+      wall_seconds: the whole call (setup, training and evaluation).
+      hyperparameters: the settings (lr, steps, batch_size, momentum, weight_decay, loss,
+        target_scale, seed, num_samples, num_classes, sampling, bn, log_every, ...).
+      diverged: the loss became non-finite or exceeded 10^4 x L_0 (the forecast's blow-up
+        rule, NOTE [divergence policy] in :mod:`tangentlab.forecast`); training stopped.
+      divergence_step: the step where that was seen (its logged loss is NaN), or ``None``.
+      interrupted: stopped by ``KeyboardInterrupt`` (NOTE [interruption]).
+      steps_done: optimizer steps completed.
+      model: the fine-tuned copy of the model (the caller's model is never changed).
+    """
+
+    steps: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    train_seconds: float
+    eval_seconds: float
+    wall_seconds: float
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    diverged: bool = False
+    divergence_step: int | None = None
+    interrupted: bool = False
+    steps_done: int = 0
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def steps_to(self, target_loss: float) -> int | None:
+        """First logged step with L_t <= ``target_loss`` (exact when ``log_every=1``), or None."""
+        if not _is_real(target_loss):
+            raise TangentlabError(
+                f"TrainingRun.steps_to: target_loss must be a finite number, got {target_loss!r}."
+            )
+        hit = np.flatnonzero(self.loss <= target_loss)  # NaN compares False
+        return int(self.steps[hit[0]]) if hit.size else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: curves (NaN -> None), timings, status and settings (no model)."""
+        ok = np.flatnonzero(np.isfinite(self.loss))
+        return {
+            "steps": [int(s) for s in self.steps],
+            "loss": _json_list(self.loss),
+            "accuracy": _json_list(self.accuracy),
+            "initial_loss": _json_float(self.loss[0]) if self.loss.size else None,
+            "final_loss": _json_float(self.loss[ok[-1]]) if ok.size else None,
+            "final_accuracy": _json_float(self.accuracy[ok[-1]]) if ok.size else None,
+            "train_seconds": round(self.train_seconds, 4),
+            "eval_seconds": round(self.eval_seconds, 4),
+            "wall_seconds": round(self.wall_seconds, 4),
+            "diverged": bool(self.diverged),
+            "divergence_step": self.divergence_step,
+            "interrupted": bool(self.interrupted),
+            "steps_done": int(self.steps_done),
+            "hyperparameters": dict(self.hyperparameters),
+        }
+
+
+def finetune(
+    model: nn.Module,
+    data: Any,
+    lr: float,
+    steps: int,
+    batch_size: int | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    loss: str = "mse",
+    target_scale: float = 1.0,
+    params: ParamSpec = None,
+    seed: int = 0,
+    *,
+    log_every: int | None = None,
+    bn: str = "frozen",
+    sampling: str = "epoch",
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> TrainingRun:
+    r"""Fine-tune a copy of ``model`` with SGD and record the training loss over steps.
+
+    Each step is one ``torch.optim.SGD(lr=η, momentum=m, weight_decay=λ, dampening=0)``
+    update of the selected weights on the loss of its batch b_t:
+
+    .. math::
+        \ell_{b_t}(w) = \frac{1}{|b_t|} \sum_{i \in b_t} \ell(f_w(x_i), y_i),\qquad
+        \ell = \tfrac12 \lVert f - s\,e_y \rVert^2 \ \text{(MSE)}\ \text{or}\
+        -\log\operatorname{softmax}(f)_y \ \text{(CE)}
+
+    and the logged loss is L_t = (1/N) Σ_i ℓ(f_{w_t}(x_i), y_i) over the whole training
+    set (eval mode, no gradients): the quantity :func:`tangentlab.forecast` predicts. Zancato
+    et al., 2020, "Predicting training time without training",
+    https://arxiv.org/abs/2008.12478.
+
+    Args:
+      model: a ``torch.nn.Module`` mapping a batch ``[B, ...]`` (or keyword tensors
+        ``[B, L]``, called as ``model(**x)``) to logits ``[B, C]`` (a tensor or an output
+        with ``.logits``). It is deep-copied: the caller's model, its mode and its
+        ``requires_grad`` flags are never changed (memory: one more copy of the model).
+      data: ``(X, y)`` tensors/arrays (``X`` may be a dict of tensors), a ``Dataset`` or a
+        ``DataLoader`` (see :mod:`tangentlab.data`), as for the kernel.
+      lr: SGD learning rate η (> 0).
+      steps: number of optimizer steps T (>= 0).
+      batch_size: B; ``None`` or >= N means full batch (every step uses all N samples).
+      momentum: m in [0, 1), torch heavy-ball (dampening 0, no Nesterov).
+      weight_decay: λ >= 0, coupled L2 as torch SGD (g += λ w), on the trained weights only.
+      loss: ``"mse"`` (½‖f - s·onehot(y)‖² summed over outputs, mean over samples) or
+        ``"ce"`` (-log softmax(f)_y, mean over samples).
+      target_scale: s, the MSE target scale (must be 1 for CE).
+      params: which weights are trained (:func:`tangentlab.tangent.select_params`: ``None``
+        = every parameter with ``requires_grad``, a regex, or a list of names); the others
+        stay fixed. Use the selection the kernel was computed with.
+      seed: seed of the minibatch order (NOTE [same batches as the forecast]) and of
+        torch's random ops during training (dropout with ``bn="train"``); the caller's
+        global random state is left untouched.
+      log_every: evaluate the full-training-set loss every this many steps (plus step 0 and
+        the last step). ``None``: ``ceil(steps / 200)`` (at most ~200 evaluations, each a
+        forward pass over N samples). Steps-to-target is located to this resolution; pass
+        1 for exact step counts.
+      bn: ``"frozen"`` (default, the tangent model's convention: the model stays in eval
+        mode while training, so batch-norm running statistics never change and dropout is
+        off) or ``"train"`` (train mode for the optimizer steps: batch statistics, running
+        statistics updated, dropout on; recorded in the run's hyper-parameters).
+      sampling: ``"epoch"`` (reshuffle each epoch, as ``DataLoader(shuffle=True,
+        drop_last=False)``) or ``"replacement"`` (i.i.d. batches), as in the forecast.
+      chunk_size: most samples per forward pass. The loss evaluation always runs in chunks
+        (default 256). With ``bn="frozen"`` a larger training batch is split too and its
+        gradient accumulated (the same update, up to summation order); with ``bn="train"``
+        a batch is one forward pass (splitting would change its batch statistics).
+      device: where to train (default: where the model's weights are).
+      progress: show a progress bar (tqdm, on stderr) for runs longer than ~2 s.
+
+    Returns:
+      A :class:`TrainingRun` (its ``model`` is the fine-tuned copy).
+
+    Raises:
+      TangentlabError: on invalid settings, data or model output, naming the fix.
+
+    Example::
+
+        >>> run = finetune(model, (X, y), lr=0.1, steps=100, batch_size=32, log_every=1)
+        >>> run.steps.shape, run.loss.shape                       # [101], [101]
+        >>> compare(forecast(kernel, 0.1, 100, batch_size=32), run).steps_to_target_error
+    """
+    t_call = time.perf_counter()
+    fn = "finetune"
+    if not isinstance(model, nn.Module):
+        raise TangentlabError(
+            f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}."
+        )
+    _check_settings(fn, lr, steps, batch_size, momentum, weight_decay, loss, target_scale,
+                    seed, log_every, bn, sampling, chunk_size, progress)
+    x, y = as_arrays(data, where=fn)
+    n = num_rows(x)
+    if log_every is None:
+        log_every = max(1, math.ceil(steps / _AUTO_LOG_POINTS))
+    scale = float(target_scale) if loss == "mse" else 1.0
+    full_batch = batch_size is None or batch_size >= n
+
+    net = copy.deepcopy(model)
+    if device is not None:
+        net.to(torch.device(device))
+    net.eval()
+    try:
+        names = select_params(net, params)
+    except TangentlabError as exc:  # its messages name "Tangent"; this call is finetune
+        raise TangentlabError(str(exc).replace("Tangent:", f"{fn}:", 1)) from None
+    chosen = set(names)
+    trainable = []
+    for name, p in net.named_parameters():
+        p.requires_grad_(name in chosen)
+        if name in chosen:
+            trainable.append(p)
+    dev = trainable[0].device
+    if _nbytes(x) <= _MOVE_DATA_BYTES:  # else chunks are moved as they are used
+        x = to_device(x, dev)
+    y = y.to(_device_of(x))  # labels and batch ids live with the inputs
+
+    # Probe one sample: output shape and number of classes, then the labels.
+    with torch.no_grad():
+        out1 = _forward(net, to_device(take(x, slice(0, 1)), dev))
+    check_output(out1, 1, fn)
+    c = int(out1.shape[1])
+    check_labels(y, c, where=fn)
+
+    eval_chunk = chunk_size or _EVAL_CHUNK
+    train_chunk = None if bn == "train" else eval_chunk
+    if full_batch:
+        batches = None
+    else:
+        rng = dyn.path_rngs(int(seed), 1)[0]  # NOTE [same batches as the forecast]
+        batches = dyn.batch_schedule(n, int(batch_size), int(steps), sampling=sampling, rng=rng)
+    log_at = set(range(0, steps + 1, log_every)) | {steps}
+
+    hyper = {
+        "lr": float(lr), "steps": int(steps), "batch_size": None if batch_size is None
+        else int(batch_size), "momentum": float(momentum), "weight_decay": float(weight_decay),
+        "loss": loss, "target_scale": scale, "seed": int(seed), "num_samples": n,
+        "num_classes": c, "sampling": sampling if not full_batch else None, "bn": bn,
+        "bn_note": _BN_NOTES[bn], "log_every": int(log_every),
+        "trainable": f"{len(names)} tensors, {sum(p.numel() for p in trainable):,} weights",
+        "dtype": str(trainable[0].dtype).replace("torch.", ""), "device": str(dev),
+        "optimizer": "torch.optim.SGD(lr, momentum, weight_decay, dampening=0)",
+    }  # fmt: skip
+
+    # built outside the clock: the first torch optimizer of a process imports torch._dynamo
+    opt = torch.optim.SGD(trainable, lr=float(lr), momentum=float(momentum),
+                          weight_decay=float(weight_decay), dampening=0.0, nesterov=False)
+    logged_steps: list[int] = []
+    logged_loss: list[float] = []
+    logged_acc: list[float] = []
+    train_s = eval_s = 0.0
+    blowup = math.inf
+    diverged, div_step, interrupted, done = False, None, False, 0
+
+    def log(step: int) -> bool:
+        """Evaluate and record step ``step``; False when the run blew up there."""
+        nonlocal eval_s, diverged, div_step, blowup
+        t0 = time.perf_counter()
+        value, acc = _evaluate(net, x, y, loss, scale, eval_chunk, dev)
+        _sync(dev)
+        eval_s += time.perf_counter() - t0
+        if step == 0:
+            if not math.isfinite(value):
+                raise TangentlabError(
+                    f"{fn}: the initial training loss is {value} (non-finite model outputs or "
+                    "loss). Check the input normalization and the weights."
+                )
+            blowup = _BLOWUP_FACTOR * value if value > 0 else math.inf
+        logged_steps.append(step)
+        if not math.isfinite(value) or value > blowup:
+            diverged, div_step = True, step
+            logged_loss.append(math.nan)
+            logged_acc.append(math.nan)
+            return False
+        logged_loss.append(value)
+        logged_acc.append(acc)
+        return True
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=fn, unit="step", disable=not progress, delay=2.0,
+               dynamic_ncols=True, leave=False)  # fmt: skip
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            if log(0):
+                if bn == "train":
+                    net.train()
+                for t in range(steps):
+                    t0 = time.perf_counter()
+                    idx = None if batches is None else torch.as_tensor(batches[t], device=y.device)
+                    batch_loss = _step(net, opt, x, y, idx, loss, scale, train_chunk, dev)
+                    _sync(dev)
+                    train_s += time.perf_counter() - t0
+                    done = t + 1
+                    bar.update(1)
+                    if not math.isfinite(batch_loss):  # the loss at w_t is already non-finite
+                        diverged, div_step = True, t
+                        if logged_steps[-1] == t:
+                            logged_loss[-1] = logged_acc[-1] = math.nan
+                        else:
+                            logged_steps.append(t)
+                            logged_loss.append(math.nan)
+                            logged_acc.append(math.nan)
+                        break
+                    if done in log_at:
+                        net.eval()
+                        ok = log(done)
+                        if bn == "train":
+                            net.train()
+                        bar.set_postfix(loss=f"{logged_loss[-1]:.4g}", refresh=False)
+                        if not ok:
+                            break
+    except KeyboardInterrupt:
+        interrupted = True
+        if len(logged_loss) < len(logged_steps):  # interrupted inside an evaluation
+            logged_steps.pop()
+        warnings.warn(
+            f"{fn}: interrupted after {done} of {steps} steps; returning the run logged so "
+            f"far (steps 0..{logged_steps[-1] if logged_steps else '-'}) with "
+            "interrupted=True.",
+            TangentlabWarning,
+            stacklevel=2,
+        )
+    finally:
+        bar.close()
+        net.eval()
+    for p in net.parameters():
+        p.grad = None
+    return TrainingRun(
+        steps=np.asarray(logged_steps, dtype=np.int64),
+        loss=np.asarray(logged_loss, dtype=np.float64),
+        accuracy=np.asarray(logged_acc, dtype=np.float64),
+        train_seconds=train_s,
+        eval_seconds=eval_s,
+        wall_seconds=time.perf_counter() - t_call,
+        hyperparameters=hyper,
+        diverged=diverged,
+        divergence_step=div_step,
+        interrupted=interrupted,
+        steps_done=done,
+        model=net,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Steps and evaluation.
+# ---------------------------------------------------------------------------------------
+
+
+def _forward(net: nn.Module, xb: Inputs) -> torch.Tensor:
+    out = net(**xb) if isinstance(xb, Mapping) else net(xb)
+    return _logits(out, "finetune")
+
+
+def _per_sample_loss(f: torch.Tensor, yb: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
+    """ℓ per sample ``[b]``: MSE ½‖f - s·onehot(y)‖² summed over outputs, or CE."""
+    if loss == "mse":
+        target = F.one_hot(yb, f.shape[1]).to(f.dtype) * scale
+        return 0.5 * ((f - target) ** 2).sum(1)
+    return F.cross_entropy(f, yb, reduction="none")
+
+
+def _step(net, opt, x, y, idx, loss, scale, chunk, dev) -> float:
+    """One SGD step on batch ``idx`` (None: all samples); returns the batch loss."""
+    b = num_rows(x) if idx is None else int(idx.shape[0])
+    parts = [(0, b)] if chunk is None else [(s, min(s + chunk, b)) for s in range(0, b, chunk)]
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for s, e in parts:
+        rows = slice(s, e) if idx is None else idx[s:e]
+        xb = to_device(take(x, rows), dev)
+        # sum of per-sample losses / |b|: the batch mean, also when split into chunks
+        value = _per_sample_loss(_forward(net, xb), y[rows].to(dev), loss, scale).sum() / b
+        value.backward()
+        total += float(value.detach())
+    opt.step()
+    return total
+
+
+def _evaluate(net, x, y, loss: str, scale: float, chunk: int, dev) -> tuple[float, float]:
+    """Full-training-set loss (mean over samples) and accuracy, eval mode, no gradients."""
+    n = num_rows(x)
+    total, correct = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            f = _forward(net, to_device(take(x, slice(s, e)), dev))
+            if f.ndim != 2 or f.shape[0] != e - s:
+                check_output(f, e - s, "finetune")
+            yb = y[s:e].to(dev)
+            total += float(_per_sample_loss(f, yb, loss, scale).double().sum())
+            correct += int((f.argmax(1) == yb).sum())
+    return total / n, correct / n
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":  # asynchronous kernels: wait before reading the clock
+        torch.cuda.synchronize(dev)
+
+
+def _device_of(x: Inputs) -> torch.device:
+    return next(iter(x.values())).device if isinstance(x, Mapping) else x.device
+
+
+def _nbytes(x: Inputs) -> int:
+    ts = x.values() if isinstance(x, Mapping) else [x]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation (once, at the public edge).
+# ---------------------------------------------------------------------------------------
+
+
+def _check_settings(fn, lr, steps, batch_size, momentum, weight_decay, loss, target_scale,
+                    seed, log_every, bn, sampling, chunk_size, progress) -> None:
+    if not _is_real(lr) or lr <= 0:
+        raise TangentlabError(
+            f"{fn}: lr must be a finite number > 0, got {lr!r}; pass the SGD learning rate, "
+            "e.g. lr=0.1."
+        )
+    if not _is_int(steps) or steps < 0:
+        raise TangentlabError(f"{fn}: steps must be an integer >= 0, got {steps!r}; e.g. 1000.")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size <= 0):
+        raise TangentlabError(
+            f"{fn}: batch_size must be a positive integer or None (full batch), "
+            f"got {batch_size!r}."
+        )
+    if not _is_real(momentum) or not 0.0 <= momentum < 1.0:
+        raise TangentlabError(
+            f"{fn}: momentum must lie in [0, 1), got {momentum!r}; torch SGD's heavy-ball "
+            "coefficient, e.g. momentum=0.9."
+        )
+    if not _is_real(weight_decay) or weight_decay < 0:
+        raise TangentlabError(
+            f"{fn}: weight_decay must be a finite number >= 0, got {weight_decay!r}."
+        )
+    for name, value, allowed in (("loss", loss, _LOSSES), ("bn", bn, _BN_MODES),
+                                 ("sampling", sampling, _SAMPLINGS)):
+        if value not in allowed:
+            raise TangentlabError(f"{fn}: {name} must be one of {list(allowed)}, got {value!r}.")
+    if not _is_real(target_scale) or target_scale <= 0:
+        raise TangentlabError(
+            f"{fn}: target_scale must be a finite number > 0, got {target_scale!r}."
+        )
+    if loss == "ce" and target_scale != 1.0:
+        raise TangentlabError(
+            f"{fn}: target_scale={target_scale!r} only applies to loss='mse'; leave it at 1.0 "
+            "for loss='ce'."
+        )
+    if not _is_int(seed):
+        raise TangentlabError(f"{fn}: seed must be an integer, got {seed!r}.")
+    if log_every is not None and (not _is_int(log_every) or log_every < 1):
+        raise TangentlabError(
+            f"{fn}: log_every must be a positive integer or None (automatic), got "
+            f"{log_every!r}; log_every=1 logs every step."
+        )
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise TangentlabError(
+            f"{fn}: chunk_size must be a positive integer or None (256), got {chunk_size!r}."
+        )
+    if not isinstance(progress, bool):
+        raise TangentlabError(f"{fn}: progress must be True or False, got {progress!r}.")
+
+
+def _json_float(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _json_list(x: np.ndarray) -> list[float | None]:
+    return [_json_float(v) for v in x]
