@@ -183,12 +183,20 @@ def main() -> None:
     results: dict = {"machine": machine(), "quick": q, "cases": {}}
     for case, sz in sizes.items():
         res: dict = {"sizes": sz, "kernels": []}
+        print(f"[{case}] projection error on {sz['err_m']} samples", flush=True)
+        res["error"] = run_job(script, {"job": "error", "case": case, "m": sz["err_m"],
+                                        "configs": [["tensor", 1024], ["tensor", 4096],
+                                                    ["sparse", 1024], ["sparse", 4096],
+                                                    ["gaussian", 1024], ["rademacher", 1024]]})
+        print(json.dumps(res["error"]), flush=True)
         print(f"[{case}] fine-tuning epoch on {sz['n']} samples", flush=True)
         res["epoch"] = run_job(script, {"job": "epoch", "case": case, "n": sz["n"]})
         print(f"[{case}] naive loop on {sz['naive_n']} samples", flush=True)
         res["naive"] = run_job(script, {"job": "naive", "case": case, "n": sz["naive_n"]})
         configs = [
             (sz["exact_n"], None, "exact"),
+            (sz["n"], 1024, "tensor"),
+            (sz["n"], 4096, "tensor"),
             (sz["n"], 1024, "sparse"),
             (sz["n"], 4096, "sparse"),
             (sz["exact_n"], 1024, "gaussian"),
@@ -200,10 +208,6 @@ def main() -> None:
                                  "kind": kind})  # fmt: skip
             r.update(n=n, k=k, kind=kind)
             res["kernels"].append(r)
-        print(f"[{case}] projection error on {sz['err_m']} samples", flush=True)
-        res["error"] = run_job(script, {"job": "error", "case": case, "m": sz["err_m"],
-                                        "configs": [["sparse", 1024], ["sparse", 4096],
-                                                    ["gaussian", 1024], ["rademacher", 1024]]})
         results["cases"][case] = res
     out = script.parent / "results" / ("kernel-quick.json" if q else "kernel.json")
     out.parent.mkdir(exist_ok=True)

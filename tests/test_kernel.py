@@ -18,17 +18,21 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("kind", ["sparse", "gaussian", "rademacher"])
+KINDS = ["sparse", "tensor", "gaussian", "rademacher"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_projection_is_isotropic(kind):
     names = {"a": 300, "b": 200}
-    r = Projector(tl.Projection(256, kind=kind, seed=3), names).matrix(["a", "b"])
+    shapes = {"a": (20, 15), "b": (200,)}  # "a" is factorized by the tensor sketch
+    r = Projector(tl.Projection(256, kind=kind, seed=3), names, shapes).matrix(["a", "b"])
     rrt = r @ r.T  # E[R R^T] = I
     assert abs(float(torch.diagonal(rrt).mean()) - 1.0) < 0.05
     off = rrt - torch.diag(torch.diagonal(rrt))
     assert float(off.abs().mean()) < 0.1  # ~ 1/sqrt(k) * sqrt(2/pi)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_projected_kernel_converges_like_one_over_sqrt_k(kind, cnn_data):
     model = make_cnn()
     exact = tl.compute_kernel(model, cnn_data, progress=False).theta
@@ -292,3 +296,23 @@ def test_projected_eigh_through_the_small_gram_matrix(cnn_data):
 def test_metadata_is_json_able(mlp_data):
     k = tl.compute_kernel(make_mlp(), mlp_data, progress=False)
     json.dumps(k.describe())
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "transformer"])
+def test_tensor_sketch_fast_path_equals_projecting_the_jacobian(model_name, request):
+    factory, data = {"mlp": (make_mlp, "mlp_data"), "cnn": (make_cnn, "cnn_data"),
+                     "transformer": (make_transformer, "text_data")}[model_name]  # fmt: skip
+    x, y = request.getfixturevalue(data)
+    model = factory()
+    params = r"^(head|enc\.(linear|norm))" if model_name == "transformer" else None
+    proj = tl.Projection(64, kind="tensor", seed=4)
+    fast = tl.Tangent(model, params=params, projection=proj, jacobian_mode="structured")
+    slow = tl.Tangent(model, params=params, projection=proj, jacobian_mode="vmap")
+    phi_f, f0_f, jw0_f = fast.projected_chunk(x)
+    phi_s, f0_s, jw0_s = slow.projected_chunk(x)
+    torch.testing.assert_close(phi_f, phi_s, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(f0_f, f0_s)
+    torch.testing.assert_close(jw0_f, jw0_s, rtol=1e-9, atol=1e-10)
+    # and both equal J R with the explicit matrix R
+    r = slow.projector.matrix(slow.param_names)
+    torch.testing.assert_close(phi_s, slow.jacobian(x) @ r, rtol=1e-9, atol=1e-10)

@@ -198,11 +198,9 @@ def _projected(tangent, x, n, c, mplan: MemoryPlan, store, progress) -> dict[str
         for s, e in units:
             part = store.load_part(s, e) if store else None
             if part is None:
-                xb = take(x, slice(s, e))
-                blocks = tangent.jacobian_blocks(xb)
-                f0b, jw0b = _f0_checked(tangent, xb, blocks)
-                part = {"features": tangent.project(blocks), "f0": f0b, "jw0": jw0b}
-                del blocks
+                phi, f0b, jw0b = tangent.projected_chunk(take(x, slice(s, e)))
+                check_output(f0b, e - s, "compute_kernel")
+                part = {"features": phi, "f0": f0b, "jw0": jw0b}
                 if store:
                     store.save_part(s, e, part)
             feats[s:e], f0[s:e], jw0[s:e] = part["features"], part["f0"], part["jw0"]

@@ -15,7 +15,19 @@ kind            R entries                   cost per row
 ``rademacher``  +-1/sqrt(k)                 P*k multiply-adds + P*k random numbers
 ``sparse``      one +-1 per row of R        P additions (count sketch, sparse JL);
                 (count sketch)              hash and sign vectors cached once (P ints)
+``tensor``      count sketch whose hash     as ``sparse`` from Jacobian rows; from a
+                factorizes over the rows    layer's input u and output gradient g it is
+                and columns of a weight     a circular convolution, computed by FFT in
+                matrix (tensor sketch)      O(o + i + k log k) instead of O(o i)
 ==============  ==========================  ========================================
+
+NOTE [tensor sketch]. For a weight of shape ``[o, *rest]`` (``i = prod(rest)``), entry
+``(p, q)`` goes to bucket ``(h1[p] + h2[q]) mod k`` with sign ``s1[p] s2[q]`` (independent
+hashes and signs per factor). Then the sketch of a per-sample gradient ``sum_s g_s u_s^T``
+is ``irfft(sum_s rfft(CS1 g_s) * rfft(CS2 u_s))`` (Pham & Pagh, 2013:
+https://doi.org/10.1145/2487575.2487591), and ``E[R R^T] = I`` still holds: two distinct
+entries differ in ``p`` or in ``q``, so their sign product has mean 0. Weights with fewer
+than 2 dimensions use the plain count sketch.
 
 The dense kinds cost P*k per row and dominate on CPU for multi-million-weight models; the
 count sketch is O(P) per row. Its variance is comparable (relative kernel error ~ 1/sqrt(k)
@@ -41,6 +53,7 @@ class ProjectionKind(enum.StrEnum):
     GAUSSIAN = "gaussian"
     RADEMACHER = "rademacher"
     SPARSE = "sparse"
+    TENSOR = "tensor"
 
 
 DEFAULT_KIND = ProjectionKind.SPARSE
@@ -107,22 +120,51 @@ class Projector:
     dense pieces of ``R`` are regenerated on every call (they would take P*k floats).
     """
 
-    def __init__(self, projection: Projection, numels: dict[str, int]) -> None:
+    def __init__(
+        self, projection: Projection, numels: dict[str, int], shapes: dict | None = None
+    ) -> None:
         self.projection = projection
         self.numels = dict(numels)
+        self.shapes = {n: tuple(s) for n, s in (shapes or {}).items()}
         self._sparse: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._factors: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
 
     @property
     def k(self) -> int:
         return self.projection.k
 
+    def factored(self, name: str) -> bool:
+        """Whether ``name`` uses the factorized (tensor sketch) hash (NOTE [tensor sketch])."""
+        return self.projection.kind is ProjectionKind.TENSOR and len(self.shapes.get(name, ())) >= 2
+
+    def factors(self, name: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(h1 [o], s1 [o], h2 [i], s2 [i])`` of a factorized weight ``[o, *rest]``."""
+        key = (name, device)
+        if key not in self._factors:
+            shape = self.shapes[name]
+            o = shape[0]
+            i = self.numels[name] // o
+            out = []
+            for part, size in ((1, o), (2, i)):
+                g = torch.Generator().manual_seed(_block_seed(self.projection.seed, name, part))
+                h = torch.randint(0, self.k, (size,), generator=g)
+                sg = torch.randint(0, 2, (size,), generator=g).mul_(2).sub_(1)
+                out += [h.to(device), sg.to(device)]
+            self._factors[key] = tuple(out)
+        return self._factors[key]
+
     def _sparse_block(self, name: str, device: torch.device, dtype: torch.dtype):
         key = (name, device)
         if key not in self._sparse:
-            g = torch.Generator().manual_seed(_block_seed(self.projection.seed, name, 0))
-            n = self.numels[name]
-            buckets = torch.randint(0, self.k, (n,), generator=g)
-            signs = torch.randint(0, 2, (n,), generator=g).mul_(2).sub_(1)
+            if self.factored(name):
+                h1, s1, h2, s2 = (t.cpu() for t in self.factors(name, torch.device("cpu")))
+                buckets = ((h1[:, None] + h2[None, :]) % self.k).reshape(-1)
+                signs = (s1[:, None] * s2[None, :]).reshape(-1)
+            else:
+                g = torch.Generator().manual_seed(_block_seed(self.projection.seed, name, 0))
+                n = self.numels[name]
+                buckets = torch.randint(0, self.k, (n,), generator=g)
+                signs = torch.randint(0, 2, (n,), generator=g).mul_(2).sub_(1)
             self._sparse[key] = (buckets.to(device), signs.to(device))
         buckets, signs = self._sparse[key]
         return buckets, signs.to(dtype)
@@ -140,7 +182,7 @@ class Projector:
 
     def project_block(self, name: str, jac: torch.Tensor, out: torch.Tensor) -> None:
         """Accumulate ``out += jac @ R_name``; ``jac`` ``[M, numel]``, ``out`` ``[M, k]``."""
-        if self.projection.kind is ProjectionKind.SPARSE:
+        if self.projection.kind in (ProjectionKind.SPARSE, ProjectionKind.TENSOR):
             buckets, signs = self._sparse_block(name, jac.device, jac.dtype)
             out.index_add_(1, buckets, jac * signs)
             return

@@ -95,14 +95,19 @@ def _pair(v, n: int) -> tuple[int, ...]:
 
 
 def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample gradients ``{"weight": [B, *w.shape], "bias": [B, *b.shape]}``."""
+    """Per-sample gradients ``{"weight": [B, *w.shape], "bias": [B, *b.shape]}``.
+
+    ``a["roles"]`` (optional) restricts which of the two are computed.
+    """
     u = a["input"]
     b = u.shape[0]
+    want = a.get("roles", ("weight", "bias"))
     out: dict[str, torch.Tensor] = {}
     if kind == "linear":
         u2 = u.reshape(b, -1, u.shape[-1])
         g2 = g.reshape(b, -1, g.shape[-1])
-        out["weight"] = torch.einsum("bso,bsi->boi", g2, u2)
+        if "weight" in want:
+            out["weight"] = torch.einsum("bso,bsi->boi", g2, u2)
         out["bias"] = g2.sum(1)
     elif kind in ("conv1d", "conv2d"):
         if kind == "conv1d":  # treat as a conv2d of height 1
@@ -125,6 +130,8 @@ def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
             dilation = _pair(a.get("dilation", 1), 2)
         groups = int(a.get("groups", 1))
         cout, cin_g = w_shape[0], w_shape[1]
+        if "weight" not in want:
+            return {"bias": g.reshape(b, cout, -1).sum(-1)}
         unf = F.unfold(u, ks, dilation=dilation, padding=padding, stride=stride)  # [B, Cin*K, L]
         ell = unf.shape[-1]
         unf = unf.reshape(b, groups, cin_g * ks[0] * ks[1], ell)
@@ -154,6 +161,40 @@ def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+def _capture(call, w0: dict[str, torch.Tensor], names: list[str], x):
+    """Forward pass under capture: ``(logits, calls, roles)`` (see module docstring)."""
+    w = {n: w0[n].detach().requires_grad_(True) for n in names}
+    ids = {id(t): n for n, t in w.items()}
+    cap = _Capture(ids)
+    with cap:
+        logits = call(w, x)
+    if cap.error:
+        raise Unsupported(cap.error)
+    twice = [n for n, k in cap.uses.items() if k > 1]
+    if twice:
+        raise Unsupported(f"trainable weight {twice[0]!r} is used more than once")
+    missing = [n for n in names if n not in cap.uses]
+    if missing:
+        raise Unsupported(f"trainable weight {missing[0]!r} is not used by a covered op")
+    roles = []
+    for _, a, _ in cap.calls:
+        r = {}
+        for role in ("weight", "bias"):
+            t = a.get(role)
+            if isinstance(t, torch.Tensor) and id(t) in ids:
+                r[role] = ids[id(t)]
+        other = [k for k, v in a.items() if k not in ("weight", "bias", "input")
+                 and isinstance(v, torch.Tensor) and id(v) in ids]  # fmt: skip
+        if other or (isinstance(a.get("input"), torch.Tensor) and id(a["input"]) in ids):
+            raise Unsupported("a trainable weight is used as a layer input")
+        roles.append(r)
+    return logits, cap.calls, roles
+
+
+def _detached(a: dict) -> dict:
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+
+
 def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) -> dict:
     """``{name: [B, C, numel]}`` for the trainable weights ``names`` (see module docstring).
 
@@ -165,34 +206,9 @@ def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) 
     Raises:
       Unsupported: a trainable weight is used by an uncovered op, or more than once.
     """
-    w = {n: w0[n].detach().requires_grad_(True) for n in names}
-    ids = {id(t): n for n, t in w.items()}
-    cap = _Capture(ids)
     with torch.enable_grad():
-        with cap:
-            logits = call(w, x)
-        if cap.error:
-            raise Unsupported(cap.error)
-        twice = [n for n, k in cap.uses.items() if k > 1]
-        if twice:
-            raise Unsupported(f"trainable weight {twice[0]!r} is used more than once")
-        missing = [n for n in names if n not in cap.uses]
-        if missing:
-            raise Unsupported(f"trainable weight {missing[0]!r} is not used by a covered op")
-        # which captured argument is which weight
-        roles = []
-        for _, a, _ in cap.calls:
-            r = {}
-            for role in ("weight", "bias"):
-                t = a.get(role)
-                if isinstance(t, torch.Tensor) and id(t) in ids:
-                    r[role] = ids[id(t)]
-            other = [k for k, v in a.items() if k not in ("weight", "bias", "input")
-                     and isinstance(v, torch.Tensor) and id(v) in ids]  # fmt: skip
-            if other or (isinstance(a.get("input"), torch.Tensor) and id(a["input"]) in ids):
-                raise Unsupported("a trainable weight is used as a layer input")
-            roles.append(r)
-        outs = [out for _, _, out in cap.calls]
+        logits, calls, roles = _capture(call, w0, names, x)
+        outs = [out for _, _, out in calls]
         b, c = logits.shape
         # Filled class by class (no list of C copies to stack: half the peak memory).
         result = {
@@ -203,11 +219,115 @@ def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) 
             grads = torch.autograd.grad(
                 logits[:, cls].sum(), outs, retain_graph=cls < c - 1, allow_unused=True
             )
-            for (kind, a, out), r, g in zip(cap.calls, roles, grads):
-                if g is None:
-                    g = torch.zeros_like(out)
-                ps = _per_sample(kind, {k: (v.detach() if isinstance(v, torch.Tensor) else v)
-                                        for k, v in a.items()}, g.detach())  # fmt: skip
+            for (kind, a, out), r, g in zip(calls, roles, grads):
+                if not r:
+                    continue
+                g = torch.zeros_like(out) if g is None else g.detach()
+                ps = _per_sample(kind, {**_detached(a), "roles": tuple(r)}, g)
                 for role, name in r.items():
                     result[name][:, cls] = ps[role].reshape(b, -1)
     return result
+
+
+def _outer_factors(kind: str, a: dict, g: torch.Tensor):
+    """``(g [B, S, o], u [B, S, i])`` with per-sample gradient ``sum_s g_s u_s^T``, or None."""
+    u = a["input"]
+    b = u.shape[0]
+    if kind == "linear":
+        return g.reshape(b, -1, g.shape[-1]), u.reshape(b, -1, u.shape[-1])
+    if kind in ("conv1d", "conv2d") and int(a.get("groups", 1)) == 1:
+        w_shape = a["weight"].shape
+        if kind == "conv1d":
+            u, g = u.unsqueeze(2), g.unsqueeze(2)
+            ks = (1, w_shape[-1])
+            stride = (1, *_pair(a.get("stride", 1), 1))
+            padding = (0, *_pair(a.get("padding", 0), 1))
+            dilation = (1, *_pair(a.get("dilation", 1), 1))
+        else:
+            ks = tuple(w_shape[-2:])
+            padding = a.get("padding", 0)
+            if isinstance(padding, str):
+                return None
+            stride, padding = _pair(a.get("stride", 1), 2), _pair(padding, 2)
+            dilation = _pair(a.get("dilation", 1), 2)
+        unf = F.unfold(u, ks, dilation=dilation, padding=padding, stride=stride)  # [B, i, L]
+        return g.reshape(b, w_shape[0], -1).transpose(1, 2), unf.transpose(1, 2)
+    return None
+
+
+def _count_sketch(v: torch.Tensor, h: torch.Tensor, s: torch.Tensor, k: int) -> torch.Tensor:
+    out = torch.zeros(*v.shape[:-1], k, dtype=v.dtype, device=v.device)
+    return out.index_add_(-1, h, v * s.to(v.dtype))
+
+
+def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x, projector):
+    """Projected per-sample Jacobians ``J(x_i) R`` ``[B, C, k]`` without forming ``J``.
+
+    Weights of linear layers and ungrouped convolutions with a factorized (tensor sketch)
+    hash are sketched from the layer input and output gradient by FFT (NOTE [tensor
+    sketch] in projection.py); every other weight from its per-sample gradient. Returns
+    ``(phi [B, C, k], logits [B, C], jw0 [B, C])`` with ``jw0 = J(x_i) w0``.
+    """
+    k = projector.k
+    with torch.enable_grad():
+        logits, calls, roles = _capture(call, w0, names, x)
+        outs = [out for _, _, out in calls]
+        b, c = logits.shape
+        phi = torch.zeros(b, c, k, dtype=logits.dtype, device=logits.device)
+        jw0 = torch.zeros(b, c, dtype=logits.dtype, device=logits.device)
+        u_hat: dict[int, torch.Tensor] = {}  # rfft of the input sketch, shared by classes
+        for cls in range(c):
+            grads = torch.autograd.grad(
+                logits[:, cls].sum(), outs, retain_graph=cls < c - 1, allow_unused=True
+            )
+            acc = torch.zeros(b, k, dtype=logits.dtype, device=logits.device)
+            for j, ((kind, a, out), r, g) in enumerate(zip(calls, roles, grads)):
+                if not r:
+                    continue
+                g = torch.zeros_like(out) if g is None else g.detach()
+                a = _detached(a)
+                jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
+                rest = dict(r)
+                wname = r.get("weight")
+                if wname is not None and projector.factored(wname):
+                    fac = _outer_factors(kind, a, g)
+                    if fac is not None:
+                        gf, uf = fac
+                        h1, s1, h2, s2 = projector.factors(wname, gf.device)
+                        if j not in u_hat:
+                            u_hat[j] = torch.fft.rfft(_count_sketch(uf, h2, s2, k), n=k)
+                        g_hat = torch.fft.rfft(_count_sketch(gf, h1, s1, k), n=k)
+                        acc += torch.fft.irfft((g_hat * u_hat[j]).sum(1), n=k)
+                        del rest["weight"]
+                if rest:
+                    ps = _per_sample(kind, {**a, "roles": tuple(rest)}, g)
+                    for role, name in rest.items():
+                        projector.project_block(name, ps[role].reshape(b, -1), acc)
+            phi[:, cls] = acc
+    return phi, logits.detach(), jw0
+
+
+def _bias_shape(kind: str, out: torch.Tensor, bias: torch.Tensor) -> tuple[int, ...]:
+    if kind in ("conv1d", "conv2d", "batch_norm"):
+        return (1, -1) + (1,) * (out.ndim - 2)
+    return tuple(bias.shape)  # linear: last dim; layer norm: the normalized shape
+
+
+def _dot_w0(kind: str, a: dict, out: torch.Tensor, g: torch.Tensor, roles: dict) -> torch.Tensor:
+    """``<df/dw, w0>`` per sample for this call's trainable weights, ``[B]``.
+
+    Every covered op is affine in its weight and bias: ``out = A(w) + b`` with ``A``
+    linear, so ``<g, A(w0)> = <g, out - b>`` and ``<g, b>`` need no Jacobian (Euler's
+    identity for linear maps).
+    """
+    bias = a.get("bias")
+    part = out
+    if bias is not None:
+        b_full = bias.reshape(_bias_shape(kind, out, bias))
+        if "weight" not in roles:
+            part = b_full.expand_as(out)
+        elif "bias" not in roles:
+            part = out - b_full
+    elif "weight" not in roles:
+        return torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
+    return (g * part).reshape(out.shape[0], -1).sum(1)
