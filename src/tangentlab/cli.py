@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from tangentlab.errors import TangentlabError
+from tangentlab.projection import DEFAULT_KIND
 
 _EXAMPLE_NAMES = ("digits-cnn", "fashion-lite0", "rt-minilm")
 
@@ -98,9 +99,11 @@ def _source_options(fn):
                      "(default: the example's choice, else all)."),
         click.option("--projection", default="auto", show_default=True,
                      help="'exact', a dimension k (e.g. 2048), or 'auto' (exact when all "
-                     "Jacobians fit in memory, else k=2048)."),
-        click.option("--projection-kind", type=click.Choice(["sparse", "gaussian", "rademacher"]),
-                     default="sparse", show_default=True),
+                     "Jacobians fit in memory, else k=4096)."),
+        click.option("--projection-kind",
+                     type=click.Choice(["tensor", "sparse", "gaussian", "rademacher"]),
+                     default=DEFAULT_KIND.value, show_default=True,
+                     help="Random projection (see README: tensor sketch is the fastest)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the example's head/subset, the projection and SGD noise."),
         click.option("--memory-budget", default=None,
@@ -237,7 +240,7 @@ def _projection(o: dict[str, Any], model, data, params):
         budget = parse_bytes(o["memory_budget"]) or default_budget(dev)
         if n * c * p * 4 * 2 <= budget:  # all Jacobians at once, with room to work
             return None
-        return Projection(2048, kind=o["projection_kind"], seed=o["seed"])
+        return Projection(4096, kind=o["projection_kind"], seed=o["seed"])
     try:
         k = int(spec)
     except ValueError:

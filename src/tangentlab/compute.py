@@ -128,8 +128,10 @@ def compute_kernel(
     act = activation_elements(tangent.model, lambda: tangent.f0(x1))
     k = tangent.projection.k if tangent.projection else None
     itemsize = tangent.dtype.itemsize
+    # Weights whose per-sample gradients a chunk holds (fewer with the tensor-sketch path).
+    p_held = tangent.num_params if k is None else tangent.materialized_params(x1)
     mplan = plan(
-        n=n, c=c, p=tangent.num_params, k=k, itemsize=itemsize, act=act, budget=budget,
+        n=n, c=c, p=p_held, k=k, itemsize=itemsize, act=act, budget=budget,
         batch_size=batch_size, keep_theta=keep_theta,
     )  # fmt: skip
 

@@ -161,7 +161,7 @@ def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def _capture(call, w0: dict[str, torch.Tensor], names: list[str], x):
+def capture_calls(call, w0: dict[str, torch.Tensor], names: list[str], x):
     """Forward pass under capture: ``(logits, calls, roles)`` (see module docstring)."""
     w = {n: w0[n].detach().requires_grad_(True) for n in names}
     ids = {id(t): n for n, t in w.items()}
@@ -207,7 +207,7 @@ def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) 
       Unsupported: a trainable weight is used by an uncovered op, or more than once.
     """
     with torch.enable_grad():
-        logits, calls, roles = _capture(call, w0, names, x)
+        logits, calls, roles = capture_calls(call, w0, names, x)
         outs = [out for _, _, out in calls]
         b, c = logits.shape
         # Filled class by class (no list of C copies to stack: half the peak memory).
@@ -270,7 +270,7 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
     """
     k = projector.k
     with torch.enable_grad():
-        logits, calls, roles = _capture(call, w0, names, x)
+        logits, calls, roles = capture_calls(call, w0, names, x)
         outs = [out for _, _, out in calls]
         b, c = logits.shape
         phi = torch.zeros(b, c, k, dtype=logits.dtype, device=logits.device)

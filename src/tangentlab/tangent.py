@@ -49,7 +49,12 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from tangentlab.data import Inputs, num_rows, take, to_device
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, VmapFallbackWarning
 from tangentlab.projection import Projection, Projector, as_projection
-from tangentlab.structured import Unsupported, structured_jacobian, structured_projected
+from tangentlab.structured import (
+    Unsupported,
+    capture_calls,
+    structured_jacobian,
+    structured_projected,
+)
 
 ParamSpec = str | Sequence[str] | None
 
@@ -418,6 +423,38 @@ class Tangent:
     def projected_jacobian(self, x: Inputs) -> torch.Tensor:
         """Projected per-sample Jacobians ``J(x_i) R``: ``[B, C, k]``."""
         return self.projected_chunk(x)[0]
+
+    def materialized_params(self, x: Inputs) -> int:
+        """How many weights' per-sample gradients a chunk materializes (for memory plans).
+
+        P, except with a tensor-sketch projection that the structured mode covers: then
+        only the weights outside factorized linear/conv layers (biases, norms, grouped
+        convolutions) are materialized. ``x``: one sample, to trace the model.
+        """
+        if not self._fast_projection() or self.jacobian_mode not in (
+            JacobianMode.AUTO, JacobianMode.STRUCTURED
+        ):
+            return self.num_params
+        try:
+            with torch.enable_grad():
+                _, calls, roles = capture_calls(
+                    self._call, self.w0, self.param_names, to_device(x, self.device)
+                )
+        except Unsupported:
+            return self.num_params
+        sketched, spectra = set(), 0
+        k = self.projector.k
+        for (kind, a, out), r in zip(calls, roles):
+            if "weight" in r and self.projector.factored(r["weight"]) and (
+                kind == "linear" or (kind.startswith("conv") and int(a.get("groups", 1)) == 1)
+            ):
+                sketched.add(r["weight"])
+                # rfft of the input and gradient sketches: positions x (k/2+1) complex, x2
+                positions = out.numel() // out.shape[-1 if kind == "linear" else 1]
+                spectra += positions * (k + 2) * 2
+        held = sum(self.numels[n] for n in self.param_names if n not in sketched)
+        # the memory plan counts 3*C copies of each held weight per sample
+        return held + spectra // 3 + 1
 
     def _fast_projection(self) -> bool:
         return self.projector is not None and self.projector.projection.kind == "tensor"
