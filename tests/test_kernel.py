@@ -177,7 +177,7 @@ def test_save_load_round_trip(tmp_path, mlp_data):
     k2 = tl.load_kernel(path)
     for name in ("theta", "features", "f0", "targets", "jw0"):
         torch.testing.assert_close(getattr(k2, name), getattr(k, name))
-    assert k2.metadata["projection"] == "sparse:k=16:seed=0"
+    assert k2.metadata["projection"] == "tensor:k=16:seed=0"  # the default kind
     assert k2.metadata["data_fingerprint"] == k.metadata["data_fingerprint"]
     lam, u = k2.eigh()
     torch.testing.assert_close(u @ torch.diag(lam) @ u.T, k.theta.double(), atol=1e-8, rtol=1e-6)
