@@ -9,6 +9,7 @@ from tangentlab.errors import (
     TangentlabError,
     TangentlabWarning,
 )
+from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import Forecast, forecast, sweep
 from tangentlab.kernel import Kernel, load_kernel
@@ -22,10 +23,12 @@ __all__ = [
     "Forecast",
     "Kernel",
     "Projection",
+    "Spectrum",
     "ProjectionKind",
     "Tangent",
     "compare",
     "compute_kernel",
+    "extrapolate",
     "finetune",
     "forecast",
     "sweep",

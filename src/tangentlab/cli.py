@@ -159,6 +159,16 @@ def _hyper_options(*, lists: bool):
     return deco
 
 
+def _subsample_option(fn):
+    """``--subsample n``: kernel on n random samples, forecast for all N (forecast, sweep)."""
+    return click.option(
+        "--subsample", type=int, default=None, metavar="n",
+        help="Compute the kernel on a seeded random subset of n of the N (--samples) "
+        "samples and forecast full-batch MSE training on all N from its spectrum "
+        "(accuracy: on the n points).",
+    )(fn)  # fmt: skip
+
+
 class _InputError(click.ClickException):
     """``Error: <message>`` on one line (no usage block), exit code 2 like a usage error."""
 
@@ -263,6 +273,9 @@ def _kernel(o: dict[str, Any]):
     model, data, c, params, name, defaults = _resolve(o)
     if params == "all":
         params = None
+    dataset_size = None
+    if o.get("subsample") is not None:
+        data, dataset_size = _subset(data, o["subsample"], o["seed"])
     proj = _projection({**o, "num_classes": c}, model, data, params)
     t0 = time.perf_counter()
     kernel = tl.compute_kernel(
@@ -275,7 +288,28 @@ def _kernel(o: dict[str, Any]):
     info = {"source": name, "params": str(params), "projection": kernel.metadata["projection"],
             "num_samples": kernel.num_samples, "num_classes": kernel.num_classes,
             "kernel_seconds": round(seconds, 2)}  # fmt: skip
+    if dataset_size is not None:
+        info.update(dataset_size=dataset_size, subsample=kernel.num_samples)
     return kernel, seconds, defaults, info
+
+
+def _subset(data, n: int, seed: int):
+    """A seeded random subset of n of the N samples (the kernel's cache fingerprint covers
+    it); returns ``((X_n, y_n), N)``."""
+    import torch
+
+    from tangentlab.data import as_arrays, num_rows, take
+
+    x, y = as_arrays(data, where="tangentlab --subsample")
+    total = num_rows(x)
+    if n > total:
+        raise TangentlabError(
+            f"tangentlab: --subsample {n} exceeds the {total} samples loaded; give "
+            "--samples N >= n (N is the data set size the forecast is for)."
+        )
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    _echo(f"tangentlab: kernel on a random subset of {n} of the {total} samples")
+    return (take(x, idx), y[idx]), total
 
 
 def _batch(value: str | int | None) -> int | None:
@@ -328,6 +362,20 @@ def _check_hyper(o: dict[str, Any], *, lists: bool) -> None:
             if o[name] is not None:
                 _floats(o[name], name.replace("_", "-"))
     _target(o, 1.0)
+    sub = o.get("subsample")
+    if sub is not None:
+        if sub < 1:
+            raise TangentlabError(f"tangentlab: --subsample must be a positive integer, got {sub}.")
+        if o["kernel_file"]:
+            raise TangentlabError(
+                "tangentlab: --subsample computes the kernel on n of the N samples; it cannot "
+                "be combined with --kernel."
+            )
+        if any(_batch(b) is not None for b in sizes) or o["loss_name"] != "mse":
+            raise TangentlabError(
+                "tangentlab: --subsample forecasts full-batch MSE only (--batch-size full, "
+                "--loss mse); minibatch noise and cross-entropy need the kernel on all N."
+            )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -341,6 +389,7 @@ def main() -> None:
 @main.command()
 @_source_options
 @_hyper_options(lists=False)
+@_subsample_option
 @_errors_as_usage
 def forecast(**o: Any) -> None:
     """Forecast the loss/accuracy curves of SGD fine-tuning and the steps to a target loss.
@@ -362,7 +411,7 @@ def forecast(**o: Any) -> None:
     fc = tl.forecast(
         kernel, lr, steps, batch_size=_batch(o["batch_size"]), momentum=o["momentum"],
         weight_decay=o["weight_decay"], loss=o["loss_name"], target_scale=o["target_scale"],
-        paths=o["paths"], seed=o["seed"],
+        paths=o["paths"], seed=o["seed"], dataset_size=info.get("dataset_size"),
     )  # fmt: skip
     f_sec = time.perf_counter() - t0
     target = _target(o, float(fc.loss[0]))
@@ -388,6 +437,7 @@ def forecast(**o: Any) -> None:
 @main.command()
 @_source_options
 @_hyper_options(lists=True)
+@_subsample_option
 @_errors_as_usage
 def sweep(**o: Any) -> None:
     """Forecast every combination of comma-separated hyper-parameters from ONE kernel,
@@ -421,6 +471,7 @@ def sweep(**o: Any) -> None:
     table = tl.sweep(
         kernel, grid, target_loss=target, steps=steps, loss=o["loss_name"],
         target_scale=o["target_scale"], paths=o["paths"], seed=o["seed"],
+        dataset_size=info.get("dataset_size"),
     )  # fmt: skip
     s_sec = time.perf_counter() - t0
     info.update(sweep_seconds=round(s_sec, 3), settings=len(table), target_loss=target)

@@ -185,6 +185,7 @@ def forecast(
     ode_method: str = "RK45",
     accuracy_every: int | None = None,
     stability: bool = True,
+    dataset_size: int | None = None,
 ) -> Forecast:
     r"""Forecast the training loss and accuracy of SGD fine-tuning on the tangent model.
 
@@ -235,6 +236,11 @@ def forecast(
       stability: compute ``Forecast.stability`` when the closed form does not already give
         λ_max (a Lanczos run, ~20-60 kernel products). ``False`` saves it; divergence is
         then detected from blow-ups only.
+      dataset_size: N, the number of training samples when ``kernel`` was computed on a
+        random subset of n <= N of them: forecasts full-batch MSE on N samples from the
+        subsample's spectrum (:func:`tangentlab.extrapolate.extrapolate`, no tail). Pass a
+        :class:`~tangentlab.extrapolate.Spectrum` as ``kernel`` instead for a power-law
+        tail. Accuracy is then that of the n subsampled points. ``None``: N = n.
 
     Returns:
       A :class:`Forecast`.
@@ -242,6 +248,7 @@ def forecast(
     Raises:
       TangentlabError: on invalid settings, naming the argument and the fix.
     """
+    spec, kernel = _spectrum_source("forecast", kernel, dataset_size)
     params = _validate(
         "forecast", kernel, dict(
             lr=lr, steps=steps, batch_size=batch_size, momentum=momentum,
@@ -251,7 +258,35 @@ def forecast(
             accuracy_every=accuracy_every, stability=stability,
         ),
     )
-    return _run(_Prepared(kernel), params)
+    return _run_any(_Prepared(kernel), params, spec, "forecast")
+
+
+def _spectrum_source(fn: str, kernel: Any, dataset_size: Any):
+    """``(spectrum or None, kernel)``: a Spectrum, or a kernel to extrapolate to N samples."""
+    from tangentlab.extrapolate import Spectrum, check_dataset_size, extrapolate
+
+    if isinstance(kernel, Spectrum):
+        if dataset_size is not None and dataset_size != kernel.dataset_size:
+            raise TangentlabError(
+                f"{fn}: dataset_size={dataset_size!r} differs from the spectrum's "
+                f"{kernel.dataset_size}; leave dataset_size out when passing a Spectrum."
+            )
+        return kernel, kernel.kernel
+    if dataset_size is None or not isinstance(kernel, Kernel):
+        return None, kernel
+    check_dataset_size(fn, dataset_size, kernel.num_samples)
+    return extrapolate(kernel, dataset_size), kernel
+
+
+def _run_any(prep: _Prepared, params: dict[str, Any], spec, fn: str) -> Forecast:
+    """``_run``, then the N-sample bookkeeping / tail when extrapolating a subsample."""
+    if spec is None:
+        return _run(prep, params)
+    from tangentlab import extrapolate as ext
+
+    ext.check_settings(fn, spec, params)
+    params = {**params, "batch_size": None, "stochastic": False}
+    return ext.apply(_run(prep, params), spec, params)
 
 
 _FORECAST_ARGS = (
@@ -273,6 +308,7 @@ def sweep(
     *,
     target_loss: float | None = None,
     steps: int = 1000,
+    dataset_size: int | None = None,
     **options: Any,
 ) -> pd.DataFrame:
     """Forecast every combination of ``grid`` from one kernel, ranked by steps to target.
@@ -290,6 +326,8 @@ def sweep(
         reaches within ``steps`` (needs the same L_0 for all settings, so ``loss`` and
         ``target_scale`` must not vary in the grid).
       steps: horizon T of every forecast.
+      dataset_size: N when the kernel is on a subsample of n <= N samples (as in
+        :func:`forecast`; full-batch MSE only). ``kernel`` may also be a ``Spectrum``.
       **options: fixed :func:`forecast` arguments for all settings.
 
     Returns:
@@ -329,13 +367,14 @@ def sweep(
     if target_loss is not None and not _is_real(target_loss):
         raise TangentlabError(f"sweep: target_loss must be a number, got {target_loss!r}.")
 
+    spec, kernel = _spectrum_source("sweep", kernel, dataset_size)
     prepared = _Prepared(kernel)
     keys = list(grid)
     rows, forecasts = [], []
     for combo in itertools.product(*(grid[k] for k in keys)):
         args = {**_DEFAULTS, **options, **dict(zip(keys, combo)), "steps": steps}
         params = _validate("sweep", kernel, args)
-        fc = _run(prepared, params)
+        fc = _run_any(prepared, params, spec, "sweep")
         forecasts.append(fc)
         rows.append(dict(zip(keys, combo)))
 
