@@ -282,11 +282,11 @@ def _run_any(prep: _Prepared, params: dict[str, Any], spec, fn: str) -> Forecast
     """``_run``, then the N-sample bookkeeping / tail when extrapolating a subsample."""
     if spec is None:
         return _run(prep, params)
-    from tangentlab import extrapolate as ext
+    from tangentlab.extrapolate import apply, check_settings
 
-    ext.check_settings(fn, spec, params)
+    check_settings(fn, spec, params)
     params = {**params, "batch_size": None, "stochastic": False}
-    return ext.apply(_run(prep, params), spec, params)
+    return apply(_run(prep, params), spec, params)
 
 
 _FORECAST_ARGS = (
