@@ -18,11 +18,26 @@ data fingerprint, params selection, projection, dtype, library version), ``plan.
 (the chunking used, kept on resume), ``part-*.safetensors`` (finished units) and, when
 done, ``kernel.safetensors``. Every file is written atomically. A request that does not
 match ``request.json`` is refused with the differing fields; nothing is silently reused.
+
+NOTE [distributed kernels] (tangentlab.distributed). Under ``torch.distributed`` the work
+units are shared out deterministically: projected chunks round-robin (chunk i to rank
+i mod W, chunks no larger than ceil(N/W) so every rank has work), exact row strips of at
+most ceil(N/(2W)) samples "zig-zag" (strips i and 2W-1-i to the same rank), which evens
+out the triangle of Theta: each rank does about 1/W of the contractions but evaluates
+the Jacobians of about N + N/(2W) samples (its rows and the later columns), against N for
+one process. Each rank writes its units into zero-filled full-size buffers and one
+all_reduce (sum) assembles them exactly: communication of about 2 x the buffers per rank
+(Theta [NC, NC] for an exact kernel; features [NC, k], f0 and jw0 for a projected one,
+whose Theta = Phi Phi^T is then formed on every rank), memory as for one process.
+Projected features do not depend on which rank computes a chunk, so a projected kernel
+equals the one-process kernel computed with the same chunks bit for bit; an exact kernel
+equals it up to round-off (different strips sum in a different order).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,13 +46,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tangentlab import distributed as dist_
 from tangentlab._version import __version__
 from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take
 from tangentlab.errors import CacheMismatchError, TangentlabError
 from tangentlab.kernel import Kernel, atomic_write, load_kernel
 from tangentlab.memory import MemoryPlan, activation_elements, default_budget, parse_bytes, plan
 from tangentlab.projection import Projection
-from tangentlab.tangent import ParamSpec, Tangent, check_output
+from tangentlab.tangent import JacobianMode, ParamSpec, Tangent, check_output
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -67,6 +83,7 @@ def compute_kernel(
     seed: int = 0,
     keep_theta: bool | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Kernel:
     """Empirical NTK of the tangent model on ``data`` (exact or projected).
 
@@ -86,7 +103,15 @@ def compute_kernel(
       seed: projection seed when ``projection`` is an int.
       keep_theta: projected kernels: form ``Theta = Phi Phi^T`` (default: when it fits).
       progress: show a progress bar (samples/s) and the plan on stderr (a reused cache is
-        announced on stderr in any case).
+        announced on stderr in any case). Under ``torch.distributed``: rank 0 only.
+      distributed: shard the samples across the ranks of the initialized
+        ``torch.distributed`` process group (e.g. under ``torchrun``); every rank must pass
+        the same model and the whole data set, and every rank returns the whole kernel
+        (NOTE [distributed kernels]). ``None``: when a group of more than one rank is
+        initialized; ``False``: compute in this process only. With ``cache``, rank 0 alone
+        reads and writes the cache directory (the others never see it), and
+        finished chunks are not saved: an interrupted distributed run starts over, but the
+        finished kernel is written and reused.
 
     Returns:
       :class:`Kernel` with ``theta`` ``[N*C, N*C]`` (when it fits), ``features``
@@ -108,6 +133,9 @@ def compute_kernel(
         tangent = Tangent(model_or_tangent, params=params, projection=projection, seed=seed)
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size <= 0):
         raise TangentlabError(f"compute_kernel: batch_size must be >= 1 (got {batch_size!r}).")
+    shard = dist_.resolve(distributed, "compute_kernel")  # (rank, world size) or None
+    rank = shard[0] if shard else 0
+    progress = progress and rank == 0
     if device is not None:
         tangent.to(torch.device(device))
     dev = tangent.device
@@ -146,23 +174,45 @@ def compute_kernel(
         "dtype": str(tangent.dtype).replace("torch.", ""),
         "tangentlab_version": __version__,
     }
-    store = _Cache(Path(cache), request) if cache is not None else None
-    if store is not None:
-        done = store.finished_kernel()
+    if shard is not None:
+        _check_same_request(request)
+        mplan = _shard_plan(mplan, n, shard[1], exact=k is None)
+    store = None
+    if cache is not None:
+        if shard is None:
+            store = _Cache(Path(cache), request)
+            done = store.finished_kernel()
+        else:  # rank 0 alone touches the directory; a cached kernel is sent to every rank
+            opened: list[_Cache] = []
+            done = dist_.on_rank0(lambda: _open_cache(Path(cache), request, opened), rank)
+            store = opened[0] if opened else None
         if done is not None:
-            _say(f"reusing cached kernel {store.kernel_path}", True)  # always announced
+            _say(f"reusing cached kernel {Path(cache) / 'kernel.safetensors'}", rank == 0)
             return done
-        mplan = store.plan(mplan)
+        if shard is None:
+            mplan = store.plan(mplan)
+    if shard is not None and tangent.jacobian_mode is JacobianMode.AUTO:
+        # the ranks use one Jacobian strategy: rank 0 times them on its first samples
+        xs = take(x, slice(0, min(n, 4)))
+        first = tangent.jacobian_blocks if k is None else tangent.projected_chunk
+        tangent.jacobian_mode = dist_.on_rank0(lambda: (first(xs), tangent.jacobian_mode)[1], rank)
     _say(
         f"kernel of N={n} samples x C={c} outputs, P={tangent.num_params:,} weights, "
-        f"{request['projection']}; {mplan.describe()}",
+        f"{request['projection']}; {mplan.describe()}"
+        + (f"; shared by {shard[1]} processes" if shard else ""),
         progress,
     )
     t0 = time.perf_counter()
+    parts = store if shard is None else None  # finished chunks: one process only
     if k is None:
-        kernel = _exact(tangent, x, n, c, mplan, store, progress)
+        kernel = _exact(tangent, x, n, c, mplan, parts, progress, shard)
     else:
-        kernel = _projected(tangent, x, n, c, mplan, store, progress)
+        kernel = _projected(tangent, x, n, c, mplan, parts, progress, shard)
+    seconds = time.perf_counter() - t0
+    extra = {}
+    if shard is not None:
+        seconds = max(dist_.gather(seconds))  # the slowest rank; the same on every rank
+        extra["processes"] = str(shard[1])
     kernel = Kernel(
         f0=kernel["f0"],
         targets=y,
@@ -172,12 +222,65 @@ def compute_kernel(
         metadata={
             **{key: str(v) for key, v in request.items() if key != "tangentlab_version"},
             "params_spec": str(tangent.params_spec),
-            "seconds": f"{time.perf_counter() - t0:.3f}",
+            "seconds": f"{seconds:.3f}",
+            **extra,
         },
     )
-    if store is not None:
+    if shard is not None and cache is not None:
+        # the others wait until rank 0 has written the kernel (or learn why it could not)
+        dist_.on_rank0(lambda: store.finish(kernel), rank)
+    elif store is not None:
         store.finish(kernel)
     return kernel
+
+
+def _open_cache(root: Path, request: dict[str, Any], opened: list) -> Kernel | None:
+    store = _Cache(root, request)
+    opened.append(store)
+    return store.finished_kernel()
+
+
+def _check_same_request(request: dict[str, Any]) -> None:
+    """Every rank must ask for the same kernel (same weights, data, projection, ...)."""
+    asked = dist_.gather(request)
+    for r, other in enumerate(asked):
+        diff = sorted(
+            key for key in set(other) | set(asked[0]) if other.get(key) != asked[0].get(key)
+        )
+        if diff:
+            raise TangentlabError(
+                f"compute_kernel: rank {r} asks for a different kernel than rank 0 "
+                f"(differs in {', '.join(diff)}). Under torch.distributed every rank must "
+                "pass the same model weights, the whole data set and the same options."
+            )
+
+
+def _shard_plan(mplan: MemoryPlan, n: int, world: int, exact: bool) -> MemoryPlan:
+    """One plan for all ranks (the tightest), with units small enough for every rank to work."""
+    plans = dist_.gather((mplan.chunk, mplan.strip, mplan.keep_theta))
+    chunk = min(p[0] for p in plans)
+    strip = min(p[1] for p in plans)
+    if exact:
+        strip = min(strip, math.ceil(n / (2 * world)))
+    else:
+        chunk = min(chunk, math.ceil(n / world))
+    keep_theta = all(p[2] for p in plans)
+    return MemoryPlan(
+        **{**mplan.__dict__, "chunk": chunk, "strip": strip, "keep_theta": keep_theta}
+    )
+
+
+def _mine(units: list[tuple[int, int]], shard, zigzag: bool) -> list[tuple[int, int]]:
+    """The units this rank computes (all of them in one process); see NOTE [distributed kernels]."""
+    if shard is None:
+        return units
+    rank, world = shard
+    if not zigzag:
+        return units[rank::world]
+    owner = [
+        i % world if (i // world) % 2 == 0 else world - 1 - i % world for i in range(len(units))
+    ]
+    return [u for u, o in zip(units, owner) if o == rank]
 
 
 def _units(n: int, size: int) -> list[tuple[int, int]]:
@@ -190,13 +293,18 @@ def _f0_checked(tangent: Tangent, xb, blocks) -> tuple[torch.Tensor, torch.Tenso
     return f0, tangent.jw0(blocks)
 
 
-def _projected(tangent, x, n, c, mplan: MemoryPlan, store, progress) -> dict[str, torch.Tensor]:
+def _projected(
+    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard=None
+) -> dict[str, torch.Tensor]:
     k = tangent.projection.k
-    feats = torch.empty(n, c, k, dtype=tangent.dtype, device=tangent.device)
-    f0 = torch.empty(n, c, dtype=tangent.dtype, device=tangent.device)
-    jw0 = torch.empty(n, c, dtype=tangent.dtype, device=tangent.device)
-    units = _units(n, mplan.chunk)
-    with _progress_bar(n, "kernel (projected)", progress) as bar:
+    # zero-filled under torch.distributed: the all_reduce below adds the ranks' pieces
+    new = torch.empty if shard is None else torch.zeros
+    feats = new(n, c, k, dtype=tangent.dtype, device=tangent.device)
+    f0 = new(n, c, dtype=tangent.dtype, device=tangent.device)
+    jw0 = new(n, c, dtype=tangent.dtype, device=tangent.device)
+    units = _mine(_units(n, mplan.chunk), shard, zigzag=False)
+    total = sum(e - s for s, e in units)
+    with _progress_bar(total, "kernel (projected)", progress) as bar:
         for s, e in units:
             part = store.load_part(s, e) if store else None
             if part is None:
@@ -207,6 +315,9 @@ def _projected(tangent, x, n, c, mplan: MemoryPlan, store, progress) -> dict[str
                     store.save_part(s, e, part)
             feats[s:e], f0[s:e], jw0[s:e] = part["features"], part["f0"], part["jw0"]
             bar.update(e - s)
+    if shard is not None:
+        got = dist_.sum_across({"features": feats, "f0": f0, "jw0": jw0})
+        feats, f0, jw0 = (got[key].to(tangent.device) for key in ("features", "f0", "jw0"))
     phi = feats.reshape(n * c, k)
     out = {"features": phi.cpu(), "f0": f0.cpu(), "jw0": jw0.cpu()}
     if mplan.keep_theta:
@@ -214,12 +325,16 @@ def _projected(tangent, x, n, c, mplan: MemoryPlan, store, progress) -> dict[str
     return out
 
 
-def _exact(tangent, x, n, c, mplan: MemoryPlan, store, progress) -> dict[str, torch.Tensor]:
+def _exact(
+    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard=None
+) -> dict[str, torch.Tensor]:
     dt, dev = tangent.dtype, tangent.device
-    theta = torch.empty(n * c, n * c, dtype=dt, device=dev)
-    f0 = torch.empty(n, c, dtype=dt, device=dev)
-    jw0 = torch.empty(n, c, dtype=dt, device=dev)
-    strips = _units(n, mplan.strip)
+    # zero-filled under torch.distributed: the all_reduce below adds the ranks' strips
+    new = torch.empty if shard is None else torch.zeros
+    theta = new(n * c, n * c, dtype=dt, device=dev)
+    f0 = new(n, c, dtype=dt, device=dev)
+    jw0 = new(n, c, dtype=dt, device=dev)
+    strips = _mine(_units(n, mplan.strip), shard, zigzag=True)
     work = sum(n - s for s, _ in strips)  # Jacobian evaluations, recomputation included
     with _progress_bar(work, "kernel (exact)", progress) as bar:
         for s, e in strips:
@@ -234,6 +349,8 @@ def _exact(tangent, x, n, c, mplan: MemoryPlan, store, progress) -> dict[str, to
             theta[s * c : e * c, s * c :] = rows
             theta[s * c :, s * c : e * c] = rows.T
             f0[s:e], jw0[s:e] = part["f0"], part["jw0"]
+    if shard is not None:
+        theta, f0, jw0 = dist_.sum_across({"theta": theta, "f0": f0, "jw0": jw0}).values()
     return {"theta": theta.cpu(), "f0": f0.cpu(), "jw0": jw0.cpu()}
 
 
