@@ -27,8 +27,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tangentlab.errors import TangentlabError, TangentlabWarning
+from tangentlab.examples import _hf_offline, _quiet_transformers
 
 __all__ = [
     "DATA_SPEC_HELP",
@@ -65,28 +65,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
-
-def _hf_offline() -> None:
-    """Make sure nothing from the Hugging Face stack tries the network."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bars (we warn ourselves)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # =========================================================================== models
