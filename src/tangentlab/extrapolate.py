@@ -165,16 +165,10 @@ def extrapolate(
     check_dataset_size(fn, dataset_size, n)
     if tail not in _TAILS:
         raise TangentlabError(f"{fn}: tail must be one of {list(_TAILS)}, got {tail!r}.")
-    try:
-        lo, hi = float(fit_range[0]), float(fit_range[1])
-        ok = len(fit_range) == 2 and 0.0 <= lo < hi <= 1.0
-    except (TypeError, ValueError, IndexError):
-        ok = False
-    if not ok:
-        raise TangentlabError(
-            f"{fn}: fit_range must be two fractions 0 <= lo < hi <= 1, got {fit_range!r}; "
-            "e.g. fit_range=(0.1, 0.5)."
-        )
+    from tangentlab.forecast import check_fraction_pair  # forecast imports this module
+
+    check_fraction_pair(fn, "fit_range", fit_range, "(0.1, 0.5)")
+    lo, hi = float(fit_range[0]), float(fit_range[1])
     if not _is_int(tail_bins) or tail_bins < 1:
         raise TangentlabError(f"{fn}: tail_bins must be a positive integer, got {tail_bins!r}.")
     if not isinstance(target_scale, numbers.Real) or not target_scale > 0:

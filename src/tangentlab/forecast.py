@@ -412,6 +412,22 @@ def sweep(
 # ---------------------------------------------------------------------------------------
 
 
+def check_fraction_pair(
+    fn: str, name: str, value: Any, example: str, *, what: str = "fractions"
+) -> None:
+    """``value`` must be two numbers ``0 <= lo < hi <= 1`` (quantiles, fractions)."""
+    try:
+        lo, hi = float(value[0]), float(value[1])
+        ok = len(value) == 2 and 0.0 <= lo < hi <= 1.0
+    except (TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise TangentlabError(
+            f"{fn}: {name} must be two {what} 0 <= low < high <= 1, got {value!r}; "
+            f"e.g. {name}={example}."
+        )
+
+
 def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
@@ -512,17 +528,8 @@ def _validate(fn: str, kernel: Any, p: dict[str, Any]) -> dict[str, Any]:
             f"{fn}: execution='primal' needs kernel.features (a projected kernel); this "
             "kernel only has theta. Use execution='dual' or 'auto'."
         )
-    band = p["band"]
-    try:
-        lo, hi = (float(band[0]), float(band[1]))
-        ok = len(band) == 2 and 0.0 <= lo < hi <= 1.0
-    except (TypeError, ValueError, IndexError):
-        ok = False
-    if not ok:
-        raise TangentlabError(
-            f"{fn}: band must be two quantiles 0 <= low < high <= 1, got {band!r}; "
-            "e.g. band=(0.1, 0.9)."
-        )
+    check_fraction_pair(fn, "band", p["band"], "(0.1, 0.9)", what="quantiles")
+    lo, hi = float(p["band"][0]), float(p["band"][1])
     ae = p["accuracy_every"]
     if ae is not None and (not _is_int(ae) or ae < 1):
         raise TangentlabError(

@@ -134,6 +134,15 @@ def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
     }
 
 
+def _cell(v: Any, *, missing: str, escape=str) -> str:
+    """One table cell: ``missing`` for None, 4 significant digits for floats."""
+    if v is None:
+        return missing
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.4g}"
+    return escape(str(v))
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table (for the terminal)."""
     if not rows:
@@ -141,11 +150,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     cols = list(rows[0])
 
     def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return "nan" if not math.isfinite(v) else f"{v:.4g}"
-        return str(v)
+        return _cell(v, missing="-")
 
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -161,11 +166,7 @@ def _html_table(rows: Sequence[dict[str, Any]]) -> str:
     cols = list(rows[0])
 
     def fmt(v: Any) -> str:
-        if v is None:
-            return "&ndash;"
-        if isinstance(v, float):
-            return "nan" if not math.isfinite(v) else f"{v:.4g}"
-        return html.escape(str(v))
+        return _cell(v, missing="&ndash;", escape=html.escape)
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
     body = "".join(
