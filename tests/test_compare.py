@@ -234,6 +234,8 @@ def test_validate_end_to_end_on_digits(tmp_path):
     assert cmp["curve_error"] < 0.2  # the digits CNN fine-tunes close to its tangent model
     assert re.search(r"^cost: real run .* ratio real/forecast \S+x", res.stdout, re.M)
     assert f"wrote {out / 'validation.json'}" in res.stdout
+    stderr = res.stderr if hasattr(res, "stderr") else res.output
+    assert stderr.count("example digits-cnn:") == 1  # described once, loaded twice
 
     png = (out / "validation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

@@ -290,3 +290,17 @@ def test_bad_model_and_labels(linear):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning on a clean run
         finetune(model, (x, y), 0.1, 1, progress=False)
+
+
+def test_full_batch_logs_reuse_the_step_forward_pass(cnn_data):
+    """NOTE [full-batch logging]: the loss/accuracy logged at step t of a full-batch run come
+    from step t's own forward pass; they equal a fresh evaluation of w_t (the last step of a
+    shorter run is always evaluated fresh)."""
+    model = make_cnn()
+    long = finetune(model, cnn_data, 0.05, 4, log_every=1, progress=False)
+    for t in (1, 2, 3):
+        short = finetune(model, cnn_data, 0.05, t, log_every=1, progress=False)
+        assert short.steps[-1] == t
+        np.testing.assert_allclose(long.loss[t], short.loss[-1], rtol=1e-5)
+        assert long.accuracy[t] == short.accuracy[-1]
+    assert long.eval_seconds > 0  # steps 0 and 4 are evaluated

@@ -188,8 +188,9 @@ def finetune(
         global random state is left untouched.
       log_every: evaluate the full-training-set loss every this many steps (plus step 0 and
         the last step). ``None``: ``ceil(steps / 200)`` (at most ~200 evaluations, each a
-        forward pass over N samples). Steps-to-target is located to this resolution; pass
-        1 for exact step counts.
+        forward pass over N samples; free for full batch with ``bn="frozen"``, NOTE
+        [full-batch logging]). Steps-to-target is located to this resolution; pass 1 for
+        exact step counts.
       bn: ``"frozen"`` (default, the tangent model's convention: the model stays in eval
         mode while training, so batch-norm running statistics never change and dropout is
         off) or ``"train"`` (train mode for the optimizer steps: batch statistics, running
@@ -264,6 +265,9 @@ def finetune(
         rng = dyn.path_rngs(int(seed), 1)[0]  # NOTE [same batches as the forecast]
         batches = dyn.batch_schedule(n, int(batch_size), int(steps), sampling=sampling, rng=rng)
     log_at = set(range(0, steps + 1, log_every)) | {steps}
+    # Full batch with frozen BN: a step's forward pass over all N samples is the logged
+    # evaluation of the weights it starts from, so only step 0 and the last are evaluated.
+    reuse = full_batch and bn == "frozen"
 
     hyper = {
         "lr": float(lr), "steps": int(steps), "batch_size": None if batch_size is None
@@ -286,13 +290,16 @@ def finetune(
     blowup = math.inf
     diverged, div_step, interrupted, done = False, None, False, 0
 
-    def log(step: int) -> bool:
-        """Evaluate and record step ``step``; False when the run blew up there."""
+    def log(step: int, measured: tuple[float, float] | None = None) -> bool:
+        """Evaluate (or take ``measured``) and record step ``step``; False on a blow-up."""
         nonlocal eval_s, diverged, div_step, blowup
-        t0 = time.perf_counter()
-        value, acc = _evaluate(net, x, y, loss, scale, eval_chunk, dev)
-        _sync(dev)
-        eval_s += time.perf_counter() - t0
+        if measured is None:
+            t0 = time.perf_counter()
+            value, acc = _evaluate(net, x, y, loss, scale, eval_chunk, dev)
+            _sync(dev)
+            eval_s += time.perf_counter() - t0
+        else:
+            value, acc = measured
         if step == 0:
             if not math.isfinite(value):
                 raise TangentlabError(
@@ -324,11 +331,16 @@ def finetune(
                 for t in range(steps):
                     t0 = time.perf_counter()
                     idx = None if batches is None else torch.as_tensor(batches[t], device=y.device)
-                    batch_loss = _step(net, opt, x, y, idx, loss, scale, train_chunk, dev)
+                    batch_loss, correct = _step(net, opt, x, y, idx, loss, scale, train_chunk, dev)
                     _sync(dev)
                     train_s += time.perf_counter() - t0
                     done = t + 1
                     bar.update(1)
+                    if reuse and 0 < t < steps and t in log_at and math.isfinite(batch_loss):
+                        # NOTE [full-batch logging]: the step's forward pass at w_t was the
+                        # full-training-set evaluation of w_t (eval mode, all N samples).
+                        if not log(t, (batch_loss, correct / n)):
+                            break
                     if not math.isfinite(batch_loss):  # the loss at w_t is already non-finite
                         diverged, div_step = True, t
                         if logged_steps[-1] == t:
@@ -338,7 +350,7 @@ def finetune(
                             logged_loss.append(math.nan)
                             logged_acc.append(math.nan)
                         break
-                    if done in log_at:
+                    if done in log_at and not (reuse and done < steps):
                         net.eval()
                         ok = log(done)
                         if bn == "train":
@@ -396,21 +408,25 @@ def _per_sample_loss(f: torch.Tensor, yb: torch.Tensor, loss: str, scale: float)
     return F.cross_entropy(f, yb, reduction="none")
 
 
-def _step(net, opt, x, y, idx, loss, scale, chunk, dev) -> float:
-    """One SGD step on batch ``idx`` (None: all samples); returns the batch loss."""
+def _step(net, opt, x, y, idx, loss, scale, chunk, dev) -> tuple[float, int]:
+    """One SGD step on batch ``idx`` (None: all samples) -> (batch loss, correct argmaxes)."""
     b = num_rows(x) if idx is None else int(idx.shape[0])
     parts = [(0, b)] if chunk is None else [(s, min(s + chunk, b)) for s in range(0, b, chunk)]
     opt.zero_grad(set_to_none=True)
-    total = 0.0
+    total, correct = 0.0, 0
     for s, e in parts:
         rows = slice(s, e) if idx is None else idx[s:e]
         xb = to_device(take(x, rows), dev)
+        yb = y[rows].to(dev)
+        f = _forward(net, xb)
+        per_sample = _per_sample_loss(f, yb, loss, scale)
         # sum of per-sample losses / |b|: the batch mean, also when split into chunks
-        value = _per_sample_loss(_forward(net, xb), y[rows].to(dev), loss, scale).sum() / b
+        value = per_sample.sum() / b
         value.backward()
-        total += float(value.detach())
+        total += float(per_sample.detach().double().sum()) / b
+        correct += int((f.detach().argmax(1) == yb).sum())
     opt.step()
-    return total
+    return total, correct
 
 
 def _evaluate(net, x, y, loss: str, scale: float, chunk: int, dev) -> tuple[float, float]:
