@@ -302,3 +302,25 @@ def test_weight_decay_without_jw0_names_the_fix():
 def test_kernel_must_be_a_kernel():
     with pytest.raises(TangentlabError, match="forecast: kernel must be a tangentlab.Kernel"):
         forecast(np.eye(3), 0.5, 10)
+
+
+def test_validity_warning_outside_the_measured_region():
+    """NOTE [validity region]: η̃ λ_max / N above 1 warns (and says so in ``method``),
+    at or below 1 it does not; a diverging forecast has its own flag instead."""
+    import warnings
+
+    from tangentlab.errors import ValidityWarning
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(20 * 3, 8, generator=g, dtype=torch.double)
+    k = Kernel(f0=torch.zeros(20, 3, dtype=torch.double),
+               targets=torch.randint(0, 3, (20,), generator=g), features=phi)  # fmt: skip
+    lam_max = float(k.eigh()[0][-1])
+    lr = 20 / lam_max  # η λ_max / N = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ValidityWarning)
+        fc = forecast(k, lr, 10)
+    assert "validity" not in fc.method
+    with pytest.warns(ValidityWarning, match=r"η̃·λ_max/N = 3 .*above 1"):
+        fc = forecast(k, 0.3 * lr, 10, momentum=0.9)
+    assert not fc.diverges and "outside the measured validity region" in fc.method["validity"]

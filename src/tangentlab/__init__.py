@@ -12,6 +12,7 @@ from tangentlab.errors import (
 from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import Forecast, forecast, sweep
+from tangentlab.growth import KernelGrowth, estimate_growth, kernel_trace
 from tangentlab.kernel import Kernel, load_kernel
 from tangentlab.projection import Projection, ProjectionKind
 from tangentlab.tangent import Tangent
@@ -22,15 +23,18 @@ __all__ = [
     "Comparison",
     "Forecast",
     "Kernel",
+    "KernelGrowth",
     "Projection",
     "Spectrum",
     "ProjectionKind",
     "Tangent",
     "compare",
     "compute_kernel",
+    "estimate_growth",
     "extrapolate",
     "finetune",
     "forecast",
+    "kernel_trace",
     "sweep",
     "MemoryBudgetError",
     "TangentlabError",

@@ -100,6 +100,12 @@ def _source_options(fn):
         click.option("--projection", default="auto", show_default=True,
                      help="'exact', a dimension k (e.g. 2048), or 'auto' (exact when all "
                      "Jacobians fit in memory, else k=4096)."),
+        click.option("--trace", "trace_kernel", is_flag=True,
+                     help="Trace kernel Θ ≈ K ⊗ I_C, K = tr(Θ_ij)/C: N×N memory instead of "
+                     "(NC)×(NC), ignores cross-class structure (see README)."),
+        click.option("--probes", type=int, default=None, metavar="S",
+                     help="Trace kernel estimated with S random output probes (S backward "
+                     "passes per sample instead of C; implies --trace; S >= C is exact)."),
         click.option("--projection-kind",
                      type=click.Choice(["tensor", "sparse", "gaussian", "rademacher"]),
                      default=DEFAULT_KIND.value, show_default=True,
@@ -196,7 +202,7 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _resolve(o: dict[str, Any]):
+def _resolve(o: dict[str, Any], *, quiet: bool = False):
     """Load model and data (example or specs); returns (model, data, C, params, name, info)."""
     from tangentlab.examples import load_example
     from tangentlab.specs import load_data_spec, load_model_spec
@@ -210,7 +216,8 @@ def _resolve(o: dict[str, Any]):
         if name == "rt-minilm":
             opts["seq_len"] = o["seq_len"]
         ex = load_example(name, num_samples=o["samples"] or d["samples"], seed=o["seed"], **opts)
-        _echo(f"tangentlab: example {name}: {ex.description}")
+        if not quiet:
+            _echo(f"tangentlab: example {name}: {ex.description}")
         params = ex.default_params if o["params"] is None else o["params"]
         return ex.model, ex.data, ex.num_classes, params, name, d
     if o["example"] is not None:
@@ -226,6 +233,19 @@ def _resolve(o: dict[str, Any]):
         num_samples=o["samples"], seed=o["seed"],
     )  # fmt: skip
     return model, data, o["num_classes"], o["params"], Path(o["data_spec"]).name, {}
+
+
+def _trace(o: dict[str, Any]) -> bool | int:
+    """``--trace`` / ``--probes S`` -> ``compute_kernel(trace=...)``."""
+    probes = o.get("probes")
+    if probes is not None:
+        if probes < 1:
+            raise TangentlabError(
+                f"tangentlab: --probes must be a positive integer (random output probes of "
+                f"the trace kernel), got {probes}; or use --trace for the exact trace kernel."
+            )
+        return int(probes)
+    return bool(o.get("trace_kernel"))
 
 
 def _projection(o: dict[str, Any], model, data, params):
@@ -248,7 +268,11 @@ def _projection(o: dict[str, Any], model, data, params):
         c = o["num_classes"] or 10
         dev = torch.device(o["device"] or "cpu")
         budget = parse_bytes(o["memory_budget"]) or default_budget(dev)
-        if n * c * p * 4 * 2 <= budget:  # all Jacobians at once, with room to work
+        trace = _trace(o)
+        # a trace kernel holds Jacobians of S <= C probed outputs and an N x N kernel
+        outs = c if trace is True or trace is False else min(int(trace), c)
+        kernel_bytes = (n * n * 4) if trace is not False else 0
+        if n * outs * p * 4 * 2 + kernel_bytes <= budget:  # all Jacobians, room to work
             return None
         return Projection(4096, kind=o["projection_kind"], seed=o["seed"])
     try:
@@ -265,10 +289,17 @@ def _kernel(o: dict[str, Any]):
     import tangentlab as tl
 
     t0 = time.perf_counter()
+    trace = _trace(o)
     if o["kernel_file"]:
         kernel = tl.load_kernel(o["kernel_file"])
+        if trace is not False and not kernel.is_trace:
+            raise TangentlabError(
+                f"tangentlab: --trace/--probes asks for a trace kernel but {o['kernel_file']} "
+                "holds a full kernel; drop --trace/--probes to use it, or compute a trace "
+                "kernel (without --kernel)."
+            )
         _echo(f"tangentlab: loaded kernel {o['kernel_file']} (N={kernel.num_samples}, "
-              f"C={kernel.num_classes})")
+              f"C={kernel.num_classes}{', trace kernel' if kernel.is_trace else ''})")
         return kernel, time.perf_counter() - t0, {}, {"kernel": o["kernel_file"]}
     model, data, c, params, name, defaults = _resolve(o)
     if params == "all":
@@ -281,13 +312,15 @@ def _kernel(o: dict[str, Any]):
     kernel = tl.compute_kernel(
         model, data, num_classes=c, projection=proj, params=params,
         memory_budget=o["memory_budget"], device=o["device"],
-        batch_size=o["kernel_batch_size"],
+        batch_size=o["kernel_batch_size"], seed=o["seed"], trace=trace,
         cache=o["cache"] or Path(o["out"]) / "kernel", progress=not o["no_progress"],
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     info = {"source": name, "params": str(params), "projection": kernel.metadata["projection"],
             "num_samples": kernel.num_samples, "num_classes": kernel.num_classes,
             "kernel_seconds": round(seconds, 2)}  # fmt: skip
+    if kernel.is_trace:
+        info["trace"] = kernel.metadata.get("trace", "exact")
     if dataset_size is not None:
         info.update(dataset_size=dataset_size, subsample=kernel.num_samples)
     return kernel, seconds, defaults, info
@@ -563,7 +596,7 @@ def validate(**o: Any) -> None:
     f_sec = time.perf_counter() - t0
 
     # The real run starts from a freshly loaded model: the kernel's is left as it was.
-    model, data, _, params, _, _ = _resolve(o)
+    model, data, _, params, _, _ = _resolve(o, quiet=True)  # already described
     if params == "all":
         params = None
     _check_same_source(kernel, model, data, params)

@@ -32,12 +32,39 @@ whose Theta = Phi Phi^T is then formed on every rank), memory as for one process
 Projected features do not depend on which rank computes a chunk, so a projected kernel
 equals the one-process kernel computed with the same chunks bit for bit; an exact kernel
 equals it up to round-off (different strips sum in a different order).
+
+NOTE [trace kernel]. ``trace=`` keeps only the class-averaged kernel (DESIGN.md §4)
+
+.. math::
+
+    \\Theta \\approx K \\otimes I_C, \\qquad
+    K_{ij} = \\frac{1}{C}\\operatorname{tr}\\Theta_{ij}
+           = \\frac{1}{C}\\sum_a \\frac{\\partial f_a(x_i)}{\\partial w}\\cdot
+                                 \\frac{\\partial f_a(x_j)}{\\partial w}
+           \\approx \\frac{1}{SC}\\sum_{s=1}^S g_{is}\\cdot g_{js},
+    \\quad g_{is} = v_s^T J(x_i),\\ v_s \\in \\{\\pm1\\}^C
+
+(Hutchinson's estimator over the outputs: E[v v^T] = I_C makes it unbiased.) It is the
+kernel of the probed model ``f(x)^T V`` with ``V = [v_1 .. v_S] / sqrt(S C)`` ``[C, S]``
+(:meth:`Tangent.probed`), summed over the probes, so every Jacobian strategy and the
+projected (tensor-sketch) path are reused unchanged: per-sample Jacobians ``[B, S, P]``
+flatten to rows of length S*P (exact: ``K = G G^T``), projected ones ``[B, S, k]`` to
+rows of length S*k (``K ~= Phi' Phi'^T``, Phi' ``[N, S k]``). ``trace=True`` or S >= C
+uses the identity probes ``V = I_C / sqrt(C)``: the exact ``tr(Theta_ij)/C`` with C
+backward passes per sample (as the full kernel) but N^2 memory instead of (NC)^2; S < C
+random probes cost S passes. ``f0`` and ``jw0 = J w0`` stay exact ``[N, C]`` (``jw0`` by
+one forward-mode JVP per chunk with random probes). The probes are seeded by ``seed``
+(deterministic). The approximation ignores the cross-class blocks of Theta and their
+differences between classes: exact when the classes are exchangeable (e.g. a freshly
+initialized head, where Theta_ij ~= K_ij I_C), approximate otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -84,8 +111,9 @@ def compute_kernel(
     keep_theta: bool | None = None,
     progress: bool = True,
     distributed: bool | None = None,
+    trace: bool | int = False,
 ) -> Kernel:
-    """Empirical NTK of the tangent model on ``data`` (exact or projected).
+    """Empirical NTK of the tangent model on ``data`` (exact or projected, full or trace).
 
     Args:
       model_or_tangent: an ``nn.Module`` (wrapped in a :class:`Tangent` with ``params``,
@@ -112,16 +140,26 @@ def compute_kernel(
         reads and writes the cache directory (the others never see it), and
         finished chunks are not saved: an interrupted distributed run starts over, but the
         finished kernel is written and reused.
+      trace: ``False`` (default): the full kernel Theta ``[N*C, N*C]``. ``True``: the exact
+        trace kernel ``Theta ~= K (x) I_C``, ``K_ij = tr(Theta_ij)/C`` ``[N, N]`` (C
+        backward passes per sample, N^2 memory). An int S >= 1: K estimated with S random
+        Rademacher output probes seeded by ``seed`` (S backward passes per sample;
+        S >= C gives the exact trace). NOTE [trace kernel].
 
     Returns:
       :class:`Kernel` with ``theta`` ``[N*C, N*C]`` (when it fits), ``features``
-      ``[N*C, k]`` (projected), ``f0`` ``[N, C]``, ``targets`` ``[N]`` and ``jw0`` ``[N, C]``.
+      ``[N*C, k]`` (projected), ``f0`` ``[N, C]``, ``targets`` ``[N]`` and ``jw0`` ``[N, C]``;
+      for a trace kernel (``structure="trace"``) ``theta`` ``[N, N]`` and ``features``
+      ``[N, S*k]``, with ``f0`` and ``jw0`` exact ``[N, C]``.
 
     Example::
 
         >>> k = compute_kernel(model, (X, y), projection=1024)   # X [N, ...], y [N]
         >>> k.theta.shape, k.features.shape                      # [N*C, N*C], [N*C, 1024]
+        >>> k = compute_kernel(model, (X, y), trace=4)           # 4 output probes
+        >>> k.theta.shape, k.is_trace                            # [N, N], True
     """
+    probes_asked = _check_trace(trace)
     if isinstance(model_or_tangent, Tangent):
         tangent = model_or_tangent
         if params is not None or projection is not None:
@@ -156,11 +194,24 @@ def compute_kernel(
     act = activation_elements(tangent.model, lambda: tangent.f0(x1))
     k = tangent.projection.k if tangent.projection else None
     itemsize = tangent.dtype.itemsize
+    # NOTE [trace kernel]: Jacobians of the probed outputs f V [B, S] (jt), f0/jw0 exact
+    is_trace = probes_asked is not None
+    exact_trace = probes_asked == "exact" or (is_trace and probes_asked >= c)
+    num_probes = c if exact_trace else probes_asked
+    trace_desc = None
+    if is_trace:
+        trace_desc = "exact" if exact_trace else f"rademacher:probes={num_probes}:seed={seed}"
+        v = trace_probes(c, None if exact_trace else num_probes, seed=seed)
+        jt = tangent.probed(v.to(device=dev, dtype=tangent.dtype))
+    else:
+        jt = tangent
+    outs = num_probes if is_trace else c  # Jacobian rows per sample
+    outputs = _Outputs(tangent, "full" if not is_trace else "exact" if exact_trace else "probes", c)
     # Weights whose per-sample gradients a chunk holds (fewer with the tensor-sketch path).
-    p_held = tangent.num_params if k is None else tangent.materialized_params(x1)
+    p_held = jt.num_params if k is None else jt.materialized_params(x1)
     mplan = plan(
-        n=n, c=c, p=p_held, k=k, itemsize=itemsize, act=act, budget=budget,
-        batch_size=batch_size, keep_theta=keep_theta,
+        n=n, c=outs, p=p_held, k=k, itemsize=itemsize, act=act, budget=budget,
+        batch_size=batch_size, keep_theta=keep_theta, trace=is_trace,
     )  # fmt: skip
 
     request = {
@@ -174,6 +225,8 @@ def compute_kernel(
         "dtype": str(tangent.dtype).replace("torch.", ""),
         "tangentlab_version": __version__,
     }
+    if is_trace:  # only then: caches of full kernels made before trace kernels stay valid
+        request["trace"] = trace_desc
     if shard is not None:
         _check_same_request(request)
         mplan = _shard_plan(mplan, n, shard[1], exact=k is None)
@@ -191,23 +244,26 @@ def compute_kernel(
             return done
         if shard is None:
             mplan = store.plan(mplan)
-    if shard is not None and tangent.jacobian_mode is JacobianMode.AUTO:
+    if shard is not None and jt.jacobian_mode is JacobianMode.AUTO:
         # the ranks use one Jacobian strategy: rank 0 times them on its first samples
         xs = take(x, slice(0, min(n, 4)))
-        first = tangent.jacobian_blocks if k is None else tangent.projected_chunk
-        tangent.jacobian_mode = dist_.on_rank0(lambda: (first(xs), tangent.jacobian_mode)[1], rank)
+        first = jt.jacobian_blocks if k is None else jt.projected_chunk
+        jt.jacobian_mode = dist_.on_rank0(lambda: (first(xs), jt.jacobian_mode)[1], rank)
     _say(
         f"kernel of N={n} samples x C={c} outputs, P={tangent.num_params:,} weights, "
-        f"{request['projection']}; {mplan.describe()}"
+        f"{request['projection']}"
+        + (f", trace kernel ({trace_desc}, {outs} backward passes per sample)" if is_trace
+           else "")
+        + f"; {mplan.describe()}"
         + (f"; shared by {shard[1]} processes" if shard else ""),
         progress,
-    )
+    )  # fmt: skip
     t0 = time.perf_counter()
     parts = store if shard is None else None  # finished chunks: one process only
     if k is None:
-        kernel = _exact(tangent, x, n, c, mplan, parts, progress, shard)
+        kernel = _exact(jt, x, n, outs, mplan, parts, progress, shard, outputs, is_trace)
     else:
-        kernel = _projected(tangent, x, n, c, mplan, parts, progress, shard)
+        kernel = _projected(jt, x, n, outs, mplan, parts, progress, shard, outputs, is_trace)
     seconds = time.perf_counter() - t0
     extra = {}
     if shard is not None:
@@ -222,9 +278,12 @@ def compute_kernel(
         metadata={
             **{key: str(v) for key, v in request.items() if key != "tangentlab_version"},
             "params_spec": str(tangent.params_spec),
+            # ‖w0‖ of the trained weights: the scale of Forecast.displacement (validity)
+            "w0_norm": f"{tangent.w0_norm():.8g}",
             "seconds": f"{seconds:.3f}",
             **extra,
         },
+        structure="trace" if is_trace else "full",
     )
     if shard is not None and cache is not None:
         # the others wait until rank 0 has written the kernel (or learn why it could not)
@@ -232,6 +291,61 @@ def compute_kernel(
     elif store is not None:
         store.finish(kernel)
     return kernel
+
+
+def _check_trace(trace: Any) -> str | int | None:
+    """Validate ``trace=``: ``None`` (full kernel), ``"exact"`` or a number of probes S >= 1."""
+    if isinstance(trace, bool):
+        return "exact" if trace else None
+    if isinstance(trace, numbers.Integral):
+        if trace >= 1:
+            return int(trace)
+        raise TangentlabError(
+            f"compute_kernel: trace={trace!r} is not a number of probes; give trace=S with "
+            "S >= 1 random output probes, trace=True for the exact trace kernel, or "
+            "trace=False for the full kernel."
+        )
+    raise TangentlabError(
+        f"compute_kernel: trace must be False (full kernel), True (exact trace kernel) or "
+        f"an integer number of output probes S >= 1, got {trace!r} "
+        f"({type(trace).__name__}); e.g. trace=4."
+    )
+
+
+def trace_probes(num_classes: int, num_probes: int | None, *, seed: int = 0) -> torch.Tensor:
+    """The output probes ``V`` ``[C, S]`` of a trace kernel (NOTE [trace kernel]), float64.
+
+    ``num_probes=None``: the exact trace, ``V = I_C / sqrt(C)``. Otherwise ``S`` Rademacher
+    columns ``v_s in {+-1}^C`` scaled by ``1/sqrt(S C)``, drawn from ``seed`` (the same
+    probes on every device and run), so that ``E[V V^T] = I_C / C`` and
+    ``E[(f V)'s kernel] = K = tr-blocks(Theta)/C``.
+    """
+    if num_probes is None:
+        return torch.eye(num_classes, dtype=torch.float64) / math.sqrt(num_classes)
+    digest = hashlib.blake2b(f"{seed}/trace-probes".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    v = torch.randint(0, 2, (num_classes, num_probes), generator=g).mul_(2).sub_(1)
+    return v.to(torch.float64) / math.sqrt(num_probes * num_classes)
+
+
+class _Outputs:
+    """Exact ``(f0 [B, C], J w0 [B, C])`` of a chunk, whatever outputs the Jacobians are of.
+
+    ``mode``: ``"full"`` (Jacobians of f: ``J w0`` from them), ``"exact"`` (the trace
+    kernel's identity probes ``f / sqrt(C)``: ``J w0 = sqrt(C) (J/sqrt(C)) w0``) or
+    ``"probes"`` (random probes: ``J w0`` by one forward-mode JVP, NOTE [trace kernel]).
+    """
+
+    def __init__(self, base: Tangent, mode: str, c: int) -> None:
+        self.base, self.mode, self.c = base, mode, c
+
+    def __call__(self, xb, blocks=None, probed_jw0=None) -> tuple[torch.Tensor, torch.Tensor]:
+        f0 = self.base.f0(xb)
+        check_output(f0, num_rows(xb), "compute_kernel")
+        if self.mode == "probes":
+            return f0, self.base.jvp(xb, self.base.w0)
+        jw0 = self.base.jw0(blocks) if probed_jw0 is None else probed_jw0
+        return f0, jw0 * math.sqrt(self.c) if self.mode == "exact" else jw0
 
 
 def _open_cache(root: Path, request: dict[str, Any], opened: list) -> Kernel | None:
@@ -287,29 +401,29 @@ def _units(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _f0_checked(tangent: Tangent, xb, blocks) -> tuple[torch.Tensor, torch.Tensor]:
-    f0 = tangent.f0(xb)
-    check_output(f0, num_rows(xb), "compute_kernel")
-    return f0, tangent.jw0(blocks)
-
-
 def _projected(
-    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard=None
+    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard, outputs: _Outputs, trace: bool
 ) -> dict[str, torch.Tensor]:
+    """Projected features; ``c`` = Jacobian rows per sample (probes S for a trace kernel)."""
     k = tangent.projection.k
+    co = outputs.c  # C, the model's outputs (f0, jw0)
     # zero-filled under torch.distributed: the all_reduce below adds the ranks' pieces
     new = torch.empty if shard is None else torch.zeros
     feats = new(n, c, k, dtype=tangent.dtype, device=tangent.device)
-    f0 = new(n, c, dtype=tangent.dtype, device=tangent.device)
-    jw0 = new(n, c, dtype=tangent.dtype, device=tangent.device)
+    f0 = new(n, co, dtype=tangent.dtype, device=tangent.device)
+    jw0 = new(n, co, dtype=tangent.dtype, device=tangent.device)
     units = _mine(_units(n, mplan.chunk), shard, zigzag=False)
     total = sum(e - s for s, e in units)
-    with _progress_bar(total, "kernel (projected)", progress) as bar:
+    desc = "kernel (projected, trace)" if trace else "kernel (projected)"
+    with _progress_bar(total, desc, progress) as bar:
         for s, e in units:
             part = store.load_part(s, e) if store else None
             if part is None:
-                phi, f0b, jw0b = tangent.projected_chunk(take(x, slice(s, e)))
+                xb = take(x, slice(s, e))
+                phi, f0b, jw0b = tangent.projected_chunk(xb)
                 check_output(f0b, e - s, "compute_kernel")
+                if trace:  # the chunk's outputs are the probed f V: f0, J w0 of f itself
+                    f0b, jw0b = outputs(xb, probed_jw0=jw0b)
                 part = {"features": phi, "f0": f0b, "jw0": jw0b}
                 if store:
                     store.save_part(s, e, part)
@@ -318,7 +432,8 @@ def _projected(
     if shard is not None:
         got = dist_.sum_across({"features": feats, "f0": f0, "jw0": jw0})
         feats, f0, jw0 = (got[key].to(tangent.device) for key in ("features", "f0", "jw0"))
-    phi = feats.reshape(n * c, k)
+    # trace: sample i's S projected probe Jacobians side by side, K ~= Phi' Phi'^T [N, N]
+    phi = feats.reshape(n, c * k) if trace else feats.reshape(n * c, k)
     out = {"features": phi.cpu(), "f0": f0.cpu(), "jw0": jw0.cpu()}
     if mplan.keep_theta:
         out["theta"] = (phi @ phi.T).cpu()
@@ -326,58 +441,68 @@ def _projected(
 
 
 def _exact(
-    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard=None
+    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard, outputs: _Outputs, trace: bool
 ) -> dict[str, torch.Tensor]:
+    """Exact kernel; ``c`` = Jacobian rows per sample (probes S for a trace kernel)."""
     dt, dev = tangent.dtype, tangent.device
+    r = 1 if trace else c  # kernel rows per sample: a trace kernel is [N, N]
+    co = outputs.c
     # zero-filled under torch.distributed: the all_reduce below adds the ranks' strips
     new = torch.empty if shard is None else torch.zeros
-    theta = new(n * c, n * c, dtype=dt, device=dev)
-    f0 = new(n, c, dtype=dt, device=dev)
-    jw0 = new(n, c, dtype=dt, device=dev)
+    theta = new(n * r, n * r, dtype=dt, device=dev)
+    f0 = new(n, co, dtype=dt, device=dev)
+    jw0 = new(n, co, dtype=dt, device=dev)
     strips = _mine(_units(n, mplan.strip), shard, zigzag=True)
     work = sum(n - s for s, _ in strips)  # Jacobian evaluations, recomputation included
-    with _progress_bar(work, "kernel (exact)", progress) as bar:
+    desc = "kernel (exact, trace)" if trace else "kernel (exact)"
+    with _progress_bar(work, desc, progress) as bar:
         for s, e in strips:
             part = store.load_part(s, e) if store else None
             if part is None:
-                part = _exact_strip(tangent, x, n, c, s, e, mplan.chunk, bar)
+                part = _exact_strip(tangent, x, n, r, s, e, mplan.chunk, bar, outputs)
                 if store:
                     store.save_part(s, e, part)
             else:
                 bar.update(n - s)
-            rows = part["rows"]  # [(e-s)C, (n-s)C]
-            theta[s * c : e * c, s * c :] = rows
-            theta[s * c :, s * c : e * c] = rows.T
+            rows = part["rows"]  # [(e-s)r, (n-s)r]
+            theta[s * r : e * r, s * r :] = rows
+            theta[s * r :, s * r : e * r] = rows.T
             f0[s:e], jw0[s:e] = part["f0"], part["jw0"]
     if shard is not None:
         theta, f0, jw0 = dist_.sum_across({"theta": theta, "f0": f0, "jw0": jw0}).values()
     return {"theta": theta.cpu(), "f0": f0.cpu(), "jw0": jw0.cpu()}
 
 
-def _exact_strip(tangent, x, n, c, s, e, chunk, bar) -> dict[str, torch.Tensor]:
-    """Rows ``[s, e)`` of Theta against columns ``[s, n)`` (NOTE [exact kernel strips])."""
+def _exact_strip(tangent, x, n, r, s, e, chunk, bar, outputs) -> dict[str, torch.Tensor]:
+    """Rows ``[s, e)`` of Theta against columns ``[s, n)`` (NOTE [exact kernel strips]).
+
+    ``r`` kernel rows per sample: C (full), or 1 for a trace kernel, whose row of sample i
+    is its S probed Jacobians flattened together (NOTE [trace kernel]).
+    """
     names = tangent.param_names
-    held: dict[str, list[torch.Tensor]] = {nm: [] for nm in names}
+    m = (e - s) * r
+    # the strip's Jacobian rows, filled in place: a list + torch.cat would hold them twice
+    jrow: dict[str, torch.Tensor] = {}
     f0s, jw0s = [], []
     for a, b in _units(e - s, chunk):
         xb = take(x, slice(s + a, s + b))
         blocks = tangent.jacobian_blocks(xb)
-        f0b, jw0b = _f0_checked(tangent, xb, blocks)
+        f0b, jw0b = outputs(xb, blocks)
         f0s.append(f0b)
         jw0s.append(jw0b)
         for nm in names:
-            held[nm].append(blocks[nm].reshape((b - a) * c, -1))
+            piece = blocks[nm].reshape((b - a) * r, -1)
+            if nm not in jrow:
+                jrow[nm] = piece.new_empty(m, piece.shape[1])
+            jrow[nm][a * r : b * r] = piece
         del blocks
         bar.update(b - a)
-    jrow = {nm: torch.cat(v) for nm, v in held.items()}
-    del held
-    m = (e - s) * c
-    rows = torch.empty(m, (n - s) * c, dtype=tangent.dtype, device=tangent.device)
+    rows = torch.empty(m, (n - s) * r, dtype=tangent.dtype, device=tangent.device)
     rows[:, :m] = sum(jrow[nm] @ jrow[nm].T for nm in names)
     for a, b in _units(n - e, chunk):
         blocks = tangent.jacobian_blocks(take(x, slice(e + a, e + b)))
-        cols = sum(jrow[nm] @ blocks[nm].reshape((b - a) * c, -1).T for nm in names)
-        rows[:, m + a * c : m + b * c] = cols
+        cols = sum(jrow[nm] @ blocks[nm].reshape((b - a) * r, -1).T for nm in names)
+        rows[:, m + a * r : m + b * r] = cols
         del blocks
         bar.update(b - a)
     return {"rows": rows.cpu(), "f0": torch.cat(f0s).cpu(), "jw0": torch.cat(jw0s).cpu()}

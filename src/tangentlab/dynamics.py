@@ -195,7 +195,64 @@ class FeatureKernelOperator:
         return self.features @ v
 
 
-KernelOperator = DenseKernelOperator | FeatureKernelOperator
+class TraceKernelOperator:
+    r"""Dual execution for a trace kernel: products with Θ = K ⊗ I_C through K ``[N, N]``.
+
+    .. math::
+        (K \otimes I_C)\, x = \operatorname{vec}(K X), \qquad X = x \text{ as } [N, C]
+
+    (sample-major stacking: entry ``i*C + a`` of ``x`` is ``X[i, a]``). Θ is never expanded:
+    memory N^2 instead of (NC)^2, a product with the columns of b samples costs N·b·C.
+    """
+
+    name = "dual"
+
+    def __init__(self, k: np.ndarray, num_classes: int):
+        self.k = k
+        self.num_classes = num_classes
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``(K ⊗ I_C) x`` for ``x`` ``[NC]`` or ``[NC, p]``."""
+        n = self.k.shape[0]
+        return (self.k @ x.reshape(n, -1)).reshape(x.shape)  # [N, N] @ [N, C*p]
+
+    def cols_matvec(self, batch: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``Σ_j Θ[:, batch_j] x_j = vec(K[:, batch] X_batch)``, ``x`` ``[b, C]`` -> ``[NC]``.
+
+        Repeated ids (sampling with replacement) add up. K is symmetric: its rows are read.
+        """
+        return (self.k[batch].T @ x).reshape(-1)
+
+
+class TraceFeatureKernelOperator:
+    """Primal execution for a trace kernel: Θ = (Φ Φ^T) ⊗ I_C with Φ ``[N, k']`` (k' = S k).
+
+    Neither K nor Θ is formed: memory N·k', a product with b sample columns costs
+    (N + b)·k'·C.
+    """
+
+    name = "primal"
+
+    def __init__(self, features: np.ndarray, num_classes: int):
+        self.features = features
+        self.num_classes = num_classes
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``(Φ Φ^T ⊗ I_C) x`` for ``x`` ``[NC]`` or ``[NC, p]``."""
+        n = self.features.shape[0]
+        xm = x.reshape(n, -1)
+        return (self.features @ (self.features.T @ xm)).reshape(x.shape)
+
+    def cols_matvec(self, batch: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``Σ_j Θ[:, batch_j] x_j = vec(Φ Φ_batch^T X_batch)`` -> ``[NC]``."""
+        return (self.features @ (self.features[batch].T @ x)).reshape(-1)
+
+
+# NOTE [trace kernel] (tangentlab.compute): a trace kernel approximates Θ by K ⊗ I_C, so
+# every solver runs unchanged on the two Trace*Operator classes above (products only).
+KernelOperator = (
+    DenseKernelOperator | FeatureKernelOperator | TraceKernelOperator | TraceFeatureKernelOperator
+)
 
 
 def top_eigenvalue(op: KernelOperator, nc: int, *, weight: np.ndarray | None = None) -> float:
@@ -554,14 +611,21 @@ class SpectralMSE:
     extra modes (α, β), ``r⊥_t = α_t r0⊥ + β_t r_a⊥``, with ``h = λ_wd`` and
     ``b = (0, λ_wd)``.
 
+    Trace kernels (``kron = C``, Θ = K ⊗ I_C with K = U diag(λ) U^T, U ``[N, m]``): the
+    eigenvectors are u_j ⊗ e_c with eigenvalue λ_j, so the m·C modes are
+    ``Z = U^T R`` (R = r as ``[N, C]``), ordered j-major (mode ``j*C + c``); the energy of
+    eigenvalue λ_j is ``‖u_j^T R‖²`` summed over the classes.
+
     Attributes:
       x0: initial modes ``[m + 2]`` (last two: α_0 = 1, β_0 = 0).
       h: curvatures ``[m + 2]``.
       b: offsets ``[m + 2]``.
-      basis: U, ``[NC, m]``.
+      basis: U, ``[NC, m]`` (trace kernels: ``[N, m]``, see ``kron``).
       perp: ``[NC, 2]``: r0⊥ and r_a⊥.
       perp_gram: their Gram matrix ``[2, 2]``.
       num_samples: N.
+      kron: 1, or C for a trace kernel: each basis vector u_j stands for the C modes
+        u_j ⊗ e_c (then x0, h, b have ``m*C + 2`` entries).
     """
 
     x0: np.ndarray
@@ -571,10 +635,16 @@ class SpectralMSE:
     perp: np.ndarray
     perp_gram: np.ndarray
     num_samples: int
+    kron: int = 1
+
+    @property
+    def num_modes(self) -> int:
+        """Number of eigen-modes (excluding the two ⊥ modes): m, or m·C for a trace kernel."""
+        return self.basis.shape[1] * self.kron
 
     def loss(self, x: np.ndarray) -> np.ndarray:
         """MSE of mode states ``x`` ``[m + 2, T]`` -> ``[T]``: ``(‖z‖² + ‖r⊥‖²) / 2N``."""
-        m = self.basis.shape[1]
+        m = self.num_modes
         z2 = np.einsum("jt,jt->t", x[:m], x[:m])
         ab = x[m:]
         perp2 = np.einsum("it,ij,jt->t", ab, self.perp_gram, ab)
@@ -582,8 +652,12 @@ class SpectralMSE:
 
     def residual(self, x: np.ndarray) -> np.ndarray:
         """Residuals ``r_t = U z_t + r⊥_t``, ``[m + 2, T] -> [NC, T]``."""
-        m = self.basis.shape[1]
-        return self.basis @ x[:m] + self.perp @ x[m:]
+        m = self.num_modes
+        if self.kron == 1:
+            return self.basis @ x[:m] + self.perp @ x[m:]
+        z = x[:m].reshape(self.basis.shape[1], self.kron, -1)  # [m, C, T]
+        r = np.einsum("nj,jct->nct", self.basis, z).reshape(-1, x.shape[1])  # [NC, T]
+        return r + self.perp @ x[m:]
 
     def fixed_point(self) -> np.ndarray:
         """The limit of every stable scheme: ``x* = b/h`` (``x0`` where h = 0)."""
@@ -601,22 +675,30 @@ def spectral_mse(
     *,
     num_samples: int,
     weight_decay: float,
+    kron: int = 1,
 ) -> SpectralMSE:
     """Project the MSE problem on the eigenbasis (cost O(NC·m), once per forecast).
 
     Args:
-      lam: eigenvalues of Θ, ``[m]`` (clamped >= 0).
-      basis: eigenvectors U, ``[NC, m]``.
+      lam: eigenvalues of Θ, ``[m]`` (clamped >= 0); of K for a trace kernel.
+      basis: eigenvectors U, ``[NC, m]``; ``[N, m]`` eigenvectors of K for a trace kernel.
       residual0: ``f0 - sY`` flattened, ``[NC]``.
       anchor_residual: ``a - sY`` flattened, ``[NC]``.
       num_samples: N.
       weight_decay: λ_wd.
+      kron: C for a trace kernel Θ = K ⊗ I_C (modes u_j ⊗ e_c, eigenvalue λ_j repeated C
+        times; see :class:`SpectralMSE`), else 1.
     """
-    nc, m = basis.shape
-    z0 = basis.T @ residual0
-    za = basis.T @ anchor_residual
-    if m < nc:
-        perp = np.stack([residual0 - basis @ z0, anchor_residual - basis @ za], axis=1)
+    rows, m = basis.shape
+    # kron > 1: Z = U^T R with R = r as [N, C], flattened j-major; U Z back to [NC]
+    z0 = (basis.T @ residual0.reshape(rows, kron)).reshape(-1)
+    za = (basis.T @ anchor_residual.reshape(rows, kron)).reshape(-1)
+    lam = np.repeat(lam, kron)
+    nc = rows * kron
+    if m < rows:
+        fit0 = (basis @ z0.reshape(m, kron)).reshape(-1)
+        fita = (basis @ za.reshape(m, kron)).reshape(-1)
+        perp = np.stack([residual0 - fit0, anchor_residual - fita], axis=1)
     else:  # a full basis leaves no orthogonal complement (only round-off)
         perp = np.zeros((nc, 2))
     wd = weight_decay
@@ -628,6 +710,7 @@ def spectral_mse(
         perp=perp,
         perp_gram=perp.T @ perp,
         num_samples=num_samples,
+        kron=kron,
     )
 
 

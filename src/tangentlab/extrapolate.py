@@ -141,7 +141,8 @@ def extrapolate(
     Forecast with ``tangentlab.forecast(spectrum, lr, steps, ...)`` (full-batch MSE).
 
     Args:
-      kernel: the tangent model's kernel on the n subsampled points.
+      kernel: the tangent model's kernel on the n subsampled points (a trace kernel
+        Θ ≈ K ⊗ I_C gives each eigenvalue of K as C modes u_j ⊗ e_c).
       dataset_size: N >= n, the number of samples the training will use.
       tail: ``"none"`` (the n·C observed modes only) or ``"powerlaw"`` (extend to N·C
         modes with a fitted power law; NOTE [power-law tail]).
@@ -177,17 +178,29 @@ def extrapolate(
     lam, u = kernel.eigh()
     lam = lam.detach().cpu().double().numpy()[::-1].copy()  # descending
     u = u.detach().cpu().double().numpy()[:, ::-1]
+    # a trace kernel (Θ = K ⊗ I_C, u: [n, m] eigenvectors of K) has the modes u_j ⊗ e_c:
+    # each eigenvalue repeated C times, coefficients u_j^T X[:, c] (j-major)
+    kron = c if kernel.is_trace else 1
+    rows = u.shape[0]
+
+    def coef(v: np.ndarray) -> np.ndarray:  # [NC] -> mode coefficients [m * kron]
+        return (u.T @ v.reshape(rows, kron)).reshape(-1)
+
+    def fit(z: np.ndarray) -> np.ndarray:  # mode coefficients -> [NC] in span
+        return (u @ z.reshape(u.shape[1], kron)).reshape(-1)
+
+    lam = np.repeat(lam, kron)
     f0 = kernel.f0.detach().cpu().double().numpy().reshape(-1)
     onehot = dyn.targets_matrix(kernel.targets.cpu().numpy().astype(np.int64), c).reshape(-1)
-    a, b = u.T @ f0, u.T @ onehot
-    if u.shape[1] < n * c:  # projected kernel: the residual outside span(U) never decays
-        perp = np.stack([f0 - u @ a, onehot - u @ b], axis=1)
+    a, b = coef(f0), coef(onehot)
+    if u.shape[1] < rows:  # projected kernel: the residual outside span(U) never decays
+        perp = np.stack([f0 - fit(a), onehot - fit(b)], axis=1)
         perp_gram = perp.T @ perp / n
     else:
         perp_gram = np.zeros((2, 2))
     jw0 = None
     if kernel.jw0 is not None:
-        jw0 = u.T @ kernel.jw0.detach().cpu().double().numpy().reshape(-1) / math.sqrt(n)
+        jw0 = coef(kernel.jw0.detach().cpu().double().numpy().reshape(-1)) / math.sqrt(n)
     base = dict(
         kernel=kernel,
         dataset_size=int(dataset_size),
@@ -210,7 +223,7 @@ def extrapolate(
         )
     full = dataset_size * c
     if kernel.projection_dim is not None:  # Θ = Φ Φ^T has rank <= k for every N
-        full = min(full, kernel.projection_dim)
+        full = min(full, kernel.projection_dim * kron)  # trace: rank(K ⊗ I_C) <= k' C
     j = np.arange(j_lo, j_hi) + 1.0  # 1-based mode index
     slope, amp = np.polyfit(np.log(j), np.log(mu[j_lo:j_hi]), 1)
     alpha = -float(slope)

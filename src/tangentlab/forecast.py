@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +46,15 @@ import numpy as np
 import pandas as pd
 
 from tangentlab import dynamics as dyn
-from tangentlab.errors import TangentlabError
+from tangentlab.errors import TangentlabError, ValidityWarning
 from tangentlab.kernel import Kernel
+
+# NOTE [validity region]: in benchmarks/forecast_accuracy.py (RESULTS.md) the forecast's
+# steps-to-target error stays small while η̃ λ_max / N <= 1 (η̃ = η / (1 - m): at most half
+# the stability limit of plain gradient descent) and grows to 1-4x beyond, e.g. with
+# momentum 0.9 at larger rates, where real networks leave the tangent regime (their kernel
+# changes) although the linear model is still stable. Forecasts beyond it warn.
+VALIDITY_STABILITY = 1.0
 
 _BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
 _ACCURACY_FLOPS = 2e11  # full-batch MSE: accuracy GEMM budget (~5 s on 2 cores) before striding
@@ -186,6 +194,7 @@ def forecast(
     accuracy_every: int | None = None,
     stability: bool = True,
     dataset_size: int | None = None,
+    kernel_growth: Any = None,
 ) -> Forecast:
     r"""Forecast the training loss and accuracy of SGD fine-tuning on the tangent model.
 
@@ -202,7 +211,9 @@ def forecast(
     Args:
       kernel: the tangent model's kernel (``theta`` and/or ``features``, ``f0``, ``targets``,
         ``jw0`` when decaying toward 0). Its eigendecomposition is computed on first use by
-        full-batch MSE and cached on the kernel.
+        full-batch MSE and cached on the kernel. A trace kernel (``kernel.is_trace``,
+        Θ ≈ K ⊗ I_C) is used through products with K and the eigendecomposition of K
+        (eigenvalues repeated C times), never expanded to NC × NC.
       lr: SGD learning rate η (> 0).
       steps: number of optimizer steps T (>= 0); curves have T+1 entries.
       batch_size: B; ``None`` or >= N means full batch (deterministic).
@@ -241,6 +252,12 @@ def forecast(
         subsample's spectrum (:func:`tangentlab.extrapolate.extrapolate`, no tail). Pass a
         :class:`~tangentlab.extrapolate.Spectrum` as ``kernel`` instead for a power-law
         tail. Accuracy is then that of the n subsampled points. ``None``: N = n.
+      kernel_growth: ``None`` (the kernel stays Θ(w0): the plain tangent model) or a
+        :class:`~tangentlab.growth.KernelGrowth` s(t): step t uses s(t) Θ(w0), the kernel
+        scale measured by trace probes (:func:`tangentlab.growth.estimate_growth`, no
+        training). Full-batch MSE: mode-wise product Π_τ (1 - η̃ s(τ) λ_j/N); otherwise the
+        exact steps with Θ scaled per step (not with ``noise="sde"`` or gradient flow off
+        the closed form). Not with ``dataset_size``.
 
     Returns:
       A :class:`Forecast`.
@@ -255,7 +272,7 @@ def forecast(
             weight_decay=weight_decay, loss=loss, target_scale=target_scale, paths=paths,
             seed=seed, noise=noise, sampling=sampling, time=time, momentum_mode=momentum_mode,
             decay_to=decay_to, execution=execution, band=band, ode_method=ode_method,
-            accuracy_every=accuracy_every, stability=stability,
+            accuracy_every=accuracy_every, stability=stability, kernel_growth=kernel_growth,
         ),
     )
     return _run_any(_Prepared(kernel), params, spec, "forecast")
@@ -284,6 +301,11 @@ def _run_any(prep: _Prepared, params: dict[str, Any], spec, fn: str) -> Forecast
         return _run(prep, params)
     from tangentlab.extrapolate import apply, check_settings
 
+    if params.get("kernel_growth") is not None:
+        raise TangentlabError(
+            f"{fn}: kernel_growth is not supported with dataset_size / a Spectrum "
+            "(subsample extrapolation); forecast the subsample's own kernel instead."
+        )
     check_settings(fn, spec, params)
     params = {**params, "batch_size": None, "stochastic": False}
     return apply(_run(prep, params), spec, params)
@@ -292,13 +314,13 @@ def _run_any(prep: _Prepared, params: dict[str, Any], spec, fn: str) -> Forecast
 _FORECAST_ARGS = (
     "lr", "steps", "batch_size", "momentum", "weight_decay", "loss", "target_scale", "paths",
     "seed", "noise", "sampling", "time", "momentum_mode", "decay_to", "execution", "band",
-    "ode_method", "accuracy_every", "stability",
+    "ode_method", "accuracy_every", "stability", "kernel_growth",
 )
 _DEFAULTS: dict[str, Any] = dict(
     batch_size=None, momentum=0.0, weight_decay=0.0, loss="mse", target_scale=1.0, paths=10,
     seed=0, noise="simulate", sampling="epoch", time="discrete", momentum_mode=None,
     decay_to="zero", execution="auto", band=(0.1, 0.9), ode_method="RK45",
-    accuracy_every=None, stability=True,
+    accuracy_every=None, stability=True, kernel_growth=None,
 )
 
 
@@ -537,6 +559,7 @@ def _validate(fn: str, kernel: Any, p: dict[str, Any]) -> dict[str, Any]:
         )
     if not isinstance(p["stability"], bool):
         raise TangentlabError(f"{fn}: stability must be True or False, got {p['stability']!r}.")
+    _check_growth(fn, p, stochastic=bs is not None and bs < n)
     out = dict(p)
     out.update(
         lr=float(p["lr"]), steps=int(p["steps"]), momentum=float(p["momentum"]),
@@ -574,25 +597,32 @@ class _Prepared:
 
     def operator(self, name: str) -> dyn.KernelOperator:
         if name not in self._ops:
+            # NOTE [trace kernel] (tangentlab.compute): Θ = K ⊗ I_C, products through K
+            trace = self.kernel.is_trace
             if name == "primal":
-                op = dyn.FeatureKernelOperator(_np64(self.kernel.features), self.c)
+                cls = dyn.TraceFeatureKernelOperator if trace else dyn.FeatureKernelOperator
+                op = cls(_np64(self.kernel.features), self.c)
             else:
-                op = dyn.DenseKernelOperator(_np64(self.kernel.gram()), self.c)
+                cls = dyn.TraceKernelOperator if trace else dyn.DenseKernelOperator
+                op = cls(_np64(self.kernel.gram()), self.c)
             self._ops[name] = op
         return self._ops[name]
 
     def choose_execution(self, requested: str, cols: int, products: int) -> str:
         """Primal or dual by cost: dual NC·cols per product (+ NC²k to form Θ), primal
-        (NC + cols)·k; dual is never formed beyond 2 GiB unless asked for."""
+        (NC + cols)·k; dual is never formed beyond 2 GiB unless asked for. A trace kernel's
+        dual matrix K has N rows (N² memory, NC·cols/C per product, N²k' to form)."""
         if requested in ("primal", "dual"):
             return requested
         k = self.kernel.projection_dim
         if k is None:
             return "dual"
-        if self.kernel.theta is None and self.nc * self.nc * 8 > _DUAL_MEMORY_BYTES:
+        rows = self.kernel.kernel_rows  # NC, or N for a trace kernel
+        per_col = self.nc // rows  # C for a trace kernel: one K column serves C columns
+        if self.kernel.theta is None and rows * rows * 8 > _DUAL_MEMORY_BYTES:
             return "primal"
-        dual = products * self.nc * cols + (self.nc * self.nc * k if self.kernel.theta is None
-                                            else 0)
+        form = rows * rows * k if self.kernel.theta is None else 0
+        dual = products * self.nc * cols // per_col + form
         primal = products * (self.nc + cols) * k
         return "primal" if primal < dual else "dual"
 
@@ -651,7 +681,7 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
         sy = dyn.targets_matrix(prep.targets, prep.c, scale=scale)
         problem = dyn.spectral_mse(
             lam, u, (prep.f0 - sy).reshape(-1), (anchor - sy).reshape(-1),
-            num_samples=n, weight_decay=wd,
+            num_samples=n, weight_decay=wd, kron=prep.c if prep.kernel.is_trace else 1,
         )
         if p["time"] == "continuous":
             spectral_scheme = {"scheme": "flow", "lr": lr_eff}
@@ -659,7 +689,7 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
             spectral_scheme = {"scheme": "heavy_ball", "lr": lr, "momentum": m}
         else:
             spectral_scheme = {"scheme": "gd", "lr": lr_eff}
-        loss_paths = dyn.spectral_loss(problem, steps, **spectral_scheme)[None]
+        loss_paths = _growth_loss(problem, steps, p, spectral_scheme)[None]
         acc_paths = None  # filled below, once the divergence step is known
         blowups: tuple[int | None, ...] = (None,)
         exact_limit = float(problem.loss(problem.fixed_point()[:, None])[0])
@@ -678,7 +708,7 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
                                        method=p["ode_method"], **common)
             method["solver"] = f"gradient flow ({p['ode_method']})"
         elif not p["stochastic"]:
-            traj = dyn.iterate_trajectory(op, prep.f0, prep.targets, anchor, lr=lr,
+            traj = _iterate(p)(op, prep.f0, prep.targets, anchor, lr=lr,
                                           momentum=m, heavy_ball=heavy, **common)
             method["solver"] = "exact discrete steps"
         elif p["noise"] == "simulate":
@@ -699,7 +729,7 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
     # ---- stability and the divergence policy (NOTE [divergence policy])
     if p["stability"] or execution == "spectral":  # free from the cached eigenvalues
         top = prep.top_eigenvalue(loss, execution)
-        stab = lr_eff * (top / n + wd)
+        stab = lr_eff * (top * _growth_max(p) / n + wd)
     else:
         stab = math.nan
     limit = 2.0 * (1.0 + m) / (1.0 - m) if heavy and p["time"] == "discrete" else 2.0
@@ -716,12 +746,26 @@ def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
         turn = int(np.argmin(mean_loss[:end])) + 1  # after the lowest loss: only the climb
         div_step = turn if turn <= steps else None
 
+    if not diverges and math.isfinite(stab) and stab > VALIDITY_STABILITY:
+        method["validity"] = (
+            f"η̃·λ_max/N = {stab:.3g} > {VALIDITY_STABILITY:g}: outside the measured validity "
+            "region (NOTE [validity region])"
+        )
+        warnings.warn(
+            f"forecast: η̃·λ_max/N = {stab:.3g} (η̃ = lr/(1 - momentum)) is above "
+            f"{VALIDITY_STABILITY:g}, outside the region where forecasts were measured to be "
+            "accurate (benchmarks/RESULTS.md: steps-to-target errors of 1-4x there, real "
+            "training leaves the tangent regime). Lower lr or momentum for a reliable "
+            "forecast, or check it with tangentlab.finetune / `tangentlab validate`.",
+            ValidityWarning,
+            stacklevel=4,
+        )
     if acc_paths is None:  # full-batch MSE closed form: accuracy up to the divergence step
         valid = steps + 1 if div_step is None else div_step
         acc_paths = np.full((1, steps + 1), np.nan)
         stride = _accuracy_stride(p["accuracy_every"], prep.nc, prep.eig()[0].size, valid)
         times = np.unique(np.r_[np.arange(0, valid, stride), valid - 1])
-        acc = dyn.spectral_accuracy(problem, times, prep.targets, scale=scale, **spectral_scheme)
+        acc = _growth_accuracy(problem, times, prep.targets, scale, p, spectral_scheme)
         acc_paths[0, :valid] = np.interp(np.arange(valid), times, acc)
         method["accuracy_every"] = stride
     if div_step is not None:
@@ -776,7 +820,7 @@ def _simulate(prep: _Prepared, op, anchor, p, common) -> dyn.Trajectory:
     for rng in dyn.path_rngs(p["seed"], p["paths"]):
         batches = dyn.batch_schedule(prep.n, p["batch_size"], p["steps"],
                                      sampling=p["sampling"], rng=rng)
-        trajs.append(dyn.iterate_trajectory(
+        trajs.append(_iterate(p)(
             op, prep.f0, prep.targets, anchor, lr=p["lr"], momentum=p["momentum"],
             heavy_ball=heavy, batches=batches, **common,
         ))
@@ -806,3 +850,74 @@ def _json_float(x: float) -> float | None:
 
 def _json_list(x: np.ndarray) -> list[float | None]:
     return [_json_float(v) for v in x]
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel growth hooks (tangentlab.growth): s(t) Θ instead of Θ when kernel_growth is set.
+# ---------------------------------------------------------------------------------------
+
+
+def _check_growth(fn: str, p: dict[str, Any], *, stochastic: bool) -> None:
+    from tangentlab.growth import KernelGrowth
+
+    g = p.get("kernel_growth")
+    if g is None:
+        return
+    if not isinstance(g, KernelGrowth):
+        raise TangentlabError(
+            f"{fn}: kernel_growth must be None or a tangentlab.KernelGrowth, got "
+            f"{type(g).__name__}; build one with tangentlab.estimate_growth(...)."
+        )
+    closed_form = not stochastic and p["loss"] == "mse" and p["execution"] in ("auto", "spectral")
+    if stochastic and p["noise"] == "sde":
+        raise TangentlabError(
+            f"{fn}: kernel_growth is applied per step of the exact minibatch simulation; "
+            "noise='sde' is not supported with it. Use noise='simulate'."
+        )
+    if p["time"] == "continuous" and not closed_form:
+        raise TangentlabError(
+            f"{fn}: kernel_growth with time='continuous' needs the full-batch MSE closed form "
+            "(loss='mse', execution='auto'); use time='discrete'."
+        )
+
+
+def _growth_schedule(p: dict[str, Any]) -> np.ndarray | None:
+    g = p.get("kernel_growth")
+    return None if g is None else g.schedule(p["steps"])
+
+
+def _growth_max(p: dict[str, Any]) -> float:
+    g = p.get("kernel_growth")
+    return 1.0 if g is None else g.max_scale(p["steps"])
+
+
+def _growth_loss(problem, steps: int, p: dict[str, Any], scheme: dict) -> np.ndarray:
+    sched = _growth_schedule(p)
+    if sched is None:
+        return dyn.spectral_loss(problem, steps, **scheme)
+    from tangentlab.growth import scaled_spectral_loss
+
+    return scaled_spectral_loss(problem, steps, scale_t=sched, weight_decay=p["weight_decay"],
+                                **scheme)  # fmt: skip
+
+
+def _growth_accuracy(problem, times, targets, scale: float, p: dict[str, Any], scheme: dict):
+    sched = _growth_schedule(p)
+    if sched is None:
+        return dyn.spectral_accuracy(problem, times, targets, scale=scale, **scheme)
+    from tangentlab.growth import scaled_spectral_accuracy
+
+    return scaled_spectral_accuracy(problem, times, targets, scale=scale, scale_t=sched,
+                                    weight_decay=p["weight_decay"], **scheme)  # fmt: skip
+
+
+def _iterate(p: dict[str, Any]):
+    """``dynamics.iterate_trajectory``, or its s(t)-scaled twin when kernel_growth is set."""
+    sched = _growth_schedule(p)
+    if sched is None:
+        return dyn.iterate_trajectory
+    import functools
+
+    from tangentlab.growth import scaled_iterate_trajectory
+
+    return functools.partial(scaled_iterate_trajectory, scale_t=sched)

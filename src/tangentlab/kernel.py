@@ -6,8 +6,15 @@ Conventions (DESIGN.md §2): N samples, C outputs, stacked outputs sample-major,
     theta[(i, a), (j, b)] = df_a(x_i)/dw . df_b(x_j)/dw          # [N*C, N*C]
     features = J R,   theta ~= features @ features.T              # [N*C, k]
 
+A *trace kernel* (``structure="trace"``, NOTE [trace kernel] in tangentlab.compute) keeps
+only ``K = tr-blocks(Theta)/C``, with ``Theta ~= K (x) I_C``::
+
+    K[i, j] = tr(Theta_ij) / C = (1/C) sum_a df_a(x_i)/dw . df_a(x_j)/dw   # theta [N, N]
+    features = G R,   K ~= features @ features.T                       # [N, S*k]
+
 The eigendecomposition is computed once, on first use, and cached (it costs O((NC)^3)
-for a dense kernel, or O(NC k^2) through the k x k Gram matrix of a projected one).
+for a dense kernel, or O(NC k^2) through the k x k Gram matrix of a projected one; O(N^3)
+for a trace kernel, whose eigenvalues are those of ``K`` repeated C times).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from tangentlab._version import __version__
 from tangentlab.errors import PositiveSpectrumWarning, TangentlabError
 
 _FORMAT = "tangentlab.kernel/1"
+_STRUCTURES = ("full", "trace")
 
 
 @dataclass(eq=False)
@@ -35,12 +43,19 @@ class Kernel:
       f0: outputs of the pre-trained model, ``[N, C]``.
       targets: integer labels in ``[0, C)``, ``[N]``.
       theta: the kernel, ``[N*C, N*C]`` sample-major, or ``None`` when only the projected
-        ``features`` are kept (then :meth:`gram` forms it on demand).
+        ``features`` are kept (then :meth:`gram` forms it on demand). For a trace kernel:
+        ``K`` ``[N, N]`` with ``Theta ~= K (x) I_C``.
       features: projected Jacobians ``Phi = J R``, ``[N*C, k]``, or ``None`` (exact kernel).
+        For a trace kernel: ``[N, k']`` (``k' = S*k``, the S probed Jacobians' projections
+        side by side), ``K ~= features @ features.T``.
       jw0: ``J(x_i) w0`` for every sample, ``[N, C]``: the constant that coupled weight
-        decay adds in function space (DESIGN.md §3); ``None`` if not computed.
+        decay adds in function space (DESIGN.md §3); ``None`` if not computed. Exact for
+        trace kernels too (never probed).
       metadata: provenance (weights hash, data fingerprint, params selection, projection,
-        library version), as strings.
+        trace setting, library version), as strings.
+      structure: ``"full"`` (``theta`` / ``features`` have N*C rows, the default) or
+        ``"trace"`` (N rows: ``Theta ~= K (x) I_C``, NOTE [trace kernel] in
+        tangentlab.compute). Every forecast accepts both.
 
     Example::
 
@@ -55,6 +70,7 @@ class Kernel:
     features: torch.Tensor | None = None
     jw0: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    structure: str = "full"
     _eig: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,19 +89,30 @@ class Kernel:
                 f"Kernel: targets must lie in [0, {c}), got values in "
                 f"[{int(self.targets.min())}, {int(self.targets.max())}]."
             )
-        if self.theta is None and self.features is None:
-            raise TangentlabError("Kernel: give theta [N*C, N*C] or features [N*C, k].")
-        if self.theta is not None and tuple(self.theta.shape) != (n * c, n * c):
+        if self.structure not in _STRUCTURES:
             raise TangentlabError(
-                f"Kernel: theta must have shape [N*C, N*C] = [{n * c}, {n * c}], "
-                f"got {tuple(self.theta.shape)}."
+                f"Kernel: structure must be 'full' (theta [N*C, N*C]) or 'trace' (theta "
+                f"[N, N], Theta ~= K (x) I_C), got {self.structure!r}."
+            )
+        rows, what = (n, "N") if self.is_trace else (n * c, "N*C")
+        if self.theta is None and self.features is None:
+            raise TangentlabError(f"Kernel: give theta [{what}, {what}] or features [{what}, k].")
+        if self.theta is not None and tuple(self.theta.shape) != (rows, rows):
+            hint = (
+                " A full kernel's theta passed as a trace kernel? Drop structure='trace'."
+                if self.is_trace and tuple(self.theta.shape) == (n * c, n * c)
+                else ""
+            )
+            raise TangentlabError(
+                f"Kernel: theta must have shape [{what}, {what}] = [{rows}, {rows}] "
+                f"(structure={self.structure!r}), got {tuple(self.theta.shape)}.{hint}"
             )
         if self.features is not None and (
-            self.features.ndim != 2 or self.features.shape[0] != n * c
+            self.features.ndim != 2 or self.features.shape[0] != rows
         ):
             raise TangentlabError(
-                f"Kernel: features must have shape [N*C, k] = [{n * c}, k], "
-                f"got {tuple(self.features.shape)}."
+                f"Kernel: features must have shape [{what}, k] = [{rows}, k] "
+                f"(structure={self.structure!r}), got {tuple(self.features.shape)}."
             )
         if self.jw0 is not None and tuple(self.jw0.shape) != (n, c):
             raise TangentlabError(
@@ -93,7 +120,7 @@ class Kernel:
             )
         for name in ("f0", "theta", "features", "jw0"):
             t = getattr(self, name)
-            if t is not None and not bool(torch.isfinite(t).all()):
+            if t is not None and not _all_finite(t):
                 raise TangentlabError(
                     f"Kernel: {name} contains NaN or inf values. Check the model's outputs "
                     "on this data (and its weights) before computing a kernel."
@@ -112,12 +139,25 @@ class Kernel:
 
     @property
     def projection_dim(self) -> int | None:
-        """k for a projected kernel, ``None`` for an exact one."""
+        """k for a projected kernel (a trace kernel's feature width S*k), ``None`` if exact."""
         return None if self.features is None else int(self.features.shape[1])
+
+    @property
+    def is_trace(self) -> bool:
+        """Whether this is a trace kernel, ``Theta ~= K (x) I_C`` (``theta`` ``[N, N]``)."""
+        return self.structure == "trace"
+
+    @property
+    def kernel_rows(self) -> int:
+        """Rows of ``theta`` / ``features``: N*C for a full kernel, N for a trace kernel."""
+        return self.num_samples * (1 if self.is_trace else self.num_classes)
 
     # ---- the kernel and its spectrum ---------------------------------------------------
     def gram(self) -> torch.Tensor:
-        """The kernel matrix ``theta`` ``[N*C, N*C]`` (``features @ features.T`` if projected)."""
+        """The kernel matrix ``theta`` ``[N*C, N*C]`` (``features @ features.T`` if projected).
+
+        For a trace kernel: ``K`` ``[N, N]`` (``Theta ~= K (x) I_C`` is never expanded).
+        """
         if self.theta is not None:
             return self.theta
         phi = self.features.double()
@@ -133,10 +173,14 @@ class Kernel:
           ``m = k`` directions in the span of ``features`` are returned (through the
           ``k x k`` matrix ``Phi^T Phi``, cost O(NC k^2)); every direction orthogonal to
           them has eigenvalue 0, so its residual never decays.
+
+          For a trace kernel, the eigendecomposition of ``K`` ``[N, N]``: ``lam`` ``[m]`` and
+          ``U`` ``[N, m]``. The eigenvalues of ``Theta ~= K (x) I_C`` are these, each
+          repeated C times, with eigenvectors ``u_j (x) e_c`` (never formed).
         """
         if self._eig is not None:
             return self._eig
-        nc = self.num_samples * self.num_classes
+        nc = self.kernel_rows
         if self.features is not None and self.features.shape[1] < nc:
             phi = self.features.double()
             lam, v = torch.linalg.eigh(phi.T @ phi)  # [k], [k, k]
@@ -173,6 +217,7 @@ class Kernel:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"format": _FORMAT, "tangentlab_version": __version__}
         meta.update({str(k): str(v) for k, v in self.metadata.items()})
+        meta["structure"] = self.structure  # absent in older files: "full"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
@@ -183,17 +228,35 @@ class Kernel:
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
             "projection_dim": self.projection_dim,
+            "structure": self.structure,
         }
+        if self.is_trace:
+            out["structure_note"] = (
+                "trace kernel: Theta ~= K (x) I_C, K[i,j] = tr(Theta_ij)/C (cross-class "
+                f"structure ignored); {self.metadata.get('trace', 'trace')}"
+            )
         if self.theta is not None:
-            out["trace_per_sample"] = float(torch.diagonal(self.theta).sum()) / self.num_samples
+            total = float(torch.diagonal(self.theta).sum())
         else:
-            out["trace_per_sample"] = float((self.features.double() ** 2).sum()) / self.num_samples
+            total = float((self.features.double() ** 2).sum())
+        # tr(K (x) I_C) = C tr(K): comparable with a full kernel's trace
+        scale = self.num_classes if self.is_trace else 1
+        out["trace_per_sample"] = scale * total / self.num_samples
         if self._eig is not None:
             lam = self._eig[0]
             out["lambda_max"] = float(lam.max())
             out["lambda_min_nonzero"] = float(lam[lam > 0].min()) if bool((lam > 0).any()) else 0.0
         out["metadata"] = dict(self.metadata)
         return out
+
+
+def _all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """``isfinite(t).all()`` in row blocks: a whole-tensor check would briefly allocate
+    ~1.75x the tensor (a bool mask and its reduction), outside the memory plan."""
+    if t.ndim < 2 or t.numel() <= block:
+        return bool(torch.isfinite(t).all())
+    step = max(1, block // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(t[i : i + step]).all()) for i in range(0, t.shape[0], step))
 
 
 def _check_spectrum(lam: torch.Tensor, what: str) -> None:
@@ -256,6 +319,7 @@ def load_kernel(path: str | os.PathLike) -> Kernel:
             f"(format {meta.get('format')!r}, expected {_FORMAT!r})."
         )
     meta.pop("format", None)
+    structure = meta.pop("structure", "full")  # files written before trace kernels: full
     return Kernel(
         f0=tensors["f0"],
         targets=tensors["targets"],
@@ -263,6 +327,7 @@ def load_kernel(path: str | os.PathLike) -> Kernel:
         features=tensors.get("features"),
         jw0=tensors.get("jw0"),
         metadata=meta,
+        structure=structure,
     )
 
 

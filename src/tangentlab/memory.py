@@ -12,6 +12,8 @@ NOTE [memory model]. Bytes held while computing one chunk of b samples:
 
 with ``item`` the dtype size and ``A`` the activation elements of one forward pass (doubled
 because hooks only see module outputs, not the intermediates inside functional ops).
+For a trace kernel (``trace=True``) C is the number of probed outputs S (the Jacobians are
+``[b, S, P]``), Theta is ``K`` ``[N, N]`` instead of ``[NC, NC]`` and Phi is ``[N, S k]``.
 """
 
 from __future__ import annotations
@@ -130,15 +132,20 @@ def plan(
     budget: int,
     batch_size: int | None = None,
     keep_theta: bool | None = None,
+    trace: bool = False,
 ) -> MemoryPlan:
     """Plan chunk sizes for N samples, C outputs, P weights (and projection k); see NOTE.
+
+    ``trace=True``: a trace kernel, with ``c`` the probes per sample S (S = C for the
+    exact trace): the kernel is ``[N, N]`` (NOTE [trace kernel] in tangentlab.compute).
 
     Raises:
       MemoryBudgetError: if even one sample at a time does not fit, naming the size needed.
     """
     nc = n * c
+    rows = n if trace else nc  # rows of the kernel matrix
     per_sample = itemsize * (3 * c * p + (c + 2) * 2 * act)
-    theta_bytes = nc * nc * itemsize
+    theta_bytes = rows * rows * itemsize
     if k is not None:
         phi = nc * k * itemsize
         dense_piece = 2 * (1 << 24) * 4  # NOTE [projection kinds]: one dense piece of R
@@ -154,17 +161,20 @@ def plan(
         fixed = theta_bytes + max(strip, 1) * row_bytes
     room = budget - fixed
     if room < per_sample or (k is None and strip < 1):
+        name = "K" if trace else "Theta"
+        width = c * k if (trace and k is not None) else k
         what = (
-            f"Theta [{nc}, {nc}] needs {gib(theta_bytes)}"
+            f"{name} [{rows}, {rows}] needs {gib(theta_bytes)}"
             if k is None or keep_theta
-            else f"Phi [{nc}, {k}] needs {gib(nc * k * itemsize)}"
+            else f"Phi [{rows}, {width}] needs {gib(nc * k * itemsize)}"
         )
         need = fixed + per_sample
         raise MemoryBudgetError(
             f"compute_kernel: this kernel needs at least {gib(need)} ({what}; one sample's "
             f"Jacobian [{c}, {p}] and activations need {gib(per_sample)}), but the memory "
-            f"budget is {gib(budget)}. Fixes: project (projection=1024), train fewer weights "
-            "(params=...), use fewer samples, or raise memory_budget."
+            f"budget is {gib(budget)}. Fixes: project (projection=1024), "
+            + ("" if trace else "use the trace kernel (trace=True, N^2 instead of (NC)^2), ")
+            + "train fewer weights (params=...), use fewer samples, or raise memory_budget."
         )
     chunk = max(1, min(n, room // per_sample))
     # Chunks whose Jacobians exceed ~512 MiB are slower, not faster: the work is bound by

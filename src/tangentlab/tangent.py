@@ -35,8 +35,10 @@ ops) fall back to a per-sample autograd loop, announced with a
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
+import math
 import re
 import time
 import warnings
@@ -199,6 +201,7 @@ class Tangent:
         self.mode_timings: float | None = None
         self.use_forward_ad = True
         self.params_spec = params
+        self.output_probes: torch.Tensor | None = None  # see probed()
         config = getattr(model, "config", None)
         self._hf_encoder = bool(
             config is not None
@@ -237,6 +240,10 @@ class Tangent:
                 h.update(t.view(torch.uint8).numpy())
         return h.hexdigest()[:32]
 
+    def w0_norm(self) -> float:
+        """‖w0‖, the Euclidean norm of the selected (trainable) pre-trained weights."""
+        return math.sqrt(sum(float(v.double().pow(2).sum()) for v in self.w0.values()))
+
     def params_hash(self) -> str:
         return hashlib.sha256("\n".join(self.param_names).encode()).hexdigest()[:16]
 
@@ -255,7 +262,23 @@ class Tangent:
             out = functional_call(self.model, pb, args=(), kwargs=x)
         else:
             out = functional_call(self.model, pb, (x,))
-        return _logits(out, "Tangent")
+        logits = _logits(out, "Tangent")
+        if self.output_probes is not None:
+            logits = logits @ self.output_probes.to(logits)  # [B, C] @ [C, S] -> [B, S]
+        return logits
+
+    def probed(self, probes: torch.Tensor) -> Tangent:
+        """The tangent model of the probed outputs ``f(x)^T V`` (``V`` = ``probes`` ``[C, S]``).
+
+        A shallow copy sharing the weights, projection and Jacobian strategy settings,
+        whose outputs (``f0``, Jacobians, projected Jacobians) are ``[B, S]`` instead of
+        ``[B, C]``: every Jacobian strategy computes ``V^T J(x_i)`` ``[S, P]`` with S
+        backward passes instead of C. Used for trace kernels (NOTE [trace kernel] in
+        tangentlab.compute).
+        """
+        out = copy.copy(self)
+        out.output_probes = probes.detach()
+        return out
 
     def _call_one(self, w: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
         """f(w, x) for ONE sample without batch dimension -> ``[C]`` (for vmap)."""
