@@ -376,6 +376,7 @@ def iterate_trajectory(
     steps: int,
     batches: Sequence[np.ndarray] | None = None,
     blowup_loss: float = math.inf,
+    scale_t: np.ndarray | None = None,
 ) -> Trajectory:
     r"""Exact discrete SGD steps of the tangent model in function space (one path).
 
@@ -399,6 +400,8 @@ def iterate_trajectory(
       batches: the sample ids of each step (:func:`batch_schedule`), or ``None`` for full
         batch (then Θ is applied in one product).
       blowup_loss: stop once the loss exceeds this (NOTE [divergence]).
+      scale_t: kernel scale s(t) per step, ``[>= T]``: step t uses s(t) Θ (the kernel-growth
+        option, :mod:`tangentlab.growth`); ``None``: s = 1.
 
     Returns:
       A one-path :class:`Trajectory`.
@@ -425,6 +428,8 @@ def iterate_trajectory(
             d = loss_grad(fm[idx], targets[idx], loss=loss, scale=scale)
             g = op.cols_matvec(idx, d)
             g /= len(idx)
+        if scale_t is not None:
+            g *= scale_t[t]
         if weight_decay:
             g += weight_decay * (f - anc)
         if buf is not None:

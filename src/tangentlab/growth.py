@@ -331,67 +331,17 @@ def scaled_spectral_accuracy(
     return out
 
 
-def scaled_iterate_trajectory(
-    op: Any,
-    f0: np.ndarray,
-    targets: np.ndarray,
-    anchor: np.ndarray,
-    *,
-    scale_t: np.ndarray,
-    loss: str,
-    scale: float,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    heavy_ball: bool,
-    steps: int,
-    batches: Sequence[np.ndarray] | None = None,
-    blowup_loss: float = math.inf,
-) -> dyn.Trajectory:
+def scaled_iterate_trajectory(op: Any, f0: np.ndarray, targets: np.ndarray,
+                              anchor: np.ndarray, *, scale_t: np.ndarray,
+                              **kw: Any) -> dyn.Trajectory:  # fmt: skip
     r""":func:`tangentlab.dynamics.iterate_trajectory` with Θ replaced by s(t) Θ at step t.
 
     .. math::
         G_t = s(t)\, \tfrac{1}{|b_t|} \Theta_{:, b_t} \delta_{b_t}(f_t) + \lambda (f_t - a)
 
-    Same arguments, plus ``scale_t`` ``[>= T]``. Only ``op.matvec`` / ``op.cols_matvec`` are
-    used (any kernel operator of :mod:`tangentlab.dynamics`).
+    Same arguments, plus ``scale_t`` ``[>= T]``.
     """
-    n, c = f0.shape
-    f = f0.reshape(-1).copy()
-    anc = anchor.reshape(-1)
-    buf = np.zeros_like(f) if heavy_ball and momentum > 0 else None
-    step_lr = lr if heavy_ball else lr / (1.0 - momentum)
-    losses = np.full(steps + 1, np.nan)
-    accs = np.full(steps + 1, np.nan)
-    losses[0] = dyn.loss_value(f0, targets, loss=loss, scale=scale)
-    accs[0] = dyn.accuracy_value(f0, targets)
-    if not math.isfinite(losses[0]) or losses[0] > blowup_loss:
-        return dyn.Trajectory(losses[None], accs[None], (0,))
-    blowup = None
-    for t in range(steps):
-        fm = f.reshape(n, c)
-        if batches is None:
-            g = op.matvec(dyn.loss_grad(fm, targets, loss=loss, scale=scale).reshape(-1))
-            g *= scale_t[t] / n
-        else:
-            idx = batches[t]
-            d = dyn.loss_grad(fm[idx], targets[idx], loss=loss, scale=scale)
-            g = op.cols_matvec(idx, d)
-            g *= scale_t[t] / len(idx)
-        if weight_decay:
-            g += weight_decay * (f - anc)
-        if buf is not None:
-            buf *= momentum
-            buf += g
-            g = buf
-        f -= step_lr * g
-        value = float(dyn.loss_value(fm, targets, loss=loss, scale=scale))
-        if not math.isfinite(value) or value > blowup_loss:
-            blowup = t + 1
-            break
-        losses[t + 1] = value
-        accs[t + 1] = dyn.accuracy_value(fm, targets)
-    return dyn.Trajectory(losses[None], accs[None], (blowup,))
+    return dyn.iterate_trajectory(op, f0, targets, anchor, scale_t=scale_t, **kw)
 
 
 # ---------------------------------------------------------------------------------------
