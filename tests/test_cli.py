@@ -113,6 +113,9 @@ def test_forecast_end_to_end(digits_run):
     # default target: 80% drop of the initial loss
     assert js["target_loss"] == pytest.approx(0.2 * fc["loss"][0])
     assert "--lr not given" in res.stderr  # default lr announced on stderr, not stdout
+    # the default lr is rounded down: on the validity boundary, never past it
+    assert "ValidityWarning" not in res.stderr
+    assert js["summary"][0]["stability"] <= 1.0
     assert "DIVERGES" not in res.stdout
     assert f"wrote {out / 'forecast.json'}" in res.stdout
 

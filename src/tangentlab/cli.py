@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -370,9 +371,12 @@ def _default_lr(kernel, momentum: float) -> float:
     """Half the stability limit: η̃ λ_max / N = 1 with η̃ = η / (1 − m) (DESIGN.md §3)."""
     lam_max = float(kernel.eigh()[0].max())
     lr = (1.0 - momentum) * kernel.num_samples / lam_max
+    # 3 significant digits, rounded down: never past the boundary of the validity region
+    digits = 2 - math.floor(math.log10(lr))
+    lr = math.floor(lr * 10**digits) / 10**digits
     _echo(f"tangentlab: --lr not given: using lr = {lr:.4g}, half the stability limit "
           f"(λ_max/N = {lam_max / kernel.num_samples:.4g}, momentum {momentum:g}).")  # fmt: skip
-    return float(f"{lr:.3g}")
+    return float(f"{lr:.3g}")  # lr is already on 3 digits: drops float noise
 
 
 def _target(o: dict[str, Any], initial_loss: float) -> float:
