@@ -74,7 +74,7 @@ the loss and accuracy from that step on are NaN. The spectral criterion for MSE 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -772,10 +772,16 @@ def mode_states(
                 start, filled = i + 1, 0
 
 
-def spectral_loss(problem: SpectralMSE, steps: int, **scheme) -> np.ndarray:
-    """MSE at every step 0..T from the modes alone (O(T·m), no NC-sized work), ``[T+1]``."""
+def spectral_loss(
+    problem: SpectralMSE, steps: int, *, states: Callable | None = None, **scheme
+) -> np.ndarray:
+    """MSE at every step 0..T from the modes alone (O(T·m), no NC-sized work), ``[T+1]``.
+
+    ``states``: the mode-state generator (default :func:`mode_states`; the kernel-growth
+    option passes its scaled one), called as ``states(problem, times, **scheme)``.
+    """
     out = np.empty(steps + 1)
-    for start, x in mode_states(problem, np.arange(steps + 1), **scheme):
+    for start, x in (states or mode_states)(problem, np.arange(steps + 1), **scheme):
         with np.errstate(over="ignore", invalid="ignore"):
             out[start : start + x.shape[1]] = problem.loss(x)
     return out
@@ -787,12 +793,16 @@ def spectral_accuracy(
     targets: np.ndarray,
     *,
     scale: float,
+    states: Callable | None = None,
     **scheme,
 ) -> np.ndarray:
-    """Accuracy at ``times`` from ``f_t = sY + r_t``; O(NC·m) per time (one GEMM per chunk)."""
+    """Accuracy at ``times`` from ``f_t = sY + r_t``; O(NC·m) per time (one GEMM per chunk).
+
+    ``states`` as in :func:`spectral_loss`.
+    """
     n = targets.shape[0]
     out = np.empty(len(times))
-    for start, x in mode_states(problem, times, **scheme):
+    for start, x in (states or mode_states)(problem, times, **scheme):
         r = problem.residual(x)  # [NC, len]
         f = r.T.reshape(x.shape[1], n, -1)
         f[:, np.arange(n), targets] += scale

@@ -67,6 +67,7 @@ kernel's fast early change and growth during training).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -301,12 +302,8 @@ def scaled_spectral_loss(
     problem: dyn.SpectralMSE, steps: int, *, scale_t: np.ndarray, weight_decay: float, **scheme
 ) -> np.ndarray:
     """MSE at every step 0..T with the kernel scaled by s(t), ``[T+1]``."""
-    out = np.empty(steps + 1)
-    for start, x in scaled_mode_states(problem, np.arange(steps + 1), scale_t=scale_t,
-                                       weight_decay=weight_decay, **scheme):  # fmt: skip
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[start : start + x.shape[1]] = problem.loss(x)
-    return out
+    states = functools.partial(scaled_mode_states, scale_t=scale_t, weight_decay=weight_decay)
+    return dyn.spectral_loss(problem, steps, states=states, **scheme)
 
 
 def scaled_spectral_accuracy(
@@ -320,15 +317,8 @@ def scaled_spectral_accuracy(
     **scheme,
 ) -> np.ndarray:
     """Accuracy at ``times`` with the kernel scaled by s(t) (as ``dynamics.spectral_accuracy``)."""
-    n = targets.shape[0]
-    out = np.empty(len(times))
-    for start, x in scaled_mode_states(problem, times, scale_t=scale_t,
-                                       weight_decay=weight_decay, **scheme):  # fmt: skip
-        r = problem.residual(x)  # [NC, len]
-        f = r.T.reshape(x.shape[1], n, -1)
-        f[:, np.arange(n), targets] += scale
-        out[start : start + x.shape[1]] = dyn.accuracy_value(f, targets)
-    return out
+    states = functools.partial(scaled_mode_states, scale_t=scale_t, weight_decay=weight_decay)
+    return dyn.spectral_accuracy(problem, times, targets, scale=scale, states=states, **scheme)
 
 
 def scaled_iterate_trajectory(op: Any, f0: np.ndarray, targets: np.ndarray,
