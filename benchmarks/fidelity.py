@@ -50,7 +50,7 @@ import tangentlab as tl  # noqa: E402
 from _common import RESULTS, ROOT, machine, write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
 from tangentlab import dynamics as dyn  # noqa: E402
-from tangentlab import growth as gr  # noqa: E402
+from tangentlab.experimental import growth as gr  # noqa: E402
 from tangentlab.structured import _per_sample, capture_calls  # noqa: E402
 
 STEPS = 300
@@ -197,7 +197,7 @@ def calibrate(kernel, real_losses, lr, momentum, displacement, k_early: int):
         g = gr.fit_growth([1.0], [1.0], form="displacement", displacement=displacement)
         g = gr.KernelGrowth(g.steps, g.scale, form="displacement",
                             params={"c": float(cval), "d": g.params["d"]})  # fmt: skip
-        fc = tl.forecast(kernel, lr=lr, momentum=momentum, steps=k_early, kernel_growth=g)
+        fc = tl.forecast(kernel, tl.SGD(lr, momentum=momentum), k_early, kernel_growth=g)
         err = float(((np.log(fc.loss) - np.log(real_losses[: k_early + 1])) ** 2).sum())
         if err < best[0]:
             best = (err, float(cval), g)
@@ -261,7 +261,7 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
         variants = {}
 
         t0 = time.perf_counter()
-        plain = tl.forecast(kernel, lr=lr, momentum=m, steps=long).loss
+        plain = tl.forecast(kernel, tl.SGD(lr, momentum=m), long).loss
         variants["plain"] = (plain, time.perf_counter() - t0, 0.0)
 
         # growth probes along the tangent model's own weight forecast (no training)
@@ -278,14 +278,14 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
                                            displacement=disp)  # fmt: skip
         for form, g in fits.items():
             t0 = time.perf_counter()
-            fc = tl.forecast(kernel, lr=lr, momentum=m, steps=long, kernel_growth=g).loss
+            fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=g).loss
             variants[f"probe-{form}"] = (fc, probe_s + time.perf_counter() - t0, 0.0)
             row[f"growth_{form}"] = g.to_dict()
         for iters in (2, 3):  # fixed-point iterations: displacement under the grown kernel
             t0 = time.perf_counter()
             g2 = gr.estimate_growth(tangent, (xt, y), kernel, lr=lr, steps=STEPS, momentum=m,
                                     probes=probes, samples=samples, iterations=iters)  # fmt: skip
-            fc = tl.forecast(kernel, lr=lr, momentum=m, steps=long, kernel_growth=g2).loss
+            fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=g2).loss
             variants[f"probe-interp-it{iters}"] = (fc, time.perf_counter() - t0, 0.0)
             row[f"growth_probe_it{iters}"] = g2.to_dict()
         print(f"  probes {probe_s:.1f}s", flush=True)
@@ -294,7 +294,7 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
         t0 = time.perf_counter()
         g = gr.probe_growth(tangent, (xt, y), {t: saved[t][0] for t in REAL_CKPTS},
                             probes=probes, samples=samples)  # fmt: skip
-        fc = tl.forecast(kernel, lr=lr, momentum=m, steps=long, kernel_growth=g).loss
+        fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=g).loss
         variants["real-ckpt-probes"] = (fc, time.perf_counter() - t0, real_s)
         row["growth_real"] = g.to_dict()
 
@@ -317,7 +317,7 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
         # calibration of the growth amplitude on the first K real steps
         t0 = time.perf_counter()
         gc = calibrate(kernel, real, lr, m, disp, K_EARLY)
-        fc = tl.forecast(kernel, lr=lr, momentum=m, steps=long, kernel_growth=gc).loss
+        fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=gc).loss
         variants[f"calib@{K_EARLY}"] = (fc, probe_s + time.perf_counter() - t0,
                                         real_s * K_EARLY / STEPS)  # fmt: skip
         row["calib_amplitude"] = gc.params["c"]

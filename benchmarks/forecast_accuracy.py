@@ -48,13 +48,16 @@ OUT = Path(__file__).resolve().parent / "results" / "forecast_accuracy"
 COMMAND = ".venv/bin/python benchmarks/forecast_accuracy.py"
 
 CASES = {
-    "digits-cnn": dict(num_samples=200, projection=None, steps_full=200, steps_mb=200,
-                       batch=32, log_mb=2),
-    "fashion-lite0": dict(num_samples=1000, projection=4096, steps_full=60, steps_mb=80,
-                          batch=32, log_mb=4),
-    "rt-minilm": dict(num_samples=128, projection=4096, steps_full=40, steps_mb=80,
-                      batch=16, log_mb=2),
-}  # fmt: skip
+    "digits-cnn": dict(
+        num_samples=200, projection=None, steps_full=200, steps_mb=200, batch=32, log_mb=2
+    ),
+    "fashion-lite0": dict(
+        num_samples=1000, projection=4096, steps_full=60, steps_mb=80, batch=32, log_mb=4
+    ),
+    "rt-minilm": dict(
+        num_samples=128, projection=4096, steps_full=40, steps_mb=80, batch=16, log_mb=2
+    ),
+}
 LR_FACTORS = (0.1, 0.3, 1.0)  # a in η = a N / λ_max
 MOMENTA = (0.0, 0.9)
 LOSSES = ("mse", "ce")
@@ -87,8 +90,16 @@ def _displacement(model0: torch.nn.Module, model1: torch.nn.Module, names: list[
 def _naive_step_seconds(ex, batch: int | None, steps: int = 2) -> float:
     """Seconds per optimizer step of a plain full-network run (no trunk caching)."""
     X, y = ex.data
-    run = tl.finetune(ex.model, (X, y), lr=1e-6, steps=steps, batch_size=batch,
-                      params=ex.default_params, log_every=steps, progress=False)  # fmt: skip
+    run = tl.finetune(
+        ex.model,
+        (X, y),
+        tl.SGD(1e-06),
+        steps,
+        batch_size=batch,
+        params=ex.default_params,
+        log_every=steps,
+        progress=False,
+    )
     return run.train_seconds / steps
 
 
@@ -104,27 +115,35 @@ def run_case(name: str, fresh: bool = False) -> dict:
     top, xt, trunk_s = cached_inputs(name, ex.model, X)
     if "kernel" not in state:
         t0 = time.perf_counter()
-        kernel = tl.compute_kernel(top, (xt, y), projection=cfg["projection"],
-                                   params=ex.default_params, progress=False)  # fmt: skip
+        kernel = tl.compute_kernel(
+            top, (xt, y), projection=cfg["projection"], params=ex.default_params, progress=False
+        )
         kernel_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         lam = kernel.eigh()[0]
         eigh_s = time.perf_counter() - t0
         lam_max = float(lam[-1])
         state["kernel"] = dict(
-            trunk_seconds=trunk_s, kernel_seconds=kernel_s, eigh_seconds=eigh_s,
-            lam_max=lam_max, num_samples=n, num_classes=kernel.num_classes,
+            trunk_seconds=trunk_s,
+            kernel_seconds=kernel_s,
+            eigh_seconds=eigh_s,
+            lam_max=lam_max,
+            num_samples=n,
+            num_classes=kernel.num_classes,
             projection=cfg["projection"],
             num_params=tl.Tangent(top, params=ex.default_params).num_params,
-        )  # fmt: skip
+        )
         kernel.save(OUT / f"{name}.kernel.safetensors")
         path.write_text(json.dumps(state, indent=1))
     else:  # resumed: the saved kernel (its eigendecomposition is redone, not timed again)
         kernel = tl.load_kernel(OUT / f"{name}.kernel.safetensors")
         kernel.eigh()
     info = state["kernel"]
-    print(f"[{name}] kernel {info['kernel_seconds']:.1f}s + eigh {info['eigh_seconds']:.1f}s, "
-          f"lambda_max/N = {info['lam_max'] / n:.4g}", flush=True)  # fmt: skip
+    print(
+        f"[{name}] kernel {info['kernel_seconds']:.1f}s + eigh {info['eigh_seconds']:.1f}s, "
+        f"lambda_max/N = {info['lam_max'] / n:.4g}",
+        flush=True,
+    )
     names = tl.Tangent(top, params=ex.default_params).param_names
     if "naive" not in state and name != "digits-cnn":
         state["naive"] = {
@@ -142,40 +161,63 @@ def run_case(name: str, fresh: bool = False) -> dict:
         steps = cfg["steps_full"] if full else cfg["steps_mb"]
         if c["momentum"] > 0:  # 10x the effective rate: half the horizon is plenty
             steps //= 2
-        kw = dict(lr=lr, steps=steps, batch_size=c["batch_size"], momentum=c["momentum"],
-                  loss=c["loss"])  # fmt: skip
+        kw = dict(
+            lr=lr, steps=steps, batch_size=c["batch_size"], momentum=c["momentum"], loss=c["loss"]
+        )
         t0 = time.perf_counter()
         fc = tl.forecast(kernel, **kw)
         fc_s = time.perf_counter() - t0
-        run = tl.finetune(top, (xt, y), params=ex.default_params, progress=False,
-                          log_every=1 if full else cfg["log_mb"], **kw)  # fmt: skip
+        run = tl.finetune(
+            top,
+            (xt, y),
+            params=ex.default_params,
+            progress=False,
+            log_every=1 if full else cfg["log_mb"],
+            **kw,
+        )
         real_s = trunk_s + run.train_seconds
         cmp = {}
         for drop in DROPS:
             r = tl.compare(fc, run, target_drop=drop)
             cmp[f"{drop:g}"] = dict(
-                T=r.steps_to_target_run, T_hat=r.steps_to_target_forecast,
-                err=r.steps_to_target_error, res=r.steps_resolution,
-            )  # fmt: skip
+                T=r.steps_to_target_run,
+                T_hat=r.steps_to_target_forecast,
+                err=r.steps_to_target_error,
+                res=r.steps_resolution,
+            )
         r = tl.compare(fc, run)
         cells[key] = dict(
-            **c, lr=lr, steps=steps, forecast_seconds=fc_s, real_seconds=real_s,
-            train_seconds=run.train_seconds, eval_seconds=run.eval_seconds,
-            targets=cmp, curve_error=r.curve_error, curve_error_max=r.curve_error_max,
+            **c,
+            lr=lr,
+            steps=steps,
+            forecast_seconds=fc_s,
+            real_seconds=real_s,
+            train_seconds=run.train_seconds,
+            eval_seconds=run.eval_seconds,
+            targets=cmp,
+            curve_error=r.curve_error,
+            curve_error_max=r.curve_error_max,
             plateau_error=r.steps_to_plateau_error,
-            final_accuracy_diff=r.final_accuracy_diff, band_coverage=r.band_coverage,
-            diverges_forecast=bool(fc.diverges), diverged_run=bool(run.diverged),
-            stability=float(fc.stability), stability_limit=float(fc.stability_limit),
+            final_accuracy_diff=r.final_accuracy_diff,
+            band_coverage=r.band_coverage,
+            diverges_forecast=bool(fc.diverges),
+            diverged_run=bool(run.diverged),
+            stability=float(fc.stability),
+            stability_limit=float(fc.stability_limit),
             displacement=_displacement(top, run.model, names),
-            run_steps=[int(s) for s in run.steps], run_loss=[float(v) for v in run.loss],
+            run_steps=[int(s) for s in run.steps],
+            run_loss=[float(v) for v in run.loss],
             fc_loss=[None if not np.isfinite(v) else float(v) for v in fc.loss],
             fc_low=None if fc.loss_band is None else [float(v) for v in fc.loss_band[0]],
             fc_high=None if fc.loss_band is None else [float(v) for v in fc.loss_band[1]],
-        )  # fmt: skip
+        )
         e = cmp["0.5"]["err"]
-        print(f"[{name}] {key}: lr={lr:.3g} T={cmp['0.5']['T']} T^={cmp['0.5']['T_hat']} "
-              f"err={'-' if e is None else f'{e:.0%}'} curve={r.curve_error:.3f} "
-              f"real {real_s:.1f}s forecast {fc_s:.2f}s", flush=True)  # fmt: skip
+        print(
+            f"[{name}] {key}: lr={lr:.3g} T={cmp['0.5']['T']} T^={cmp['0.5']['T_hat']} "
+            f"err={'-' if e is None else f'{e:.0%}'} curve={r.curve_error:.3f} "
+            f"real {real_s:.1f}s forecast {fc_s:.2f}s",
+            flush=True,
+        )
         path.write_text(json.dumps(state, indent=1))
     return state
 
@@ -228,22 +270,26 @@ def _plot(name: str, state: dict) -> str | None:
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharey="row")
     colors = dict(zip(LR_FACTORS, ("tab:blue", "tab:orange", "tab:green")))
     for i, loss in enumerate(LOSSES):
-        for j, (batch, m) in enumerate([(None, 0.0), (None, 0.9), (cfg["batch"], 0.0),
-                                        (cfg["batch"], 0.9)]):  # fmt: skip
+        for j, (batch, m) in enumerate(
+            [(None, 0.0), (None, 0.9), (cfg["batch"], 0.0), (cfg["batch"], 0.9)]
+        ):
             ax = axes[i, j]
             for a in LR_FACTORS:
-                c = state["cells"].get(_key(dict(loss=loss, batch_size=batch, momentum=m,
-                                                 lr_factor=a)))  # fmt: skip
+                c = state["cells"].get(
+                    _key(dict(loss=loss, batch_size=batch, momentum=m, lr_factor=a))
+                )
                 if c is None:
                     continue
                 col = colors[a]
-                ax.plot(c["run_steps"], c["run_loss"], color=col, lw=2,
-                        label=f"real, η={c['lr']:.3g}")  # fmt: skip
+                ax.plot(
+                    c["run_steps"], c["run_loss"], color=col, lw=2, label=f"real, η={c['lr']:.3g}"
+                )
                 fl = np.array([np.nan if v is None else v for v in c["fc_loss"]])
                 ax.plot(np.arange(fl.size), fl, color=col, ls="--", lw=1.5, label="forecast")
                 if c["fc_low"] is not None:
-                    ax.fill_between(np.arange(fl.size), c["fc_low"], c["fc_high"], color=col,
-                                    alpha=0.15, lw=0)  # fmt: skip
+                    ax.fill_between(
+                        np.arange(fl.size), c["fc_low"], c["fc_high"], color=col, alpha=0.15, lw=0
+                    )
             b = "full batch" if batch is None else f"B = {batch}"
             ax.set_title(f"{loss.upper()}, {b}, momentum {m:g}", fontsize=10)
             ax.set_xlabel("step")
@@ -321,12 +367,18 @@ def report() -> str:
         all_in += errs_in
         med, p90 = _q(errs, 0.5), _q(errs, 0.9)
         row = dict(
-            name=name, med=med, p90=p90, count=sum(e is not None for e in errs),
-            med_in=_q(errs_in, 0.5), p90_in=_q(errs_in, 0.9),
+            name=name,
+            med=med,
+            p90=p90,
+            count=sum(e is not None for e in errs),
+            med_in=_q(errs_in, 0.5),
+            p90_in=_q(errs_in, 0.9),
             count_in=sum(e is not None for e in errs_in),
-            total=len(errs), single=_q(costs["single"], 0.5), sweep=_q(costs["sweep"], 0.5),
+            total=len(errs),
+            single=_q(costs["single"], 0.5),
+            sweep=_q(costs["sweep"], 0.5),
             curve=_q([c["curve_error"] for c in cells.values()], 0.5),
-        )  # fmt: skip
+        )
         if "naive_single" in costs:
             row["naive_single"] = _q(costs["naive_single"], 0.5)
             row["naive_sweep"] = _q(costs["naive_sweep"], 0.5)
@@ -352,9 +404,12 @@ def report() -> str:
                 f"| {r['name']} | {r['count']} of {r['total']} | {_pct(r['med'])} | "
                 f"{_pct(r['p90'])} | {r['count_in']} | {_pct(r['med_in'])} | "
                 f"{_pct(r['p90_in'])} | {r['curve']:.3f} | {r['single']:.1f} | {r['sweep']:.1f} | "
-                + (f"{r['naive_single']:.0f} | {r['naive_sweep']:.0f} |" if "naive_single" in r
-                   else "– | – |")
-            )  # fmt: skip
+                + (
+                    f"{r['naive_single']:.0f} | {r['naive_sweep']:.0f} |"
+                    if "naive_single" in r
+                    else "– | – |"
+                )
+            )
         lines.append(
             f"| all | {sum(e is not None for e in all_err)} of {len(all_err)} | "
             f"{_pct(_q(all_err, 0.5))} | {_pct(_q(all_err, 0.9))} | "

@@ -134,7 +134,7 @@ def job_error(case: str, m: int, configs: list) -> dict:
     lam, _ = exact.eigh()
     lr = exact.num_samples / float(lam.max())  # stability 1: half the limit
     steps = 300
-    ref = tl.forecast(exact, lr, steps)
+    ref = tl.forecast(exact, tl.SGD(lr), steps)
     target = 0.2 * float(ref.loss[0])
     t_ref = ref.steps_to(target)
     out = {"exact_seconds": exact_sec, "t_ref": t_ref, "rows": []}
@@ -144,7 +144,7 @@ def job_error(case: str, m: int, configs: list) -> dict:
                                projection=tl.Projection(k, kind=kind), progress=False)  # fmt: skip
         sec = time.perf_counter() - t0
         th, te = pk.theta.double(), exact.theta.double()
-        fc = tl.forecast(pk, lr, steps)
+        fc = tl.forecast(pk, tl.SGD(lr), steps)
         t_hat = fc.steps_to(target)
         out["rows"].append({
             "kind": kind, "k": k, "seconds": sec,
@@ -184,10 +184,22 @@ def main() -> None:
     for case, sz in sizes.items():
         res: dict = {"sizes": sz, "kernels": []}
         print(f"[{case}] projection error on {sz['err_m']} samples", flush=True)
-        res["error"] = run_job(script, {"job": "error", "case": case, "m": sz["err_m"],
-                                        "configs": [["tensor", 1024], ["tensor", 4096],
-                                                    ["sparse", 1024], ["sparse", 4096],
-                                                    ["gaussian", 1024], ["rademacher", 1024]]})
+        res["error"] = run_job(
+            script,
+            {
+                "job": "error",
+                "case": case,
+                "m": sz["err_m"],
+                "configs": [
+                    ["tensor", 1024],
+                    ["tensor", 4096],
+                    ["sparse", 1024],
+                    ["sparse", 4096],
+                    ["gaussian", 1024],
+                    ["rademacher", 1024],
+                ],
+            },
+        )
         print(json.dumps(res["error"]), flush=True)
         print(f"[{case}] fine-tuning epoch on {sz['n']} samples", flush=True)
         res["epoch"] = run_job(script, {"job": "epoch", "case": case, "n": sz["n"]})

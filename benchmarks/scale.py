@@ -62,20 +62,42 @@ PARTS = ("forecast", "memory", "trace")
 
 SIZES = {
     False: dict(
-        N=20000, ns=[2000, 1000, 500], min_steps=25, max_steps=60, horizon=200,
-        full_model_slice=2000, full_model_steps=2,
-        mem_N=[250, 500, 1000, 2000, 4000], mem_k=[512, 1024, 4096, 16384], mem_kN=1000,
-        mem_C=[2, 10, 100], mem_CN=500, refuse_N=8000,
-        trace_N=1000, trace_S=[1, 2, 4], trace_steps=60,
+        N=20000,
+        ns=[2000, 1000, 500],
+        min_steps=25,
+        max_steps=60,
+        horizon=200,
+        full_model_slice=2000,
+        full_model_steps=2,
+        mem_N=[250, 500, 1000, 2000, 4000],
+        mem_k=[512, 1024, 4096, 16384],
+        mem_kN=1000,
+        mem_C=[2, 10, 100],
+        mem_CN=500,
+        refuse_N=8000,
+        trace_N=1000,
+        trace_S=[1, 2, 4],
+        trace_steps=60,
     ),
     True: dict(
-        N=2000, ns=[400, 200, 100], min_steps=10, max_steps=30, horizon=100,
-        full_model_slice=100, full_model_steps=2,
-        mem_N=[50, 100, 200], mem_k=[512, 1024], mem_kN=100,
-        mem_C=[2, 10], mem_CN=50, refuse_N=8000,
-        trace_N=100, trace_S=[1, 2], trace_steps=30,
+        N=2000,
+        ns=[400, 200, 100],
+        min_steps=10,
+        max_steps=30,
+        horizon=100,
+        full_model_slice=100,
+        full_model_steps=2,
+        mem_N=[50, 100, 200],
+        mem_k=[512, 1024],
+        mem_kN=100,
+        mem_C=[2, 10],
+        mem_CN=50,
+        refuse_N=8000,
+        trace_N=100,
+        trace_S=[1, 2],
+        trace_steps=30,
     ),
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -98,8 +120,12 @@ def _perm(n: int) -> torch.Tensor:
 def _tangent(top, params, k: int = K):
     import tangentlab as tl
 
-    return tl.Tangent(top, params=params, projection=tl.Projection(k, kind="tensor", seed=SEED),
-                      jacobian_mode="structured")  # fmt: skip
+    return tl.Tangent(
+        top,
+        params=params,
+        projection=tl.Projection(k, kind="tensor", seed=SEED),
+        jacobian_mode="structured",
+    )
 
 
 def _cli_lr(kernel) -> float:
@@ -152,40 +178,55 @@ def part_forecast(sz: dict, shared: dict) -> dict:
         idx = perm[:n]
         top, xt, trunk_s = cached_inputs(EXAMPLE, ex.model, X[idx])
         t0 = time.perf_counter()
-        kernel = tl.compute_kernel(_tangent(top, params), (xt, y[idx]), keep_theta=False,
-                                   progress=False)  # fmt: skip
+        kernel = tl.compute_kernel(
+            _tangent(top, params), (xt, y[idx]), keep_theta=False, progress=False
+        )
         kernel_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         lam, _ = kernel.eigh()  # cached on the kernel: the forecasts below reuse it
         eigh_s = time.perf_counter() - t0
         if lr is None:
             lr = _cli_lr(kernel)
-            _say(f"lr = {lr:g} (half the stability limit of the n={n} kernel, "
-                 f"lambda_max/n = {float(lam.max()) / n:.4g})")  # fmt: skip
-        row = dict(n=n, trunk_seconds=trunk_s, kernel_seconds=kernel_s, eigh_seconds=eigh_s,
-                   lambda_max_over_n=float(lam.max()) / n, forecasts={})  # fmt: skip
+            _say(
+                f"lr = {lr:g} (half the stability limit of the n={n} kernel, "
+                f"lambda_max/n = {float(lam.max()) / n:.4g})"
+            )
+        row = dict(
+            n=n,
+            trunk_seconds=trunk_s,
+            kernel_seconds=kernel_s,
+            eigh_seconds=eigh_s,
+            lambda_max_over_n=float(lam.max()) / n,
+            forecasts={},
+        )
         for tail in ("none", "powerlaw"):
             t0 = time.perf_counter()
             spec = tl.extrapolate(kernel, N, tail=tail)
-            fc = tl.forecast(spec, lr=lr, steps=sz["horizon"], loss="mse")
+            fc = tl.forecast(spec, tl.SGD(lr), sz["horizon"], loss="mse")
             fc_s = time.perf_counter() - t0
             spectra[(n, tail)] = fc
             row["forecasts"][tail] = dict(
-                forecast_seconds=fc_s, loss=_curve(fc.loss), accuracy=_curve(fc.accuracy),
+                forecast_seconds=fc_s,
+                loss=_curve(fc.loss),
+                accuracy=_curve(fc.accuracy),
                 steps_to_target_own=fc.steps_to(0.2 * float(fc.loss[0])),
                 alpha=None if tail == "none" else float(spec.alpha),
                 beta=None if tail == "none" else float(spec.beta),
-                modes=int(spec.num_modes), tail_note=spec.info.get("note"),
-            )  # fmt: skip
+                modes=int(spec.num_modes),
+                tail_note=spec.info.get("note"),
+            )
         rows.append(row)
         t_own = [f["steps_to_target_own"] for f in row["forecasts"].values()]
-        _say(f"n={n}: trunk {trunk_s:.1f} s, kernel {kernel_s:.1f} s, eigh {eigh_s:.1f} s, "
-             f"T_hat(80%) {t_own}")  # fmt: skip
+        _say(
+            f"n={n}: trunk {trunk_s:.1f} s, kernel {kernel_s:.1f} s, eigh {eigh_s:.1f} s, "
+            f"T_hat(80%) {t_own}"
+        )
         del kernel, top, xt
         gc.collect()
 
-    t_hat = [f["steps_to_target_own"] or sz["max_steps"] for r in rows
-             for f in r["forecasts"].values()]  # fmt: skip
+    t_hat = [
+        f["steps_to_target_own"] or sz["max_steps"] for r in rows for f in r["forecasts"].values()
+    ]
     steps = int(min(sz["max_steps"], max(sz["min_steps"], math.ceil(1.6 * max(t_hat)))))
 
     # The real run: trunk once over all N, then full-batch GD of the top.
@@ -195,22 +236,34 @@ def part_forecast(sz: dict, shared: dict) -> dict:
 
     # A user's plain run on the full network (estimate): a few full-batch steps on a slice.
     m = sz["full_model_slice"]
-    fm = tl.finetune(ex.model, (X[:m], y[:m]), lr=lr, steps=sz["full_model_steps"],
-                     params=params, log_every=sz["full_model_steps"], progress=False)  # fmt: skip
+    fm = tl.finetune(
+        ex.model,
+        (X[:m], y[:m]),
+        tl.SGD(lr),
+        sz["full_model_steps"],
+        params=params,
+        log_every=sz["full_model_steps"],
+        progress=False,
+    )
     full_step_s = fm.train_seconds / sz["full_model_steps"] * (N / m)
-    _say(f"full network: {fm.train_seconds:.1f} s for {sz['full_model_steps']} steps on {m} "
-         f"-> {full_step_s:.1f} s per full-batch step on {N} (linear scaling)")  # fmt: skip
+    _say(
+        f"full network: {fm.train_seconds:.1f} s for {sz['full_model_steps']} steps on {m} "
+        f"-> {full_step_s:.1f} s per full-batch step on {N} (linear scaling)"
+    )
     fm_train_s = fm.train_seconds
     del X, fm
     ex.data = None
     gc.collect()
 
     _say(f"real run: {steps} full-batch steps on {N} (log every step)")
-    run = tl.finetune(top, (xt_all, y), lr=lr, steps=steps, params=params, log_every=1,
-                      progress=False)  # fmt: skip
+    run = tl.finetune(
+        top, (xt_all, y), tl.SGD(lr), steps, params=params, log_every=1, progress=False
+    )
     step_s = run.train_seconds / max(1, run.steps_done)
-    _say(f"real run: train {run.train_seconds:.1f} s, eval {run.eval_seconds:.1f} s, "
-         f"T(80%) = {run.steps_to(0.2 * float(run.loss[0]))}")  # fmt: skip
+    _say(
+        f"real run: train {run.train_seconds:.1f} s, eval {run.eval_seconds:.1f} s, "
+        f"T(80%) = {run.steps_to(0.2 * float(run.loss[0]))}"
+    )
     real_s = trunk_all_s + run.train_seconds
 
     for row in rows:
@@ -233,24 +286,40 @@ def part_forecast(sz: dict, shared: dict) -> dict:
                 ratio_run=real_s / cost,
                 ratio_to_target=None if t_run is None else (trunk_all_s + t_run * step_s) / cost,
                 ratio_full_model_est=steps * full_step_s / cost,
-                ratio_full_model_to_target_est=None if t_run is None
+                ratio_full_model_to_target_est=None
+                if t_run is None
                 else t_run * full_step_s / cost,
-            )  # fmt: skip
+            )
     return dict(
-        machine=machine(), N=N, k=K, lr=lr, steps=steps, load_seconds=load_s,
-        params=params, num_params=tl.Tangent(top, params=params).num_params,
+        machine=machine(),
+        N=N,
+        k=K,
+        lr=lr,
+        steps=steps,
+        load_seconds=load_s,
+        params=params,
+        num_params=tl.Tangent(top, params=params).num_params,
         real=dict(
-            trunk_seconds=trunk_all_s, train_seconds=run.train_seconds,
-            eval_seconds=run.eval_seconds, step_seconds=step_s, total_seconds=real_s,
-            loss=_curve(run.loss), accuracy=_curve(run.accuracy),
+            trunk_seconds=trunk_all_s,
+            train_seconds=run.train_seconds,
+            eval_seconds=run.eval_seconds,
+            step_seconds=step_s,
+            total_seconds=real_s,
+            loss=_curve(run.loss),
+            accuracy=_curve(run.accuracy),
             steps_to_target=run.steps_to(0.2 * float(run.loss[0])),
-            target=0.2 * float(run.loss[0]), initial_loss=float(run.loss[0]),
+            target=0.2 * float(run.loss[0]),
+            initial_loss=float(run.loss[0]),
             final_accuracy=float(run.accuracy[-1]),
         ),
-        full_model=dict(slice=m, steps=sz["full_model_steps"], train_seconds=fm_train_s,
-                        step_seconds_N=full_step_s),
+        full_model=dict(
+            slice=m,
+            steps=sz["full_model_steps"],
+            train_seconds=fm_train_s,
+            step_seconds_N=full_step_s,
+        ),
         rows=rows,
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------- part 2: memory rows
@@ -293,8 +362,13 @@ def job_kernel_row(xfile: str, n: int, c: int, k: int, budget: int) -> dict:
     out = dict(num_params=t.num_params, materialized_params=p_held, activation_elements=act)
     try:
         mp = plan(n=n, c=c, p=p_held, k=k, itemsize=4, act=act, budget=budget)
-        out.update(chunk=mp.chunk, keep_theta=mp.keep_theta, estimate=mp.estimate,
-                   fixed=mp.fixed, per_sample=mp.per_sample)  # fmt: skip
+        out.update(
+            chunk=mp.chunk,
+            keep_theta=mp.keep_theta,
+            estimate=mp.estimate,
+            fixed=mp.fixed,
+            per_sample=mp.per_sample,
+        )
     except MemoryBudgetError as exc:
         out.update(plan_error=str(exc))
     gc.collect()
@@ -311,11 +385,15 @@ def job_kernel_row(xfile: str, n: int, c: int, k: int, budget: int) -> dict:
     from _common import peak_rss
 
     out.update(
-        seconds=sec, samples_per_s=n / sec, rss_before=before,
-        peak_rss=peak if peak is not None else peak_rss(), peak_is_call_only=exact_peak,
-        process_peak_rss=peak_rss(), jacobian_mode=str(t.jacobian_mode),
+        seconds=sec,
+        samples_per_s=n / sec,
+        rss_before=before,
+        peak_rss=peak if peak is not None else peak_rss(),
+        peak_is_call_only=exact_peak,
+        process_peak_rss=peak_rss(),
+        jacobian_mode=str(t.jacobian_mode),
         has_theta=kernel.theta is not None,
-    )  # fmt: skip
+    )
     out["delta"] = out["peak_rss"] - before
     return out
 
@@ -337,8 +415,10 @@ def part_memory(sz: dict, shared: dict) -> dict:
             r = run_job(SCRIPT, job, timeout=1800)
             r.update(axis=axis, n=n, c=c, k=k, budget=BUDGET)
             if "seconds" in r:
-                _say(f"  {r['seconds']:.1f} s, delta {r['delta'] / 2**20:.0f} MiB, "
-                     f"estimate {r['estimate'] / 2**20:.0f} MiB, chunk {r['chunk']}")  # fmt: skip
+                _say(
+                    f"  {r['seconds']:.1f} s, delta {r['delta'] / 2**20:.0f} MiB, "
+                    f"estimate {r['estimate'] / 2**20:.0f} MiB, chunk {r['chunk']}"
+                )
             else:
                 _say(f"  refused: {r.get('refused', '')[:120]}")
             rows.append(r)
@@ -370,7 +450,7 @@ def part_trace(sz: dict, shared: dict) -> dict:
     lam, _ = full.eigh()
     lr = _cli_lr(full)
     steps = sz["trace_steps"]
-    fc_full = tl.forecast(full, lr=lr, steps=steps)
+    fc_full = tl.forecast(full, tl.SGD(lr), steps)
     _say(f"trace part: full kernel {full_s:.1f} s, lr {lr:g}")
     # Frobenius norms through Phi (never forming Theta [NC, NC]):
     # ||Theta||^2 = sum lam^2; <K (x) I, Theta> = sum_ij K_ij tr(Theta_ij), tr(Theta_ij) =
@@ -385,40 +465,70 @@ def part_trace(sz: dict, shared: dict) -> dict:
         sq = theta_sq - 2 * float((kmat * tr_blocks).sum()) + c * float((kmat**2).sum())
         return math.sqrt(max(sq, 0.0) / theta_sq)
 
-    run = tl.finetune(top, data, lr=lr, steps=steps, params=params, log_every=1,
-                      progress=False)  # fmt: skip
+    run = tl.finetune(top, data, tl.SGD(lr), steps, params=params, log_every=1, progress=False)
     target = 0.2 * float(run.loss[0])
     cmp_full = tl.compare(fc_full, run)
-    rows = [dict(kernel=f"full, projected k={K}", trace=None, seconds=full_s,
-                 rel_frobenius=0.0, steps_to_target=cmp_full.steps_to_target_forecast,
-                 error_vs_run=cmp_full.steps_to_target_error, error_vs_full=0.0,
-                 curve_error=cmp_full.curve_error, loss=_curve(fc_full.loss))]  # fmt: skip
-    rows.append(dict(kernel="best K⊗I (K = tr-blocks/C of the full kernel)", trace="oracle",
-                     seconds=None, rel_frobenius=rel_err(tr_blocks / c)))  # fmt: skip
+    rows = [
+        dict(
+            kernel=f"full, projected k={K}",
+            trace=None,
+            seconds=full_s,
+            rel_frobenius=0.0,
+            steps_to_target=cmp_full.steps_to_target_forecast,
+            error_vs_run=cmp_full.steps_to_target_error,
+            error_vs_full=0.0,
+            curve_error=cmp_full.curve_error,
+            loss=_curve(fc_full.loss),
+        )
+    ]
+    rows.append(
+        dict(
+            kernel="best K⊗I (K = tr-blocks/C of the full kernel)",
+            trace="oracle",
+            seconds=None,
+            rel_frobenius=rel_err(tr_blocks / c),
+        )
+    )
     t_full = cmp_full.steps_to_target_forecast
     for s in [*sz["trace_S"], True]:
         t0 = time.perf_counter()
-        kt = tl.compute_kernel(_tangent(top, params), data, trace=s, keep_theta=False,
-                               progress=False)  # fmt: skip
+        kt = tl.compute_kernel(
+            _tangent(top, params), data, trace=s, keep_theta=False, progress=False
+        )
         sec = time.perf_counter() - t0
-        fc = tl.forecast(kt, lr=lr, steps=steps)
+        fc = tl.forecast(kt, tl.SGD(lr), steps)
         cmp = tl.compare(fc, run)
         t_hat = cmp.steps_to_target_forecast
-        rows.append(dict(
-            kernel="exact trace" if s is True else f"trace, S={s} probes", trace=s,
-            seconds=sec, rel_frobenius=rel_err(kt.gram()),
-            steps_to_target=t_hat, error_vs_run=cmp.steps_to_target_error,
-            error_vs_full=None if t_hat is None or not t_full else abs(t_hat - t_full) / t_full,
-            curve_error=cmp.curve_error, loss=_curve(fc.loss),
-            structure=getattr(kt, "structure", None),
-        ))  # fmt: skip
+        rows.append(
+            dict(
+                kernel="exact trace" if s is True else f"trace, S={s} probes",
+                trace=s,
+                seconds=sec,
+                rel_frobenius=rel_err(kt.gram()),
+                steps_to_target=t_hat,
+                error_vs_run=cmp.steps_to_target_error,
+                error_vs_full=None if t_hat is None or not t_full else abs(t_hat - t_full) / t_full,
+                curve_error=cmp.curve_error,
+                loss=_curve(fc.loss),
+                structure=getattr(kt, "structure", None),
+            )
+        )
         _say(f"trace={s}: {sec:.1f} s, T_hat {t_hat}, rel err {rows[-1]['rel_frobenius']:.3f}")
     return dict(
-        machine=machine(), N=n, C=c, k=K, lr=lr, steps=steps, target=target,
-        real=dict(loss=_curve(run.loss), steps_to_target=cmp_full.steps_to_target_run,
-                  train_seconds=run.train_seconds),
+        machine=machine(),
+        N=n,
+        C=c,
+        k=K,
+        lr=lr,
+        steps=steps,
+        target=target,
+        real=dict(
+            loss=_curve(run.loss),
+            steps_to_target=cmp_full.steps_to_target_run,
+            train_seconds=run.train_seconds,
+        ),
         rows=rows,
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------- render
@@ -445,9 +555,14 @@ def plot_forecast(r: dict, path: Path) -> None:
         for tail, ls in (("none", "--"), ("powerlaw", ":")):
             lo = np.array([np.nan if v is None else v for v in row["forecasts"][tail]["loss"]])
             lo = lo[: real.size + 20]
-            ax.plot(np.arange(lo.size), lo, ls, color=colors.get(row["n"]),
-                    label=f"forecast n={row['n']:,}" + (" + power-law tail"
-                                                        if tail == "powerlaw" else ""))  # fmt: skip
+            ax.plot(
+                np.arange(lo.size),
+                lo,
+                ls,
+                color=colors.get(row["n"]),
+                label=f"forecast n={row['n']:,}"
+                + (" + power-law tail" if tail == "powerlaw" else ""),
+            )
     ax.axhline(r["real"]["target"], color="grey", lw=0.8, label="target (80% drop)")
     ax.set_yscale("log")
     ax.set_xlabel("full-batch GD step")
@@ -474,9 +589,12 @@ def plot_memory(r: dict, path: Path) -> None:
     c_rows = sorted([x for x in ok if x["k"] == K and x["n"] == cn], key=lambda x: x["c"])
     fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharey="row")
     for col, (rows, key, label) in enumerate(
-        ((n_rows, "n", "N (C=10, k=4096)"), (k_rows, "k", f"k (N={kn}, C=10)"),
-         (c_rows, "c", f"C (N={cn}, k=4096)"))
-    ):  # fmt: skip
+        (
+            (n_rows, "n", "N (C=10, k=4096)"),
+            (k_rows, "k", f"k (N={kn}, C=10)"),
+            (c_rows, "c", f"C (N={cn}, k=4096)"),
+        )
+    ):
         xs = [x[key] for x in rows]
         at, am = axes[0, col], axes[1, col]
         at.loglog(xs, [x["seconds"] for x in rows], "o-", label="kernel time")
@@ -641,7 +759,7 @@ def render(res: dict, quick: bool) -> str:
                 "none."
                 if not over
                 else ", ".join(f"N={x['n']} C={x['c']} k={x['k']}" for x in over)
-            ),  # fmt: skip
+            ),
             "",
             f"![kernel time and memory, log-log](results/scale-memory{sfx}.png)",
             "",

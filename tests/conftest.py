@@ -71,3 +71,17 @@ def text_data():
     mask[1, 4:] = 0
     mask[3, 2:] = 0
     return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (5,), generator=g)
+
+
+def split_settings(lr, settings):
+    """Old-style flat settings -> ``(tl.SGD(lr, ...), forecast keyword options)``: momentum,
+    weight_decay and decay_to go to the optimizer, target_scale into ``tl.MSE``."""
+    from tangentlab.training import MSE, SGD
+
+    rest = dict(settings)
+    opt = SGD(lr, **{k: rest.pop(k) for k in ("momentum", "weight_decay", "decay_to") if k in rest})
+    if "target_scale" in rest:
+        scale = rest.pop("target_scale")
+        if rest.get("loss", "mse") == "mse":
+            rest["loss"] = MSE(scale)
+    return opt, rest

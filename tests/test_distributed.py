@@ -67,7 +67,9 @@ def _worker(rank: int, init: str, out: str, threads: int) -> None:
         # a cache: rank 0 writes the kernel, the second call reuses it on every rank
         cache = os.path.join(out, "cache")
         got["cached-1"] = _fields(_kernel(7, "projected", cache=cache))
-        got["cached-2"] = _fields(_kernel(7, "projected", cache=cache))
+        again = _kernel(7, "projected", cache=cache)
+        got["cached-2"] = _fields(again)
+        got["keeps-eigh"] = again._eig_file is not None  # rank 0 alone writes the cache
         # ranks that disagree on the data are refused on every rank, before any work
         try:
             t = tl.Tangent(_mlp())
@@ -129,6 +131,7 @@ def test_rank0_writes_the_cache_and_every_rank_reuses_it(ranks):
     assert not list((out / "cache").glob("part-*"))
     for r in range(WORLD):
         _assert_same(got[r]["cached-2"], got[0]["cached-1"], exact_bits=True)
+    assert [got[r]["keeps-eigh"] for r in range(WORLD)] == [True] + [False] * (WORLD - 1)
     stored = tl.load_kernel(out / "cache" / "kernel.safetensors")
     assert torch.equal(stored.features, got[0]["cached-1"]["features"])
 

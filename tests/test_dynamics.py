@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tangentlab import dynamics as dyn
 from tangentlab.forecast import forecast
 from tangentlab.kernel import Kernel
+from tangentlab.training import MSE, SGD
 
 
 def make_linear(n=12, c=3, p=8, seed=0, f0_scale=0.5):
@@ -32,12 +33,29 @@ def make_kernel(jac, w0, f0, y, *, kind="theta"):
     n, c = f0.shape
     jt = torch.tensor(jac)
     kw = {"theta": jt @ jt.T} if kind == "theta" else {"features": jt}
-    return Kernel(f0=torch.tensor(f0), targets=torch.tensor(y),
-                  jw0=(jt @ torch.tensor(w0)).reshape(n, c), **kw)
+    return Kernel(
+        f0=torch.tensor(f0),
+        targets=torch.tensor(y),
+        jw0=(jt @ torch.tensor(w0)).reshape(n, c),
+        **kw,
+    )
 
 
-def torch_sgd(jac, w0, f0, y, *, loss, lr, steps, momentum=0.0, weight_decay=0.0, scale=1.0,
-              batches=None, decay_to="zero"):
+def torch_sgd(
+    jac,
+    w0,
+    f0,
+    y,
+    *,
+    loss,
+    lr,
+    steps,
+    momentum=0.0,
+    weight_decay=0.0,
+    scale=1.0,
+    batches=None,
+    decay_to="zero",
+):
     """Explicit torch.optim.SGD on the weights of f(w) = f0 + J (w - w0); full-set curves."""
     n, c = f0.shape
     jt, f0t, yt = torch.tensor(jac), torch.tensor(f0), torch.tensor(y)
@@ -80,7 +98,7 @@ def torch_sgd(jac, w0, f0, y, *, loss, lr, steps, momentum=0.0, weight_decay=0.0
 def test_mse_closed_form_equals_weight_space_gd(kind):
     jac, w0, f0, y = make_linear()
     k = make_kernel(jac, w0, f0, y, kind=kind)  # features: k = P = 8 < N*C = 36 (projected)
-    fc = forecast(k, 0.7, 80, target_scale=2.0)
+    fc = forecast(k, SGD(0.7), 80, loss=MSE(2.0))
     ref_loss, ref_acc = torch_sgd(jac, w0, f0, y, loss="mse", lr=0.7, steps=80, scale=2.0)
     assert fc.method["execution"] == "spectral"
     np.testing.assert_allclose(fc.loss, ref_loss, rtol=1e-9)
@@ -94,22 +112,35 @@ def test_mse_closed_form_equals_weight_space_gd(kind):
 def test_heavy_ball_and_weight_decay_equal_torch_sgd(kind, decay_to):
     jac, w0, f0, y = make_linear(seed=1)
     k = make_kernel(jac, w0, f0, y, kind=kind)
-    fc = forecast(k, 0.3, 60, momentum=0.9, weight_decay=0.05, decay_to=decay_to)
-    ref_loss, ref_acc = torch_sgd(jac, w0, f0, y, loss="mse", lr=0.3, steps=60, momentum=0.9,
-                                  weight_decay=0.05, decay_to=decay_to)
+    fc = forecast(k, SGD(0.3, momentum=0.9, weight_decay=0.05, decay_to=decay_to), 60)
+    ref_loss, ref_acc = torch_sgd(
+        jac,
+        w0,
+        f0,
+        y,
+        loss="mse",
+        lr=0.3,
+        steps=60,
+        momentum=0.9,
+        weight_decay=0.05,
+        decay_to=decay_to,
+    )
     assert fc.method["momentum_mode"] == "heavy_ball"
     np.testing.assert_allclose(fc.loss, ref_loss, rtol=1e-9)
     np.testing.assert_array_equal(fc.accuracy, ref_acc)
     # the two decay targets give different curves: the J w0 term matters
-    other = forecast(k, 0.3, 60, momentum=0.9, weight_decay=0.05,
-                     decay_to="w0" if decay_to == "zero" else "zero")
+    other = forecast(
+        k,
+        SGD(0.3, momentum=0.9, weight_decay=0.05, decay_to="w0" if decay_to == "zero" else "zero"),
+        60,
+    )
     assert np.abs(other.loss - fc.loss).max() > 1e-3
 
 
 def test_mse_exact_limit_matches_long_run():
     jac, w0, f0, y = make_linear(seed=2)
     k = make_kernel(jac, w0, f0, y, kind="features")
-    fc = forecast(k, 0.5, 3000, momentum=0.5, weight_decay=0.02)
+    fc = forecast(k, SGD(0.5, momentum=0.5, weight_decay=0.02), 3000)
     assert fc.method["loss_limit"] == "exact (closed form)"
     assert fc.loss_limit == pytest.approx(fc.loss[-1], rel=1e-9)
     t = fc.steps_to_plateau(0.01)
@@ -120,7 +151,7 @@ def test_mse_exact_limit_matches_long_run():
 def test_effective_momentum_is_plain_gd_at_lr_over_one_minus_m():
     jac, w0, f0, y = make_linear(seed=3)
     k = make_kernel(jac, w0, f0, y)
-    fc = forecast(k, 0.1, 50, momentum=0.8, momentum_mode="effective")
+    fc = forecast(k, SGD(0.1, momentum=0.8), 50, momentum_mode="effective")
     ref_loss, _ = torch_sgd(jac, w0, f0, y, loss="mse", lr=0.5, steps=50)
     np.testing.assert_allclose(fc.loss, ref_loss, rtol=1e-9)
 
@@ -130,15 +161,15 @@ def test_mse_flow_agrees_with_discrete_at_small_lr():
     k = make_kernel(jac, w0, f0, y)
     lam_max = float(k.eigh()[0][-1])
     lr = 0.01 * k.num_samples / lam_max  # η λ_max / N = 0.01
-    disc = forecast(k, lr, 300, weight_decay=0.01)
-    flow = forecast(k, lr, 300, weight_decay=0.01, time="continuous")
+    disc = forecast(k, SGD(lr, weight_decay=0.01), 300)
+    flow = forecast(k, SGD(lr, weight_decay=0.01), 300, time="continuous")
     assert flow.method["solver"].startswith("closed form (flow)")
     # per mode (1-x)^t vs exp(-xt) differ by ~x^2 t/2 <= 1.5e-2 relative
     np.testing.assert_allclose(flow.loss, disc.loss, rtol=1e-2)
     assert np.abs(flow.loss - disc.loss).max() > 0  # not the same code path
     # at a large step the two differ visibly
-    big = forecast(k, 150 * lr, 30)
-    big_flow = forecast(k, 150 * lr, 30, time="continuous")
+    big = forecast(k, SGD(150 * lr), 30)
+    big_flow = forecast(k, SGD(150 * lr), 30, time="continuous")
     assert np.abs(big.loss - big_flow.loss).max() > 1e-2 * big.loss[0]
 
 
@@ -149,9 +180,10 @@ def test_mse_flow_agrees_with_discrete_at_small_lr():
 def test_ce_discrete_steps_equal_weight_space_sgd(execution):
     jac, w0, f0, y = make_linear(seed=5)
     k = make_kernel(jac, w0, f0, y, kind="features")
-    fc = forecast(k, 2.0, 60, loss="ce", momentum=0.5, weight_decay=0.01, execution=execution)
-    ref_loss, ref_acc = torch_sgd(jac, w0, f0, y, loss="ce", lr=2.0, steps=60, momentum=0.5,
-                                  weight_decay=0.01)
+    fc = forecast(k, SGD(2.0, momentum=0.5, weight_decay=0.01), 60, loss="ce", execution=execution)
+    ref_loss, ref_acc = torch_sgd(
+        jac, w0, f0, y, loss="ce", lr=2.0, steps=60, momentum=0.5, weight_decay=0.01
+    )
     assert fc.method["execution"] == execution
     np.testing.assert_allclose(fc.loss, ref_loss, rtol=1e-9)
     np.testing.assert_array_equal(fc.accuracy, ref_acc)
@@ -161,8 +193,8 @@ def test_ce_discrete_steps_equal_weight_space_sgd(execution):
 def test_ce_flow_agrees_with_small_lr_steps(ode_method):
     jac, w0, f0, y = make_linear(seed=6)
     k = make_kernel(jac, w0, f0, y)
-    flow = forecast(k, 0.05, 200, loss="ce", time="continuous", ode_method=ode_method)
-    disc = forecast(k, 0.05, 200, loss="ce")
+    flow = forecast(k, SGD(0.05), 200, loss="ce", time="continuous", ode_method=ode_method)
+    disc = forecast(k, SGD(0.05), 200, loss="ce")
     assert flow.method["solver"] == f"gradient flow ({ode_method})"
     np.testing.assert_allclose(flow.loss, disc.loss, rtol=2e-3)
     assert flow.loss[-1] < 0.9 * flow.loss[0]
@@ -188,12 +220,30 @@ def test_minibatch_simulation_equals_weight_space_sgd(loss, sampling):
     jac, w0, f0, y = make_linear(n=13, seed=7)
     k = make_kernel(jac, w0, f0, y)
     lr, steps, bs = 0.4, 40, 4  # 13 = 3*4 + 1: epoch sampling has a batch of one
-    fc = forecast(k, lr, steps, batch_size=bs, momentum=0.9, weight_decay=0.03, loss=loss,
-                  paths=3, seed=11, sampling=sampling)
+    fc = forecast(
+        k,
+        SGD(lr, momentum=0.9, weight_decay=0.03),
+        steps,
+        batch_size=bs,
+        loss=loss,
+        paths=3,
+        seed=11,
+        sampling=sampling,
+    )
     for p, rng in enumerate(dyn.path_rngs(11, 3)):
         batches = dyn.batch_schedule(13, bs, steps, sampling=sampling, rng=rng)
-        ref_loss, ref_acc = torch_sgd(jac, w0, f0, y, loss=loss, lr=lr, steps=steps,
-                                      momentum=0.9, weight_decay=0.03, batches=batches)
+        ref_loss, ref_acc = torch_sgd(
+            jac,
+            w0,
+            f0,
+            y,
+            loss=loss,
+            lr=lr,
+            steps=steps,
+            momentum=0.9,
+            weight_decay=0.03,
+            batches=batches,
+        )
         np.testing.assert_allclose(fc.loss_paths[p], ref_loss, rtol=1e-9)
         np.testing.assert_array_equal(fc.accuracy_paths[p], ref_acc)
     np.testing.assert_allclose(fc.loss, fc.loss_paths.mean(axis=0))
@@ -242,10 +292,12 @@ def test_stochastic_forecast_matches_many_explicit_runs(noise, sampling):
     k = make_kernel(jac, w0, f0, y)
     lr = 0.2 * 40 / np.linalg.eigvalsh(jac.T @ jac)[-1]
     steps, bs, runs, paths = 100, 4, 2000, 300
-    ref = explicit_sgd_runs(jac, w0, f0, y, lr=lr, steps=steps, batch_size=bs, runs=runs,
-                            sampling=sampling, seed=1)
-    fc = forecast(k, lr, steps, batch_size=bs, paths=paths, noise=noise, sampling=sampling,
-                  seed=2)
+    ref = explicit_sgd_runs(
+        jac, w0, f0, y, lr=lr, steps=steps, batch_size=bs, runs=runs, sampling=sampling, seed=1
+    )
+    fc = forecast(
+        k, SGD(lr), steps, batch_size=bs, paths=paths, noise=noise, sampling=sampling, seed=2
+    )
     se = np.sqrt(fc.loss_paths.var(axis=0, ddof=1) / paths + ref.var(axis=0, ddof=1) / runs)
     z = np.abs(fc.loss - ref.mean(axis=0))[1:] / se[1:]
     assert z.max() < 4.5, z.max()
@@ -260,9 +312,10 @@ def test_sde_is_biased_for_epoch_sampling():
     jac, w0, f0, y = make_linear(n=40, c=3, p=30, seed=8)
     k = make_kernel(jac, w0, f0, y)
     lr = 0.2 * 40 / np.linalg.eigvalsh(jac.T @ jac)[-1]
-    ref = explicit_sgd_runs(jac, w0, f0, y, lr=lr, steps=100, batch_size=4, runs=2000,
-                            sampling="epoch", seed=1)
-    sde = forecast(k, lr, 100, batch_size=4, paths=300, noise="sde", seed=2)
+    ref = explicit_sgd_runs(
+        jac, w0, f0, y, lr=lr, steps=100, batch_size=4, runs=2000, sampling="epoch", seed=1
+    )
+    sde = forecast(k, SGD(lr), 100, batch_size=4, paths=300, noise="sde", seed=2)
     se = np.sqrt(sde.loss_paths.var(axis=0, ddof=1) / 300 + ref.var(axis=0, ddof=1) / 2000)
     assert (np.abs(sde.loss - ref.mean(axis=0))[1:] / se[1:]).mean() > 5.0
 
@@ -278,14 +331,16 @@ def test_losses_and_gradients_follow_design_definitions():
     mse = 0.5 * ((ft - 3.0 * F.one_hot(yt, 4)) ** 2).sum(1).mean()
     mse.backward()
     assert dyn.loss_value(f, y, loss="mse", scale=3.0) == pytest.approx(mse.item(), rel=1e-12)
-    np.testing.assert_allclose(dyn.loss_grad(f, y, loss="mse", scale=3.0) / 5,
-                               ft.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        dyn.loss_grad(f, y, loss="mse", scale=3.0) / 5, ft.grad.numpy(), rtol=1e-12
+    )
     ft.grad = None
     ce = F.cross_entropy(ft, yt)
     ce.backward()
     assert dyn.loss_value(f, y, loss="ce") == pytest.approx(ce.item(), rel=1e-12)
-    np.testing.assert_allclose(dyn.loss_grad(f, y, loss="ce") / 5, ft.grad.numpy(),
-                               rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(
+        dyn.loss_grad(f, y, loss="ce") / 5, ft.grad.numpy(), rtol=1e-10, atol=1e-15
+    )
 
 
 def test_top_eigenvalue_lanczos_and_weighted():
@@ -293,8 +348,7 @@ def test_top_eigenvalue_lanczos_and_weighted():
     a = rng.standard_normal((120, 30))
     theta = a @ a.T
     op = dyn.DenseKernelOperator(theta, 3)
-    assert dyn.top_eigenvalue(op, 120) == pytest.approx(np.linalg.eigvalsh(theta)[-1],
-                                                        rel=1e-8)
+    assert dyn.top_eigenvalue(op, 120) == pytest.approx(np.linalg.eigvalsh(theta)[-1], rel=1e-8)
     w = dyn.softmax_hessian_sqrt(rng.standard_normal((40, 3)))
     wm = np.zeros((120, 120))
     for i in range(40):
@@ -302,5 +356,4 @@ def test_top_eigenvalue_lanczos_and_weighted():
     want = np.linalg.eigvalsh(wm @ theta @ wm)[-1]
     assert dyn.top_eigenvalue(op, 120, weight=w) == pytest.approx(want, rel=1e-8)
     prim = dyn.FeatureKernelOperator(a, 3)
-    assert dyn.top_eigenvalue(prim, 120) == pytest.approx(np.linalg.eigvalsh(theta)[-1],
-                                                          rel=1e-8)
+    assert dyn.top_eigenvalue(prim, 120) == pytest.approx(np.linalg.eigvalsh(theta)[-1], rel=1e-8)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import split_settings
 from tangentlab.errors import TangentlabError
 from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.forecast import forecast, sweep
 from tangentlab.kernel import Kernel
+from tangentlab.training import MSE, SGD
 
 
 def make_kernel(n=20, c=3, p=10, seed=0, *, kind="theta"):
@@ -72,12 +74,13 @@ def powerlaw_kernel(m=300, alpha=1.3, beta=1.6, seed=0):
 )
 def test_dataset_size_n_reproduces_plain_forecast_exactly(kind, opts):
     k = make_kernel(kind=kind)
-    plain = forecast(k, 0.5, 60, **opts)
-    same = forecast(k, 0.5, 60, dataset_size=k.num_samples, **opts)
+    opt, opts = split_settings(0.5, opts)
+    plain = forecast(k, opt, 60, **opts)
+    same = forecast(k, opt, 60, dataset_size=k.num_samples, **opts)
     np.testing.assert_array_equal(same.loss, plain.loss)
     np.testing.assert_array_equal(same.accuracy, plain.accuracy)
     assert same.loss_limit == plain.loss_limit and same.stability == plain.stability
-    big = forecast(k, 0.5, 60, dataset_size=10 * k.num_samples, **opts)
+    big = forecast(k, opt, 60, dataset_size=10 * k.num_samples, **opts)
     np.testing.assert_array_equal(big.loss, plain.loss)  # rates η̃ λ_j/n do not depend on N
     assert big.hyperparameters["num_samples"] == 200
     assert big.hyperparameters["subsample_size"] == 20
@@ -89,7 +92,7 @@ def test_spectrum_energies_give_initial_loss():
     spec = extrapolate(k, 100)
     for s in (1.0, 3.0):
         assert spec.initial_loss(s) == pytest.approx(
-            forecast(k, 0.1, 0, target_scale=s).loss[0], rel=1e-12
+            forecast(k, SGD(0.1), 0, loss=MSE(s)).loss[0], rel=1e-12
         )
 
 
@@ -104,13 +107,13 @@ def test_subsample_forecast_converges_to_full_data_forecast():
     full = linear_kernel(x, f0, y)
     lam_max = float(full.eigh()[0].max())
     lr = big_n / lam_max  # η̃ μ_max = 1 on the full data
-    ref = forecast(full, lr, 1500)
+    ref = forecast(full, SGD(lr), 1500)
     err = {}
     for n in (100, 400, 1600):
         e = []
         for draw in range(3):
             idx = np.random.default_rng(100 + draw).choice(big_n, n, replace=False)
-            fc = forecast(linear_kernel(x[idx], f0[idx], y[idx]), lr, 1500, dataset_size=big_n)
+            fc = forecast(linear_kernel(x[idx], f0[idx], y[idx]), SGD(lr), 1500, dataset_size=big_n)
             assert fc.hyperparameters["num_samples"] == big_n
             e.append(np.max(np.abs(fc.loss - ref.loss)) / ref.loss[0])
         err[n] = float(np.mean(e))
@@ -131,8 +134,8 @@ def test_powerlaw_tail_recovers_exponents_and_conserves_energy():
     assert spec.tail_weight.sum() == pytest.approx(1.0)
     assert spec.tail_mu.size <= 1000 and spec.tail_start == 150
     lr = 1.0 / float(spec.mu[0])
-    none = forecast(k, lr, 3000, dataset_size=3000)
-    tail = forecast(spec, lr, 3000)
+    none = forecast(k, SGD(lr), 3000, dataset_size=3000)
+    tail = forecast(spec, SGD(lr), 3000)
     assert tail.loss[0] == pytest.approx(none.loss[0], rel=1e-12)  # redistributed, not added
     # the extension moves energy to slower modes: the loss decays more slowly
     assert np.all(tail.loss[1000:] >= none.loss[1000:])
@@ -150,8 +153,9 @@ def test_powerlaw_tail_on_its_own_size_matches_the_exact_spectrum(opts):
     k = powerlaw_kernel(m=300, alpha=1.3, beta=1.3, seed=1)
     spec = extrapolate(k, 300, tail="powerlaw", tail_bins=1000)
     lr = 1.0 / float(spec.mu[0])
-    exact = forecast(k, 0.5 * lr, 5000, **opts)
-    tail = forecast(spec, 0.5 * lr, 5000, **opts)
+    opt, opts = split_settings(0.5 * lr, opts)
+    exact = forecast(k, opt, 5000, **opts)
+    tail = forecast(spec, opt, 5000, **opts)
     # energies of single modes are random signs only; the redistribution smooths them
     assert np.max(np.abs(tail.loss - exact.loss)) / exact.loss[0] < 2e-3
 
@@ -160,24 +164,24 @@ def test_powerlaw_tail_divergence_and_weight_decay():
     k = powerlaw_kernel()
     spec = extrapolate(k, 1000, tail="powerlaw")
     lr_c = 2.0 / float(spec.mu[0])
-    bad = forecast(spec, 1.05 * lr_c, 100)
+    bad = forecast(spec, SGD(1.05 * lr_c), 100)
     assert bad.diverges and bad.stability >= 2.0
     assert bad.divergence_step is not None and np.isnan(bad.loss[bad.divergence_step :]).all()
     assert math.isnan(bad.loss_limit)
-    ok = forecast(spec, 0.5 * lr_c, 2000, weight_decay=0.01, decay_to="w0")
+    ok = forecast(spec, SGD(0.5 * lr_c, weight_decay=0.01, decay_to="w0"), 2000)
     assert not ok.diverges and np.isfinite(ok.loss).all()
     assert ok.loss_limit == pytest.approx(ok.loss[-1], rel=1e-3)
 
 
 def test_sweep_with_dataset_size():
     k = make_kernel()
-    table = sweep(k, {"lr": [0.1, 0.5], "momentum": [0.0, 0.9]}, steps=50, dataset_size=500)
-    assert len(table) == 4
-    for fc in table["forecast"]:
+    result = sweep(k, SGD.grid(lr=[0.1, 0.5], momentum=[0.0, 0.9]), 50, dataset_size=500)
+    assert len(result.table) == 4
+    for fc in result.forecasts:
         assert fc.hyperparameters["num_samples"] == 500
     spec = extrapolate(k, 500, tail="powerlaw", fit_range=(0.2, 0.6))
-    table = sweep(spec, {"lr": [0.1, 0.5]}, steps=50)
-    assert all(fc.method["extrapolation"]["tail"] == "powerlaw" for fc in table["forecast"])
+    result = sweep(spec, SGD.grid(lr=[0.1, 0.5]), 50)
+    assert all(fc.method["extrapolation"]["tail"] == "powerlaw" for fc in result.forecasts)
 
 
 # ---- errors ----------------------------------------------------------------------------
@@ -186,9 +190,9 @@ def test_sweep_with_dataset_size():
 def test_bad_inputs_give_clear_errors():
     k = make_kernel()
     with pytest.raises(TangentlabError, match="smaller than the kernel's 20 samples"):
-        forecast(k, 0.1, 10, dataset_size=10)
+        forecast(k, SGD(0.1), 10, dataset_size=10)
     with pytest.raises(TangentlabError, match="dataset_size must be an integer"):
-        forecast(k, 0.1, 10, dataset_size=100.5)
+        forecast(k, SGD(0.1), 10, dataset_size=100.5)
     with pytest.raises(TangentlabError, match="dataset_size must be an integer"):
         extrapolate(k, True)
     with pytest.raises(TangentlabError, match="tail must be one of"):
@@ -196,13 +200,13 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(TangentlabError, match="fit_range"):
         extrapolate(k, 100, tail="powerlaw", fit_range=(0.5, 0.1))
     with pytest.raises(TangentlabError, match="full-batch training only"):
-        forecast(k, 0.1, 10, batch_size=8, dataset_size=100)
+        forecast(k, SGD(0.1), 10, batch_size=8, dataset_size=100)
     with pytest.raises(TangentlabError, match="full-batch training only"):
-        forecast(k, 0.1, 10, batch_size=50, dataset_size=100)  # B >= n but < N
-    with pytest.raises(TangentlabError, match="loss='mse' only"):
-        forecast(k, 0.1, 10, loss="ce", dataset_size=100)
+        forecast(k, SGD(0.1), 10, batch_size=50, dataset_size=100)  # B >= n but < N
+    with pytest.raises(TangentlabError, match="MSE loss only"):
+        forecast(k, SGD(0.1), 10, loss="ce", dataset_size=100)
     with pytest.raises(TangentlabError, match="differs from the spectrum"):
-        forecast(extrapolate(k, 100), 0.1, 10, dataset_size=200)
+        forecast(extrapolate(k, 100), SGD(0.1), 10, dataset_size=200)
     with pytest.raises(TangentlabError, match="at least 3 observed modes"):
         extrapolate(make_kernel(n=2, c=1, p=2), 100, tail="powerlaw")
     with pytest.raises(TangentlabError, match="tangentlab.Kernel"):

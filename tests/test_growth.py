@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 import tangentlab as tl
-from conftest import make_cnn, make_mlp
+from conftest import make_cnn, make_mlp, split_settings
 from tangentlab import dynamics as dyn
-from tangentlab import growth as gr
+from tangentlab import probes as pr
+from tangentlab.experimental import growth as gr
+from tangentlab.training import SGD
 
 
 def _kernel(n=12, c=3, seed=0, rank=None):
@@ -44,7 +46,7 @@ def _explicit(kernel, sched, *, lr, momentum=0.0, weight_decay=0.0, loss="mse", 
     return np.asarray(out)
 
 
-SCHED = tl.KernelGrowth(steps=[0, 10, 30], scale=[1.0, 1.6, 2.2])
+SCHED = gr.KernelGrowth(steps=[0, 10, 30], scale=[1.0, 1.6, 2.2])
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -54,16 +56,14 @@ def test_closed_form_with_growth_equals_explicit_simulation(momentum, weight_dec
     lam_max = float(k.eigh()[0][-1])
     lr = 0.3 * k.num_samples / lam_max * (1 - momentum)
     steps = 60
-    fc = tl.forecast(
-        k, lr=lr, steps=steps, momentum=momentum, weight_decay=weight_decay, kernel_growth=SCHED
-    )
+    fc = gr.forecast(k, SGD(lr, momentum=momentum, weight_decay=weight_decay), steps, growth=SCHED)
     assert fc.method["solver"].startswith("closed form")
     ref = _explicit(
         k, SCHED.schedule(steps), lr=lr, momentum=momentum, weight_decay=weight_decay, steps=steps
     )
     np.testing.assert_allclose(fc.loss, ref, rtol=1e-9, atol=1e-12)
     # and it differs from the plain forecast: the kernel really grew
-    plain = tl.forecast(k, lr=lr, steps=steps, momentum=momentum, weight_decay=weight_decay)
+    plain = tl.forecast(k, SGD(lr, momentum=momentum, weight_decay=weight_decay), steps)
     assert fc.loss[-1] < plain.loss[-1]
 
 
@@ -79,7 +79,7 @@ def test_product_form_without_momentum():
     z0 = u.T @ r0
     ref = 0.5 * ((fac * z0) ** 2).sum(1) / n
     ref += 0.5 * float(r0 @ r0 - z0 @ z0) / n  # the part outside span(U) stays
-    fc = tl.forecast(k, lr=lr, steps=steps, kernel_growth=SCHED)
+    fc = gr.forecast(k, SGD(lr), steps, growth=SCHED)
     np.testing.assert_allclose(fc.loss, ref, rtol=1e-9)
 
 
@@ -91,8 +91,9 @@ def test_product_form_without_momentum():
 def test_constant_one_reproduces_the_plain_forecast(settings):
     k = _kernel()
     lr = 0.2 * k.num_samples / float(k.eigh()[0][-1])
-    plain = tl.forecast(k, lr=lr, steps=50, **settings)
-    one = tl.forecast(k, lr=lr, steps=50, kernel_growth=tl.KernelGrowth.constant(1.0), **settings)
+    opt, settings = split_settings(lr, settings)
+    plain = tl.forecast(k, opt, 50, **settings)
+    one = gr.forecast(k, opt, 50, growth=gr.KernelGrowth.constant(1.0), **settings)
     np.testing.assert_allclose(one.loss, plain.loss, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(one.accuracy, plain.accuracy, rtol=0, atol=1e-12)
     assert one.stability == pytest.approx(plain.stability)
@@ -102,9 +103,7 @@ def test_constant_one_reproduces_the_plain_forecast(settings):
 def test_iterated_growth_equals_explicit(loss):
     k = _kernel()
     lr = 0.2 * k.num_samples / float(k.eigh()[0][-1])
-    fc = tl.forecast(
-        k, lr=lr, steps=40, momentum=0.5, loss=loss, kernel_growth=SCHED, execution="dual"
-    )
+    fc = gr.forecast(k, SGD(lr, momentum=0.5), 40, loss=loss, growth=SCHED, execution="dual")
     ref = _explicit(k, SCHED.schedule(40), lr=lr, momentum=0.5, loss=loss, steps=40)
     np.testing.assert_allclose(fc.loss, ref, rtol=1e-9)
 
@@ -112,8 +111,8 @@ def test_iterated_growth_equals_explicit(loss):
 def test_constant_scale_equals_a_scaled_learning_rate():
     k = _kernel()
     lr = 0.1 * k.num_samples / float(k.eigh()[0][-1])
-    a = tl.forecast(k, lr=lr, steps=30, kernel_growth=tl.KernelGrowth.constant(1.7))
-    b = tl.forecast(k, lr=1.7 * lr, steps=30)
+    a = gr.forecast(k, SGD(lr), 30, growth=gr.KernelGrowth.constant(1.7))
+    b = tl.forecast(k, SGD(1.7 * lr), 30)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-10)
     assert a.stability == pytest.approx(b.stability)
 
@@ -138,12 +137,12 @@ def test_hutchinson_trace_converges_to_exact(mlp_data, cnn_data):
         k = tl.compute_kernel(model, (x, y), progress=False)
         exact = float(torch.diagonal(k.theta).sum()) / x.shape[0]
         t = tl.Tangent(model)
-        assert gr.kernel_trace(t, (x, y), probes=None, samples=None).trace[0] == pytest.approx(
+        assert pr.kernel_trace(t, (x, y), probes=None, samples=None).trace[0] == pytest.approx(
             exact, rel=1e-10
         )
         errs = []
         for probes in (4, 256):
-            p = gr.kernel_trace(t, (x, y), probes=probes, samples=None, seed=1)
+            p = pr.kernel_trace(t, (x, y), probes=probes, samples=None, seed=1)
             errs.append(abs(p.trace[0] - exact) / exact)
             assert abs(p.trace[0] - exact) < 5 * p.stderr[0] + 1e-12
         assert errs[-1] < 0.03
@@ -154,13 +153,13 @@ def test_trace_at_other_weights_matches_a_moved_model(cnn_data):
     model = make_cnn()
     t = tl.Tangent(model)
     torch.manual_seed(3)
-    w = gr.flat_weights(t) + 0.2 * torch.randn(t.num_params, dtype=torch.double)
+    w = pr.flat_weights(t) + 0.2 * torch.randn(t.num_params, dtype=torch.double)
     moved = make_cnn()
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(w, moved.parameters())
     k = tl.compute_kernel(moved, (x, y), progress=False)
     exact = float(torch.diagonal(k.theta).sum()) / x.shape[0]
-    p = gr.kernel_trace(t, (x, y), [None, w, moved], probes=None, samples=None)
+    p = pr.kernel_trace(t, (x, y), [None, w, moved], probes=None, samples=None)
     assert p.trace[1] == pytest.approx(exact, rel=1e-10)
     assert p.trace[2] == pytest.approx(exact, rel=1e-10)
     assert p.ratio[0] == 1.0
@@ -184,7 +183,7 @@ def test_ghost_norms_cover_wide_convolutions_and_sequences():
     y = torch.randint(0, 3, (5,))
     k = tl.compute_kernel(model, (x, y), progress=False)
     exact = float(torch.diagonal(k.theta).sum()) / 5
-    p = gr.kernel_trace(model, (x, y), probes=None, samples=None)
+    p = pr.kernel_trace(model, (x, y), probes=None, samples=None)
     assert p.trace[0] == pytest.approx(exact, rel=1e-10)
 
 
@@ -206,10 +205,10 @@ def test_displacement_coefficients_match_weight_space_sgd(mlp_data):
         buf = m * buf + jac.T @ r / n
         w = w - lr * buf
     theta = k.theta.numpy()
-    coefs, norms = gr.displacement_coefficients(
+    coefs, norms = dyn.displacement_coefficients(
         lambda v: theta @ v, f0, y.numpy(), lr=lr, momentum=m, steps=[7]
     )
-    dw = gr.tangent_displacement(t, (x, y), coefs[7]).numpy()
+    dw = pr.tangent_displacement(t, (x, y), coefs[7]).numpy()
     np.testing.assert_allclose(dw, w, rtol=1e-9, atol=1e-12)
     assert norms[7] == pytest.approx(np.linalg.norm(w), rel=1e-9)
 
@@ -219,13 +218,13 @@ def test_estimate_growth_runs_on_a_small_cnn(cnn_data):
     model = make_cnn()
     k = tl.compute_kernel(model, (x, y), progress=False)
     lr = 0.5 * x.shape[0] / float(k.eigh()[0][-1])
-    g = tl.estimate_growth(model, (x, y), k, lr=lr, steps=40, probes=8, samples=None)
+    g = gr.estimate_growth(model, (x, y), k, SGD(lr), 40, probes=8, samples=None)
     assert g.steps[0] == 0 and g.scale[0] == 1.0 and len(g.steps) == 5
     assert np.all(np.isfinite(g.scale)) and g.info["seconds"] > 0
-    fc = tl.forecast(k, lr=lr, steps=40, kernel_growth=g)
+    fc = gr.forecast(k, SGD(lr), 40, growth=g)
     assert np.all(np.isfinite(fc.loss))
-    g2 = tl.estimate_growth(
-        model, (x, y), k, lr=lr, steps=40, probes=8, samples=None, form="displacement", iterations=2
+    g2 = gr.estimate_growth(
+        model, (x, y), k, SGD(lr), 40, probes=8, samples=None, form="displacement", iterations=2
     )
     assert g2.form == "displacement" and "c" in g2.params
 
@@ -235,35 +234,35 @@ def test_estimate_growth_runs_on_a_small_cnn(cnn_data):
 
 def test_bad_inputs_name_the_fix(mlp_data):
     k = _kernel()
-    with pytest.raises(tl.TangentlabError, match="kernel_growth must be None or a"):
-        tl.forecast(k, lr=0.1, steps=3, kernel_growth=[1.0, 2.0])
+    with pytest.raises(tl.TangentlabError, match="growth must be a KernelGrowth"):
+        gr.forecast(k, SGD(0.1), 3, growth=[1.0, 2.0])
     with pytest.raises(tl.TangentlabError, match="noise='simulate'"):
-        tl.forecast(k, lr=0.1, steps=3, batch_size=4, noise="sde", kernel_growth=SCHED)
+        gr.forecast(k, SGD(0.1), 3, batch_size=4, noise="sde", growth=SCHED)
     with pytest.raises(tl.TangentlabError, match="time='discrete'"):
-        tl.forecast(k, lr=0.1, steps=3, loss="ce", time="continuous", kernel_growth=SCHED)
+        gr.forecast(k, SGD(0.1), 3, loss="ce", time="continuous", growth=SCHED)
     with pytest.raises(tl.TangentlabError, match="subsample"):
-        tl.forecast(k, lr=0.1, steps=3, dataset_size=100, kernel_growth=SCHED)
+        gr.forecast(k, SGD(0.1), 3, dataset_size=100, growth=SCHED)
     with pytest.raises(tl.TangentlabError, match="increasing"):
-        tl.KernelGrowth(steps=[0, 5, 5], scale=[1, 2, 3])
+        gr.KernelGrowth(steps=[0, 5, 5], scale=[1, 2, 3])
     with pytest.raises(tl.TangentlabError, match="> 0"):
-        tl.KernelGrowth(steps=[0, 5], scale=[1, -2])
+        gr.KernelGrowth(steps=[0, 5], scale=[1, -2])
     with pytest.raises(tl.TangentlabError, match="same non-zero length"):
-        tl.KernelGrowth(steps=[0, 5], scale=[1])
+        gr.KernelGrowth(steps=[0, 5], scale=[1])
     with pytest.raises(tl.TangentlabError, match="form must be one of"):
-        tl.KernelGrowth(steps=[0], scale=[1], form="cubic")
+        gr.KernelGrowth(steps=[0], scale=[1], form="cubic")
     with pytest.raises(tl.TangentlabError, match="estimate_growth"):
         gr.fit_growth([1], [1.1], form="displacement")
     x, y = mlp_data
     model = make_mlp()
     with pytest.raises(tl.TangentlabError, match="probes must be an integer >= 1 or None"):
-        tl.kernel_trace(model, (x, y), probes=0)
+        pr.kernel_trace(model, (x, y), probes=0)
     with pytest.raises(tl.TangentlabError, match=r"flat \[P\]"):
-        tl.kernel_trace(model, (x, y), [torch.zeros(3)])
+        pr.kernel_trace(model, (x, y), [torch.zeros(3)])
     kk = tl.compute_kernel(model, (x, y), progress=False)
     with pytest.raises(tl.TangentlabError, match="probe_steps must lie in"):
-        tl.estimate_growth(model, (x, y), kk, lr=0.1, steps=10, probe_steps=[20])
+        gr.estimate_growth(model, (x, y), kk, SGD(0.1), 10, probe_steps=[20])
     with pytest.raises(tl.TangentlabError, match="data the kernel was computed on"):
-        tl.estimate_growth(model, (x[:3], y[:3]), kk, lr=0.1, steps=10)
+        gr.estimate_growth(model, (x[:3], y[:3]), kk, SGD(0.1), 10)
 
 
 @pytest.mark.slow
@@ -280,8 +279,8 @@ def test_lite0_probe_ratio_tracks_the_exact_trace():
     top, xt, _ = cached_inputs("fashion-lite0", ex.model, ex.data[0])
     t = tl.Tangent(top, params=ex.default_params)
     torch.manual_seed(0)
-    w = gr.flat_weights(t)
+    w = pr.flat_weights(t)
     moved = w + 0.002 * torch.randn_like(w)
-    exact = gr.kernel_trace(t, (xt, ex.data[1]), [None, moved], probes=None, samples=None)
-    est = gr.kernel_trace(t, (xt, ex.data[1]), [None, moved], probes=4, samples=None)
+    exact = pr.kernel_trace(t, (xt, ex.data[1]), [None, moved], probes=None, samples=None)
+    est = pr.kernel_trace(t, (xt, ex.data[1]), [None, moved], probes=4, samples=None)
     assert est.ratio[1] == pytest.approx(exact.ratio[1], rel=0.03)

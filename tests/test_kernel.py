@@ -228,6 +228,7 @@ def test_cache_refuses_foreign_directories(tmp_path, mlp_data):
     (d / "something.txt").write_text("hello")
     with pytest.raises(CacheMismatchError, match="without a tangentlab request.json"):
         tl.compute_kernel(make_mlp(), mlp_data, cache=d, progress=False)
+    assert sorted(p.name for p in d.iterdir()) == ["something.txt"]  # nothing written there
     (d / "request.json").write_text("{not json")
     with pytest.raises(CacheMismatchError, match="unreadable"):
         tl.compute_kernel(make_mlp(), mlp_data, cache=d, progress=False)

@@ -24,6 +24,7 @@ from tangentlab.report import (
     write_json,
     write_sweep_report,
 )
+from tangentlab.training import SGD
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N, C = 12, 3
@@ -97,9 +98,9 @@ def test_write_json_turns_nan_into_null(tmp_path):
 
 
 def test_summary_row_and_label(kernel):
-    fc = tl.forecast(kernel, stable_lr(kernel, 0.5), 30, batch_size=4, momentum=0.5, paths=2)
+    fc = tl.forecast(kernel, SGD(stable_lr(kernel, 0.5), momentum=0.5), 30, batch_size=4, paths=2)
     assert label_of(fc) == f"lr={fc.hyperparameters['lr']:g}, B=4, m=0.5, MSE"
-    full = tl.forecast(kernel, stable_lr(kernel, 0.5), 30)
+    full = tl.forecast(kernel, SGD(stable_lr(kernel, 0.5)), 30)
     assert "full batch" in label_of(full)
     target = float(full.loss[10])
     row = summary_row(full, target)
@@ -126,7 +127,7 @@ def spy_axes(monkeypatch):
 
 
 def test_plot_stochastic_forecast_draws_band(kernel, tmp_path, spy_axes):
-    fc = tl.forecast(kernel, stable_lr(kernel, 0.5), 25, batch_size=4, paths=4, seed=1)
+    fc = tl.forecast(kernel, SGD(stable_lr(kernel, 0.5)), 25, batch_size=4, paths=4, seed=1)
     assert fc.loss_band is not None
     target = float(fc.loss[10])
     path = plot_forecasts([("minibatch", fc)], tmp_path / "p" / "band.png", target_loss=target)
@@ -144,7 +145,7 @@ def test_plot_stochastic_forecast_draws_band(kernel, tmp_path, spy_axes):
 
 
 def test_plot_with_measured_curves(kernel, tmp_path, spy_axes):
-    fc = tl.forecast(kernel, stable_lr(kernel, 0.5), 20)
+    fc = tl.forecast(kernel, SGD(stable_lr(kernel, 0.5)), 20)
     steps = np.arange(0, 21, 5)
     loss = fc.loss[steps] * 1.1
     acc = fc.accuracy[steps]
@@ -162,7 +163,7 @@ def test_plot_with_measured_curves(kernel, tmp_path, spy_axes):
 
 
 def test_plot_diverging_forecast(kernel, tmp_path):
-    fc = tl.forecast(kernel, stable_lr(kernel, 5.0), 20)
+    fc = tl.forecast(kernel, SGD(stable_lr(kernel, 5.0)), 20)
     assert fc.diverges and np.isnan(fc.loss[-1])
     assert_png(plot_forecasts([(label_of(fc), fc)], tmp_path / "div.png", target_loss=0.1))
 
@@ -171,15 +172,15 @@ def test_plot_diverging_forecast(kernel, tmp_path):
 
 
 def _sweep(kernel):
-    grid = {"lr": [stable_lr(kernel, 0.3), stable_lr(kernel, 1.0), stable_lr(kernel, 5.0)],
-            "batch_size": [4, None]}  # fmt: skip
-    return tl.sweep(kernel, grid, steps=30, paths=2)
+    opts = tl.SGD.grid(lr=[stable_lr(kernel, 0.3), stable_lr(kernel, 1.0), stable_lr(kernel, 5.0)])
+    return tl.sweep(kernel, opts, 30, batch_sizes=[4, None], paths=2)
 
 
 def test_write_sweep_report_writes_all_four_files(kernel, tmp_path):
-    table = _sweep(kernel)
+    result = _sweep(kernel)
+    table = result.table
     assert table["diverges"].any()  # a diverging row exercises NaN -> null
-    paths = write_sweep_report(tmp_path / "sw", table, kernel, info={"who": "test"}, top=4)
+    paths = write_sweep_report(tmp_path / "sw", result, kernel, info={"who": "test"}, top=4)
     out = tmp_path / "sw"
     assert paths == {
         "csv": out / "sweep.csv",
@@ -193,7 +194,7 @@ def test_write_sweep_report_writes_all_four_files(kernel, tmp_path):
     assert [int(r["rank"]) for r in rows] == list(range(1, 7))
 
     js = strict_json(paths["json"])
-    assert js["target_loss"] == pytest.approx(table.attrs["target_loss"])
+    assert js["target_loss"] == pytest.approx(result.target_loss)
     assert [r["rank"] for r in js["table"]] == list(range(1, 7))
     assert js["info"] == {"who": "test"} and js["kernel"]["num_samples"] == N
     div = [r for r in js["table"] if r["diverges"]]
@@ -207,13 +208,3 @@ def test_write_sweep_report_writes_all_four_files(kernel, tmp_path):
     assert m and base64.b64decode(m.group(1)) == paths["png"].read_bytes()
     assert "ranked by steps to loss" in page
     assert page.count("<tr>") >= 1 + 6  # header + one row per setting (+ run, kernel tables)
-
-
-def test_write_sweep_report_without_target_attr(kernel, tmp_path):
-    table = _sweep(kernel)
-    table.attrs.clear()  # e.g. after pd.concat of sweeps with different targets
-    paths = write_sweep_report(tmp_path, table, kernel)
-    assert strict_json(paths["json"])["target_loss"] is None
-    page = paths["html"].read_text(encoding="utf-8")
-    assert "All settings" in page and "ranked by steps to loss" not in page
-    assert_png(paths["png"])

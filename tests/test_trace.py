@@ -18,12 +18,13 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import tangentlab as tl
-from conftest import make_cnn, make_mlp
+from conftest import make_cnn, make_mlp, split_settings
 from tangentlab import dynamics as dyn
 from tangentlab.cli import main
 from tangentlab.compute import trace_probes
 from tangentlab.errors import CacheMismatchError, MemoryBudgetError, TangentlabError
 from tangentlab.memory import activation_elements, plan
+from tangentlab.training import SGD
 
 
 def _block_traces(full: tl.Kernel) -> torch.Tensor:
@@ -210,8 +211,9 @@ def _assert_same_forecast(a: tl.Forecast, b: tl.Forecast) -> None:
 def test_forecast_of_a_trace_kernel_equals_the_explicit_kron_kernel(trace_kernels, case):
     tr = trace_kernels[0]
     lr = 0.6 * tr.num_samples / float(tr.eigh()[0].max())
-    a = tl.forecast(tr, lr, 25, **CASES[case])
-    b = tl.forecast(_kron(tr), lr, 25, **CASES[case])
+    opt, opts = split_settings(lr, CASES[case])
+    a = tl.forecast(tr, opt, 25, **opts)
+    b = tl.forecast(_kron(tr), opt, 25, **opts)
     assert a.method["solver"] == b.method["solver"]
     assert not a.diverges
     _assert_same_forecast(a, b)
@@ -229,8 +231,9 @@ def test_projected_trace_kernel_forecast_primal_and_dual(trace_kernels, case, ex
     if execution != "auto":  # full-batch MSE always runs the closed form
         opts["execution"] = execution
     lr = 0.6 * tr.num_samples / float(tr.eigh()[0].max())
-    a = tl.forecast(tr, lr, 25, **opts)
-    b = tl.forecast(_kron(tr), lr, 25, **opts)
+    opt, opts = split_settings(lr, opts)
+    a = tl.forecast(tr, opt, 25, **opts)
+    b = tl.forecast(_kron(tr), opt, 25, **opts)
     assert a.method["execution"] == b.method["execution"]
     _assert_same_forecast(a, b)
 
@@ -238,7 +241,7 @@ def test_projected_trace_kernel_forecast_primal_and_dual(trace_kernels, case, ex
 def test_divergence_of_a_trace_kernel_matches(trace_kernels):
     tr = trace_kernels[0]
     lr = 2.5 * tr.num_samples / float(tr.eigh()[0].max())
-    a, b = tl.forecast(tr, lr, 30), tl.forecast(_kron(tr), lr, 30)
+    a, b = tl.forecast(tr, SGD(lr), 30), tl.forecast(_kron(tr), SGD(lr), 30)
     assert a.diverges and b.diverges
     _assert_same_forecast(a, b)
 
@@ -247,14 +250,14 @@ def test_sweep_and_extrapolation_accept_trace_kernels(trace_kernels):
     tr = trace_kernels[0]
     kron = _kron(tr)
     lr = tr.num_samples / float(tr.eigh()[0].max())
-    grid = {"lr": [0.3 * lr, lr], "batch_size": [3, None], "momentum": [0.0, 0.5]}
-    sa = tl.sweep(tr, grid, steps=20, paths=2)
-    sb = tl.sweep(kron, grid, steps=20, paths=2)
+    opts = tl.SGD.grid(lr=[0.3 * lr, lr], momentum=[0.0, 0.5])
+    sa = tl.sweep(tr, opts, 20, batch_sizes=[3, None], paths=2).table
+    sb = tl.sweep(kron, opts, 20, batch_sizes=[3, None], paths=2).table
     assert list(sa["steps_to_target"]) == list(sb["steps_to_target"])
     np.testing.assert_allclose(sa["final_loss"], sb["final_loss"], rtol=1e-10)
     # dataset_size: N-sample forecast from the n-sample spectrum (no tail: exact match)
-    a = tl.forecast(tr, lr, 20, dataset_size=70)
-    b = tl.forecast(kron, lr, 20, dataset_size=70)
+    a = tl.forecast(tr, SGD(lr), 20, dataset_size=70)
+    b = tl.forecast(kron, SGD(lr), 20, dataset_size=70)
     _assert_same_forecast(a, b)
     assert a.hyperparameters["num_samples"] == 70
     spec = tl.extrapolate(tr, 70)
@@ -263,7 +266,7 @@ def test_sweep_and_extrapolation_accept_trace_kernels(trace_kernels):
     assert spec.initial_loss() == pytest.approx(ref.initial_loss(), rel=1e-12)
     # a power-law tail runs (mode energies within the C-fold degenerate eigenvalues are
     # split along the classes, so it need not equal the explicit kernel's arbitrary split)
-    tail = tl.forecast(tl.extrapolate(tr, 70, tail="powerlaw", fit_range=(0.1, 0.9)), lr, 20)
+    tail = tl.forecast(tl.extrapolate(tr, 70, tail="powerlaw", fit_range=(0.1, 0.9)), SGD(lr), 20)
     assert tail.loss[0] == pytest.approx(a.loss[0], rel=1e-10)
     assert np.all(np.isfinite(tail.loss))
 
@@ -480,7 +483,7 @@ def test_cli_trace_and_probes_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     fc = json.loads((tmp_path / "f" / "forecast.json").read_text())
     loss = fc["forecasts"][0]["loss"] if "forecasts" in fc else fc["loss"]
-    np.testing.assert_allclose(loss, tl.forecast(k, 0.05, 5).loss, rtol=1e-9)
+    np.testing.assert_allclose(loss, tl.forecast(k, SGD(0.05), 5).loss, rtol=1e-9)
 
     # --trace computes the exact trace kernel; sweep over it (minibatch and full batch)
     res = _invoke("sweep", *src, "--trace", "--lr", "0.01,0.02", "--steps", "5",

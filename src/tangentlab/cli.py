@@ -182,15 +182,40 @@ class _InputError(click.ClickException):
     exit_code = 2
 
 
+class _Fault(click.ClickException):
+    """An environment fault or an unexpected error: one line, exit code 1."""
+
+    exit_code = 1
+
+
 def _errors_as_usage(fn):
-    """Library errors become one clear line and exit code 2, not a traceback."""
+    """Library errors become one clear line and exit code 2; environment faults (files,
+    disk, devices) and unexpected errors one line and exit code 1. ``--debug`` (or
+    TANGENTLAB_DEBUG=1) shows the traceback instead."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug") or (
+            os.environ.get("TANGENTLAB_DEBUG") == "1")  # fmt: skip
         try:
             return fn(*args, **kwargs)
         except TangentlabError as exc:
+            if debug:
+                raise
             raise _InputError(str(exc)) from None
+        except OSError as exc:
+            if debug:
+                raise
+            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise _Fault(f"tangentlab: cannot read or write{where}: {exc.strerror or exc} "
+                         "(check the path, its permissions and the free disk space; "
+                         "--debug shows the traceback).") from None  # fmt: skip
+        except (RuntimeError, ValueError, TypeError) as exc:
+            if debug:
+                raise
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _Fault(f"tangentlab: {type(exc).__name__}: {msg} (does the model accept "
+                         "this data? --debug shows the traceback).") from None  # fmt: skip
         except KeyboardInterrupt:
             click.echo("\ninterrupted; finished kernel chunks are kept in the cache and "
                        "the next run resumes from them.", err=True)
@@ -220,7 +245,7 @@ def _resolve(o: dict[str, Any], *, quiet: bool = False):
         if not quiet:
             _echo(f"tangentlab: example {name}: {ex.description}")
         params = ex.default_params if o["params"] is None else o["params"]
-        return ex.model, ex.data, ex.num_classes, params, name, d
+        return _eval_mode(ex.model, quiet), ex.data, ex.num_classes, params, name, d
     if o["example"] is not None:
         raise TangentlabError("tangentlab: give either --example or --model/--data, not both.")
     if o["model_spec"] is None or o["data_spec"] is None:
@@ -233,7 +258,19 @@ def _resolve(o: dict[str, Any], *, quiet: bool = False):
         o["data_spec"], tokenizer_dir=tok, seq_len=o["seq_len"], image_size=o["image_size"],
         num_samples=o["samples"], seed=o["seed"],
     )  # fmt: skip
+    model = _eval_mode(model, quiet)
     return model, data, o["num_classes"], o["params"], Path(o["data_spec"]).name, {}
+
+
+def _eval_mode(model, quiet: bool):
+    """The tangent model is taken in eval mode; say so once, in CLI words."""
+    training = sum(1 for m in model.modules() if m.training)
+    model.eval()
+    if training and not quiet:
+        _echo("tangentlab: using the model in eval mode (batch-norm statistics frozen, "
+              "dropout off), as the tangent model requires; `validate --bn train` trains "
+              "the real run with batch statistics instead.")  # fmt: skip
+    return model
 
 
 def _trace(o: dict[str, Any]) -> bool | int:
@@ -250,32 +287,19 @@ def _trace(o: dict[str, Any]) -> bool | int:
 
 
 def _projection(o: dict[str, Any], model, data, params):
-    from tangentlab.memory import default_budget, parse_bytes
+    """``--projection``: 'exact', 'auto' (tl.choose_projection) or an integer k."""
+    import tangentlab as tl
     from tangentlab.projection import Projection
-    from tangentlab.tangent import select_params
 
     spec = str(o["projection"]).strip().lower()
     if spec == "exact":
         return None
     if spec == "auto":
-        import torch
-
-        from tangentlab.data import num_rows
-
-        names = select_params(model, None if params == "all" else params)
-        named = dict(model.named_parameters())
-        p = sum(named[n].numel() for n in names)
-        n = num_rows(data[0]) if isinstance(data, tuple) else 1000
-        c = o["num_classes"] or 10
-        dev = torch.device(o["device"] or "cpu")
-        budget = parse_bytes(o["memory_budget"]) or default_budget(dev)
-        trace = _trace(o)
-        # a trace kernel holds Jacobians of S <= C probed outputs and an N x N kernel
-        outs = c if trace is True or trace is False else min(int(trace), c)
-        kernel_bytes = (n * n * 4) if trace is not False else 0
-        if n * outs * p * 4 * 2 + kernel_bytes <= budget:  # all Jacobians, room to work
-            return None
-        return Projection(4096, kind=o["projection_kind"], seed=o["seed"])
+        return tl.choose_projection(
+            model, data, params=params, num_classes=o["num_classes"], trace=_trace(o),
+            memory_budget=o["memory_budget"], device=o["device"], kind=o["projection_kind"],
+            seed=o["seed"],
+        )  # fmt: skip
     try:
         k = int(spec)
     except ValueError:
@@ -285,14 +309,16 @@ def _projection(o: dict[str, Any], model, data, params):
     return Projection(k, kind=o["projection_kind"], seed=o["seed"])
 
 
-def _kernel(o: dict[str, Any]):
-    """Load or compute the kernel described by the options; returns (kernel, seconds, info)."""
+def _kernel(o: dict[str, Any], timer: dict):
+    """Load or compute the kernel described by the options; returns (kernel, defaults,
+    info) and records the seconds spent loading the model/data and on the kernel."""
     import tangentlab as tl
 
-    t0 = time.perf_counter()
     trace = _trace(o)
     if o["kernel_file"]:
+        t0 = time.perf_counter()
         kernel = tl.load_kernel(o["kernel_file"])
+        timer["kernel (loaded)"] = time.perf_counter() - t0
         if trace is not False and not kernel.is_trace:
             raise TangentlabError(
                 f"tangentlab: --trace/--probes asks for a trace kernel but {o['kernel_file']} "
@@ -301,14 +327,16 @@ def _kernel(o: dict[str, Any]):
             )
         _echo(f"tangentlab: loaded kernel {o['kernel_file']} (N={kernel.num_samples}, "
               f"C={kernel.num_classes}{', trace kernel' if kernel.is_trace else ''})")
-        return kernel, time.perf_counter() - t0, {}, {"kernel": o["kernel_file"]}
+        return kernel, {}, {"kernel": o["kernel_file"]}
+    t0 = time.perf_counter()
     model, data, c, params, name, defaults = _resolve(o)
     if params == "all":
         params = None
     dataset_size = None
     if o.get("subsample") is not None:
-        data, dataset_size = _subset(data, o["subsample"], o["seed"])
+        data, dataset_size = tl.subsample(data, o["subsample"], seed=o["seed"], verbose=True)
     proj = _projection({**o, "num_classes": c}, model, data, params)
+    timer["model and data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     kernel = tl.compute_kernel(
         model, data, num_classes=c, projection=proj, params=params,
@@ -317,6 +345,7 @@ def _kernel(o: dict[str, Any]):
         cache=o["cache"] or Path(o["out"]) / "kernel", progress=not o["no_progress"],
     )  # fmt: skip
     seconds = time.perf_counter() - t0
+    timer["kernel"] = seconds
     info = {"source": name, "params": str(params), "projection": kernel.metadata["projection"],
             "num_samples": kernel.num_samples, "num_classes": kernel.num_classes,
             "kernel_seconds": round(seconds, 2)}  # fmt: skip
@@ -324,26 +353,7 @@ def _kernel(o: dict[str, Any]):
         info["trace"] = kernel.metadata.get("trace", "exact")
     if dataset_size is not None:
         info.update(dataset_size=dataset_size, subsample=kernel.num_samples)
-    return kernel, seconds, defaults, info
-
-
-def _subset(data, n: int, seed: int):
-    """A seeded random subset of n of the N samples (the kernel's cache fingerprint covers
-    it); returns ``((X_n, y_n), N)``."""
-    import torch
-
-    from tangentlab.data import as_arrays, num_rows, take
-
-    x, y = as_arrays(data, where="tangentlab --subsample")
-    total = num_rows(x)
-    if n > total:
-        raise TangentlabError(
-            f"tangentlab: --subsample {n} exceeds the {total} samples loaded; give "
-            "--samples N >= n (N is the data set size the forecast is for)."
-        )
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    _echo(f"tangentlab: kernel on a random subset of {n} of the {total} samples")
-    return (take(x, idx), y[idx]), total
+    return kernel, defaults, info
 
 
 def _batch(value: str | int | None) -> int | None:
@@ -367,57 +377,127 @@ def _floats(value: str, name: str) -> list[float]:
         ) from None
 
 
-def _default_lr(kernel, momentum: float) -> float:
-    """Half the stability limit: η̃ λ_max / N = 1 with η̃ = η / (1 − m) (DESIGN.md §3)."""
+def _lr(o: dict[str, Any], kernel, momentum: float, timer: dict) -> float:
+    """``--lr``, or tl.stable_lr: half the stability limit (η̃ λ_max / N = 1)."""
+    import tangentlab as tl
+
+    if o["lr"] is not None and not isinstance(o["lr"], str):
+        return float(o["lr"])
+    _eigh(kernel, timer)
+    lr = tl.stable_lr(kernel, momentum=momentum)
     lam_max = float(kernel.eigh()[0].max())
-    lr = (1.0 - momentum) * kernel.num_samples / lam_max
-    # 3 significant digits, rounded down: never past the boundary of the validity region
-    digits = 2 - math.floor(math.log10(lr))
-    lr = math.floor(lr * 10**digits) / 10**digits
-    _echo(f"tangentlab: --lr not given: using lr = {lr:.4g}, half the stability limit "
-          f"(λ_max/N = {lam_max / kernel.num_samples:.4g}, momentum {momentum:g}).")  # fmt: skip
-    return float(f"{lr:.3g}")  # lr is already on 3 digits: drops float noise
+    _echo(f"tangentlab: --lr not given: using lr = {lr:.4g} (tl.stable_lr: half the "
+          f"stability limit, λ_max/N = {lam_max / kernel.num_samples:.4g}, momentum "
+          f"{momentum:g}).")  # fmt: skip
+    return lr
+
+
+def _eigh(kernel, timer: dict) -> None:
+    """The kernel's eigendecomposition, timed (cached on the kernel once computed)."""
+    if kernel._eig is not None:
+        return
+    t0 = time.perf_counter()
+    _echo("tangentlab: eigendecomposition of the kernel ...")
+    kernel.eigh()
+    timer["eigendecomposition"] = time.perf_counter() - t0
+
+
+def _timings(timer: dict, start: float) -> str:
+    """``kernel 7.1 s, eigendecomposition 2.0 s, forecast 0.4 s, other 1.2 s; total 10.7 s``."""
+    total = time.perf_counter() - start
+    parts = [f"{k} {v:.1f} s" for k, v in timer.items()]
+    parts.append(f"other {max(total - sum(timer.values()), 0.0):.1f} s")
+    return ", ".join(parts) + f"; total {total:.1f} s"
 
 
 def _target(o: dict[str, Any], initial_loss: float) -> float:
+    import tangentlab as tl
+
     if o["target_loss"] is not None:
         return float(o["target_loss"])
+    return tl.default_target(initial_loss, drop=o["target_drop"])
+
+
+def _check_hyper(o: dict[str, Any], *, lists: bool) -> list:
+    """Validate every setting before the (possibly long) kernel computation; returns the
+    optimizers (lr = 1 as a stand-in while --lr is not given)."""
+    import tangentlab as tl
+    from tangentlab.forecast import check_options
+
+    sizes = [_batch(b) for b in (str(o["batch_size"]).split(",") if lists else
+                                 [o["batch_size"]])]  # fmt: skip
+    lrs = [1.0] if o["lr"] is None else (_floats(o["lr"], "lr") if lists else [o["lr"]])
+    moms = _floats(o["momentum"], "momentum") if lists else [o["momentum"]]
+    wds = _floats(o["weight_decay"], "weight-decay") if lists else [o["weight_decay"]]
+    opts = tl.SGD.grid(lr=lrs, momentum=moms, weight_decay=wds)
+    steps = o["steps"] if o["steps"] is not None else 1
+    for b in sizes:
+        check_options("tangentlab", opts[0], steps, loss=_loss(o), batch_size=b,
+                      paths=o["paths"], seed=o["seed"])  # fmt: skip
     if not 0 < o["target_drop"] < 1:
         raise TangentlabError(
-            f"tangentlab: --target-drop must be in (0, 1), got {o['target_drop']!r}."
+            f"tangentlab: --target-drop must be in (0, 1), got {o['target_drop']!r}; 0.8 "
+            "targets an 80% drop of the initial loss."
         )
-    return (1.0 - o["target_drop"]) * initial_loss
+    if o["target_loss"] is not None and not math.isfinite(o["target_loss"]):
+        raise TangentlabError(f"tangentlab: --target-loss must be finite, got {o['target_loss']}.")
+    _check_subsample(o, sizes)
+    _check_device(o["device"])
+    return opts
 
 
-def _check_hyper(o: dict[str, Any], *, lists: bool) -> None:
-    """Reject malformed hyper-parameter options before the (possibly long) kernel computation."""
-    sizes = str(o["batch_size"]).split(",") if lists else [o["batch_size"]]
-    for b in sizes:
-        _batch(b)
-    if lists:
-        for name in ("lr", "momentum", "weight_decay"):
-            if o[name] is not None:
-                _floats(o[name], name.replace("_", "-"))
-    _target(o, 1.0)
+def _check_subsample(o: dict[str, Any], sizes: list) -> None:
     sub = o.get("subsample")
-    if sub is not None:
-        if sub < 1:
-            raise TangentlabError(f"tangentlab: --subsample must be a positive integer, got {sub}.")
-        if o["kernel_file"]:
+    if sub is None:
+        return
+    if sub < 1:
+        raise TangentlabError(f"tangentlab: --subsample must be a positive integer, got {sub}.")
+    if o["kernel_file"]:
+        raise TangentlabError(
+            "tangentlab: --subsample computes the kernel on n of the N samples; it cannot "
+            "be combined with --kernel."
+        )
+    if any(b is not None for b in sizes) or o["loss_name"] != "mse":
+        raise TangentlabError(
+            "tangentlab: --subsample forecasts full-batch MSE only (--batch-size full, "
+            "--loss mse); minibatch noise and cross-entropy need the kernel on all N."
+        )
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TangentlabError(
+            f"tangentlab: --device {device!r} is not a device name; use cpu or cuda[:i]."
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TangentlabError(
+            f"tangentlab: --device {device} asked for CUDA, but this torch build or machine "
+            "has no usable GPU (torch.cuda.is_available() is False); use --device cpu."
+        )
+
+
+def _loss(o: dict[str, Any]):
+    import tangentlab as tl
+
+    if o["loss_name"] == "ce":
+        if o["target_scale"] != 1.0:
             raise TangentlabError(
-                "tangentlab: --subsample computes the kernel on n of the N samples; it cannot "
-                "be combined with --kernel."
+                "tangentlab: --target-scale applies to --loss mse only; drop it for ce."
             )
-        if any(_batch(b) is not None for b in sizes) or o["loss_name"] != "mse":
-            raise TangentlabError(
-                "tangentlab: --subsample forecasts full-batch MSE only (--batch-size full, "
-                "--loss mse); minibatch noise and cross-entropy need the kernel on all N."
-            )
+        return tl.CrossEntropy()
+    return tl.MSE(o["target_scale"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tangentlab")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
     """Forecast fine-tuning of pre-trained PyTorch networks from their tangent model,
     without training."""
     warnings.filterwarnings("default", category=UserWarning, module="tangentlab")
@@ -440,19 +520,27 @@ def forecast(**o: Any) -> None:
     import tangentlab as tl
     from tangentlab.report import format_table, summary_row, write_forecast_report
 
-    _check_hyper(o, lists=False)
-    kernel, k_sec, defaults, info = _kernel(o)
-    lr = o["lr"] if o["lr"] is not None else _default_lr(kernel, o["momentum"])
+    start, timer = time.perf_counter(), {}
+    optimizer = _check_hyper(o, lists=False)[0]
+    kernel, defaults, info = _kernel(o, timer)
+    lr = _lr(o, kernel, o["momentum"], timer)
+    optimizer = optimizer.replace(lr=lr)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    if o["batch_size"] in (None, "full") and o["loss_name"] == "mse":
+        _eigh(kernel, timer)  # the closed form needs it: timed on its own line
     t0 = time.perf_counter()
     fc = tl.forecast(
-        kernel, lr, steps, batch_size=_batch(o["batch_size"]), momentum=o["momentum"],
-        weight_decay=o["weight_decay"], loss=o["loss_name"], target_scale=o["target_scale"],
+        kernel, optimizer, steps, loss=_loss(o), batch_size=_batch(o["batch_size"]),
         paths=o["paths"], seed=o["seed"], dataset_size=info.get("dataset_size"),
     )  # fmt: skip
-    f_sec = time.perf_counter() - t0
+    timer["forecast"] = time.perf_counter() - t0
     target = _target(o, float(fc.loss[0]))
-    info.update(forecast_seconds=round(f_sec, 3), target_loss=target)
+    info["target_definition"] = ("given (--target-loss)" if o["target_loss"] is not None else
+                                  f"a {o['target_drop']:.0%} drop of the initial loss "
+                                  "(tl.default_target)")  # fmt: skip
+    info.update(forecast_seconds=round(timer["forecast"], 3), target_loss=target,
+                lr_choice=info.get("lr_choice", "given (--lr)" if o["lr"] is not None else
+                                   "tl.stable_lr: half the stability limit"))  # fmt: skip
     paths = write_forecast_report(o["out"], [fc], kernel, target_loss=target,
                                   title=f"tangentlab forecast: {info.get('source', '')}",
                                   info=info)  # fmt: skip
@@ -464,10 +552,8 @@ def forecast(**o: Any) -> None:
             why = f"the loss blows up after step {fc.divergence_step}"
         click.echo(f"DIVERGES: {why}; lower the learning rate.")
     t = fc.steps_to(target)
-    click.echo(
-        f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}"
-        f"  (kernel {k_sec:.1f} s, forecast {f_sec:.2f} s)"
-    )
+    click.echo(f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}")
+    click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
 
@@ -488,37 +574,41 @@ def sweep(**o: Any) -> None:
     import tangentlab as tl
     from tangentlab.report import write_sweep_report
 
-    _check_hyper(o, lists=True)
-    kernel, k_sec, defaults, info = _kernel(o)
-    if o["lr"] is not None:
-        lrs = _floats(o["lr"], "lr")
-    else:
-        base = _default_lr(kernel, max(_floats(o["momentum"], "momentum")))
-        lrs = [base * f for f in (0.1, 0.3, 1.0, 1.5)]
+    start, timer = time.perf_counter(), {}
+    optimizers = _check_hyper(o, lists=True)
+    kernel, defaults, info = _kernel(o, timer)
+    if o["lr"] is None:
+        base = _lr(o, kernel, max(opt.momentum for opt in optimizers), timer)
+        optimizers = tl.SGD.grid(lr=[base * f for f in (0.1, 0.3, 1.0, 1.5)],
+                                 momentum=_floats(o["momentum"], "momentum"),
+                                 weight_decay=_floats(o["weight_decay"], "weight-decay"))
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
-    grid = {
-        "lr": lrs,
-        "batch_size": [_batch(b) for b in str(o["batch_size"]).split(",")],
-        "momentum": _floats(o["momentum"], "momentum"),
-        "weight_decay": _floats(o["weight_decay"], "weight-decay"),
-    }
+    sizes = [_batch(b) for b in str(o["batch_size"]).split(",")]
+    if None in sizes and o["loss_name"] == "mse":
+        _eigh(kernel, timer)
     t0 = time.perf_counter()
-    first = tl.forecast(kernel, lrs[0], 0, loss=o["loss_name"], target_scale=o["target_scale"])
-    target = _target(o, float(first.loss[0]))
-    table = tl.sweep(
-        kernel, grid, target_loss=target, steps=steps, loss=o["loss_name"],
-        target_scale=o["target_scale"], paths=o["paths"], seed=o["seed"],
+    result = tl.sweep(
+        kernel, optimizers, steps, loss=_loss(o), batch_sizes=sizes,
+        target_loss=o["target_loss"], paths=o["paths"], seed=o["seed"],
         dataset_size=info.get("dataset_size"),
     )  # fmt: skip
-    s_sec = time.perf_counter() - t0
-    info.update(sweep_seconds=round(s_sec, 3), settings=len(table), target_loss=target)
-    paths = write_sweep_report(o["out"], table, kernel, info=info,
+    if o["target_loss"] is None and o["target_drop"] != 0.8:  # re-rank on the asked target
+        target = _target(o, float(result.forecasts[0].loss[0]))
+        result = tl.sweep(kernel, optimizers, steps, loss=_loss(o), batch_sizes=sizes,
+                          target_loss=target, paths=o["paths"], seed=o["seed"],
+                          dataset_size=info.get("dataset_size"))  # fmt: skip
+    timer["sweep"] = time.perf_counter() - t0
+    table = result.table
+    info.update(sweep_seconds=round(timer["sweep"], 3), settings=len(table),
+                target_loss=result.target_loss)  # fmt: skip
+    paths = write_sweep_report(o["out"], result, kernel, info=info,
                                title=f"tangentlab sweep: {info.get('source', '')}")  # fmt: skip
-    shown = table.drop(columns=["forecast", "target_loss", "loss_limit"])
+    shown = table.drop(columns=["optimizer", "loss_limit"])
     with _pd_display():
         click.echo(shown.to_string(index=False))
-    click.echo(f"target loss {target:.4g}; {len(table)} settings from one kernel "
-               f"(kernel {k_sec:.1f} s, sweep {s_sec:.2f} s)")  # fmt: skip
+    click.echo(f"target loss {result.target_loss:.4g}; {len(table)} settings from one kernel; "
+               "rows outside the validity region or diverging rank last (column 'valid')")
+    click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}, {paths['html']}")
 
 
@@ -542,12 +632,14 @@ def kernel(**o: Any) -> None:
 
     from tangentlab.report import write_json
 
-    kernel, k_sec, _, info = _kernel(o)
-    kernel.eigh()
+    start, timer = time.perf_counter(), {}
+    _check_device(o["device"])
+    kernel, _, info = _kernel(o, timer)
+    _eigh(kernel, timer)
     summary = {**kernel.describe(), "info": info}
     path = write_json(summary, Path(o["out"]) / "kernel.json")
     click.echo(json.dumps(summary, indent=1, default=str))
-    click.echo(f"kernel in {k_sec:.1f} s; wrote {path} (kernel file: "
+    click.echo(f"time: {_timings(timer, start)}; wrote {path} (kernel file: "
                f"{Path(o['cache'] or Path(o['out']) / 'kernel') / 'kernel.safetensors'})",
                err=True)  # fmt: skip
 
@@ -580,51 +672,60 @@ def validate(**o: Any) -> None:
       curve error mean|L̂−L|/L0: 0.0226 (max 0.0286) over 21 logged steps
     """
     import tangentlab as tl
-    from tangentlab.compare import compare
-    from tangentlab.finetune import finetune
-    from tangentlab.report import format_table, write_validation_report
+    from tangentlab.report import write_validation_report
 
-    _check_hyper(o, lists=False)
+    start, timer = time.perf_counter(), {}
+    optimizer = _check_hyper(o, lists=False)[0]
     if o["log_every"] is not None and o["log_every"] < 1:
         raise TangentlabError(
             f"tangentlab: --log-every must be a positive integer, got {o['log_every']!r}."
         )
-    kernel, k_sec, defaults, info = _kernel(o)
-    lr = o["lr"] if o["lr"] is not None else _default_lr(kernel, o["momentum"])
+    kernel, defaults, info = _kernel(o, timer)
+    optimizer = optimizer.replace(lr=_lr(o, kernel, o["momentum"], timer))
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
-    batch = _batch(o["batch_size"])
-    hyper = dict(batch_size=batch, momentum=o["momentum"], weight_decay=o["weight_decay"],
-                 loss=o["loss_name"], target_scale=o["target_scale"])  # fmt: skip
+    train = dict(loss=_loss(o), batch_size=_batch(o["batch_size"]), seed=o["seed"])
+    if train["batch_size"] is None and o["loss_name"] == "mse":
+        _eigh(kernel, timer)
     t0 = time.perf_counter()
-    fc = tl.forecast(kernel, lr, steps, paths=o["paths"], seed=o["seed"], **hyper)
-    f_sec = time.perf_counter() - t0
-
+    fc = tl.forecast(kernel, optimizer, steps, paths=o["paths"], **train)
+    f_sec = timer["forecast"] = time.perf_counter() - t0
     # The real run starts from a freshly loaded model: the kernel's is left as it was.
     model, data, _, params, _, _ = _resolve(o, quiet=True)  # already described
     if params == "all":
         params = None
     _check_same_source(kernel, model, data, params)
-    _echo(f"tangentlab: fine-tuning for real: {steps} steps of torch.optim.SGD "
+    _echo(f"tangentlab: fine-tuning for real: {steps} steps of {optimizer.describe()} "
           f"(BN {o['bn']}) ...")  # fmt: skip
-    run = finetune(model, data, lr, steps, params=params, seed=o["seed"],
-                   log_every=o["log_every"], bn=o["bn"], device=o["device"],
-                   progress=not o["no_progress"], **hyper)  # fmt: skip
+    t0 = time.perf_counter()
+    run = tl.finetune(model, data, optimizer, steps, params=params, log_every=o["log_every"],
+                      bn=o["bn"], device=o["device"], progress=not o["no_progress"],
+                      **train)  # fmt: skip
+    timer["real fine-tuning"] = time.perf_counter() - t0
     if run.steps.size == 0:  # interrupted before the initial loss: nothing to compare
         raise KeyboardInterrupt
     # a kernel reused from the cache costs ~0 s now: count what it cost when computed
-    k_cost = max(k_sec, float(kernel.metadata.get("seconds", 0.0) or 0.0))
-    cmp = compare(fc, run, target_loss=o["target_loss"], target_drop=o["target_drop"],
-                  forecast_seconds=k_cost + f_sec)
-    target = cmp.target_loss
+    k_cost = max(timer.get("kernel", 0.0), float(kernel.metadata.get("seconds", 0.0) or 0.0))
+    cmp = tl.compare(fc, run, target_loss=o["target_loss"], target_drop=o["target_drop"],
+                     forecast_seconds=k_cost + f_sec)  # fmt: skip
     info.update(
         forecast_seconds=round(f_sec, 3), kernel_seconds_counted=round(k_cost, 3),
         run_train_seconds=round(run.train_seconds, 3),
         run_eval_seconds=round(run.eval_seconds, 3),
         run_wall_seconds=round(run.wall_seconds, 3), cost_ratio=cmp.cost_ratio,
-        target_loss=target, lr=lr, bn=o["bn"], log_every=run.hyperparameters["log_every"],
+        target_loss=cmp.target_loss, lr=optimizer.lr, bn=o["bn"],
+        log_every=run.hyperparameters["log_every"],
     )  # fmt: skip
     paths = write_validation_report(o["out"], fc, run, cmp, kernel, info=info,
                                     title=f"tangentlab validate: {info.get('source', '')}")
+    _print_validation(cmp, run, k_cost, f_sec)
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
+    from tangentlab.report import format_table
+
+    target = cmp.target_loss
 
     def err(v):
         return "-" if v is None else f"{v:.3g}"
@@ -660,7 +761,6 @@ def validate(**o: Any) -> None:
                    "compared on the steps it logged")  # fmt: skip
     for note in cmp.notes:
         click.echo(f"note: {note}")
-    click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
 
 def _check_same_source(kernel, model, data, params) -> None:

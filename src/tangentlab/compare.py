@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from tangentlab.errors import TangentlabError
-from tangentlab.forecast import _is_real
+from tangentlab.forecast import default_target
+from tangentlab.training import is_real
 
 _PLATEAU_TAIL = 0.1  # NOTE [plateau on a common window]
 _L0_REL_TOL = 1e-3  # initial losses further apart than this are flagged (different setups?)
@@ -137,8 +138,8 @@ class Comparison:
 def compare(
     forecast: Any,
     run: Any,
-    target_loss: float | None = None,
     *,
+    target_loss: float | None = None,
     target_drop: float = 0.8,
     plateau_rel_eps: float = 0.05,
     forecast_seconds: float | None = None,
@@ -181,29 +182,9 @@ def compare(
     fn = "compare"
     fc = _forecast_curves(fn, forecast)
     rn = _run_curves(fn, run)
-    if not _is_real(plateau_rel_eps) or not 0 < plateau_rel_eps < 1:
-        raise TangentlabError(
-            f"{fn}: plateau_rel_eps must be in (0, 1), got {plateau_rel_eps!r}; e.g. 0.05 "
-            "for 'within 5% of the initial gap'."
-        )
-    if not _is_real(target_drop) or not 0 < target_drop < 1:
-        raise TangentlabError(
-            f"{fn}: target_drop must be in (0, 1), got {target_drop!r}; 0.8 targets an 80% "
-            "drop of the run's initial loss."
-        )
-    if target_loss is not None and not _is_real(target_loss):
-        raise TangentlabError(
-            f"{fn}: target_loss must be a finite number or None (0.2 x the run's initial "
-            f"loss), got {target_loss!r}."
-        )
-    if forecast_seconds is not None and (not _is_real(forecast_seconds) or forecast_seconds <= 0):
-        raise TangentlabError(
-            f"{fn}: forecast_seconds must be a number > 0 (kernel + forecast time), got "
-            f"{forecast_seconds!r}."
-        )
+    _check_args(fn, plateau_rel_eps, target_drop, target_loss, forecast_seconds)
     if check_settings:
         _check_same_settings(fn, fc["hyper"], rn["hyper"])
-
     notes: list[str] = []
     horizon = fc["loss"].shape[0] - 1
     keep = rn["steps"] <= horizon
@@ -216,12 +197,61 @@ def compare(
     loss_run, acc_run = rn["loss"][keep], rn["accuracy"][keep]
     loss_fc, acc_fc = fc["loss"][steps], fc["accuracy"][steps]
     l0 = float(loss_run[0])
-    l0_fc = float(loss_fc[0])
     if not (math.isfinite(l0) and l0 > 0):
         raise TangentlabError(
             f"{fn}: the run's initial loss must be finite and > 0 to normalize the errors, "
             f"got {l0!r}."
         )
+    notes += _setup_notes(fc, rn, l0, float(loss_fc[0]))
+    target = _target_part(fc, steps, loss_run, loss_fc, target_loss, target_drop, horizon)
+    plateau = _plateau_part(steps, loss_run, loss_fc, plateau_rel_eps)
+    final = _final_part(steps, loss_run, loss_fc, acc_run, acc_fc, l0, notes)
+    coverage = None
+    if fc["band"] is not None:
+        low, high = fc["band"][0][steps], fc["band"][1][steps]
+        inside = (loss_run >= low) & (loss_run <= high)
+        sel = np.isfinite(loss_run) & np.isfinite(loss_fc) & (steps > 0)
+        coverage = float(inside[sel].mean()) if sel.any() else None
+    ratio = ratio_eval = None
+    if forecast_seconds is not None:
+        if rn["train_seconds"] is not None:
+            ratio = rn["train_seconds"] / forecast_seconds
+        if rn["wall_seconds"] is not None:
+            ratio_eval = rn["wall_seconds"] / forecast_seconds
+    return Comparison(
+        steps=steps, loss_run=loss_run, loss_forecast=loss_fc, accuracy_run=acc_run,
+        accuracy_forecast=acc_fc, initial_loss=l0, **target, **plateau, **final,
+        band_coverage=coverage, diverges_forecast=bool(fc["diverges"]),
+        diverged_run=bool(rn["diverged"]), cost_ratio=ratio, cost_ratio_with_eval=ratio_eval,
+        notes=tuple(notes),
+    )  # fmt: skip
+
+
+def _check_args(fn, plateau_rel_eps, target_drop, target_loss, forecast_seconds) -> None:
+    if not is_real(plateau_rel_eps) or not 0 < plateau_rel_eps < 1:
+        raise TangentlabError(
+            f"{fn}: plateau_rel_eps must be in (0, 1), got {plateau_rel_eps!r}; e.g. 0.05 "
+            "for 'within 5% of the initial gap'."
+        )
+    if not is_real(target_drop) or not 0 < target_drop < 1:
+        raise TangentlabError(
+            f"{fn}: target_drop must be in (0, 1), got {target_drop!r}; 0.8 targets an 80% "
+            "drop of the run's initial loss."
+        )
+    if target_loss is not None and not is_real(target_loss):
+        raise TangentlabError(
+            f"{fn}: target_loss must be a finite number or None (0.2 x the run's initial "
+            f"loss), got {target_loss!r}."
+        )
+    if forecast_seconds is not None and (not is_real(forecast_seconds) or forecast_seconds <= 0):
+        raise TangentlabError(
+            f"{fn}: forecast_seconds must be a number > 0 (kernel + forecast time), got "
+            f"{forecast_seconds!r}."
+        )
+
+
+def _setup_notes(fc: dict, rn: dict, l0: float, l0_fc: float) -> list[str]:
+    notes = []
     if not math.isclose(l0_fc, l0, rel_tol=_L0_REL_TOL):
         notes.append(
             f"initial losses differ: forecast {l0_fc:.6g}, run {l0:.6g}; are the model, data, "
@@ -231,15 +261,18 @@ def compare(
         notes.append("the forecast diverges but the run does not")
     if rn["diverged"] and not fc["diverges"]:
         notes.append("the run diverged but the forecast does not")
+    return notes
 
-    # ---- steps to target (NOTE [steps on the logged grid])
+
+def _target_part(fc, steps, loss_run, loss_fc, target_loss, target_drop, horizon) -> dict:
+    """Steps to target on the run's logged grid (NOTE [steps on the logged grid])."""
+    l0, l0_fc = float(loss_run[0]), float(loss_fc[0])
     if target_loss is None:
-        eps = (1.0 - target_drop) * l0
+        eps = default_target(l0, drop=target_drop)
         origin = (f"{target_drop:.0%} drop of the run's initial loss: "
                   f"{1.0 - target_drop:.3g} x {l0:.4g}")  # fmt: skip
     else:
-        eps = float(target_loss)
-        origin = "given"
+        eps, origin = float(target_loss), "given"
     t_run, i_run = _first_below(steps, loss_run, eps)
     t_fc, i_fc = _first_below(steps, loss_fc, eps)
     why = []
@@ -256,29 +289,37 @@ def compare(
             later = _first_below(np.arange(horizon + 1), fc["loss"], eps)[0]
             if later is not None:
                 why.append(f"the forecast reaches it at step {later}")
-        target_note = f"{origin}; no step error: " + "; ".join(why)
+        note = f"{origin}; no step error: " + "; ".join(why)
     else:
         err_t = abs(t_fc - t_run) / t_run
         resolution = max(int(steps[i] - steps[i - 1]) for i in (i_run, i_fc))
-        target_note = origin
+        note = origin
+    return dict(target_loss=eps, target_note=note, steps_to_target_run=t_run,
+                steps_to_target_forecast=t_fc, steps_to_target_error=err_t,
+                steps_resolution=resolution)  # fmt: skip
 
-    # ---- steps to plateau (NOTE [plateau on a common window])
-    p_run, why_run = _plateau(steps, loss_run, plateau_rel_eps)
-    p_fc, why_fc = _plateau(steps, loss_fc, plateau_rel_eps)
-    plateau_note = "L_inf = mean of each curve over the last 10% of the compared steps"
+
+def _plateau_part(steps, loss_run, loss_fc, rel_eps: float) -> dict:
+    """Steps to plateau (NOTE [plateau on a common window])."""
+    p_run, why_run = _plateau(steps, loss_run, rel_eps)
+    p_fc, why_fc = _plateau(steps, loss_fc, rel_eps)
+    note = "L_inf = mean of each curve over the last 10% of the compared steps"
     if why_run or why_fc:
-        plateau_note += "; " + "; ".join(
+        note += "; " + "; ".join(
             f"{name}: {w}" for name, w in (("run", why_run), ("forecast", why_fc)) if w
         )
-    if p_run is None or p_fc is None:
-        err_p = None
-    elif p_run == 0:
-        err_p = None
-        plateau_note += "; the run is flat from step 0 (no relative error)"
-    else:
-        err_p = abs(p_fc - p_run) / p_run
+    err = None
+    if p_run == 0 and p_fc is not None:
+        note += "; the run is flat from step 0 (no relative error)"
+    elif p_run is not None and p_fc is not None:
+        err = abs(p_fc - p_run) / p_run
+    return dict(plateau_rel_eps=float(rel_eps), steps_to_plateau_run=p_run,
+                steps_to_plateau_forecast=p_fc, steps_to_plateau_error=err,
+                plateau_note=note)  # fmt: skip
 
-    # ---- curves and final values
+
+def _final_part(steps, loss_run, loss_fc, acc_run, acc_fc, l0: float, notes: list) -> dict:
+    """Curve error and the values at the last step where both curves are finite."""
     both = np.isfinite(loss_run) & np.isfinite(loss_fc)
     if both.any():
         dev = np.abs(loss_fc[both] - loss_run[both]) / l0
@@ -298,35 +339,9 @@ def compare(
     else:
         final_step = fl_run = fl_fc = fa_run = fa_fc = None
     acc_diff = None if fa_run is None or fa_fc is None else fa_fc - fa_run
-
-    coverage = None
-    if fc["band"] is not None:
-        low, high = fc["band"][0][steps], fc["band"][1][steps]
-        inside = (loss_run >= low) & (loss_run <= high)
-        sel = both & (steps > 0)
-        coverage = float(inside[sel].mean()) if sel.any() else None
-
-    ratio = ratio_eval = None
-    if forecast_seconds is not None:
-        if rn["train_seconds"] is not None:
-            ratio = rn["train_seconds"] / forecast_seconds
-        if rn["wall_seconds"] is not None:
-            ratio_eval = rn["wall_seconds"] / forecast_seconds
-
-    return Comparison(
-        steps=steps, loss_run=loss_run, loss_forecast=loss_fc, accuracy_run=acc_run,
-        accuracy_forecast=acc_fc, initial_loss=l0, target_loss=eps, target_note=target_note,
-        steps_to_target_run=t_run, steps_to_target_forecast=t_fc,
-        steps_to_target_error=err_t, steps_resolution=resolution,
-        plateau_rel_eps=float(plateau_rel_eps), steps_to_plateau_run=p_run,
-        steps_to_plateau_forecast=p_fc, steps_to_plateau_error=err_p,
-        plateau_note=plateau_note, curve_error=curve_err, curve_error_max=curve_max,
-        final_step=final_step, final_loss_run=fl_run, final_loss_forecast=fl_fc,
-        final_accuracy_run=fa_run, final_accuracy_forecast=fa_fc, final_accuracy_diff=acc_diff,
-        band_coverage=coverage, diverges_forecast=bool(fc["diverges"]),
-        diverged_run=bool(rn["diverged"]), cost_ratio=ratio, cost_ratio_with_eval=ratio_eval,
-        notes=tuple(notes),
-    )  # fmt: skip
+    return dict(curve_error=curve_err, curve_error_max=curve_max, final_step=final_step,
+                final_loss_run=fl_run, final_loss_forecast=fl_fc, final_accuracy_run=fa_run,
+                final_accuracy_forecast=fa_fc, final_accuracy_diff=acc_diff)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,7 +471,7 @@ def _check_same_settings(fn: str, hf: Mapping, hr: Mapping) -> None:
         a, b = hf.get(key), hr.get(key)
         if a is None or b is None:
             continue
-        same = math.isclose(a, b, rel_tol=1e-9) if _is_real(a) and _is_real(b) else a == b
+        same = math.isclose(a, b, rel_tol=1e-9) if is_real(a) and is_real(b) else a == b
         if not same:
             diff.append(f"{key} ({a!r} vs {b!r})")
     n = hf.get("num_samples") or hr.get("num_samples")

@@ -13,11 +13,41 @@ Jacobians of the later samples are recomputed chunk by chunk and contracted agai
 so the cost grows to about N/(2S) passes over the data. Each finished strip is a unit of
 the cache, so an interrupted computation resumes from its last finished strip.
 
-NOTE [cache layout]. ``cache=DIR`` holds ``request.json`` (what was asked: weights hash,
-data fingerprint, params selection, projection, dtype, library version), ``plan.json``
-(the chunking used, kept on resume), ``part-*.safetensors`` (finished units) and, when
-done, ``kernel.safetensors``. Every file is written atomically. A request that does not
-match ``request.json`` is refused with the differing fields; nothing is silently reused.
+NOTE [cache layout]. ``cache=DIR`` holds ``request.json`` (what was asked, NOTE [cache
+key]), ``plan.json`` (the chunking used, kept on resume), ``part-*.safetensors``
+(finished units), when done ``kernel.safetensors`` and, once ``Kernel.eigh()`` has run,
+``eigh.safetensors`` (restored by the next run), and the lock file ``.lock``. Every file is
+written atomically and every safetensors file carries a sha256 checksum of its contents
+(NOTE [checksums] in tangentlab.kernel). A request that does not match ``request.json`` is
+refused with the differing fields, and so is a kernel file computed for another request
+(swapped in); nothing is silently reused. Damaged files are discarded with a
+``CacheWarning`` and their contents recomputed: a kernel file or a part that fails its
+checksum or cannot be read, an unreadable ``plan.json`` (then every part is discarded: the
+chunking they were cut by is unknown).
+
+NOTE [cache key]. ``request.json`` records the weights hash (every parameter and buffer),
+the model's architecture (a hash of the module tree: qualified names, classes,
+``extra_repr()``, and the bytecode of ``forward`` for classes defined outside torch, so
+that a new Python or library version whose bytecode differs makes a new key), the
+names/shapes/dtypes of all its parameters and buffers, its outputs ``f0`` on the first
+(at most 4) samples, the data fingerprint, params selection, projection, dtype, trace
+setting and library version. The probe outputs catch a change of the model's code that
+the hashes cannot see (a helper function, a constant); they cost one forward pass of 4
+samples, before any Jacobian. They are compared with a tolerance, not hashed (a rounded
+hash flips when round-off crosses a rounding boundary): they match when they differ by at
+most 1e-6 (float64), 1e-2 (float32: GPU nondeterminism, TF32 convolutions) or 5e-2
+(half precision) of their largest magnitude. More than 1024 output values are count-
+sketched to 1024. A code change that moves the probe outputs less than that and changes
+no hashed code is not detected.
+
+NOTE [cache lock]. Opening a cache takes an exclusive ``fcntl.flock`` on ``DIR/.lock``
+and holds it until the kernel is written (or the computation fails): processes asking
+for the same directory at once wait (saying so on stderr when ``progress`` is on), then
+load the finished kernel, so every unit is computed once and no file is written twice at
+once. A process interrupted while holding the lock releases it (the OS drops the locks
+of a dead process); the next one resumes from the finished parts. The lock file is
+kept. Without ``fcntl`` (Windows) there is no lock: concurrent writers may duplicate work
+but files stay whole (atomic writes).
 
 NOTE [distributed kernels] (tangentlab.distributed). Under ``torch.distributed`` the work
 units are shared out deterministically: projected chunks round-robin (chunk i to rank
@@ -67,8 +97,16 @@ import math
 import numbers
 import sys
 import time
+import types
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no cache lock (NOTE [cache lock])
+    fcntl = None
 
 import torch
 from torch import nn
@@ -77,7 +115,14 @@ from tangentlab import distributed as dist_
 from tangentlab._version import __version__
 from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take
 from tangentlab.errors import CacheMismatchError, TangentlabError
-from tangentlab.kernel import Kernel, atomic_write, load_kernel
+from tangentlab.kernel import (
+    CacheWarning,
+    Kernel,
+    atomic_write,
+    load_kernel,
+    metadata_json,
+    tensors_digest,
+)
 from tangentlab.memory import MemoryPlan, activation_elements, default_budget, parse_bytes, plan
 from tangentlab.projection import Projection
 from tangentlab.tangent import JacobianMode, ParamSpec, Tangent, check_output
@@ -127,7 +172,8 @@ def compute_kernel(
         CPU memory, 80% of free GPU memory. The plan is made before allocating.
       device: where to compute (default: where the model's weights are).
       batch_size: samples per Jacobian chunk (default: the largest the budget allows).
-      cache: a directory for the kernel, its metadata and finished chunks (resumable).
+      cache: a directory for the kernel, its metadata and finished chunks (resumable;
+        checksummed, locked against concurrent writers; NOTE [cache layout]).
       seed: projection seed when ``projection`` is an int.
       keep_theta: projected kernels: form ``Theta = Phi Phi^T`` (default: when it fits).
       progress: show a progress bar (samples/s) and the plan on stderr (a reused cache is
@@ -152,6 +198,10 @@ def compute_kernel(
       for a trace kernel (``structure="trace"``) ``theta`` ``[N, N]`` and ``features``
       ``[N, S*k]``, with ``f0`` and ``jw0`` exact ``[N, C]``.
 
+    Raises:
+      CacheMismatchError: ``cache`` holds a kernel for another request (NOTE [cache key]).
+      TangentlabError: bad arguments; a zero kernel (the weights do not move the outputs).
+
     Example::
 
         >>> k = compute_kernel(model, (X, y), projection=1024)   # X [N, ...], y [N]
@@ -159,138 +209,221 @@ def compute_kernel(
         >>> k = compute_kernel(model, (X, y), trace=4)           # 4 output probes
         >>> k.theta.shape, k.is_trace                            # [N, N], True
     """
+    job = _prepare(
+        model_or_tangent, data, num_classes, projection, params, memory_budget, device,
+        batch_size, seed=seed, keep_theta=keep_theta, progress=progress,
+        distributed=distributed, trace=trace,
+    )  # fmt: skip
+    if cache is None:
+        return _compute(job, None)
+    if job.shard is None:
+        return _compute_cached(job, Path(cache))
+    return _compute_cached_distributed(job, Path(cache))
+
+
+@dataclass
+class _Job:
+    """One kernel request, validated and planned: what compute_kernel's steps share."""
+
+    tangent: Tangent  # the model's tangent: f0, J w0, provenance
+    jt: Tangent  # whose Jacobians are taken: ``tangent``, or its probed copy (trace kernel)
+    x: Any  # inputs [N, ...] (or a dict of [N, L] tensors)
+    y: torch.Tensor  # labels [N]
+    n: int  # N
+    c: int  # C, the model's outputs
+    outs: int  # Jacobian rows per sample: C, or S probes for a trace kernel
+    mplan: MemoryPlan
+    request: dict[str, Any]  # the cache key, NOTE [cache key]
+    outputs: _Outputs
+    shard: tuple[int, int] | None  # (rank, world size) under torch.distributed
+    progress: bool
+    trace_desc: str | None  # None for a full kernel
+
+    @property
+    def k(self) -> int | None:
+        return self.tangent.projection.k if self.tangent.projection else None
+
+    @property
+    def rank(self) -> int:
+        return self.shard[0] if self.shard else 0
+
+
+def _prepare(
+    model_or_tangent, data, num_classes, projection, params, memory_budget, device, batch_size,
+    *, seed, keep_theta, progress, distributed, trace,
+) -> _Job:  # fmt: skip
+    """Validate compute_kernel's arguments, probe the model and plan: nothing expensive yet."""
     probes_asked = _check_trace(trace)
-    if isinstance(model_or_tangent, Tangent):
-        tangent = model_or_tangent
-        if params is not None or projection is not None:
-            raise TangentlabError(
-                "compute_kernel: params= and projection= are set on the Tangent you passed; "
-                "do not give them again (build a new Tangent to change them)."
-            )
-    else:
-        tangent = Tangent(model_or_tangent, params=params, projection=projection, seed=seed)
+    tangent = _as_tangent(model_or_tangent, params, projection, seed)
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size <= 0):
         raise TangentlabError(f"compute_kernel: batch_size must be >= 1 (got {batch_size!r}).")
     shard = dist_.resolve(distributed, "compute_kernel")  # (rank, world size) or None
-    rank = shard[0] if shard else 0
-    progress = progress and rank == 0
     if device is not None:
         tangent.to(torch.device(device))
-    dev = tangent.device
-    budget = parse_bytes(memory_budget) or default_budget(dev)
+    budget = parse_bytes(memory_budget) or default_budget(tangent.device)
 
     x, y = as_arrays(data, where="compute_kernel")
     n = num_rows(x)
-    # Probe one sample: output shape, number of classes, activation size for the plan.
-    x1 = take(x, slice(0, 1))
-    f1 = tangent.f0(x1)
-    c = int(f1.shape[1])
+    # Probe the first samples: output shape, number of classes, the cache key's outputs.
+    f_probe = tangent.f0(take(x, slice(0, min(n, _PROBE_SAMPLES))))
+    c = int(f_probe.shape[1])
     if num_classes is not None and num_classes != c:
         raise TangentlabError(
             f"compute_kernel: num_classes={num_classes} but the model has {c} outputs; "
             "give the model a head with num_classes outputs (or drop num_classes)."
         )
     check_labels(y, c, where="compute_kernel")
+    x1 = take(x, slice(0, 1))
     act = activation_elements(tangent.model, lambda: tangent.f0(x1))
+    trace_desc, jt, outs, mode = _trace_setup(tangent, probes_asked, c, seed)
     k = tangent.projection.k if tangent.projection else None
-    itemsize = tangent.dtype.itemsize
-    # NOTE [trace kernel]: Jacobians of the probed outputs f V [B, S] (jt), f0/jw0 exact
-    is_trace = probes_asked is not None
-    exact_trace = probes_asked == "exact" or (is_trace and probes_asked >= c)
-    num_probes = c if exact_trace else probes_asked
-    trace_desc = None
-    if is_trace:
-        trace_desc = "exact" if exact_trace else f"rademacher:probes={num_probes}:seed={seed}"
-        v = trace_probes(c, None if exact_trace else num_probes, seed=seed)
-        jt = tangent.probed(v.to(device=dev, dtype=tangent.dtype))
-    else:
-        jt = tangent
-    outs = num_probes if is_trace else c  # Jacobian rows per sample
-    outputs = _Outputs(tangent, "full" if not is_trace else "exact" if exact_trace else "probes", c)
     # Weights whose per-sample gradients a chunk holds (fewer with the tensor-sketch path).
     p_held = jt.num_params if k is None else jt.materialized_params(x1)
     mplan = plan(
-        n=n, c=outs, p=p_held, k=k, itemsize=itemsize, act=act, budget=budget,
-        batch_size=batch_size, keep_theta=keep_theta, trace=is_trace,
+        n=n, c=outs, p=p_held, k=k, itemsize=tangent.dtype.itemsize, act=act, budget=budget,
+        batch_size=batch_size, keep_theta=keep_theta, trace=trace_desc is not None,
+    )  # fmt: skip
+    request = _request(tangent, x, y, c, f_probe, trace_desc)
+    if shard is not None:
+        request = _check_same_request(request)
+        mplan = _shard_plan(mplan, n, shard[1], exact=k is None)
+    return _Job(
+        tangent=tangent, jt=jt, x=x, y=y, n=n, c=c, outs=outs, mplan=mplan, request=request,
+        outputs=_Outputs(tangent, mode, c), shard=shard,
+        progress=progress and (shard is None or shard[0] == 0), trace_desc=trace_desc,
     )  # fmt: skip
 
-    request = {
-        "weights_sha": tangent.weights_hash(),
-        "data_fingerprint": fingerprint(x, y),
-        "num_samples": n,
-        "num_classes": c,
-        "params": f"{len(tangent.param_names)} tensors, {tangent.num_params} weights, "
-        f"sha {tangent.params_hash()}",
-        "projection": tangent.projection.describe() if tangent.projection else "exact",
-        "dtype": str(tangent.dtype).replace("torch.", ""),
-        "tangentlab_version": __version__,
-    }
-    if is_trace:  # only then: caches of full kernels made before trace kernels stay valid
-        request["trace"] = trace_desc
-    if shard is not None:
-        _check_same_request(request)
-        mplan = _shard_plan(mplan, n, shard[1], exact=k is None)
-    store = None
-    if cache is not None:
-        if shard is None:
-            store = _Cache(Path(cache), request)
-            done = store.finished_kernel()
-        else:  # rank 0 alone touches the directory; a cached kernel is sent to every rank
-            opened: list[_Cache] = []
-            done = dist_.on_rank0(lambda: _open_cache(Path(cache), request, opened), rank)
-            store = opened[0] if opened else None
-        if done is not None:
-            _say(f"reusing cached kernel {Path(cache) / 'kernel.safetensors'}", rank == 0)
-            return done
-        if shard is None:
-            mplan = store.plan(mplan)
+
+def _as_tangent(model_or_tangent, params, projection, seed) -> Tangent:
+    if not isinstance(model_or_tangent, Tangent):
+        return Tangent(model_or_tangent, params=params, projection=projection, seed=seed)
+    if params is not None or projection is not None:
+        raise TangentlabError(
+            "compute_kernel: params= and projection= are set on the Tangent you passed; "
+            "do not give them again (build a new Tangent to change them)."
+        )
+    return model_or_tangent
+
+
+def _trace_setup(tangent: Tangent, probes_asked, c: int, seed: int):
+    """``(trace description, Tangent whose Jacobians are taken, Jacobian rows per sample,
+    _Outputs mode)``: for a trace kernel the Jacobians of the probed outputs f V [B, S],
+    f0 and J w0 exact (NOTE [trace kernel])."""
+    if probes_asked is None:
+        return None, tangent, c, "full"
+    exact = probes_asked == "exact" or probes_asked >= c
+    num_probes = c if exact else probes_asked
+    desc = "exact" if exact else f"rademacher:probes={num_probes}:seed={seed}"
+    v = trace_probes(c, None if exact else num_probes, seed=seed)
+    jt = tangent.probed(v.to(device=tangent.device, dtype=tangent.dtype))
+    return desc, jt, num_probes, "exact" if exact else "probes"
+
+
+def _compute(job: _Job, store: _Cache | None) -> Kernel:
+    """Compute the kernel (reusing ``store``'s finished chunks) and wrap it with its metadata."""
+    n, c, k, shard, jt = job.n, job.c, job.k, job.shard, job.jt
     if shard is not None and jt.jacobian_mode is JacobianMode.AUTO:
         # the ranks use one Jacobian strategy: rank 0 times them on its first samples
-        xs = take(x, slice(0, min(n, 4)))
+        xs = take(job.x, slice(0, min(n, 4)))
         first = jt.jacobian_blocks if k is None else jt.projected_chunk
-        jt.jacobian_mode = dist_.on_rank0(lambda: (first(xs), jt.jacobian_mode)[1], rank)
+        jt.jacobian_mode = dist_.on_rank0(lambda: (first(xs), jt.jacobian_mode)[1], job.rank)
+    trace_note = ""
+    if job.trace_desc is not None:
+        trace_note = f", trace kernel ({job.trace_desc}, {job.outs} backward passes per sample)"
     _say(
-        f"kernel of N={n} samples x C={c} outputs, P={tangent.num_params:,} weights, "
-        f"{request['projection']}"
-        + (f", trace kernel ({trace_desc}, {outs} backward passes per sample)" if is_trace
-           else "")
-        + f"; {mplan.describe()}"
+        f"kernel of N={n} samples x C={c} outputs, P={job.tangent.num_params:,} weights, "
+        f"{job.request['projection']}{trace_note}; {job.mplan.describe()}"
         + (f"; shared by {shard[1]} processes" if shard else ""),
-        progress,
+        job.progress,
     )  # fmt: skip
     t0 = time.perf_counter()
     parts = store if shard is None else None  # finished chunks: one process only
-    if k is None:
-        kernel = _exact(jt, x, n, outs, mplan, parts, progress, shard, outputs, is_trace)
-    else:
-        kernel = _projected(jt, x, n, outs, mplan, parts, progress, shard, outputs, is_trace)
+    run = _exact if k is None else _projected
+    is_trace = job.trace_desc is not None
+    out = run(jt, job.x, n, job.outs, job.mplan, parts, job.progress, shard, job.outputs, is_trace)
     seconds = time.perf_counter() - t0
+    _check_not_zero(out, job)
     extra = {}
     if shard is not None:
         seconds = max(dist_.gather(seconds))  # the slowest rank; the same on every rank
         extra["processes"] = str(shard[1])
-    kernel = Kernel(
-        f0=kernel["f0"],
-        targets=y,
-        theta=kernel.get("theta"),
-        features=kernel.get("features"),
-        jw0=kernel["jw0"],
+    request = job.request
+    return Kernel(
+        f0=out["f0"],
+        targets=job.y,
+        theta=out.get("theta"),
+        features=out.get("features"),
+        jw0=out["jw0"],
         metadata={
-            **{key: str(v) for key, v in request.items() if key != "tangentlab_version"},
-            "params_spec": str(tangent.params_spec),
+            **{key: str(v) for key, v in request.items() if key not in _NOT_IN_METADATA},
+            "request_sha": request_sha(request),
+            "params_spec": str(job.tangent.params_spec),
             # ‖w0‖ of the trained weights: the scale of Forecast.displacement (validity)
-            "w0_norm": f"{tangent.w0_norm():.8g}",
+            "w0_norm": f"{job.tangent.w0_norm():.8g}",
             "seconds": f"{seconds:.3f}",
             **extra,
         },
         structure="trace" if is_trace else "full",
     )
-    if shard is not None and cache is not None:
-        # the others wait until rank 0 has written the kernel (or learn why it could not)
-        dist_.on_rank0(lambda: store.finish(kernel), rank)
-    elif store is not None:
+
+
+def _check_not_zero(out: dict[str, torch.Tensor], job: _Job) -> None:
+    """Refuse a kernel that is exactly 0: the selected weights do not move the outputs."""
+    mat = out.get("theta") if out.get("theta") is not None else out["features"]
+    if bool(mat.any()):
+        return
+    t = job.tangent
+    spec = "None (all weights)" if t.params_spec is None else repr(t.params_spec)
+    raise TangentlabError(
+        f"compute_kernel: the kernel is zero (every entry is 0): the trainable weights "
+        f"selected by params={spec} ({len(t.param_names)} tensors, {t.num_params:,} weights, "
+        f"e.g. {t.param_names[0]!r}) do not change the model's outputs on these samples. "
+        "Select weights that the outputs depend on (params=None for all of them, or a regex "
+        "matching e.g. the head; see model.named_parameters()), and check that the layers "
+        "after them are not zeroed."
+    )
+
+
+def _compute_cached(job: _Job, root: Path) -> Kernel:
+    """One process: reuse, resume or compute the kernel in ``root``, holding its lock
+    (NOTE [cache lock])."""
+    store = _Cache(root, job.request, job.progress)  # waits while another process computes
+    try:
+        job.request = store.request  # the stored request (equal up to the probe tolerance)
+        done = store.finished_kernel()
+        if done is not None:
+            _say(f"reusing cached kernel {store.kernel_path}", True)
+            return done
+        job.mplan = store.plan(job.mplan)
+        kernel = _compute(job, store)
         store.finish(kernel)
-    return kernel
+        return kernel
+    finally:
+        store.release()
+
+
+def _compute_cached_distributed(job: _Job, root: Path) -> Kernel:
+    """Under torch.distributed: rank 0 alone reads, locks and writes the cache directory; a
+    cached kernel is sent to every rank (NOTE [distributed kernels])."""
+    opened: list[_Cache] = []
+
+    def open_cache():
+        return _open_cache(root, job.request, opened, job.progress)
+
+    try:
+        done, job.request = dist_.on_rank0(open_cache, job.rank)
+        if done is not None:
+            if job.rank != 0:
+                done._eig_file = None  # the eigendecomposition is kept by rank 0 only
+            _say(f"reusing cached kernel {root / 'kernel.safetensors'}", job.rank == 0)
+            return done
+        kernel = _compute(job, None)
+        # the others wait until rank 0 has written the kernel (or learn why it could not)
+        dist_.on_rank0(lambda: opened[0].finish(kernel), job.rank)
+        return kernel
+    finally:
+        for store in opened:
+            store.release()
 
 
 def _check_trace(trace: Any) -> str | int | None:
@@ -348,25 +481,156 @@ class _Outputs:
         return f0, jw0 * math.sqrt(self.c) if self.mode == "exact" else jw0
 
 
-def _open_cache(root: Path, request: dict[str, Any], opened: list) -> Kernel | None:
-    store = _Cache(root, request)
+def _open_cache(
+    root: Path, request: dict[str, Any], opened: list, progress: bool
+) -> tuple[Kernel | None, dict[str, Any]]:
+    store = _Cache(root, request, progress)
     opened.append(store)
-    return store.finished_kernel()
+    return store.finished_kernel(), store.request
 
 
-def _check_same_request(request: dict[str, Any]) -> None:
-    """Every rank must ask for the same kernel (same weights, data, projection, ...)."""
+def _check_same_request(request: dict[str, Any]) -> dict[str, Any]:
+    """Every rank must ask for the same kernel (same weights, data, projection, ...); returns
+    rank 0's request, which every rank then uses (the probe outputs may differ by round-off)."""
     asked = dist_.gather(request)
     for r, other in enumerate(asked):
-        diff = sorted(
-            key for key in set(other) | set(asked[0]) if other.get(key) != asked[0].get(key)
-        )
+        diff = _request_diff(asked[0], other)
         if diff:
             raise TangentlabError(
                 f"compute_kernel: rank {r} asks for a different kernel than rank 0 "
                 f"(differs in {', '.join(diff)}). Under torch.distributed every rank must "
                 "pass the same model weights, the whole data set and the same options."
             )
+    return asked[0]
+
+
+# ---- the cache key: NOTE [cache key] ----------------------------------------------------
+_PROBE_SAMPLES = 4  # samples whose outputs f0 are part of the key
+_PROBE_VALUES = 1024  # more output values than this are count-sketched down to it
+# Tolerance of the probe outputs, relative to their largest magnitude, by dtype: round-off
+# and nondeterministic reductions (GPU atomics, cuDNN algorithm choice, TF32 convolutions
+# in float32) move outputs by far less; a change of the model's code moves them by O(1).
+_PROBE_RTOL = {"float64": 1e-6, "float32": 1e-2}
+_PROBE_RTOL_LOW = 5e-2  # float16 / bfloat16
+_NOT_IN_METADATA = ("tangentlab_version", "probe_outputs")  # request keys kept out of Kernel
+
+
+def _request(tangent: Tangent, x, y, c: int, f_probe: torch.Tensor, trace_desc) -> dict:
+    """What is asked, as stored in ``request.json`` (NOTE [cache key])."""
+    request = {
+        "weights_sha": tangent.weights_hash(),
+        "architecture": architecture_hash(tangent.model),
+        "model_params": model_params_hash(tangent.model),
+        "probe_outputs": _probe_summary(f_probe),
+        "data_fingerprint": fingerprint(x, y),
+        "num_samples": num_rows(x),
+        "num_classes": c,
+        "params": f"{len(tangent.param_names)} tensors, {tangent.num_params} weights, "
+        f"sha {tangent.params_hash()}",
+        "projection": tangent.projection.describe() if tangent.projection else "exact",
+        "dtype": str(tangent.dtype).replace("torch.", ""),
+        "tangentlab_version": __version__,
+    }
+    if trace_desc is not None:  # only then: caches of full kernels keep the same key
+        request["trace"] = trace_desc
+    return request
+
+
+def request_sha(request: dict[str, Any]) -> str:
+    """sha256 of a request's canonical JSON: ties kernel files and parts to their request."""
+    return hashlib.sha256(metadata_json(request).encode()).hexdigest()[:32]
+
+
+def architecture_hash(model: nn.Module) -> str:
+    """sha256 of the module tree: every module's qualified name, class, ``extra_repr()``
+    and, for classes defined outside torch, the compiled code of its ``forward``."""
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        cls = type(module)
+        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{module.extra_repr()}\n".encode())
+        forward = getattr(cls, "forward", None)
+        code = getattr(forward, "__code__", None)
+        where = str(getattr(forward, "__module__", ""))
+        if code is not None and where != "torch" and not where.startswith("torch."):
+            _hash_code(code, h)
+    return h.hexdigest()[:32]
+
+
+def _hash_code(code: types.CodeType, h) -> None:
+    """Bytecode, names and constants (nested functions included), not line numbers: editing
+    comments or moving a function does not change it; changing what it computes does."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _hash_code(const, h)
+        else:
+            h.update(_const_repr(const).encode())
+
+
+def _const_repr(const: Any) -> str:
+    """``repr`` of a code constant, stable across processes: the order of a frozenset
+    (``x in {"a", "b"}``) follows string hashing, which is randomized per process."""
+    if isinstance(const, frozenset):
+        return "frozenset(" + ",".join(sorted(_const_repr(c) for c in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_repr(c) for c in const) + ")"
+    return repr(const)
+
+
+def model_params_hash(model: nn.Module) -> str:
+    """sha256 of the names, shapes and dtypes of all the model's parameters and buffers."""
+    rows = [f"p:{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters()]
+    rows += [f"b:{n}:{tuple(b.shape)}:{b.dtype}" for n, b in model.named_buffers()]
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:32]
+
+
+def _probe_summary(f: torch.Tensor) -> list[float]:
+    """The probe outputs ``f0`` ``[m, C]`` as at most ``_PROBE_VALUES`` floats: all of them,
+    or a seeded count sketch (each value added with a random sign into a random bucket)."""
+    v = f.detach().double().cpu().reshape(-1)
+    if v.numel() > _PROBE_VALUES:
+        g = torch.Generator().manual_seed(0)
+        bucket = torch.randint(0, _PROBE_VALUES, (v.numel(),), generator=g)
+        sign = torch.randint(0, 2, (v.numel(),), generator=g).double().mul_(2).sub_(1)
+        v = torch.zeros(_PROBE_VALUES, dtype=torch.float64).index_add_(0, bucket, sign * v)
+    return [float(f"{a:.10g}") for a in v.tolist()]
+
+
+def _probe_gap(cached: Any, asked: list[float], dtype: str) -> str | None:
+    """Why cached probe outputs do not match the asked ones, or ``None`` when they match
+    within the dtype's tolerance (NOTE [cache key])."""
+    try:
+        a = torch.tensor(cached, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return f"cached {cached!r:.60} is not a list of numbers"
+    b = torch.tensor(asked, dtype=torch.float64)
+    if a.shape != b.shape:
+        return f"{a.numel()} cached output values vs {b.numel()} requested"
+    if not b.numel():
+        return None
+    gap, scale = float((a - b).abs().max()), float(b.abs().max())
+    tol = _PROBE_RTOL.get(dtype, _PROBE_RTOL_LOW) * scale
+    if gap <= tol:
+        return None
+    return (
+        f"the model's outputs on its first {_PROBE_SAMPLES} samples differ by up to {gap:.3g} "
+        f"(tolerance {tol:.3g}): its code or weights changed"
+    )
+
+
+def _request_diff(stored: dict[str, Any], asked: dict[str, Any]) -> dict[str, str]:
+    """``{key: how it differs}`` for the keys on which two requests disagree."""
+    diff = {}
+    for key in sorted(set(stored) | set(asked)):
+        a, b = stored.get(key), asked.get(key)
+        if key == "probe_outputs" and a is not None and b is not None:
+            gap = _probe_gap(a, b, str(asked.get("dtype")))
+            if gap is not None:
+                diff[key] = gap
+        elif a != b:
+            diff[key] = f"cached {a!r} vs requested {b!r}"
+    return diff
 
 
 def _shard_plan(mplan: MemoryPlan, n: int, world: int, exact: bool) -> MemoryPlan:
@@ -509,65 +773,114 @@ def _exact_strip(tangent, x, n, r, s, e, chunk, bar, outputs) -> dict[str, torch
 
 
 class _Cache:
-    """A kernel cache directory (NOTE [cache layout])."""
+    """A kernel cache directory (NOTE [cache layout]), locked while open (NOTE [cache lock]).
 
-    def __init__(self, root: Path, request: dict[str, Any]) -> None:
+    Opening it waits for the lock, then checks (or writes) ``request.json``; call
+    :meth:`release` when done.
+    """
+
+    def __init__(self, root: Path, request: dict[str, Any], progress: bool = False) -> None:
         self.root = root
-        self.request = request
         self.kernel_path = root / "kernel.safetensors"
-        req_path = root / "request.json"
-        if root.exists() and not root.is_dir():
-            raise TangentlabError(
-                f"compute_kernel: cache={str(root)!r} is a file; give a directory path "
-                "(it will hold the kernel and its metadata)."
-            )
-        if req_path.exists():
-            try:
-                stored = json.loads(req_path.read_text())
-                if not isinstance(stored, dict):
-                    raise ValueError("not a JSON object")
-            except (ValueError, OSError) as exc:
-                raise CacheMismatchError(
-                    f"compute_kernel: {str(req_path)!r} is unreadable or not a tangentlab cache "
-                    f"({exc}). Delete the directory or choose another cache path."
-                ) from None
-            diff = {
-                key: (stored.get(key), request.get(key))
-                for key in sorted(set(stored) | set(request))
-                if stored.get(key) != request.get(key)
-            }
-            if diff:
-                lines = "; ".join(
-                    f"{key}: cached {a!r} vs requested {b!r}" for key, (a, b) in diff.items()
-                )
-                raise CacheMismatchError(
-                    f"compute_kernel: the cache {str(root)!r} holds a kernel for a different "
-                    f"request ({lines}). Use another cache directory, or delete this one to "
-                    "recompute."
-                )
-        elif root.is_dir() and any(root.iterdir()):
-            raise CacheMismatchError(
-                f"compute_kernel: cache={str(root)!r} is a non-empty directory without a "
-                "tangentlab request.json; refusing to write into it. Choose an empty or new "
-                "directory."
-            )
-        else:
-            root.mkdir(parents=True, exist_ok=True)
+        self.eigh_path = root / "eigh.safetensors"
+        _check_cache_dir(root)  # before creating anything in a foreign directory
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = _acquire_lock(root, progress)
+        try:
+            self.request = self._open(request)
+        except BaseException:
+            self.release()
+            raise
+        self.request_sha = request_sha(self.request)
+
+    def _open(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The directory's stored request, checked against ``request`` (written when new)."""
+        req_path = self.root / "request.json"
+        if not req_path.exists():
+            _check_cache_dir(self.root)  # again, under the lock
             self._write_json(req_path, request)
+            return request
+        try:
+            stored = json.loads(req_path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as exc:
+            raise CacheMismatchError(
+                f"compute_kernel: {str(req_path)!r} is unreadable or not a tangentlab cache "
+                f"({exc}). Delete the directory or choose another cache path."
+            ) from None
+        diff = _request_diff(stored, request)
+        if diff:
+            lines = "; ".join(f"{key}: {why}" for key, why in diff.items())
+            old = all(key not in stored for key in diff)
+            raise CacheMismatchError(
+                f"compute_kernel: the cache {str(self.root)!r} holds a kernel for a different "
+                f"request ({lines}). "
+                + ("It was written by an earlier tangentlab that did not record these keys. "
+                   if old else "")
+                + "Use another cache directory, or delete this one to recompute."
+            )  # fmt: skip
+        return stored
+
+    def release(self) -> None:
+        """Release the directory's lock (idempotent)."""
+        if self._lock is not None:
+            if fcntl is not None:
+                fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def _write_json(self, path: Path, obj: dict) -> None:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
+    def _warn(self, msg: str) -> None:
+        warnings.warn(f"compute_kernel: {msg}", CacheWarning, stacklevel=4)
+
     def finished_kernel(self) -> Kernel | None:
-        return load_kernel(self.kernel_path) if self.kernel_path.exists() else None
+        """The cached kernel, checked (NOTE [checksums]); ``None`` when absent or damaged
+        (a damaged file is removed with a warning and the kernel recomputed).
+
+        Raises:
+          CacheMismatchError: the file was computed for another request (swapped in).
+        """
+        if not self.kernel_path.exists():
+            return None
+        try:
+            kernel = load_kernel(self.kernel_path)
+        except TangentlabError as exc:
+            self._warn(f"discarding the damaged cached kernel ({exc}); it is recomputed.")
+            self.kernel_path.unlink(missing_ok=True)
+            return None
+        expected = {k: str(v) for k, v in self.request.items() if k not in _NOT_IN_METADATA}
+        expected["request_sha"] = self.request_sha
+        diff = sorted(key for key, v in expected.items() if kernel.metadata.get(key) != v)
+        if diff:
+            raise CacheMismatchError(
+                f"compute_kernel: {str(self.kernel_path)!r} was computed for a different "
+                f"request than its cache directory's request.json (it differs in "
+                f"{', '.join(diff)}): it was replaced or copied from another cache. Delete "
+                "it to recompute, or use another cache directory."
+            )
+        kernel._eig_file = self.eigh_path
+        return kernel
 
     def plan(self, mplan: MemoryPlan) -> MemoryPlan:
         """Keep the chunking of an interrupted run so that its finished parts line up."""
         path = self.root / "plan.json"
         if path.exists():
-            stored = json.loads(path.read_text())
-            kept = {"chunk": stored["chunk"], "strip": stored["strip"]}
-            return MemoryPlan(**{**mplan.__dict__, **kept})
+            try:
+                stored = json.loads(path.read_text())
+                kept = {"chunk": int(stored["chunk"]), "strip": int(stored["strip"])}
+                if min(kept.values()) < 1:
+                    raise ValueError(f"chunk sizes {kept} are not positive")
+                return MemoryPlan(**{**mplan.__dict__, **kept})
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                self._warn(
+                    f"{str(path)!r} is damaged ({type(exc).__name__}: {exc}); the finished "
+                    "chunks of the interrupted run are discarded and the kernel recomputed."
+                )
+                for part in self.root.glob("part-*.safetensors"):
+                    part.unlink(missing_ok=True)
         self._write_json(path, {"chunk": mplan.chunk, "strip": mplan.strip})
         return mplan
 
@@ -575,24 +888,98 @@ class _Cache:
         return self.root / f"part-{s:08d}-{e:08d}.safetensors"
 
     def load_part(self, s: int, e: int) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
+        """A finished unit, if present and intact; a damaged one is dropped with a warning."""
+        from safetensors import safe_open
 
         path = self._part(s, e)
         if not path.exists():
             return None
         try:
-            return load_file(str(path))
-        except Exception:  # a damaged part (e.g. disk full) is recomputed, never trusted
-            path.unlink(missing_ok=True)
-            return None
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                part = {key: fh.get_tensor(key) for key in fh.keys()}
+            if "sha256" not in meta:
+                problem = "it has no checksum (written by an earlier tangentlab)"
+            elif meta.get("request_sha") != self.request_sha or meta.get("unit") != f"{s}-{e}":
+                problem = "it belongs to another request or unit"
+            elif tensors_digest(part) != meta["sha256"]:
+                problem = "its contents do not match its checksum"
+            else:
+                return part
+        except Exception as exc:  # e.g. a disk that filled up: never trusted
+            problem = f"it is unreadable ({exc})"
+        self._warn(f"discarding the damaged chunk {str(path)!r} ({problem}); it is recomputed.")
+        path.unlink(missing_ok=True)
+        return None
 
     def save_part(self, s: int, e: int, part: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
         tensors = {key: v.detach().cpu().contiguous() for key, v in part.items()}
-        atomic_write(self._part(s, e), lambda tmp: save_file(tensors, tmp))
+        meta = {
+            "sha256": tensors_digest(tensors),
+            "request_sha": self.request_sha,
+            "unit": f"{s}-{e}",
+        }
+        atomic_write(self._part(s, e), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def finish(self, kernel: Kernel) -> None:
         kernel.save(self.kernel_path)
+        self.eigh_path.unlink(missing_ok=True)  # an earlier kernel's
         for part in self.root.glob("part-*.safetensors"):
             part.unlink(missing_ok=True)
+        kernel._eig_file = self.eigh_path
+
+
+_LOCK_NAME = ".lock"
+
+
+def _check_cache_dir(root: Path) -> None:
+    """Refuse a file, or a non-empty directory that is not a tangentlab cache."""
+    if root.exists() and not root.is_dir():
+        raise TangentlabError(
+            f"compute_kernel: cache={str(root)!r} is a file; give a directory path "
+            "(it will hold the kernel and its metadata)."
+        )
+    if not root.is_dir() or (root / "request.json").exists():
+        return
+    # the lock file and an interrupted write of request.json belong to a cache being created
+    foreign = [
+        p.name for p in root.iterdir()
+        if p.name != _LOCK_NAME and not p.name.startswith(".request.json.")
+    ]  # fmt: skip
+    if foreign:
+        raise CacheMismatchError(
+            f"compute_kernel: cache={str(root)!r} is a non-empty directory without a "
+            "tangentlab request.json; refusing to write into it. Choose an empty or new "
+            "directory."
+        )
+
+
+def _acquire_lock(root: Path, progress: bool):
+    """An exclusive ``flock`` on ``root/.lock``, waiting (and saying so) while another
+    process holds it (NOTE [cache lock]). Returns the open lock file."""
+    path = root / _LOCK_NAME
+    try:
+        fh = open(path, "a")  # noqa: SIM115 -- held open until _Cache.release
+    except OSError:  # a read-only cache: nothing will be written, a kernel can be loaded
+        return None
+    if fcntl is None:  # no flock (Windows): concurrent writers may duplicate work
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _say(
+            f"waiting for another process computing the kernel in {str(root)!r} "
+            f"(lock {path.name}); its result will be loaded",
+            progress,
+        )
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    except OSError as exc:  # a file system without locks (some network mounts)
+        warnings.warn(
+            f"compute_kernel: cannot lock the cache {str(root)!r} ({exc}); processes "
+            "computing this kernel at the same time may each compute it.",
+            CacheWarning,
+            stacklevel=4,
+        )
+    return fh

@@ -400,8 +400,9 @@ def iterate_trajectory(
       batches: the sample ids of each step (:func:`batch_schedule`), or ``None`` for full
         batch (then Θ is applied in one product).
       blowup_loss: stop once the loss exceeds this (NOTE [divergence]).
-      scale_t: kernel scale s(t) per step, ``[>= T]``: step t uses s(t) Θ (the kernel-growth
-        option, :mod:`tangentlab.growth`); ``None``: s = 1.
+      scale_t: kernel scale s(t) per step, ``[>= T]``: step t uses s(t) Θ (the
+        experimental kernel-growth option, :mod:`tangentlab.experimental.growth`);
+        ``None``: s = 1.
 
     Returns:
       A one-path :class:`Trajectory`.
@@ -667,7 +668,9 @@ class SpectralMSE:
     def fixed_point(self) -> np.ndarray:
         """The limit of every stable scheme: ``x* = b/h`` (``x0`` where h = 0)."""
         out = self.x0.copy()
-        pos = self.h > 0
+        # eigenvalues below 1e-12 λ_max are round-off of a rank-deficient kernel (as in
+        # Kernel.eigh): those modes do not move, so they count as h = 0, not as converging
+        pos = self.h > 1e-12 * max(float(self.h.max(initial=0.0)), 0.0)
         out[pos] = self.b[pos] / self.h[pos]
         return out
 
@@ -772,13 +775,64 @@ def mode_states(
                 start, filled = i + 1, 0
 
 
+def scaled_mode_states(
+    problem: SpectralMSE,
+    times: np.ndarray,
+    *,
+    scale_t: np.ndarray,
+    weight_decay: float,
+    scheme: str,
+    lr: float,
+    momentum: float = 0.0,
+    chunk: int = 256,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """As :func:`mode_states`, with the kernel part scaled by s(t).
+
+    Mode j has curvature ``h_j(t) = s(t) λ_j/N + λ_wd`` (the two modes outside span(U):
+    λ_wd) and offset ``b_j``; step t -> t+1 uses ``s(t) = scale_t[t]``:
+
+    - ``"gd"``:  x_{t+1} = x_t - lr (h(t) x_t - b)   (λ_wd = 0: the product
+      x_t = Π_{τ<t} (1 - lr s(τ) λ_j/N) x_0);
+    - ``"flow"``: s constant over [t, t+1): x_{t+1} = x*_t + exp(-lr h(t)) (x_t - x*_t);
+    - ``"heavy_ball"``: buf = m buf + (h(t) x - b); x -= lr buf.
+
+    O(modes) per step; ``scale_t`` must hold at least ``max(times)`` entries.
+    """
+    kern = problem.h - weight_decay  # λ_j / N (0 for the two modes outside span(U))
+    b = problem.b
+    x = problem.x0.copy()
+    buf = np.zeros_like(x)
+    out = np.empty((x.size, min(chunk, max(len(times), 1))))
+    filled, start, t_now = 0, 0, 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, t_want in enumerate(times):
+            while t_now < t_want:
+                h = scale_t[t_now] * kern + weight_decay
+                if scheme == "gd":
+                    x -= lr * (h * x - b)
+                elif scheme == "flow":
+                    pos = h > 0
+                    xs = np.where(pos, b / np.where(pos, h, 1.0), x)
+                    x = xs + np.exp(-lr * h) * (x - xs)
+                else:
+                    buf *= momentum
+                    buf += h * x - b
+                    x -= lr * buf
+                t_now += 1
+            out[:, filled] = x
+            filled += 1
+            if filled == out.shape[1] or i == len(times) - 1:
+                yield start, out[:, :filled].copy()
+                start, filled = i + 1, 0
+
+
 def spectral_loss(
     problem: SpectralMSE, steps: int, *, states: Callable | None = None, **scheme
 ) -> np.ndarray:
     """MSE at every step 0..T from the modes alone (O(T·m), no NC-sized work), ``[T+1]``.
 
     ``states``: the mode-state generator (default :func:`mode_states`; the kernel-growth
-    option passes its scaled one), called as ``states(problem, times, **scheme)``.
+    option passes :func:`scaled_mode_states`), called as ``states(problem, times, **scheme)``.
     """
     out = np.empty(steps + 1)
     for start, x in (states or mode_states)(problem, np.arange(steps + 1), **scheme):
@@ -808,3 +862,63 @@ def spectral_accuracy(
         f[:, np.arange(n), targets] += scale
         out[start : start + x.shape[1]] = accuracy_value(f, targets)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The tangent model's own forecast of the weights (experimental kernel growth).
+# ---------------------------------------------------------------------------------------
+
+
+def displacement_coefficients(
+    theta_matvec: Callable[[np.ndarray], np.ndarray],
+    f0: np.ndarray,
+    targets: np.ndarray,
+    *,
+    lr: float,
+    momentum: float,
+    steps: Sequence[int],
+    loss: str = "mse",
+    scale: float = 1.0,
+    scale_t: np.ndarray | None = None,
+    horizon: int | None = None,
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    r"""Coefficients ``a_t`` ``[N, C]`` with Δw(t) = J(X)^T a_t for full-batch SGD.
+
+    Torch SGD on the tangent model (heavy ball, dampening 0), in the span of the Jacobian
+    rows: the gradient is g_t = J^T δ_t / N, so the buffer and the displacement are
+    ``J^T`` times function-space coefficients::
+
+        β_t = m β_{t-1} + δ(f_t)/N,    a_{t+1} = a_t - η β_t,
+        f_{t+1} = f_t - η s(t) Θ β_t            (s = 1: the plain tangent model)
+
+    Also returns ‖Δw(t)‖ at every step 0..T (``sqrt(a_t^T Θ a_t)``), ``[T+1]``, with T =
+    ``horizon`` (default: the last of ``steps``).
+
+    Args:
+      theta_matvec: ``x [NC] -> Θ x``.
+      steps: the steps t whose a_t is wanted.
+      scale_t: s(t) per step (``None``: 1), at least T entries.
+    """
+    n, c = f0.shape
+    horizon = max([*steps, horizon or 0])
+    f = f0.reshape(-1).copy()
+    beta = np.zeros_like(f)
+    a = np.zeros_like(f)
+    ta = np.zeros_like(f)  # Θ a
+    want = set(int(t) for t in steps)
+    out: dict[int, np.ndarray] = {}
+    norms = np.zeros(horizon + 1)
+    if 0 in want:
+        out[0] = a.reshape(n, c).copy()
+    for t in range(horizon):
+        d = loss_grad(f.reshape(n, c), targets, loss=loss, scale=scale).reshape(-1) / n
+        beta = momentum * beta + d
+        tb = theta_matvec(beta)
+        a = a - lr * beta
+        ta = ta - lr * tb
+        s = 1.0 if scale_t is None else float(scale_t[t])
+        f = f - lr * s * tb
+        norms[t + 1] = math.sqrt(max(float(a @ ta), 0.0))
+        if t + 1 in want:
+            out[t + 1] = a.reshape(n, c).copy()
+    return out, norms

@@ -37,3 +37,8 @@ class PositiveSpectrumWarning(TangentlabWarning):
 
 class ValidityWarning(TangentlabWarning):
     """A forecast falls outside the region where tangent-model forecasts were measured to hold."""
+
+
+class CacheWarning(TangentlabWarning):
+    """A cache file was damaged (unreadable or failing its checksum); it is discarded and its
+    contents are recomputed."""

@@ -54,6 +54,7 @@ import numpy as np
 from tangentlab import dynamics as dyn
 from tangentlab.errors import TangentlabError
 from tangentlab.kernel import Kernel
+from tangentlab.training import check_fraction_pair
 
 _TAILS = ("none", "powerlaw")
 
@@ -166,7 +167,6 @@ def extrapolate(
     check_dataset_size(fn, dataset_size, n)
     if tail not in _TAILS:
         raise TangentlabError(f"{fn}: tail must be one of {list(_TAILS)}, got {tail!r}.")
-    from tangentlab.forecast import check_fraction_pair  # forecast imports this module
 
     check_fraction_pair(fn, "fit_range", fit_range, "(0.1, 0.5)")
     lo, hi = float(fit_range[0]), float(fit_range[1])
@@ -292,13 +292,14 @@ def check_dataset_size(fn: str, dataset_size: Any, n: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Forecast support (called by tangentlab.forecast with dataset_size / a Spectrum).
+# Forecast support (called by tangentlab.forecast's spectrum solver).
 # ---------------------------------------------------------------------------------------
 
 
-def check_settings(fn: str, spec: Spectrum, p: dict[str, Any]) -> None:
+def check_settings(fn: str, spec: Spectrum, *, batch_size: int | None, loss: str,
+                   execution: str) -> None:  # fmt: skip
     """Extrapolated forecasts support full-batch MSE through the closed form only."""
-    bs = p["batch_size"]
+    bs = batch_size
     if bs is not None and bs < spec.dataset_size:
         raise TangentlabError(
             f"{fn}: dataset_size={spec.dataset_size} forecasts full-batch training only, got "
@@ -306,82 +307,32 @@ def check_settings(fn: str, spec: Spectrum, p: dict[str, Any]) -> None:
             "be extrapolated from the subsample. Use batch_size=None, or compute the kernel "
             "on all N samples for a minibatch forecast."
         )
-    if p["loss"] != "mse":
+    if loss != "mse":
         raise TangentlabError(
-            f"{fn}: dataset_size forecasts loss='mse' only (its modes decouple), got "
-            f"loss={p['loss']!r}. Compute the kernel on all N samples for cross-entropy."
+            f"{fn}: dataset_size forecasts the MSE loss only (its modes decouple), got "
+            f"loss={loss!r}. Compute the kernel on all N samples for cross-entropy."
         )
-    if p["execution"] not in ("auto", "spectral"):
+    if execution not in ("auto", "spectral"):
         raise TangentlabError(
             f"{fn}: dataset_size uses the spectral closed form, got "
-            f"execution={p['execution']!r}; use execution='auto' or 'spectral'."
+            f"execution={execution!r}; use execution='auto' or 'spectral'."
         )
 
 
-def apply(fc, spec: Spectrum, p: dict[str, Any]):
-    """Turn the n-sample closed-form forecast ``fc`` into the N-sample one.
+def tail_problem(spec: Spectrum, scale: float, weight_decay: float, *,
+                 decay_to: str = "zero") -> dyn.SpectralMSE:  # fmt: skip
+    """The N-sample mode problem with the power-law tail (NOTE [power-law tail]).
 
-    Without a tail only the bookkeeping changes (the rates η̃ μ_j are N-independent). With
-    a tail the loss curve, loss limit and divergence step are recomputed from the extended
-    modes (NOTE [power-law tail]); the accuracy stays that of the n subsampled points
-    (NOTE [accuracy of an extrapolated forecast]).
+    Args:
+      spec: the extrapolated spectrum (``tail="powerlaw"``).
+      scale: the MSE target scale s.
+      weight_decay: λ_wd.
+      decay_to: ``"zero"`` (anchor f0 - J w0, needs ``spec.jw0_coef``) or ``"w0"``.
     """
-    from tangentlab.forecast import Forecast
-
-    hyper = {
-        **fc.hyperparameters,
-        "num_samples": spec.dataset_size,
-        "subsample_size": spec.num_samples,
-    }
-    method = {**fc.method, "extrapolation": {
-        "tail": spec.tail, "subsample_size": spec.num_samples,
-        "dataset_size": spec.dataset_size, "modes": spec.num_modes,
-        "accuracy": "on the n subsampled points (observed modes; not extrapolated)",
-    }}  # fmt: skip
-    if spec.tail == "none":
-        return Forecast(
-            loss=fc.loss, accuracy=fc.accuracy, loss_band=None, loss_paths=None,
-            accuracy_paths=None, diverges=fc.diverges, divergence_step=fc.divergence_step,
-            stability=fc.stability, stability_limit=fc.stability_limit,
-            loss_limit=fc.loss_limit, hyperparameters=hyper, method=method,
-        )  # fmt: skip
-    method["extrapolation"].update(alpha=spec.alpha, beta=spec.beta, tail_start=spec.tail_start)
-    scale, wd = p["target_scale"], p["weight_decay"]
     anchor = None  # decay toward w0 (or no decay): anchor residual = r_0
-    if wd > 0 and p["decay_to"] == "zero" and spec.jw0_coef is not None:
+    if weight_decay > 0 and decay_to == "zero" and spec.jw0_coef is not None:
         anchor = spec.f0_coef - spec.jw0_coef - scale * spec.onehot_coef
-    problem = _tail_problem(spec, scale, wd, anchor)
-    lr, m = p["lr"], p["momentum"]
-    if p["time"] == "continuous":
-        scheme = {"scheme": "flow", "lr": lr / (1.0 - m)}
-    elif p["momentum_mode"] == "heavy_ball" and m > 0:
-        scheme = {"scheme": "heavy_ball", "lr": lr, "momentum": m}
-    else:
-        scheme = {"scheme": "gd", "lr": lr / (1.0 - m)}
-    steps = p["steps"]
-    loss = dyn.spectral_loss(problem, steps, **scheme)
-    accuracy = fc.accuracy.copy()
-    div_step = None
-    if fc.diverges:  # same policy as forecast (NOTE [divergence policy] there)
-        if p["time"] == "continuous":
-            div_step = 1
-        else:
-            bad = np.flatnonzero(~np.isfinite(loss))
-            end = int(bad[0]) if bad.size else steps + 1
-            turn = int(np.argmin(loss[:end])) + 1
-            div_step = turn if turn <= steps else None
-        if div_step is not None:
-            loss[div_step:] = np.nan
-            accuracy[div_step:] = np.nan
-        limit = math.nan
-    else:
-        limit = float(problem.loss(problem.fixed_point()[:, None])[0])
-    return Forecast(
-        loss=loss, accuracy=accuracy, loss_band=None, loss_paths=None, accuracy_paths=None,
-        diverges=fc.diverges, divergence_step=div_step, stability=fc.stability,
-        stability_limit=fc.stability_limit, loss_limit=limit, hyperparameters=hyper,
-        method=method,
-    )  # fmt: skip
+    return _tail_problem(spec, scale, weight_decay, anchor)
 
 
 def _tail_problem(

@@ -38,16 +38,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tangentlab import dynamics as dyn
 from tangentlab.data import Inputs, as_arrays, check_labels, num_rows, take, to_device
 from tangentlab.errors import TangentlabError, TangentlabWarning
-from tangentlab.forecast import _BLOWUP_FACTOR, _is_int, _is_real
+from tangentlab.forecast import BLOWUP_FACTOR
 from tangentlab.tangent import ParamSpec, _logits, check_output, select_params
+from tangentlab.training import (
+    SGD,
+    Loss,
+    as_loss,
+    as_optimizer,
+    check_batch_size,
+    check_choice,
+    check_seed,
+    check_steps,
+    is_int,
+    is_real,
+)
 
-_LOSSES = ("mse", "ce")
 _SAMPLINGS = ("epoch", "replacement")
 _BN_MODES = ("frozen", "train")
 _EVAL_CHUNK = 256  # samples per forward pass of the loss evaluation (and of a frozen-BN step)
@@ -85,6 +95,8 @@ class TrainingRun:
       interrupted: stopped by ``KeyboardInterrupt`` (NOTE [interruption]).
       steps_done: optimizer steps completed.
       model: the fine-tuned copy of the model (the caller's model is never changed).
+      optimizer: the optimizer object of the run (``tl.SGD(...)``).
+      loss_function: the loss object (``tl.MSE(...)`` or ``tl.CrossEntropy()``).
     """
 
     steps: np.ndarray
@@ -99,10 +111,12 @@ class TrainingRun:
     interrupted: bool = False
     steps_done: int = 0
     model: nn.Module | None = field(default=None, repr=False)
+    optimizer: SGD | None = None
+    loss_function: Loss | None = None
 
     def steps_to(self, target_loss: float) -> int | None:
         """First logged step with L_t <= ``target_loss`` (exact when ``log_every=1``), or None."""
-        if not _is_real(target_loss):
+        if not is_real(target_loss):
             raise TangentlabError(
                 f"TrainingRun.steps_to: target_loss must be a finite number, got {target_loss!r}."
             )
@@ -126,6 +140,8 @@ class TrainingRun:
             "divergence_step": self.divergence_step,
             "interrupted": bool(self.interrupted),
             "steps_done": int(self.steps_done),
+            "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
+            "loss_function": None if self.loss_function is None else self.loss_function.to_dict(),
             "hyperparameters": dict(self.hyperparameters),
         }
 
@@ -133,16 +149,13 @@ class TrainingRun:
 def finetune(
     model: nn.Module,
     data: Any,
-    lr: float,
+    optimizer: SGD,
     steps: int,
+    *,
+    loss: Loss | str = "mse",
     batch_size: int | None = None,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    loss: str = "mse",
-    target_scale: float = 1.0,
     params: ParamSpec = None,
     seed: int = 0,
-    *,
     log_every: int | None = None,
     bn: str = "frozen",
     sampling: str = "epoch",
@@ -152,8 +165,9 @@ def finetune(
 ) -> TrainingRun:
     r"""Fine-tune a copy of ``model`` with SGD and record the training loss over steps.
 
-    Each step is one ``torch.optim.SGD(lr=η, momentum=m, weight_decay=λ, dampening=0)``
-    update of the selected weights on the loss of its batch b_t:
+    Each step is one update of the selected weights by the torch optimizer that
+    ``optimizer`` builds (``tl.SGD``: exactly ``torch.optim.SGD(lr=η, momentum=m,
+    weight_decay=λ, dampening=0)``) on the loss of its batch b_t:
 
     .. math::
         \ell_{b_t}(w) = \frac{1}{|b_t|} \sum_{i \in b_t} \ell(f_w(x_i), y_i),\qquad
@@ -172,14 +186,12 @@ def finetune(
         ``requires_grad`` flags are never changed (memory: one more copy of the model).
       data: ``(X, y)`` tensors/arrays (``X`` may be a dict of tensors), a ``Dataset`` or a
         ``DataLoader`` (see :mod:`tangentlab.data`), as for the kernel.
-      lr: SGD learning rate η (> 0).
+      optimizer: the optimizer object, as given to :func:`tangentlab.forecast` (e.g.
+        ``tl.SGD(0.01, momentum=0.9)``); weight decay acts on the trained weights only.
       steps: number of optimizer steps T (>= 0).
+      loss: ``tl.MSE(target_scale=s)`` (½‖f - s·onehot(y)‖² summed over outputs, mean over
+        samples; also ``"mse"``) or ``tl.CrossEntropy()`` (also ``"ce"``).
       batch_size: B; ``None`` or >= N means full batch (every step uses all N samples).
-      momentum: m in [0, 1), torch heavy-ball (dampening 0, no Nesterov).
-      weight_decay: λ >= 0, coupled L2 as torch SGD (g += λ w), on the trained weights only.
-      loss: ``"mse"`` (½‖f - s·onehot(y)‖² summed over outputs, mean over samples) or
-        ``"ce"`` (-log softmax(f)_y, mean over samples).
-      target_scale: s, the MSE target scale (must be 1 for CE).
       params: which weights are trained (:func:`tangentlab.tangent.select_params`: ``None``
         = every parameter with ``requires_grad``, a regex, or a list of names); the others
         stay fixed. Use the selection the kernel was computed with.
@@ -212,25 +224,67 @@ def finetune(
 
     Example::
 
-        >>> run = finetune(model, (X, y), lr=0.1, steps=100, batch_size=32, log_every=1)
+        >>> opt = tl.SGD(0.1, momentum=0.9)
+        >>> run = tl.finetune(model, (X, y), opt, 100, batch_size=32, log_every=1)
         >>> run.steps.shape, run.loss.shape                       # [101], [101]
-        >>> compare(forecast(kernel, 0.1, 100, batch_size=32), run).steps_to_target_error
+        >>> tl.compare(tl.forecast(kernel, opt, 100, batch_size=32), run).steps_to_target_error
     """
     t_call = time.perf_counter()
     fn = "finetune"
     if not isinstance(model, nn.Module):
-        raise TangentlabError(
-            f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}."
-        )
-    _check_settings(fn, lr, steps, batch_size, momentum, weight_decay, loss, target_scale,
-                    seed, log_every, bn, sampling, chunk_size, progress)
+        raise TangentlabError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}.")
+    optimizer, loss = as_optimizer(optimizer, fn), as_loss(loss, fn)
+    steps, batch_size = check_steps(fn, steps), check_batch_size(fn, batch_size)
+    seed = check_seed(fn, seed)
+    _check_settings(fn, log_every, bn, sampling, chunk_size, progress)
     x, y = as_arrays(data, where=fn)
     n = num_rows(x)
     if log_every is None:
         log_every = max(1, math.ceil(steps / _AUTO_LOG_POINTS))
-    scale = float(target_scale) if loss == "mse" else 1.0
+    net, names, trainable = _trainable_copy(fn, model, params, device)
+    dev = trainable[0].device
+    if _nbytes(x) <= _MOVE_DATA_BYTES:  # else chunks are moved as they are used
+        x = to_device(x, dev)
+    y = y.to(_device_of(x))  # labels and batch ids live with the inputs
+    with torch.no_grad():  # probe one sample: output shape and number of classes
+        out1 = _forward(net, to_device(take(x, slice(0, 1)), dev))
+    check_output(out1, 1, fn)
+    c = int(out1.shape[1])
+    check_labels(y, c, where=fn)
     full_batch = batch_size is None or batch_size >= n
+    batches = None
+    if not full_batch:
+        rng = dyn.path_rngs(seed, 1)[0]  # NOTE [same batches as the forecast]
+        batches = dyn.batch_schedule(n, batch_size, steps, sampling=sampling, rng=rng)
+    hyper = {
+        "optimizer": optimizer.name, "lr": optimizer.lr, "steps": steps,
+        "batch_size": batch_size, "momentum": optimizer.momentum,
+        "weight_decay": optimizer.weight_decay, "decay_to": optimizer.decay_to,
+        "loss": loss.name, "target_scale": loss.target_scale, "seed": seed, "num_samples": n,
+        "num_classes": c, "sampling": sampling if not full_batch else None, "bn": bn,
+        "bn_note": _BN_NOTES[bn], "log_every": int(log_every),
+        "trainable": f"{len(names)} tensors, {sum(p.numel() for p in trainable):,} weights",
+        "dtype": str(trainable[0].dtype).replace("torch.", ""), "device": str(dev),
+        "torch_optimizer": optimizer.describe(),
+    }  # fmt: skip
+    # built outside the clock: the first torch optimizer of a process imports torch._dynamo
+    opt = optimizer.torch_optimizer(trainable)
+    run = _Run(net, opt, x, y, loss, dev, steps=steps, log_every=log_every, bn=bn,
+               chunk=chunk_size or _EVAL_CHUNK, reuse=full_batch and bn == "frozen")  # fmt: skip
+    run.train(batches, seed, progress)
+    return TrainingRun(
+        steps=np.asarray(run.steps, dtype=np.int64),
+        loss=np.asarray(run.losses, dtype=np.float64),
+        accuracy=np.asarray(run.accs, dtype=np.float64),
+        train_seconds=run.train_s, eval_seconds=run.eval_s,
+        wall_seconds=time.perf_counter() - t_call, hyperparameters=hyper,
+        diverged=run.diverged, divergence_step=run.div_step, interrupted=run.interrupted,
+        steps_done=run.done, model=net, optimizer=optimizer, loss_function=loss,
+    )  # fmt: skip
 
+
+def _trainable_copy(fn: str, model: nn.Module, params: ParamSpec, device):
+    """A deep copy in eval mode with only the selected weights trainable."""
     net = copy.deepcopy(model)
     if device is not None:
         net.to(torch.device(device))
@@ -245,149 +299,118 @@ def finetune(
         p.requires_grad_(name in chosen)
         if name in chosen:
             trainable.append(p)
-    dev = trainable[0].device
-    if _nbytes(x) <= _MOVE_DATA_BYTES:  # else chunks are moved as they are used
-        x = to_device(x, dev)
-    y = y.to(_device_of(x))  # labels and batch ids live with the inputs
+    return net, names, trainable
 
-    # Probe one sample: output shape and number of classes, then the labels.
-    with torch.no_grad():
-        out1 = _forward(net, to_device(take(x, slice(0, 1)), dev))
-    check_output(out1, 1, fn)
-    c = int(out1.shape[1])
-    check_labels(y, c, where=fn)
 
-    eval_chunk = chunk_size or _EVAL_CHUNK
-    train_chunk = None if bn == "train" else eval_chunk
-    if full_batch:
-        batches = None
-    else:
-        rng = dyn.path_rngs(int(seed), 1)[0]  # NOTE [same batches as the forecast]
-        batches = dyn.batch_schedule(n, int(batch_size), int(steps), sampling=sampling, rng=rng)
-    log_at = set(range(0, steps + 1, log_every)) | {steps}
-    # Full batch with frozen BN: a step's forward pass over all N samples is the logged
-    # evaluation of the weights it starts from, so only step 0 and the last are evaluated.
-    reuse = full_batch and bn == "frozen"
+class _Run:
+    """The training loop's state: what has been logged, timings, divergence."""
 
-    hyper = {
-        "lr": float(lr), "steps": int(steps), "batch_size": None if batch_size is None
-        else int(batch_size), "momentum": float(momentum), "weight_decay": float(weight_decay),
-        "loss": loss, "target_scale": scale, "seed": int(seed), "num_samples": n,
-        "num_classes": c, "sampling": sampling if not full_batch else None, "bn": bn,
-        "bn_note": _BN_NOTES[bn], "log_every": int(log_every),
-        "trainable": f"{len(names)} tensors, {sum(p.numel() for p in trainable):,} weights",
-        "dtype": str(trainable[0].dtype).replace("torch.", ""), "device": str(dev),
-        "optimizer": "torch.optim.SGD(lr, momentum, weight_decay, dampening=0)",
-    }  # fmt: skip
+    def __init__(self, net, opt, x, y, loss: Loss, dev, *, steps: int, log_every: int,
+                 bn: str, chunk: int, reuse: bool) -> None:  # fmt: skip
+        self.net, self.opt, self.x, self.y, self.loss, self.dev = net, opt, x, y, loss, dev
+        self.total, self.bn, self.chunk = steps, bn, chunk
+        self.train_chunk = None if bn == "train" else chunk
+        # Full batch with frozen BN: a step's forward pass over all N samples is the logged
+        # evaluation of the weights it starts from (NOTE [full-batch logging]).
+        self.reuse = reuse
+        self.log_at = set(range(0, steps + 1, log_every)) | {steps}
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.accs: list[float] = []
+        self.train_s = self.eval_s = 0.0
+        self.blowup = math.inf
+        self.diverged, self.div_step, self.interrupted, self.done = False, None, False, 0
 
-    # built outside the clock: the first torch optimizer of a process imports torch._dynamo
-    opt = torch.optim.SGD(trainable, lr=float(lr), momentum=float(momentum),
-                          weight_decay=float(weight_decay), dampening=0.0, nesterov=False)
-    logged_steps: list[int] = []
-    logged_loss: list[float] = []
-    logged_acc: list[float] = []
-    train_s = eval_s = 0.0
-    blowup = math.inf
-    diverged, div_step, interrupted, done = False, None, False, 0
-
-    def log(step: int, measured: tuple[float, float] | None = None) -> bool:
-        """Evaluate (or take ``measured``) and record step ``step``; False on a blow-up."""
-        nonlocal eval_s, diverged, div_step, blowup
+    def log(self, step: int, measured: tuple[float, float] | None = None) -> bool:
+        """Evaluate (or take ``measured``) and record ``step``; False on a blow-up."""
         if measured is None:
             t0 = time.perf_counter()
-            value, acc = _evaluate(net, x, y, loss, scale, eval_chunk, dev)
-            _sync(dev)
-            eval_s += time.perf_counter() - t0
+            value, acc = _evaluate(self.net, self.x, self.y, self.loss, self.chunk, self.dev)
+            _sync(self.dev)
+            self.eval_s += time.perf_counter() - t0
         else:
             value, acc = measured
         if step == 0:
             if not math.isfinite(value):
                 raise TangentlabError(
-                    f"{fn}: the initial training loss is {value} (non-finite model outputs or "
-                    "loss). Check the input normalization and the weights."
+                    f"finetune: the initial training loss is {value} (non-finite model outputs "
+                    "or loss). Check the input normalization and the weights."
                 )
-            blowup = _BLOWUP_FACTOR * value if value > 0 else math.inf
-        logged_steps.append(step)
-        if not math.isfinite(value) or value > blowup:
-            diverged, div_step = True, step
-            logged_loss.append(math.nan)
-            logged_acc.append(math.nan)
+            self.blowup = BLOWUP_FACTOR * value if value > 0 else math.inf
+        self.steps.append(step)
+        if not math.isfinite(value) or value > self.blowup:
+            self.diverged, self.div_step = True, step
+            self.losses.append(math.nan)
+            self.accs.append(math.nan)
             return False
-        logged_loss.append(value)
-        logged_acc.append(acc)
+        self.losses.append(value)
+        self.accs.append(acc)
         return True
 
-    from tqdm.auto import tqdm
+    def train(self, batches, seed: int, progress: bool) -> None:
+        """All steps, with the interruption policy (NOTE [interruption])."""
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc=fn, unit="step", disable=not progress, delay=2.0,
-               dynamic_ncols=True, leave=False)  # fmt: skip
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
-            if log(0):
-                if bn == "train":
-                    net.train()
-                for t in range(steps):
-                    t0 = time.perf_counter()
-                    idx = None if batches is None else torch.as_tensor(batches[t], device=y.device)
-                    batch_loss, correct = _step(net, opt, x, y, idx, loss, scale, train_chunk, dev)
-                    _sync(dev)
-                    train_s += time.perf_counter() - t0
-                    done = t + 1
-                    bar.update(1)
-                    if reuse and 0 < t < steps and t in log_at and math.isfinite(batch_loss):
-                        # NOTE [full-batch logging]: the step's forward pass at w_t was the
-                        # full-training-set evaluation of w_t (eval mode, all N samples).
-                        if not log(t, (batch_loss, correct / n)):
-                            break
-                    if not math.isfinite(batch_loss):  # the loss at w_t is already non-finite
-                        diverged, div_step = True, t
-                        if logged_steps[-1] == t:
-                            logged_loss[-1] = logged_acc[-1] = math.nan
-                        else:
-                            logged_steps.append(t)
-                            logged_loss.append(math.nan)
-                            logged_acc.append(math.nan)
-                        break
-                    if done in log_at and not (reuse and done < steps):
-                        net.eval()
-                        ok = log(done)
-                        if bn == "train":
-                            net.train()
-                        bar.set_postfix(loss=f"{logged_loss[-1]:.4g}", refresh=False)
-                        if not ok:
-                            break
-    except KeyboardInterrupt:
-        interrupted = True
-        if len(logged_loss) < len(logged_steps):  # interrupted inside an evaluation
-            logged_steps.pop()
-        warnings.warn(
-            f"{fn}: interrupted after {done} of {steps} steps; returning the run logged so "
-            f"far (steps 0..{logged_steps[-1] if logged_steps else '-'}) with "
-            "interrupted=True.",
-            TangentlabWarning,
-            stacklevel=2,
-        )
-    finally:
-        bar.close()
-        net.eval()
-    for p in net.parameters():
-        p.grad = None
-    return TrainingRun(
-        steps=np.asarray(logged_steps, dtype=np.int64),
-        loss=np.asarray(logged_loss, dtype=np.float64),
-        accuracy=np.asarray(logged_acc, dtype=np.float64),
-        train_seconds=train_s,
-        eval_seconds=eval_s,
-        wall_seconds=time.perf_counter() - t_call,
-        hyperparameters=hyper,
-        diverged=diverged,
-        divergence_step=div_step,
-        interrupted=interrupted,
-        steps_done=done,
-        model=net,
-    )
+        bar = tqdm(total=self.total, desc="finetune", unit="step", disable=not progress,
+                   delay=2.0, dynamic_ncols=True, leave=False)  # fmt: skip
+        devices = [self.dev.index or 0] if self.dev.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                if self.log(0):
+                    self._loop(batches, bar)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            if len(self.losses) < len(self.steps):  # interrupted inside an evaluation
+                self.steps.pop()
+            warnings.warn(
+                f"finetune: interrupted after {self.done} of {self.total} steps; returning the "
+                f"run logged so far (steps 0..{self.steps[-1] if self.steps else '-'}) with "
+                "interrupted=True.",
+                TangentlabWarning,
+                stacklevel=3,
+            )
+        finally:
+            bar.close()
+            self.net.eval()
+            for p in self.net.parameters():
+                p.grad = None
+
+    def _loop(self, batches, bar) -> None:
+        n = num_rows(self.x)
+        if self.bn == "train":
+            self.net.train()
+        for t in range(self.total):
+            t0 = time.perf_counter()
+            idx = None if batches is None else torch.as_tensor(batches[t], device=self.y.device)
+            batch_loss, correct = _step(self.net, self.opt, self.x, self.y, idx, self.loss,
+                                        self.train_chunk, self.dev)  # fmt: skip
+            _sync(self.dev)
+            self.train_s += time.perf_counter() - t0
+            self.done = t + 1
+            bar.update(1)
+            if self.reuse and t > 0 and t in self.log_at and math.isfinite(batch_loss):
+                # NOTE [full-batch logging]: the step's forward pass at w_t was the
+                # full-training-set evaluation of w_t (eval mode, all N samples).
+                if not self.log(t, (batch_loss, correct / n)):
+                    return
+            if not math.isfinite(batch_loss):  # the loss at w_t is already non-finite
+                self.diverged, self.div_step = True, t
+                if self.steps[-1] == t:
+                    self.losses[-1] = self.accs[-1] = math.nan
+                else:
+                    self.steps.append(t)
+                    self.losses.append(math.nan)
+                    self.accs.append(math.nan)
+                return
+            if self.done in self.log_at and not (self.reuse and self.done < self.total):
+                self.net.eval()
+                ok = self.log(self.done)
+                if self.bn == "train":
+                    self.net.train()
+                bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
+                if not ok:
+                    return
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,15 +423,7 @@ def _forward(net: nn.Module, xb: Inputs) -> torch.Tensor:
     return _logits(out, "finetune")
 
 
-def _per_sample_loss(f: torch.Tensor, yb: torch.Tensor, loss: str, scale: float) -> torch.Tensor:
-    """ℓ per sample ``[b]``: MSE ½‖f - s·onehot(y)‖² summed over outputs, or CE."""
-    if loss == "mse":
-        target = F.one_hot(yb, f.shape[1]).to(f.dtype) * scale
-        return 0.5 * ((f - target) ** 2).sum(1)
-    return F.cross_entropy(f, yb, reduction="none")
-
-
-def _step(net, opt, x, y, idx, loss, scale, chunk, dev) -> tuple[float, int]:
+def _step(net, opt, x, y, idx, loss: Loss, chunk, dev) -> tuple[float, int]:
     """One SGD step on batch ``idx`` (None: all samples) -> (batch loss, correct argmaxes)."""
     b = num_rows(x) if idx is None else int(idx.shape[0])
     parts = [(0, b)] if chunk is None else [(s, min(s + chunk, b)) for s in range(0, b, chunk)]
@@ -419,7 +434,7 @@ def _step(net, opt, x, y, idx, loss, scale, chunk, dev) -> tuple[float, int]:
         xb = to_device(take(x, rows), dev)
         yb = y[rows].to(dev)
         f = _forward(net, xb)
-        per_sample = _per_sample_loss(f, yb, loss, scale)
+        per_sample = loss.per_sample(f, yb)
         # sum of per-sample losses / |b|: the batch mean, also when split into chunks
         value = per_sample.sum() / b
         value.backward()
@@ -429,7 +444,7 @@ def _step(net, opt, x, y, idx, loss, scale, chunk, dev) -> tuple[float, int]:
     return total, correct
 
 
-def _evaluate(net, x, y, loss: str, scale: float, chunk: int, dev) -> tuple[float, float]:
+def _evaluate(net, x, y, loss: Loss, chunk: int, dev) -> tuple[float, float]:
     """Full-training-set loss (mean over samples) and accuracy, eval mode, no gradients."""
     n = num_rows(x)
     total, correct = 0.0, 0
@@ -440,7 +455,7 @@ def _evaluate(net, x, y, loss: str, scale: float, chunk: int, dev) -> tuple[floa
             if f.ndim != 2 or f.shape[0] != e - s:
                 check_output(f, e - s, "finetune")
             yb = y[s:e].to(dev)
-            total += float(_per_sample_loss(f, yb, loss, scale).double().sum())
+            total += float(loss.per_sample(f, yb).double().sum())
             correct += int((f.argmax(1) == yb).sum())
     return total / n, correct / n
 
@@ -464,50 +479,15 @@ def _nbytes(x: Inputs) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _check_settings(fn, lr, steps, batch_size, momentum, weight_decay, loss, target_scale,
-                    seed, log_every, bn, sampling, chunk_size, progress) -> None:
-    if not _is_real(lr) or lr <= 0:
-        raise TangentlabError(
-            f"{fn}: lr must be a finite number > 0, got {lr!r}; pass the SGD learning rate, "
-            "e.g. lr=0.1."
-        )
-    if not _is_int(steps) or steps < 0:
-        raise TangentlabError(f"{fn}: steps must be an integer >= 0, got {steps!r}; e.g. 1000.")
-    if batch_size is not None and (not _is_int(batch_size) or batch_size <= 0):
-        raise TangentlabError(
-            f"{fn}: batch_size must be a positive integer or None (full batch), "
-            f"got {batch_size!r}."
-        )
-    if not _is_real(momentum) or not 0.0 <= momentum < 1.0:
-        raise TangentlabError(
-            f"{fn}: momentum must lie in [0, 1), got {momentum!r}; torch SGD's heavy-ball "
-            "coefficient, e.g. momentum=0.9."
-        )
-    if not _is_real(weight_decay) or weight_decay < 0:
-        raise TangentlabError(
-            f"{fn}: weight_decay must be a finite number >= 0, got {weight_decay!r}."
-        )
-    for name, value, allowed in (("loss", loss, _LOSSES), ("bn", bn, _BN_MODES),
-                                 ("sampling", sampling, _SAMPLINGS)):
-        if value not in allowed:
-            raise TangentlabError(f"{fn}: {name} must be one of {list(allowed)}, got {value!r}.")
-    if not _is_real(target_scale) or target_scale <= 0:
-        raise TangentlabError(
-            f"{fn}: target_scale must be a finite number > 0, got {target_scale!r}."
-        )
-    if loss == "ce" and target_scale != 1.0:
-        raise TangentlabError(
-            f"{fn}: target_scale={target_scale!r} only applies to loss='mse'; leave it at 1.0 "
-            "for loss='ce'."
-        )
-    if not _is_int(seed):
-        raise TangentlabError(f"{fn}: seed must be an integer, got {seed!r}.")
-    if log_every is not None and (not _is_int(log_every) or log_every < 1):
+def _check_settings(fn, log_every, bn, sampling, chunk_size, progress) -> None:
+    for name, value, allowed in (("bn", bn, _BN_MODES), ("sampling", sampling, _SAMPLINGS)):
+        check_choice(fn, name, value, allowed)
+    if log_every is not None and (not is_int(log_every) or log_every < 1):
         raise TangentlabError(
             f"{fn}: log_every must be a positive integer or None (automatic), got "
             f"{log_every!r}; log_every=1 logs every step."
         )
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise TangentlabError(
             f"{fn}: chunk_size must be a positive integer or None (256), got {chunk_size!r}."
         )

@@ -1,17 +1,24 @@
 """Forecast fine-tuning loss and accuracy curves from a :class:`~tangentlab.kernel.Kernel`.
 
-:func:`forecast` turns one kernel and SGD hyper-parameters into a :class:`Forecast` (loss
+:func:`forecast` turns one kernel, an optimizer (:class:`tangentlab.SGD`) and a loss
+(:class:`tangentlab.MSE`, :class:`tangentlab.CrossEntropy`) into a :class:`Forecast` (loss
 and accuracy at every step 0..T, steps to a target, divergence); :func:`sweep` does it for
-a grid of hyper-parameters, decomposing the kernel once. The numerics are in
-:mod:`tangentlab.dynamics`; conventions are DESIGN.md §2-§3 (MSE = ½‖f - s·onehot(y)‖²
-summed over outputs, CE = -log softmax(f)_y, both averaged over samples; SGD exactly as
-``torch.optim.SGD(lr, momentum, weight_decay, dampening=0)``; time in steps).
+many optimizers and batch sizes, decomposing the kernel once, and returns a
+:class:`Sweep`. The numerics are in :mod:`tangentlab.dynamics`; conventions are DESIGN.md
+§2-§3 (MSE = ½‖f - s·onehot(y)‖² summed over outputs, CE = -log softmax(f)_y, both averaged
+over samples; SGD exactly as ``torch.optim.SGD(lr, momentum, weight_decay, dampening=0)``;
+time in steps).
 
-Which solver runs (``Forecast.method["solver"]`` says):
+Every solver has the same interface: ``solver(prep, settings) -> _Solution`` (a
+:class:`~tangentlab.dynamics.Trajectory` plus what it knows exactly: the limit, λ_max);
+:func:`_assemble` then applies the one divergence policy and the validity check. Which
+solver runs (``Forecast.method["solver"]`` says):
 
 ================================  ===========================================================
 full batch, MSE                   closed form from ``kernel.eigh()`` (cached): exact discrete
                                   steps, exact heavy-ball momentum, or gradient flow
+full batch, MSE, N > n            the same closed form fed by an extrapolated
+(``dataset_size`` / Spectrum)     :class:`~tangentlab.extrapolate.Spectrum` (power-law tail)
 full batch, CE                    exact discrete steps, or gradient flow (adaptive ODE solver)
 minibatch (B < N), MSE or CE      exact minibatch simulation (default) or function-space SDE,
                                   ``paths`` paths; NOTE [noise: simulate vs sde] in dynamics
@@ -33,21 +40,35 @@ softmax Hessians at f0: an indicator only (CE curvature falls as training procee
 large-step GD on CE need not diverge), so CE divergence is decided by (b) alone.
 """
 
+
 from __future__ import annotations
 
-import itertools
 import math
-import numbers
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from tangentlab import dynamics as dyn
+from tangentlab import extrapolate as ext
 from tangentlab.errors import TangentlabError, ValidityWarning
 from tangentlab.kernel import Kernel
+from tangentlab.training import (
+    SGD,
+    Loss,
+    as_loss,
+    as_optimizer,
+    check_batch_size,
+    check_choice,
+    check_fraction_pair,
+    check_seed,
+    check_steps,
+    is_int,
+    is_real,
+)
 
 # NOTE [validity region]: in benchmarks/forecast_accuracy.py (RESULTS.md) the forecast's
 # steps-to-target error stays small while η̃ λ_max / N <= 1 (η̃ = η / (1 - m): at most half
@@ -56,17 +77,16 @@ from tangentlab.kernel import Kernel
 # changes) although the linear model is still stable. Forecasts beyond it warn.
 VALIDITY_STABILITY = 1.0
 
-_BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
+BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
 _ACCURACY_FLOPS = 2e11  # full-batch MSE: accuracy GEMM budget (~5 s on 2 cores) before striding
 _DUAL_MEMORY_BYTES = 2 * 1024**3  # auto execution never forms a dense Θ larger than this
 _LIMIT_TAIL = 0.1  # loss_limit estimate when no closed form: mean over the last 10% of steps
+_REBOUND = 0.1  # sweep: a final loss this fraction of (L_0 - L_min) above L_min is flagged
 
-_LOSSES = ("mse", "ce")
 _NOISES = ("simulate", "sde")
 _SAMPLINGS = ("epoch", "replacement")
 _TIMES = ("discrete", "continuous")
 _MOMENTUM_MODES = ("heavy_ball", "effective")
-_DECAYS = ("zero", "w0")
 _EXECUTIONS = ("auto", "spectral", "primal", "dual")
 _ODE_METHODS = ("RK45", "RK23", "DOP853", "LSODA", "Radau", "BDF")
 
@@ -92,6 +112,8 @@ class Forecast:
         the mean of the last 10% of the curve), NaN when it diverges.
       hyperparameters: the training settings (lr, steps, batch_size, momentum, ...).
       method: how it was computed (solver, execution, noise, momentum_mode, decay_to, ...).
+      optimizer: the optimizer object forecast (e.g. ``tl.SGD(0.01)``).
+      loss_function: the loss object (``tl.MSE(...)`` or ``tl.CrossEntropy()``).
     """
 
     loss: np.ndarray
@@ -106,6 +128,13 @@ class Forecast:
     loss_limit: float
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
+    optimizer: SGD | None = None
+    loss_function: Loss | None = None
+
+    @property
+    def valid(self) -> bool:
+        """Inside the measured validity region (NOTE [validity region]) and not diverging."""
+        return not self.diverges and "validity" not in self.method
 
     @property
     def steps(self) -> np.ndarray:
@@ -121,7 +150,7 @@ class Forecast:
 
     def steps_to(self, target_loss: float) -> int | None:
         """T(ε) = min{t : L_t <= ε}, or ``None`` when the forecast never reaches ``target_loss``."""
-        if not _is_real(target_loss):
+        if not is_real(target_loss):
             raise TangentlabError(
                 f"Forecast.steps_to: target_loss must be a finite number, got {target_loss!r}."
             )
@@ -166,37 +195,36 @@ class Forecast:
             "min_loss": _json_float(np.nanmin(self.loss)),
             "final_accuracy": _json_float(_last_finite(self.accuracy)),
             "steps_to_plateau_1pct": self.steps_to_plateau(0.01),
+            "valid": self.valid,
+            "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
+            "loss_function": None if self.loss_function is None else self.loss_function.to_dict(),
             "hyperparameters": dict(self.hyperparameters),
             "method": dict(self.method),
         }
 
 
+
 def forecast(
-    kernel: Kernel,
-    lr: float,
+    kernel: Kernel | ext.Spectrum,
+    optimizer: SGD,
     steps: int,
+    *,
+    loss: Loss | str = "mse",
     batch_size: int | None = None,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    loss: str = "mse",
-    target_scale: float = 1.0,
     paths: int = 10,
     seed: int = 0,
-    *,
+    dataset_size: int | None = None,
     noise: str = "simulate",
     sampling: str = "epoch",
     time: str = "discrete",
     momentum_mode: str | None = None,
-    decay_to: str = "zero",
     execution: str = "auto",
     band: tuple[float, float] = (0.1, 0.9),
     ode_method: str = "RK45",
     accuracy_every: int | None = None,
     stability: bool = True,
-    dataset_size: int | None = None,
-    kernel_growth: Any = None,
 ) -> Forecast:
-    r"""Forecast the training loss and accuracy of SGD fine-tuning on the tangent model.
+    r"""Forecast the training loss and accuracy of fine-tuning on the tangent model.
 
     Full-batch gradient descent of the linear model, in function space:
 
@@ -210,364 +238,393 @@ def forecast(
 
     Args:
       kernel: the tangent model's kernel (``theta`` and/or ``features``, ``f0``, ``targets``,
-        ``jw0`` when decaying toward 0). Its eigendecomposition is computed on first use by
-        full-batch MSE and cached on the kernel. A trace kernel (``kernel.is_trace``,
-        Θ ≈ K ⊗ I_C) is used through products with K and the eigendecomposition of K
-        (eigenvalues repeated C times), never expanded to NC × NC.
-      lr: SGD learning rate η (> 0).
+        ``jw0`` when decaying toward 0), or an extrapolated
+        :class:`~tangentlab.extrapolate.Spectrum`. Its eigendecomposition is computed on
+        first use by full-batch MSE and cached on the kernel. A trace kernel
+        (``kernel.is_trace``, Θ ≈ K ⊗ I_C) is used through products with K.
+      optimizer: the optimizer, e.g. ``tl.SGD(0.01, momentum=0.9, weight_decay=1e-4)``
+        (exactly torch SGD; ``decay_to="w0"`` decays toward the pre-trained weights).
       steps: number of optimizer steps T (>= 0); curves have T+1 entries.
+      loss: ``tl.MSE(target_scale=s)`` (½‖f - s·onehot(y)‖² summed over outputs, mean over
+        samples; also ``"mse"``) or ``tl.CrossEntropy()`` (also ``"ce"``).
       batch_size: B; ``None`` or >= N means full batch (deterministic).
-      momentum: m in [0, 1), torch heavy-ball (dampening 0, no Nesterov).
-      weight_decay: λ >= 0, coupled L2 as torch SGD (g += λ w).
-      loss: ``"mse"`` (½‖f - s·onehot(y)‖² summed over outputs, mean over samples) or
-        ``"ce"`` (-log softmax(f)_y, mean over samples).
-      target_scale: s, the MSE target scale (must be 1 for CE).
       paths: number of SGD paths of a minibatch forecast (>= 1).
       seed: seed of the minibatch order / SDE noise; path p draws its batches from
         ``dynamics.batch_schedule(N, B, T, sampling=..., rng=dynamics.path_rngs(seed, P)[p])``.
+      dataset_size: N, the number of training samples when ``kernel`` was computed on a
+        random subset of n <= N of them: full-batch MSE on N samples from the subsample's
+        spectrum (:func:`tangentlab.extrapolate.extrapolate`, no tail; pass a ``Spectrum``
+        for a power-law tail). Accuracy is then that of the n subsampled points.
       noise: minibatch forecast by ``"simulate"`` (exact minibatch SGD of the tangent model,
         default) or ``"sde"`` (Euler-Maruyama with the minibatch noise covariance).
-      sampling: ``"epoch"`` (reshuffle each epoch, last batch of an epoch smaller when B
-        does not divide N, as DataLoader(shuffle=True, drop_last=False)) or
-        ``"replacement"`` (i.i.d. batches of B ids).
+      sampling: ``"epoch"`` (reshuffle each epoch, as DataLoader(shuffle=True,
+        drop_last=False)) or ``"replacement"`` (i.i.d. batches of B ids).
       time: ``"discrete"`` (exact optimizer steps, default) or ``"continuous"`` (gradient
         flow at the effective rate; full batch only).
       momentum_mode: ``"heavy_ball"`` (exact torch buffers; default in discrete time) or
         ``"effective"`` (plain steps at η̃ = η/(1-m); the only choice in continuous time).
-      decay_to: ``"zero"`` (torch semantics: weights decay toward 0; needs ``kernel.jw0``)
-        or ``"w0"`` (decay toward the pre-trained weights: drops the J w0 term).
       execution: ``"auto"``, ``"spectral"`` (full-batch MSE closed form), ``"primal"``
         (products through ``features``, memory NC·k) or ``"dual"`` (dense Θ, (NC)^2).
-        ``auto`` takes the closed form for full-batch MSE, else the cheaper of primal/dual.
       band: quantiles of the per-path loss reported as ``loss_band``.
       ode_method: scipy solver of the gradient flow (CE, ``time="continuous"``).
       accuracy_every: full-batch MSE only: evaluate the accuracy every this many steps and
-        interpolate linearly between (each evaluation is an NC × m product). ``None``:
-        every step unless that exceeds ~2e11 flops, then the smallest stride that fits.
+        interpolate between (each evaluation is an NC × m product). ``None``: every step
+        unless that exceeds ~2e11 flops, then the smallest stride that fits.
       stability: compute ``Forecast.stability`` when the closed form does not already give
-        λ_max (a Lanczos run, ~20-60 kernel products). ``False`` saves it; divergence is
-        then detected from blow-ups only.
-      dataset_size: N, the number of training samples when ``kernel`` was computed on a
-        random subset of n <= N of them: forecasts full-batch MSE on N samples from the
-        subsample's spectrum (:func:`tangentlab.extrapolate.extrapolate`, no tail). Pass a
-        :class:`~tangentlab.extrapolate.Spectrum` as ``kernel`` instead for a power-law
-        tail. Accuracy is then that of the n subsampled points. ``None``: N = n.
-      kernel_growth: ``None`` (the kernel stays Θ(w0): the plain tangent model) or a
-        :class:`~tangentlab.growth.KernelGrowth` s(t): step t uses s(t) Θ(w0), the kernel
-        scale measured by trace probes (:func:`tangentlab.growth.estimate_growth`, no
-        training). Full-batch MSE: mode-wise product Π_τ (1 - η̃ s(τ) λ_j/N); otherwise the
-        exact steps with Θ scaled per step (not with ``noise="sde"`` or gradient flow off
-        the closed form). Not with ``dataset_size``.
+        λ_max (a Lanczos run, ~20-60 kernel products); ``False`` saves it.
 
     Returns:
       A :class:`Forecast`.
 
     Raises:
       TangentlabError: on invalid settings, naming the argument and the fix.
+
+    Example::
+
+        >>> fc = tl.forecast(kernel, tl.SGD(0.01, momentum=0.9), 300, batch_size=32)
+        >>> fc.loss.shape, fc.loss_band[0].shape                 # [301], [301]
+        >>> fc.steps_to(tl.default_target(fc.loss[0]))          # steps to an 80% drop
     """
+    s = check_options(
+        "forecast", optimizer, steps, loss=loss, batch_size=batch_size, paths=paths, seed=seed,
+        noise=noise, sampling=sampling, time=time, momentum_mode=momentum_mode,
+        execution=execution, band=band, ode_method=ode_method, accuracy_every=accuracy_every,
+        stability=stability,
+    )  # fmt: skip
     spec, kernel = _spectrum_source("forecast", kernel, dataset_size)
-    params = _validate(
-        "forecast", kernel, dict(
-            lr=lr, steps=steps, batch_size=batch_size, momentum=momentum,
-            weight_decay=weight_decay, loss=loss, target_scale=target_scale, paths=paths,
-            seed=seed, noise=noise, sampling=sampling, time=time, momentum_mode=momentum_mode,
-            decay_to=decay_to, execution=execution, band=band, ode_method=ode_method,
-            accuracy_every=accuracy_every, stability=stability, kernel_growth=kernel_growth,
-        ),
-    )
-    return _run_any(_Prepared(kernel), params, spec, "forecast")
+    return forecast_settings(_Prepared(kernel, spec), bind("forecast", s, kernel, spec))
+
+
+def forecast_settings(prep: _Prepared, s: Settings) -> Forecast:
+    """Run the solver for validated, kernel-bound settings and assemble the Forecast."""
+    return _assemble(prep, s, _solver(prep, s)(prep, s))
 
 
 def _spectrum_source(fn: str, kernel: Any, dataset_size: Any):
     """``(spectrum or None, kernel)``: a Spectrum, or a kernel to extrapolate to N samples."""
-    from tangentlab.extrapolate import Spectrum, check_dataset_size, extrapolate
-
-    if isinstance(kernel, Spectrum):
+    if isinstance(kernel, ext.Spectrum):
         if dataset_size is not None and dataset_size != kernel.dataset_size:
             raise TangentlabError(
                 f"{fn}: dataset_size={dataset_size!r} differs from the spectrum's "
                 f"{kernel.dataset_size}; leave dataset_size out when passing a Spectrum."
             )
         return kernel, kernel.kernel
-    if dataset_size is None or not isinstance(kernel, Kernel):
-        return None, kernel
-    check_dataset_size(fn, dataset_size, kernel.num_samples)
-    return extrapolate(kernel, dataset_size), kernel
-
-
-def _run_any(prep: _Prepared, params: dict[str, Any], spec, fn: str) -> Forecast:
-    """``_run``, then the N-sample bookkeeping / tail when extrapolating a subsample."""
-    if spec is None:
-        return _run(prep, params)
-    from tangentlab.extrapolate import apply, check_settings
-
-    if params.get("kernel_growth") is not None:
+    if not isinstance(kernel, Kernel):
         raise TangentlabError(
-            f"{fn}: kernel_growth is not supported with dataset_size / a Spectrum "
-            "(subsample extrapolation); forecast the subsample's own kernel instead."
+            f"{fn}: kernel must be a tangentlab.Kernel or Spectrum, got "
+            f"{type(kernel).__name__}; build one with tl.compute_kernel or tl.load_kernel."
         )
-    check_settings(fn, spec, params)
-    params = {**params, "batch_size": None, "stochastic": False}
-    return apply(_run(prep, params), spec, params)
+    if dataset_size is None:
+        return None, kernel
+    ext.check_dataset_size(fn, dataset_size, kernel.num_samples)
+    return ext.extrapolate(kernel, dataset_size), kernel
 
 
-_FORECAST_ARGS = (
-    "lr", "steps", "batch_size", "momentum", "weight_decay", "loss", "target_scale", "paths",
-    "seed", "noise", "sampling", "time", "momentum_mode", "decay_to", "execution", "band",
-    "ode_method", "accuracy_every", "stability", "kernel_growth",
-)
-_DEFAULTS: dict[str, Any] = dict(
-    batch_size=None, momentum=0.0, weight_decay=0.0, loss="mse", target_scale=1.0, paths=10,
-    seed=0, noise="simulate", sampling="epoch", time="discrete", momentum_mode=None,
-    decay_to="zero", execution="auto", band=(0.1, 0.9), ode_method="RK45",
-    accuracy_every=None, stability=True, kernel_growth=None,
-)
+# ---------------------------------------------------------------------------------------
+# Sweeps.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Sweep:
+    """Forecasts of many settings from one kernel, ranked (see :func:`sweep`).
+
+    Attributes:
+      table: one row per setting, best first (columns in :func:`sweep`).
+      forecasts: the :class:`Forecast` of every row, in the table's order.
+      target_loss: ε of the steps-to-target column.
+      target_note: how ε was chosen.
+    """
+
+    table: pd.DataFrame
+    forecasts: tuple[Forecast, ...]
+    target_loss: float
+    target_note: str
+
+    @property
+    def best(self) -> Forecast:
+        """The forecast ranked first."""
+        return self.forecasts[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the table's rows (no Forecast objects) and the target."""
+        rows = self.table.astype(object).where(self.table.notna(), None).to_dict("records")
+        return {"target_loss": self.target_loss, "target_note": self.target_note, "rows": rows}
 
 
 def sweep(
-    kernel: Kernel,
-    grid: dict[str, list],
+    kernel: Kernel | ext.Spectrum,
+    optimizers: Sequence[SGD],
+    steps: int,
     *,
+    loss: Loss | str = "mse",
+    batch_sizes: Sequence[int | None] = (None,),
     target_loss: float | None = None,
-    steps: int = 1000,
     dataset_size: int | None = None,
     **options: Any,
-) -> pd.DataFrame:
-    """Forecast every combination of ``grid`` from one kernel, ranked by steps to target.
+) -> Sweep:
+    """Forecast every optimizer × batch size from one kernel and rank them.
 
     The kernel is decomposed at most once (``Kernel.eigh`` caches it; dense arrays and
-    λ_max are shared across the sweep), then each setting costs one closed form (full-batch
-    MSE) or one simulation.
+    λ_max are shared), then each setting costs one closed form (full-batch MSE) or one
+    simulation. Ranking (NOTE [sweep ranking]): valid settings first (inside the validity
+    region η̃ λ_max/N <= 1 and not diverging), then by steps to target (never reached
+    last), then by final loss; a setting outside the region or diverging never ranks above
+    a valid one.
 
     Args:
-      kernel: the kernel, as in :func:`forecast`.
-      grid: lists of values per :func:`forecast` argument, e.g.
-        ``{"lr": [0.1, 1.0], "batch_size": [32, None], "momentum": [0.0, 0.9]}``.
-      target_loss: ε of T(ε) = min{t : L_t <= ε}. ``None``: 90% of the best achievable
-        reduction, ε = L_0 - 0.9 (L_0 - L_best), with L_best the lowest loss any setting
-        reaches within ``steps`` (needs the same L_0 for all settings, so ``loss`` and
-        ``target_scale`` must not vary in the grid).
+      kernel: the kernel (or Spectrum), as in :func:`forecast`.
+      optimizers: the optimizers to compare, e.g. ``tl.SGD.grid(lr=[0.01, 0.1],
+        momentum=[0, 0.9])``.
       steps: horizon T of every forecast.
-      dataset_size: N when the kernel is on a subsample of n <= N samples (as in
-        :func:`forecast`; full-batch MSE only). ``kernel`` may also be a ``Spectrum``.
-      **options: fixed :func:`forecast` arguments for all settings.
+      loss: the loss, as in :func:`forecast` (one for the whole sweep).
+      batch_sizes: batch sizes to cross with the optimizers (``None`` = full batch).
+      target_loss: ε of T(ε) = min{t : L_t <= ε}. ``None``: :func:`default_target` of the
+        common initial loss (an 80% drop).
+      dataset_size: N when the kernel is on a subsample (full-batch MSE only).
+      **options: other keyword options of :func:`forecast` (paths, seed, noise, ...).
 
     Returns:
-      A DataFrame, one row per setting, best first: the grid columns, then ``rank``,
-      ``steps_to_target`` (nullable int; never reached = <NA>, ranked last),
-      ``target_loss``, ``final_loss``, ``min_loss``, ``final_accuracy``, ``diverges``,
-      ``stability``, ``loss_limit`` and ``forecast`` (the :class:`Forecast` object; drop
-      this column before ``to_json``). Ties are broken by the final loss.
+      A :class:`Sweep`; its ``table`` has the columns ``optimizer`` (label), ``lr``,
+      ``momentum``, ``weight_decay``, ``batch_size`` (nullable int; <NA> = full batch),
+      ``rank``, ``valid``, ``steps_to_target`` (nullable int; <NA> = never), ``final_loss``
+      (NaN when diverged), ``min_loss``, ``final_accuracy``, ``diverges``, ``stability``,
+      ``loss_limit`` and ``note`` (outside the region, diverges, or "ends x above its
+      minimum").
     """
-    if not isinstance(grid, dict) or not grid:
-        raise TangentlabError(
-            f"sweep: grid must be a non-empty dict of lists, got {grid!r}; "
-            "e.g. {'lr': [0.1, 1.0], 'batch_size': [32, None]}."
+    fn = "sweep"
+    opts = _sweep_inputs(fn, optimizers, batch_sizes, target_loss, options)
+    checked = [
+        check_options(fn, o, steps, loss=loss, batch_size=b, **options)
+        for o in opts for b in batch_sizes
+    ]  # all settings are validated before the first forecast
+    spec, kernel = _spectrum_source(fn, kernel, dataset_size)
+    prep = _Prepared(kernel, spec)
+    with warnings.catch_warnings():  # one summary below instead of one warning per row
+        warnings.simplefilter("ignore", ValidityWarning)
+        forecasts = [forecast_settings(prep, bind(fn, s, kernel, spec)) for s in checked]
+    outside = sum(1 for fc in forecasts if "validity" in fc.method)
+    if outside:
+        warnings.warn(
+            f"sweep: {outside} of {len(forecasts)} settings lie outside the validity region "
+            "(η̃·λ_max/N > 1; column 'valid'); they rank below every valid setting.",
+            ValidityWarning,
+            stacklevel=2,
         )
-    for key, values in grid.items():
-        if key not in _FORECAST_ARGS or key == "steps":
-            raise TangentlabError(
-                f"sweep: unknown grid key {key!r}; allowed: "
-                f"{[a for a in _FORECAST_ARGS if a != 'steps']} (pass steps=... to sweep)."
-            )
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not values:
-            raise TangentlabError(
-                f"sweep: grid[{key!r}] must be a non-empty list of values, got {values!r}."
-            )
-    for key in options:
-        if key not in _FORECAST_ARGS or key == "steps":
-            raise TangentlabError(f"sweep: unknown option {key!r}; allowed: {_FORECAST_ARGS}.")
-        if key in grid:
-            raise TangentlabError(
-                f"sweep: {key!r} is both in grid and a fixed option; give it in one place."
-            )
-    if target_loss is None and ({"loss", "target_scale"} & set(grid)):
-        raise TangentlabError(
-            "sweep: the grid varies 'loss' or 'target_scale', so settings start from "
-            "different losses and no common default target exists; pass target_loss=..."
-        )
-    if target_loss is not None and not _is_real(target_loss):
-        raise TangentlabError(f"sweep: target_loss must be a number, got {target_loss!r}.")
-
-    spec, kernel = _spectrum_source("sweep", kernel, dataset_size)
-    prepared = _Prepared(kernel)
-    keys = list(grid)
-    rows, forecasts = [], []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        args = {**_DEFAULTS, **options, **dict(zip(keys, combo)), "steps": steps}
-        params = _validate("sweep", kernel, args)
-        fc = _run_any(prepared, params, spec, "sweep")
-        forecasts.append(fc)
-        rows.append(dict(zip(keys, combo)))
-
     if target_loss is None:
-        l0 = forecasts[0].loss[0]
-        best = min(float(np.nanmin(fc.loss)) for fc in forecasts)
-        target_loss = l0 - 0.9 * (l0 - best)
-    for row, fc in zip(rows, forecasts):
-        reached = fc.steps_to(target_loss)
-        row.update(
-            steps_to_target=reached,
-            target_loss=float(target_loss),
-            final_loss=_last_finite(fc.loss),
-            min_loss=float(np.nanmin(fc.loss)),
-            final_accuracy=_last_finite(fc.accuracy),
-            diverges=fc.diverges,
-            stability=fc.stability,
-            loss_limit=fc.loss_limit,
-            forecast=fc,
+        target_loss = default_target(float(forecasts[0].loss[0]))
+        note = "default: an 80% drop of the initial loss (tl.default_target)"
+    else:
+        note = "given"
+    table = _sweep_table(forecasts, float(target_loss))
+    order = list(table.index)
+    table = table.reset_index(drop=True)
+    table.insert(5, "rank", np.arange(1, len(table) + 1))
+    return Sweep(table, tuple(forecasts[i] for i in order), float(target_loss), note)
+
+
+def default_target(initial_loss: float, *, drop: float = 0.8) -> float:
+    """The default target loss ε = (1 - drop) L_0: a ``drop`` (default 80%) drop of L_0.
+
+    The one definition used by the CLI, :func:`sweep` and :func:`tangentlab.compare`.
+    """
+    if not is_real(drop) or not 0 < drop < 1:
+        raise TangentlabError(
+            f"default_target: drop must be in (0, 1), got {drop!r}; 0.8 targets an 80% drop."
         )
+    if not is_real(initial_loss):
+        raise TangentlabError(
+            f"default_target: initial_loss must be a finite number, got {initial_loss!r}."
+        )
+    return (1.0 - float(drop)) * float(initial_loss)
+
+
+def _sweep_inputs(fn, optimizers, batch_sizes, target_loss, options) -> list[SGD]:
+    if isinstance(optimizers, SGD):
+        optimizers = [optimizers]
+    if not isinstance(optimizers, Sequence) or not optimizers:
+        raise TangentlabError(
+            f"{fn}: optimizers must be a non-empty list of optimizers, got {optimizers!r}; "
+            "e.g. tl.SGD.grid(lr=[0.01, 0.1], momentum=[0.0, 0.9])."
+        )
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence) or not (
+        batch_sizes
+    ):
+        raise TangentlabError(
+            f"{fn}: batch_sizes must be a non-empty list (None = full batch), got "
+            f"{batch_sizes!r}; e.g. batch_sizes=[32, None]."
+        )
+    allowed = set(_SOLVER_OPTIONS) | {"paths", "seed"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TangentlabError(f"{fn}: unknown options {unknown}; allowed: {sorted(allowed)}.")
+    if target_loss is not None and not is_real(target_loss):
+        raise TangentlabError(f"{fn}: target_loss must be a number, got {target_loss!r}.")
+    return [as_optimizer(o, fn) for o in optimizers]
+
+
+# NOTE [sweep ranking]: a forecast is only worth acting on inside the validity region
+# (NOTE [validity region]) and when it converges, so the ranking key is (diverges, outside
+# the region, steps to target with never = last, final loss). A diverged row's final loss
+# is NaN, never the finite values before the blow-up, and a row whose final loss climbs
+# back above its minimum by more than _REBOUND of the drop is flagged: its best step is
+# before the end.
+def _sweep_table(forecasts: list[Forecast], target: float) -> pd.DataFrame:
+    rows = []
+    for fc in forecasts:
+        hp = fc.hyperparameters
+        lmin = float(np.nanmin(fc.loss)) if np.isfinite(fc.loss).any() else math.nan
+        final = math.nan if fc.diverges else _last_finite(fc.loss)
+        notes = []
+        if fc.diverges:
+            notes.append("diverges")
+        elif not fc.valid:
+            notes.append(f"outside the validity region (η̃·λ_max/N = {fc.stability:.3g} > 1)")
+        if not fc.diverges and final - lmin > _REBOUND * (fc.loss[0] - lmin) and final > lmin:
+            notes.append(f"ends {final / lmin:.3g}x above its minimum (best step "
+                         f"{int(np.nanargmin(fc.loss))})")  # fmt: skip
+        rows.append(dict(
+            optimizer=fc.optimizer.describe(), lr=hp["lr"], momentum=hp["momentum"],
+            weight_decay=hp["weight_decay"], batch_size=hp["batch_size"],
+            valid=fc.valid and not fc.diverges, steps_to_target=fc.steps_to(target),
+            final_loss=final, min_loss=lmin, final_accuracy=_last_finite(fc.accuracy),
+            diverges=fc.diverges, stability=fc.stability, loss_limit=fc.loss_limit,
+            note="; ".join(notes),
+        ))  # fmt: skip
     df = pd.DataFrame(rows)
     df["steps_to_target"] = df["steps_to_target"].astype("Int64")
-    if "batch_size" in df:  # None (full batch) must not turn the column into floats
-        df["batch_size"] = df["batch_size"].astype("Int64")
-    df = df.sort_values(
-        ["steps_to_target", "final_loss"], na_position="last", kind="mergesort"
-    ).reset_index(drop=True)
-    df.insert(len(keys), "rank", np.arange(1, len(df) + 1))
-    df.attrs["target_loss"] = float(target_loss)
-    return df
+    df["batch_size"] = df["batch_size"].astype("Int64")
+    df["_invalid"] = ~df["valid"]
+    df = df.sort_values(["diverges", "_invalid", "steps_to_target", "final_loss"],
+                        na_position="last", kind="mergesort")  # fmt: skip
+    return df.drop(columns="_invalid")
 
 
 # ---------------------------------------------------------------------------------------
-# Validation (once, at the public edge).
+# Settings: validated once, at the public edge.
 # ---------------------------------------------------------------------------------------
 
+_SOLVER_OPTIONS = ("noise", "sampling", "time", "momentum_mode", "execution", "band",
+                   "ode_method", "accuracy_every", "stability")  # fmt: skip
 
-def check_fraction_pair(
-    fn: str, name: str, value: Any, example: str, *, what: str = "fractions"
-) -> None:
-    """``value`` must be two numbers ``0 <= lo < hi <= 1`` (quantiles, fractions)."""
-    try:
-        lo, hi = float(value[0]), float(value[1])
-        ok = len(value) == 2 and 0.0 <= lo < hi <= 1.0
-    except (TypeError, ValueError, IndexError):
-        ok = False
-    if not ok:
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated forecast settings (:func:`check_options`), bound to a kernel by :func:`bind`.
+
+    ``stochastic`` (B < N) and ``momentum_mode`` are resolved by :func:`bind`;
+    ``kernel_scale`` s(t) is the experimental kernel-growth hook
+    (:mod:`tangentlab.experimental.growth`): step t uses s(t) Θ.
+    """
+
+    optimizer: SGD
+    loss: Loss
+    steps: int
+    batch_size: int | None = None
+    paths: int = 10
+    seed: int = 0
+    noise: str = "simulate"
+    sampling: str = "epoch"
+    time: str = "discrete"
+    momentum_mode: str | None = None
+    execution: str = "auto"
+    band: tuple[float, float] = (0.1, 0.9)
+    ode_method: str = "RK45"
+    accuracy_every: int | None = None
+    stability: bool = True
+    stochastic: bool = False
+    kernel_scale: np.ndarray | None = None
+
+    @property
+    def heavy_ball(self) -> bool:
+        return self.momentum_mode == "heavy_ball"
+
+    @property
+    def scheme(self) -> dict[str, Any]:
+        """The one scheme choice of the closed form: flow, heavy ball or plain steps."""
+        opt = self.optimizer
+        if self.time == "continuous":
+            return {"scheme": "flow", "lr": opt.effective_lr}
+        if self.heavy_ball and opt.momentum > 0:
+            return {"scheme": "heavy_ball", "lr": opt.lr, "momentum": opt.momentum}
+        return {"scheme": "gd", "lr": opt.effective_lr}
+
+
+def check_options(
+    fn: str, optimizer: Any, steps: Any, *, loss: Any = "mse", batch_size: Any = None,
+    paths: Any = 10, seed: Any = 0, **solver: Any,
+) -> Settings:  # fmt: skip
+    """Validate every kernel-independent forecast setting; returns :class:`Settings`.
+
+    Called before anything expensive (the CLI calls it before computing the kernel).
+    """
+    unknown = sorted(set(solver) - set(_SOLVER_OPTIONS))
+    if unknown:
+        raise TangentlabError(f"{fn}: unknown options {unknown}; allowed: {_SOLVER_OPTIONS}.")
+    s = Settings(optimizer=as_optimizer(optimizer, fn), loss=as_loss(loss, fn),
+                 steps=check_steps(fn, steps), batch_size=check_batch_size(fn, batch_size),
+                 seed=check_seed(fn, seed), **solver)  # fmt: skip
+    if not is_int(paths) or paths < 1:
+        raise TangentlabError(f"{fn}: paths must be an integer >= 1, got {paths!r}.")
+    check_choice(fn, "noise", s.noise, _NOISES)
+    check_choice(fn, "sampling", s.sampling, _SAMPLINGS)
+    check_choice(fn, "time", s.time, _TIMES)
+    check_choice(fn, "execution", s.execution, _EXECUTIONS)
+    check_choice(fn, "ode_method", s.ode_method, _ODE_METHODS)
+    if s.momentum_mode is not None:
+        check_choice(fn, "momentum_mode", s.momentum_mode, _MOMENTUM_MODES)
+    if s.time == "continuous" and s.momentum_mode == "heavy_ball":
         raise TangentlabError(
-            f"{fn}: {name} must be two {what} 0 <= low < high <= 1, got {value!r}; "
-            f"e.g. {name}={example}."
+            f"{fn}: momentum_mode='heavy_ball' needs time='discrete'; gradient flow uses "
+            "the effective rate lr/(1-momentum) (momentum_mode='effective')."
         )
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _choice(fn: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise TangentlabError(f"{fn}: {name} must be one of {list(allowed)}, got {value!r}.")
-
-
-def _validate(fn: str, kernel: Any, p: dict[str, Any]) -> dict[str, Any]:
-    """Check every setting once; return them normalized (floats, resolved defaults)."""
-    if not isinstance(kernel, Kernel):
+    check_fraction_pair(fn, "band", s.band, "(0.1, 0.9)", what="quantiles")
+    ae = s.accuracy_every
+    if ae is not None and (not is_int(ae) or ae < 1):
         raise TangentlabError(
-            f"{fn}: kernel must be a tangentlab.Kernel, got {type(kernel).__name__}; "
-            "build one with tangentlab.Kernel(f0=..., targets=..., theta=...) or load_kernel."
+            f"{fn}: accuracy_every must be a positive integer or None (automatic), got {ae!r}."
         )
-    n = kernel.num_samples
-    if n < 1:
+    if not isinstance(s.stability, bool):
+        raise TangentlabError(f"{fn}: stability must be True or False, got {s.stability!r}.")
+    mode = s.momentum_mode or ("heavy_ball" if s.time == "discrete" else "effective")
+    return replace(s, paths=int(paths), band=(float(s.band[0]), float(s.band[1])),
+                   momentum_mode=mode)  # fmt: skip
+
+
+def bind(fn: str, s: Settings, kernel: Kernel, spec: ext.Spectrum | None = None) -> Settings:
+    """The checks that need the kernel; resolves ``stochastic`` (B < N)."""
+    n = kernel.num_samples if spec is None else spec.dataset_size
+    if kernel.num_samples < 1:
         raise TangentlabError(f"{fn}: the kernel has no samples (N = 0); nothing to forecast.")
-    if not _is_real(p["lr"]) or p["lr"] <= 0:
-        raise TangentlabError(
-            f"{fn}: lr must be a finite number > 0, got {p['lr']!r}; pass the SGD learning "
-            "rate, e.g. lr=0.1."
-        )
-    if not _is_int(p["steps"]) or p["steps"] < 0:
-        raise TangentlabError(
-            f"{fn}: steps must be an integer >= 0, got {p['steps']!r}; e.g. steps=1000."
-        )
-    bs = p["batch_size"]
-    if bs is not None and (not _is_int(bs) or bs <= 0):
-        raise TangentlabError(
-            f"{fn}: batch_size must be a positive integer or None (full batch), got {bs!r}."
-        )
-    if not _is_real(p["momentum"]) or not 0.0 <= p["momentum"] < 1.0:
-        raise TangentlabError(
-            f"{fn}: momentum must lie in [0, 1), got {p['momentum']!r}; torch SGD's "
-            "heavy-ball coefficient, e.g. momentum=0.9."
-        )
-    if not _is_real(p["weight_decay"]) or p["weight_decay"] < 0:
-        raise TangentlabError(
-            f"{fn}: weight_decay must be a finite number >= 0, got {p['weight_decay']!r}."
-        )
-    _choice(fn, "loss", p["loss"], _LOSSES)
-    if not _is_real(p["target_scale"]) or p["target_scale"] <= 0:
-        raise TangentlabError(
-            f"{fn}: target_scale must be a finite number > 0, got {p['target_scale']!r}."
-        )
-    if p["loss"] == "ce" and p["target_scale"] != 1.0:
-        raise TangentlabError(
-            f"{fn}: target_scale={p['target_scale']!r} only applies to loss='mse'; "
-            "leave it at 1.0 for loss='ce'."
-        )
-    if not _is_int(p["paths"]) or p["paths"] < 1:
-        raise TangentlabError(f"{fn}: paths must be an integer >= 1, got {p['paths']!r}.")
-    if not _is_int(p["seed"]):
-        raise TangentlabError(f"{fn}: seed must be an integer, got {p['seed']!r}.")
-    _choice(fn, "noise", p["noise"], _NOISES)
-    _choice(fn, "sampling", p["sampling"], _SAMPLINGS)
-    _choice(fn, "time", p["time"], _TIMES)
-    _choice(fn, "decay_to", p["decay_to"], _DECAYS)
-    _choice(fn, "execution", p["execution"], _EXECUTIONS)
-    _choice(fn, "ode_method", p["ode_method"], _ODE_METHODS)
-    if p["momentum_mode"] is not None:
-        _choice(fn, "momentum_mode", p["momentum_mode"], _MOMENTUM_MODES)
-
+    bs = s.batch_size
     stochastic = bs is not None and bs < n
-    if p["time"] == "continuous":
-        if stochastic:
-            raise TangentlabError(
-                f"{fn}: time='continuous' is gradient flow of full-batch training, but "
-                f"batch_size={bs} < N={n}; use time='discrete' (minibatch forecasts are "
-                "stepped), or batch_size=None."
-            )
-        if p["momentum_mode"] == "heavy_ball":
-            raise TangentlabError(
-                f"{fn}: momentum_mode='heavy_ball' needs time='discrete'; gradient flow uses "
-                "the effective rate lr/(1-momentum) (momentum_mode='effective')."
-            )
-    mode = p["momentum_mode"] or ("heavy_ball" if p["time"] == "discrete" else "effective")
-    if p["weight_decay"] > 0 and p["decay_to"] == "zero" and kernel.jw0 is None:
+    opt = s.optimizer
+    if s.time == "continuous" and stochastic:
         raise TangentlabError(
-            f"{fn}: weight_decay={p['weight_decay']!r} decays weights toward 0 as torch SGD, "
-            "which needs kernel.jw0 = J(x) w0 (not computed for this kernel). Compute the "
-            "kernel with jw0, or pass decay_to='w0' to decay toward the pre-trained weights."
+            f"{fn}: time='continuous' is gradient flow of full-batch training, but "
+            f"batch_size={bs} < N={n}; use time='discrete' (minibatch forecasts are stepped), "
+            "or batch_size=None."
         )
-    ex = p["execution"]
-    if ex == "spectral" and (p["loss"] != "mse" or stochastic):
+    if opt.weight_decay > 0 and opt.decay_to == "zero" and kernel.jw0 is None:
+        raise TangentlabError(
+            f"{fn}: weight_decay={opt.weight_decay!r} decays weights toward 0 as torch SGD, "
+            "which needs kernel.jw0 = J(x) w0 (not computed for this kernel). Compute the "
+            "kernel with jw0, or use tl.SGD(..., decay_to='w0') to decay toward the "
+            "pre-trained weights."
+        )
+    if s.execution == "spectral" and (s.loss.name != "mse" or stochastic):
         raise TangentlabError(
             f"{fn}: execution='spectral' is the closed form of full-batch MSE; got "
-            f"loss={p['loss']!r}, batch_size={bs!r}. Use execution='auto'."
+            f"loss={s.loss.describe()}, batch_size={bs!r}. Use execution='auto'."
         )
-    if ex == "primal" and kernel.features is None:
+    if s.execution == "primal" and kernel.features is None:
         raise TangentlabError(
             f"{fn}: execution='primal' needs kernel.features (a projected kernel); this "
             "kernel only has theta. Use execution='dual' or 'auto'."
         )
-    check_fraction_pair(fn, "band", p["band"], "(0.1, 0.9)", what="quantiles")
-    lo, hi = float(p["band"][0]), float(p["band"][1])
-    ae = p["accuracy_every"]
-    if ae is not None and (not _is_int(ae) or ae < 1):
-        raise TangentlabError(
-            f"{fn}: accuracy_every must be a positive integer or None (automatic), got {ae!r}."
-        )
-    if not isinstance(p["stability"], bool):
-        raise TangentlabError(f"{fn}: stability must be True or False, got {p['stability']!r}.")
-    _check_growth(fn, p, stochastic=bs is not None and bs < n)
-    out = dict(p)
-    out.update(
-        lr=float(p["lr"]), steps=int(p["steps"]), momentum=float(p["momentum"]),
-        weight_decay=float(p["weight_decay"]), target_scale=float(p["target_scale"]),
-        paths=int(p["paths"]), seed=int(p["seed"]), band=(lo, hi), momentum_mode=mode,
-        batch_size=None if bs is None else int(bs), stochastic=stochastic,
-    )
-    return out
+    if spec is not None:
+        ext.check_settings(fn, spec, batch_size=bs, loss=s.loss.name, execution=s.execution)
+    return replace(s, stochastic=stochastic)
 
 
 # ---------------------------------------------------------------------------------------
@@ -578,8 +635,9 @@ def _validate(fn: str, kernel: Any, p: dict[str, Any]) -> dict[str, Any]:
 class _Prepared:
     """Float64 numpy views of a kernel and what is worth computing once per kernel."""
 
-    def __init__(self, kernel: Kernel):
+    def __init__(self, kernel: Kernel, spec: ext.Spectrum | None = None):
         self.kernel = kernel
+        self.spec = spec
         self.n, self.c = kernel.num_samples, kernel.num_classes
         self.nc = self.n * self.c
         self.f0 = _np64(kernel.f0)
@@ -588,6 +646,22 @@ class _Prepared:
         self._ops: dict[str, dyn.KernelOperator] = {}
         self._top: dict[str, float] = {}
         self._eig: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """N of the forecast: the data set size when extrapolating, else the kernel's n."""
+        return self.n if self.spec is None else self.spec.dataset_size
+
+    def anchor(self, s: Settings) -> np.ndarray:
+        """Weight-decay anchor a in function space: f0 - J w0 (decay to 0) or f0 (to w0)."""
+        opt = s.optimizer
+        if opt.weight_decay == 0 or opt.decay_to == "w0" or self.jw0 is None:
+            return self.f0
+        return self.f0 - self.jw0
+
+    def initial_loss(self, s: Settings) -> float:
+        return float(dyn.loss_value(self.f0, self.targets, loss=s.loss.name,
+                                    scale=s.loss.target_scale))  # fmt: skip
 
     def eig(self) -> tuple[np.ndarray, np.ndarray]:
         if self._eig is None:
@@ -645,190 +719,283 @@ def _np64(t) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# Assembly.
+# Solvers: one interface, solver(prep, settings) -> _Solution.
 # ---------------------------------------------------------------------------------------
 
 
-def _run(prep: _Prepared, p: dict[str, Any]) -> Forecast:
-    """Dispatch to a solver, then apply the divergence policy and summarize."""
-    n = prep.n
-    anchor = prep.f0 if (p["decay_to"] == "w0" or prep.jw0 is None) else prep.f0 - prep.jw0
-    if p["weight_decay"] == 0:
-        anchor = prep.f0  # unused; decay_to is irrelevant without decay
-    lr, m, wd = p["lr"], p["momentum"], p["weight_decay"]
-    lr_eff = lr / (1.0 - m)
-    heavy = p["momentum_mode"] == "heavy_ball"
-    steps, loss = p["steps"], p["loss"]
-    scale = p["target_scale"] if loss == "mse" else 1.0
-    l0 = float(dyn.loss_value(prep.f0, prep.targets, loss=loss, scale=scale))
-    blowup_loss = _BLOWUP_FACTOR * l0 if l0 > 0 else math.inf
-    method: dict[str, Any] = {
-        "momentum_mode": p["momentum_mode"] if m > 0 else None,
-        "decay_to": p["decay_to"] if wd > 0 else None,
-        "time": p["time"],
-    }
-    if wd > 0:
-        method["decay_note"] = (
-            "weights decay toward 0 as torch SGD (uses kernel.jw0)" if p["decay_to"] == "zero"
-            else "weights decay toward the pre-trained w0 (J w0 term dropped)"
-        )
+@dataclass
+class _Solution:
+    """What a solver returns: the trajectory and what it knows exactly.
 
-    exact_limit = None
-    spectral_scheme = None
-    if not p["stochastic"] and loss == "mse" and p["execution"] in ("auto", "spectral"):
-        execution = "spectral"
-        lam, u = prep.eig()
-        sy = dyn.targets_matrix(prep.targets, prep.c, scale=scale)
-        problem = dyn.spectral_mse(
-            lam, u, (prep.f0 - sy).reshape(-1), (anchor - sy).reshape(-1),
-            num_samples=n, weight_decay=wd, kron=prep.c if prep.kernel.is_trace else 1,
-        )
-        if p["time"] == "continuous":
-            spectral_scheme = {"scheme": "flow", "lr": lr_eff}
-        elif heavy and m > 0:
-            spectral_scheme = {"scheme": "heavy_ball", "lr": lr, "momentum": m}
-        else:
-            spectral_scheme = {"scheme": "gd", "lr": lr_eff}
-        loss_paths = _growth_loss(problem, steps, p, spectral_scheme)[None]
-        acc_paths = None  # filled below, once the divergence step is known
-        blowups: tuple[int | None, ...] = (None,)
-        exact_limit = float(problem.loss(problem.fixed_point()[:, None])[0])
-        method["solver"] = f"closed form ({spectral_scheme['scheme']}) from kernel.eigh()"
-    else:
-        cols = p["batch_size"] * prep.c if p["stochastic"] else prep.nc
-        products = steps * (p["paths"] if p["stochastic"] and p["noise"] == "simulate" else 1)
-        if p["stochastic"] and p["noise"] == "sde":
-            cols = prep.nc * p["paths"]
-        execution = prep.choose_execution(p["execution"], cols, max(products, 1))
-        op = prep.operator(execution)
-        common = dict(loss=loss, scale=scale, weight_decay=wd, steps=steps,
-                      blowup_loss=blowup_loss)
-        if not p["stochastic"] and p["time"] == "continuous":
-            traj = dyn.flow_trajectory(op, prep.f0, prep.targets, anchor, lr=lr_eff,
-                                       method=p["ode_method"], **common)
-            method["solver"] = f"gradient flow ({p['ode_method']})"
-        elif not p["stochastic"]:
-            traj = _iterate(p)(op, prep.f0, prep.targets, anchor, lr=lr,
-                                          momentum=m, heavy_ball=heavy, **common)
-            method["solver"] = "exact discrete steps"
-        elif p["noise"] == "simulate":
-            traj = _simulate(prep, op, anchor, p, common)
-            method["solver"] = "exact minibatch simulation"
-        else:
-            traj = dyn.sde_trajectories(
-                op, prep.f0, prep.targets, anchor, lr=lr, momentum=m, heavy_ball=heavy,
-                batch_size=p["batch_size"], without_replacement=p["sampling"] == "epoch",
-                paths=p["paths"], rng=np.random.default_rng(p["seed"]), **common,
-            )
-            method["solver"] = "function-space SDE (Euler-Maruyama)"
-        loss_paths, acc_paths, blowups = traj.loss, traj.accuracy, traj.blowup
-    method["execution"] = execution
-    if p["stochastic"]:
-        method.update(noise=p["noise"], sampling=p["sampling"], paths=p["paths"])
+    ``accuracy`` is ``None`` for the closed form, which evaluates it lazily through
+    ``accuracy_at(times)`` once the divergence step is known (each time costs NC·m).
+    """
 
-    # ---- stability and the divergence policy (NOTE [divergence policy])
-    if p["stability"] or execution == "spectral":  # free from the cached eigenvalues
-        top = prep.top_eigenvalue(loss, execution)
-        stab = lr_eff * (top * _growth_max(p) / n + wd)
+    loss: np.ndarray  # [paths, T+1]
+    accuracy: np.ndarray | None  # [paths, T+1]
+    blowup: tuple[int | None, ...]
+    method: dict[str, Any]
+    execution: str
+    exact_limit: float | None = None
+    accuracy_at: Callable[[np.ndarray], np.ndarray] | None = None
+    accuracy_cost: int = 0  # number of modes m of one accuracy evaluation (closed form)
+
+
+def _solver(prep: _Prepared, s: Settings) -> Callable[[_Prepared, Settings], _Solution]:
+    if not s.stochastic and s.loss.name == "mse" and s.execution in ("auto", "spectral"):
+        tail = prep.spec is not None and prep.spec.tail != "none"
+        return _solve_spectrum if tail else _solve_spectral
+    if not s.stochastic:
+        return _solve_flow if s.time == "continuous" else _solve_steps
+    return _solve_simulate if s.noise == "simulate" else _solve_sde
+
+
+def _states(s: Settings):
+    """Mode-state generator of the closed form (scaled by s(t) when kernel_scale is set)."""
+    if s.kernel_scale is None:
+        return dyn.mode_states
+    import functools
+
+    return functools.partial(dyn.scaled_mode_states, scale_t=s.kernel_scale,
+                             weight_decay=s.optimizer.weight_decay)  # fmt: skip
+
+
+def _solve_spectral(prep: _Prepared, s: Settings) -> _Solution:
+    """Full-batch MSE in closed form from the cached eigendecomposition."""
+    lam, u = prep.eig()
+    scale = s.loss.target_scale
+    sy = dyn.targets_matrix(prep.targets, prep.c, scale=scale)
+    problem = dyn.spectral_mse(
+        lam, u, (prep.f0 - sy).reshape(-1), (prep.anchor(s) - sy).reshape(-1),
+        num_samples=prep.n, weight_decay=s.optimizer.weight_decay,
+        kron=prep.c if prep.kernel.is_trace else 1,
+    )  # fmt: skip
+    states, scheme = _states(s), s.scheme
+    loss = dyn.spectral_loss(problem, s.steps, states=states, **scheme)
+
+    def accuracy_at(times: np.ndarray) -> np.ndarray:
+        return dyn.spectral_accuracy(problem, times, prep.targets, scale=scale, states=states,
+                                     **scheme)  # fmt: skip
+
+    return _Solution(
+        loss[None], None, (None,), {"solver": f"closed form ({scheme['scheme']}) from "
+                                    "kernel.eigh()"}, "spectral",
+        exact_limit=float(problem.loss(problem.fixed_point()[:, None])[0]),
+        accuracy_at=accuracy_at, accuracy_cost=lam.size,
+    )  # fmt: skip
+
+
+def _solve_spectrum(prep: _Prepared, s: Settings) -> _Solution:
+    """Full-batch MSE on N samples from an extrapolated spectrum with a power-law tail
+    (NOTE [power-law tail] in tangentlab.extrapolate); accuracy on the n subsampled points
+    (NOTE [accuracy of an extrapolated forecast])."""
+    sol = _solve_spectral(prep, s)
+    problem = ext.tail_problem(prep.spec, s.loss.target_scale, s.optimizer.weight_decay,
+                               decay_to=s.optimizer.decay_to)  # fmt: skip
+    sol.loss = dyn.spectral_loss(problem, s.steps, **s.scheme)[None]
+    sol.exact_limit = float(problem.loss(problem.fixed_point()[:, None])[0])
+    sol.method["solver"] += " with the extrapolated power-law tail"
+    return sol
+
+
+def _common(prep: _Prepared, s: Settings) -> dict[str, Any]:
+    opt = s.optimizer
+    l0 = prep.initial_loss(s)
+    return dict(loss=s.loss.name, scale=s.loss.target_scale, weight_decay=opt.weight_decay,
+                steps=s.steps, blowup_loss=BLOWUP_FACTOR * l0 if l0 > 0 else math.inf)
+
+
+def _solve_steps(prep: _Prepared, s: Settings) -> _Solution:
+    """Full batch, exact discrete steps (any loss)."""
+    execution = prep.choose_execution(s.execution, prep.nc, max(s.steps, 1))
+    traj = _iterate(prep, s, prep.operator(execution), None)
+    return _Solution(traj.loss, traj.accuracy, traj.blowup,
+                     {"solver": "exact discrete steps"}, execution)  # fmt: skip
+
+
+def _solve_flow(prep: _Prepared, s: Settings) -> _Solution:
+    """Full batch, gradient flow at the effective rate (adaptive ODE solver)."""
+    execution = prep.choose_execution(s.execution, prep.nc, max(s.steps, 1))
+    traj = dyn.flow_trajectory(
+        prep.operator(execution), prep.f0, prep.targets, prep.anchor(s),
+        lr=s.optimizer.effective_lr, method=s.ode_method, **_common(prep, s),
+    )  # fmt: skip
+    return _Solution(traj.loss, traj.accuracy, traj.blowup,
+                     {"solver": f"gradient flow ({s.ode_method})"}, execution)  # fmt: skip
+
+
+def _iterate(prep: _Prepared, s: Settings, op, batches) -> dyn.Trajectory:
+    opt = s.optimizer
+    return dyn.iterate_trajectory(
+        op, prep.f0, prep.targets, prep.anchor(s), lr=opt.lr, momentum=opt.momentum,
+        heavy_ball=s.heavy_ball, batches=batches, scale_t=s.kernel_scale, **_common(prep, s),
+    )  # fmt: skip
+
+
+def _solve_simulate(prep: _Prepared, s: Settings) -> _Solution:
+    """Exact minibatch SGD, one path per generator of ``path_rngs(seed, paths)``."""
+    cols = s.batch_size * prep.c
+    execution = prep.choose_execution(s.execution, cols, max(s.steps * s.paths, 1))
+    op = prep.operator(execution)
+    trajs = []
+    for rng in dyn.path_rngs(s.seed, s.paths):
+        batches = dyn.batch_schedule(prep.n, s.batch_size, s.steps, sampling=s.sampling, rng=rng)
+        trajs.append(_iterate(prep, s, op, batches))
+    return _Solution(
+        np.concatenate([t.loss for t in trajs]), np.concatenate([t.accuracy for t in trajs]),
+        tuple(t.blowup[0] for t in trajs), {"solver": "exact minibatch simulation"}, execution,
+    )  # fmt: skip
+
+
+def _solve_sde(prep: _Prepared, s: Settings) -> _Solution:
+    """Minibatch SGD as a function-space SDE (Euler-Maruyama), all paths at once."""
+    execution = prep.choose_execution(s.execution, prep.nc * s.paths, max(s.steps, 1))
+    opt = s.optimizer
+    traj = dyn.sde_trajectories(
+        prep.operator(execution), prep.f0, prep.targets, prep.anchor(s), lr=opt.lr,
+        momentum=opt.momentum, heavy_ball=s.heavy_ball, batch_size=s.batch_size,
+        without_replacement=s.sampling == "epoch", paths=s.paths,
+        rng=np.random.default_rng(s.seed), **_common(prep, s),
+    )  # fmt: skip
+    return _Solution(traj.loss, traj.accuracy, traj.blowup,
+                     {"solver": "function-space SDE (Euler-Maruyama)"}, execution)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Assembly: the one divergence policy, validity, summaries.
+# ---------------------------------------------------------------------------------------
+
+
+def _assemble(prep: _Prepared, s: Settings, sol: _Solution) -> Forecast:
+    """Apply the divergence policy (NOTE [divergence policy]) and summarize."""
+    opt = s.optimizer
+    method = _method(prep, s, sol)
+    if s.stability or sol.execution == "spectral":  # free from the cached eigenvalues
+        top = prep.top_eigenvalue(s.loss.name, sol.execution)
+        growth = 1.0 if s.kernel_scale is None else float(np.max(s.kernel_scale))
+        stab = opt.effective_lr * (top * growth / prep.n + opt.weight_decay)
     else:
         stab = math.nan
-    limit = 2.0 * (1.0 + m) / (1.0 - m) if heavy and p["time"] == "discrete" else 2.0
-    spectral_unstable = loss == "mse" and stab >= limit
-    mean_loss = loss_paths.mean(axis=0)
-    blown = [b for b in blowups if b is not None]
-    diverges = spectral_unstable or bool(blown)
-    div_step = None
-    if diverges and p["time"] == "continuous":
-        div_step = 1
-    elif diverges:
-        bad = np.flatnonzero(~np.isfinite(mean_loss))
-        end = min(blown + [int(bad[0]) if bad.size else steps + 1])
-        turn = int(np.argmin(mean_loss[:end])) + 1  # after the lowest loss: only the climb
-        div_step = turn if turn <= steps else None
-
+    limit = 2.0 * (1.0 + opt.momentum) / (1.0 - opt.momentum) if (
+        s.heavy_ball and s.time == "discrete") else 2.0  # fmt: skip
+    diverges, div_step = _divergence(s, sol, s.loss.name == "mse" and stab >= limit)
     if not diverges and math.isfinite(stab) and stab > VALIDITY_STABILITY:
-        method["validity"] = (
-            f"η̃·λ_max/N = {stab:.3g} > {VALIDITY_STABILITY:g}: outside the measured validity "
-            "region (NOTE [validity region])"
-        )
-        warnings.warn(
-            f"forecast: η̃·λ_max/N = {stab:.3g} (η̃ = lr/(1 - momentum)) is above "
-            f"{VALIDITY_STABILITY:g}, outside the region where forecasts were measured to be "
-            "accurate (benchmarks/RESULTS.md: steps-to-target errors of 1-4x there, real "
-            "training leaves the tangent regime). Lower lr or momentum for a reliable "
-            "forecast, or check it with tangentlab.finetune / `tangentlab validate`.",
-            ValidityWarning,
-            stacklevel=4,
-        )
-    if acc_paths is None:  # full-batch MSE closed form: accuracy up to the divergence step
-        valid = steps + 1 if div_step is None else div_step
-        acc_paths = np.full((1, steps + 1), np.nan)
-        stride = _accuracy_stride(p["accuracy_every"], prep.nc, prep.eig()[0].size, valid)
-        times = np.unique(np.r_[np.arange(0, valid, stride), valid - 1])
-        acc = _growth_accuracy(problem, times, prep.targets, scale, p, spectral_scheme)
-        acc_paths[0, :valid] = np.interp(np.arange(valid), times, acc)
-        method["accuracy_every"] = stride
-    if div_step is not None:
-        loss_paths = loss_paths.copy()
-        loss_paths[:, div_step:] = np.nan
-        acc_paths[:, div_step:] = np.nan
+        method["validity"] = _validity_warning(stab)
+    loss_paths, acc_paths = _cut(prep, s, sol, div_step, method)
     mean_loss = loss_paths.mean(axis=0)
-    mean_acc = acc_paths.mean(axis=0)
-
     if diverges:
-        loss_limit = math.nan
-        method["loss_limit"] = "none (diverges)"
-    elif exact_limit is not None:
-        loss_limit = exact_limit
-        method["loss_limit"] = "exact (closed form)"
+        loss_limit, method["loss_limit"] = math.nan, "none (diverges)"
+    elif sol.exact_limit is not None:
+        loss_limit, method["loss_limit"] = sol.exact_limit, "exact (closed form)"
     else:
-        tail = max(1, math.ceil(_LIMIT_TAIL * (steps + 1)))
+        tail = max(1, math.ceil(_LIMIT_TAIL * (s.steps + 1)))
         loss_limit = float(mean_loss[-tail:].mean())
         method["loss_limit"] = "mean of the last 10% of the horizon"
-
-    stochastic = p["stochastic"]
     band = None
-    if stochastic:
+    if s.stochastic:
         with np.errstate(invalid="ignore"):
-            band = (np.quantile(loss_paths, p["band"][0], axis=0),
-                    np.quantile(loss_paths, p["band"][1], axis=0))
-    hyper = {
-        "lr": p["lr"], "steps": steps, "batch_size": p["batch_size"], "momentum": m,
-        "weight_decay": wd, "loss": loss, "target_scale": scale, "paths": p["paths"] if
-        stochastic else 1, "seed": p["seed"], "num_samples": n, "num_classes": prep.c,
-    }
+            band = (np.quantile(loss_paths, s.band[0], axis=0),
+                    np.quantile(loss_paths, s.band[1], axis=0))  # fmt: skip
     return Forecast(
-        loss=mean_loss,
-        accuracy=mean_acc,
-        loss_band=band,
-        loss_paths=loss_paths if stochastic else None,
-        accuracy_paths=acc_paths if stochastic else None,
-        diverges=bool(diverges),
-        divergence_step=div_step,
-        stability=float(stab),
-        stability_limit=float(limit),
-        loss_limit=float(loss_limit),
-        hyperparameters=hyper,
-        method=method,
-    )
+        loss=mean_loss, accuracy=acc_paths.mean(axis=0), loss_band=band,
+        loss_paths=loss_paths if s.stochastic else None,
+        accuracy_paths=acc_paths if s.stochastic else None, diverges=bool(diverges),
+        divergence_step=div_step, stability=float(stab), stability_limit=float(limit),
+        loss_limit=float(loss_limit), hyperparameters=_hyper(prep, s), method=method,
+        optimizer=opt, loss_function=s.loss,
+    )  # fmt: skip
 
 
-def _simulate(prep: _Prepared, op, anchor, p, common) -> dyn.Trajectory:
-    """Exact minibatch SGD, one path per generator of ``path_rngs(seed, paths)``."""
-    heavy = p["momentum_mode"] == "heavy_ball"
-    trajs = []
-    for rng in dyn.path_rngs(p["seed"], p["paths"]):
-        batches = dyn.batch_schedule(prep.n, p["batch_size"], p["steps"],
-                                     sampling=p["sampling"], rng=rng)
-        trajs.append(_iterate(p)(
-            op, prep.f0, prep.targets, anchor, lr=p["lr"], momentum=p["momentum"],
-            heavy_ball=heavy, batches=batches, **common,
-        ))
-    return dyn.Trajectory(
-        np.concatenate([t.loss for t in trajs]),
-        np.concatenate([t.accuracy for t in trajs]),
-        tuple(t.blowup[0] for t in trajs),
+def _divergence(s: Settings, sol: _Solution, spectral_unstable: bool) -> tuple[bool, int | None]:
+    """(diverges, divergence step): NOTE [divergence policy]."""
+    blown = [b for b in sol.blowup if b is not None]
+    diverges = spectral_unstable or bool(blown)
+    if not diverges:
+        return False, None
+    if s.time == "continuous":
+        return True, 1
+    mean_loss = sol.loss.mean(axis=0)
+    bad = np.flatnonzero(~np.isfinite(mean_loss))
+    end = min(blown + [int(bad[0]) if bad.size else s.steps + 1])
+    turn = int(np.argmin(mean_loss[:end])) + 1  # after the lowest loss: only the climb
+    return True, (turn if turn <= s.steps else None)
+
+
+def _cut(prep: _Prepared, s: Settings, sol: _Solution, div_step: int | None, method: dict):
+    """Loss and accuracy paths with NaN from the divergence step on (closed form: the
+    accuracy is evaluated only up to it)."""
+    steps = s.steps
+    loss_paths, acc_paths = sol.loss, sol.accuracy
+    if acc_paths is None:
+        valid = steps + 1 if div_step is None else div_step
+        acc_paths = np.full((1, steps + 1), np.nan)
+        stride = _accuracy_stride(s.accuracy_every, prep.nc, sol.accuracy_cost, valid)
+        times = np.unique(np.r_[np.arange(0, valid, stride), valid - 1])
+        acc_paths[0, :valid] = np.interp(np.arange(valid), times, sol.accuracy_at(times))
+        method["accuracy_every"] = stride
+    if div_step is not None:
+        loss_paths, acc_paths = loss_paths.copy(), acc_paths.copy()
+        loss_paths[:, div_step:] = np.nan
+        acc_paths[:, div_step:] = np.nan
+    return loss_paths, acc_paths
+
+
+def _validity_warning(stab: float) -> str:
+    warnings.warn(
+        f"forecast: η̃·λ_max/N = {stab:.3g} (η̃ = lr/(1 - momentum)) is above "
+        f"{VALIDITY_STABILITY:g}, outside the region where forecasts were measured to be "
+        "accurate (benchmarks/RESULTS.md: steps-to-target errors of 1-4x there, real "
+        "training leaves the tangent regime). Lower lr or momentum for a reliable "
+        "forecast (tl.stable_lr gives the largest valid one), or check it with "
+        "tl.finetune / `tangentlab validate`.",
+        ValidityWarning,
+        stacklevel=5,
     )
+    return (f"η̃·λ_max/N = {stab:.3g} > {VALIDITY_STABILITY:g}: outside the measured validity "
+            "region (NOTE [validity region])")  # fmt: skip
+
+
+def _method(prep: _Prepared, s: Settings, sol: _Solution) -> dict[str, Any]:
+    opt = s.optimizer
+    method: dict[str, Any] = {
+        **sol.method, "execution": sol.execution,
+        "momentum_mode": s.momentum_mode if opt.momentum > 0 else None,
+        "decay_to": opt.decay_to if opt.weight_decay > 0 else None, "time": s.time,
+    }  # fmt: skip
+    if opt.weight_decay > 0:
+        method["decay_note"] = (
+            "weights decay toward 0 as torch SGD (uses kernel.jw0)" if opt.decay_to == "zero"
+            else "weights decay toward the pre-trained w0 (J w0 term dropped)"
+        )
+    if s.stochastic:
+        method.update(noise=s.noise, sampling=s.sampling, paths=s.paths)
+    if s.kernel_scale is not None:
+        method["kernel_growth"] = "experimental: step t uses s(t) Θ (tangentlab.experimental)"
+    spec = prep.spec
+    if spec is not None:
+        method["extrapolation"] = {
+            "tail": spec.tail, "subsample_size": spec.num_samples,
+            "dataset_size": spec.dataset_size, "modes": spec.num_modes,
+            "accuracy": "on the n subsampled points (observed modes; not extrapolated)",
+        }  # fmt: skip
+        if spec.tail != "none":
+            method["extrapolation"].update(alpha=spec.alpha, beta=spec.beta,
+                                           tail_start=spec.tail_start)  # fmt: skip
+    return method
+
+
+def _hyper(prep: _Prepared, s: Settings) -> dict[str, Any]:
+    opt = s.optimizer
+    hyper = {
+        "optimizer": opt.name, "lr": opt.lr, "steps": s.steps, "batch_size": s.batch_size,
+        "momentum": opt.momentum, "weight_decay": opt.weight_decay, "decay_to": opt.decay_to,
+        "loss": s.loss.name, "target_scale": s.loss.target_scale,
+        "paths": s.paths if s.stochastic else 1, "seed": s.seed,
+        "num_samples": prep.num_samples, "num_classes": prep.c,
+    }  # fmt: skip
+    if prep.spec is not None:
+        hyper["subsample_size"] = prep.n
+    return hyper
 
 
 def _accuracy_stride(requested: int | None, nc: int, m: int, count: int) -> int:
@@ -850,74 +1017,3 @@ def _json_float(x: float) -> float | None:
 
 def _json_list(x: np.ndarray) -> list[float | None]:
     return [_json_float(v) for v in x]
-
-
-# ---------------------------------------------------------------------------------------
-# Kernel growth hooks (tangentlab.growth): s(t) Θ instead of Θ when kernel_growth is set.
-# ---------------------------------------------------------------------------------------
-
-
-def _check_growth(fn: str, p: dict[str, Any], *, stochastic: bool) -> None:
-    from tangentlab.growth import KernelGrowth
-
-    g = p.get("kernel_growth")
-    if g is None:
-        return
-    if not isinstance(g, KernelGrowth):
-        raise TangentlabError(
-            f"{fn}: kernel_growth must be None or a tangentlab.KernelGrowth, got "
-            f"{type(g).__name__}; build one with tangentlab.estimate_growth(...)."
-        )
-    closed_form = not stochastic and p["loss"] == "mse" and p["execution"] in ("auto", "spectral")
-    if stochastic and p["noise"] == "sde":
-        raise TangentlabError(
-            f"{fn}: kernel_growth is applied per step of the exact minibatch simulation; "
-            "noise='sde' is not supported with it. Use noise='simulate'."
-        )
-    if p["time"] == "continuous" and not closed_form:
-        raise TangentlabError(
-            f"{fn}: kernel_growth with time='continuous' needs the full-batch MSE closed form "
-            "(loss='mse', execution='auto'); use time='discrete'."
-        )
-
-
-def _growth_schedule(p: dict[str, Any]) -> np.ndarray | None:
-    g = p.get("kernel_growth")
-    return None if g is None else g.schedule(p["steps"])
-
-
-def _growth_max(p: dict[str, Any]) -> float:
-    g = p.get("kernel_growth")
-    return 1.0 if g is None else g.max_scale(p["steps"])
-
-
-def _growth_loss(problem, steps: int, p: dict[str, Any], scheme: dict) -> np.ndarray:
-    sched = _growth_schedule(p)
-    if sched is None:
-        return dyn.spectral_loss(problem, steps, **scheme)
-    from tangentlab.growth import scaled_spectral_loss
-
-    return scaled_spectral_loss(problem, steps, scale_t=sched, weight_decay=p["weight_decay"],
-                                **scheme)  # fmt: skip
-
-
-def _growth_accuracy(problem, times, targets, scale: float, p: dict[str, Any], scheme: dict):
-    sched = _growth_schedule(p)
-    if sched is None:
-        return dyn.spectral_accuracy(problem, times, targets, scale=scale, **scheme)
-    from tangentlab.growth import scaled_spectral_accuracy
-
-    return scaled_spectral_accuracy(problem, times, targets, scale=scale, scale_t=sched,
-                                    weight_decay=p["weight_decay"], **scheme)  # fmt: skip
-
-
-def _iterate(p: dict[str, Any]):
-    """``dynamics.iterate_trajectory``, or its s(t)-scaled twin when kernel_growth is set."""
-    sched = _growth_schedule(p)
-    if sched is None:
-        return dyn.iterate_trajectory
-    import functools
-
-    from tangentlab.growth import scaled_iterate_trajectory
-
-    return functools.partial(scaled_iterate_trajectory, scale_t=sched)

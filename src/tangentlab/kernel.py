@@ -14,11 +14,23 @@ only ``K = tr-blocks(Theta)/C``, with ``Theta ~= K (x) I_C``::
 
 The eigendecomposition is computed once, on first use, and cached (it costs O((NC)^3)
 for a dense kernel, or O(NC k^2) through the k x k Gram matrix of a projected one; O(N^3)
-for a trace kernel, whose eigenvalues are those of ``K`` repeated C times).
+for a trace kernel, whose eigenvalues are those of ``K`` repeated C times). A kernel that
+comes from a cache directory (``compute_kernel(..., cache=DIR)``) also keeps it on disk,
+next to the kernel (NOTE [checksums]), so that a rerun does not pay it again.
+
+NOTE [checksums]. :meth:`Kernel.save` stores in the file's metadata a sha256 of every
+tensor (name, shape, dtype, bytes) and of the metadata; :func:`load_kernel` recomputes it
+and refuses a file whose contents no longer match (files written before checksums load
+unchecked). The tensors' digest alone (``Kernel._sha256``) identifies the kernel: the
+eigendecomposition persisted in a cache directory (``eigh.safetensors``) records the
+digest of the kernel it belongs to and its own checksum, and is used only when both match.
+Hashing reads every byte once (about 1 s per GB), negligible beside computing the kernel.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -29,10 +41,33 @@ from pathlib import Path
 import torch
 
 from tangentlab._version import __version__
-from tangentlab.errors import PositiveSpectrumWarning, TangentlabError
+from tangentlab.errors import CacheWarning, PositiveSpectrumWarning, TangentlabError
 
 _FORMAT = "tangentlab.kernel/1"
+_EIGH_FORMAT = "tangentlab.eigh/1"
 _STRUCTURES = ("full", "trace")
+
+
+def _persisted_eigh(eigh):
+    """Wrap :meth:`Kernel.eigh`: restore its result from ``Kernel._eig_file`` (a kernel from a
+    cache directory) before computing, and write it there after a fresh computation
+    (NOTE [checksums]). Kernels without ``_eig_file`` are unaffected."""
+
+    @functools.wraps(eigh)
+    def wrapper(self: Kernel, *args, **kwargs):
+        compute = wrapper.__wrapped__  # looked up at call time: tests count computations
+        path = self._eig_file
+        if path is None or self._sha256 is None or args or kwargs:
+            return compute(self, *args, **kwargs)
+        if self._eig is None:
+            self._eig = _load_eigh(path, self._sha256)
+        fresh = self._eig is None
+        out = compute(self)
+        if fresh:
+            _save_eigh(path, self._sha256, out)
+        return out
+
+    return wrapper
 
 
 @dataclass(eq=False)
@@ -72,6 +107,11 @@ class Kernel:
     metadata: dict[str, str] = field(default_factory=dict)
     structure: str = "full"
     _eig: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # sha256 of the tensors, set by save() / load_kernel() (NOTE [checksums]); and where a
+    # cache directory keeps the eigendecomposition. Not init fields: dataclasses.replace()
+    # of a kernel never carries them over to different tensors.
+    _sha256: str | None = field(default=None, init=False, repr=False)
+    _eig_file: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.f0.ndim != 2:
@@ -163,6 +203,7 @@ class Kernel:
         phi = self.features.double()
         return phi @ phi.T
 
+    @_persisted_eigh
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigendecomposition ``theta = U diag(lam) U^T`` in float64, computed once and cached.
 
@@ -182,16 +223,15 @@ class Kernel:
             return self._eig
         nc = self.kernel_rows
         if self.features is not None and self.features.shape[1] < nc:
-            phi = self.features.double()
-            lam, v = torch.linalg.eigh(phi.T @ phi)  # [k], [k, k]
-            _check_spectrum(lam, "projected kernel")
-            # Eigenvalues are clamped at 0: Phi^T Phi is PSD and negative values are
-            # round-off; the eigenvectors of Theta = Phi Phi^T are Phi v / sqrt(lam).
-            lam = lam.clamp_min(0.0)
-            keep = lam > lam.max() * 1e-12 if lam.numel() else lam > 0
-            lam, v = lam[keep], v[:, keep]
-            u = (phi @ v) / lam.sqrt()
-            self._eig = (lam, u)
+            from tangentlab.linalg import projected_eigh
+
+            # through the k x k Gram matrix Phi^T Phi (method, errors and timings:
+            # NOTE [projected eigh] in tangentlab.linalg); eigenvalues <= 1e-12 lam_max
+            # are dropped (directions outside span(Phi)), U = Phi v / sqrt(lam)
+            self._eig = projected_eigh(
+                self.features,
+                check_spectrum=lambda lam: _check_spectrum(lam, "projected kernel"),
+            )
         else:
             theta = self.gram().double()
             theta = 0.5 * (theta + theta.T)  # symmetrize float32 round-off
@@ -204,7 +244,8 @@ class Kernel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the kernel to ``path`` (safetensors, atomic: a crash never leaves half a file).
 
-        Returns the path written. Load it back with :func:`tangentlab.load_kernel`.
+        Returns the path written. Load it back with :func:`tangentlab.load_kernel`, which
+        verifies the sha256 checksum stored in the file (NOTE [checksums]).
         """
         from safetensors.torch import save_file
 
@@ -218,8 +259,12 @@ class Kernel:
         meta = {"format": _FORMAT, "tangentlab_version": __version__}
         meta.update({str(k): str(v) for k, v in self.metadata.items()})
         meta["structure"] = self.structure  # absent in older files: "full"
+        meta.pop("sha256", None)
+        digest = tensors_digest(tensors)
+        meta["sha256"] = _file_digest(digest, meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        self._sha256 = digest
         return path
 
     def describe(self) -> dict[str, object]:
@@ -294,8 +339,12 @@ def atomic_write(path: Path, write) -> None:
 def load_kernel(path: str | os.PathLike) -> Kernel:
     """Load a kernel written by :meth:`Kernel.save` (safetensors: no code is unpickled).
 
+    The sha256 checksum stored in the file is verified (NOTE [checksums]); files written
+    before checksums existed load unchecked.
+
     Raises:
-      TangentlabError: if the file is missing, unreadable or not a tangentlab kernel.
+      TangentlabError: if the file is missing, unreadable, not a tangentlab kernel, or its
+        contents do not match its checksum (damaged or modified after it was written).
     """
     from safetensors import safe_open
 
@@ -318,9 +367,18 @@ def load_kernel(path: str | os.PathLike) -> Kernel:
             f"load_kernel: {str(path)!r} is a safetensors file but not a tangentlab kernel "
             f"(format {meta.get('format')!r}, expected {_FORMAT!r})."
         )
+    stored = meta.pop("sha256", None)  # absent in files written before checksums
+    digest = tensors_digest(tensors)
+    if stored is not None and _file_digest(digest, meta) != stored:
+        raise TangentlabError(
+            f"load_kernel: {str(path)!r} is damaged: its contents do not match the sha256 "
+            "checksum stored in it when it was written (the file was corrupted or modified "
+            "since). Recompute it (delete it and rerun compute_kernel / `tangentlab kernel`) "
+            "or restore an intact copy."
+        )
     meta.pop("format", None)
     structure = meta.pop("structure", "full")  # files written before trace kernels: full
-    return Kernel(
+    kernel = Kernel(
         f0=tensors["f0"],
         targets=tensors["targets"],
         theta=tensors.get("theta"),
@@ -329,6 +387,77 @@ def load_kernel(path: str | os.PathLike) -> Kernel:
         metadata=meta,
         structure=structure,
     )
+    kernel._sha256 = digest
+    return kernel
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors: names, shapes, dtypes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensors[name].shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the bytes in place, no copy
+    return h.hexdigest()
+
+
+def _file_digest(tensors_sha: str, meta: dict[str, str]) -> str:
+    """A file's checksum: its tensors' digest and its metadata (without the checksum)."""
+    text = metadata_json({k: v for k, v in meta.items() if k != "sha256"})
+    return hashlib.sha256(f"{tensors_sha}\n{text}".encode()).hexdigest()
+
+
+def _load_eigh(path: Path, kernel_sha: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The eigendecomposition persisted at ``path`` for the kernel ``kernel_sha``, or ``None``
+    (absent, stale or damaged: a damaged file is removed with a :class:`CacheWarning`)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        ok = (
+            meta.get("format") == _EIGH_FORMAT
+            and set(tensors) == {"lam", "u"}
+            and meta.get("sha256") == _file_digest(tensors_digest(tensors), meta)
+        )
+        problem = None if ok else "its contents do not match its checksum"
+    except Exception as exc:  # safetensors raises its own error types
+        problem = f"it is unreadable ({exc})"
+    if problem is not None:
+        warnings.warn(
+            f"Kernel.eigh: discarding the damaged cached eigendecomposition {str(path)!r} "
+            f"({problem}); it is recomputed.",
+            CacheWarning,
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+    if meta.get("kernel_sha256") != kernel_sha:
+        return None  # the eigendecomposition of an earlier kernel: recomputed, overwritten
+    return tensors["lam"], tensors["u"]
+
+
+def _save_eigh(path: Path, kernel_sha: str, eig: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Persist ``(lam, U)`` of the kernel ``kernel_sha`` at ``path`` (atomic, checksummed).
+    Best effort: a directory that cannot be written only costs the next run the recompute."""
+    from safetensors.torch import save_file
+
+    tensors = {"lam": eig[0].detach().cpu().contiguous(), "u": eig[1].detach().cpu().contiguous()}
+    meta = {"format": _EIGH_FORMAT, "kernel_sha256": kernel_sha}
+    meta["sha256"] = _file_digest(tensors_digest(tensors), meta)
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except OSError as exc:
+        warnings.warn(
+            f"Kernel.eigh: could not keep the eigendecomposition in {str(path)!r} ({exc}); "
+            "it will be recomputed next time.",
+            CacheWarning,
+            stacklevel=3,
+        )
 
 
 def metadata_json(meta: dict[str, object]) -> str:

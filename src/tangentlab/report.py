@@ -197,7 +197,11 @@ def write_html(
         f'{base64.b64encode(Path(p).read_bytes()).decode()}">'
         for p in images
     )
-    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
+    body = "".join(
+        f"<details><summary>{html.escape(h[len('Details: '):])}</summary>{content}</details>"
+        if h.startswith("Details: ") else f"<h2>{html.escape(h)}</h2>{content}"
+        for h, content in sections
+    )  # sections headed "Details: ..." are folded (internals: hashes, λ_min)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{imgs}{body}"
@@ -254,35 +258,68 @@ def write_forecast_report(
         title=title,
         images=[png],
         sections=[
+            ("What was forecast", _html_table(what_rows(forecasts[0], target_loss, info))),
             ("Summary", _html_table(rows)),
-            ("Run", _html_table(info_rows)),
-            ("Kernel", _html_table(kernel_rows(kernel))),
+            ("Details: run settings", _html_table(info_rows)),
+            ("Details: kernel", _html_table(kernel_rows(kernel))),
         ],
     )
     return {"json": js, "png": png, "html": page}
 
 
+def what_rows(fc: Forecast, target_loss: float | None,
+              info: dict[str, Any] | None) -> list[dict[str, Any]]:  # fmt: skip
+    """What a reader needs first: optimizer and lr (and how it was chosen), loss, batch,
+    steps, target (and its definition), validity verdict, solver."""
+    hp, info = fc.hyperparameters, info or {}
+    opt = fc.optimizer.describe() if fc.optimizer is not None else f"SGD(lr={hp['lr']:.4g})"
+    loss = fc.loss_function.describe() if fc.loss_function is not None else hp["loss"]
+    if fc.diverges:
+        verdict = "diverges: lower the learning rate"
+    elif fc.valid:
+        verdict = (f"inside the validity region (η̃·λ_max/N = {fc.stability:.3g} <= 1; "
+                   "benchmarks/RESULTS.md)")  # fmt: skip
+    else:
+        verdict = f"OUTSIDE the validity region: {fc.method.get('validity')}"
+    target = "-" if target_loss is None else (
+        f"{target_loss:.4g} ({info.get('target_definition', 'given')})")  # fmt: skip
+    batch = hp["batch_size"] or "full batch"
+    return [
+        {"quantity": "optimizer", "value": opt},
+        {"quantity": "learning rate chosen by", "value": info.get("lr_choice", "given")},
+        {"quantity": "loss", "value": loss},
+        {"quantity": "batch size", "value": f"{batch} (N = {hp['num_samples']})"},
+        {"quantity": "steps forecast", "value": hp["steps"]},
+        {"quantity": "target loss", "value": target},
+        {"quantity": "steps to target",
+         "value": "-" if target_loss is None else (fc.steps_to(target_loss) or "not reached")},
+        {"quantity": "validity", "value": verdict},
+        {"quantity": "solver", "value": fc.method.get("solver", "")},
+    ]  # fmt: skip
+
+
 def write_sweep_report(
     out_dir: str | Path,
-    table,
+    result,
     kernel: Kernel,
     *,
     title: str = "tangentlab sweep",
     top: int = 6,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``sweep.csv``, ``sweep.json``, ``sweep.png`` (best ``top`` curves), ``report.html``."""
+    """Write ``sweep.csv``, ``sweep.json``, ``sweep.png`` (best ``top`` curves), ``report.html``
+    for a :class:`~tangentlab.forecast.Sweep`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flat = table.drop(columns=["forecast"])
-    target = table.attrs.get("target_loss")
+    table = flat = result.table
+    target = result.target_loss
     csv = out / "sweep.csv"
     atomic_write(csv, lambda tmp: flat.to_csv(tmp, index=False))
     records = json.loads(flat.to_json(orient="records"))
     summary = {"title": title, "target_loss": target, "table": records,
                "kernel": kernel.describe(), "info": info or {}}  # fmt: skip
     js = write_json(summary, out / "sweep.json")
-    best = [(label_of(fc), fc) for fc in table["forecast"].head(top)]
+    best = [(label_of(fc), fc) for fc in result.forecasts[:top]]
     png = plot_forecasts(best, out / "sweep.png", target_loss=target,
                          title=f"{title}: best {len(best)} of {len(table)} settings")  # fmt: skip
     page = write_html(
@@ -291,12 +328,13 @@ def write_sweep_report(
         images=[png],
         sections=[
             (
-                "All settings"
-                + ("" if target is None else f", ranked by steps to loss {target:.4g}"),
+                f"All settings, ranked by steps to loss {target:.4g} ({result.target_note}); "
+                "settings outside the validity region or diverging rank last",
                 _html_table(records),
             ),
-            ("Run", _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
-            ("Kernel", _html_table(kernel_rows(kernel))),
+            ("Details: run settings",
+             _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
+            ("Details: kernel", _html_table(kernel_rows(kernel))),
         ],
     )
     return {"csv": csv, "json": js, "png": png, "html": page}
@@ -361,8 +399,9 @@ def write_validation_report(
             ("Forecast vs real run", _html_table(rows)),
             ("Real fine-tuning run", _html_table(run_rows)),
             ("Forecast", _html_table([summary_row(forecast, target)])),
-            ("Run", _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
-            ("Kernel", _html_table(kernel_rows(kernel))),
+            ("Details: run settings",
+             _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
+            ("Details: kernel", _html_table(kernel_rows(kernel))),
         ],
     )
     return {"json": js, "png": png, "html": page}

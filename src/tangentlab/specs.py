@@ -211,6 +211,11 @@ def _import_user_module(module_name: str, spec: str) -> Any:
             sys.modules.pop(name, None)
             raise
         return module
+    # the console script's sys.path does not hold the current folder (python -m does):
+    # a user's module next to their data must import as it would from `python -m`
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:

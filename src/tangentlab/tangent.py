@@ -25,7 +25,9 @@ On CPU, per-sample weight gradients of convolutions under ``vmap`` become groupe
 convolutions, which are several times slower than a loop over samples (EfficientNet-Lite0:
 measured in benchmarks/RESULTS.md). ``auto`` times the three on the first chunk (a
 warm-up call, then up to 4 samples) and keeps the fastest; ``structured`` is a
-candidate only when it covers every trainable weight.
+candidate only when it covers every trainable weight. All four agree with float64 to ~1e-6
+in float32, except at activation kinks (NOTE [float32 and activation kinks] in
+tangentlab.structured).
 
 NOTE [vmap fallback]. Per-sample Jacobians use ``vmap(jacrev(f))``. Models that ``vmap``
 cannot trace (``.item()``, data-dependent control flow, in-place ops on inputs, random
@@ -43,13 +45,19 @@ import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from tangentlab.data import Inputs, num_rows, take, to_device
-from tangentlab.errors import ModeSwitchWarning, TangentlabError, VmapFallbackWarning
+from tangentlab.errors import (
+    ModeSwitchWarning,
+    TangentlabError,
+    TangentlabWarning,
+    VmapFallbackWarning,
+)
 from tangentlab.projection import Projection, Projector, as_projection
 from tangentlab.structured import (
     Unsupported,
@@ -295,6 +303,135 @@ class Tangent:
             out = self._call(self.w0, x)
         check_output(out, num_rows(x), "Tangent.f0")
         return out
+
+    # ---- checks before the expensive part ------------------------------------------------
+    def preflight(
+        self, x: Inputs, *, seed: int = 0, where: str = "Tangent.preflight"
+    ) -> Preflight:
+        """Cheap checks that the model has a tangent model worth computing; raises if not.
+
+        On the first (at most 4) samples of ``x``: one forward and one reverse pass of that
+        batch, and one forward pass of its first sample alone — call it before an expensive
+        kernel or fine-tuning run. Raises :class:`~tangentlab.errors.TangentlabError` (one
+        line that says the fix) when:
+
+        - the model is back in training mode (NOTE [eval mode]);
+        - the outputs are not ``[batch, C]`` or not finite (:func:`check_output`);
+        - the model mixes samples across the batch (e.g. ``x - x.mean(0)``, statistics of
+          the batch): ``f0`` of sample 0 alone differs from ``f0`` of sample 0 in
+          the batch by more than ``sqrt(eps)`` of the weights' dtype (3.5e-4 in float32,
+          1.5e-8 in float64; round-off of batched convolutions is ~1e-6 in float32),
+          relative to the largest output. Needs ``B >= 2``; skipped for one sample;
+        - the selected trainable weights do not affect the outputs: the gradient of a
+          random combination of the outputs,
+
+          .. math:: \\nabla_w \\sum_i u_i^T f_w(x_i) = \\sum_i J(x_i)^T u_i,
+              \\qquad u_i \\sim \\mathcal N(0, I_C),
+
+          is exactly zero for every selected tensor, so the Jacobians and the kernel would
+          be zero (a ``params=`` that selects unused or detached weights); or it is not
+          finite. The message names the model's parameters that do affect the outputs.
+
+        Selected tensors whose gradient alone is exactly zero while others' is not (weights
+        that do not affect the outputs on these samples) are listed in a
+        :class:`~tangentlab.errors.TangentlabWarning`.
+
+        Args:
+          x: inputs ``[B, ...]`` (or a dict of ``[B, L]`` tensors); only the first 4
+            samples are used.
+          seed: seed of the random output combination ``u``.
+          where: the name that starts the error messages (the public caller's, e.g.
+            ``"compute_kernel"``).
+
+        Returns:
+          a :class:`Preflight` with the measured batch difference and the zero-gradient
+          tensors.
+        """
+        t0 = time.perf_counter()
+        m = min(num_rows(x), 4)
+        if m < 1:
+            raise TangentlabError(f"{where}: x holds no sample; pass at least 2.")
+        training = [(n or "<root>", mod) for n, mod in self.model.named_modules() if mod.training]
+        if training:
+            stateful = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+            shown = [f"{n} ({type(mod).__name__})" for n, mod in training
+                     if isinstance(mod, stateful)] or [n for n, _ in training]  # fmt: skip
+            raise TangentlabError(
+                f"{where}: {len(training)} modules of the model are in training "
+                f"mode (e.g. {_names(shown)}), switched back after the Tangent was made; the "
+                "tangent model needs eval mode (batch-norm statistics frozen, dropout off, "
+                "DESIGN.md §2). Call model.eval() first."
+            )
+        xs = to_device(take(x, slice(0, m)), self.device)
+        out, pull = vjp(lambda w: self._call(w, xs), self.w0)
+        check_output(out.detach(), m, where)
+        tol = torch.finfo(out.dtype).eps ** 0.5
+        diff = None
+        if m >= 2:
+            with torch.no_grad():
+                alone = self._call(self.w0, take(xs, slice(0, 1)))
+            check_output(alone, 1, where)  # e.g. a squeeze() that drops the batch of one
+            scale = max(float(out.detach().abs().max()), torch.finfo(out.dtype).tiny)
+            diff = float((alone[0] - out[0].detach()).abs().max()) / scale
+            if not diff <= tol:
+                raise TangentlabError(
+                    f"{where}: the model's outputs depend on the other samples of "
+                    f"the batch: f0 of sample 0 alone differs from f0 of sample 0 in a batch "
+                    f"of {m} by {diff:.2g} (relative to the largest output; expected round-off "
+                    f"below {tol:.2g} in {str(out.dtype).removeprefix('torch.')}). The "
+                    "tangent model needs per-sample outputs (DESIGN.md §2): keep batch norm "
+                    "in eval mode (frozen statistics; not model.train()) and remove "
+                    "operations across the batch dimension (e.g. x - x.mean(0))."
+                )
+        gen = torch.Generator().manual_seed(seed)
+        u = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64)
+        (grads,) = pull(u.to(out))
+        bad = [n for n in self.param_names if not bool(torch.isfinite(grads[n]).all())]
+        if bad:
+            raise TangentlabError(
+                f"{where}: the gradient of the outputs with respect to {bad[0]!r}"
+                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} is not finite "
+                "(NaN or inf) on these samples, so the Jacobians would be too. Check for "
+                "non-differentiable points (sqrt/norm of 0, log of 0) in the forward pass."
+            )
+        zero = [n for n in self.param_names if not bool(grads[n].ne(0).any())]
+        if len(zero) == len(self.param_names):
+            raise TangentlabError(
+                f"{where}: the trainable weights selected by params="
+                f"{self.params_spec!r} ({_names(zero)}) do not affect the outputs: the "
+                f"gradient of a random combination of the outputs on {m} samples is exactly "
+                "zero for all of them, so the Jacobians and the kernel would be zero. "
+                f"{self._affecting(xs)} Select weights that the forward pass uses (and does "
+                "not detach) with params=... (list them with model.named_parameters())."
+            )
+        if zero:
+            warnings.warn(
+                f"{where}: {len(zero)} of the {len(self.param_names)} selected "
+                f"weight tensors do not affect the outputs on {m} sample{'s' * (m > 1)} "
+                f"(their gradient is exactly zero): {_names(zero)}. They add nothing to the "
+                "kernel; leave them out of params=... unless that is expected (e.g. ReLU "
+                "units dead on these samples).",
+                TangentlabWarning,
+                stacklevel=2,
+            )
+        return Preflight(m, diff, tol, tuple(zero), time.perf_counter() - t0)
+
+    def _affecting(self, xs: Inputs) -> str:
+        """One sentence naming the model's parameters that do affect the outputs on ``xs``."""
+        weights = {**self.frozen, **self.w0}  # on the tangent model's device
+        named = {
+            n: weights[n] for n, p in self.model.named_parameters() if p.is_floating_point()
+        }
+        out, pull = vjp(lambda w: self._call(w, xs), named)
+        gen = torch.Generator().manual_seed(1)
+        (grads,) = pull(torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64).to(out))
+        live = [n for n in named if bool(grads[n].ne(0).any())]
+        if not live:
+            return (
+                "No parameter of the model affects them on these samples (a constant "
+                "output? check the inputs and the forward pass)."
+            )
+        return f"Parameters that do affect them: {_names(live)}."
 
     # ---- Jacobians -----------------------------------------------------------------------
     def jacobian_blocks(self, x: Inputs) -> dict[str, torch.Tensor]:
@@ -559,6 +696,32 @@ class Tangent:
             )
         (g,) = pull(u.to(out))
         return torch.cat([g[n].reshape(-1) for n in self.param_names])
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What :meth:`Tangent.preflight` measured (it raises on failure, so all passed).
+
+    Attributes:
+      samples: how many samples were checked (at most 4).
+      batch_difference: max |f0(sample 0 alone) - f0(sample 0 in the batch)| relative to
+        the largest output; ``None`` when one sample was given (not checked).
+      tolerance: the largest batch difference accepted, ``sqrt(eps)`` of the dtype.
+      zero_gradient: selected weight tensors whose gradient was exactly zero (warned).
+      seconds: time taken.
+    """
+
+    samples: int
+    batch_difference: float | None
+    tolerance: float
+    zero_gradient: tuple[str, ...]
+    seconds: float
+
+
+def _names(names: Sequence[str], most: int = 4) -> str:
+    """``a, b, c, d and 3 more``."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 def check_output(out: torch.Tensor, batch: int, where: str) -> None:
