@@ -1,37 +1,63 @@
-"""Forecast accuracy and cost against real fine-tuning, over a grid of settings (issue 5).
+"""Forecast accuracy and cost against real fine-tuning, scored so that it cannot flatter.
 
-    .venv/bin/python benchmarks/forecast_accuracy.py            # every case, resumable
-    .venv/bin/python benchmarks/forecast_accuracy.py --case rt-minilm --fresh
-    .venv/bin/python benchmarks/forecast_accuracy.py --report   # tables/plots from saved cells
+    .venv/bin/python benchmarks/forecast_accuracy.py                 # fresh runs, resumable
+    .venv/bin/python benchmarks/forecast_accuracy.py --case digits-cnn --fresh
+    .venv/bin/python benchmarks/forecast_accuracy.py --case fashion-lite0 --plain  # + plain runs
+    .venv/bin/python benchmarks/forecast_accuracy.py --report        # tables from saved cells
 
-For each built-in case (EfficientNet-Lite0 on Fashion-MNIST at 64 px, MiniLM on Rotten
-Tomatoes at 64 tokens, the digits CNN): one kernel, then every cell of
-learning rate (3, a decade) x batch (full, minibatch) x momentum (0, 0.9) x loss (MSE, CE)
-is forecast and really fine-tuned (``tangentlab.finetune``, same trainable weights, BN
-frozen), and ``tangentlab.compare`` measures the errors. Learning rates are set per case
-from the kernel: η = a N / λ_max with a in {0.1, 0.3, 1} (a = 1 is half the stability
-limit of plain GD on MSE), the same η for both losses and both momenta.
+Cases (built-in examples): the digits CNN (whole network trained), EfficientNet-Lite0 on
+Fashion-MNIST at 64 px and MiniLM on Rotten Tomatoes at 64 tokens (last block/layer +
+head, batch norm frozen). One kernel per case, then a grid of cells: learning rate
+η = a N / λ_max, a in {0.1, 0.3, 1} (a = 1: half the stability limit of plain GD on
+MSE) x momentum {0, 0.9} x batch {full, minibatch} x loss {MSE, CE}, each forecast
+(``tl.forecast``) and really fine-tuned (``tl.finetune``, same trainable weights, same
+seed). The stability coordinate of a cell is s = η̃ λ_max / N = a / (1 - m).
 
-Cost. Lite0 and MiniLM train only their top (last block/layer + head) with frozen batch
-norm, so the frozen trunk's activations are computed once (``_split.py``) and both the
-kernel and the real runs work on the top: the same mathematics, at the cost a careful user
-would pay. The trunk pass is counted once on each side. ``cost_ratio`` = real run
-(trunk + training steps, evaluations excluded) / (trunk + kernel + eigendecomposition +
-forecast); ``sweep_ratio`` charges the kernel once to all cells of the case. A plain
-full-network run (no trunk caching) is estimated from its measured per-step time and
-reported separately as ``naive_ratio``.
+Scoring (issue 9, part 5):
 
-Cells are saved one by one in ``benchmarks/results/forecast_accuracy/<case>.json``: an
-interrupted run resumes where it stopped (``--fresh`` starts a case over).
+- Targets: ε = (1 - d) L_0 for a d = 50% and an 80% drop of the real run's initial loss.
+  T = first logged step of the real run with L <= ε; T̂ = the same for the forecast, read
+  on the run's logging grid (extended with the same stride beyond the run's horizon: the
+  forecast runs 2x longer than the real run, so a late forecast is located, not dropped).
+- Error |T̂ - T| / T. A target the real run reaches and the forecast does not (within its
+  2x horizon) is a **miss**: error +∞, shown as "miss", counted in the medians and p90
+  (order statistics with +∞; a quantile that falls on a miss is shown as "miss").
+  Targets the real run does not reach are counted separately ("unreached"), never
+  silently dropped. Horizons scale as 1 / min(1, s) so that the real run reaches its 80%
+  drop in most cells; the fraction that does is reported.
+- Validity region, leave one case out: the threshold a* (cells with s <= a*) is chosen
+  on two cases and the error inside the region is reported on the third, for each of the
+  three folds. a* = the largest grid value of s whose pooled p90 (misses = +∞) on the two
+  choosing cases is <= 30% (issue 5's goal); if no threshold meets it, the one with the
+  smallest p90 (ties: smaller median, then smaller a*). Choosing and reporting never use
+  the same cells.
+- Costs are measured: ``single`` = real run / (trunk + kernel + eigendecomposition +
+  forecast), ``sweep`` charges the kernel once to all cells of the case. The real runs of
+  Lite0 and MiniLM use the frozen trunk cached (``_split.py``, trunk pass counted once on
+  each side). ``plain`` = a plain full-network run (``tl.finetune(example.model, ...)``,
+  no trunk caching) timed over the same number of steps as the compared run: for the
+  digits CNN the compared run *is* the plain run; for Lite0/MiniLM it is run (``--plain``)
+  for the cells in ``CASES[...]["plain_cells"]`` only (a full-network step costs seconds
+  there), and its final loss is checked against the cached-trunk run's.
+
+Results: fresh cells in ``benchmarks/results/forecast_accuracy/fresh/<case>.json``, one
+cell at a time (an interrupted run resumes; ``--fresh`` starts a case over). The cells of
+the 2026-11-23 run (old API, horizons 40-200 steps) stay in
+``benchmarks/results/forecast_accuracy/<case>.json``; ``--report`` re-scores them with
+the same rules (their curves suffice; the forecast numerics are unchanged by the API
+redesign), labelled "stored", next to the fresh ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,39 +70,61 @@ from _common import machine, write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
 from tangentlab.examples import load_example  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "forecast_accuracy"
+STORED = Path(__file__).resolve().parent / "results" / "forecast_accuracy"
+FRESH = STORED / "fresh"
 COMMAND = ".venv/bin/python benchmarks/forecast_accuracy.py"
 
-CASES = {
-    "digits-cnn": dict(
-        num_samples=200, projection=None, steps_full=200, steps_mb=200, batch=32, log_mb=2
-    ),
-    "fashion-lite0": dict(
-        num_samples=1000, projection=4096, steps_full=60, steps_mb=80, batch=32, log_mb=4
-    ),
-    "rt-minilm": dict(
-        num_samples=128, projection=4096, steps_full=40, steps_mb=80, batch=16, log_mb=2
-    ),
-}
 LR_FACTORS = (0.1, 0.3, 1.0)  # a in η = a N / λ_max
 MOMENTA = (0.0, 0.9)
 LOSSES = ("mse", "ce")
 DROPS = (0.5, 0.8)  # targets: a 50% and an 80% drop of the real initial loss
+FC_HORIZON = 2  # the forecast runs this many times the real run's steps
+P90_GOAL = 0.30  # issue 5: p90 of |T̂ - T|/T <= 30% inside the validity region
+MISS = math.inf
+
+# horizon: steps = ceil(h_<loss> / min(1, s)), s = a / (1 - m).
+# grid: "all" = every cell; "full" = full batch only (cost). Cells run in priority order
+# (the s = 1 and s > 1 cells first), so an interrupted case still spans the region edge.
+CASES = {
+    "digits-cnn": dict(
+        num_samples=200, projection=None, batch=32, log_mb=2, h_mse=60, h_ce=150,
+        grid="all", plain_cells=(),
+    ),
+    "fashion-lite0": dict(
+        num_samples=128, projection=4096, batch=32, log_mb=4, h_mse=50, h_ce=150,
+        grid="full", plain_cells=("mse-full-m0.9-a1",),
+    ),
+    "rt-minilm": dict(
+        num_samples=64, projection=4096, batch=16, log_mb=4, h_mse=50, h_ce=100,
+        grid="full", plain_cells=("mse-full-m0.9-a1",),
+    ),
+}  # fmt: skip
 
 
-def _cells(cfg: dict) -> list[dict]:
-    out = []
-    for loss in LOSSES:
-        for batch in (None, cfg["batch"]):
-            for m in MOMENTA:
-                for a in LR_FACTORS:
-                    out.append(dict(loss=loss, batch_size=batch, momentum=m, lr_factor=a))
-    return out
+def _stab(c: dict) -> float:
+    """s = η̃ λ_max / N = a / (1 - m)."""
+    return c["lr_factor"] / (1.0 - c["momentum"])
 
 
 def _key(c: dict) -> str:
     b = "full" if c["batch_size"] is None else f"B{c['batch_size']}"
     return f"{c['loss']}-{b}-m{c['momentum']:g}-a{c['lr_factor']:g}"
+
+
+def _cells(cfg: dict) -> list[dict]:
+    out = []
+    batches = (None,) if cfg["grid"] == "full" else (None, cfg["batch"])
+    for loss in LOSSES:
+        for batch in batches:
+            for m in MOMENTA:
+                for a in LR_FACTORS:
+                    out.append(dict(loss=loss, batch_size=batch, momentum=m, lr_factor=a))
+    # priority: s >= 1 first (short horizons, both sides of the edge), then MSE before CE
+    return sorted(out, key=lambda c: (_stab(c) < 1, c["loss"] != "mse", -_stab(c)))
+
+
+def _steps(cfg: dict, c: dict) -> int:
+    return math.ceil(cfg[f"h_{c['loss']}"] / min(1.0, _stab(c)) - 1e-9)
 
 
 def _displacement(model0: torch.nn.Module, model1: torch.nn.Module, names: list[str]) -> float:
@@ -87,33 +135,39 @@ def _displacement(model0: torch.nn.Module, model1: torch.nn.Module, names: list[
     return math.sqrt(num / den) if den > 0 else math.nan
 
 
-def _naive_step_seconds(ex, batch: int | None, steps: int = 2) -> float:
-    """Seconds per optimizer step of a plain full-network run (no trunk caching)."""
-    X, y = ex.data
-    run = tl.finetune(
-        ex.model,
-        (X, y),
-        tl.SGD(1e-06),
-        steps,
-        batch_size=batch,
-        params=ex.default_params,
-        log_every=steps,
-        progress=False,
-    )
-    return run.train_seconds / steps
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return f"{head} ({tl.__file__})"
+    except OSError:
+        return "unknown"
 
 
-def run_case(name: str, fresh: bool = False) -> dict:
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+def run_case(name: str, fresh: bool = False, plain: bool = False) -> dict:
     cfg = CASES[name]
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
+    FRESH.mkdir(parents=True, exist_ok=True)
+    path = FRESH / f"{name}.json"
     state = json.loads(path.read_text()) if path.exists() and not fresh else {}
-    ex = load_example(name, num_samples=cfg["num_samples"])
+    state.setdefault("code", _commit())
+    state.setdefault("machine", machine())
+    state.setdefault("date", datetime.date.today().isoformat())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = load_example(name, num_samples=cfg["num_samples"])
     X, y = ex.data
     n = int(y.shape[0])
     print(f"[{name}] {ex.description}", flush=True)
     top, xt, trunk_s = cached_inputs(name, ex.model, X)
-    if "kernel" not in state:
+    kpath = FRESH / f"{name}.kernel.safetensors"
+    if "kernel" not in state or not kpath.exists():
         t0 = time.perf_counter()
         kernel = tl.compute_kernel(
             top, (xt, y), projection=cfg["projection"], params=ex.default_params, progress=False
@@ -122,21 +176,22 @@ def run_case(name: str, fresh: bool = False) -> dict:
         t0 = time.perf_counter()
         lam = kernel.eigh()[0]
         eigh_s = time.perf_counter() - t0
-        lam_max = float(lam[-1])
         state["kernel"] = dict(
             trunk_seconds=trunk_s,
             kernel_seconds=kernel_s,
             eigh_seconds=eigh_s,
-            lam_max=lam_max,
+            lam_max=float(lam[-1]),
             num_samples=n,
             num_classes=kernel.num_classes,
             projection=cfg["projection"],
             num_params=tl.Tangent(top, params=ex.default_params).num_params,
+            split=top is not ex.model,
         )
-        kernel.save(OUT / f"{name}.kernel.safetensors")
-        path.write_text(json.dumps(state, indent=1))
+        state["cells"] = {}
+        kernel.save(kpath)
+        _save(path, state)
     else:  # resumed: the saved kernel (its eigendecomposition is redone, not timed again)
-        kernel = tl.load_kernel(OUT / f"{name}.kernel.safetensors")
+        kernel = tl.load_kernel(kpath)
         kernel.eigh()
     info = state["kernel"]
     print(
@@ -145,12 +200,6 @@ def run_case(name: str, fresh: bool = False) -> dict:
         flush=True,
     )
     names = tl.Tangent(top, params=ex.default_params).param_names
-    if "naive" not in state and name != "digits-cnn":
-        state["naive"] = {
-            "full": _naive_step_seconds(ex, None, 1),
-            "mb": _naive_step_seconds(ex, cfg["batch"], 3),
-        }
-        path.write_text(json.dumps(state, indent=1))
     cells = state.setdefault("cells", {})
     for c in _cells(cfg):
         key = _key(c)
@@ -158,52 +207,38 @@ def run_case(name: str, fresh: bool = False) -> dict:
             continue
         lr = c["lr_factor"] * n / info["lam_max"]
         full = c["batch_size"] is None
-        steps = cfg["steps_full"] if full else cfg["steps_mb"]
-        if c["momentum"] > 0:  # 10x the effective rate: half the horizon is plenty
-            steps //= 2
-        kw = dict(
-            lr=lr, steps=steps, batch_size=c["batch_size"], momentum=c["momentum"], loss=c["loss"]
-        )
+        steps = _steps(cfg, c)
+        opt = tl.SGD(lr, momentum=c["momentum"])
         t0 = time.perf_counter()
-        fc = tl.forecast(kernel, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the validity warning is recorded as fc.valid
+            fc = tl.forecast(
+                kernel, opt, FC_HORIZON * steps, loss=c["loss"], batch_size=c["batch_size"]
+            )
         fc_s = time.perf_counter() - t0
         run = tl.finetune(
-            top,
-            (xt, y),
-            params=ex.default_params,
-            progress=False,
-            log_every=1 if full else cfg["log_mb"],
-            **kw,
-        )
-        real_s = trunk_s + run.train_seconds
-        cmp = {}
-        for drop in DROPS:
-            r = tl.compare(fc, run, target_drop=drop)
-            cmp[f"{drop:g}"] = dict(
-                T=r.steps_to_target_run,
-                T_hat=r.steps_to_target_forecast,
-                err=r.steps_to_target_error,
-                res=r.steps_resolution,
-            )
+            top, (xt, y), opt, steps, loss=c["loss"], batch_size=c["batch_size"],
+            params=ex.default_params, log_every=1 if full else cfg["log_mb"], progress=False,
+        )  # fmt: skip
         r = tl.compare(fc, run)
         cells[key] = dict(
             **c,
             lr=lr,
+            stab=_stab(c),
             steps=steps,
+            fc_steps=FC_HORIZON * steps,
             forecast_seconds=fc_s,
-            real_seconds=real_s,
+            real_seconds=trunk_s + run.train_seconds,
             train_seconds=run.train_seconds,
             eval_seconds=run.eval_seconds,
-            targets=cmp,
             curve_error=r.curve_error,
             curve_error_max=r.curve_error_max,
-            plateau_error=r.steps_to_plateau_error,
             final_accuracy_diff=r.final_accuracy_diff,
             band_coverage=r.band_coverage,
+            valid=bool(fc.valid),
             diverges_forecast=bool(fc.diverges),
             diverged_run=bool(run.diverged),
             stability=float(fc.stability),
-            stability_limit=float(fc.stability_limit),
             displacement=_displacement(top, run.model, names),
             run_steps=[int(s) for s in run.steps],
             run_loss=[float(v) for v in run.loss],
@@ -211,15 +246,130 @@ def run_case(name: str, fresh: bool = False) -> dict:
             fc_low=None if fc.loss_band is None else [float(v) for v in fc.loss_band[0]],
             fc_high=None if fc.loss_band is None else [float(v) for v in fc.loss_band[1]],
         )
-        e = cmp["0.5"]["err"]
+        t = _targets(cells[key])
         print(
-            f"[{name}] {key}: lr={lr:.3g} T={cmp['0.5']['T']} T^={cmp['0.5']['T_hat']} "
-            f"err={'-' if e is None else f'{e:.0%}'} curve={r.curve_error:.3f} "
-            f"real {real_s:.1f}s forecast {fc_s:.2f}s",
+            f"[{name}] {key}: s={_stab(c):g} steps={steps} "
+            + " ".join(f"T{d}={t[d]['T']} T^{d}={t[d]['T_hat']} {_pct(t[d]['err'])}" for d in t)
+            + f" curve={r.curve_error:.3f} real {run.train_seconds:.1f}s fc {fc_s:.2f}s",
             flush=True,
         )
-        path.write_text(json.dumps(state, indent=1))
+        _save(path, state)
+    if plain and info["split"]:
+        runs = state.setdefault("plain", {})
+        for key in cfg["plain_cells"]:
+            if key in runs or key not in cells:
+                continue
+            c = cells[key]
+            print(f"[{name}] plain full-network run of {key}: {c['steps']} steps", flush=True)
+            run = tl.finetune(
+                ex.model, (X, y), tl.SGD(c["lr"], momentum=c["momentum"]), c["steps"],
+                loss=c["loss"], batch_size=c["batch_size"], params=ex.default_params,
+                log_every=c["steps"], progress=False,
+            )  # fmt: skip
+            runs[key] = dict(
+                steps=c["steps"],
+                train_seconds=run.train_seconds,
+                wall_seconds=run.wall_seconds,
+                final_loss=float(run.loss[-1]),
+                cached_final_loss=c["run_loss"][-1],
+            )
+            print(f"[{name}] plain {key}: {run.train_seconds:.1f}s", flush=True)
+            _save(path, state)
     return state
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring (shared by fresh and stored cells).
+# ---------------------------------------------------------------------------------------
+
+
+def _targets(c: dict) -> dict:
+    """Per drop d: T (run), T̂ (forecast on the run's grid, extended), err, status."""
+    steps = np.asarray(c["run_steps"])
+    run = np.asarray(c["run_loss"], dtype=float)
+    fc = np.array([np.nan if v is None else v for v in c["fc_loss"]], dtype=float)
+    stride = int(steps[1] - steps[0]) if steps.size > 1 else 1
+    grid = np.concatenate([steps, np.arange(steps[-1] + stride, fc.size, stride)])
+    grid = grid[grid < fc.size]
+    l0 = float(run[0])
+    out = {}
+    for d in DROPS:
+        eps = (1.0 - d) * l0
+        hit = np.flatnonzero(run <= eps)
+        T = int(steps[hit[0]]) if hit.size else None
+        hit_f = np.flatnonzero(fc[grid] <= eps)  # NaN (diverged) never reaches
+        T_hat = int(grid[hit_f[0]]) if hit_f.size else None
+        if T is None:
+            status, err = "unreached", None
+        elif T_hat is None:
+            status, err = "miss", MISS
+        else:
+            status, err = "ok", abs(T_hat - T) / T
+        out[f"{d:g}"] = dict(T=T, T_hat=T_hat, err=err, status=status)
+    return out
+
+
+def _errors(cells: list[dict]) -> list[float]:
+    """Errors of every target the real run reaches (misses = +∞), both drops."""
+    return [t["err"] for c in cells for t in _targets(c).values() if t["status"] != "unreached"]
+
+
+def _quantile(errs: list[float], q: float) -> float | None:
+    """Linear quantile with misses as +∞ (a quantile touching a miss is +∞)."""
+    if not errs:
+        return None
+    xs = np.sort(np.asarray(errs, dtype=float))
+    pos = q * (xs.size - 1)
+    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+    if not (math.isfinite(xs[lo]) and math.isfinite(xs[hi])):
+        return MISS
+    return float(xs[lo] + (pos - lo) * (xs[hi] - xs[lo]))
+
+
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "miss" if not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+def _stats(cells: list[dict]) -> dict:
+    errs = _errors(cells)
+    tg = [t for c in cells for t in _targets(c).values()]
+    r80 = [_targets(c)["0.8"]["status"] != "unreached" for c in cells]
+    return dict(
+        cells=len(cells),
+        targets=len(tg),
+        scored=len(errs),
+        misses=sum(not math.isfinite(e) for e in errs),
+        unreached=sum(t["status"] == "unreached" for t in tg),
+        reached80=sum(r80),
+        med=_quantile(errs, 0.5),
+        p90=_quantile(errs, 0.9),
+    )
+
+
+def _choose_threshold(cells: list[dict]) -> tuple[float, dict]:
+    """a* on these cells (module docstring): largest s with p90 <= goal, else min p90."""
+    grid = sorted({round(c["stab"] if "stab" in c else _stab(c), 9) for c in cells})
+    rows = []
+    for a in grid:
+        st = _stats([c for c in cells if _stab(c) <= a + 1e-9])
+        if st["scored"]:
+            rows.append((a, st))
+    ok = [(a, st) for a, st in rows if st["p90"] <= P90_GOAL]
+    if ok:
+        return ok[-1]
+    return min(rows, key=lambda r: (r[1]["p90"], r[1]["med"], r[0]))
+
+
+def _loo(sets: dict[str, list[dict]]) -> list[dict]:
+    out = []
+    for held in sets:
+        choose = [c for name, cs in sets.items() if name != held for c in cs]
+        a, st_choose = _choose_threshold(choose)
+        inside = [c for c in sets[held] if _stab(c) <= a + 1e-9]
+        out.append(dict(held=held, a=a, choose=st_choose, report=_stats(inside)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,38 +377,118 @@ def run_case(name: str, fresh: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None or not np.isfinite(x) else f"{100 * x:.0f}%"
-
-
-def _q(xs: list[float], q: float) -> float | None:
-    xs = [x for x in xs if x is not None and np.isfinite(x)]
-    return float(np.quantile(xs, q)) if xs else None
-
-
-def _inside(c: dict) -> bool:
-    """η̃ λ_max / N = a / (1 - m) <= 1: the measured validity region (NOTE in forecast.py)."""
-    return c["lr_factor"] / (1.0 - c["momentum"]) <= 1.0 + 1e-9
-
-
-def _costs(state: dict) -> dict:
-    info, cells = state["kernel"], list(state["cells"].values())
-    base = info["trunk_seconds"] + info["kernel_seconds"] + info["eigh_seconds"]
-    single = [c["real_seconds"] / (base + c["forecast_seconds"]) for c in cells]
-    per_cfg = (base + sum(c["forecast_seconds"] for c in cells)) / len(cells)
-    sweep = [c["real_seconds"] / per_cfg for c in cells]
-    out = dict(single=single, sweep=sweep, per_config=per_cfg, base=base)
-    if "naive" in state:
-        naive = [
-            (state["naive"]["full" if c["batch_size"] is None else "mb"]) * c["steps"]
-            for c in cells
-        ]
-        out["naive_single"] = [t / (base + c["forecast_seconds"]) for t, c in zip(naive, cells)]
-        out["naive_sweep"] = [t / per_cfg for t in naive]
+def _load(folder: Path) -> dict[str, dict]:
+    out = {}
+    for name in CASES:
+        p = folder / f"{name}.json"
+        if p.exists():
+            s = json.loads(p.read_text())
+            if s.get("cells"):
+                out[name] = s
     return out
 
 
-def _plot(name: str, state: dict) -> str | None:
+def _costs(state: dict) -> dict:
+    info, cells = state["kernel"], state["cells"]
+    base = info["trunk_seconds"] + info["kernel_seconds"] + info["eigh_seconds"]
+    per_cfg = (base + sum(c["forecast_seconds"] for c in cells.values())) / len(cells)
+    out = {}
+    for key, c in cells.items():
+        one = base + c["forecast_seconds"]
+        d = dict(single=c["real_seconds"] / one, sweep=c["real_seconds"] / per_cfg)
+        if not info.get("split", info["trunk_seconds"] > 0):  # the run is the plain run
+            d["plain_seconds"] = c["train_seconds"]
+        elif key in state.get("plain", {}):
+            d["plain_seconds"] = state["plain"][key]["train_seconds"]
+        if "plain_seconds" in d:
+            d["plain_single"] = d["plain_seconds"] / one
+            d["plain_sweep"] = d["plain_seconds"] / per_cfg
+        out[key] = d
+    return out
+
+
+def _case_table(name: str, state: dict, fresh: bool) -> list[str]:
+    info, cells = state["kernel"], state["cells"]
+    costs = _costs(state)
+    proj = "exact" if info["projection"] is None else f"tensor sketch k = {info['projection']}"
+    lines = [
+        f"N = {info['num_samples']}, C = {info['num_classes']}, P = {info['num_params']:,} "
+        f"trainable weights, {proj}; trunk {info['trunk_seconds']:.1f} s, kernel "
+        f"{info['kernel_seconds']:.1f} s, eigendecomposition {info['eigh_seconds']:.1f} s, "
+        f"λ_max/N = {info['lam_max'] / info['num_samples']:.4g}.",
+        "",
+        "| loss | batch | m | η | s | steps | T₅₀ | T̂₅₀ | err₅₀ | T₈₀ | T̂₈₀ | err₈₀ | curve err "
+        "| real s | fc s | single × | sweep × | plain s | plain × |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(cells, key=lambda k: (cells[k]["loss"], cells[k]["batch_size"] or 0,
+                                         cells[k]["momentum"], cells[k]["lr_factor"]))  # fmt: skip
+    for key in order:
+        c, k = cells[key], costs[key]
+        t = _targets(c)
+        t5, t8 = t["0.5"], t["0.8"]
+        b = "full" if c["batch_size"] is None else str(c["batch_size"])
+        mark = "" if _stab(c) <= 1 + 1e-9 else " ⚠"
+        steps = c["steps"]
+        fc_s = f"{c['forecast_seconds']:.2f}" + ("" if not fresh else "")
+        plain = (
+            f"{k['plain_seconds']:.1f} | {k['plain_single']:.1f} |"
+            if "plain_seconds" in k else "– | – |"
+        )  # fmt: skip
+        lines.append(
+            f"| {c['loss']} | {b} | {c['momentum']:g} | {c['lr']:.3g} | {_stab(c):g}{mark} | "
+            f"{steps} | {t5['T'] or '–'} | {t5['T_hat'] or '–'} | {_pct(t5['err'])} | "
+            f"{t8['T'] or '–'} | {t8['T_hat'] or '–'} | {_pct(t8['err'])} | "
+            f"{c['curve_error']:.3f} | {c['real_seconds']:.1f} | {fc_s} | "
+            f"{k['single']:.2f} | {k['sweep']:.1f} | {plain}"
+        )
+    return lines
+
+
+def _summary_row(label: str, st: dict) -> str:
+    return (
+        f"| {label} | {st['cells']} | {st['reached80']}/{st['cells']} | {st['scored']} | "
+        f"{st['misses']} | {st['unreached']} | {_pct(st['med'])} | {_pct(st['p90'])} |"
+    )
+
+
+def _summary(states: dict[str, dict], title: str) -> list[str]:
+    head = [
+        "| case | cells | real run reaches 80% drop | targets scored | misses | "
+        "unreached (not scored) | median | p90 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines = [f"#### {title}: all cells", ""] + head
+    allc = []
+    for name, s in states.items():
+        cs = list(s["cells"].values())
+        allc += cs
+        lines.append(_summary_row(name, _stats(cs)))
+    if len(states) > 1:
+        lines.append(_summary_row("all", _stats(allc)))
+    lines += ["", f"#### {title}: leave one case out (threshold chosen on the other two)", ""]
+    if len(states) < 3:
+        lines.append(f"Needs three cases; only {', '.join(states)} available.")
+        return lines
+    sets = {name: list(s["cells"].values()) for name, s in states.items()}
+    lines += [
+        "| reported on | a* chosen on the others | choosing cells: scored / misses / median / p90 "
+        "| reported: cells inside | scored | misses | unreached | median | p90 | p90 ≤ 30% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in _loo(sets):
+        ch, rp = r["choose"], r["report"]
+        goal = "–" if rp["p90"] is None else ("yes" if rp["p90"] <= P90_GOAL else "no")
+        lines.append(
+            f"| {r['held']} | s ≤ {r['a']:g} | {ch['scored']} / {ch['misses']} / "
+            f"{_pct(ch['med'])} / {_pct(ch['p90'])} | {rp['cells']} | {rp['scored']} | "
+            f"{rp['misses']} | {rp['unreached']} | {_pct(rp['med'])} | {_pct(rp['p90'])} | "
+            f"{goal} |"
+        )
+    return lines
+
+
+def _plot(name: str, state: dict, suffix: str) -> str | None:
     try:
         import matplotlib
 
@@ -266,156 +496,106 @@ def _plot(name: str, state: dict) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cfg = CASES[name]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharey="row")
+    cells = state["cells"]
+    panels = sorted({(c["loss"], c["batch_size"] or 0, c["momentum"]) for c in cells.values()})
+    cols = 4
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(16, 3.5 * rows), squeeze=False)
     colors = dict(zip(LR_FACTORS, ("tab:blue", "tab:orange", "tab:green")))
-    for i, loss in enumerate(LOSSES):
-        for j, (batch, m) in enumerate(
-            [(None, 0.0), (None, 0.9), (cfg["batch"], 0.0), (cfg["batch"], 0.9)]
-        ):
-            ax = axes[i, j]
-            for a in LR_FACTORS:
-                c = state["cells"].get(
-                    _key(dict(loss=loss, batch_size=batch, momentum=m, lr_factor=a))
-                )
-                if c is None:
-                    continue
-                col = colors[a]
-                ax.plot(
-                    c["run_steps"], c["run_loss"], color=col, lw=2, label=f"real, η={c['lr']:.3g}"
-                )
-                fl = np.array([np.nan if v is None else v for v in c["fc_loss"]])
-                ax.plot(np.arange(fl.size), fl, color=col, ls="--", lw=1.5, label="forecast")
-                if c["fc_low"] is not None:
-                    ax.fill_between(
-                        np.arange(fl.size), c["fc_low"], c["fc_high"], color=col, alpha=0.15, lw=0
-                    )
-            b = "full batch" if batch is None else f"B = {batch}"
-            ax.set_title(f"{loss.upper()}, {b}, momentum {m:g}", fontsize=10)
-            ax.set_xlabel("step")
-            if j == 0:
-                ax.set_ylabel("training loss")
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{name}: real fine-tuning (solid) vs tangentlab forecast (dashed, band 10-90%)")
+    for ax, (loss, batch, m) in zip(axes.flat, panels):
+        for c in cells.values():
+            if (c["loss"], c["batch_size"] or 0, c["momentum"]) != (loss, batch, m):
+                continue
+            col = colors.get(c["lr_factor"], "k")
+            ax.plot(c["run_steps"], c["run_loss"], color=col, lw=2, label=f"real, η={c['lr']:.3g}")
+            fl = np.array([np.nan if v is None else v for v in c["fc_loss"]])
+            ax.plot(np.arange(fl.size), fl, color=col, ls="--", lw=1.5)
+            if c.get("fc_low") is not None:
+                ax.fill_between(np.arange(fl.size), c["fc_low"], c["fc_high"], color=col,
+                                alpha=0.15, lw=0)  # fmt: skip
+            ax.axhline(0.2 * c["run_loss"][0], color=col, lw=0.5, ls=":")
+        ax.set_xscale("symlog", linthresh=10)
+        b = "full batch" if not batch else f"B = {batch}"
+        ax.set_title(f"{loss.upper()}, {b}, momentum {m:g}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{name}: real (solid) vs forecast (dashed, band 10-90%); dotted: 80% drop")
     fig.tight_layout()
-    png = OUT.parent / f"forecast_accuracy_{name}.png"
-    fig.savefig(png, dpi=80)
+    png = STORED.parent / f"forecast_accuracy_{name}{suffix}.png"
+    fig.savefig(png, dpi=70)
     plt.close(fig)
     return png.name
 
 
 def report() -> str:
+    fresh, stored = _load(FRESH), _load(STORED)
     lines = [
-        "## Forecast accuracy against real fine-tuning (issue 5)",
+        "## Forecast accuracy against real fine-tuning (issues 5 and 9)",
         "",
-        f"Command: `{COMMAND}` (resumable; `--report` rebuilds this section from the saved "
-        "cells in `benchmarks/results/forecast_accuracy/`).",
-        f"Machine: {machine()}.",
+        f"Command: `{COMMAND}` (fresh cells; resumable; `--plain` adds the timed plain "
+        f"full-network runs), then `{COMMAND} --report` (rebuilds this section from "
+        "`benchmarks/results/forecast_accuracy/`). Procedure: the script's docstring.",
         "",
-        "Learning rates η = a·N/λ_max, a ∈ {0.1, 0.3, 1} (a = 1: half the stability limit of "
-        "plain GD on MSE). Errors: |T̂ − T|/T for the steps to a 50% and an 80% drop of the real "
-        "initial loss (only where both curves reach it), curve error mean|L̂ − L|/L₀. Cost: "
-        "`single` = real run / (kernel + forecast) for one forecast, `sweep` = real run / (per-"
-        "configuration share of one kernel + its forecast) over the case's 24 cells, both with "
-        "the frozen trunk cached on both sides; `naive` = the same against a plain full-network "
-        "run, estimated as measured seconds per step × steps.",
+        "Rules. Targets ε = 50% and 80% drops of the real run's initial loss; error "
+        "|T̂ − T|/T with T, T̂ read on the run's logging grid; the forecast runs 2× the real "
+        "run's steps (fresh cells) so that a late forecast is located. **miss** = the real "
+        "run reaches ε and the forecast does not: error +∞, counted in every median and p90 "
+        "(a quantile that lands on a miss shows “miss”). **unreached** = the real run does "
+        "not reach ε within its horizon: counted, not scored. s = η̃λ_max/N = a/(1 − m) "
+        "(⚠: s > 1, outside the library's region). Costs: `single` = real run / (trunk + "
+        "kernel + eigendecomposition + forecast), `sweep` = the same with the kernel shared "
+        "by all cells of the case; both real and forecast use the cached frozen trunk "
+        "(Lite0, MiniLM). `plain s` = a plain full-network run (`tl.finetune` on the whole "
+        "model, no caching) timed over the same steps; `plain ×` = it / (kernel + forecast).",
         "",
     ]
-    summary_rows = []
-    all_err: list[float] = []
-    all_in: list[float] = []
-    for name in CASES:
-        p = OUT / f"{name}.json"
-        if not p.exists():
+    for label, states, sfx in (("Fresh", fresh, ""), ("Stored", stored, "-stored")):
+        if not states:
             continue
-        state = json.loads(p.read_text())
-        cells = state.get("cells", {})
-        if not cells:
-            continue
-        info = state["kernel"]
-        costs = _costs(state)
-        proj = "exact" if info["projection"] is None else f"tensor sketch k = {info['projection']}"
-        lines += [
-            f"### {name}",
-            "",
-            f"N = {info['num_samples']}, C = {info['num_classes']}, P = {info['num_params']:,} "
-            f"trainable weights, {proj}; trunk {info['trunk_seconds']:.1f} s, kernel "
-            f"{info['kernel_seconds']:.1f} s, eigendecomposition {info['eigh_seconds']:.1f} s, "
-            f"λ_max/N = {info['lam_max'] / info['num_samples']:.4g}.",
-            "",
-            "| loss | batch | m | η | T₅₀ real | T̂₅₀ | err₅₀ | T₈₀ real | T̂₈₀ | err₈₀ | curve err "
-            "| ‖Δw‖/‖w₀‖ | real s | fc s | single × | sweep × |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        errs, errs_in = [], []
-        for c, single, sweep in zip(cells.values(), costs["single"], costs["sweep"]):
-            t5, t8 = c["targets"]["0.5"], c["targets"]["0.8"]
-            errs += [t5["err"], t8["err"]]
-            if _inside(c):
-                errs_in += [t5["err"], t8["err"]]
-            b = "full" if c["batch_size"] is None else str(c["batch_size"])
-            mark = "" if _inside(c) else " ⚠"
-            lines.append(
-                f"| {c['loss']} | {b} | {c['momentum']:g} | {c['lr']:.3g}{mark} | "
-                f"{t5['T'] or '–'} | "
-                f"{t5['T_hat'] or '–'} | {_pct(t5['err'])} | {t8['T'] or '–'} | "
-                f"{t8['T_hat'] or '–'} | {_pct(t8['err'])} | {c['curve_error']:.3f} | "
-                f"{c['displacement']:.3g} | {c['real_seconds']:.1f} | "
-                f"{c['forecast_seconds']:.2f} | {single:.1f} | {sweep:.1f} |"
-            )
-        all_err += errs
-        all_in += errs_in
-        med, p90 = _q(errs, 0.5), _q(errs, 0.9)
-        row = dict(
-            name=name,
-            med=med,
-            p90=p90,
-            count=sum(e is not None for e in errs),
-            med_in=_q(errs_in, 0.5),
-            p90_in=_q(errs_in, 0.9),
-            count_in=sum(e is not None for e in errs_in),
-            total=len(errs),
-            single=_q(costs["single"], 0.5),
-            sweep=_q(costs["sweep"], 0.5),
-            curve=_q([c["curve_error"] for c in cells.values()], 0.5),
-        )
-        if "naive_single" in costs:
-            row["naive_single"] = _q(costs["naive_single"], 0.5)
-            row["naive_sweep"] = _q(costs["naive_sweep"], 0.5)
-        summary_rows.append(row)
-        png = _plot(name, state)
-        lines += [""]
-        if png:
-            lines += [f"![{name}: real vs forecast](results/{png})", ""]
-    if summary_rows:
-        lines += [
-            "### Summary",
-            "",
-            "Inside the validity region = cells with η̃λ_max/N = a/(1 − m) ≤ 1 (NOTE [validity "
-            "region] in `forecast.py`: the library warns beyond it).",
-            "",
-            "| case | steps-to-target errors | median | p90 | inside: errors | inside: median "
-            "| inside: p90 | median curve err | median single × "
-            "| median sweep × | naive single × | naive sweep × |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in summary_rows:
-            lines.append(
-                f"| {r['name']} | {r['count']} of {r['total']} | {_pct(r['med'])} | "
-                f"{_pct(r['p90'])} | {r['count_in']} | {_pct(r['med_in'])} | "
-                f"{_pct(r['p90_in'])} | {r['curve']:.3f} | {r['single']:.1f} | {r['sweep']:.1f} | "
-                + (
-                    f"{r['naive_single']:.0f} | {r['naive_sweep']:.0f} |"
-                    if "naive_single" in r
-                    else "– | – |"
-                )
-            )
-        lines.append(
-            f"| all | {sum(e is not None for e in all_err)} of {len(all_err)} | "
-            f"{_pct(_q(all_err, 0.5))} | {_pct(_q(all_err, 0.9))} | "
-            f"{sum(e is not None for e in all_in)} | {_pct(_q(all_in, 0.5))} | "
-            f"{_pct(_q(all_in, 0.9))} | | | | | |"
-        )
+        if label == "Fresh":
+            s0 = next(iter(states.values()))
+            lines += [
+                f"### Fresh runs (new API; {s0.get('date', '?')}; code {s0.get('code', '?')})",
+                "",
+                f"Machine: {s0.get('machine', machine())}; shared with other jobs (load "
+                "≈ 5 on 2 cores), so seconds are noisy; ratios compare timings of one run.",
+                "",
+            ]
+        else:
+            lines += [
+                "### Stored cells of 2026-11-23 (old API), re-scored",
+                "",
+                "The same cells as the previous version of this section (horizons 30-200 "
+                "steps, forecast horizon = run horizon, so a forecast later than the run's "
+                "horizon is a miss here). Only the scoring is new; the costs are not "
+                "repeated here (they were per-step estimates for the plain run).",
+                "",
+            ]
+        for name, s in states.items():
+            cfg = CASES[name]
+            lines += [f"#### {name} ({label.lower()})", ""]
+            if label == "Fresh":
+                lines += [
+                    f"Grid: {'all 24 cells' if cfg['grid'] == 'all' else 'full batch only'}"
+                    f" ({len(s['cells'])} run); horizons ceil(h / min(1, s)) with h = "
+                    f"{cfg['h_mse']} (MSE), {cfg['h_ce']} (CE).",
+                    "",
+                ]
+            lines += _case_table(name, s, label == "Fresh")
+            if label == "Fresh":
+                for key, p in s.get("plain", {}).items():
+                    lines.append("")
+                    lines.append(
+                        f"Plain full-network run of `{key}`: {p['steps']} steps in "
+                        f"{p['train_seconds']:.1f} s (training only; {p['wall_seconds']:.1f} s "
+                        f"wall), final loss {p['final_loss']:.5g} vs {p['cached_final_loss']:.5g}"
+                        " with the cached trunk."
+                    )
+            png = _plot(name, s, sfx)
+            lines += [""] + ([f"![{name}](results/{png})", ""] if png else [])
+        lines += _summary(states, label) + [""]
     return "\n".join(lines)
 
 
@@ -423,12 +603,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", action="append", choices=list(CASES), help="run only these")
     ap.add_argument("--fresh", action="store_true", help="start the chosen cases over")
+    ap.add_argument("--plain", action="store_true", help="also time plain full-network runs")
     ap.add_argument("--report", action="store_true", help="only rebuild the RESULTS section")
     args = ap.parse_args()
     torch.manual_seed(0)
     if not args.report:
         for name in args.case or list(CASES):
-            run_case(name, fresh=args.fresh)
+            run_case(name, fresh=args.fresh, plain=args.plain)
     write_section("forecast-accuracy", report())
     print("wrote benchmarks/RESULTS.md (forecast-accuracy section)")
 

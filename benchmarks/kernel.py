@@ -2,13 +2,20 @@
 
     .venv/bin/python benchmarks/kernel.py            # full run (~15-25 min on 2 cores)
     .venv/bin/python benchmarks/kernel.py --quick    # small sizes, to check it runs
+    .venv/bin/python benchmarks/kernel.py --part naive  # only: naive loop vs library, 50 samples
 
 Every figure is measured in this run, each configuration in its own process (its peak
 resident memory is its own). Ratios compare measurements of the same run:
 - speed-up = tangentlab samples/s / naive per-sample autograd loop samples/s (the loop
   does one forward + backward per (sample, output), as one would write it by hand);
 - cost in epochs = kernel seconds / seconds of one real fine-tuning epoch over the same
-  samples (torch SGD, batch 32, same trainable weights, BN frozen).
+  samples (torch SGD, batch 32, same trainable weights, BN frozen);
+- naive vs library (``--part naive``, also part of the full run): in one process, on the
+  same 50 samples, the naive loop (one forward + ``torch.autograd.grad`` per sample and
+  output, Θ = J Jᵀ) and then ``tl.compute_kernel`` (exact, and tensor sketch k = 4096),
+  each timed whole; the ratio is naive seconds / library seconds, and the exact kernel is
+  checked against the naive Θ. ``--part naive`` stores it in kernel.json next to the other
+  rows (which keep the date of their own run) and re-renders the section.
 Results: benchmarks/results/kernel.json and the "kernel" section of benchmarks/RESULTS.md.
 """
 
@@ -157,7 +164,52 @@ def job_error(case: str, m: int, configs: list) -> dict:
     return out
 
 
-JOBS = {"kernel": job_kernel, "naive": job_naive, "epoch": job_epoch, "error": job_error}
+def job_naive_vs_kernel(case: str, n: int, k: int = 4096) -> dict:
+    """Naive loop and library kernels on the same n samples, timed in one process."""
+    import tangentlab as tl
+
+    ex = _load(case, n)
+    model = ex.model.eval()
+    names = tl.Tangent(model, params=ex.default_params).param_names
+    named = dict(model.named_parameters())
+    params = [named[nm] for nm in names]
+    x, _ = ex.data
+    t0 = time.perf_counter()
+    rows = []
+    for i in range(n):
+        xi = _rows(x, i)
+        for a in range(ex.num_classes):
+            out = _logits(model, xi)[0, a]
+            g = torch.autograd.grad(out, params)
+            rows.append(torch.cat([gi.reshape(-1) for gi in g]))
+    jac = torch.stack(rows)
+    theta = jac @ jac.T
+    naive_sec = time.perf_counter() - t0
+    del jac, rows
+    t0 = time.perf_counter()
+    exact = tl.compute_kernel(model, ex.data, params=ex.default_params, progress=False)
+    exact_sec = time.perf_counter() - t0
+    te = exact.theta.to(theta.dtype)
+    rel = float((te - theta).norm() / theta.norm())
+    del exact, te
+    t0 = time.perf_counter()
+    tl.compute_kernel(model, ex.data, params=ex.default_params,
+                      projection=tl.Projection(k, kind="tensor"), progress=False)  # fmt: skip
+    proj_sec = time.perf_counter() - t0
+    return {
+        "n": n, "k": k, "num_classes": ex.num_classes, "naive_seconds": naive_sec,
+        "exact_seconds": exact_sec, "tensor_seconds": proj_sec,
+        "exact_vs_naive_rel_frobenius": rel, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+JOBS = {
+    "kernel": job_kernel,
+    "naive": job_naive,
+    "epoch": job_epoch,
+    "error": job_error,
+    "naive_vs_kernel": job_naive_vs_kernel,
+}
 
 
 def main() -> None:
@@ -165,11 +217,31 @@ def main() -> None:
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--part", choices=["all", "naive"], default="all",
+                    help="naive: only the naive-loop-vs-library timing (50 samples)")
     args = ap.parse_args()
     if args.job:
         job = json.loads(args.job)
         kind = job.pop("job")
         print(json.dumps(JOBS[kind](**job)))
+        return
+    script = Path(__file__).resolve()
+    naive_n = 8 if args.quick else 50
+    if args.part == "naive":
+        out = script.parent / "results" / ("kernel-quick.json" if args.quick else "kernel.json")
+        results = json.loads(out.read_text())
+        for case in CASES:
+            print(f"[{case}] naive loop vs library on {naive_n} samples", flush=True)
+            r = run_job(script, {"job": "naive_vs_kernel", "case": case, "n": naive_n},
+                        timeout=3600)  # fmt: skip
+            r.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
+            print(json.dumps(r), flush=True)
+            results["cases"][case]["naive_vs_kernel"] = r
+        out.write_text(json.dumps(results, indent=1))
+        text = render(results)
+        print(text)
+        if not args.no_write and not args.quick:
+            write_section("kernel", text)
         return
 
     q = args.quick
@@ -179,7 +251,6 @@ def main() -> None:
         "minilm": dict(n=16 if q else 100, exact_n=8 if q else 40, naive_n=2 if q else 6,
                        err_m=8 if q else 40),
     }  # fmt: skip
-    script = Path(__file__).resolve()
     results: dict = {"machine": machine(), "quick": q, "cases": {}}
     for case, sz in sizes.items():
         res: dict = {"sizes": sz, "kernels": []}
@@ -205,6 +276,11 @@ def main() -> None:
         res["epoch"] = run_job(script, {"job": "epoch", "case": case, "n": sz["n"]})
         print(f"[{case}] naive loop on {sz['naive_n']} samples", flush=True)
         res["naive"] = run_job(script, {"job": "naive", "case": case, "n": sz["naive_n"]})
+        print(f"[{case}] naive loop vs library on {naive_n} samples", flush=True)
+        res["naive_vs_kernel"] = run_job(
+            script, {"job": "naive_vs_kernel", "case": case, "n": naive_n}, timeout=3600
+        )
+        res["naive_vs_kernel"].update(machine=machine(), date=time.strftime("%Y-%m-%d"))
         configs = [
             (sz["exact_n"], None, "exact"),
             (sz["n"], 1024, "tensor"),
@@ -252,7 +328,21 @@ def render(r: dict) -> str:
             f"- one real fine-tuning epoch on {res['sizes']['n']} samples: {ep['seconds']:.1f} s "
             f"({ep['samples_per_s']:.1f} samples/s)",
             f"- naive per-sample autograd loop (exact Jacobians, {res['sizes']['naive_n']} "
-            f"samples): {nv['samples_per_s']:.2f} samples/s",
+            f"samples): {nv['samples_per_s']:.2f} samples/s (the `× naive loop` column below)",
+        ]
+        vs = res.get("naive_vs_kernel")
+        if vs:
+            lines += [
+                f"- **naive loop vs library, measured on the same {vs['n']} samples in one "
+                f"process** ({vs['date']}, {vs['machine']}): naive loop (one "
+                f"`torch.autograd.grad` per sample and output, {vs['n'] * vs['num_classes']} "
+                f"backward passes) {vs['naive_seconds']:.1f} s; `tl.compute_kernel` exact "
+                f"{vs['exact_seconds']:.1f} s (**{vs['naive_seconds'] / vs['exact_seconds']:.1f}× "
+                f"faster**, ‖Θ − Θ_naive‖/‖Θ_naive‖ = {vs['exact_vs_naive_rel_frobenius']:.1e}); "
+                f"tensor sketch k = {vs['k']} {vs['tensor_seconds']:.1f} s "
+                f"(**{vs['naive_seconds'] / vs['tensor_seconds']:.1f}×**)",
+            ]
+        lines += [
             "",
             "| kernel | N | samples/s | × naive loop | time | epochs of fine-tuning | peak | Δ |"
             " Jacobian mode |",

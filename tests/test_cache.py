@@ -234,13 +234,19 @@ def test_an_old_cache_without_the_new_keys_is_refused_with_a_hint(tmp_path):
 
 # ---- zero kernels -------------------------------------------------------------------------
 @pytest.mark.parametrize("projection", [None, 8])
-def test_zero_kernel_is_refused(tmp_path, projection):
+def test_zero_kernel_is_refused(tmp_path, projection, monkeypatch):
     model = make_mlp()
     with torch.no_grad():
         model[2].weight.zero_()  # the first layer no longer reaches the outputs
-    with pytest.raises(TangentlabError, match=r"kernel is zero.*params='\^0\\\\\.'.*Select"):
+    # the preflight refuses it before any Jacobian (two forward passes on 4 samples)
+    with pytest.raises(TangentlabError, match=r"params='\^0\\\\\.' .*do not affect the outputs"):
         _kernel(tmp_path / "c", model=model, params=r"^0\.", projection=projection)
     assert not (tmp_path / "c" / "kernel.safetensors").exists()
+    # the check on the finished kernel is the backstop (e.g. zero beyond the probed samples)
+    monkeypatch.setattr(tl.Tangent, "preflight", lambda *a, **k: None)
+    with pytest.raises(TangentlabError, match=r"kernel is zero.*params='\^0\\\\\.'.*Select"):
+        _kernel(tmp_path / "e", model=model, params=r"^0\.", projection=projection)
+    assert not (tmp_path / "e" / "kernel.safetensors").exists()
     _kernel(tmp_path / "d", model=model, projection=projection)  # all weights: not zero
 
 
@@ -301,7 +307,7 @@ def _counting_save_part(counter: str):
     def counted(self, s, e, part):
         with open(counter, "a") as fh:
             fh.write(f"{s}-{e}\n")
-        time.sleep(0.2)  # hold the lock long enough for the others to queue
+        time.sleep(0.05)
         real(self, s, e, part)
 
     return counted
@@ -314,24 +320,51 @@ def _write(cache: str) -> dict:
     return {"features": k.features, "stderr": err.getvalue()}
 
 
-def _writer(cache: str, counter: str, out: str, barrier) -> None:
+def _writer(cache: str, counter: str, out: str, barrier, marker: str) -> None:
     torch.set_num_threads(1)
     compute._Cache.save_part = _counting_save_part(counter)
+    real_say = compute._say
+
+    def say(msg: str, progress: bool) -> None:  # tell the test when this process queues
+        if "waiting for another process" in msg:
+            with open(marker, "a") as fh:
+                fh.write("waiting\n")
+        real_say(msg, progress)
+
+    compute._say = say
     barrier.wait()
     torch.save(_write(cache), out)
 
 
 def test_concurrent_writers_compute_each_chunk_once(tmp_path, ref, monkeypatch):
+    """Three writers of one cache: two spawned processes queue on the lock that this one
+    holds (deterministically: it holds it until both said they wait), then all three
+    end with the same kernel and every chunk was computed once in all."""
+    import fcntl
+
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(WRITERS)
     cache, counter = str(tmp_path / "c"), str(tmp_path / "computed.txt")
+    marker = tmp_path / "waiting.txt"
     outs = [tmp_path / f"out{i}.pt" for i in range(WRITERS - 1)]
-    procs = [ctx.Process(target=_writer, args=(cache, counter, str(out), barrier)) for out in outs]
+    procs = [ctx.Process(target=_writer, args=(cache, counter, str(out), barrier, str(marker)))
+             for out in outs]  # fmt: skip
     for p in procs:
         p.start()
     monkeypatch.setattr(compute._Cache, "save_part", _counting_save_part(counter))
+    (tmp_path / "c").mkdir()
+    lock = open(tmp_path / "c" / compute._LOCK_NAME, "a")  # noqa: SIM115
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
         barrier.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+            not marker.exists() or marker.read_text().count("waiting") < WRITERS - 1
+        ):
+            time.sleep(0.05)
+        assert marker.read_text().count("waiting") == WRITERS - 1  # both queued on the lock
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        lock.close()
         got = [_write(cache)]
     finally:
         for p in procs:
@@ -343,7 +376,8 @@ def test_concurrent_writers_compute_each_chunk_once(tmp_path, ref, monkeypatch):
     for g in got:
         torch.testing.assert_close(g["features"], ref.features, rtol=0, atol=0)
     waited = [g for g in got if "waiting for another process" in g["stderr"]]
-    assert len(waited) >= 1, [g["stderr"] for g in got]  # the others queued (normally all)
+    assert len(waited) >= WRITERS - 1, [g["stderr"] for g in got]
     for g in waited:
-        assert "reusing cached kernel" in g["stderr"]
         assert g["stderr"].count("waiting for another process") == 1
+
+

@@ -113,7 +113,7 @@ from torch import nn
 
 from tangentlab import distributed as dist_
 from tangentlab._version import __version__
-from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take
+from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take, to_device
 from tangentlab.errors import CacheMismatchError, TangentlabError
 from tangentlab.kernel import (
     CacheWarning,
@@ -264,6 +264,9 @@ def _prepare(
 
     x, y = as_arrays(data, where="compute_kernel")
     n = num_rows(x)
+    # refuse a model that mixes samples or whose selected weights do not move the outputs,
+    # before anything expensive (two forward passes on <= 4 samples)
+    tangent.preflight(to_device(take(x, slice(0, 4)), tangent.device), where="compute_kernel")
     # Probe the first samples: output shape, number of classes, the cache key's outputs.
     f_probe = tangent.f0(take(x, slice(0, min(n, _PROBE_SAMPLES))))
     c = int(f_probe.shape[1])

@@ -139,7 +139,7 @@ def extrapolate(
 
     The n samples must be a uniformly random subset of the N (the estimate is of the
     kernel operator's spectrum). The eigendecomposition is ``kernel.eigh()`` (cached).
-    Forecast with ``tangentlab.forecast(spectrum, lr, steps, ...)`` (full-batch MSE).
+    Forecast with ``tangentlab.forecast(spectrum, tl.SGD(lr), steps)`` (full-batch MSE).
 
     Args:
       kernel: the tangent model's kernel on the n subsampled points (a trace kernel
@@ -159,22 +159,31 @@ def extrapolate(
       TangentlabError: on invalid arguments, naming the argument and the fix.
     """
     fn = "extrapolate"
+    _check_args(fn, kernel, dataset_size, tail, fit_range, tail_bins, target_scale)
+    base, a, b = _observed(kernel, dataset_size)
+    if tail == "none":
+        return Spectrum(**base, tail_start=int(base["mu"].size))
+    return _powerlaw(fn, kernel, base, a, b, fit_range, tail_bins, target_scale)
+
+
+def _check_args(fn, kernel, dataset_size, tail, fit_range, tail_bins, target_scale) -> None:
     if not isinstance(kernel, Kernel):
         raise TangentlabError(
             f"{fn}: kernel must be a tangentlab.Kernel, got {type(kernel).__name__}."
         )
-    n, c = kernel.num_samples, kernel.num_classes
-    check_dataset_size(fn, dataset_size, n)
+    check_dataset_size(fn, dataset_size, kernel.num_samples)
     if tail not in _TAILS:
         raise TangentlabError(f"{fn}: tail must be one of {list(_TAILS)}, got {tail!r}.")
-
     check_fraction_pair(fn, "fit_range", fit_range, "(0.1, 0.5)")
-    lo, hi = float(fit_range[0]), float(fit_range[1])
     if not _is_int(tail_bins) or tail_bins < 1:
         raise TangentlabError(f"{fn}: tail_bins must be a positive integer, got {tail_bins!r}.")
     if not isinstance(target_scale, numbers.Real) or not target_scale > 0:
         raise TangentlabError(f"{fn}: target_scale must be > 0, got {target_scale!r}.")
 
+
+def _observed(kernel: Kernel, dataset_size: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The observed modes: Spectrum fields, and the raw coefficients of f0 and onehot(y)."""
+    n, c = kernel.num_samples, kernel.num_classes
     lam, u = kernel.eigh()
     lam = lam.detach().cpu().double().numpy()[::-1].copy()  # descending
     u = u.detach().cpu().double().numpy()[:, ::-1]
@@ -201,19 +210,18 @@ def extrapolate(
     jw0 = None
     if kernel.jw0 is not None:
         jw0 = coef(kernel.jw0.detach().cpu().double().numpy().reshape(-1)) / math.sqrt(n)
-    base = dict(
-        kernel=kernel,
-        dataset_size=int(dataset_size),
-        mu=lam / n,
-        f0_coef=a / math.sqrt(n),
-        onehot_coef=b / math.sqrt(n),
-        perp_gram=perp_gram,
-        jw0_coef=jw0,
-    )
-    if tail == "none":
-        return Spectrum(**base, tail_start=int(lam.size))
+    base = dict(kernel=kernel, dataset_size=int(dataset_size), mu=lam / n,
+                f0_coef=a / math.sqrt(n), onehot_coef=b / math.sqrt(n), perp_gram=perp_gram,
+                jw0_coef=jw0)  # fmt: skip
+    return base, a, b
 
-    mu = lam / n
+
+def _powerlaw(fn, kernel, base, a, b, fit_range, tail_bins, target_scale) -> Spectrum:
+    """Fit μ_j ∝ j^-α and p_j ∝ j^-β on the window and extend (NOTE [power-law tail])."""
+    n, c = kernel.num_samples, kernel.num_classes
+    kron = c if kernel.is_trace else 1
+    mu = base["mu"]
+    lo, hi = float(fit_range[0]), float(fit_range[1])
     m = int(np.count_nonzero(mu > mu[0] * 1e-12)) if mu.size else 0
     j_lo, j_hi = int(math.floor(lo * m)), int(math.ceil(hi * m))
     if j_hi - j_lo < 3:
@@ -221,7 +229,7 @@ def extrapolate(
             f"{fn}: tail='powerlaw' needs at least 3 observed modes in fit_range={fit_range!r}; "
             f"the kernel has {m} non-zero modes. Use a larger subsample or a wider fit_range."
         )
-    full = dataset_size * c
+    full = base["dataset_size"] * c
     if kernel.projection_dim is not None:  # Θ = Φ Φ^T has rank <= k for every N
         full = min(full, kernel.projection_dim * kron)  # trace: rank(K ⊗ I_C) <= k' C
     j = np.arange(j_lo, j_hi) + 1.0  # 1-based mode index
@@ -241,7 +249,7 @@ def extrapolate(
         beta = alpha
     start = j_hi  # 0-based index of the first replaced mode; 1-based index j_hi + 1
     if full <= start:
-        return Spectrum(**base, tail_start=int(lam.size), info={"note": "nothing to extend"})
+        return Spectrum(**base, tail_start=int(mu.size), info={"note": "nothing to extend"})
     # geometric bins over the 1-based indices [start+1, full]
     edges = np.unique(np.round(np.geomspace(start + 1, full + 1, tail_bins + 1)).astype(np.int64))
     left, right = edges[:-1], edges[1:]  # bin = indices left..right-1

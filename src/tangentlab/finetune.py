@@ -44,7 +44,7 @@ from tangentlab import dynamics as dyn
 from tangentlab.data import Inputs, as_arrays, check_labels, num_rows, take, to_device
 from tangentlab.errors import TangentlabError, TangentlabWarning
 from tangentlab.forecast import BLOWUP_FACTOR
-from tangentlab.tangent import ParamSpec, _logits, check_output, select_params
+from tangentlab.tangent import ParamSpec, Tangent, _logits, check_output, select_params
 from tangentlab.training import (
     SGD,
     Loss,
@@ -237,15 +237,38 @@ def finetune(
     steps, batch_size = check_steps(fn, steps), check_batch_size(fn, batch_size)
     seed = check_seed(fn, seed)
     _check_settings(fn, log_every, bn, sampling, chunk_size, progress)
+    log_every = log_every or max(1, math.ceil(steps / _AUTO_LOG_POINTS))
+    net, x, y, batches, hyper = _setup(fn, model, data, optimizer, loss, steps, batch_size,
+                                       params, seed, log_every, bn, sampling, device)
+    dev = next(p for p in net.parameters() if p.requires_grad).device
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    # built outside the clock: the first torch optimizer of a process imports torch._dynamo
+    opt = optimizer.torch_optimizer(trainable)
+    run = _Run(net, opt, x, y, loss, dev, steps=steps, log_every=log_every, bn=bn,
+               chunk=chunk_size or _EVAL_CHUNK, reuse=batches is None and bn == "frozen")
+    run.train(batches, seed, progress)
+    return TrainingRun(
+        steps=np.asarray(run.steps, dtype=np.int64),
+        loss=np.asarray(run.losses, dtype=np.float64),
+        accuracy=np.asarray(run.accs, dtype=np.float64),
+        train_seconds=run.train_s, eval_seconds=run.eval_s,
+        wall_seconds=time.perf_counter() - t_call, hyperparameters=hyper,
+        diverged=run.diverged, divergence_step=run.div_step, interrupted=run.interrupted,
+        steps_done=run.done, model=net, optimizer=optimizer, loss_function=loss,
+    )  # fmt: skip
+
+
+def _setup(fn, model, data, optimizer, loss, steps, batch_size, params, seed, log_every, bn,
+           sampling, device):  # fmt: skip
+    """The trainable copy, the data on its device, the batch schedule and the settings."""
     x, y = as_arrays(data, where=fn)
     n = num_rows(x)
-    if log_every is None:
-        log_every = max(1, math.ceil(steps / _AUTO_LOG_POINTS))
     net, names, trainable = _trainable_copy(fn, model, params, device)
     dev = trainable[0].device
     if _nbytes(x) <= _MOVE_DATA_BYTES:  # else chunks are moved as they are used
         x = to_device(x, dev)
     y = y.to(_device_of(x))  # labels and batch ids live with the inputs
+    Tangent(net, params=names).preflight(to_device(take(x, slice(0, 4)), dev), where=fn)
     with torch.no_grad():  # probe one sample: output shape and number of classes
         out1 = _forward(net, to_device(take(x, slice(0, 1)), dev))
     check_output(out1, 1, fn)
@@ -267,20 +290,7 @@ def finetune(
         "dtype": str(trainable[0].dtype).replace("torch.", ""), "device": str(dev),
         "torch_optimizer": optimizer.describe(),
     }  # fmt: skip
-    # built outside the clock: the first torch optimizer of a process imports torch._dynamo
-    opt = optimizer.torch_optimizer(trainable)
-    run = _Run(net, opt, x, y, loss, dev, steps=steps, log_every=log_every, bn=bn,
-               chunk=chunk_size or _EVAL_CHUNK, reuse=full_batch and bn == "frozen")  # fmt: skip
-    run.train(batches, seed, progress)
-    return TrainingRun(
-        steps=np.asarray(run.steps, dtype=np.int64),
-        loss=np.asarray(run.losses, dtype=np.float64),
-        accuracy=np.asarray(run.accs, dtype=np.float64),
-        train_seconds=run.train_s, eval_seconds=run.eval_s,
-        wall_seconds=time.perf_counter() - t_call, hyperparameters=hyper,
-        diverged=run.diverged, divergence_step=run.div_step, interrupted=run.interrupted,
-        steps_done=run.done, model=net, optimizer=optimizer, loss_function=loss,
-    )  # fmt: skip
+    return net, x, y, batches, hyper
 
 
 def _trainable_copy(fn: str, model: nn.Module, params: ParamSpec, device):

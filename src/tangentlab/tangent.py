@@ -358,9 +358,9 @@ class Tangent:
                      if isinstance(mod, stateful)] or [n for n, _ in training]  # fmt: skip
             raise TangentlabError(
                 f"{where}: {len(training)} modules of the model are in training "
-                f"mode (e.g. {_names(shown)}), switched back after the Tangent was made; the "
-                "tangent model needs eval mode (batch-norm statistics frozen, dropout off, "
-                "DESIGN.md §2). Call model.eval() first."
+                f"mode (e.g. {_names(shown)}; model.train() after the Tangent was made?); "
+                "the tangent model needs eval mode (batch-norm statistics frozen, dropout "
+                "off, DESIGN.md §2). Call model.eval() first."
             )
         xs = to_device(take(x, slice(0, m)), self.device)
         out, pull = vjp(lambda w: self._call(w, xs), self.w0)
