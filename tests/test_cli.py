@@ -295,6 +295,14 @@ def test_config_unreadable_is_a_usage_error(tmp_path):
         (["forecast", "--model", "tl_nowhere.mod:make", "--no-progress"], "--data"),
         ("forecast --example digits-cnn --model x.y:z --data d.npz".split(), "--example"),
         (["forecast", "--kernel", "missing.safetensors"], "missing.safetensors"),
+        (["forecast", *QUIET, "--momentum", "1"], "momentum must lie in [0, 1)"),
+        (["forecast", *QUIET, "--lr", "-0.1"], "lr must be a finite number > 0"),
+        (["forecast", *QUIET, "--steps", "-5"], "steps must be an integer >= 0"),
+        (["forecast", *QUIET, "--paths", "0"], "paths must be an integer >= 1"),
+        (["sweep", *QUIET, "--momentum", "0,1"], "momentum must lie in [0, 1)"),
+        (["validate", *QUIET, "--weight-decay", "-1"], "weight_decay must be"),
+        (["forecast", *QUIET, "--device", "cuda"], "--device cuda"),
+        (["forecast", *QUIET, "--loss", "ce", "--target-scale", "2"], "--target-scale"),
     ],
     ids=[
         "projection",
@@ -305,6 +313,14 @@ def test_config_unreadable_is_a_usage_error(tmp_path):
         "model-without-data",
         "example-and-model",
         "missing-kernel",
+        "momentum-1",
+        "negative-lr",
+        "negative-steps",
+        "paths-0",
+        "sweep-momentum-1",
+        "validate-weight-decay",
+        "cuda-without-cuda",
+        "ce-target-scale",
     ],
 )
 def test_bad_input_is_one_clear_line(args, says, tmp_path, monkeypatch):
@@ -382,3 +398,62 @@ def test_examples_lists_the_three_examples():
     assert names == ["digits-cnn", "fashion-lite0", "rt-minilm"] == list(EXAMPLES)
     for line, name in zip(lines, names):
         assert EXAMPLES[name][:30] in line
+
+
+# --------------------------------------------------------------------------- environment faults
+
+
+def test_environment_faults_are_one_line_and_debug_shows_the_traceback(cache, tmp_path):
+    """A read-only output folder: one line naming the path (exit 1), no traceback; with
+    --debug the traceback."""
+    import os
+
+    if os.geteuid() == 0:  # root writes into read-only folders: use a path under a file
+        out = tmp_path / "a-file" / "out"
+        (tmp_path / "a-file").write_text("not a folder")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "out"
+    res = invoke("forecast", *QUIET, "--cache", cache, "--out", out, "--steps", 3,
+                 "--lr", 0.001)  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "cannot read or write" in errors[0] and "--debug" in errors[0]
+    res = _runner().invoke(main, ["--debug", "forecast", *QUIET, "--cache", str(cache),
+                                  "--out", str(out), "--steps", "3", "--lr", "0.001"])
+    assert res.exit_code != 0 and isinstance(res.exception, OSError)  # the real exception
+
+
+def test_wrong_feature_count_and_non_numeric_csv_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynet.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),\n"
+        "                               torch.nn.Linear(8, 3))\n"
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ok.npz", X=rng.standard_normal((12, 4)), y=rng.integers(0, 3, 12))
+    np.savez(tmp_path / "bad.npz", X=rng.standard_normal((12, 5)), y=rng.integers(0, 3, 12))
+    # --model module:function imports from the current folder
+    ok(invoke("forecast", "--model", "mynet:make", "--data", "ok.npz", "--no-progress",
+              "--steps", 5, "--out", tmp_path / "o1"))  # fmt: skip
+    res = invoke("forecast", "--model", "mynet:make", "--data", "bad.npz", "--no-progress",
+                 "--steps", 5, "--out", tmp_path / "o2")  # fmt: skip
+    assert res.exit_code in (1, 2) and "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "shapes" in errors[0], res.stderr
+    (tmp_path / "f.csv").write_text("a,b,c,d,label\n1,2,x,4,0\n1,2,3,4,1\n")
+    res = invoke("forecast", "--model", "mynet:make", "--data", "f.csv", "--no-progress",
+                 "--out", tmp_path / "o3")  # fmt: skip
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "column 'c' is not numeric" in errors[0]
+    (tmp_path / "g.csv").write_text("a,b,c,d,label\n" + "".join(
+        f"{r[0]:.3f},{r[1]:.3f},{r[2]:.3f},{r[3]:.3f},{i % 3}\n"
+        for i, r in enumerate(rng.standard_normal((9, 4)))))  # fmt: skip
+    ok(invoke("forecast", "--model", "mynet:make", "--data", "g.csv", "--no-progress",
+              "--steps", 5, "--out", tmp_path / "o4"))  # fmt: skip

@@ -50,6 +50,7 @@ FULL_BATCH = [
     dict(target_scale=2.0, weight_decay=0.1),
     dict(loss="ce"),
     dict(loss="ce", momentum=0.9, weight_decay=0.01),
+    dict(momentum=0.5, weight_decay=0.2, decay_to="w0"),  # the run decays toward w0 too
 ]
 
 
@@ -70,6 +71,7 @@ MINIBATCH = [
     dict(batch_size=5, sampling="replacement"),
     dict(batch_size=8, momentum=0.8, weight_decay=0.02),
     dict(batch_size=5, loss="ce", momentum=0.5),
+    dict(batch_size=5, weight_decay=0.1, decay_to="w0"),
 ]
 
 
@@ -312,3 +314,20 @@ def test_full_batch_logs_reuse_the_step_forward_pass(cnn_data):
         np.testing.assert_allclose(long.loss[t], short.loss[-1], rtol=1e-5)
         assert long.accuracy[t] == short.accuracy[-1]
     assert long.eval_seconds > 0  # steps 0 and 4 are evaluated
+
+
+def test_same_objects_drive_forecast_and_run(linear):
+    """The optimizer and loss objects are recorded on both sides, and the torch optimizer
+    that finetune builds is the one they describe."""
+    model, data, kernel = linear
+    opt, loss = SGD(0.2, momentum=0.5, weight_decay=0.01), tl.MSE(2.0)
+    fc = tl.forecast(kernel, opt, 5, loss=loss)
+    run = finetune(model, data, opt, 5, loss=loss, progress=False)
+    assert fc.optimizer is opt and run.optimizer is opt
+    assert fc.loss_function is loss and run.loss_function is loss
+    torch_opt = opt.torch_optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(torch_opt, torch.optim.SGD)
+    group = torch_opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["dampening"]) == (
+        0.2, 0.5, 0.01, 0.0)  # fmt: skip
+    assert run.to_dict()["optimizer"] == opt.to_dict() == fc.to_dict()["optimizer"]

@@ -367,7 +367,7 @@ def test_csv_errors_fast(tmp_path: Path) -> None:
         load_data_spec(path, tokenizer_dir=tmp_path / "nowhere")
     columns = tmp_path / "c.csv"
     columns.write_text("review,stars\ngood,5\n")
-    with pytest.raises(TangentlabError, match=r"columns \['review', 'stars'\]; expected 'text'"):
+    with pytest.raises(TangentlabError, match=r"column 'review' is not numeric .*'text' and 'label'"):
         load_data_spec(columns, tokenizer_dir=tmp_path)
     empty = tmp_path / "e.csv"
     empty.write_text("text,label\n")
@@ -460,3 +460,16 @@ def test_data_spec_errors(tmp_path: Path) -> None:
     ]:
         with pytest.raises(TangentlabError, match=message):
             load_data_spec(ok, **kwargs)
+
+
+def test_numeric_csv_features_and_label(tmp_path):
+    """A CSV of numeric feature columns and a label column loads as X [N, D] float32."""
+    path = tmp_path / "f.csv"
+    path.write_text("a,b,label\n0.5,1,cat\n2,3.5,dog\n-1,0,cat\n")
+    X, y = load_data_spec(path)
+    assert X.dtype == torch.float32 and X.shape == (3, 2)
+    torch.testing.assert_close(X[1], torch.tensor([2.0, 3.5]))
+    assert y.tolist() == [0, 1, 0]
+    path.write_text("x1,x2,y\n1,2,0\n3,4,1\n")  # no 'label' column: the last one is it
+    X, y = load_data_spec(path)
+    assert X.shape == (2, 2) and y.tolist() == [0, 1]

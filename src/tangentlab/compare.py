@@ -41,7 +41,8 @@ from tangentlab.training import is_real
 
 _PLATEAU_TAIL = 0.1  # NOTE [plateau on a common window]
 _L0_REL_TOL = 1e-3  # initial losses further apart than this are flagged (different setups?)
-_SETTINGS = ("lr", "momentum", "weight_decay", "loss", "target_scale", "num_samples")
+_SETTINGS = ("optimizer", "lr", "momentum", "weight_decay", "loss", "target_scale",
+             "num_samples")  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +207,17 @@ def compare(
     target = _target_part(fc, steps, loss_run, loss_fc, target_loss, target_drop, horizon)
     plateau = _plateau_part(steps, loss_run, loss_fc, plateau_rel_eps)
     final = _final_part(steps, loss_run, loss_fc, acc_run, acc_fc, l0, notes)
+    return Comparison(
+        steps=steps, loss_run=loss_run, loss_forecast=loss_fc, accuracy_run=acc_run,
+        accuracy_forecast=acc_fc, initial_loss=l0, **target, **plateau, **final,
+        **_coverage_and_cost(fc, rn, steps, loss_run, loss_fc, forecast_seconds),
+        diverges_forecast=bool(fc["diverges"]), diverged_run=bool(rn["diverged"]),
+        notes=tuple(notes),
+    )  # fmt: skip
+
+
+def _coverage_and_cost(fc, rn, steps, loss_run, loss_fc, forecast_seconds) -> dict:
+    """Band coverage of the run's loss, and the cost ratios (run seconds / forecast)."""
     coverage = None
     if fc["band"] is not None:
         low, high = fc["band"][0][steps], fc["band"][1][steps]
@@ -218,13 +230,7 @@ def compare(
             ratio = rn["train_seconds"] / forecast_seconds
         if rn["wall_seconds"] is not None:
             ratio_eval = rn["wall_seconds"] / forecast_seconds
-    return Comparison(
-        steps=steps, loss_run=loss_run, loss_forecast=loss_fc, accuracy_run=acc_run,
-        accuracy_forecast=acc_fc, initial_loss=l0, **target, **plateau, **final,
-        band_coverage=coverage, diverges_forecast=bool(fc["diverges"]),
-        diverged_run=bool(rn["diverged"]), cost_ratio=ratio, cost_ratio_with_eval=ratio_eval,
-        notes=tuple(notes),
-    )  # fmt: skip
+    return dict(band_coverage=coverage, cost_ratio=ratio, cost_ratio_with_eval=ratio_eval)
 
 
 def _check_args(fn, plateau_rel_eps, target_drop, target_loss, forecast_seconds) -> None:
@@ -474,6 +480,9 @@ def _check_same_settings(fn: str, hf: Mapping, hr: Mapping) -> None:
         same = math.isclose(a, b, rel_tol=1e-9) if is_real(a) and is_real(b) else a == b
         if not same:
             diff.append(f"{key} ({a!r} vs {b!r})")
+    if hf.get("weight_decay") and hf.get("decay_to") and hr.get("decay_to"):
+        if hf["decay_to"] != hr["decay_to"]:
+            diff.append(f"decay_to ({hf['decay_to']!r} vs {hr['decay_to']!r})")
     n = hf.get("num_samples") or hr.get("num_samples")
     if "batch_size" in hf and "batch_size" in hr:
         a, b = (_full(hf["batch_size"], n), _full(hr["batch_size"], n))

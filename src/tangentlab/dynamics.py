@@ -389,23 +389,19 @@ def iterate_trajectory(
 
     Args:
       op: kernel products (primal or dual).
-      f0: initial outputs, ``[N, C]``.
-      targets: labels, ``[N]``.
-      anchor: weight-decay anchor ``a`` (``f0 - J w0`` or ``f0``), ``[N, C]``.
-      loss: ``"mse"`` or ``"ce"``.
-      scale: MSE target scale s.
+      f0, targets, anchor: initial outputs ``[N, C]``, labels ``[N]``, weight-decay anchor
+        ``a`` (``f0 - J w0`` or ``f0``) ``[N, C]``.
+      loss, scale: ``"mse"`` or ``"ce"``; the MSE target scale s.
       lr, momentum, weight_decay: torch SGD's η, m, λ.
       heavy_ball: exact heavy-ball buffer (True) or effective learning rate (False).
       steps: number of optimizer steps T.
       batches: the sample ids of each step (:func:`batch_schedule`), or ``None`` for full
         batch (then Θ is applied in one product).
       blowup_loss: stop once the loss exceeds this (NOTE [divergence]).
-      scale_t: kernel scale s(t) per step, ``[>= T]``: step t uses s(t) Θ (the
-        experimental kernel-growth option, :mod:`tangentlab.experimental.growth`);
-        ``None``: s = 1.
+      scale_t: s(t) per step ``[>= T]``: step t uses s(t) Θ (experimental kernel growth,
+        :mod:`tangentlab.experimental.growth`); ``None``: s = 1.
 
-    Returns:
-      A one-path :class:`Trajectory`.
+    Returns a one-path :class:`Trajectory`.
     """
     n, c = f0.shape
     f = f0.reshape(-1).copy()
@@ -547,10 +543,8 @@ def sde_trajectories(
 
     with ``Δ P ξ`` the vector whose block i is ``δ_i (ξ_i - mean ξ)``, κ = (N-B)/(N-1)
     for batches drawn without replacement and 1 with replacement. Momentum as in
-    :func:`iterate_trajectory`. Trade-offs: NOTE [noise: simulate vs sde].
-
-    Returns:
-      A ``paths``-path :class:`Trajectory`.
+    :func:`iterate_trajectory`. Trade-offs: NOTE [noise: simulate vs sde]. Returns a
+    ``paths``-path :class:`Trajectory`.
     """
     n, c = f0.shape
     nc = n * c
@@ -757,16 +751,26 @@ def mode_states(
                     decay = np.exp(-lr * h[:, None] * t[None, :])
                 yield start, xs[:, None] + decay * gap[:, None]
         return
-    x = x0.copy()
-    buf = np.zeros_like(x)
-    out = np.empty((x.size, min(chunk, len(times))))
+    buf = np.zeros_like(x0)
+
+    def heavy_ball(x: np.ndarray, _t: int) -> np.ndarray:
+        buf[:] = momentum * buf + (problem.h * x - problem.b)
+        return x - lr * buf
+
+    yield from _stepped_states(x0.copy(), times, heavy_ball, chunk)
+
+
+def _stepped_states(
+    x: np.ndarray, times: np.ndarray, advance: Callable[[np.ndarray, int], np.ndarray], chunk: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Mode states at the sorted ``times`` by iterating ``x <- advance(x, t)`` once per
+    step, yielded in chunks ``(offset, X [modes, len])`` (O(modes) per step)."""
+    out = np.empty((x.size, min(chunk, max(len(times), 1))))
     filled, start, t_now = 0, 0, 0
     with np.errstate(over="ignore", invalid="ignore"):
         for i, t_want in enumerate(times):
             while t_now < t_want:
-                buf *= momentum
-                buf += problem.h * x - problem.b
-                x -= lr * buf
+                x = advance(x, t_now)
                 t_now += 1
             out[:, filled] = x
             filled += 1
@@ -800,30 +804,20 @@ def scaled_mode_states(
     """
     kern = problem.h - weight_decay  # λ_j / N (0 for the two modes outside span(U))
     b = problem.b
-    x = problem.x0.copy()
-    buf = np.zeros_like(x)
-    out = np.empty((x.size, min(chunk, max(len(times), 1))))
-    filled, start, t_now = 0, 0, 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i, t_want in enumerate(times):
-            while t_now < t_want:
-                h = scale_t[t_now] * kern + weight_decay
-                if scheme == "gd":
-                    x -= lr * (h * x - b)
-                elif scheme == "flow":
-                    pos = h > 0
-                    xs = np.where(pos, b / np.where(pos, h, 1.0), x)
-                    x = xs + np.exp(-lr * h) * (x - xs)
-                else:
-                    buf *= momentum
-                    buf += h * x - b
-                    x -= lr * buf
-                t_now += 1
-            out[:, filled] = x
-            filled += 1
-            if filled == out.shape[1] or i == len(times) - 1:
-                yield start, out[:, :filled].copy()
-                start, filled = i + 1, 0
+    buf = np.zeros_like(problem.x0)
+
+    def advance(x: np.ndarray, t: int) -> np.ndarray:
+        h = scale_t[t] * kern + weight_decay
+        if scheme == "gd":
+            return x - lr * (h * x - b)
+        if scheme == "flow":
+            pos = h > 0
+            xs = np.where(pos, b / np.where(pos, h, 1.0), x)
+            return xs + np.exp(-lr * h) * (x - xs)
+        buf[:] = momentum * buf + (h * x - b)
+        return x - lr * buf
+
+    yield from _stepped_states(problem.x0.copy(), times, advance, chunk)
 
 
 def spectral_loss(

@@ -163,64 +163,38 @@ def finetune(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> TrainingRun:
-    r"""Fine-tune a copy of ``model`` with SGD and record the training loss over steps.
+    r"""Fine-tune a copy of ``model`` and record the full training loss over steps.
 
-    Each step is one update of the selected weights by the torch optimizer that
-    ``optimizer`` builds (``tl.SGD``: exactly ``torch.optim.SGD(lr=η, momentum=m,
-    weight_decay=λ, dampening=0)``) on the loss of its batch b_t:
-
-    .. math::
-        \ell_{b_t}(w) = \frac{1}{|b_t|} \sum_{i \in b_t} \ell(f_w(x_i), y_i),\qquad
-        \ell = \tfrac12 \lVert f - s\,e_y \rVert^2 \ \text{(MSE)}\ \text{or}\
-        -\log\operatorname{softmax}(f)_y \ \text{(CE)}
-
-    and the logged loss is L_t = (1/N) Σ_i ℓ(f_{w_t}(x_i), y_i) over the whole training
-    set (eval mode, no gradients): the quantity :func:`tangentlab.forecast` predicts. Zancato
-    et al., 2020, "Predicting training time without training",
-    https://arxiv.org/abs/2008.12478.
+    Each step is one update of the selected weights by the torch optimizer ``optimizer``
+    builds (``tl.SGD``: exactly ``torch.optim.SGD(lr, momentum, weight_decay,
+    dampening=0)``) on the mean loss of its batch, ℓ_b(w) = (1/|b|) Σ_{i∈b} ℓ(f_w(x_i), y_i);
+    the logged loss L_t = (1/N) Σ_i ℓ(f_{w_t}(x_i), y_i) is over the whole training set
+    (eval mode, no gradients): the quantity :func:`tangentlab.forecast` predicts (Zancato et
+    al., 2020, https://arxiv.org/abs/2008.12478).
 
     Args:
-      model: a ``torch.nn.Module`` mapping a batch ``[B, ...]`` (or keyword tensors
-        ``[B, L]``, called as ``model(**x)``) to logits ``[B, C]`` (a tensor or an output
-        with ``.logits``). It is deep-copied: the caller's model, its mode and its
-        ``requires_grad`` flags are never changed (memory: one more copy of the model).
-      data: ``(X, y)`` tensors/arrays (``X`` may be a dict of tensors), a ``Dataset`` or a
-        ``DataLoader`` (see :mod:`tangentlab.data`), as for the kernel.
-      optimizer: the optimizer object, as given to :func:`tangentlab.forecast` (e.g.
-        ``tl.SGD(0.01, momentum=0.9)``); weight decay acts on the trained weights only.
+      model: ``nn.Module`` mapping ``[B, ...]`` (or keyword tensors ``[B, L]``) to logits
+        ``[B, C]`` (or an output with ``.logits``). Deep-copied: the caller's model, its mode
+        and ``requires_grad`` flags never change (memory: one more copy).
+      data: ``(X, y)`` tensors/arrays, a ``Dataset`` or a ``DataLoader``, as for the kernel.
+      optimizer: as given to :func:`tangentlab.forecast`, e.g. ``tl.SGD(0.01, momentum=0.9)``
+        (weight decay acts on the trained weights only).
       steps: number of optimizer steps T (>= 0).
-      loss: ``tl.MSE(target_scale=s)`` (½‖f - s·onehot(y)‖² summed over outputs, mean over
-        samples; also ``"mse"``) or ``tl.CrossEntropy()`` (also ``"ce"``).
-      batch_size: B; ``None`` or >= N means full batch (every step uses all N samples).
-      params: which weights are trained (:func:`tangentlab.tangent.select_params`: ``None``
-        = every parameter with ``requires_grad``, a regex, or a list of names); the others
-        stay fixed. Use the selection the kernel was computed with.
-      seed: seed of the minibatch order (NOTE [same batches as the forecast]) and of
-        torch's random ops during training (dropout with ``bn="train"``); the caller's
-        global random state is left untouched.
-      log_every: evaluate the full-training-set loss every this many steps (plus step 0 and
-        the last step). ``None``: ``ceil(steps / 200)`` (at most ~200 evaluations, each a
-        forward pass over N samples; free for full batch with ``bn="frozen"``, NOTE
-        [full-batch logging]). Steps-to-target is located to this resolution; pass 1 for
-        exact step counts.
-      bn: ``"frozen"`` (default, the tangent model's convention: the model stays in eval
-        mode while training, so batch-norm running statistics never change and dropout is
-        off) or ``"train"`` (train mode for the optimizer steps: batch statistics, running
-        statistics updated, dropout on; recorded in the run's hyper-parameters).
-      sampling: ``"epoch"`` (reshuffle each epoch, as ``DataLoader(shuffle=True,
-        drop_last=False)``) or ``"replacement"`` (i.i.d. batches), as in the forecast.
-      chunk_size: most samples per forward pass. The loss evaluation always runs in chunks
-        (default 256). With ``bn="frozen"`` a larger training batch is split too and its
-        gradient accumulated (the same update, up to summation order); with ``bn="train"``
-        a batch is one forward pass (splitting would change its batch statistics).
-      device: where to train (default: where the model's weights are).
-      progress: show a progress bar (tqdm, on stderr) for runs longer than ~2 s.
+      loss: ``tl.MSE(target_scale=s)`` (also ``"mse"``) or ``tl.CrossEntropy()`` (``"ce"``).
+      batch_size: B; ``None`` or >= N means full batch.
+      params: the trained weights (:func:`tangentlab.tangent.select_params`), as for the
+        kernel; the others stay fixed.
+      seed: seed of the batch order (NOTE [same batches as the forecast]) and torch's RNG.
+      log_every: evaluate L_t every this many steps (plus 0 and T; ``None``: ceil(T/200));
+        steps-to-target is located to this resolution (1: exact).
+      bn: ``"frozen"`` (eval mode while training, as the tangent model) or ``"train"``
+        (batch statistics, running statistics updated, dropout on).
+      sampling: ``"epoch"`` (reshuffle each epoch) or ``"replacement"``, as in the forecast.
+      chunk_size: most samples per forward pass (default 256; a frozen-BN batch is split).
+      device, progress: where to train (default: the model's); a progress bar (stderr).
 
-    Returns:
-      A :class:`TrainingRun` (its ``model`` is the fine-tuned copy).
-
-    Raises:
-      TangentlabError: on invalid settings, data or model output, naming the fix.
+    Returns a :class:`TrainingRun` (``model``: the fine-tuned copy). Raises TangentlabError
+    on invalid settings, data or model (:meth:`tangentlab.Tangent.preflight`).
 
     Example::
 
@@ -240,12 +214,8 @@ def finetune(
     log_every = log_every or max(1, math.ceil(steps / _AUTO_LOG_POINTS))
     net, x, y, batches, hyper = _setup(fn, model, data, optimizer, loss, steps, batch_size,
                                        params, seed, log_every, bn, sampling, device)
-    dev = next(p for p in net.parameters() if p.requires_grad).device
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    # built outside the clock: the first torch optimizer of a process imports torch._dynamo
-    opt = optimizer.torch_optimizer(trainable)
-    run = _Run(net, opt, x, y, loss, dev, steps=steps, log_every=log_every, bn=bn,
-               chunk=chunk_size or _EVAL_CHUNK, reuse=batches is None and bn == "frozen")
+    run = _Run.start(net, optimizer, x, y, loss, steps=steps, log_every=log_every, bn=bn,
+                     chunk=chunk_size or _EVAL_CHUNK, reuse=batches is None and bn == "frozen")
     run.train(batches, seed, progress)
     return TrainingRun(
         steps=np.asarray(run.steps, dtype=np.int64),
@@ -330,6 +300,14 @@ class _Run:
         self.train_s = self.eval_s = 0.0
         self.blowup = math.inf
         self.diverged, self.div_step, self.interrupted, self.done = False, None, False, 0
+
+    @classmethod
+    def start(cls, net, optimizer: SGD, x, y, loss: Loss, **kw) -> _Run:
+        """The torch optimizer over the trainable weights, built before the clock starts
+        (the first torch optimizer of a process imports torch._dynamo)."""
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        return cls(net, optimizer.torch_optimizer(trainable), x, y, loss, trainable[0].device,
+                   **kw)  # fmt: skip
 
     def log(self, step: int, measured: tuple[float, float] | None = None) -> bool:
         """Evaluate (or take ``measured``) and record ``step``; False on a blow-up."""

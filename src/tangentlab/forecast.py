@@ -255,23 +255,10 @@ def forecast(
         random subset of n <= N of them: full-batch MSE on N samples from the subsample's
         spectrum (:func:`tangentlab.extrapolate.extrapolate`, no tail; pass a ``Spectrum``
         for a power-law tail). Accuracy is then that of the n subsampled points.
-      noise: minibatch forecast by ``"simulate"`` (exact minibatch SGD of the tangent model,
-        default) or ``"sde"`` (Euler-Maruyama with the minibatch noise covariance).
-      sampling: ``"epoch"`` (reshuffle each epoch, as DataLoader(shuffle=True,
-        drop_last=False)) or ``"replacement"`` (i.i.d. batches of B ids).
-      time: ``"discrete"`` (exact optimizer steps, default) or ``"continuous"`` (gradient
-        flow at the effective rate; full batch only).
-      momentum_mode: ``"heavy_ball"`` (exact torch buffers; default in discrete time) or
-        ``"effective"`` (plain steps at η̃ = η/(1-m); the only choice in continuous time).
-      execution: ``"auto"``, ``"spectral"`` (full-batch MSE closed form), ``"primal"``
-        (products through ``features``, memory NC·k) or ``"dual"`` (dense Θ, (NC)^2).
-      band: quantiles of the per-path loss reported as ``loss_band``.
-      ode_method: scipy solver of the gradient flow (CE, ``time="continuous"``).
-      accuracy_every: full-batch MSE only: evaluate the accuracy every this many steps and
-        interpolate between (each evaluation is an NC × m product). ``None``: every step
-        unless that exceeds ~2e11 flops, then the smallest stride that fits.
-      stability: compute ``Forecast.stability`` when the closed form does not already give
-        λ_max (a Lanczos run, ~20-60 kernel products); ``False`` saves it.
+      noise, sampling, time, momentum_mode, execution, band, ode_method, accuracy_every,
+        stability: solver options with sensible defaults, each documented in
+        :class:`Settings` (minibatch noise model and sampling, discrete steps or gradient
+        flow, heavy-ball or effective momentum, primal/dual products, band quantiles, ...).
 
     Returns:
       A :class:`Forecast`.
@@ -402,7 +389,8 @@ def sweep(
     prep = _Prepared(kernel, spec)
     with warnings.catch_warnings():  # one summary below instead of one warning per row
         warnings.simplefilter("ignore", ValidityWarning)
-        forecasts = [forecast_settings(prep, bind(fn, s, kernel, spec)) for s in checked]
+        forecasts = [forecast_settings(prep, bind(fn, s, kernel, spec))
+                     for s in _bar(checked, "sweep", "setting")]  # fmt: skip
     outside = sum(1 for fc in forecasts if "validity" in fc.method)
     if outside:
         warnings.warn(
@@ -512,9 +500,29 @@ _SOLVER_OPTIONS = ("noise", "sampling", "time", "momentum_mode", "execution", "b
 class Settings:
     """Validated forecast settings (:func:`check_options`), bound to a kernel by :func:`bind`.
 
-    ``stochastic`` (B < N) and ``momentum_mode`` are resolved by :func:`bind`;
-    ``kernel_scale`` s(t) is the experimental kernel-growth hook
-    (:mod:`tangentlab.experimental.growth`): step t uses s(t) Θ.
+    Attributes (the keyword options of :func:`forecast`):
+      optimizer, loss, steps, batch_size, paths, seed: as in :func:`forecast`.
+      noise: minibatch forecast by ``"simulate"`` (exact minibatch SGD of the tangent model,
+        default) or ``"sde"`` (Euler-Maruyama with the minibatch noise covariance).
+      sampling: ``"epoch"`` (reshuffle each epoch, as DataLoader(shuffle=True,
+        drop_last=False)) or ``"replacement"`` (i.i.d. batches of B ids).
+      time: ``"discrete"`` (exact optimizer steps, default) or ``"continuous"`` (gradient
+        flow at the effective rate; full batch only).
+      momentum_mode: ``"heavy_ball"`` (exact torch buffers; default in discrete time) or
+        ``"effective"`` (plain steps at η̃ = η/(1-m); the only choice in continuous time).
+      execution: ``"auto"``, ``"spectral"`` (full-batch MSE closed form), ``"primal"``
+        (products through ``features``, memory NC·k) or ``"dual"`` (dense Θ, (NC)^2).
+        ``auto`` takes the closed form for full-batch MSE, else the cheaper of the two.
+      band: quantiles of the per-path loss reported as ``loss_band``.
+      ode_method: scipy solver of the gradient flow (CE, ``time="continuous"``).
+      accuracy_every: full-batch MSE only: evaluate the accuracy every this many steps and
+        interpolate between (each evaluation is an NC × m product). ``None``: every step
+        unless that exceeds ~2e11 flops, then the smallest stride that fits.
+      stability: compute ``Forecast.stability`` when the closed form does not already give
+        λ_max (a Lanczos run, ~20-60 kernel products); ``False`` saves it.
+      stochastic: B < N, resolved by :func:`bind`.
+      kernel_scale: s(t), the experimental kernel-growth hook
+        (:mod:`tangentlab.experimental.growth`): step t uses s(t) Θ.
     """
 
     optimizer: SGD
@@ -838,7 +846,7 @@ def _solve_simulate(prep: _Prepared, s: Settings) -> _Solution:
     execution = prep.choose_execution(s.execution, cols, max(s.steps * s.paths, 1))
     op = prep.operator(execution)
     trajs = []
-    for rng in dyn.path_rngs(s.seed, s.paths):
+    for rng in _bar(dyn.path_rngs(s.seed, s.paths), "forecast", "path"):
         batches = dyn.batch_schedule(prep.n, s.batch_size, s.steps, sampling=s.sampling, rng=rng)
         trajs.append(_iterate(prep, s, op, batches))
     return _Solution(
@@ -996,6 +1004,13 @@ def _hyper(prep: _Prepared, s: Settings) -> dict[str, Any]:
     if prep.spec is not None:
         hyper["subsample_size"] = prep.n
     return hyper
+
+
+def _bar(items: list, desc: str, unit: str):
+    """A progress bar on stderr for loops that last more than 2 s (only on a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, delay=2.0, leave=False, disable=None)
 
 
 def _accuracy_stride(requested: int | None, nc: int, m: int, count: int) -> int:

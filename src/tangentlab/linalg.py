@@ -25,7 +25,7 @@ __all__ = ["METHODS", "PrecisionFallbackWarning", "projected_eigh"]
 METHODS = ("auto", "float64", "float64-scipy", "float32", "svd32", "svd64")
 
 # chosen by measurement (NOTE [projected eigh]): accuracy first, then speed
-DEFAULT_METHOD = "float64"
+DEFAULT_METHOD = "float64-scipy"
 
 # Eigenvalues at or below DROP_RTOL * lam_max are dropped: their directions are
 # numerically orthogonal to span(Phi) (eigenvalue 0, the residual there never decays).
@@ -47,43 +47,66 @@ def projected_eigh(
 
     Args:
       phi: features ``Phi`` ``[rows, k]`` (float32 or float64), ``k <= rows``.
-      method: ``"float64"`` (reference), ``"float32"`` (the default, ``"auto"``),
-        ``"svd32"`` / ``"svd64"`` (thin SVD of ``Phi``). See the NOTE below.
+      method: ``"auto"`` (= ``"float64-scipy"``, chosen by measurement), ``"float64"``,
+        ``"float32"``, ``"svd32"`` or ``"svd64"``; see the NOTE below.
       tol: round-off check of the float32 method: the largest ``|u_i^T u_j|``, ``i != j``,
-        over the worst-conditioned modes (below); above it, float64 is used instead.
-      check_spectrum: called with the raw eigenvalues of ``G`` before clamping (the
+        over the 32 modes of smallest eigenvalue; above it, float64 is used instead
+        (with a :class:`PrecisionFallbackWarning`).
+      check_spectrum: called with the raw eigenvalues of ``G`` before clamping at 0 (the
         kernel's positive-spectrum warning).
 
     Returns:
       ``(lam, U)``: ``lam`` ascending float64 ``[m]``, ``U`` float64 ``[rows, m]`` with
-      orthonormal columns, ``m <= k``; eigenvalues ``<= 1e-12 lam_max`` are dropped.
+      orthonormal columns, ``m <= k``; eigenvalues ``<= 1e-12 lam_max`` are dropped (their
+      directions are outside span(Phi): eigenvalue 0, the residual there never decays).
 
     Methods (``G = Phi^T Phi`` ``[k, k]``, eps32 = 6e-8)::
 
-      float64  G, eigh(G) and U = Phi V / sqrt(lam), all in float64. Exact to ~1e-16
-               lam_max for the float32 features given.
-      float32  G and eigh(G) in float32 (LAPACK ssyevd, ~2.5x faster than dsyevd),
-               W = Phi V in float32, then in float64 the Rayleigh quotients
-               lam_j = |W_j|^2 and U_j = W_j / |W_j|. lam_j is a Ritz value (error
-               second order in the eigenvector error, ~eps32^2 lam_max absolute); the
-               eigenvector u_j of a small eigenvalue picks up ~eps32 sqrt(lam_max/lam_j)
-               of the top modes, which is what the round-off check measures:
-               max |u_i^T u_j| over the 32 smallest kept modes j (cost rows*k*32, ~1%).
-               Failing it (a spectrum spread over > ~1e8, or ill-conditioned Phi) falls
-               back to float64 with a PrecisionFallbackWarning.
-      svd32/64 thin SVD Phi = U diag(s) V^T (LAPACK gesdd), lam = s^2: Gram-free, so
-               small eigenvalues are relatively more accurate (error ~eps s_max s_j
-               instead of eps s_max^2), but 2-4x slower than the float64 Gram path.
+      float64        G, eigh(G) (torch: LAPACK dsyevd of MKL) and U = Phi V / sqrt(lam),
+                     all float64: the reference, exact to ~1e-15 lam_max for the
+                     float32 features given.
+      float64-scipy  the same equations and precision; G by numpy (A^T A runs as BLAS
+                     syrk: half the flops of torch's GEMM) and dsyevd from scipy's
+                     OpenBLAS, ~1.5x faster than MKL's on the AMD EPYC measured.
+                     The default.
+      float32        G and eigh(G) in float32 (ssyevd ~2.5x faster than dsyevd), W = Phi V
+                     in float32, then in float64 the Rayleigh quotients lam_j = |W_j|^2
+                     and U_j = W_j / |W_j|. The float32 round-off of G, ~eps32 lam_max,
+                     leaks ~eps32 lam_max / lam_j of the other modes into u_j: fine for a
+                     narrow spectrum, but a projected NTK spreads over 1e5-1e8 and has
+                     near-null directions, which become spurious eigenpairs. The check
+                     (max |u_i^T u_j| over the 32 smallest modes, cost rows*k*32) then fails
+                     and float64 reruns: slower than float64 alone.
+      svd32 / svd64  thin SVD Phi = U diag(s) V^T (LAPACK gesdd), lam = s^2: Gram-free, so
+                     small eigenvalues keep relative accuracy (error ~eps s_max s_j instead
+                     of eps s_max^2): svd32 is accurate to ~1e-6 on every spectrum, but
+                     not faster than the float64 Gram path.
 
-    A partial eigensolver (top r pairs by randomized SVD / LOBPCG) is not offered: a
-    projected NTK's spectrum decays slowly enough that the modes it leaves out still
-    decay within a fine-tuning run, and no tail model kept the forecast within 1e-4 of
-    L_0 (benchmarks/results/eigh.md).
+    A partial eigensolver (top r = k/8 pairs by randomized SVD) is not offered: it is 4-10x
+    cheaper, but the modes it leaves out still decay within the run. Treated as not
+    decaying they add 5e-4..3e-1 of L_0 to the forecast; as one mode at their mean
+    eigenvalue (with their exact energy, an oracle) still 3e-4..3e-2.
 
-    NOTE [projected eigh]: measured by benchmarks/eigh.py (table in
-    benchmarks/results/eigh.md). Forecast error = max_t |L^_t - L_t| / L_0 of the
-    full-batch MSE curve, t <= 1000 steps at half the stability limit.
-    <<TABLE>>
+    NOTE [projected eigh]: measured by benchmarks/eigh.py (benchmarks/results/eigh.md):
+    9 cases, a real projected NTK (digits-cnn, NC = 4000, k = 2048, spread 6e5) and
+    synthetic power-law spectra lam_j ~ j^-1, j^-2 with NC in {5000, 10000}, k in
+    {1024, 2048, 4096} (spread 2e3..6e7). Time: CPU seconds, one thread, ratio to float64
+    in the same process (float64 at NC = 10000, k = 4096: <<T4096>> s). Forecast error:
+    max_t |L^_t - L_t| / L_0 of the full-batch MSE curve, t <= 1000 GD steps at half the
+    stability limit; the acceptance bar is 1e-4::
+
+      method             time / float64   eig err / lam_max   forecast err (real; worst)
+      float64-scipy      0.63 - 0.87      <= 2e-15            5e-15; 6e-12
+      float32 + check    0.55 (1 case)    4e-7                2.5e-6 where the check passed;
+                         1.2 - 1.9        (fell back)         8 of 9 cases fell back
+      float32, no check  0.39 - 0.73      <= 1e-6             2e-3; 5e-2         fails
+      svd32              0.92 - 1.15      <= 8e-6             1e-6; 6e-6
+      svd64              1.6 - 2.0        <= 3e-15            8e-15; 2e-12
+      partial (k/8)      0.10 - 0.24      up to 8e-3          5e-2; 3e-1         fails
+      partial + tail     0.10 - 0.24      up to 8e-3          1e-2; 3e-2         fails
+
+    Steps to an 80% drop: identical to the reference for float64-scipy, svd32 (within 4
+    of 371117), svd64; float32 without check off by up to 2.4x, partial never reaches it.
     """
     if method not in METHODS:
         raise TangentlabError(f"projected_eigh: method must be one of {METHODS}, got {method!r}.")
@@ -162,7 +185,7 @@ def _eigh_float32(phi, *, tol, check_spectrum, probes: int = 32):
     w, lam = w[:, order], lam[order]
     u = w.double() / lam.sqrt()
     # round-off check: the modes of smallest lam carry the largest float32 error
-    # (~eps32 sqrt(lam_max / lam_j) along the top modes); their overlap with all others
+    # (~eps32 lam_max / lam_j along the other modes); their overlap with all others
     j = min(probes, u.shape[1])
     if j > 0:
         overlap = u[:, :j].T @ u  # [j, m]

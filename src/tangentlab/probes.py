@@ -186,6 +186,31 @@ def _probe_chunk(
     return torch.tensor(rows, dtype=torch.float64).T
 
 
+def _check_trace_args(fn, model_or_tangent, params, probes, samples, chunk_size) -> Tangent:
+    if isinstance(model_or_tangent, Tangent):
+        tangent = model_or_tangent
+    elif isinstance(model_or_tangent, nn.Module):
+        tangent = Tangent(model_or_tangent, params=params)
+    else:
+        raise TangentlabError(
+            f"{fn}: expected an nn.Module or a Tangent, got {type(model_or_tangent).__name__}."
+        )
+    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int)
+                               or probes < 1):  # fmt: skip
+        raise TangentlabError(
+            f"{fn}: probes must be an integer >= 1 or None (exact trace), got {probes!r}; "
+            "e.g. probes=4."
+        )
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                or samples < 1):  # fmt: skip
+        raise TangentlabError(
+            f"{fn}: samples must be an integer >= 1 or None (all samples), got {samples!r}."
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise TangentlabError(f"{fn}: chunk_size must be an integer >= 1, got {chunk_size!r}.")
+    return tangent
+
+
 def kernel_trace(
     model_or_tangent: nn.Module | Tangent,
     data: Any,
@@ -226,27 +251,7 @@ def kernel_trace(
       A :class:`TraceProbe`.
     """
     fn = "kernel_trace"
-    if isinstance(model_or_tangent, Tangent):
-        tangent = model_or_tangent
-    elif isinstance(model_or_tangent, nn.Module):
-        tangent = Tangent(model_or_tangent, params=params)
-    else:
-        raise TangentlabError(
-            f"{fn}: expected an nn.Module or a Tangent, got {type(model_or_tangent).__name__}."
-        )
-    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int)
-                               or probes < 1):  # fmt: skip
-        raise TangentlabError(
-            f"{fn}: probes must be an integer >= 1 or None (exact trace), got {probes!r}; "
-            "e.g. probes=4."
-        )
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
-                                or samples < 1):  # fmt: skip
-        raise TangentlabError(
-            f"{fn}: samples must be an integer >= 1 or None (all samples), got {samples!r}."
-        )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise TangentlabError(f"{fn}: chunk_size must be an integer >= 1, got {chunk_size!r}.")
+    tangent = _check_trace_args(fn, model_or_tangent, params, probes, samples, chunk_size)
     points = [None] if weights is None else list(weights)
     if not points:
         raise TangentlabError(f"{fn}: weights is empty; pass None for w0 alone.")

@@ -390,7 +390,9 @@ def load_data_spec(
       resized to ``image_size`` x ``image_size`` (bilinear, antialiased) if given, else all
       images must have the same size.
     - ``*.csv`` with columns ``text`` and ``label``: tokenized with the tokenizer in
-      ``tokenizer_dir`` (padded / truncated to ``seq_len``) into a dict of int64 ``[N, L]``.
+      ``tokenizer_dir`` (padded / truncated to ``seq_len``) into a dict of int64 ``[N, L]``;
+      or numeric feature columns and a label column (``label``, else the last column):
+      ``X`` float32 ``[N, D]``.
     - a Hugging Face dataset folder (``save_to_disk``), columns ``text``/``label`` or
       ``image``/``label``; a ``DatasetDict`` uses its ``train`` split. Needs ``datasets``.
 
@@ -416,6 +418,14 @@ def load_data_spec(
         mismatched X / y lengths, empty data, bad labels, missing tokenizer.
     """
     shown = str(spec)
+    path = _check_data_args(spec, seq_len, image_size, num_samples)
+    pick = _Subset(num_samples, seed, shown)
+    X, y = _dispatch(path, shown, pick, tokenizer_dir, seq_len, image_size)
+    return _finish(X, y, shown)
+
+
+def _check_data_args(spec, seq_len, image_size, num_samples) -> Path:
+    shown = str(spec)
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         raise TangentlabError(
             f"load_data_spec: seq_len should be a positive int (got {seq_len!r})."
@@ -437,7 +447,11 @@ def load_data_spec(
         raise TangentlabError(
             f"load_data_spec: no file or directory at {shown!r}; check the path. " + DATA_SPEC_HELP
         )
-    pick = _Subset(num_samples, seed, shown)
+    return path
+
+
+def _dispatch(path: Path, shown: str, pick, tokenizer_dir, seq_len: int, image_size):
+    """Read ``path`` by what it is (folder kinds, then file extension)."""
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
             X, y = _load_hf_dataset(path, shown, pick, tokenizer_dir, seq_len, image_size)
@@ -462,7 +476,7 @@ def load_data_spec(
                 "expected .npz, .pt/.pth, .csv, an image folder or a saved Hugging Face "
                 "dataset folder. " + DATA_SPEC_HELP
             )
-    return _finish(X, y, shown)
+    return X, y
 
 
 class _Subset:
@@ -759,10 +773,13 @@ def _load_csv(
             f"load_data_spec: cannot parse CSV {shown!r}: {err}; write it with a header line "
             "'text,label' (e.g. DataFrame.to_csv(path, index=False))."
         ) from err
+    if "text" not in frame.columns and len(frame.columns) >= 2:
+        return _numeric_csv(frame, shown, pick)
     if not {"text", "label"} <= set(frame.columns):
         raise TangentlabError(
             f"load_data_spec: CSV {shown!r} has columns {list(frame.columns)}; expected 'text' "
-            "and 'label' (header line 'text,label')."
+            "and 'label' (header line 'text,label'), or numeric feature columns and a "
+            "'label' column."
         )
     incomplete = frame["text"].isna() | frame["label"].isna()
     if incomplete.any():
@@ -781,6 +798,37 @@ def _load_csv(
     y = _encode_labels(labels, shown)
     X = _tokenize([str(t) for t in frame["text"]], tokenizer_dir, seq_len, shown)
     return X, y
+
+
+def _numeric_csv(frame, shown: str, pick: _Subset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CSV of numeric feature columns and a label column (``label``, else the last)."""
+    import pandas as pd
+
+    label = "label" if "label" in frame.columns else frame.columns[-1]
+    features = frame.drop(columns=[label])
+    bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if bad:
+        sample = features[bad[0]].dropna().astype(str).head(1).tolist()
+        raise TangentlabError(
+            f"load_data_spec: CSV {shown!r} column {bad[0]!r} is not numeric (e.g. "
+            f"{sample[0] if sample else '?'!r}); a feature CSV needs numeric columns and a "
+            f"label column ({label!r}); a text CSV needs the columns 'text' and 'label'."
+        )
+    incomplete = features.isna().any(axis=1) | frame[label].isna()
+    if incomplete.any():
+        warnings.warn(
+            f"load_data_spec: dropping {int(incomplete.sum())} row(s) of {shown!r} with an "
+            "empty feature or label.",
+            TangentlabWarning,
+            stacklevel=3,
+        )
+        frame, features = frame[~incomplete], features[~incomplete]
+    rows = pick.rows(len(frame))
+    labels = frame[label].to_numpy()[rows]
+    if labels.dtype == object and all(isinstance(v, str) for v in labels):
+        labels = labels.astype(str)
+    X = torch.as_tensor(features.to_numpy(dtype=np.float32)[rows])
+    return X, _encode_labels(labels, shown)
 
 
 def _load_hf_dataset(

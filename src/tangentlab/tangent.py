@@ -351,6 +351,19 @@ class Tangent:
         m = min(num_rows(x), 4)
         if m < 1:
             raise TangentlabError(f"{where}: x holds no sample; pass at least 2.")
+        self._check_eval_mode(where)
+        xs = to_device(take(x, slice(0, m)), self.device)
+        out, pull = vjp(lambda w: self._call(w, xs), self.w0)
+        check_output(out.detach(), m, where)
+        diff, tol = self._batch_difference(xs, out.detach(), m, where)
+        gen = torch.Generator().manual_seed(seed)
+        u = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64)
+        (grads,) = pull(u.to(out))
+        zero = self._zero_gradients(grads, xs, m, where)
+        return Preflight(m, diff, tol, tuple(zero), time.perf_counter() - t0)
+
+    def _check_eval_mode(self, where: str) -> None:
+        """Preflight: no module in training mode (NOTE [eval mode])."""
         training = [(n or "<root>", mod) for n, mod in self.model.named_modules() if mod.training]
         if training:
             stateful = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -362,9 +375,9 @@ class Tangent:
                 "the tangent model needs eval mode (batch-norm statistics frozen, dropout "
                 "off, DESIGN.md §2). Call model.eval() first."
             )
-        xs = to_device(take(x, slice(0, m)), self.device)
-        out, pull = vjp(lambda w: self._call(w, xs), self.w0)
-        check_output(out.detach(), m, where)
+
+    def _batch_difference(self, xs: Inputs, out: torch.Tensor, m: int, where: str):
+        """Preflight: f0 of sample 0 alone against sample 0 in the batch; (diff, tol)."""
         tol = torch.finfo(out.dtype).eps ** 0.5
         diff = None
         if m >= 2:
@@ -383,9 +396,10 @@ class Tangent:
                     "in eval mode (frozen statistics; not model.train()) and remove "
                     "operations across the batch dimension (e.g. x - x.mean(0))."
                 )
-        gen = torch.Generator().manual_seed(seed)
-        u = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64)
-        (grads,) = pull(u.to(out))
+        return diff, tol
+
+    def _zero_gradients(self, grads: dict, xs: Inputs, m: int, where: str) -> list[str]:
+        """Preflight: refuse non-finite or all-zero gradients; warn on some zero tensors."""
         bad = [n for n in self.param_names if not bool(torch.isfinite(grads[n]).all())]
         if bad:
             raise TangentlabError(
@@ -414,7 +428,7 @@ class Tangent:
                 TangentlabWarning,
                 stacklevel=2,
             )
-        return Preflight(m, diff, tol, tuple(zero), time.perf_counter() - t0)
+        return zero
 
     def _affecting(self, xs: Inputs) -> str:
         """One sentence naming the model's parameters that do affect the outputs on ``xs``."""

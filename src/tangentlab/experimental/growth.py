@@ -268,10 +268,9 @@ def estimate_growth(
     r"""Kernel growth s(t) along the tangent model's own weight forecast — no training.
 
     For each probe step t: Δw(t) = J(X)^T a_t from the tangent model's full-batch SGD
-    (:func:`tangentlab.dynamics.displacement_coefficients`, one VJP over the N samples),
-    then s(t) = tr Θ(w0 + Δw(t)) / tr Θ(w0) by :func:`tangentlab.kernel_trace`, then
-    :func:`fit_growth`. With ``iterations > 1`` the displacement is recomputed with the
-    previous s(t) (a fixed-point iteration: a grown kernel moves the outputs faster).
+    (:func:`tangentlab.dynamics.displacement_coefficients`), s(t) = tr Θ(w0 + Δw(t)) /
+    tr Θ(w0) by :func:`tangentlab.kernel_trace`, then :func:`fit_growth`; ``iterations > 1``
+    recomputes the displacement with the previous s(t) (a fixed-point iteration).
 
     Args:
       model_or_tangent, data: as :func:`tangentlab.compute_kernel` (the same data as
