@@ -279,6 +279,8 @@ def _plain_run(name: str, ex, state: dict, key: str) -> None:
     )  # fmt: skip
     state.setdefault("plain", {})[key] = dict(
         steps=c["steps"],
+        steps_done=int(run.steps_done),
+        diverged=bool(run.diverged),
         train_seconds=run.train_seconds,
         wall_seconds=run.wall_seconds,
         final_loss=float(run.loss[-1]),
@@ -632,11 +634,24 @@ def report() -> str:
             if label == "Fresh":
                 for key, p in s.get("plain", {}).items():
                     lines.append("")
+                    c = s["cells"][key]
+                    done = p.get("steps_done")
+                    how = (
+                        f"{done} of {p['steps']} steps" if done is not None
+                        else f"{p['steps']} steps requested"
+                    )  # fmt: skip
+                    if c["diverged_run"]:
+                        how += (
+                            f"; the cached-trunk run diverged at step {c['run_steps'][-1]} and "
+                            "stopped; the plain run ended non-finite too (it stops at its "
+                            "first non-finite batch loss)"
+                            + ("" if done is not None else "; its step count was not recorded")
+                        )
                     lines.append(
-                        f"Plain full-network run of `{key}`: {p['steps']} steps in "
-                        f"{p['train_seconds']:.1f} s (training only; {p['wall_seconds']:.1f} s "
-                        f"wall), final loss {p['final_loss']:.5g} vs {p['cached_final_loss']:.5g}"
-                        " with the cached trunk."
+                        f"Plain full-network run of `{key}` ({how}): {p['train_seconds']:.1f} s "
+                        f"training ({p['wall_seconds']:.1f} s wall) vs {c['train_seconds']:.1f}"
+                        f" s for the cached-trunk run of the same cell; final loss "
+                        f"{p['final_loss']:.5g} vs {c['run_loss'][-1]:.5g}."
                     )
             png = _plot(name, s, sfx)
             lines += [""] + ([f"![{name}](results/{png})", ""] if png else [])

@@ -247,7 +247,8 @@ def test_zero_kernel_is_refused(tmp_path, projection, monkeypatch):
     with pytest.raises(TangentlabError, match=r"kernel is zero.*params='\^0\\\\\.'.*Select"):
         _kernel(tmp_path / "e", model=model, params=r"^0\.", projection=projection)
     assert not (tmp_path / "e" / "kernel.safetensors").exists()
-    _kernel(tmp_path / "d", model=model, projection=projection)  # all weights: not zero
+    k = _kernel(tmp_path / "d", model=model, projection=projection)  # all weights: not zero
+    assert float(k.gram().abs().max()) > 0 and (tmp_path / "d" / "kernel.safetensors").exists()
 
 
 # ---- the eigendecomposition is kept with the kernel ---------------------------------------

@@ -176,12 +176,12 @@ def test_powerlaw_tail_divergence_and_weight_decay():
 def test_sweep_with_dataset_size():
     k = make_kernel()
     result = sweep(k, SGD.grid(lr=[0.1, 0.5], momentum=[0.0, 0.9]), 50, dataset_size=500)
-    assert len(result.table) == 4
+    assert len(result.table) == len(result.forecasts) == 4
     for fc in result.forecasts:
         assert fc.hyperparameters["num_samples"] == 500
     spec = extrapolate(k, 500, tail="powerlaw", fit_range=(0.2, 0.6))
     result = sweep(spec, SGD.grid(lr=[0.1, 0.5]), 50)
-    assert all(fc.method["extrapolation"]["tail"] == "powerlaw" for fc in result.forecasts)
+    assert len(result.forecasts) == 2 and all(fc.method["extrapolation"]["tail"] == "powerlaw" for fc in result.forecasts)
 
 
 # ---- errors ----------------------------------------------------------------------------

@@ -147,8 +147,14 @@ def test_accuracy_stride_interpolates_between_evaluations():
     every = forecast(k, SGD(1.0), 40)
     strided = forecast(k, SGD(1.0), 40, accuracy_every=10)
     assert strided.method["accuracy_every"] == 10
-    for t in (0, 10, 20, 30, 39, 40):
+    for t in (0, 10, 20, 30, 40):  # the evaluated steps
         assert strided.accuracy[t] == every.accuracy[t]
+    # in between: linear between evaluations (steps 0..10 climb from 0.25 to 0.4), not the
+    # per-step accuracy
+    evaluated = np.arange(0, 41, 10)
+    want = np.interp(np.arange(41), evaluated, every.accuracy[evaluated])
+    np.testing.assert_allclose(strided.accuracy, want, rtol=0, atol=1e-12)
+    assert not np.array_equal(strided.accuracy, every.accuracy)
     np.testing.assert_allclose(strided.loss, every.loss)
 
 
@@ -224,7 +230,7 @@ def test_sweep_ranks_by_steps_to_target_and_decomposes_once(monkeypatch):
     df = result.table
     assert len(calls) == 1  # the cached decomposition served every closed form
     assert isinstance(result, Sweep) and isinstance(df, pd.DataFrame) and len(df) == 8
-    assert list(df["rank"]) == list(range(1, 9))
+    assert list(df["rank"]) == list(range(1, 9)) and len(result.forecasts) == 8
     for (_, row), fc in zip(df.iterrows(), result.forecasts):
         want = fc.steps_to(target)
         assert (pd.isna(row["steps_to_target"]) and want is None) or row["steps_to_target"] == want
@@ -244,12 +250,18 @@ def test_sweep_ranks_by_steps_to_target_and_decomposes_once(monkeypatch):
 def test_sweep_flags_a_loss_that_climbs_back():
     k = make_kernel(n=30, seed=13)
     lr_c = critical_lr(k)
-    # heavy-ball momentum overshoots: the loss is not monotone at large momentum
-    result = sweep(k, [SGD(0.9 * lr_c * 0.1, momentum=0.95)], 60, target_loss=0.0)
-    row = result.table.iloc[0]
-    fc = result.forecasts[0]
-    climbs = fc.loss[-1] - np.nanmin(fc.loss) > 0.1 * (fc.loss[0] - np.nanmin(fc.loss))
-    assert climbs == ("above its minimum" in row["note"])
+    # heavy-ball momentum overshoots: the loss is not monotone at large momentum (at step 8
+    # it is back up by ~0.6 of the drop to its minimum at step 4); plain GD is monotone
+    lr = 0.9 * lr_c * 0.1
+    result = sweep(k, [SGD(lr, momentum=0.95), SGD(lr)], 8, target_loss=0.0)
+    assert len(result.forecasts) == len(result.table) == 2
+    flagged = {}
+    for (_, row), fc in zip(result.table.iterrows(), result.forecasts):
+        assert row["momentum"] == fc.hyperparameters["momentum"]
+        climbs = fc.loss[-1] - np.nanmin(fc.loss) > 0.1 * (fc.loss[0] - np.nanmin(fc.loss))
+        assert climbs == ("above its minimum" in row["note"])
+        flagged[row["momentum"]] = climbs
+    assert flagged == {0.95: True, 0.0: False}  # both branches of the check are exercised
 
 
 def test_sweep_mixes_batch_sizes_with_explicit_target():
@@ -259,6 +271,7 @@ def test_sweep_mixes_batch_sizes_with_explicit_target():
     df = result.table
     assert set(df["batch_size"].dropna()) == {5} and df["batch_size"].isna().sum() == 2
     assert result.target_loss == 0.3 and result.target_note == "given"
+    assert len(result.forecasts) == len(df) == 4
     for (_, row), fc_row in zip(df.iterrows(), result.forecasts):
         bs = None if pd.isna(row["batch_size"]) else int(row["batch_size"])
         fc = forecast(k, SGD(row["lr"]), 60, batch_size=bs, paths=3)

@@ -132,8 +132,12 @@ def test_relu_network_within_bound_with_the_same_activation_pattern(images):
     with rec:
         phi32, _, jw32 = t32.projected_chunk(images)
     assert rec.masks  # the activations were seen
-    with SameKinks(rec.masks):
+    replay = SameKinks(rec.masks)
+    with replay:
         phi64, _, jw64 = t64.projected_chunk(images.double())
+    # the pattern was imposed on every activation, on the structured path of both
+    assert replay.calls == len(rec.masks)
+    assert t32.jacobian_mode == t64.jacobian_mode == "structured"
     assert rel(phi32, phi64) < BOUND
     assert rel(jw32, jw64) < BOUND
 
@@ -150,7 +154,9 @@ def test_float32_jacobian_jumps_at_a_kink_in_every_mode(mode):
     m32 = copy.deepcopy(m64).float()
     x64 = torch.tensor([[1.0 + 2.0**-30, 1.0]], dtype=torch.double)
     j64 = tl.Tangent(m64, params=r"^0\.", jacobian_mode=mode).jacobian(x64)
-    j32 = tl.Tangent(m32, params=r"^0\.", jacobian_mode=mode).jacobian(x64.float())
+    t32 = tl.Tangent(m32, params=r"^0\.", jacobian_mode=mode)
+    j32 = t32.jacobian(x64.float())
+    assert t32.jacobian_mode == mode  # no fallback to another strategy
     assert float(j64.abs().sum()) > 0 and float(j32.abs().sum()) == 0.0
 
 

@@ -236,8 +236,8 @@ def test_npz_round_trip_and_subset(tmp_path: Path) -> None:
     rows = Xi[:, 0, 0].long().tolist()
     assert len(set(rows)) == 10 and yi.tolist() == [r % 3 for r in rows]
     assert rows == sorted(rows)  # original order kept
-    other = load_data_spec(str(path), num_samples=10, seed=5)
-    assert not torch.equal(other[0], Xs)
+    other = load_data_spec(str(path), num_samples=10, seed=5)  # same file, another seed
+    assert not torch.equal(other[0], Xi)
 
 
 def test_npz_string_labels_and_text_arrays(tmp_path: Path) -> None:

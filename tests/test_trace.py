@@ -153,12 +153,21 @@ def test_projected_trace_kernel_is_unbiased_over_projection_seeds(mlp_data):
 
 
 @pytest.mark.parametrize("mode", ["structured", "vmap"])
-def test_tensor_sketch_trace_features_match_projected_probed_jacobians(cnn_data, mode):
+def test_tensor_sketch_trace_features_match_projected_probed_jacobians(
+    cnn_data, mode, monkeypatch
+):
     """The structured tensor-sketch path gives the same trace features as projecting the
     probed Jacobians; J w0 stays exact."""
     x, _ = cnn_data
     t = tl.Tangent(make_cnn(), projection=16, jacobian_mode=mode)
-    k = tl.compute_kernel(t, cnn_data, progress=False, trace=2, seed=1)
+    with monkeypatch.context() as m:
+        if mode == "structured":  # the fast path, not a silent fallback to Jacobian blocks
+
+            def formed(self, x):
+                raise AssertionError("the tensor-sketch fast path formed Jacobian blocks")
+
+            m.setattr(tl.Tangent, "jacobian_blocks", formed)
+        k = tl.compute_kernel(t, cnn_data, progress=False, trace=2, seed=1)
     probed = tl.Tangent(make_cnn(), projection=16, jacobian_mode="vmap").probed(
         trace_probes(3, 2, seed=1)
     )
@@ -200,6 +209,7 @@ def trace_kernels():
 def _assert_same_forecast(a: tl.Forecast, b: tl.Forecast) -> None:
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(a.accuracy, b.accuracy, rtol=0, atol=1e-12)
+    assert (a.loss_paths is None) == (b.loss_paths is None)
     if a.loss_paths is not None:
         np.testing.assert_allclose(a.loss_paths, b.loss_paths, rtol=1e-10, atol=1e-12)
     assert a.diverges == b.diverges and a.divergence_step == b.divergence_step

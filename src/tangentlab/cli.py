@@ -536,7 +536,7 @@ def forecast(**o: Any) -> None:
     timer["forecast"] = time.perf_counter() - t0
     target = _target(o, float(fc.loss[0]))
     info["target_definition"] = ("given (--target-loss)" if o["target_loss"] is not None else
-                                  f"a {o['target_drop']:.0%} drop of the initial loss "
+                                  f"a drop of {o['target_drop']:.0%} from the initial loss "
                                   "(tl.default_target)")  # fmt: skip
     info.update(forecast_seconds=round(timer["forecast"], 3), target_loss=target,
                 lr_choice=info.get("lr_choice", "given (--lr)" if o["lr"] is not None else

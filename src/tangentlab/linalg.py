@@ -36,6 +36,58 @@ class PrecisionFallbackWarning(TangentlabWarning):
     """The float32 eigendecomposition failed its round-off check; float64 was used instead."""
 
 
+# NOTE [projected eigh] (the methods of projected_eigh, measured)
+# Methods (``G = Phi^T Phi`` ``[k, k]``, eps32 = 6e-8)::
+#
+#   float64        G, eigh(G) (torch: LAPACK dsyevd of MKL) and U = Phi V / sqrt(lam),
+#                  all float64: the reference, exact to ~1e-15 lam_max for the
+#                  float32 features given.
+#   float64-scipy  the same equations and precision; G by numpy (A^T A runs as BLAS
+#                  syrk: half the flops of torch's GEMM) and dsyevd from scipy's
+#                  OpenBLAS, ~1.5x faster than MKL's on the AMD EPYC measured.
+#                  The default.
+#   float32        G and eigh(G) in float32 (ssyevd ~2.5x faster than dsyevd), W = Phi V
+#                  in float32, then in float64 the Rayleigh quotients lam_j = |W_j|^2
+#                  and U_j = W_j / |W_j|. The float32 round-off of G, ~eps32 lam_max,
+#                  leaks ~eps32 lam_max / lam_j of the other modes into u_j: fine for a
+#                  narrow spectrum, but a projected NTK spreads over 1e5-1e8 and has
+#                  near-null directions, which become spurious eigenpairs. The check
+#                  (max |u_i^T u_j| over the 32 smallest modes, cost rows*k*32) then fails
+#                  and float64 reruns: slower than float64 alone.
+#   svd32 / svd64  thin SVD Phi = U diag(s) V^T (LAPACK gesdd), lam = s^2: Gram-free, so
+#                  small eigenvalues keep relative accuracy (error ~eps s_max s_j instead
+#                  of eps s_max^2): svd32 is accurate to ~1e-6 on every spectrum, but
+#                  not faster than the float64 Gram path.
+#
+# A partial eigensolver (top r = k/8 pairs by randomized SVD) is not offered: it is 4-10x
+# cheaper, but the modes it leaves out still decay within the run. Treated as not
+# decaying they add 5e-4..3e-1 of L_0 to the forecast; as one mode at their mean
+# eigenvalue (with their exact energy, an oracle) still 3e-4..3e-2.
+#
+# NOTE [projected eigh]: measured by benchmarks/eigh.py (benchmarks/results/eigh.md):
+# 9 cases, a real projected NTK (digits-cnn, NC = 4000, k = 2048, spread 6e5) and
+# synthetic power-law spectra lam_j ~ j^-1, j^-2 with NC in {5000, 10000}, k in
+# {1024, 2048, 4096} (spread 2e3..6e7). Time: CPU seconds, one thread, ratio to float64
+# in the same process (at NC = 10000, k = 4096: float64 38 s, float64-scipy 29 s; with
+# 2 threads on the loaded machine, wall clock 99 s vs 54 s, ratio 0.54). Forecast error:
+# max_t |L^_t - L_t| / L_0 of the full-batch MSE curve, t <= 1000 GD steps at half the
+# stability limit; the acceptance bar is 1e-4::
+#
+#   method             time / float64   eig err / lam_max   forecast err (real; worst)
+#   float64-scipy      0.63 - 0.87      <= 2e-15            5e-15; 6e-12
+#   float32 + check    0.55 (1 case)    4e-7                2.5e-6 where the check passed;
+#                      1.2 - 1.9        (fell back)         8 of 9 cases fell back
+#   float32, no check  0.39 - 0.73      <= 1e-6             2e-3; 5e-2         fails
+#   svd32              0.92 - 1.15      <= 8e-6             1e-6; 6e-6
+#   svd64              1.6 - 2.0        <= 3e-15            8e-15; 2e-12
+#   partial (k/8)      0.10 - 0.24      up to 8e-3          5e-2; 3e-1         fails
+#   partial + tail     0.10 - 0.24      up to 8e-3          1e-2; 3e-2         fails
+#
+# Steps to an 80% drop: identical to the reference for float64-scipy, svd32 (within 4
+# of 371117), svd64; float32 without check off by up to 2.4x; partial misses it in 8 of
+# 9 cases (the left-out energy never decays), partial + tail is late by up to 1.5x.
+
+
 def projected_eigh(
     phi: torch.Tensor,
     *,
@@ -60,53 +112,7 @@ def projected_eigh(
       orthonormal columns, ``m <= k``; eigenvalues ``<= 1e-12 lam_max`` are dropped (their
       directions are outside span(Phi): eigenvalue 0, the residual there never decays).
 
-    Methods (``G = Phi^T Phi`` ``[k, k]``, eps32 = 6e-8)::
-
-      float64        G, eigh(G) (torch: LAPACK dsyevd of MKL) and U = Phi V / sqrt(lam),
-                     all float64: the reference, exact to ~1e-15 lam_max for the
-                     float32 features given.
-      float64-scipy  the same equations and precision; G by numpy (A^T A runs as BLAS
-                     syrk: half the flops of torch's GEMM) and dsyevd from scipy's
-                     OpenBLAS, ~1.5x faster than MKL's on the AMD EPYC measured.
-                     The default.
-      float32        G and eigh(G) in float32 (ssyevd ~2.5x faster than dsyevd), W = Phi V
-                     in float32, then in float64 the Rayleigh quotients lam_j = |W_j|^2
-                     and U_j = W_j / |W_j|. The float32 round-off of G, ~eps32 lam_max,
-                     leaks ~eps32 lam_max / lam_j of the other modes into u_j: fine for a
-                     narrow spectrum, but a projected NTK spreads over 1e5-1e8 and has
-                     near-null directions, which become spurious eigenpairs. The check
-                     (max |u_i^T u_j| over the 32 smallest modes, cost rows*k*32) then fails
-                     and float64 reruns: slower than float64 alone.
-      svd32 / svd64  thin SVD Phi = U diag(s) V^T (LAPACK gesdd), lam = s^2: Gram-free, so
-                     small eigenvalues keep relative accuracy (error ~eps s_max s_j instead
-                     of eps s_max^2): svd32 is accurate to ~1e-6 on every spectrum, but
-                     not faster than the float64 Gram path.
-
-    A partial eigensolver (top r = k/8 pairs by randomized SVD) is not offered: it is 4-10x
-    cheaper, but the modes it leaves out still decay within the run. Treated as not
-    decaying they add 5e-4..3e-1 of L_0 to the forecast; as one mode at their mean
-    eigenvalue (with their exact energy, an oracle) still 3e-4..3e-2.
-
-    NOTE [projected eigh]: measured by benchmarks/eigh.py (benchmarks/results/eigh.md):
-    9 cases, a real projected NTK (digits-cnn, NC = 4000, k = 2048, spread 6e5) and
-    synthetic power-law spectra lam_j ~ j^-1, j^-2 with NC in {5000, 10000}, k in
-    {1024, 2048, 4096} (spread 2e3..6e7). Time: CPU seconds, one thread, ratio to float64
-    in the same process (float64 at NC = 10000, k = 4096: <<T4096>> s). Forecast error:
-    max_t |L^_t - L_t| / L_0 of the full-batch MSE curve, t <= 1000 GD steps at half the
-    stability limit; the acceptance bar is 1e-4::
-
-      method             time / float64   eig err / lam_max   forecast err (real; worst)
-      float64-scipy      0.63 - 0.87      <= 2e-15            5e-15; 6e-12
-      float32 + check    0.55 (1 case)    4e-7                2.5e-6 where the check passed;
-                         1.2 - 1.9        (fell back)         8 of 9 cases fell back
-      float32, no check  0.39 - 0.73      <= 1e-6             2e-3; 5e-2         fails
-      svd32              0.92 - 1.15      <= 8e-6             1e-6; 6e-6
-      svd64              1.6 - 2.0        <= 3e-15            8e-15; 2e-12
-      partial (k/8)      0.10 - 0.24      up to 8e-3          5e-2; 3e-1         fails
-      partial + tail     0.10 - 0.24      up to 8e-3          1e-2; 3e-2         fails
-
-    Steps to an 80% drop: identical to the reference for float64-scipy, svd32 (within 4
-    of 371117), svd64; float32 without check off by up to 2.4x, partial never reaches it.
+    Methods and their measured cost and error: NOTE [projected eigh] above.
     """
     if method not in METHODS:
         raise TangentlabError(f"projected_eigh: method must be one of {METHODS}, got {method!r}.")
