@@ -114,7 +114,7 @@ def test_forecast_end_to_end(digits_run):
     assert js["target_loss"] == pytest.approx(0.2 * fc["loss"][0])
     assert "--lr not given" in res.stderr  # default lr announced on stderr, not stdout
     # the default lr is rounded down: on the validity boundary, never past it
-    assert "ValidityWarning" not in res.stderr
+    assert "Warning:" not in res.stderr and "outside the region" not in res.stderr
     assert js["summary"][0]["stability"] <= 1.0
     assert "DIVERGES" not in res.stdout
     assert f"wrote {out / 'forecast.json'}" in res.stdout
@@ -457,3 +457,12 @@ def test_wrong_feature_count_and_non_numeric_csv_are_one_line(tmp_path, monkeypa
         for i, r in enumerate(rng.standard_normal((9, 4)))))  # fmt: skip
     ok(invoke("forecast", "--model", "mynet:make", "--data", "g.csv", "--no-progress",
               "--steps", 5, "--out", tmp_path / "o4"))  # fmt: skip
+
+
+def test_library_warnings_are_one_line_for_cli_users(cache, tmp_path):
+    """A forecast outside the validity region warns in one line, without a source path."""
+    res = ok(invoke("forecast", *QUIET, "--cache", cache, "--out", tmp_path / "w",
+                    "--steps", 5, "--lr", 0.01, "--momentum", 0.9))  # fmt: skip
+    lines = [line for line in res.stderr.splitlines() if "outside the region" in line]
+    assert len(lines) == 1 and lines[0].startswith("Warning: forecast:"), res.stderr
+    assert ".py:" not in res.stderr

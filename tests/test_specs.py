@@ -367,7 +367,7 @@ def test_csv_errors_fast(tmp_path: Path) -> None:
         load_data_spec(path, tokenizer_dir=tmp_path / "nowhere")
     columns = tmp_path / "c.csv"
     columns.write_text("review,stars\ngood,5\n")
-    with pytest.raises(TangentlabError, match=r"column 'review' is not numeric .*'text' and 'label'"):
+    with pytest.raises(TangentlabError, match=r"'review' is not numeric .*'text' and 'label'"):
         load_data_spec(columns, tokenizer_dir=tmp_path)
     empty = tmp_path / "e.csv"
     empty.write_text("text,label\n")

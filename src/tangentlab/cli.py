@@ -198,7 +198,10 @@ def _errors_as_usage(fn):
         debug = click.get_current_context().find_root().params.get("debug") or (
             os.environ.get("TANGENTLAB_DEBUG") == "1")  # fmt: skip
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # restores showwarning when the command ends
+                if not debug:
+                    warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except TangentlabError as exc:
             if debug:
                 raise
@@ -222,6 +225,17 @@ def _errors_as_usage(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as one line for CLI users (no source file or line of code)."""
+    from tangentlab.errors import TangentlabWarning
+
+    if issubclass(category, TangentlabWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True,
+                   nl=False)  # fmt: skip
 
 
 def _echo(msg: str) -> None:
@@ -397,7 +411,7 @@ def _eigh(kernel, timer: dict) -> None:
     if kernel._eig is not None:
         return
     t0 = time.perf_counter()
-    _echo("tangentlab: eigendecomposition of the kernel ...")
+    _echo("tangentlab: eigendecomposition of the kernel (kept with it once computed) ...")
     kernel.eigh()
     timer["eigendecomposition"] = time.perf_counter() - t0
 
