@@ -13,7 +13,7 @@ the horizon, always reached by the run), plus the curve error mean_t |L̂_t - L_
 Variants (issue 5):
 - plain: the tangent model at w0 (exact kernel).
 - growth-probe: kernel scale s(t) from trace probes at the tangent model's own weight
-  forecast w0 + J^T a_t (tangentlab.growth.estimate_growth) — no training.
+  forecast w0 + J^T a_t (tangentlab.experimental.growth.estimate_growth) — no training.
 - growth-real: the same probes at real checkpoints (needs the real run: a diagnostic of
   how well a scalar growth model can do at best).
 - relin@K: re-linearization: the exact kernel at the real weights after K = 15 steps (5%),
@@ -197,7 +197,7 @@ def calibrate(kernel, real_losses, lr, momentum, displacement, k_early: int):
         g = gr.fit_growth([1.0], [1.0], form="displacement", displacement=displacement)
         g = gr.KernelGrowth(g.steps, g.scale, form="displacement",
                             params={"c": float(cval), "d": g.params["d"]})  # fmt: skip
-        fc = tl.forecast(kernel, tl.SGD(lr, momentum=momentum), k_early, kernel_growth=g)
+        fc = gr.forecast(kernel, tl.SGD(lr, momentum=momentum), k_early, growth=g)
         err = float(((np.log(fc.loss) - np.log(real_losses[: k_early + 1])) ** 2).sum())
         if err < best[0]:
             best = (err, float(cval), g)
@@ -266,7 +266,7 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
 
         # growth probes along the tangent model's own weight forecast (no training)
         t0 = time.perf_counter()
-        g1 = gr.estimate_growth(tangent, (xt, y), kernel, lr=lr, steps=STEPS, momentum=m,
+        g1 = gr.estimate_growth(tangent, (xt, y), kernel, tl.SGD(lr, momentum=m), STEPS,
                                 probes=probes, samples=samples, form="interp")  # fmt: skip
         probe_s = time.perf_counter() - t0
         disp = np.asarray(g1.info["displacement_curve"])
@@ -278,14 +278,14 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
                                            displacement=disp)  # fmt: skip
         for form, g in fits.items():
             t0 = time.perf_counter()
-            fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=g).loss
+            fc = gr.forecast(kernel, tl.SGD(lr, momentum=m), long, growth=g).loss
             variants[f"probe-{form}"] = (fc, probe_s + time.perf_counter() - t0, 0.0)
             row[f"growth_{form}"] = g.to_dict()
         for iters in (2, 3):  # fixed-point iterations: displacement under the grown kernel
             t0 = time.perf_counter()
-            g2 = gr.estimate_growth(tangent, (xt, y), kernel, lr=lr, steps=STEPS, momentum=m,
+            g2 = gr.estimate_growth(tangent, (xt, y), kernel, tl.SGD(lr, momentum=m), STEPS,
                                     probes=probes, samples=samples, iterations=iters)  # fmt: skip
-            fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=g2).loss
+            fc = gr.forecast(kernel, tl.SGD(lr, momentum=m), long, growth=g2).loss
             variants[f"probe-interp-it{iters}"] = (fc, time.perf_counter() - t0, 0.0)
             row[f"growth_probe_it{iters}"] = g2.to_dict()
         print(f"  probes {probe_s:.1f}s", flush=True)
@@ -294,7 +294,7 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
         t0 = time.perf_counter()
         g = gr.probe_growth(tangent, (xt, y), {t: saved[t][0] for t in REAL_CKPTS},
                             probes=probes, samples=samples)  # fmt: skip
-        fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=g).loss
+        fc = gr.forecast(kernel, tl.SGD(lr, momentum=m), long, growth=g).loss
         variants["real-ckpt-probes"] = (fc, time.perf_counter() - t0, real_s)
         row["growth_real"] = g.to_dict()
 
@@ -317,7 +317,7 @@ def run_case(n: int, settings, *, full=True, probes=4, samples=64, seed=0) -> di
         # calibration of the growth amplitude on the first K real steps
         t0 = time.perf_counter()
         gc = calibrate(kernel, real, lr, m, disp, K_EARLY)
-        fc = tl.forecast(kernel, tl.SGD(lr, momentum=m), long, kernel_growth=gc).loss
+        fc = gr.forecast(kernel, tl.SGD(lr, momentum=m), long, growth=gc).loss
         variants[f"calib@{K_EARLY}"] = (fc, probe_s + time.perf_counter() - t0,
                                         real_s * K_EARLY / STEPS)  # fmt: skip
         row["calib_amplitude"] = gc.params["c"]
@@ -467,7 +467,7 @@ def report(res: dict) -> str:
 READING = """
 Reading. **No training-free variant closes the gap across the grid, so the plain tangent
 model stays the default**; the growth forecast is an option (`forecast(...,
-kernel_growth=tl.estimate_growth(...))`, default `None`) and gets no CLI flag.
+growth=...)` in `tangentlab.experimental.growth`) and gets no CLI flag.
 
 - *What the kernel does* (probes at real checkpoints): its trace first **dips** (s = 0.53-0.96
   after 15 steps) and then grows to s = 1.8-2.2 by step 150 (1.07 at lr 0.001): the real

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_mlp
 
 import tangentlab as tl
+from conftest import make_mlp
 from tangentlab.errors import TangentlabError
 
 

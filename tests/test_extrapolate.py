@@ -181,7 +181,8 @@ def test_sweep_with_dataset_size():
         assert fc.hyperparameters["num_samples"] == 500
     spec = extrapolate(k, 500, tail="powerlaw", fit_range=(0.2, 0.6))
     result = sweep(spec, SGD.grid(lr=[0.1, 0.5]), 50)
-    assert len(result.forecasts) == 2 and all(fc.method["extrapolation"]["tail"] == "powerlaw" for fc in result.forecasts)
+    assert len(result.forecasts) == 2
+    assert all(fc.method["extrapolation"]["tail"] == "powerlaw" for fc in result.forecasts)
 
 
 # ---- errors ----------------------------------------------------------------------------

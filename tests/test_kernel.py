@@ -102,6 +102,13 @@ def test_memory_plan_stays_under_budget_and_fails_early():
     assert {k for _, k in fits} == {None, 64}, fits
     with pytest.raises(MemoryBudgetError, match=r"needs at least .*budget"):
         plan(n=1000, c=10, p=10**6, k=None, itemsize=4, act=10, budget=10**8)
+    # a sketch (sparse / tensor) never forms a dense piece of R: a small projected kernel
+    # fits a small budget; a dense projection reserves at most its P x k piece
+    small = plan(n=100, c=10, p=2000, k=64, itemsize=4, act=500, budget=10**7,
+                 dense_piece_entries=0)  # fmt: skip
+    assert small.estimate <= 10**7
+    dense = plan(n=100, c=10, p=2000, k=64, itemsize=4, act=500, budget=10**7)
+    assert dense.fixed - small.fixed == 2 * 2000 * 64 * 4 and dense.estimate <= 10**7
 
 
 def test_compute_kernel_fails_early_when_nothing_fits(cnn_data):

@@ -153,9 +153,7 @@ def test_projected_trace_kernel_is_unbiased_over_projection_seeds(mlp_data):
 
 
 @pytest.mark.parametrize("mode", ["structured", "vmap"])
-def test_tensor_sketch_trace_features_match_projected_probed_jacobians(
-    cnn_data, mode, monkeypatch
-):
+def test_tensor_sketch_trace_features_match_projected_probed_jacobians(cnn_data, mode, monkeypatch):
     """The structured tensor-sketch path gives the same trace features as projecting the
     probed Jacobians; J w0 stays exact."""
     x, _ = cnn_data

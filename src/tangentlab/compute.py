@@ -124,7 +124,7 @@ from tangentlab.kernel import (
     tensors_digest,
 )
 from tangentlab.memory import MemoryPlan, activation_elements, default_budget, parse_bytes, plan
-from tangentlab.projection import Projection
+from tangentlab.projection import Projection, ProjectionKind
 from tangentlab.tangent import JacobianMode, ParamSpec, Tangent, check_output
 
 
@@ -282,9 +282,12 @@ def _prepare(
     k = tangent.projection.k if tangent.projection else None
     # Weights whose per-sample gradients a chunk holds (fewer with the tensor-sketch path).
     p_held = jt.num_params if k is None else jt.materialized_params(x1)
+    dense = tangent.projection is not None and tangent.projection.kind in (
+        ProjectionKind.GAUSSIAN, ProjectionKind.RADEMACHER)  # fmt: skip
     mplan = plan(
         n=n, c=outs, p=p_held, k=k, itemsize=tangent.dtype.itemsize, act=act, budget=budget,
         batch_size=batch_size, keep_theta=keep_theta, trace=trace_desc is not None,
+        dense_piece_entries=(1 << 24) if dense else 0,
     )  # fmt: skip
     request = _request(tangent, x, y, c, f_probe, trace_desc)
     if shard is not None:

@@ -133,11 +133,14 @@ def plan(
     batch_size: int | None = None,
     keep_theta: bool | None = None,
     trace: bool = False,
+    dense_piece_entries: int = 1 << 24,
 ) -> MemoryPlan:
     """Plan chunk sizes for N samples, C outputs, P weights (and projection k); see NOTE.
 
     ``trace=True``: a trace kernel, with ``c`` the probes per sample S (S = C for the
     exact trace): the kernel is ``[N, N]`` (NOTE [trace kernel] in tangentlab.compute).
+    ``dense_piece_entries``: the largest piece of R a dense projection generates at once
+    (``min(P k, 2^24)``; 0 for the sparse and tensor sketches, which never form one).
 
     Raises:
       MemoryBudgetError: if even one sample at a time does not fit, naming the size needed.
@@ -148,7 +151,8 @@ def plan(
     theta_bytes = rows * rows * itemsize
     if k is not None:
         phi = nc * k * itemsize
-        dense_piece = 2 * (1 << 24) * 4  # NOTE [projection kinds]: one dense piece of R
+        # NOTE [projection kinds]: one dense piece of R (and its product), dense kinds only
+        dense_piece = 2 * min(dense_piece_entries, p * k) * 4
         if keep_theta is None:
             keep_theta = theta_bytes + phi + per_sample + dense_piece <= budget
         fixed = phi + dense_piece + (theta_bytes if keep_theta else 0)
