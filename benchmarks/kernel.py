@@ -217,9 +217,13 @@ def main() -> None:
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-    ap.add_argument("--part", choices=["all", "naive", "render"], default="all",
-                    help="naive: only the naive-loop-vs-library timing (50 samples); "
-                    "render: rebuild the RESULTS section from kernel.json")
+    ap.add_argument(
+        "--part",
+        choices=["all", "naive", "render"],
+        default="all",
+        help="naive: only the naive-loop-vs-library timing (50 samples); "
+        "render: rebuild the RESULTS section from kernel.json",
+    )
     args = ap.parse_args()
     if args.job:
         job = json.loads(args.job)
@@ -319,9 +323,10 @@ def render(r: dict) -> str:
     if any("naive_vs_kernel" in res for res in r["cases"].values()):
         lines += [
             "The **naive loop vs library** lines are a later, separate measurement "
-            "(`.venv/bin/python benchmarks/kernel.py --part naive`, its date and machine "
-            "load on the line; both sides timed in one process, on the same samples); the "
-            "tables are from the full run above and keep its own ratios.",
+            "(`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kernel.py --part naive`; date and "
+            "thread count on the line; both sides timed one after the other in one process, "
+            "on the same samples); the tables are from the earlier full run and keep its "
+            "own ratios.",
             "",
         ]
     names = {"lite0": "EfficientNet-Lite0, 64 px, Fashion-MNIST",
@@ -343,7 +348,8 @@ def render(r: dict) -> str:
         if vs:
             lines += [
                 f"- **naive loop vs library, measured on the same {vs['n']} samples in one "
-                f"process** ({vs['date']}, {vs['machine']}): naive loop (one "
+                f"process** ({vs['date']}, {vs['machine']}, run with {vs['threads']} torch "
+                f"thread(s)): naive loop (one "
                 f"`torch.autograd.grad` per sample and output, {vs['n'] * vs['num_classes']} "
                 f"backward passes) {vs['naive_seconds']:.1f} s; `tl.compute_kernel` exact "
                 f"{vs['exact_seconds']:.1f} s (**{vs['naive_seconds'] / vs['exact_seconds']:.1f}× "

@@ -80,6 +80,7 @@ def test_target_outside_either_range_gives_no_error_and_says_why():
     run = run_of(T, 0.6 + 0.4 * np.exp(-T / 5))  # never below 0.6 L0
     c = compare(fc, run)
     assert c.steps_to_target_error is None and c.steps_to_target_run is None
+    assert not c.target_missed  # the run does not reach it: not the forecast's failure
     assert c.steps_to_target_forecast == 17
     assert "the run does not reach it by step 100" in c.target_note
     c = compare(fc, run, target_loss=2.0)
@@ -88,8 +89,8 @@ def test_target_outside_either_range_gives_no_error_and_says_why():
     c = compare(fc, run_of(T, np.exp(-T / 80)), target_loss=0.5)
     late = compare(fc_of(np.exp(-np.arange(301) / 200)), run_of(T, np.exp(-T / 80)),
                    target_loss=0.5)  # fmt: skip
-    assert c.steps_to_target_error is not None
-    assert late.steps_to_target_error is None
+    assert c.steps_to_target_error is not None and not c.target_missed
+    assert late.steps_to_target_error is None and late.target_missed  # a miss, counted
     assert "the forecast reaches it at step 139" in late.target_note
 
 

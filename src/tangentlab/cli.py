@@ -758,7 +758,9 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
     ]  # fmt: skip
     click.echo(format_table(rows))
     res = "" if cmp.steps_resolution in (None, 1) else f", located to {cmp.steps_resolution} steps"
-    click.echo(f"steps-to-target error |T̂−T|/T: {err(cmp.steps_to_target_error)}"
+    miss = " (MISS: the real run reaches the target, the forecast does not)" if (
+        cmp.target_missed) else ""  # fmt: skip
+    click.echo(f"steps-to-target error |T̂−T|/T: {err(cmp.steps_to_target_error)}{miss}"
                f"  (target {cmp.target_note}{res})")  # fmt: skip
     click.echo(f"curve error mean|L̂−L|/L0: {cmp.curve_error:.3g} (max {cmp.curve_error_max:.3g}) "
                f"over {cmp.steps.size} logged steps")  # fmt: skip

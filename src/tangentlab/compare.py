@@ -62,6 +62,10 @@ class Comparison:
       steps_to_target_forecast: T̂, the same for the forecast on the same steps, or ``None``.
       steps_to_target_error: |T̂ - T| / T, or ``None`` when ε is not inside both curves'
         range (min L <= ε < L_0 for each).
+      target_missed: the run reaches ε and the forecast does not (within the compared
+        steps): a failure of the forecast, censored at >= 100% in benchmark summaries
+        (``steps_to_target_error`` is then ``None``; ``target_note`` says where, if
+        anywhere, the forecast reaches ε later).
       steps_resolution: width of the logged interval ending at T (or T̂), 1 when exact.
       plateau_rel_eps: ε_rel of steps-to-plateau.
       steps_to_plateau_run, steps_to_plateau_forecast: NOTE [plateau on a common window].
@@ -93,6 +97,7 @@ class Comparison:
     steps_to_target_run: int | None
     steps_to_target_forecast: int | None
     steps_to_target_error: float | None
+    target_missed: bool
     steps_resolution: int | None
     plateau_rel_eps: float
     steps_to_plateau_run: int | None
@@ -300,9 +305,10 @@ def _target_part(fc, steps, loss_run, loss_fc, target_loss, target_drop, horizon
         err_t = abs(t_fc - t_run) / t_run
         resolution = max(int(steps[i] - steps[i - 1]) for i in (i_run, i_fc))
         note = origin
+    missed = t_run is not None and t_fc is None and eps < l0_fc
     return dict(target_loss=eps, target_note=note, steps_to_target_run=t_run,
                 steps_to_target_forecast=t_fc, steps_to_target_error=err_t,
-                steps_resolution=resolution)  # fmt: skip
+                target_missed=missed, steps_resolution=resolution)  # fmt: skip
 
 
 def _plateau_part(steps, loss_run, loss_fc, rel_eps: float) -> dict:
