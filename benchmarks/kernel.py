@@ -80,17 +80,15 @@ def job_kernel(case: str, n: int, projection, kind: str) -> dict:
     }
 
 
-def job_naive(case: str, n: int) -> dict:
+def _naive_theta(ex, n: int) -> torch.Tensor:
     """Per-sample Jacobians by one forward + backward per (sample, output); Theta = J J^T."""
     import tangentlab as tl
 
-    ex = _load(case, n)
     model = ex.model.eval()
     names = tl.Tangent(model, params=ex.default_params).param_names
     named = dict(model.named_parameters())
     params = [named[nm] for nm in names]
     x, _ = ex.data
-    t0 = time.perf_counter()
     rows = []
     for i in range(n):
         xi = _rows(x, i)
@@ -99,7 +97,14 @@ def job_naive(case: str, n: int) -> dict:
             g = torch.autograd.grad(out, params)
             rows.append(torch.cat([gi.reshape(-1) for gi in g]))
     jac = torch.stack(rows)
-    theta = jac @ jac.T
+    return jac @ jac.T
+
+
+def job_naive(case: str, n: int) -> dict:
+    """The naive loop alone (:func:`_naive_theta`), timed."""
+    ex = _load(case, n)
+    t0 = time.perf_counter()
+    theta = _naive_theta(ex, n)
     sec = time.perf_counter() - t0
     assert torch.isfinite(theta).all()
     return {"seconds": sec, "samples_per_s": n / sec, "peak_rss": peak_rss()}
@@ -170,22 +175,9 @@ def job_naive_vs_kernel(case: str, n: int, k: int = 4096) -> dict:
 
     ex = _load(case, n)
     model = ex.model.eval()
-    names = tl.Tangent(model, params=ex.default_params).param_names
-    named = dict(model.named_parameters())
-    params = [named[nm] for nm in names]
-    x, _ = ex.data
     t0 = time.perf_counter()
-    rows = []
-    for i in range(n):
-        xi = _rows(x, i)
-        for a in range(ex.num_classes):
-            out = _logits(model, xi)[0, a]
-            g = torch.autograd.grad(out, params)
-            rows.append(torch.cat([gi.reshape(-1) for gi in g]))
-    jac = torch.stack(rows)
-    theta = jac @ jac.T
+    theta = _naive_theta(ex, n)
     naive_sec = time.perf_counter() - t0
-    del jac, rows
     t0 = time.perf_counter()
     exact = tl.compute_kernel(model, ex.data, params=ex.default_params, progress=False)
     exact_sec = time.perf_counter() - t0

@@ -137,13 +137,10 @@ def plan(
 ) -> MemoryPlan:
     """Plan chunk sizes for N samples, C outputs, P weights (and projection k); see NOTE.
 
-    ``trace=True``: a trace kernel, with ``c`` the probes per sample S (S = C for the
-    exact trace): the kernel is ``[N, N]`` (NOTE [trace kernel] in tangentlab.compute).
-    ``dense_piece_entries``: the largest piece of R a dense projection generates at once
-    (``min(P k, 2^24)``; 0 for the sparse and tensor sketches, which never form one).
-
-    Raises:
-      MemoryBudgetError: if even one sample at a time does not fit, naming the size needed.
+    ``trace=True``: a trace kernel (``c`` = probes S; the kernel is ``[N, N]``, NOTE
+    [trace kernel] in tangentlab.compute). ``dense_piece_entries``: the largest piece of R
+    a dense projection forms at once (0 for the sparse and tensor sketches, which never do).
+    Raises MemoryBudgetError when even one sample at a time does not fit, naming the size.
     """
     nc = n * c
     rows = n if trace else nc  # rows of the kernel matrix
