@@ -114,13 +114,13 @@ from torch import nn
 from tangentlab import distributed as dist_
 from tangentlab._version import __version__
 from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take, to_device
-from tangentlab.errors import CacheMismatchError, TangentlabError
+from tangentlab.errors import CacheMismatchError, CacheWarning, TangentlabError
 from tangentlab.kernel import (
-    CacheWarning,
     Kernel,
     atomic_write,
     load_kernel,
     metadata_json,
+    read_safetensors,
     tensors_digest,
 )
 from tangentlab.memory import MemoryPlan, activation_elements, default_budget, parse_bytes, plan
@@ -266,9 +266,11 @@ def _prepare(
     n = num_rows(x)
     # refuse a model that mixes samples or whose selected weights do not move the outputs,
     # before anything expensive (two forward passes on <= 4 samples)
-    tangent.preflight(to_device(take(x, slice(0, 4)), tangent.device), where="compute_kernel")
-    # Probe the first samples: output shape, number of classes, the cache key's outputs.
-    f_probe = tangent.f0(take(x, slice(0, min(n, _PROBE_SAMPLES))))
+    checked = tangent.preflight(to_device(take(x, slice(0, _PROBE_SAMPLES)), tangent.device),
+                                where="compute_kernel")  # fmt: skip
+    # The first samples' outputs (from the preflight's forward pass): output shape, number of
+    # classes, the cache key's outputs.
+    f_probe = checked.outputs
     c = int(f_probe.shape[1])
     if num_classes is not None and num_classes != c:
         raise TangentlabError(
@@ -895,15 +897,11 @@ class _Cache:
 
     def load_part(self, s: int, e: int) -> dict[str, torch.Tensor] | None:
         """A finished unit, if present and intact; a damaged one is dropped with a warning."""
-        from safetensors import safe_open
-
         path = self._part(s, e)
         if not path.exists():
             return None
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = dict(fh.metadata() or {})
-                part = {key: fh.get_tensor(key) for key in fh.keys()}
+            meta, part = read_safetensors(path)
             if "sha256" not in meta:
                 problem = "it has no checksum (written by an earlier tangentlab)"
             elif meta.get("request_sha") != self.request_sha or meta.get("unit") != f"{s}-{e}":

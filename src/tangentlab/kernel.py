@@ -346,17 +346,11 @@ def load_kernel(path: str | os.PathLike) -> Kernel:
       TangentlabError: if the file is missing, unreadable, not a tangentlab kernel, or its
         contents do not match its checksum (damaged or modified after it was written).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise TangentlabError(f"load_kernel: no such file {str(path)!r}.")
     try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
+        meta, tensors = read_safetensors(path)
     except Exception as exc:  # safetensors raises its own error types for foreign files
         raise TangentlabError(
             f"load_kernel: {str(path)!r} is not a readable safetensors file ({exc}). "
@@ -408,17 +402,22 @@ def _file_digest(tensors_sha: str, meta: dict[str, str]) -> str:
     return hashlib.sha256(f"{tensors_sha}\n{text}".encode()).hexdigest()
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file (nothing is unpickled); raises the
+    library's own errors for a foreign or damaged file (callers decide what that means)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {}), {key: fh.get_tensor(key) for key in fh.keys()}
+
+
 def _load_eigh(path: Path, kernel_sha: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The eigendecomposition persisted at ``path`` for the kernel ``kernel_sha``, or ``None``
     (absent, stale or damaged: a damaged file is removed with a :class:`CacheWarning`)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        meta, tensors = read_safetensors(path)
         ok = (
             meta.get("format") == _EIGH_FORMAT
             and set(tensors) == {"lam", "u"}

@@ -360,7 +360,7 @@ class Tangent:
         u = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64)
         (grads,) = pull(u.to(out))
         zero = self._zero_gradients(grads, xs, m, where)
-        return Preflight(m, diff, tol, tuple(zero), time.perf_counter() - t0)
+        return Preflight(m, diff, tol, tuple(zero), time.perf_counter() - t0, out.detach())
 
     def _check_eval_mode(self, where: str) -> None:
         """Preflight: no module in training mode (NOTE [eval mode])."""
@@ -723,6 +723,8 @@ class Preflight:
       tolerance: the largest batch difference accepted, ``sqrt(eps)`` of the dtype.
       zero_gradient: selected weight tensors whose gradient was exactly zero (warned).
       seconds: time taken.
+      outputs: f0 of the checked samples ``[samples, C]`` (detached; reused by callers
+        that need them, e.g. the cache key of compute_kernel).
     """
 
     samples: int
@@ -730,6 +732,7 @@ class Preflight:
     tolerance: float
     zero_gradient: tuple[str, ...]
     seconds: float
+    outputs: torch.Tensor | None = None
 
 
 def _names(names: Sequence[str], most: int = 4) -> str:
