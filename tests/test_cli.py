@@ -303,6 +303,9 @@ def test_config_unreadable_is_a_usage_error(tmp_path):
         (["validate", *QUIET, "--weight-decay", "-1"], "weight_decay must be"),
         (["forecast", *QUIET, "--device", "cuda"], "--device cuda"),
         (["forecast", *QUIET, "--loss", "ce", "--target-scale", "2"], "--target-scale"),
+        (["forecast", *QUIET, "--linearize", "body", "--trace"], "cannot be combined"),
+        (["forecast", *QUIET, "--head", "head"], "--head goes with --linearize body"),
+        (["forecast", *QUIET, "--linearize", "body", "--head", "features.0"], "nn.Linear"),
     ],
     ids=[
         "projection",
@@ -321,6 +324,9 @@ def test_config_unreadable_is_a_usage_error(tmp_path):
         "validate-weight-decay",
         "cuda-without-cuda",
         "ce-target-scale",
+        "linearize-body-trace",
+        "head-without-linearize",
+        "head-not-linear",
     ],
 )
 def test_bad_input_is_one_clear_line(args, says, tmp_path, monkeypatch):
@@ -466,3 +472,22 @@ def test_library_warnings_are_one_line_for_cli_users(cache, tmp_path):
     lines = [line for line in res.stderr.splitlines() if "outside the region" in line]
     assert len(lines) == 1 and lines[0].startswith("Warning: forecast:"), res.stderr
     assert ".py:" not in res.stderr
+
+
+# --------------------------------------------------------------------------- --linearize body
+
+
+def test_validate_with_the_head_exact_body_linear_model(tmp_path):
+    """``--linearize body``: the head-exact model through the CLI, its kernels cached."""
+    out = tmp_path / "hb"
+    args = ("validate", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
+            "--log-every", 1, "--out", out)  # fmt: skip
+    res = ok(invoke(*args))
+    js = strict_json(out / "validation.json")
+    assert js["forecast"]["method"]["model"] == "head-body"
+    assert js["kernel"]["model"].startswith("head exact")
+    assert "head exact (head), body linear" in js["info"]["model_of_training"]
+    assert "kernel (head exact, body linear)" in res.stdout
+    assert (out / "kernel" / "head-body" / "block" / "kernel.safetensors").exists()
+    again = ok(invoke(*args[:-1], tmp_path / "hb2", "--cache", out / "kernel"))
+    assert "reusing cached kernel" in again.stderr

@@ -14,6 +14,7 @@ from tangentlab.errors import (
 from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import Forecast, Sweep, default_target, forecast, sweep
+from tangentlab.headbody import HeadBodyKernel, compute_head_body_kernel
 from tangentlab.kernel import Kernel, load_kernel
 from tangentlab.probes import TraceProbe, kernel_trace
 from tangentlab.projection import Projection, ProjectionKind
@@ -27,6 +28,7 @@ __all__ = [
     "Comparison",
     "CrossEntropy",
     "Forecast",
+    "HeadBodyKernel",
     "Kernel",
     "MSE",
     "MemoryBudgetError",
@@ -42,6 +44,7 @@ __all__ = [
     "TrainingRun",
     "choose_projection",
     "compare",
+    "compute_head_body_kernel",
     "compute_kernel",
     "default_target",
     "extrapolate",

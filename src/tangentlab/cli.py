@@ -122,6 +122,14 @@ def _source_options(fn):
                      help="Kernel cache directory (default: OUT/kernel); resumable."),
         click.option("--kernel", "kernel_file", default=None, metavar="FILE",
                      help="Use a saved kernel (.safetensors) instead of computing one."),
+        click.option("--linearize", type=click.Choice(["all", "body"]), default="all",
+                     show_default=True,
+                     help="all: the tangent model (the whole network linearized). body: "
+                     "keep the final linear head exact and linearize only the body "
+                     "(tl.compute_head_body_kernel; see README)."),
+        click.option("--head", default=None, metavar="NAME",
+                     help="--linearize body: module name of the final nn.Linear (default: "
+                     "the model's last nn.Linear)."),
         click.option("--out", default="runs/tangentlab", show_default=True,
                      help="Output directory for JSON, PNG and HTML."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -351,6 +359,8 @@ def _kernel(o: dict[str, Any], timer: dict):
         data, dataset_size = tl.subsample(data, o["subsample"], seed=o["seed"], verbose=True)
     proj = _projection({**o, "num_classes": c}, model, data, params)
     timer["model and data"] = time.perf_counter() - t0
+    if o.get("linearize") == "body":
+        return _head_body_kernel(o, timer, model, data, params, proj, name)
     t0 = time.perf_counter()
     kernel = tl.compute_kernel(
         model, data, num_classes=c, projection=proj, params=params,
@@ -368,6 +378,26 @@ def _kernel(o: dict[str, Any], timer: dict):
     if dataset_size is not None:
         info.update(dataset_size=dataset_size, subsample=kernel.num_samples)
     return kernel, defaults, info
+
+
+def _head_body_kernel(o: dict[str, Any], timer: dict, model, data, params, proj, name: str):
+    """``--linearize body``: the head-exact, body-linear model (tl.compute_head_body_kernel)."""
+    import tangentlab as tl
+
+    t0 = time.perf_counter()
+    hb = tl.compute_head_body_kernel(
+        model, data, head=o["head"], params=params, projection=proj, seed=o["seed"],
+        memory_budget=o["memory_budget"], device=o["device"],
+        cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "head-body",
+        progress=not o["no_progress"],
+    )  # fmt: skip
+    seconds = timer["kernel (head exact, body linear)"] = time.perf_counter() - t0
+    info = {"source": name, "params": str(params), "projection": str(proj),
+            "num_samples": hb.num_samples, "num_classes": hb.num_classes,
+            "kernel_seconds": round(seconds, 2),
+            "model_of_training": f"head exact ({hb.metadata['head']}), body linear; "
+            f"r = {hb.metadata['rank']}, {hb.metadata['probes']} probes"}  # fmt: skip
+    return hb, {}, info
 
 
 def _batch(value: str | int | None) -> int | None:
@@ -399,7 +429,8 @@ def _lr(o: dict[str, Any], kernel, momentum: float, timer: dict) -> float:
         return float(o["lr"])
     _eigh(kernel, timer)
     lr = tl.stable_lr(kernel, momentum=momentum)
-    lam_max = float(kernel.eigh()[0].max())
+    lam_max = (kernel.top_eigenvalue("mse") if isinstance(kernel, tl.HeadBodyKernel) else
+               float(kernel.eigh()[0].max()))  # fmt: skip
     _echo(f"tangentlab: --lr not given: using lr = {lr:.4g} (tl.stable_lr: half the "
           f"stability limit, λ_max/N = {lam_max / kernel.num_samples:.4g}, momentum "
           f"{momentum:g}).")  # fmt: skip
@@ -408,7 +439,7 @@ def _lr(o: dict[str, Any], kernel, momentum: float, timer: dict) -> float:
 
 def _eigh(kernel, timer: dict) -> None:
     """The kernel's eigendecomposition, timed (cached on the kernel once computed)."""
-    if kernel._eig is not None:
+    if getattr(kernel, "_eig", True) is not None:  # computed, or not a Kernel (head-body)
         return
     t0 = time.perf_counter()
     _echo("tangentlab: eigendecomposition of the kernel (kept with it once computed) ...")
@@ -456,8 +487,24 @@ def _check_hyper(o: dict[str, Any], *, lists: bool) -> list:
     if o["target_loss"] is not None and not math.isfinite(o["target_loss"]):
         raise TangentlabError(f"tangentlab: --target-loss must be finite, got {o['target_loss']}.")
     _check_subsample(o, sizes)
+    _check_linearize(o)
     _check_device(o["device"])
     return opts
+
+
+def _check_linearize(o: dict[str, Any]) -> None:
+    if o.get("linearize") != "body":
+        if o.get("head") is not None:
+            raise TangentlabError("tangentlab: --head goes with --linearize body.")
+        return
+    clash = [f for f, v in (("--kernel", o["kernel_file"]), ("--subsample", o.get("subsample")),
+                            ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")))
+             if v]  # fmt: skip
+    if clash:
+        raise TangentlabError(
+            f"tangentlab: --linearize body computes its own kernels; it cannot be combined "
+            f"with {', '.join(clash)} (those are for the tangent model, --linearize all)."
+        )
 
 
 def _check_subsample(o: dict[str, Any], sizes: list) -> None:
@@ -648,6 +695,7 @@ def kernel(**o: Any) -> None:
 
     start, timer = time.perf_counter(), {}
     _check_device(o["device"])
+    _check_linearize(o)
     kernel, _, info = _kernel(o, timer)
     _eigh(kernel, timer)
     summary = {**kernel.describe(), "info": info}

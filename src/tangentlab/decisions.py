@@ -15,6 +15,7 @@ from torch import nn
 from tangentlab.data import as_arrays, num_rows, take
 from tangentlab.errors import TangentlabError
 from tangentlab.forecast import VALIDITY_STABILITY
+from tangentlab.headbody import HeadBodyKernel
 from tangentlab.kernel import Kernel
 from tangentlab.memory import default_budget, parse_bytes
 from tangentlab.projection import DEFAULT_KIND, Projection
@@ -37,7 +38,8 @@ def stable_lr(kernel: Kernel, *, momentum: float = 0.0, weight_decay: float = 0.
     of the kernel (computed on first use).
 
     Args:
-      kernel: the kernel.
+      kernel: the kernel (or a :class:`~tangentlab.headbody.HeadBodyKernel`: λ_max of its
+        logit kernel at w0, the tangent NTK).
       momentum: m of the optimizer it is for (η̃ = η/(1 - m)).
       weight_decay: λ_wd of the optimizer it is for.
       fraction: in (0, 1]; 1 is the stability limit itself.
@@ -46,15 +48,20 @@ def stable_lr(kernel: Kernel, *, momentum: float = 0.0, weight_decay: float = 0.
       η, e.g. for ``tl.SGD(tl.stable_lr(kernel, momentum=0.9), momentum=0.9)``.
     """
     fn = "stable_lr"
-    if not isinstance(kernel, Kernel):
-        raise TangentlabError(f"{fn}: kernel must be a tangentlab.Kernel, got {type(kernel)}.")
+    if not isinstance(kernel, (Kernel, HeadBodyKernel)):
+        raise TangentlabError(
+            f"{fn}: kernel must be a tangentlab.Kernel or HeadBodyKernel, got {type(kernel)}."
+        )
     if not is_real(momentum) or not 0 <= momentum < 1:
         raise TangentlabError(f"{fn}: momentum must lie in [0, 1), got {momentum!r}.")
     if not is_real(weight_decay) or weight_decay < 0:
         raise TangentlabError(f"{fn}: weight_decay must be >= 0, got {weight_decay!r}.")
     if not is_real(fraction) or not 0 < fraction <= 1:
         raise TangentlabError(f"{fn}: fraction must lie in (0, 1], got {fraction!r}.")
-    lam_max = float(kernel.eigh()[0].max())
+    if isinstance(kernel, HeadBodyKernel):  # the tangent NTK at w0 (the model's start)
+        lam_max = kernel.top_eigenvalue("mse")
+    else:
+        lam_max = float(kernel.eigh()[0].max())
     curvature = lam_max / kernel.num_samples + float(weight_decay)
     if curvature <= 0:
         raise TangentlabError(

@@ -916,3 +916,224 @@ def displacement_coefficients(
         if t + 1 in want:
             out[t + 1] = a.reshape(n, c).copy()
     return out, norms
+
+
+# ---------------------------------------------------------------------------------------
+# Head exact, body linear (NOTE [head exact, body linear] in tangentlab.headbody).
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadBodyProblem:
+    r"""The bilinear model ``f_i = W φ_i + b`` with a linearized body ``φ_i = φ0_i + J_i Δw``.
+
+    Its body enters only through the feature kernel ``K(i, j) = J_i J_j^T`` ``[d, d]``, kept
+    exact in the span of the orthonormal ``basis`` Q ``[d, r]`` and isotropic beside it:
+
+    .. math::
+        K(i, j) \approx Q\, M(i, j)\, Q^T + \kappa_\perp(i, j)\,(I - Q Q^T)
+
+    Attributes:
+      phi0: pre-trained features φ0 ``[N, d]`` (the head's input).
+      weight, bias: the head's pre-trained ``W0`` ``[C, d]`` and ``b0`` ``[C]`` (or ``None``:
+        a head without bias).
+      basis: Q ``[d, r]``.
+      block: products with ``M`` ``[N r, N r]`` (sample-major; a kernel operator), or
+        ``None`` when no body weight is trained (linear probing).
+      rest: products with ``κ_⊥`` ``[N, N]`` (a trace operator), or ``None`` (no body motion
+        outside span Q).
+      body_jw0: ``J_i w0_body`` ``[N, d]`` for weight decay toward 0, or ``None``.
+    """
+
+    phi0: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray | None
+    basis: np.ndarray
+    block: KernelOperator | None
+    rest: KernelOperator | None
+    body_jw0: np.ndarray | None
+
+    def body_velocity(self, batches: np.ndarray | None, g: np.ndarray) -> np.ndarray:
+        r"""``Σ_{i∈batch_p} K(·, i) g_{p,i}`` ``[P, N, d]`` for feature gradients ``g``
+        ``[P, b, d]`` of P paths with sample ids ``batches`` ``[P, b]`` (``None``: all N
+        samples, ``g`` ``[P, N, d]``). Each kernel is read once per call, not per path."""
+        q = self.basis
+        paths, n, r = g.shape[0], self.phi0.shape[0], q.shape[1]
+        if self.block is None:  # no body weight trained (linear probing)
+            return np.zeros((paths, *self.phi0.shape))
+        a = g @ q  # [P, b, r]
+        out = _cols_paths(self.block, batches, a).reshape(paths, n, r) @ q.T
+        if self.rest is not None:
+            out += _cols_paths(self.rest, batches, g - a @ q.T).reshape(paths, n, -1)
+        return out
+
+
+def _cols_paths(op: KernelOperator, batches: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """``Σ_j Θ[:, batch_pj] x_pj`` for every path p -> ``[P, N*c]`` (``x`` ``[P, b, c]``);
+    full batch (``batches=None``): ``Θ x_p``."""
+    paths = x.shape[0]
+    if batches is None:
+        return op.matvec(x.reshape(paths, -1).T).T
+    if isinstance(op, FeatureKernelOperator):  # Φ Σ_j Φ_j^T x_j: one pass over Φ
+        v = np.stack([np.einsum("bc,bck->k", x[p], op._rows[batches[p]]) for p in range(paths)])
+        return (op.features @ v.T).T
+    return np.stack([op.cols_matvec(batches[p], x[p]) for p in range(paths)])
+
+
+def _delta(f: np.ndarray, y: np.ndarray, loss: str, scale: float) -> np.ndarray:
+    """``δ = ∂ℓ/∂f`` for outputs ``f`` ``[..., C]`` and labels ``y`` ``[...]`` (any shape)."""
+    onehot = np.eye(f.shape[-1])[y]
+    if loss == "mse":
+        return f - scale * onehot
+    e = np.exp(f - f.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True) - onehot
+
+
+def head_body_trajectory(
+    problem: HeadBodyProblem,
+    targets: np.ndarray,
+    *,
+    loss: str,
+    scale: float,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    decay_to: str,
+    heavy_ball: bool,
+    steps: int,
+    batches: Sequence[Sequence[np.ndarray]] | None = None,
+    blowup_loss: float = math.inf,
+) -> Trajectory:
+    r"""Exact torch SGD of the head-exact, body-linear model, all paths at once.
+
+    The state is the head ``(W, b)`` and the features ``φ_i = φ0_i + J_i Δw``; the body's
+    momentum buffer is carried as its image ``J_i buf`` (J is constant). With
+    ``δ_i = ∂ℓ/∂f_i`` at ``f_i = W φ_i + b``, batch ``b_t``:
+
+    .. math::
+        G_W = \tfrac{1}{|b_t|}\sum_{i∈b_t} δ_i φ_i^T + λ (W - W_a),\quad
+        G_b = \tfrac{1}{|b_t|}\sum_{i∈b_t} δ_i + λ (b - b_a),\quad
+        G_{φ_j} = \tfrac{1}{|b_t|}\sum_{i∈b_t} K(j, i)\, W^T δ_i + λ (φ_j - φ0_j + c_j)
+
+    then ``buf = m buf + G`` and ``x -= η buf`` for each of W, b, φ (torch SGD,
+    ``dampening=0``). Decay toward 0: ``W_a = 0``, ``b_a = 0``, ``c = J w0_body``; toward
+    the pre-trained weights: ``W_a = W0``, ``b_a = b0``, ``c = 0``. ``heavy_ball=False``
+    uses plain steps at ``η/(1-m)``.
+
+    Args:
+      batches: per path, the sample ids of every step (:func:`batch_schedule`; the paths'
+        batches of one step have one size), or ``None``: one full-batch path.
+      Others as :func:`iterate_trajectory`.
+
+    Returns a :class:`Trajectory` with one row per path.
+    """
+    p = problem
+    paths = 1 if batches is None else len(batches)
+    st = _HeadBodyState(p, paths, decay_to)
+    step_lr = lr if heavy_ball else lr / (1.0 - momentum)
+    use_buf = heavy_ball and momentum > 0
+    losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
+    blowup: list[int | None] = [None] * paths
+    st.record(0, targets, loss, scale, blowup_loss, losses, accs, blowup)
+    for t in range(steps):
+        if all(b is not None for b in blowup):
+            break
+        idx = None if batches is None else np.stack([b[t] for b in batches])  # [P, b]
+        grads = st.gradients(idx, targets, loss, scale)
+        if weight_decay:
+            st.add_decay(grads, weight_decay)
+        if use_buf:
+            st.bufs = [g if v is None else v * momentum + g for v, g in zip(st.bufs, grads)]
+            grads = st.bufs
+        st.w -= step_lr * grads[0]
+        if st.b is not None:
+            st.b -= step_lr * grads[1]
+        st.phi -= step_lr * grads[2]
+        st.record(t + 1, targets, loss, scale, blowup_loss, losses, accs, blowup)
+    return Trajectory(losses, accs, tuple(blowup))
+
+
+class _HeadBodyState:
+    """W ``[P, C, d]``, b ``[P, C]``, φ ``[P, N, d]`` and momentum buffers of P paths."""
+
+    def __init__(self, p: HeadBodyProblem, paths: int, decay_to: str):
+        self.p = p
+        self.w = np.repeat(p.weight[None], paths, axis=0)
+        self.b = None if p.bias is None else np.repeat(p.bias[None], paths, axis=0)
+        self.phi = np.repeat(p.phi0[None], paths, axis=0)
+        self.bufs: list = [None, None, None]
+        to_zero = decay_to == "zero"
+        self.anchor_w = 0.0 if to_zero else p.weight
+        self.anchor_b = 0.0 if to_zero or p.bias is None else p.bias
+        self.offset = p.body_jw0 if to_zero and p.body_jw0 is not None else 0.0
+        self.alive = np.ones(paths, dtype=bool)
+
+    def outputs(self) -> np.ndarray:
+        f = self.phi @ self.w.transpose(0, 2, 1)  # [P, N, C]
+        return f if self.b is None else f + self.b[:, None, :]
+
+    def gradients(self, idx, targets, loss: str, scale: float) -> list[np.ndarray]:
+        f = self.outputs()
+        if idx is None:
+            fb, phib, yb = f, self.phi, np.broadcast_to(targets, f.shape[:2])
+        else:
+            rows = np.arange(f.shape[0])[:, None]
+            fb, phib, yb = f[rows, idx], self.phi[rows, idx], targets[idx]
+        d = _delta(fb, yb, loss, scale) / fb.shape[1]  # [P, b, C]
+        d[~self.alive] = 0.0  # a blown-up path stays where it stopped
+        g_feat = d @ self.w  # [P, b, d]: W^T δ_i
+        return [d.transpose(0, 2, 1) @ phib, d.sum(axis=1), self.p.body_velocity(idx, g_feat)]
+
+    def add_decay(self, grads: list[np.ndarray], wd: float) -> None:
+        live = self.alive[:, None, None]
+        grads[0] += live * wd * (self.w - self.anchor_w)
+        if self.b is not None:
+            grads[1] += self.alive[:, None] * wd * (self.b - self.anchor_b)
+        grads[2] += live * wd * (self.phi - self.p.phi0 + self.offset)
+
+    def record(self, t, targets, loss, scale, blowup_loss, losses, accs, blowup) -> None:
+        f = self.outputs()
+        vals = loss_value(f, targets, loss=loss, scale=scale)
+        acc = accuracy_value(f, targets)
+        for q in np.flatnonzero(self.alive):
+            if _blown(float(vals[q]), blowup_loss):
+                blowup[q], self.alive[q] = t, False
+                self.w[q], self.phi[q] = self.p.weight, self.p.phi0  # finite, not reported
+                if self.b is not None:
+                    self.b[q] = self.p.bias
+                self.bufs = [None if v is None else _zero_row(v, q) for v in self.bufs]
+            else:
+                losses[q, t], accs[q, t] = vals[q], acc[q]
+
+
+def _zero_row(v: np.ndarray, q: int) -> np.ndarray:
+    v = v.copy()
+    v[q] = 0.0
+    return v
+
+
+class HeadBodyLogitOperator:
+    r"""Products with the logit kernel of the head-exact model at its start (W0, φ0):
+
+    .. math::
+        \Theta_0(i, j) = W_0 K(i, j) W_0^T + (φ0_i · φ0_j + 1_{\text{bias}})\, I_C
+
+    the tangent model's NTK (exact: the rows of W0 lie in span Q). Used for λ_max.
+    """
+
+    name = "head-body"
+
+    def __init__(self, problem: HeadBodyProblem):
+        self.problem = problem
+        self.num_classes = problem.weight.shape[0]
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``Θ0 x`` for ``x`` ``[NC]``."""
+        p = self.problem
+        xm = x.reshape(p.phi0.shape[0], -1)  # [N, C]
+        out = p.phi0 @ (p.phi0.T @ xm)
+        if p.bias is not None:
+            out += xm.sum(axis=0)
+        if p.block is not None:
+            out += p.body_velocity(None, (xm @ p.weight)[None])[0] @ p.weight.T
+        return out.reshape(x.shape)

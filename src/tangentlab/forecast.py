@@ -55,6 +55,7 @@ import pandas as pd
 from tangentlab import dynamics as dyn
 from tangentlab import extrapolate as ext
 from tangentlab.errors import TangentlabError, ValidityWarning
+from tangentlab.headbody import HeadBodyKernel
 from tangentlab.kernel import Kernel
 from tangentlab.training import (
     SGD,
@@ -75,12 +76,14 @@ from tangentlab.training import (
 # one. In benchmarks/forecast_accuracy.py (RESULTS.md, fresh runs of 2026-11-29, misses
 # counted) forecasts with s <= 1 were within 3% / 10% (median / p90 of |T̂ - T|/T) on
 # EfficientNet-Lite0 with a fresh head, but 30% / 188% on the digits CNN (whole network
-# trained) and 328% / miss on MiniLM: where real training learns features, the tangent
-# model is slow at every rate. Beyond s = 1 errors grow on every case (momentum 0.9 at
-# larger rates: the real network leaves the tangent regime although the linear model is
-# still stable), so forecasts beyond it warn. A threshold chosen on two cases and reported
-# on the third (leave one case out) met p90 <= 30% only on Lite0: no single threshold
-# carries over between models. `Forecast.valid` means "inside this region", not "accurate".
+# trained) and miss / miss on MiniLM (8 of 16 targets missed): where real training learns
+# features, the tangent model is slow at every rate (the head-exact model of
+# tangentlab.headbody closes much of that gap: RESULTS.md "headbody"). Beyond s = 1
+# errors grow on every case (momentum 0.9 at larger rates: the real network leaves the
+# tangent regime although the linear model is still stable), so forecasts beyond it warn.
+# A threshold chosen on two cases and reported on the third (leave one case out) met
+# p90 <= 30% on none of the three: no single threshold carries over between models.
+# `Forecast.valid` means "inside this region", not "accurate".
 VALIDITY_STABILITY = 1.0
 
 BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
@@ -284,13 +287,27 @@ def forecast(
         execution=execution, band=band, ode_method=ode_method, accuracy_every=accuracy_every,
         stability=stability,
     )  # fmt: skip
-    spec, kernel = _spectrum_source("forecast", kernel, dataset_size)
-    return forecast_settings(_Prepared(kernel, spec), bind("forecast", s, kernel, spec))
+    prep = _prepare("forecast", kernel, dataset_size)
+    return forecast_settings(prep, prep.bind("forecast", s))
 
 
 def forecast_settings(prep: _Prepared, s: Settings) -> Forecast:
     """Run the solver for validated, kernel-bound settings and assemble the Forecast."""
     return _assemble(prep, s, _solver(prep, s)(prep, s))
+
+
+def _prepare(fn: str, kernel: Any, dataset_size: Any) -> _Prepared | _HeadBodyPrepared:
+    """The per-kernel state of a forecast: a (possibly extrapolated) tangent-model kernel,
+    or the head-exact, body-linear model (NOTE [head exact, body linear])."""
+    if isinstance(kernel, HeadBodyKernel):
+        if dataset_size is not None:
+            raise TangentlabError(
+                f"{fn}: dataset_size is not available with a HeadBodyKernel (no spectral "
+                "extrapolation of the head-exact model); compute it on all N samples."
+            )
+        return _HeadBodyPrepared(kernel)
+    spec, kernel = _spectrum_source(fn, kernel, dataset_size)
+    return _Prepared(kernel, spec)
 
 
 def _spectrum_source(fn: str, kernel: Any, dataset_size: Any):
@@ -304,7 +321,7 @@ def _spectrum_source(fn: str, kernel: Any, dataset_size: Any):
         return kernel, kernel.kernel
     if not isinstance(kernel, Kernel):
         raise TangentlabError(
-            f"{fn}: kernel must be a tangentlab.Kernel or Spectrum, got "
+            f"{fn}: kernel must be a tangentlab.Kernel, Spectrum or HeadBodyKernel, got "
             f"{type(kernel).__name__}; build one with tl.compute_kernel or tl.load_kernel."
         )
     if dataset_size is None:
@@ -391,11 +408,10 @@ def sweep(
         check_options(fn, o, steps, loss=loss, batch_size=b, **options)
         for o in opts for b in batch_sizes
     ]  # all settings are validated before the first forecast
-    spec, kernel = _spectrum_source(fn, kernel, dataset_size)
-    prep = _Prepared(kernel, spec)
+    prep = _prepare(fn, kernel, dataset_size)
     with warnings.catch_warnings():  # one summary below instead of one warning per row
         warnings.simplefilter("ignore", ValidityWarning)
-        forecasts = [forecast_settings(prep, bind(fn, s, kernel, spec))
+        forecasts = [forecast_settings(prep, prep.bind(fn, s))
                      for s in _bar(checked, "sweep", "setting")]  # fmt: skip
     outside = sum(1 for fc in forecasts if "validity" in fc.method)
     if outside:
@@ -661,6 +677,9 @@ class _Prepared:
         self._top: dict[str, float] = {}
         self._eig: tuple[np.ndarray, np.ndarray] | None = None
 
+    def bind(self, fn: str, s: Settings) -> Settings:
+        return bind(fn, s, self.kernel, self.spec)
+
     @property
     def num_samples(self) -> int:
         """N of the forecast: the data set size when extrapolating, else the kernel's n."""
@@ -727,6 +746,45 @@ class _Prepared:
         return self._top[loss]
 
 
+class _HeadBodyPrepared:
+    """Float64 state of the head-exact, body-linear model (NOTE [head exact, body linear])."""
+
+    spec = None
+
+    def __init__(self, hb: HeadBodyKernel):
+        self.kernel = hb
+        self.n, self.c = hb.num_samples, hb.num_classes
+        self.nc = self.n * self.c
+        self.f0 = _np64(hb.f0)
+        self.targets = hb.targets.detach().cpu().numpy().astype(np.int64)
+        self.problem = hb.problem()
+        self._top: dict[str, float] = {}
+
+    num_samples = property(lambda self: self.n)
+
+    def bind(self, fn: str, s: Settings) -> Settings:
+        what = "is not available for the head-exact model (HeadBodyKernel)"
+        if s.time != "discrete":
+            raise TangentlabError(f"{fn}: time={s.time!r} {what}; use time='discrete'.")
+        if s.noise != "simulate":
+            raise TangentlabError(f"{fn}: noise={s.noise!r} {what}; use noise='simulate'.")
+        if s.execution != "auto":
+            raise TangentlabError(f"{fn}: execution={s.execution!r} {what}; use 'auto'.")
+        if s.kernel_scale is not None:
+            raise TangentlabError(f"{fn}: kernel growth {what}.")
+        return replace(s, stochastic=s.batch_size is not None and s.batch_size < self.n)
+
+    def initial_loss(self, s: Settings) -> float:
+        return float(dyn.loss_value(self.f0, self.targets, loss=s.loss.name,
+                                    scale=s.loss.target_scale))  # fmt: skip
+
+    def top_eigenvalue(self, loss: str, execution: str) -> float:
+        """λ_max of the logit kernel at w0 (MSE) or of H^{1/2} Θ0 H^{1/2} (CE)."""
+        if loss not in self._top:
+            self._top[loss] = self.kernel.top_eigenvalue(loss)
+        return self._top[loss]
+
+
 def _np64(t) -> np.ndarray:
     """A torch tensor as a float64 numpy array (no copy when already float64 on CPU)."""
     return t.detach().cpu().double().numpy()
@@ -753,9 +811,14 @@ class _Solution:
     exact_limit: float | None = None
     accuracy_at: Callable[[np.ndarray], np.ndarray] | None = None
     accuracy_cost: int = 0  # number of modes m of one accuracy evaluation (closed form)
+    # MSE: the linear criterion stability >= limit declares divergence (not for a model
+    # that is not linear in its weights: there the iterated paths decide)
+    spectral_divergence: bool = True
 
 
 def _solver(prep: _Prepared, s: Settings) -> Callable[[_Prepared, Settings], _Solution]:
+    if isinstance(prep, _HeadBodyPrepared):
+        return _solve_head_body
     if not s.stochastic and s.loss.name == "mse" and s.execution in ("auto", "spectral"):
         tail = prep.spec is not None and prep.spec.tail != "none"
         return _solve_spectrum if tail else _solve_spectral
@@ -861,6 +924,29 @@ def _solve_simulate(prep: _Prepared, s: Settings) -> _Solution:
     )  # fmt: skip
 
 
+def _solve_head_body(prep: _HeadBodyPrepared, s: Settings) -> _Solution:
+    """Exact SGD of the head-exact, body-linear model: full batch, or all minibatch paths
+    at once (path p: ``batch_schedule(..., rng=path_rngs(seed, paths)[p])``)."""
+    opt = s.optimizer
+    common = _common(prep, s)
+    schedules = None
+    if s.stochastic:
+        schedules = [dyn.batch_schedule(prep.n, s.batch_size, s.steps, sampling=s.sampling,
+                                        rng=rng) for rng in dyn.path_rngs(s.seed, s.paths)]
+    traj = dyn.head_body_trajectory(
+        prep.problem, prep.targets, loss=common["loss"], scale=common["scale"], lr=opt.lr,
+        momentum=opt.momentum, weight_decay=opt.weight_decay, decay_to=opt.decay_to,
+        heavy_ball=s.heavy_ball, steps=s.steps, batches=schedules,
+        blowup_loss=common["blowup_loss"],
+    )  # fmt: skip
+    kind = "minibatch simulation" if s.stochastic else "discrete steps"
+    return _Solution(
+        traj.loss, traj.accuracy, traj.blowup,
+        {"solver": f"head exact, body linear: exact {kind}", "model": "head-body"},
+        "head-body", spectral_divergence=False,
+    )  # fmt: skip
+
+
 def _solve_sde(prep: _Prepared, s: Settings) -> _Solution:
     """Minibatch SGD as a function-space SDE (Euler-Maruyama), all paths at once."""
     execution = prep.choose_execution(s.execution, prep.nc * s.paths, max(s.steps, 1))
@@ -892,7 +978,8 @@ def _assemble(prep: _Prepared, s: Settings, sol: _Solution) -> Forecast:
         stab = math.nan
     limit = 2.0 * (1.0 + opt.momentum) / (1.0 - opt.momentum) if (
         s.heavy_ball and s.time == "discrete") else 2.0  # fmt: skip
-    diverges, div_step = _divergence(s, sol, s.loss.name == "mse" and stab >= limit)
+    unstable = sol.spectral_divergence and s.loss.name == "mse" and stab >= limit
+    diverges, div_step = _divergence(s, sol, unstable)
     if not diverges and math.isfinite(stab) and stab > VALIDITY_STABILITY:
         method["validity"] = _validity_warning(stab)
     loss_paths, acc_paths = _cut(prep, s, sol, div_step, method)

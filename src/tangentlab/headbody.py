@@ -1,0 +1,344 @@
+"""Head exact, body linear: fine-tuning a fresh head on a linearized body.
+
+NOTE [head exact, body linear]
+The first-order tangent model linearizes the whole network around w0, so it misses the
+product structure of a fresh head on pre-trained features: the body's Jacobian of the
+logits is proportional to the head weights W, and the head's Jacobian is the features φ;
+both grow as training moves them (issue 13: real fine-tuning ran 2-28x faster than the
+tangent forecast). This model keeps the final linear layer exact and linearizes only the
+body that computes its input:
+
+    f_i = W φ_i + b,        φ_i = φ0_i + J_i (w_body - w0_body),    J_i = ∂φ(x_i)/∂w_body
+
+It is bilinear in (W, Δw_body), exact for linear probing and for any body that is linear in
+its weights. SGD on it is simulated exactly in the variables (W, b, φ_1..φ_N); the body
+enters only through the feature kernel K(i, j) = J_i J_jᵀ ``[d, d]`` (d = feature width),
+which is too large to form (N d × N d). It is kept
+
+- exact inside an r-dimensional subspace Q of feature space: M(i, j) = Qᵀ K(i, j) Q, the
+  NTK of the read-out ``Qᵀ φ(x)`` (r backward passes per sample, exact or projected like
+  any kernel: :func:`tangentlab.compute_kernel`). Q holds the rows of W0 (so the logit
+  kernel at w0 is exact: the model starts as the tangent model) and the top
+  ``directions`` principal directions of the features φ0 (the head's update W - W0 lies
+  in the span of the features, so W^T δ stays mostly inside Q);
+- isotropic outside it: κ_⊥(i, j) = tr((I - QQᵀ) K(i, j)) / (d - r), estimated with
+  ``probes`` random directions v_s = (I - QQᵀ) z_s, z_s Rademacher, as
+  Σ_s v_sᵀ K(i, j) v_s / Σ_s ‖v_s‖² (exact when K is isotropic beside Q): S more backward
+  passes per sample.
+
+The dynamics (:func:`tangentlab.dynamics.head_body_trajectory`) cost O(N d) per sample of a
+batch, plus the kernel products. Units and conventions as everywhere (DESIGN.md §2-§3).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tangentlab import dynamics as dyn
+from tangentlab.compute import compute_kernel
+from tangentlab.data import as_arrays, fingerprint, num_rows, take
+from tangentlab.errors import TangentlabError
+from tangentlab.kernel import Kernel
+from tangentlab.projection import Projection
+from tangentlab.tangent import ParamSpec, Tangent, select_params
+
+_CHUNK = 64  # samples per forward pass for the features and J w0
+
+
+@dataclass(eq=False)
+class HeadBodyKernel:
+    """What the head-exact, body-linear forecast needs (NOTE [head exact, body linear]).
+
+    Attributes:
+      features: φ0 = the head's input on every sample, ``[N, d]``.
+      weight, bias: the head's pre-trained W0 ``[C, d]`` and b0 ``[C]`` (``None``: no bias).
+      targets: labels ``[N]``.
+      basis: Q ``[d, r]``, orthonormal columns.
+      block: the kernel of the read-out ``Qᵀ φ(x)`` w.r.t. the body's trainable weights,
+        ``theta`` ``[N r, N r]`` and/or ``features`` ``[N r, k]`` (its ``targets`` are
+        placeholders); ``None`` when no body weight is trained (linear probing).
+      rest: κ_⊥ ``[N, N]``, or ``None`` (Q spans everything, or ``probes=0``).
+      body_jw0: ``J_i w0_body`` ``[N, d]`` (one JVP per sample), for weight decay toward 0;
+        ``None`` without body weights.
+      metadata: how it was computed (head, body weights, r, probes, projection).
+    """
+
+    features: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    basis: torch.Tensor
+    block: Kernel | None
+    rest: torch.Tensor | None = None
+    body_jw0: torch.Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def f0(self) -> torch.Tensor:
+        """Pre-trained logits ``φ0 W0ᵀ + b0`` ``[N, C]``."""
+        f = self.features @ self.weight.T
+        return f if self.bias is None else f + self.bias
+
+    def problem(self) -> dyn.HeadBodyProblem:
+        """The float64 numpy problem :func:`tangentlab.dynamics.head_body_trajectory` runs."""
+        block = None
+        if self.block is not None:
+            r = self.basis.shape[1]
+            block = (dyn.DenseKernelOperator(_np64(self.block.theta), r)
+                     if self.block.theta is not None else
+                     dyn.FeatureKernelOperator(_np64(self.block.features), r))  # fmt: skip
+        rest = None if self.rest is None else dyn.TraceKernelOperator(
+            _np64(self.rest), self.features.shape[1])  # fmt: skip
+        return dyn.HeadBodyProblem(
+            phi0=_np64(self.features), weight=_np64(self.weight),
+            bias=None if self.bias is None else _np64(self.bias), basis=_np64(self.basis),
+            block=block, rest=rest,
+            body_jw0=None if self.body_jw0 is None else _np64(self.body_jw0),
+        )  # fmt: skip
+
+    def top_eigenvalue(self, loss: str = "mse") -> float:
+        """λ_max of the logit kernel at w0, Θ0 = W0 K W0ᵀ + (φ0 φ0ᵀ + 1) ⊗ I_C (the tangent
+        NTK), for ``"mse"``; of ``H^{1/2} Θ0 H^{1/2}`` (softmax Hessians at f0) for ``"ce"``.
+        Cached per loss."""
+        cache = self.__dict__.setdefault("_top", {})
+        if loss not in cache:
+            f0 = _np64(self.f0)
+            weight = None if loss == "mse" else dyn.softmax_hessian_sqrt(f0)
+            op = dyn.HeadBodyLogitOperator(self.problem())
+            cache[loss] = dyn.top_eigenvalue(op, f0.size, weight=weight)
+        return cache[loss]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary (shapes, how it was computed), as ``Kernel.describe``."""
+        return {
+            "model": "head exact, body linear (tangentlab.headbody)",
+            "num_samples": self.num_samples, "num_classes": self.num_classes,
+            "feature_dim": int(self.features.shape[1]), "rank": int(self.basis.shape[1]),
+            "block": None if self.block is None else self.block.describe(),
+            "rest": None if self.rest is None else "κ_⊥ [N, N] from random probes",
+            "lambda_max_over_n": self.top_eigenvalue("mse") / max(self.num_samples, 1),
+            "metadata": {k: str(v) for k, v in self.metadata.items()},
+        }  # fmt: skip
+
+
+def _np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def compute_head_body_kernel(
+    model: nn.Module,
+    data: Any,
+    *,
+    head: str | None = None,
+    params: ParamSpec = None,
+    directions: int | None = None,
+    probes: int = 4,
+    projection: int | Projection | None = None,
+    seed: int = 0,
+    memory_budget: int | str | None = None,
+    device: str | torch.device | None = None,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> HeadBodyKernel:
+    """The head-exact, body-linear model of fine-tuning ``model`` on ``data``.
+
+    Args:
+      model: ``nn.Module`` whose output is its last ``nn.Linear`` applied to features
+        (checked on the data: ``f(x) = W φ(x) + b``).
+      data: ``(X, y)``, a ``Dataset`` or a ``DataLoader``, as for :func:`compute_kernel`.
+      head: module name of that linear layer (e.g. ``"_fc"``, ``"classifier"``); default:
+        the last ``nn.Linear`` whose width is the model's output width.
+      params: trainable weights as for :func:`compute_kernel`; must include the head's.
+      directions: principal directions of φ0 added to Q (default C, the number of classes).
+      probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
+      projection: ``None`` (exact M and κ_⊥) or k (projected, as :func:`compute_kernel`).
+      seed: seed of the projection and the probes.
+      memory_budget, device, progress: as for :func:`compute_kernel`.
+      cache: a directory; the two read-out kernels are cached in its ``block`` and ``rest``
+        subdirectories exactly as :func:`compute_kernel` caches (resumable, checksummed,
+        keyed on the model, the data and Q). φ0 and J w0 (forward passes) are recomputed.
+
+    Returns:
+      :class:`HeadBodyKernel`; forecast it with :func:`tangentlab.forecast`.
+
+    Example::
+
+        >>> hb = compute_head_body_kernel(model, (X, y), head="fc", projection=2048)
+        >>> hb.features.shape, hb.block.theta.shape     # [N, d], [N*r, N*r]
+        >>> fc = tl.forecast(hb, tl.SGD(0.01), 300, loss="ce")
+    """
+    _check_counts(directions=directions, probes=probes)
+    t0 = time.perf_counter()
+    x, y = as_arrays(data, where="compute_head_body_kernel")
+    head_name, lin = find_head(model, head)
+    chosen = select_params(model, params)
+    body_names = _body_params(chosen, lin, head_name)
+    body = _body(model, head_name)
+    if device is not None:
+        body = body.to(device)
+    weight = lin.weight.detach().to(torch.float64).cpu()
+    bias = None if lin.bias is None else lin.bias.detach().to(torch.float64).cpu()
+    # the body's Tangent (any weight selected when none is trained: only φ0 is needed then)
+    names = body_names or [next(n for n, _ in body.named_parameters())]
+    tb = Tangent(body, params=names, projection=projection, seed=seed)
+    phi0 = _features(tb, x)
+    _check_head(model, x, phi0, weight, bias, head_name)
+    basis = feature_basis(weight, phi0, directions=directions)
+    meta = dict(head=head_name, body_params=len(body_names), rank=int(basis.shape[1]),
+                probes=int(probes), projection=str(projection), feature_dim=int(phi0.shape[1]),
+                weights_sha=Tangent(model, params=chosen).weights_hash(),
+                data_fingerprint=fingerprint(x, y))  # fmt: skip
+    block = rest = jw0 = None
+    if body_names:  # else linear probing: nothing else to compute
+        zeros = torch.zeros_like(y)  # the read-out kernels do not use labels
+
+        def opts(part: str) -> dict:
+            return dict(memory_budget=memory_budget, progress=progress,
+                        cache=None if cache is None else Path(cache) / part)  # fmt: skip
+
+        block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), **opts("block"))
+        rest = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
+        jw0 = _body_jw0(tb, x)
+    meta["seconds"] = time.perf_counter() - t0
+    return HeadBodyKernel(phi0, weight, bias, y, basis, block, rest, jw0, meta)
+
+
+def _check_counts(**counts: Any) -> None:
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):  # fmt: skip
+            raise TangentlabError(
+                f"compute_head_body_kernel: {name} must be an integer >= 0, got {value!r}."
+            )
+
+
+def _body_params(chosen: list[str], lin: nn.Linear, head: str) -> list[str]:
+    """The trained weights outside the head; the head's own must be trained."""
+    head_params = [n for n, _ in lin.named_parameters(prefix=head)]
+    missing = [n for n in head_params if n not in chosen]
+    if missing:
+        raise TangentlabError(
+            f"compute_head_body_kernel: the head {head!r} is not trained ({missing} not in "
+            "params); the head-exact model is for a trained head. Add the head to params, "
+            "or forecast with tl.compute_kernel (the tangent model)."
+        )
+    return [n for n in chosen if n not in head_params]
+
+
+def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear]:
+    """``(name, module)`` of the head: ``head`` or the last ``nn.Linear`` of ``model``."""
+    modules = dict(model.named_modules())
+    if head is not None:
+        lin = modules.get(head)
+        if not isinstance(lin, nn.Linear):
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)][-4:]
+            raise TangentlabError(
+                f"head={head!r} is not an nn.Linear of the model (found "
+                f"{type(lin).__name__ if lin is not None else 'nothing'}); its last linear "
+                f"layers are {linears}."
+            )
+        return head, lin
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TangentlabError(
+            "compute_head_body_kernel: the model has no nn.Linear layer to keep exact; the "
+            "head-exact model needs a final linear head (use tl.compute_kernel otherwise)."
+        )
+    return linears[-1]
+
+
+def feature_basis(
+    weight: torch.Tensor, phi0: torch.Tensor, *, directions: int | None = None
+) -> torch.Tensor:
+    """Q ``[d, r]``: an orthonormal basis of span(rows of W0) + the top principal
+    directions of the (uncentered) features φ0 ``[N, d]`` (``directions``, default C)."""
+    c, d = weight.shape
+    p = c if directions is None else int(directions)
+    if p < 0:
+        raise TangentlabError(f"directions must be >= 0, got {directions!r}.")
+    cols = [weight.T / max(float(weight.norm()), 1e-300)]
+    if p:
+        _, _, vh = torch.linalg.svd(phi0, full_matrices=False)
+        cols.append(vh[:p].T)
+    m = torch.cat(cols, dim=1)
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    keep = s > 1e-8 * float(s.max()) if s.numel() and float(s.max()) > 0 else s > 0
+    return u[:, keep][:, : min(d, int(keep.sum()))].contiguous()
+
+
+class _Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _body(model: nn.Module, head: str) -> nn.Module:
+    """A copy of ``model`` whose head is the identity: it returns the features φ(x)."""
+    body = copy.deepcopy(model)
+    parent_name, _, leaf = head.rpartition(".")
+    parent = body.get_submodule(parent_name) if parent_name else body
+    if parent is body and not parent_name and leaf == "":
+        raise TangentlabError("compute_head_body_kernel: the head cannot be the whole model.")
+    setattr(parent, leaf, _Identity().train(body.training))
+    return body
+
+
+def _features(tb: Tangent, x: Any) -> torch.Tensor:
+    n = num_rows(x)
+    return torch.cat(
+        [tb.f0(take(x, slice(i, i + _CHUNK))).double().cpu() for i in range(0, n, _CHUNK)]
+    )
+
+
+def _check_head(model, x, phi0, weight, bias, head: str) -> None:
+    """The model's logits must be ``head(φ)``: checked on up to 4 samples."""
+    m = min(4, phi0.shape[0])
+    with torch.no_grad():
+        out = Tangent(model).f0(take(x, slice(0, m))).double().cpu()
+    f = phi0[:m] @ weight.T + (0.0 if bias is None else bias)
+    err = float((out - f).abs().max())
+    scale = max(float(out.abs().max()), 1.0)
+    if out.shape != f.shape or err > 1e-3 * scale:
+        raise TangentlabError(
+            f"compute_head_body_kernel: the model's output is not {head}(features) (max "
+            f"difference {err:.3g} on {m} samples): the head must be the last operation. "
+            "Pass head= the name of the final nn.Linear."
+        )
+
+
+def _rest_kernel(tb: Tangent, x, y, basis: torch.Tensor, probes: int, seed: int, opts: dict):
+    # opts: compute_kernel's keyword options
+    """κ_⊥ ``[N, N]`` from ``probes`` directions v = (I - QQᵀ) z, z Rademacher (or None)."""
+    d, r = basis.shape
+    if probes == 0 or r >= d:
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randint(0, 2, (d, probes), generator=g).double() * 2 - 1
+    v = z - basis @ (basis.T @ z)
+    k = compute_kernel(tb.probed(v.to(tb.dtype)), (x, y), **opts)
+    n = k.num_samples
+    theta = k.gram().double().cpu().reshape(n, probes, n, probes)
+    # ratio estimator Σ_s v_sᵀ K v_s / Σ_s ‖v_s‖²: exact when K is isotropic beside Q
+    return torch.einsum("isjs->ij", theta) / float((v * v).sum())
+
+
+def _body_jw0(tb: Tangent, x) -> torch.Tensor:
+    w0 = torch.cat([tb.w0[n].reshape(-1) for n in tb.param_names])
+    n = num_rows(x)
+    return torch.cat([tb.jvp(take(x, slice(i, i + _CHUNK)), w0).detach().double().cpu()
+                      for i in range(0, n, _CHUNK)])  # fmt: skip

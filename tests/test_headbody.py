@@ -1,0 +1,231 @@
+"""Head exact, body linear (tangentlab.headbody): exact where the model is, against real runs
+and an independent weight-space simulation; the logit kernel at w0 is the tangent NTK."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import tangentlab as tl
+from tangentlab import dynamics as dyn
+from tangentlab.forecast import _HeadBodyPrepared
+from tangentlab.headbody import compute_head_body_kernel, feature_basis, find_head
+
+
+class LinearBody(nn.Module):
+    """φ = (A x + a) ⊙ s: linear in its weights; s != 1 makes K(i, j) anisotropic."""
+
+    def __init__(self, anisotropic: bool = True, bias: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = nn.Linear(5, 6)
+        scale = torch.linspace(0.5, 2.0, 6) if anisotropic else torch.ones(6)
+        self.register_buffer("scale", scale)
+        self.fc = nn.Linear(6, 3, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x) * self.scale)
+
+
+class TanhBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _data(n=10, dim=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.double)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+OPTIMIZERS = [
+    tl.SGD(0.05),
+    tl.SGD(0.05, momentum=0.9),
+    tl.SGD(0.05, momentum=0.5, weight_decay=0.1),
+    tl.SGD(0.05, weight_decay=0.1, decay_to="w0"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o.describe())
+@pytest.mark.parametrize("batch", [None, 4])  # 4 does not divide N = 10: a short last batch
+def test_exact_against_real_runs_of_a_body_linear_in_its_weights(loss, opt, batch):
+    net = LinearBody().double().eval()
+    data = _data()
+    hb = compute_head_body_kernel(net, data, directions=6, progress=False)  # Q spans R^6
+    assert hb.rest is None and hb.basis.shape == (6, 6)
+    fc = tl.forecast(hb, opt, 25, loss=loss, batch_size=batch, paths=1)
+    run = tl.finetune(net, data, opt, 25, loss=loss, batch_size=batch, log_every=1,
+                      progress=False)  # fmt: skip
+    np.testing.assert_allclose(fc.loss, run.loss, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fc.accuracy, run.accuracy, atol=1e-12)
+    assert fc.method["model"] == "head-body"
+
+
+@pytest.mark.parametrize("sampling", ["epoch", "replacement"])
+def test_every_minibatch_path_is_a_real_run_with_its_seed(sampling):
+    net = LinearBody().double().eval()
+    data = _data()
+    hb = compute_head_body_kernel(net, data, directions=6, progress=False)
+    fc = tl.forecast(hb, tl.SGD(0.05, momentum=0.9), 15, loss="ce", batch_size=3, paths=3,
+                     seed=7, sampling=sampling)  # fmt: skip
+    assert fc.loss_band is not None and fc.loss_paths.shape == (3, 16)
+    run = tl.finetune(net, data, tl.SGD(0.05, momentum=0.9), 15, loss="ce", batch_size=3,
+                      seed=7, sampling=sampling, log_every=1, progress=False)  # fmt: skip
+    np.testing.assert_allclose(fc.loss_paths[0], run.loss, rtol=1e-10)
+
+
+def test_isotropic_body_is_exact_with_probes_and_no_feature_directions():
+    """K(i, j) = (x_i·x_j + 1) I: the ratio estimator of κ_⊥ is exact with any probes."""
+    net = LinearBody(anisotropic=False).double().eval()
+    data = _data()
+    hb = compute_head_body_kernel(net, data, directions=0, probes=2, progress=False)
+    assert hb.basis.shape[1] == 3 and hb.rest is not None
+    x = data[0]
+    np.testing.assert_allclose(hb.rest.numpy(), (x @ x.T + 1).numpy(), rtol=1e-10)
+    opt = tl.SGD(0.05, momentum=0.9)
+    fc = tl.forecast(hb, opt, 40, loss="ce")
+    run = tl.finetune(net, data, opt, 40, loss="ce", log_every=1, progress=False)
+    np.testing.assert_allclose(fc.loss, run.loss, rtol=1e-10)
+    # without the probes the body is frozen beside Q: no longer exact
+    frozen = tl.forecast(compute_head_body_kernel(net, data, directions=0, probes=0,
+                                                  progress=False), opt, 40, loss="ce")
+    assert np.abs(frozen.loss - run.loss).max() > 1e-4
+
+
+def test_linear_probing_is_exact():
+    net = TanhBody().double().eval()
+    data = _data(dim=4)
+    hb = compute_head_body_kernel(net, data, params=r"^head\.", progress=False)
+    assert hb.block is None and hb.metadata["body_params"] == 0
+    opt = tl.SGD(0.3, momentum=0.5)
+    fc = tl.forecast(hb, opt, 30, loss="ce", batch_size=4)
+    run = tl.finetune(net, data, opt, 30, loss="ce", batch_size=4, params=r"^head\.",
+                      log_every=1, progress=False)  # fmt: skip
+    np.testing.assert_allclose(fc.loss_paths[0], run.loss, rtol=1e-10)
+
+
+def _weight_space_reference(net, x, y, lr, steps):
+    """Full-batch GD of f = W (φ0 + J Δw) + b in weight space, J by autograd (independent
+    of the kernels and of the function-space simulation), CE loss."""
+    body = dict(net.body.named_parameters())
+    names = list(body)
+    w0 = {n: p.detach() for n, p in body.items()}
+
+    def phi(w):
+        return functional_call(net.body, w, (x,))
+
+    jac = jacrev(phi)(w0)  # name -> [N, d, *shape]
+    n = x.shape[0]
+    jmat = torch.cat([jac[k].reshape(n, -1, jac[k][0, 0].numel()) for k in names], dim=2)
+    phi0 = phi(w0).detach()
+    dw = torch.zeros(jmat.shape[2], dtype=torch.double, requires_grad=True)
+    w = net.head.weight.detach().clone().requires_grad_(True)
+    b = net.head.bias.detach().clone().requires_grad_(True)
+    losses = []
+    for t in range(steps + 1):
+        f = (phi0 + jmat @ dw) @ w.T + b
+        loss = torch.nn.functional.cross_entropy(f, y)
+        losses.append(float(loss.detach()))
+        if t == steps:
+            break
+        gd, gw, gb = torch.autograd.grad(loss, (dw, w, b))
+        with torch.no_grad():
+            dw -= lr * gd
+            w -= lr * gw
+            b -= lr * gb
+    return np.array(losses)
+
+
+def test_nonlinear_body_matches_a_weight_space_simulation_of_the_bilinear_model():
+    net = TanhBody().double().eval()
+    x, y = _data(dim=4)
+    hb = compute_head_body_kernel(net, (x, y), directions=4, progress=False)  # r = d = 4
+    fc = tl.forecast(hb, tl.SGD(0.5), 40, loss="ce")
+    ref = _weight_space_reference(net, x, y, 0.5, 40)
+    np.testing.assert_allclose(fc.loss, ref, rtol=1e-10)
+    # ... and it is not the tangent model (which misses the head x body product)
+    tangent = tl.forecast(tl.compute_kernel(net, (x, y), progress=False), tl.SGD(0.5), 40,
+                          loss="ce")  # fmt: skip
+    assert np.abs(tangent.loss - ref).max() > 1e-3
+
+
+def test_logit_kernel_at_w0_is_the_tangent_ntk():
+    net = TanhBody().double().eval()
+    data = _data(dim=4)
+    hb = compute_head_body_kernel(net, data, directions=0, probes=3, progress=False)
+    theta = tl.compute_kernel(net, data, progress=False).theta.numpy()
+    op = dyn.HeadBodyLogitOperator(_HeadBodyPrepared(hb).problem)
+    v = np.random.default_rng(0).standard_normal(theta.shape[0])
+    np.testing.assert_allclose(op.matvec(v), theta @ v, rtol=1e-9)
+    np.testing.assert_allclose(hb.f0.numpy(), net(data[0]).detach().numpy(), rtol=1e-12)
+    fc = tl.forecast(hb, tl.SGD(0.1), 5)
+    lam = np.linalg.eigvalsh(theta)[-1]
+    assert fc.stability == pytest.approx(0.1 * lam / 10, rel=1e-6)
+
+
+def test_feature_basis_is_orthonormal_and_holds_the_head_rows():
+    w = torch.randn(3, 8, dtype=torch.double)
+    phi = torch.randn(20, 8, dtype=torch.double)
+    q = feature_basis(w, phi, directions=2)
+    assert q.shape == (8, 5)
+    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(5), atol=1e-12)
+    np.testing.assert_allclose((q @ (q.T @ w.T)).numpy(), w.T.numpy(), atol=1e-12)
+    assert feature_basis(w, phi, directions=20).shape == (8, 8)  # never more than d
+
+
+def test_head_is_found_or_named():
+    net = TanhBody()
+    assert find_head(net)[0] == "head"
+    assert find_head(net, "body.2")[0] == "body.2"
+    with pytest.raises(tl.TangentlabError, match="not an nn.Linear"):
+        find_head(net, "body.1")
+
+
+class ScaledOutput(TanhBody):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, match",
+    [
+        (TanhBody, dict(params=r"^body\."), "is not trained"),
+        (ScaledOutput, {}, "is not head"),
+        (TanhBody, dict(probes=-1), "probes must be an integer >= 0"),
+        (TanhBody, dict(directions=-1), "directions must be an integer >= 0"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_fix(make, kwargs, match):
+    with pytest.raises(tl.TangentlabError, match=match):
+        compute_head_body_kernel(make().double().eval(), _data(dim=4), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(noise="sde", batch_size=3), "noise='sde'"),
+        (dict(time="continuous"), "time='continuous'"),
+        (dict(execution="dual"), "execution='dual'"),
+        (dict(dataset_size=100), "dataset_size"),
+    ],
+)
+def test_unsupported_forecast_options_are_refused(kwargs, match):
+    hb = compute_head_body_kernel(TanhBody().double().eval(), _data(dim=4), progress=False)
+    with pytest.raises(tl.TangentlabError, match=match):
+        tl.forecast(hb, tl.SGD(0.1), 5, **kwargs)
+
+
+def test_sweep_accepts_a_head_body_kernel():
+    hb = compute_head_body_kernel(TanhBody().double().eval(), _data(dim=4), progress=False)
+    sw = tl.sweep(hb, tl.SGD.grid(lr=[0.1, 0.5]), 20, loss="ce")
+    assert len(sw.forecasts) == 2 and sw.best.method["model"] == "head-body"
+    assert sw.best.to_dict()["method"]["solver"].startswith("head exact")
