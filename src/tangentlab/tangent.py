@@ -508,6 +508,12 @@ class Tangent:
             candidates = [(JacobianMode.STRUCTURED, self._jacobian_structured)]
         except Unsupported:
             candidates = []
+        if candidates and self._fast_projection():
+            # the memory plan (materialized_params) assumed the sketch path, which never
+            # forms [b, C, P] Jacobians: another mode could overflow it (a wide MLP on CUDA
+            # asked for 78 GiB at once, benchmarks/results/gpu.md), so auto keeps to it
+            self.mode_timings = None
+            return JacobianMode.STRUCTURED
         candidates += [
             (JacobianMode.VMAP, self._jacobian_vmap),
             (JacobianMode.LOOP_JACREV, self._jacobian_loop_jacrev),
@@ -521,15 +527,22 @@ class Tangent:
                 else (mode, lambda xs, fn=fn: self.project(fn(xs)))
                 for mode, fn in candidates
             ]
+        cuda = self.device.type == "cuda"
+
+        def now() -> float:  # CUDA runs asynchronously: time the work, not its launch
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+
         for mode, fn in candidates:
             try:
-                t0 = time.perf_counter()
+                t0 = now()
                 fn(take(x, slice(0, 1)))  # warm-up (allocator, kernels, functorch caches)
-                if time.perf_counter() - t0 > best_t:
+                if now() - t0 > best_t:
                     continue  # one sample already took longer than the best on m samples
-                t0 = time.perf_counter()
+                t0 = now()
                 fn(xs)
-                elapsed = time.perf_counter() - t0
+                elapsed = now() - t0
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
