@@ -174,3 +174,15 @@ def test_structured_mode_falls_back_when_it_does_not_cover_the_model(text_data):
         jac = t.jacobian(x)
     assert t.jacobian_mode == "vmap"
     torch.testing.assert_close(jac, brute_force_jacobian(model, x))
+
+
+def test_auto_mode_keeps_the_sketch_path_its_memory_plan_assumed(mlp_data):
+    """With a tensor sketch, compute_kernel plans chunks for the structured path (no
+    [B, C, P] Jacobians); auto must then choose it rather than time vmap against it."""
+    x, _ = mlp_data
+    t = tl.Tangent(make_mlp(), projection=tl.Projection(16, kind="tensor"))
+    assert t.materialized_params(x[:1]) < t.num_params  # the plan counts the sketch path
+    assert t._choose_mode(x) == "structured"
+    exact = tl.Tangent(make_mlp())  # no sketch: auto still times the strategies
+    exact._choose_mode(x)
+    assert exact.mode_timings is not None
