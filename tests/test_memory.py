@@ -129,3 +129,17 @@ def test_kernel_peak_memory_stays_under_budget(kind, mode, budget_mib):
         f"{kind} kernel grew by {out['growth'] / 2**20:.0f} MiB during compute_kernel, over its "
         f"{budget_mib} MiB budget (+{ALLOWANCE >> 20} MiB allowance); plan: {out}"
     )
+
+
+def test_cuda_budget_counts_memory_torch_caches_but_does_not_use(monkeypatch):
+    """Free CUDA memory = the driver's free + reserved - allocated (torch's cache is ours to
+    reuse); a second kernel once planned against less than the first on a GPU."""
+    import torch
+
+    from tangentlab.memory import available_bytes, default_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100, 1000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20)
+    assert available_bytes(torch.device("cuda")) == 130
+    assert default_budget(torch.device("cuda")) == int(0.8 * 130)

@@ -51,10 +51,14 @@ def parse_bytes(value: int | float | str | None, *, where: str = "memory_budget"
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, or MemAvailable of /proc/meminfo."""
+    """Free memory on ``device``: MemAvailable of /proc/meminfo, or on CUDA the driver's
+    free memory plus what torch's caching allocator holds without using (reserved minus
+    allocated: ours to reuse; without it a second kernel planned against less than the
+    first, benchmarks/results/gpu.md)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
