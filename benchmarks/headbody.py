@@ -98,8 +98,10 @@ def run_case(name: str, variant: str) -> dict:
                                   **VARIANTS[variant])  # fmt: skip
     state["kernel"] = dict(seconds=time.perf_counter() - t0, trunk_seconds=trunk_s,
                            tangent_seconds=tangent_s,
-                           **hb.metadata)  # fmt: skip
-    print(f"[{name}/{variant}] kernel {state['kernel']['seconds']:.1f}s {hb.metadata}", flush=True)
+                           **{k: hb.metadata[k] for k in ("head", "body_params", "rank",
+                                                          "probes", "feature_dim")})  # fmt: skip
+    print(f"[{name}/{variant}] kernel {state['kernel']['seconds']:.1f}s {state['kernel']}",
+          flush=True)  # fmt: skip
     cells = state.setdefault("cells", {})
     for key, c in ref["cells"].items():
         if key in cells:
@@ -141,6 +143,112 @@ def _errs(cells: list[dict], which: str, loss: str | None = None, drop: str | No
     return out
 
 
+def _prefix(c: dict, frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """The real run's logged points with step <= frac x its steps (at least 3 points)."""
+    t = np.asarray(c["run_steps"], dtype=float)
+    loss = np.asarray(c["run_loss"], dtype=float)
+    keep = max(3, int(np.sum(t <= frac * c["steps"])))
+    return t[:keep], loss[:keep]
+
+
+def _powerlaw_curve(c: dict, frac: float) -> list[float | None]:
+    """Prefix baseline: L(t) = a (t + 1)^(-b) + c fitted to the first ``frac`` of the real
+    run (scipy curve_fit, a, b, c >= 0), extrapolated over the forecast horizon."""
+    from scipy.optimize import curve_fit
+
+    t, loss = _prefix(c, frac)
+
+    def law(x, a, b, c0):
+        return a * (x + 1.0) ** (-b) + c0
+
+    try:
+        p0 = (max(loss[0] - loss[-1], 1e-12), 0.5, max(loss[-1] * 0.5, 0.0))
+        par, _ = curve_fit(law, t, loss, p0=p0, bounds=([0, 0, 0], [np.inf, 10, np.inf]),
+                           maxfev=20000)  # fmt: skip
+    except (RuntimeError, ValueError):
+        return [None] * (c["fc_steps"] + 1)
+    return [float(v) for v in law(np.arange(c["fc_steps"] + 1, dtype=float), *par)]
+
+
+def _hybrid_curve(c: dict, frac: float) -> list[float | None]:
+    """Hybrid: the head-body forecast on a rescaled clock, L(t) = L_hb(s t), s fitted to the
+    same prefix of the real run (least squares over a log grid s in [1/4, 8])."""
+    t, loss = _prefix(c, frac)
+    fc = np.array([np.nan if v is None else v for v in c["fc_loss"]], dtype=float)
+    grid = np.arange(fc.size, dtype=float)
+
+    def at(x):
+        return np.interp(x, grid, fc, right=np.nan)
+
+    scales = np.exp(np.linspace(np.log(0.25), np.log(8.0), 241))
+    errs = [np.nansum((at(sc * t) - loss) ** 2) if np.isfinite(at(sc * t)).all() else np.inf
+            for sc in scales]  # fmt: skip
+    best = scales[int(np.argmin(errs))]
+    return [None if not np.isfinite(v) else float(v) for v in at(best * grid)]
+
+
+def _variant_errs(cells: list[dict], make) -> list[float]:
+    out = []
+    for c in cells:
+        for t in _targets(dict(c, fc_loss=make(c))).values():
+            if t["status"] != "unreached":
+                out.append(t["err"])
+    return out
+
+
+def _baselines(states: dict) -> list[str]:
+    lines = [
+        "", "Against what a user can do by training for a while (issue 13's baselines, on the "
+        "same cells): **prefix p%** = a power law L(t) = a (t + 1)^(−b) + c fitted to the "
+        "real run's first p% of steps (at least its first 3 logged points) and extrapolated; "
+        "**hybrid p%** = the head-body forecast on a rescaled clock L̂(s t), s fitted to the "
+        "same prefix. Median / p90 of |T̂ − T|/T over both drops (targets, misses):", "",
+        "| case (default variant) | tangent model | head-body | prefix 5% | prefix 10% | "
+        "hybrid 5% | hybrid 10% |", "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for key, st in states.items():
+        if not key.endswith("-default"):
+            continue
+        cells = list(st["cells"].values())
+        row = [_fmt(_variant_errs(cells, lambda c: c["tangent_fc_loss"])),
+               _fmt(_variant_errs(cells, lambda c: c["fc_loss"]))]  # fmt: skip
+        for make in (_powerlaw_curve, _hybrid_curve):
+            for frac in (0.05, 0.10):
+                row.append(_fmt(_variant_errs(cells, lambda c, m=make, f=frac: m(c, f))))
+        lines.append(f"| {key} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _reliability(states: dict) -> list[str]:
+    """A check without training: the tangent model's T̂ over the head-body T̂ (how much
+    the head x body product matters), or s > 1; hit rate against |T̂ - T|/T > 25%."""
+    lines = [
+        "", "Reliability check without training (candidate, chosen here on the development "
+        "examples, not validated on held-out tasks): flag a target when ρ = T̂_tangent / "
+        "T̂_head-body > 2 (a tangent forecast that never reaches it counts as 2× the horizon) "
+        "or s > 1; *bad* = head-body error > 25% or a miss.", "",
+        "| case | targets | bad | flagged | flagged and bad | not flagged and bad |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for key, st in states.items():
+        if not key.endswith("-default"):
+            continue
+        n = bad = flagged = hit = missed = 0
+        for c in st["cells"].values():
+            th, tt = _targets(c), _targets(dict(c, fc_loss=c["tangent_fc_loss"]))
+            for d, t in th.items():
+                if t["status"] == "unreached":
+                    continue
+                tan = tt[d]["T_hat"] or 2 * c["fc_steps"]
+                rho = math.inf if t["T_hat"] is None else tan / max(t["T_hat"], 1)
+                flag = rho > 2 or _stab(c) > 1 + 1e-9
+                is_bad = t["err"] > 0.25
+                n, bad, flagged = n + 1, bad + is_bad, flagged + flag
+                hit, missed = hit + (flag and is_bad), missed + (is_bad and not flag)
+        lines.append(f"| {key} | {n} | {bad} | {flagged} | {hit} | {missed} |")
+    return lines
+
+
 def _fmt(errs: list[float]) -> str:
     miss = sum(not math.isfinite(e) for e in errs)
     return f"{_pct(_quantile(errs, 0.5))} / {_pct(_quantile(errs, 0.9))} ({len(errs)}, {miss} miss)"
@@ -180,6 +288,8 @@ def report() -> None:
             f"| {key} | | | all | both | {_fmt(_errs(cells, 'tangent_fc_loss'))} | "
             f"**{_fmt(_errs(cells, 'fc_loss'))}** |"
         )
+    lines += _baselines(states)
+    lines += _reliability(states)
     lines += ["", "Per cell (s = a/(1 − m); T = real steps to the drop, T̂ = forecast):", ""]
     lines += ["| case / variant | cell | s | T₅₀ | T̂₅₀ tangent | T̂₅₀ head-body | T₈₀ | "
               "T̂₈₀ tangent | T̂₈₀ head-body |", "|---|---|---|---|---|---|---|---|---|"]

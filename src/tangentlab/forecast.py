@@ -22,6 +22,8 @@ full batch, MSE, N > n            the same closed form fed by an extrapolated
 full batch, CE                    exact discrete steps, or gradient flow (adaptive ODE solver)
 minibatch (B < N), MSE or CE      exact minibatch simulation (default) or function-space SDE,
                                   ``paths`` paths; NOTE [noise: simulate vs sde] in dynamics
+a HeadBodyKernel (any batch,      exact SGD of the head-exact, body-linear model, all paths
+MSE or CE)                        at once (NOTE [head exact, body linear] in headbody)
 ================================  ===========================================================
 
 NOTE [divergence policy]
@@ -247,8 +249,11 @@ def forecast(
 
     Args:
       kernel: the tangent model's kernel (``theta`` and/or ``features``, ``f0``, ``targets``,
-        ``jw0`` when decaying toward 0), or an extrapolated
-        :class:`~tangentlab.extrapolate.Spectrum`. Its eigendecomposition is computed on
+        ``jw0`` when decaying toward 0), an extrapolated
+        :class:`~tangentlab.extrapolate.Spectrum`, or a
+        :class:`~tangentlab.headbody.HeadBodyKernel` (the final linear layer kept exact,
+        the body linearized: :func:`tangentlab.compute_head_body_kernel`; discrete steps and
+        ``noise="simulate"`` only). Its eigendecomposition is computed on
         first use by full-batch MSE and cached on the kernel. A trace kernel
         (``kernel.is_trace``, Θ ≈ K ⊗ I_C) is used through products with K.
       optimizer: the optimizer, e.g. ``tl.SGD(0.01, momentum=0.9, weight_decay=1e-4)``
