@@ -962,9 +962,11 @@ class HeadBodyProblem:
         if self.block is None:  # no body weight trained (linear probing)
             return np.zeros((paths, *self.phi0.shape))
         a = g @ q  # [P, b, r]
-        out = _cols_paths(self.block, batches, a).reshape(paths, n, r) @ q.T
+        inside = np.ascontiguousarray(_cols_paths(self.block, batches, a)).reshape(-1, r)
+        out = (inside @ q.T).reshape(paths, n, -1)  # one GEMM for all paths
         if self.rest is not None:
-            out += _cols_paths(self.rest, batches, g - a @ q.T).reshape(paths, n, -1)
+            perp = g - (a.reshape(-1, r) @ q.T).reshape(g.shape)
+            out += _cols_paths(self.rest, batches, perp).reshape(paths, n, -1)
         return out
 
 
