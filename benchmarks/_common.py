@@ -18,15 +18,19 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "RESULTS.md"
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo ("unknown CPU" elsewhere)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def machine() -> str:
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "

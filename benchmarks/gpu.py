@@ -324,14 +324,9 @@ def load_refs() -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _common import cpu_name  # benchmarks/ is the script's folder: on sys.path
+
+    cpu = cpu_name()
     info = {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
