@@ -143,3 +143,31 @@ def test_cuda_budget_counts_memory_torch_caches_but_does_not_use(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20)
     assert available_bytes(torch.device("cuda")) == 130
     assert default_budget(torch.device("cuda")) == int(0.8 * 130)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _can_measure(),
+    reason="needs Linux /proc/self/clear_refs to measure the peak of one call",
+)
+def test_zero_kernel_check_allocates_no_copy_of_the_kernel():
+    """The zero-kernel check after the chunks (features [N*C, k] or theta) allocates no bool
+    copy of the whole kernel (mat.any() did: N*C*k bytes outside the memory plan, e.g.
+    195 MiB for the N = 500, C = 100, k = 4096 row of benchmarks/scale.py)."""
+    import torch
+
+    from tangentlab.compute import _check_not_zero
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) << 10
+        raise KeyError(key)
+
+    feats = torch.zeros(8192, 2048)  # 64 MiB; a bool copy would be 16 MiB
+    feats[-1, -1] = 1.0  # the only non-zero entry is the last one: the whole kernel is read
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    _check_not_zero({"features": feats}, None)  # returns (the job is read only to refuse)
+    growth = status("VmHWM:") - before
+    assert growth < 4 << 20, f"the zero-kernel check grew by {growth / 2**20:.1f} MiB"

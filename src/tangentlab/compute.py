@@ -378,7 +378,9 @@ def _compute(job: _Job, store: _Cache | None) -> Kernel:
 def _check_not_zero(out: dict[str, torch.Tensor], job: _Job) -> None:
     """Refuse a kernel that is exactly 0: the selected weights do not move the outputs."""
     mat = out.get("theta") if out.get("theta") is not None else out["features"]
-    if bool(mat.any()):
+    # count_nonzero reduces in place; mat.any() would first allocate a bool copy of the
+    # whole kernel (N*C x k or (N*C)^2 bytes), outside the memory plan
+    if bool(mat.count_nonzero()):
         return
     t = job.tangent
     spec = "None (all weights)" if t.params_spec is None else repr(t.params_spec)

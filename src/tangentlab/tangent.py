@@ -353,12 +353,19 @@ class Tangent:
             raise TangentlabError(f"{where}: x holds no sample; pass at least 2.")
         self._check_eval_mode(where)
         xs = to_device(take(x, slice(0, m)), self.device)
-        out, pull = vjp(lambda w: self._call(w, xs), self.w0)
+        # plain autograd of a scalar, not torch.func.vjp nor grad_outputs=: both import
+        # torch._dynamo and/or sympy (~35-65 MB resident) in a fresh process
+        w = {n: t.detach().requires_grad_() for n, t in self.w0.items()}
+        with torch.enable_grad():
+            out = self._call(w, xs)
         check_output(out.detach(), m, where)
         diff, tol = self._batch_difference(xs, out.detach(), m, where)
         gen = torch.Generator().manual_seed(seed)
         u = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64)
-        (grads,) = pull(u.to(out))
+        g = (torch.autograd.grad((out * u.to(out)).sum(), list(w.values()), allow_unused=True,
+                                 materialize_grads=True) if out.requires_grad
+             else [torch.zeros_like(v) for v in w.values()])  # fmt: skip
+        grads = dict(zip(w, g))
         zero = self._zero_gradients(grads, xs, m, where)
         return Preflight(m, diff, tol, tuple(zero), time.perf_counter() - t0, out.detach())
 
