@@ -96,7 +96,13 @@ class HeadBodyKernel:
         return f if self.bias is None else f + self.bias
 
     def problem(self) -> dyn.HeadBodyProblem:
-        """The float64 numpy problem :func:`tangentlab.dynamics.head_body_trajectory` runs."""
+        """The float64 numpy problem :func:`tangentlab.dynamics.head_body_trajectory` runs
+        (converted once and kept: the forecast and λ_max share it)."""
+        if "_problem" not in self.__dict__:
+            self.__dict__["_problem"] = self._make_problem()
+        return self.__dict__["_problem"]
+
+    def _make_problem(self) -> dyn.HeadBodyProblem:
         block = None
         if self.block is not None:
             r = self.basis.shape[1]
