@@ -60,6 +60,9 @@ def _worker(rank: int, init: str, out: str, threads: int) -> None:
         for n in SIZES:
             for name in CASES:
                 got[n, name] = _fields(_kernel(n, name))
+        # the Jacobian-free exact kernel (tangentlab.gram), row strips shared out
+        for n in SIZES:
+            got[n, "gram"] = _fields(_kernel(n, "exact", mode="gram"))
         # jacobian_mode="auto": the ranks agree on the strategy that rank 0 timed
         got["auto"] = _fields(_kernel(7, "projected", mode="auto"))
         # distributed=False: this rank alone, no collective
@@ -110,6 +113,14 @@ def test_every_rank_gets_the_single_process_kernel(ranks, n, name):
         assert got[r][n, name]["metadata"]["processes"] == str(WORLD)
     _assert_same(got[1][n, name], got[0][n, name], exact_bits=True)  # identical on all ranks
     assert got[1][n, name]["metadata"] == got[0][n, name]["metadata"]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_every_rank_gets_the_single_process_gram_kernel(ranks, n):
+    _, got = ranks
+    ref = _fields(_kernel(n, "exact"))  # the Jacobian path (vmap), one process
+    for r in range(WORLD):
+        _assert_same(got[r][n, "gram"], ref, exact_bits=False)
 
 
 def test_ranks_agree_on_the_jacobian_mode(ranks):

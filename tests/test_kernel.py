@@ -75,7 +75,8 @@ def test_projected_features_equal_jacobian_times_r(mlp_data):
 def test_exact_kernel_in_strips_equals_single_pass(cnn_data, monkeypatch):
     model = make_cnn()
     full = tl.compute_kernel(model, cnn_data, progress=False)
-    t = tl.Tangent(model)
+    # the Jacobian path (auto takes the Jacobian-free gram path here: tests/test_gram.py)
+    t = tl.Tangent(model, jacobian_mode="structured")
     calls = []
     real = tl.Tangent.jacobian_blocks
     monkeypatch.setattr(tl.Tangent, "jacobian_blocks", lambda s, x: calls.append(1) or real(s, x))

@@ -115,6 +115,7 @@ from tangentlab import distributed as dist_
 from tangentlab._version import __version__
 from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take, to_device
 from tangentlab.errors import CacheMismatchError, CacheWarning, TangentlabError
+from tangentlab.gram import kernel_rows
 from tangentlab.kernel import (
     Kernel,
     atomic_write,
@@ -238,6 +239,8 @@ class _Job:
     shard: tuple[int, int] | None  # (rank, world size) under torch.distributed
     progress: bool
     trace_desc: str | None  # None for a full kernel
+    gram: bool = False  # exact kernel from layer factors, no Jacobians (tangentlab.gram)
+    split: tuple | None = None  # gram covers some weights only: see _split_strip
 
     @property
     def k(self) -> int | None:
@@ -284,6 +287,29 @@ def _prepare(
     k = tangent.projection.k if tangent.projection else None
     # Weights whose per-sample gradients a chunk holds (fewer with the tensor-sketch path).
     p_held = jt.num_params if k is None else jt.materialized_params(x1)
+    gram, split = False, None
+    if k is None and jt.jacobian_mode in (JacobianMode.AUTO, JacobianMode.GRAM):
+        # NOTE [jacobian modes]: exact kernels of covered models skip the Jacobians; a
+        # sample's factors (layer inputs, output gradients) take the place of its
+        # Jacobian in the memory plan. An explicit "gram" that does not cover the model
+        # falls back (with a warning) in Tangent.jacobian_blocks.
+        elements = jt.gram_elements(x1)
+        split, rest_params = None, 0
+        if elements is None:  # covered in part? Theta = Theta_gram(covered) + Theta_J(rest)
+            covered = jt.gram_covered(x1)
+            if 0 < len(covered) < len(jt.param_names):
+                part = jt.restricted(covered)
+                elements = part.gram_elements(x1)
+                if elements is not None:
+                    others = [n for n in jt.param_names if n not in set(covered)]
+                    rest = jt.restricted(others)
+                    split = (part, rest, _PartOutputs(tangent.restricted(others), mode, c))
+                    rest_params = rest.num_params
+        if elements is not None:
+            gram = True
+            if split is None:  # (a split model keeps its mode: its Jacobians need another)
+                jt.jacobian_mode = JacobianMode.GRAM
+            p_held = max(1, math.ceil(elements / outs)) + rest_params
     dense = tangent.projection is not None and tangent.projection.kind in (
         ProjectionKind.GAUSSIAN, ProjectionKind.RADEMACHER)  # fmt: skip
     mplan = plan(
@@ -299,6 +325,7 @@ def _prepare(
         tangent=tangent, jt=jt, x=x, y=y, n=n, c=c, outs=outs, mplan=mplan, request=request,
         outputs=_Outputs(tangent, mode, c), shard=shard,
         progress=progress and (shard is None or shard[0] == 0), trace_desc=trace_desc,
+        gram=gram, split=split if gram else None,
     )  # fmt: skip
 
 
@@ -330,7 +357,7 @@ def _trace_setup(tangent: Tangent, probes_asked, c: int, seed: int):
 def _compute(job: _Job, store: _Cache | None) -> Kernel:
     """Compute the kernel (reusing ``store``'s finished chunks) and wrap it with its metadata."""
     n, c, k, shard, jt = job.n, job.c, job.k, job.shard, job.jt
-    if shard is not None and jt.jacobian_mode is JacobianMode.AUTO:
+    if shard is not None and not job.gram and jt.jacobian_mode is JacobianMode.AUTO:
         # the ranks use one Jacobian strategy: rank 0 times them on its first samples
         xs = take(job.x, slice(0, min(n, 4)))
         first = jt.jacobian_blocks if k is None else jt.projected_chunk
@@ -346,9 +373,13 @@ def _compute(job: _Job, store: _Cache | None) -> Kernel:
     )  # fmt: skip
     t0 = time.perf_counter()
     parts = store if shard is None else None  # finished chunks: one process only
-    run = _exact if k is None else _projected
     is_trace = job.trace_desc is not None
-    out = run(jt, job.x, n, job.outs, job.mplan, parts, job.progress, shard, job.outputs, is_trace)
+    if k is None:
+        out = _exact(jt, job.x, n, job.outs, job.mplan, parts, job.progress, shard, job.outputs,
+                     is_trace, gram=job.gram, split=job.split)  # fmt: skip
+    else:
+        out = _projected(jt, job.x, n, job.outs, job.mplan, parts, job.progress, shard,
+                         job.outputs, is_trace)  # fmt: skip
     seconds = time.perf_counter() - t0
     _check_not_zero(out, job)
     extra = {}
@@ -482,11 +513,17 @@ class _Outputs:
     def __init__(self, base: Tangent, mode: str, c: int) -> None:
         self.base, self.mode, self.c = base, mode, c
 
-    def __call__(self, xb, blocks=None, probed_jw0=None) -> tuple[torch.Tensor, torch.Tensor]:
-        f0 = self.base.f0(xb)
+    def __call__(
+        self, xb, blocks=None, probed_jw0=None, logits=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "probes":  # f0 and J w0 from one forward-mode pass
+            f0, jw0 = self.base.f0_and_jvp(xb, self.base.w0)
+            check_output(f0, num_rows(xb), "compute_kernel")
+            return f0, jw0
+        # logits: the chunk's outputs from the Jacobians' own forward pass, when they are
+        # f itself (a full kernel): no second forward pass
+        f0 = logits if logits is not None and self.mode == "full" else self.base.f0(xb)
         check_output(f0, num_rows(xb), "compute_kernel")
-        if self.mode == "probes":
-            return f0, self.base.jvp(xb, self.base.w0)
         jw0 = self.base.jw0(blocks) if probed_jw0 is None else probed_jw0
         return f0, jw0 * math.sqrt(self.c) if self.mode == "exact" else jw0
 
@@ -715,15 +752,20 @@ def _projected(
 
 
 def _exact(
-    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard, outputs: _Outputs, trace: bool
-) -> dict[str, torch.Tensor]:
-    """Exact kernel; ``c`` = Jacobian rows per sample (probes S for a trace kernel)."""
+    tangent, x, n, c, mplan: MemoryPlan, store, progress, shard, outputs: _Outputs, trace: bool,
+    *, gram: bool = False, split: tuple | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Exact kernel; ``c`` = Jacobian rows per sample (probes S for a trace kernel).
+
+    ``gram``: from layer inputs and output gradients, without Jacobians (tangentlab.gram);
+    ``split``: only some weights so, the others by Jacobians (:func:`_split_strip`).
+    """
     dt, dev = tangent.dtype, tangent.device
     r = 1 if trace else c  # kernel rows per sample: a trace kernel is [N, N]
     co = outputs.c
     # zero-filled under torch.distributed: the all_reduce below adds the ranks' strips
     new = torch.empty if shard is None else torch.zeros
-    theta = new(n * r, n * r, dtype=dt, device=dev)
+    theta = None  # allocated with the first strip (a single strip's rows are Theta itself)
     f0 = new(n, co, dtype=dt, device=dev)
     jw0 = new(n, co, dtype=dt, device=dev)
     strips = _mine(_units(n, mplan.strip), shard, zigzag=True)
@@ -733,15 +775,31 @@ def _exact(
         for s, e in strips:
             part = store.load_part(s, e) if store else None
             if part is None:
-                part = _exact_strip(tangent, x, n, r, s, e, mplan.chunk, bar, outputs)
+                if gram:  # what the plan leaves, for one layer's gradients (two blocks)
+                    held = (mplan.budget - mplan.estimate) // (2 * dt.itemsize)
+                    if split is None:
+                        part = _gram_strip(tangent, x, n, r, s, e, mplan.chunk, bar, outputs,
+                                           held)  # fmt: skip
+                    else:
+                        part = _split_strip(split, x, n, r, s, e, mplan.chunk, bar, outputs,
+                                            held)  # fmt: skip
+                else:
+                    part = _exact_strip(tangent, x, n, r, s, e, mplan.chunk, bar, outputs)
                 if store:
                     store.save_part(s, e, part)
             else:
                 bar.update(n - s)
             rows = part["rows"]  # [(e-s)r, (n-s)r]
-            theta[s * r : e * r, s * r :] = rows
-            theta[s * r :, s * r : e * r] = rows.T
+            if theta is None and (s, e) == (0, n) and rows.device == dev:
+                theta = rows  # the whole kernel in one strip: no second copy
+            else:
+                if theta is None:
+                    theta = new(n * r, n * r, dtype=dt, device=dev)
+                theta[s * r : e * r, s * r :] = rows
+                theta[s * r :, s * r : e * r] = rows.T
             f0[s:e], jw0[s:e] = part["f0"], part["jw0"]
+    if theta is None:  # a rank without strips
+        theta = new(n * r, n * r, dtype=dt, device=dev)
     if shard is not None:
         theta, f0, jw0 = dist_.sum_across({"theta": theta, "f0": f0, "jw0": jw0}).values()
     return {"theta": theta.cpu(), "f0": f0.cpu(), "jw0": jw0.cpu()}
@@ -780,6 +838,51 @@ def _exact_strip(tangent, x, n, r, s, e, chunk, bar, outputs) -> dict[str, torch
         del blocks
         bar.update(b - a)
     return {"rows": rows.cpu(), "f0": torch.cat(f0s).cpu(), "jw0": torch.cat(jw0s).cpu()}
+
+
+def _gram_strip(tangent, x, n, r, s, e, chunk, bar, outputs, held) -> dict[str, torch.Tensor]:
+    """:func:`_exact_strip` from layer factors instead of Jacobians (tangentlab.gram);
+    ``held``: elements of one layer's per-sample gradients it may hold per side."""
+
+    def factors_of(lo: int, hi: int):
+        xb = take(x, slice(lo, hi))
+        return tangent.gram_factors(xb), xb
+
+    return kernel_rows(factors_of, n, r, s, e, chunk, bar, outputs, held=held)
+
+
+def _split_strip(split, x, n, r, s, e, chunk, bar, outputs, held) -> dict[str, torch.Tensor]:
+    """Rows of Theta = Theta_gram(covered weights) + Theta_J(the others): the kernel is a sum
+    over weights, so each part is computed by its own path and the rows added (NOTE
+    [jacobian modes] in tangentlab.tangent). ``split = (covered Tangent, other Tangent,
+    _PartOutputs of the others)``."""
+    covered, rest, rest_outputs = split
+    part = _gram_strip(covered, x, n, r, s, e, chunk, bar, outputs, held)
+    other = _exact_strip(rest, x, n, r, s, e, chunk, _NoBar(), rest_outputs)
+    part["rows"] += other["rows"]
+    part["jw0"] += other["jw0"]
+    return part
+
+
+class _NoBar:
+    def update(self, _count: int) -> None:
+        pass
+
+
+class _PartOutputs:
+    """``(unused, J_part w0 [B, C])`` of the weights of a split kernel's Jacobian part: f0
+    comes from the gram part; with random probes the gram part's JVP is already the whole
+    ``J w0`` (zeros here). Modes as :class:`_Outputs`."""
+
+    def __init__(self, part: Tangent, mode: str, c: int) -> None:
+        self.part, self.mode, self.c = part, mode, c
+
+    def __call__(self, xb, blocks=None, probed_jw0=None, logits=None):
+        if self.mode == "probes":
+            zero = torch.zeros(num_rows(xb), self.c, dtype=self.part.dtype, device=self.part.device)
+            return zero, zero
+        jw0 = self.part.jw0(blocks)
+        return jw0, jw0 * math.sqrt(self.c) if self.mode == "exact" else jw0
 
 
 class _Cache:

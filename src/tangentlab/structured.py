@@ -68,6 +68,7 @@ class _Capture(TorchFunctionMode):
         self.calls: list[tuple[str, dict, torch.Tensor]] = []
         self.uses: dict[str, int] = {}
         self.error: str | None = None
+        self.uncovered: set[str] = set()  # weights used by a call that is not covered
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -81,7 +82,8 @@ class _Capture(TorchFunctionMode):
             self.uses[name] = self.uses.get(name, 0) + 1
         if kind is None:
             name = getattr(func, "__name__", str(func))
-            self.error = f"trainable weight {used[0]!r} is used by {name}"
+            self.error = self.error or f"trainable weight {used[0]!r} is used by {name}"
+            self.uncovered.update(used)
             return out
         self.calls.append((kind, _bind(kind, args, kwargs), out))
         return out
@@ -110,7 +112,8 @@ def _pair(v, n: int) -> tuple[int, ...]:
 def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample gradients ``{"weight": [B, *w.shape], "bias": [B, *b.shape]}``.
 
-    ``a["roles"]`` (optional) restricts which of the two are computed.
+    ``a["roles"]`` (optional) restricts which of the two are computed; ``a["unfolded"]``
+    (optional, convolutions) is the unfolded input ``[B, Cin K, L]`` (:func:`unfolded`).
     """
     u = a["input"]
     b = u.shape[0]
@@ -145,7 +148,9 @@ def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
         cout, cin_g = w_shape[0], w_shape[1]
         if "weight" not in want:
             return {"bias": g.reshape(b, cout, -1).sum(-1)}
-        unf = F.unfold(u, ks, dilation=dilation, padding=padding, stride=stride)  # [B, Cin*K, L]
+        unf = a.get("unfolded")  # the same for every output: callers may pass it once
+        if unf is None:  # [B, Cin*K, L]
+            unf = F.unfold(u, ks, dilation=dilation, padding=padding, stride=stride)
         ell = unf.shape[-1]
         unf = unf.reshape(b, groups, cin_g * ks[0] * ks[1], ell)
         g2 = g.reshape(b, groups, cout // groups, ell)
@@ -172,6 +177,24 @@ def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
         out["weight"] = (g * xhat).sum(lead) if lead else g * xhat
         out["bias"] = g.sum(lead) if lead else g
     return out
+
+
+def unfolded(kind: str, a: dict) -> torch.Tensor | None:
+    """The unfolded input (im2col) ``[B, Cin K, L]`` of a convolution call, else None."""
+    if kind not in ("conv1d", "conv2d") or isinstance(a.get("padding", 0), str):
+        return None
+    u, w_shape = a["input"], a["weight"].shape
+    if kind == "conv1d":
+        return F.unfold(
+            u.unsqueeze(2), (1, w_shape[-1]),
+            dilation=(1, *_pair(a.get("dilation", 1), 1)),
+            padding=(0, *_pair(a.get("padding", 0), 1)),
+            stride=(1, *_pair(a.get("stride", 1), 1)),
+        )  # fmt: skip
+    return F.unfold(
+        u, tuple(w_shape[-2:]), dilation=_pair(a.get("dilation", 1), 2),
+        padding=_pair(a.get("padding", 0), 2), stride=_pair(a.get("stride", 1), 2),
+    )  # fmt: skip
 
 
 def capture_calls(call, w0: dict[str, torch.Tensor], names: list[str], x):
@@ -202,6 +225,25 @@ def capture_calls(call, w0: dict[str, torch.Tensor], names: list[str], x):
             raise Unsupported("a trainable weight is used as a layer input")
         roles.append(r)
     return logits, cap.calls, roles
+
+
+def covered_names(call, w0: dict[str, torch.Tensor], names: list[str], x) -> list[str]:
+    """The trainable weights (of ``names``, in order) that :func:`capture_calls` covers:
+    used exactly once, by a covered call, as its weight or bias — whatever the others do.
+
+    One forward pass of ``x`` (e.g. one sample). The others (embeddings, weights used by
+    uncovered ops or more than once) need another Jacobian strategy.
+    """
+    w = {n: w0[n].detach().requires_grad_(True) for n in names}
+    ids = {id(t): n for n, t in w.items()}
+    cap = _Capture(ids)
+    with torch.enable_grad(), cap:
+        call(w, x)
+    bad = set(cap.uncovered) | {n for n, k in cap.uses.items() if k > 1}
+    for _, a, _ in cap.calls:
+        bad.update(ids[id(v)] for k, v in a.items() if k not in ("weight", "bias")
+                   and isinstance(v, torch.Tensor) and id(v) in ids)  # fmt: skip
+    return [n for n in names if n in cap.uses and n not in bad]
 
 
 def _detached(a: dict) -> dict:
@@ -288,7 +330,8 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
         b, c = logits.shape
         phi = torch.zeros(b, c, k, dtype=logits.dtype, device=logits.device)
         jw0 = torch.zeros(b, c, dtype=logits.dtype, device=logits.device)
-        u_hat: dict[int, torch.Tensor] = {}  # rfft of the input sketch, shared by classes
+        # (positions, rfft of their input sketch) per layer, shared by the classes
+        u_hat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for cls in range(c):
             grads = torch.autograd.grad(
                 logits[:, cls].sum(), outs, retain_graph=cls < c - 1, allow_unused=True
@@ -307,10 +350,17 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                     if fac is not None:
                         gf, uf = fac
                         h1, s1, h2, s2 = projector.factors(wname, gf.device)
-                        if j not in u_hat:
-                            u_hat[j] = torch.fft.rfft(_count_sketch(uf, h2, s2, k), n=k)
-                        g_hat = torch.fft.rfft(_count_sketch(gf, h1, s1, k), n=k)
-                        acc += torch.fft.irfft((g_hat * u_hat[j]).sum(1), n=k)
+                        # positions this output's gradient reaches (e.g. token 0 only
+                        # after a transformer's last attention): the others add nothing
+                        live = gf.amax((0, 2)).ne(0) | gf.amin((0, 2)).ne(0)  # [S]
+                        if j not in u_hat or bool((live & ~u_hat[j][0]).any()):
+                            keep = live if j not in u_hat else live | u_hat[j][0]
+                            sk = _count_sketch(uf[:, keep], h2, s2, k)
+                            u_hat[j] = (keep, torch.fft.rfft(sk, n=k))
+                        keep, uh = u_hat[j]
+                        if bool(live.any()):
+                            g_hat = torch.fft.rfft(_count_sketch(gf[:, live], h1, s1, k), n=k)
+                            acc += torch.fft.irfft((g_hat * uh[:, live[keep]]).sum(1), n=k)
                         del rest["weight"]
                 if rest:
                     ps = _per_sample(kind, {**a, "roles": tuple(rest)}, g)

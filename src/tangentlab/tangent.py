@@ -16,7 +16,13 @@ NOTE [jacobian modes]. Four strategies give the same ``[B, C, P]`` Jacobians:
 
 - ``structured``: one forward and C reverse passes of the whole chunk; per-sample
   gradients from layer inputs and output gradients (tangentlab.structured) — covers
-  weights used by linear, convolution, eval batch-norm and layer-norm calls;
+  weights used by linear, convolution, eval batch-norm and layer-norm calls. ``gram`` is
+  the same capture used by exact kernels without any Jacobian: ``compute_kernel``
+  contracts layer inputs and output gradients directly (tangentlab.gram); with ``auto``
+  every exact kernel of a covered model takes it (no timing: it does the structured
+  mode's passes and never forms ``[B, C, P]``). A model covered in part is split: the
+  gram path for the covered weights, Jacobians (``auto``) for the others, Theta the sum
+  of both (:meth:`Tangent.restricted`). Asked for Jacobians, ``gram`` is ``structured``;
 - ``vmap``: ``vmap(jacrev(f))`` over samples — one call, best for MLPs/transformers;
 - ``loop-jacrev``: a Python loop over samples, ``jacrev`` (vmap over the C outputs only);
 - ``loop-vjp``: a loop over samples and outputs, one reverse pass each with a retained
@@ -58,10 +64,12 @@ from tangentlab.errors import (
     TangentlabWarning,
     VmapFallbackWarning,
 )
+from tangentlab.gram import Factors, factor_elements, gram_factors
 from tangentlab.projection import Projection, Projector, as_projection
 from tangentlab.structured import (
     Unsupported,
     capture_calls,
+    covered_names,
     structured_jacobian,
     structured_projected,
 )
@@ -74,6 +82,7 @@ class JacobianMode(enum.StrEnum):
 
     AUTO = "auto"
     STRUCTURED = "structured"
+    GRAM = "gram"
     VMAP = "vmap"
     LOOP_JACREV = "loop-jacrev"
     LOOP_VJP = "loop-vjp"
@@ -168,8 +177,8 @@ class Tangent:
       projection: ``None`` (exact Jacobians), ``k`` or a :class:`~tangentlab.Projection`.
       seed: seed of the projection when ``projection`` is an int.
       jacobian_mode: ``"auto"`` (default: time the strategies on the first chunk and keep
-        the fastest), ``"structured"``, ``"vmap"``, ``"loop-jacrev"`` or ``"loop-vjp"``
-        (NOTE [jacobian modes]).
+        the fastest; exact kernels of covered models: ``"gram"``), ``"structured"``,
+        ``"gram"``, ``"vmap"``, ``"loop-jacrev"`` or ``"loop-vjp"`` (NOTE [jacobian modes]).
 
     Example::
 
@@ -464,13 +473,14 @@ class Tangent:
         x = to_device(x, self.device)
         if self.jacobian_mode is JacobianMode.AUTO:
             self.jacobian_mode = self._choose_mode(x)
-        if self.jacobian_mode is JacobianMode.STRUCTURED:
+        if self.jacobian_mode in (JacobianMode.STRUCTURED, JacobianMode.GRAM):
             try:
                 return self._jacobian_structured(x)
             except Unsupported as exc:
+                mode = self.jacobian_mode.value
                 self.jacobian_mode = JacobianMode.VMAP
                 warnings.warn(
-                    f"Tangent: jacobian_mode='structured' does not cover this model ({exc}); "
+                    f"Tangent: jacobian_mode={mode!r} does not cover this model ({exc}); "
                     "using 'vmap' instead.",
                     VmapFallbackWarning,
                     stacklevel=2,
@@ -565,6 +575,37 @@ class Tangent:
     def _jacobian_structured(self, x: Inputs) -> dict[str, torch.Tensor]:
         return structured_jacobian(self._call, self.w0, self.param_names, x)
 
+    def gram_elements(self, x1: Inputs) -> int | None:
+        """Elements of one sample's layer factors for the ``gram`` kernel path, or ``None``
+        when that path does not cover the model (tangentlab.gram). ``x1``: one sample."""
+        return factor_elements(self._call, self.w0, self.param_names, to_device(x1, self.device))
+
+    def gram_covered(self, x1: Inputs) -> list[str]:
+        """The trainable weights the ``gram`` path covers, whatever the others do
+        (tangentlab.structured.covered_names; one forward pass of ``x1``)."""
+        return covered_names(self._call, self.w0, self.param_names, to_device(x1, self.device))
+
+    def restricted(self, names: Sequence[str]) -> Tangent:
+        """A shallow copy whose trainable weights are ``names`` only, the others frozen at
+        w0; exact (no projection), ``jacobian_mode="auto"``. The kernel is additive over
+        disjoint sets of weights, ``Theta = Theta_A + Theta_B``: compute_kernel splits a
+        model the ``gram`` path covers in part this way (NOTE [jacobian modes])."""
+        out = copy.copy(self)
+        chosen = set(names)
+        out.param_names = [n for n in self.param_names if n in chosen]
+        out.w0 = {n: self.w0[n] for n in out.param_names}
+        out.frozen = {**self.frozen, **{n: w for n, w in self.w0.items() if n not in chosen}}
+        out.numels = {n: self.numels[n] for n in out.param_names}
+        out.projection, out.projector = None, None
+        out.jacobian_mode, out.mode_timings = JacobianMode.AUTO, None
+        return out
+
+    def gram_factors(self, x: Inputs) -> Factors:
+        """Layer inputs and output gradients of a chunk, for exact kernels without Jacobians
+        (tangentlab.gram). Raises ``structured.Unsupported`` for a model the path does not
+        cover."""
+        return gram_factors(self._call, self.w0, self.param_names, to_device(x, self.device))
+
     def _jacobian_vmap(self, x: Inputs) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():
             # functorch warns for ops without batching rules (it loops internally).
@@ -625,9 +666,8 @@ class Tangent:
         only the weights outside factorized linear/conv layers (biases, norms, grouped
         convolutions) are materialized. ``x``: one sample, to trace the model.
         """
-        if not self._fast_projection() or self.jacobian_mode not in (
-            JacobianMode.AUTO, JacobianMode.STRUCTURED
-        ):
+        modes = (JacobianMode.AUTO, JacobianMode.STRUCTURED, JacobianMode.GRAM)
+        if not self._fast_projection() or self.jacobian_mode not in modes:
             return self.num_params
         try:
             with torch.enable_grad():
@@ -667,7 +707,8 @@ class Tangent:
         x = to_device(x, self.device)
         if self.jacobian_mode is JacobianMode.AUTO:
             self.jacobian_mode = self._choose_mode(x)
-        if self.jacobian_mode is JacobianMode.STRUCTURED and self._fast_projection():
+        structured = self.jacobian_mode in (JacobianMode.STRUCTURED, JacobianMode.GRAM)
+        if structured and self._fast_projection():
             try:
                 phi, f0, jw0 = structured_projected(
                     self._call, self.w0, self.param_names, x, self.projector
@@ -701,12 +742,17 @@ class Tangent:
 
     def jvp(self, x: Inputs, v: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Jacobian-vector product ``J(x_i) v`` for every sample: ``v`` ``[P]`` -> ``[B, C]``."""
+        return self.f0_and_jvp(x, v)[1]
+
+    def f0_and_jvp(
+        self, x: Inputs, v: torch.Tensor | Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f0(x) [B, C], J(x_i) v [B, C])``: one forward-mode pass gives both."""
         x = to_device(x, self.device)
         tangent = self._unflatten(v)
         if self.use_forward_ad:
             try:
-                _, out = jvp(lambda w: self._call(w, x), (self.w0,), (tangent,))
-                return out
+                return jvp(lambda w: self._call(w, x), (self.w0,), (tangent,))
             except (NotImplementedError, RuntimeError) as exc:
                 self.use_forward_ad = False
                 warnings.warn(
@@ -717,7 +763,7 @@ class Tangent:
                     stacklevel=2,
                 )
         blocks = self.jacobian_blocks(x)
-        return sum(blocks[n] @ tangent[n].reshape(-1) for n in self.param_names)
+        return self.f0(x), sum(blocks[n] @ tangent[n].reshape(-1) for n in self.param_names)
 
     def vjp(self, x: Inputs, u: torch.Tensor) -> torch.Tensor:
         """Vector-Jacobian product ``sum_i J(x_i)^T u_i``: ``u`` ``[B, C]`` -> ``[P]``."""
