@@ -295,17 +295,17 @@ def _plain_run(name: str, ex, state: dict, key: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _targets(c: dict) -> dict:
-    """Per drop d: T (run), T̂ (forecast on the run's grid, extended), err, status."""
+def _targets(c: dict, drops: tuple[float, ...] = DROPS, which: str = "fc_loss") -> dict:
+    """Per drop d: T (run), T̂ (curve ``which`` on the run's grid, extended), err, status."""
     steps = np.asarray(c["run_steps"])
-    run = np.asarray(c["run_loss"], dtype=float)
-    fc = np.array([np.nan if v is None else v for v in c["fc_loss"]], dtype=float)
+    run = np.array([np.nan if v is None else v for v in c["run_loss"]], dtype=float)
+    fc = np.array([np.nan if v is None else v for v in c[which]], dtype=float)
     stride = int(steps[1] - steps[0]) if steps.size > 1 else 1
     grid = np.concatenate([steps, np.arange(steps[-1] + stride, fc.size, stride)])
     grid = grid[grid < fc.size]
     l0 = float(run[0])
     out = {}
-    for d in DROPS:
+    for d in drops:
         eps = (1.0 - d) * l0
         hit = np.flatnonzero(run <= eps)
         T = int(steps[hit[0]]) if hit.size else None

@@ -1,6 +1,8 @@
 """Head exact, body linear (tangentlab.headbody): exact where the model is, against real runs
 and an independent weight-space simulation; the logit kernel at w0 is the tangent NTK."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -229,3 +231,58 @@ def test_sweep_accepts_a_head_body_kernel():
     sw = tl.sweep(hb, tl.SGD.grid(lr=[0.1, 0.5]), 20, loss="ce")
     assert len(sw.forecasts) == 2 and sw.best.method["model"] == "head-body"
     assert sw.best.to_dict()["method"]["solver"].startswith("head exact")
+
+
+def test_tangent_kernel_is_the_ntk_at_w0_and_forecasts_as_the_tangent_model():
+    net = TanhBody().double().eval()
+    data = _data(dim=4)
+    hb = compute_head_body_kernel(net, data, directions=0, probes=3, progress=False)
+    exact = tl.compute_kernel(net, data, progress=False)
+    k0 = hb.tangent_kernel()
+    np.testing.assert_allclose(k0.theta.numpy(), exact.theta.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(k0.jw0.numpy(), exact.jw0.numpy(), rtol=1e-9, atol=1e-12)
+    opt = tl.SGD(0.2, momentum=0.5, weight_decay=0.1)  # decay to 0: uses jw0
+    for batch in (None, 4):
+        a = tl.forecast(k0, opt, 20, loss="ce", batch_size=batch)
+        b = tl.forecast(exact, opt, 20, loss="ce", batch_size=batch)
+        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-9)
+    assert hb.tangent_kernel() is k0  # built once
+
+
+def test_reliability_check_is_quiet_where_the_models_agree():
+    net = TanhBody().double().eval()
+    data = _data(dim=4)
+    probe = compute_head_body_kernel(net, data, params=r"^head\.", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tl.errors.ValidityWarning)
+        fc = tl.forecast(probe, tl.SGD(0.3), 60, loss="ce")  # linear probing: both exact
+    rel = fc.method["reliability"]
+    assert not rel["flagged"] and fc.valid
+    assert all(r is None or r == pytest.approx(1.0) for r in rel["rho"].values())
+
+
+class SmallHead(nn.Module):
+    """A fresh head near zero on a wide body: at w0 the body hardly moves the logits (the
+    tangent model is slow), but the head grows and the body follows (the head-exact model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.head.weight.mul_(0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_reliability_check_warns_when_the_head_x_body_product_dominates():
+    net = SmallHead().double().eval()
+    data = _data(n=12, dim=4)
+    hb = compute_head_body_kernel(net, data, progress=False)
+    with pytest.warns(tl.errors.ValidityWarning, match="head-exact forecast"):
+        fc = tl.forecast(hb, tl.SGD(0.5), 200, loss="ce")
+    rel = fc.method["reliability"]
+    assert rel["flagged"] and not fc.valid and "reliability" in fc.method["validity"]
+    assert max(r for r in rel["rho"].values() if r is not None) > 2

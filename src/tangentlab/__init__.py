@@ -1,8 +1,15 @@
 """tangentlab: forecast fine-tuning of pre-trained PyTorch networks from their tangent model."""
 
 from tangentlab._version import __version__
+from tangentlab.adam import (
+    BlockKernel,
+    WeightSpaceTangent,
+    compute_block_kernel,
+    compute_weight_space_tangent,
+)
 from tangentlab.compare import Comparison, compare
 from tangentlab.compute import compute_kernel
+from tangentlab.cross import CrossKernel, compute_cross_kernel
 from tangentlab.decisions import choose_projection, stable_lr, subsample
 from tangentlab.errors import (
     CacheMismatchError,
@@ -15,44 +22,77 @@ from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import Forecast, Sweep, default_target, forecast, sweep
 from tangentlab.headbody import HeadBodyKernel, compute_head_body_kernel
+from tangentlab.influence import Influence, influence, tracin_checkpoints
+from tangentlab.information import SampleInformation, detection_curve, sample_information
 from tangentlab.kernel import Kernel, load_kernel
 from tangentlab.probes import TraceProbe, kernel_trace
 from tangentlab.projection import Projection, ProjectionKind
+from tangentlab.schedules import (
+    Constant,
+    Cosine,
+    Join,
+    LinearDecay,
+    Schedule,
+    StepDecay,
+    Warmup,
+    make_schedule,
+)
 from tangentlab.tangent import Tangent
-from tangentlab.training import MSE, SGD, CrossEntropy
+from tangentlab.training import MSE, SGD, AdamW, CrossEntropy
 
 __all__ = [
     "__version__",
+    "AdamW",
+    "BlockKernel",
     "CacheMismatchError",
     "CacheWarning",
     "Comparison",
+    "Constant",
+    "Cosine",
     "CrossEntropy",
+    "CrossKernel",
     "Forecast",
     "HeadBodyKernel",
+    "Influence",
+    "Join",
     "Kernel",
+    "LinearDecay",
     "MSE",
     "MemoryBudgetError",
     "Projection",
     "ProjectionKind",
     "SGD",
+    "SampleInformation",
+    "Schedule",
     "Spectrum",
+    "StepDecay",
     "Sweep",
     "Tangent",
     "TangentlabError",
     "TangentlabWarning",
     "TraceProbe",
     "TrainingRun",
+    "Warmup",
+    "WeightSpaceTangent",
     "choose_projection",
     "compare",
+    "compute_block_kernel",
+    "compute_cross_kernel",
     "compute_head_body_kernel",
     "compute_kernel",
+    "compute_weight_space_tangent",
     "default_target",
+    "detection_curve",
     "extrapolate",
     "finetune",
     "forecast",
+    "influence",
     "kernel_trace",
     "load_kernel",
+    "make_schedule",
+    "sample_information",
     "stable_lr",
     "subsample",
     "sweep",
+    "tracin_checkpoints",
 ]

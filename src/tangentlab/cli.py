@@ -9,6 +9,8 @@ Examples::
     tangentlab forecast --example fashion-lite0 --out runs/demo
     tangentlab forecast --example digits-cnn --lr 0.5 --batch-size 32 --momentum 0.9
     tangentlab sweep --example digits-cnn --lr 0.1,0.3,1 --batch-size 16,full --momentum 0,0.9
+    tangentlab forecast --example digits-cnn --lr 0.5 --schedule warmup-cosine \
+        --warmup-fraction 0.1
     tangentlab forecast --model mypkg.models:make_net --weights w.safetensors \\
         --data train.npz --params '^head\\.' --out runs/mine
 """
@@ -29,6 +31,7 @@ import click
 
 from tangentlab.errors import TangentlabError
 from tangentlab.projection import DEFAULT_KIND
+from tangentlab.schedules import SCHEDULE_KINDS
 
 _EXAMPLE_NAMES = ("digits-cnn", "fashion-lite0", "rt-minilm")
 
@@ -154,8 +157,36 @@ def _hyper_options(*, lists: bool):
                          help=f"Batch size B or 'full'{many}."),
             click.option("--momentum", type=kind or float, default="0" if lists else 0.0,
                          show_default=True, help=f"SGD momentum m{many}."),
-            click.option("--weight-decay", type=kind or float, default="0" if lists else 0.0,
-                         show_default=True, help=f"Coupled L2 as torch SGD{many}."),
+            click.option("--weight-decay", type=kind or float, default=None,
+                         help=f"Weight decay λ{many}: coupled L2 as torch SGD (default 0), "
+                         "decoupled as torch AdamW (default 0.01)."),
+            click.option("--optimizer", "optimizer_name", type=click.Choice(["sgd", "adamw"]),
+                         default="sgd", show_default=True,
+                         help="torch.optim.SGD, or torch.optim.AdamW (forecast, sweep and "
+                         "validate: exact AdamW of the tangent model in weight space; see "
+                         "README 'AdamW')."),
+            click.option("--betas", default=None, metavar="B1,B2",
+                         help="--optimizer adamw: (β1, β2) (default 0.9,0.999)."),
+            click.option("--eps", type=float, default=None,
+                         help="--optimizer adamw: ε (default 1e-8)."),
+            click.option("--adam-solver", type=click.Choice(["exact", "per-tensor"]),
+                         default="exact", show_default=True,
+                         help="--optimizer adamw: exact (explicit Jacobian J [N·C, P], "
+                         "weight space) or per-tensor (one second moment per weight tensor, "
+                         "function space from per-tensor kernels; scales like a kernel, "
+                         "--projection k projects each large tensor)."),
+            click.option("--schedule", type=kind or click.Choice(SCHEDULE_KINDS),
+                         default="constant", show_default=True,
+                         help=f"Learning-rate schedule over the --steps{many}: one of "
+                         f"{', '.join(SCHEDULE_KINDS)}; --lr is its peak (tl.make_schedule)."),
+            click.option("--warmup-steps", type=int, default=None,
+                         help="Warmup length in steps of the warmup schedules."),
+            click.option("--warmup-fraction", type=float, default=None,
+                         help="Warmup length as a fraction of --steps (default 0.1)."),
+            click.option("--step-every", type=int, default=None,
+                         help="--schedule step: steps between two decays."),
+            click.option("--step-gamma", type=float, default=None,
+                         help="--schedule step: decay factor (default 0.1)."),
             click.option("--loss", "loss_name", type=click.Choice(["mse", "ce"]), default="mse",
                          show_default=True, help="½‖f − s·onehot(y)‖² or cross-entropy."),
             click.option("--target-scale", type=float, default=1.0, show_default=True,
@@ -336,6 +367,8 @@ def _kernel(o: dict[str, Any], timer: dict):
     info) and records the seconds spent loading the model/data and on the kernel."""
     import tangentlab as tl
 
+    if o.get("optimizer_name") == "adamw":
+        return _adam_source(o, timer)
     trace = _trace(o)
     if o["kernel_file"]:
         t0 = time.perf_counter()
@@ -473,8 +506,13 @@ def _check_hyper(o: dict[str, Any], *, lists: bool) -> list:
                                  [o["batch_size"]])]  # fmt: skip
     lrs = [1.0] if o["lr"] is None else (_floats(o["lr"], "lr") if lists else [o["lr"]])
     moms = _floats(o["momentum"], "momentum") if lists else [o["momentum"]]
-    wds = _floats(o["weight_decay"], "weight-decay") if lists else [o["weight_decay"]]
-    opts = tl.SGD.grid(lr=lrs, momentum=moms, weight_decay=wds)
+    wds = _weight_decays(o, lists=lists)
+    if o.get("optimizer_name") == "adamw":
+        opts = _adamw_grid(o, lrs, moms, wds)
+    else:
+        _check_sgd_only(o)
+        opts = tl.SGD.grid(lr=lrs, momentum=moms, weight_decay=wds)
+    _schedules(o, o["steps"] if o["steps"] is not None else 300, lists=lists)  # validated now
     steps = o["steps"] if o["steps"] is not None else 1
     for b in sizes:
         check_options("tangentlab", opts[0], steps, loss=_loss(o), batch_size=b,
@@ -490,6 +528,142 @@ def _check_hyper(o: dict[str, Any], *, lists: bool) -> list:
     _check_linearize(o)
     _check_device(o["device"])
     return opts
+
+
+def _weight_decays(o: dict[str, Any], *, lists: bool) -> list[float]:
+    """``--weight-decay`` (a list for sweep); default 0 for SGD, 0.01 (torch's) for AdamW."""
+    if o["weight_decay"] is None:
+        return [0.01 if o.get("optimizer_name") == "adamw" else 0.0]
+    return _floats(o["weight_decay"], "weight-decay") if lists else [o["weight_decay"]]
+
+
+_ADAMW_COMMANDS = ("forecast", "sweep", "validate")
+
+
+def _adamw_grid(o: dict[str, Any], lrs: list, moms: list, wds: list) -> list:
+    """``--optimizer adamw``: the AdamW optimizers, after the checks that only it needs."""
+    import tangentlab as tl
+
+    command = click.get_current_context().info_name
+    if command not in _ADAMW_COMMANDS:
+        raise TangentlabError(
+            f"tangentlab {command}: --optimizer adamw is available for "
+            f"{', '.join(_ADAMW_COMMANDS)}; {command} computes SGD's closed forms (use "
+            "--optimizer sgd)."
+        )
+    if any(m != 0 for m in moms):
+        raise TangentlabError(
+            "tangentlab: --momentum is SGD's heavy-ball coefficient; AdamW's first-moment "
+            "decay is β1 of --betas (e.g. --betas 0.9,0.999)."
+        )
+    if o["lr"] is None:
+        raise TangentlabError(
+            "tangentlab: --optimizer adamw needs --lr (the default, tl.stable_lr, is SGD's "
+            "stability criterion); e.g. --lr 1e-4."
+        )
+    betas = (0.9, 0.999) if o.get("betas") is None else tuple(_floats(o["betas"], "betas"))
+    if len(betas) != 2:
+        raise TangentlabError(
+            f"tangentlab: --betas must be two numbers B1,B2, got {o['betas']!r}; e.g. "
+            "--betas 0.9,0.999."
+        )
+    clash = [f for f, v in (("--kernel", o.get("kernel_file")), ("--subsample", o.get("subsample")),
+                            ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")),
+                            ("--linearize body", o.get("linearize") == "body"))
+             if v]  # fmt: skip
+    if clash:
+        raise TangentlabError(
+            f"tangentlab: --optimizer adamw forecasts from the tangent model's Jacobians "
+            f"(exact AdamW in weight space, or per-tensor kernels); it cannot be combined "
+            f"with {', '.join(clash)} (fixed-kernel forecasts of SGD)."
+        )
+    eps = 1e-8 if o.get("eps") is None else o["eps"]
+    return tl.AdamW.grid(lr=lrs, betas=[betas], eps=[eps], weight_decay=wds)
+
+
+def _check_sgd_only(o: dict[str, Any]) -> None:
+    given = [f for f, v in (("--betas", o.get("betas")), ("--eps", o.get("eps")),
+                            ("--adam-solver", o.get("adam_solver") not in (None, "exact")))
+             if v is not None and v is not False]  # fmt: skip
+    if given:
+        raise TangentlabError(
+            f"tangentlab: {'/'.join(given)} go with --optimizer adamw (the SGD forecast has "
+            "no such setting)."
+        )
+
+
+def _adam_source(o: dict[str, Any], timer: dict):
+    """``--optimizer adamw``: the tangent model's Jacobians for AdamW (exact weight space, or
+    per-tensor kernels); returns (source, defaults, info) as :func:`_kernel`."""
+    import tangentlab as tl
+
+    t0 = time.perf_counter()
+    model, data, c, params, name, defaults = _resolve(o)
+    if params == "all":
+        params = None
+    timer["model and data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    common = dict(params=params, memory_budget=o["memory_budget"], device=o["device"],
+                  progress=not o["no_progress"])  # fmt: skip
+    if o.get("adam_solver") == "per-tensor":
+        spec = str(o["projection"]).strip().lower()
+        k = None if spec in ("exact", "auto") else int(spec) if spec.isdigit() else spec
+        if isinstance(k, str):
+            raise TangentlabError(
+                f"tangentlab: --projection must be 'exact', 'auto' or an integer k, got {spec!r}."
+            )
+        source = tl.compute_block_kernel(model, data, projection=k, seed=o["seed"], **common)
+        what = f"per-tensor kernels ({len(source.sizes)} tensors, projection {k})"
+        timer["per-tensor kernels"] = seconds = time.perf_counter() - t0
+    else:
+        source = tl.compute_weight_space_tangent(model, data, **common)
+        what = f"explicit Jacobian [N·C, P] = [{source.jacobian.shape[0] * source.num_classes}, " \
+            f"{source.num_params}]"
+        timer["Jacobian"] = seconds = time.perf_counter() - t0
+    info = {"source": name, "params": str(params), "num_samples": source.num_samples,
+            "num_classes": source.num_classes, "kernel_seconds": round(seconds, 2),
+            "model_of_training": f"AdamW on the tangent model from its {what}"}  # fmt: skip
+    return source, defaults, info
+
+
+_WARMUP_OPTIONS = ("warmup_steps", "warmup_fraction")
+_STEP_OPTIONS = ("step_every", "step_gamma")
+
+
+def _schedules(o: dict[str, Any], steps: int, *, lists: bool) -> list:
+    """``--schedule`` (comma-separated for sweep) and its options -> the schedules of a run of
+    ``steps`` steps, by tl.make_schedule (warmup options go to the warmup kinds, step options
+    to ``step``)."""
+    import tangentlab as tl
+
+    raw = str(o["schedule"])
+    kinds = [k.strip() for k in raw.split(",") if k.strip()] if lists else [raw]
+    if not kinds or any(k not in SCHEDULE_KINDS for k in kinds):
+        raise TangentlabError(
+            f"tangentlab: --schedule must be one of {', '.join(SCHEDULE_KINDS)}"
+            f"{' (comma-separated)' if lists else ''}, got {raw!r}."
+        )
+    for names, fits, kinds_text in (
+        (_WARMUP_OPTIONS, lambda k: k.startswith("warmup"), "warmup, warmup-linear or "
+         "warmup-cosine"), (_STEP_OPTIONS, lambda k: k == "step", "step"),
+    ):  # fmt: skip
+        given = [n for n in names if o.get(n) is not None]
+        if given and not any(fits(k) for k in kinds):
+            flags = "/".join("--" + n.replace("_", "-") for n in given)
+            raise TangentlabError(
+                f"tangentlab: {flags} goes with --schedule {kinds_text}; got --schedule {raw}."
+            )
+    out = []
+    for k in kinds:
+        names = _WARMUP_OPTIONS if k.startswith("warmup") else _STEP_OPTIONS if k == "step" else ()
+        try:
+            out.append(tl.make_schedule(k, steps, **{n: o.get(n) for n in names}))
+        except TangentlabError as exc:  # in CLI words: the flags, not the Python names
+            msg = str(exc).replace("make_schedule:", f"tangentlab: --schedule {k}:", 1)
+            for n in (*_WARMUP_OPTIONS, *_STEP_OPTIONS):
+                msg = msg.replace(n, "--" + n.replace("_", "-"))
+            raise TangentlabError(msg) from None
+    return out
 
 
 def _check_linearize(o: dict[str, Any]) -> None:
@@ -555,6 +729,22 @@ def _loss(o: dict[str, Any]):
     return tl.MSE(o["target_scale"])
 
 
+def _eval_options(fn):
+    """``--eval-data`` / ``--eval-samples`` of ``forecast`` and ``validate``: held-out curves."""
+    opts = [
+        click.option("--eval-data", "eval_spec", default=None, metavar="SPEC",
+                     help="Held-out set (formats as --data): forecast its loss/accuracy "
+                     "curves through the cross kernel Θ(X_eval, X) and the best step "
+                     "(minimum held-out loss) as an early-stopping recommendation."),
+        click.option("--eval-samples", type=int, default=None, metavar="M",
+                     help="Built-in examples: M held-out samples from the example's test "
+                     "split (disjoint from the training samples)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tangentlab")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
@@ -568,9 +758,11 @@ def main(debug: bool) -> None:
 @_source_options
 @_hyper_options(lists=False)
 @_subsample_option
+@_eval_options
 @_errors_as_usage
 def forecast(**o: Any) -> None:
-    """Forecast the loss/accuracy curves of SGD fine-tuning and the steps to a target loss.
+    """Forecast the loss/accuracy curves of SGD (or AdamW) fine-tuning and the steps to a
+    target loss.
 
     \b
     Example:
@@ -583,23 +775,30 @@ def forecast(**o: Any) -> None:
 
     start, timer = time.perf_counter(), {}
     optimizer = _check_hyper(o, lists=False)[0]
+    _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     lr = _lr(o, kernel, o["momentum"], timer)
-    optimizer = optimizer.replace(lr=lr)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    optimizer = optimizer.replace(lr=lr, schedule=_schedules(o, steps, lists=False)[0])
+    cross, _ = _held_out(o, kernel, timer)
     if o["batch_size"] in (None, "full") and o["loss_name"] == "mse":
         _eigh(kernel, timer)  # the closed form needs it: timed on its own line
     t0 = time.perf_counter()
     fc = tl.forecast(
         kernel, optimizer, steps, loss=_loss(o), batch_size=_batch(o["batch_size"]),
         paths=o["paths"], seed=o["seed"], dataset_size=info.get("dataset_size"),
+        eval_data=cross,
     )  # fmt: skip
     timer["forecast"] = time.perf_counter() - t0
+    if cross is not None:
+        info.update(eval_samples=cross.num_eval,
+                    cross_kernel_seconds=round(timer["cross kernel"], 3))  # fmt: skip
     target = _target(o, float(fc.loss[0]))
     info["target_definition"] = ("given (--target-loss)" if o["target_loss"] is not None else
                                   f"a drop of {o['target_drop']:.0%} from the initial loss "
                                   "(tl.default_target)")  # fmt: skip
     info.update(forecast_seconds=round(timer["forecast"], 3), target_loss=target,
+                schedule=optimizer.schedule.describe(),
                 lr_choice=info.get("lr_choice", "given (--lr)" if o["lr"] is not None else
                                    "tl.stable_lr: half the stability limit"))  # fmt: skip
     paths = write_forecast_report(o["out"], [fc], kernel, target_loss=target,
@@ -614,6 +813,11 @@ def forecast(**o: Any) -> None:
         click.echo(f"DIVERGES: {why}; lower the learning rate.")
     t = fc.steps_to(target)
     click.echo(f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}")
+    if fc.best_step is not None:
+        b = fc.best_step
+        click.echo(f"held-out ({cross.num_eval} samples): best step {b} (min held-out loss "
+                   f"{fc.eval_loss[b]:.4g}, accuracy {fc.eval_accuracy[b]:.1%}); final held-out "
+                   f"accuracy {fc.eval_accuracy[-1]:.1%}")  # fmt: skip
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
@@ -642,8 +846,10 @@ def sweep(**o: Any) -> None:
         base = _lr(o, kernel, max(opt.momentum for opt in optimizers), timer)
         optimizers = tl.SGD.grid(lr=[base * f for f in (0.1, 0.3, 1.0, 1.5)],
                                  momentum=_floats(o["momentum"], "momentum"),
-                                 weight_decay=_floats(o["weight_decay"], "weight-decay"))
+                                 weight_decay=_weight_decays(o, lists=True))
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    optimizers = [opt.replace(schedule=sched) for opt in optimizers
+                  for sched in _schedules(o, steps, lists=True)]  # fmt: skip
     sizes = [_batch(b) for b in str(o["batch_size"]).split(",")]
     if None in sizes and o["loss_name"] == "mse":
         _eigh(kernel, timer)
@@ -716,10 +922,11 @@ def kernel(**o: Any) -> None:
               show_default=True,
               help="Batch norm in the real run: frozen (eval mode, as the tangent model) "
               "or train (batch statistics, running statistics updated, dropout on).")
+@_eval_options
 @_errors_as_usage
 def validate(**o: Any) -> None:
     """Forecast, then really fine-tune the same model on the same data with the same
-    settings (a fresh copy, torch.optim.SGD), and compare the two.
+    settings (a fresh copy, torch.optim.SGD or AdamW), and compare the two.
 
     Prints the steps-to-target error |T̂ − T|/T, the curve error mean|L̂ − L|/L0, the
     plateau and final-accuracy differences and the cost ratio (real run / kernel +
@@ -742,14 +949,17 @@ def validate(**o: Any) -> None:
         raise TangentlabError(
             f"tangentlab: --log-every must be a positive integer, got {o['log_every']!r}."
         )
+    _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
-    optimizer = optimizer.replace(lr=_lr(o, kernel, o["momentum"], timer))
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    optimizer = optimizer.replace(lr=_lr(o, kernel, o["momentum"], timer),
+                                  schedule=_schedules(o, steps, lists=False)[0])  # fmt: skip
     train = dict(loss=_loss(o), batch_size=_batch(o["batch_size"]), seed=o["seed"])
+    cross, ev = _held_out(o, kernel, timer)
     if train["batch_size"] is None and o["loss_name"] == "mse":
         _eigh(kernel, timer)
     t0 = time.perf_counter()
-    fc = tl.forecast(kernel, optimizer, steps, paths=o["paths"], **train)
+    fc = tl.forecast(kernel, optimizer, steps, paths=o["paths"], eval_data=cross, **train)
     f_sec = timer["forecast"] = time.perf_counter() - t0
     # The real run starts from a freshly loaded model: the kernel's is left as it was.
     model, data, _, params, _, _ = _resolve(o, quiet=True)  # already described
@@ -761,7 +971,7 @@ def validate(**o: Any) -> None:
     t0 = time.perf_counter()
     run = tl.finetune(model, data, optimizer, steps, params=params, log_every=o["log_every"],
                       bn=o["bn"], device=o["device"], progress=not o["no_progress"],
-                      **train)  # fmt: skip
+                      eval_data=ev, **train)  # fmt: skip
     timer["real fine-tuning"] = time.perf_counter() - t0
     if run.steps.size == 0:  # interrupted before the initial loss: nothing to compare
         raise KeyboardInterrupt
@@ -774,7 +984,8 @@ def validate(**o: Any) -> None:
         run_train_seconds=round(run.train_seconds, 3),
         run_eval_seconds=round(run.eval_seconds, 3),
         run_wall_seconds=round(run.wall_seconds, 3), cost_ratio=cmp.cost_ratio,
-        target_loss=cmp.target_loss, lr=optimizer.lr, bn=o["bn"],
+        target_loss=cmp.target_loss, lr=optimizer.lr, schedule=optimizer.schedule.describe(),
+        bn=o["bn"],
         log_every=run.hyperparameters["log_every"],
     )  # fmt: skip
     paths = write_validation_report(o["out"], fc, run, cmp, kernel, info=info,
@@ -804,6 +1015,18 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
          "forecast": cmp.final_accuracy_forecast, "real run": cmp.final_accuracy_run,
          "error": err(cmp.final_accuracy_diff)},
     ]  # fmt: skip
+    ev = cmp.eval
+    if ev is not None:
+        rows += [
+            {"quantity": f"held-out accuracy at step {ev['final_step']}",
+             "forecast": ev["final_accuracy_forecast"], "real run": ev["final_accuracy_run"],
+             "error": err(ev["final_accuracy_error_points"]) + " pts"},
+            {"quantity": "best step (min held-out loss)", "forecast": ev["best_step_forecast"],
+             "real run": ev["best_step_run"], "error": err(ev["best_step_error"])},
+            {"quantity": "held-out accuracy at the best step",
+             "forecast": ev["accuracy_at_best_forecast"], "real run": ev["accuracy_at_best_run"],
+             "error": err(ev["accuracy_at_best_error_points"]) + " pts"},
+        ]  # fmt: skip
     click.echo(format_table(rows))
     res = "" if cmp.steps_resolution in (None, 1) else f", located to {cmp.steps_resolution} steps"
     miss = " (MISS: the real run reaches the target, the forecast does not)" if (
@@ -852,6 +1075,392 @@ def _check_same_source(kernel, model, data, params) -> None:
                 f"kernel's (fingerprint {fp} vs {meta['data_fingerprint']}); use the same "
                 "--data/--samples/--seed as the kernel."
             )
+
+
+# ---- per-sample information and influence (tangentlab.information, tangentlab.influence) ---
+def _sample_options(fn):
+    """Options of ``information`` and ``influence``: evaluation set, flipped labels, report."""
+    opts = [
+        click.option("--eval-data", "eval_spec", default=None, metavar="SPEC",
+                     help="Evaluation set (formats as --data) for train-to-eval influence and "
+                     "the functional information (default: none / the training inputs)."),
+        click.option("--eval-samples", type=int, default=None, metavar="M",
+                     help="Built-in examples: M evaluation samples from the example's test "
+                     "split (disjoint from the training samples)."),
+        click.option("--flip-labels", type=float, default=0.0, show_default=True, metavar="F",
+                     help="Flip a seeded fraction F of the training labels to another class "
+                     "and report how many the ranking finds (detection curve)."),
+        click.option("--show", type=int, default=8, show_default=True,
+                     help="Samples shown at each end of the ranking in the HTML report."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _samples_setup(o: dict[str, Any], timer: dict):
+    """Model, data (labels flipped when asked), kernel and the evaluation cross kernel.
+
+    Returns ``(model, (x, y), kernel, cross or None, eval data or None, texts, flipped,
+    params, projection, info)``."""
+    import numpy as np
+    import torch
+
+    import tangentlab as tl
+    from tangentlab.data import as_arrays, take
+    from tangentlab.errors import ModeSwitchWarning
+
+    clash = [f for f, v in (("--kernel", o["kernel_file"]), ("--trace", o["trace_kernel"]),
+                            ("--probes", o["probes"]), ("--linearize body",
+                                                        o["linearize"] == "body")) if v]
+    if clash:
+        raise TangentlabError(
+            f"tangentlab: {', '.join(clash)} cannot be used here: per-sample scores need the "
+            "full kernel of the tangent model computed from --model/--data or --example."
+        )  # fmt: skip
+    if not 0.0 <= o["flip_labels"] < 1.0:
+        raise TangentlabError(
+            f"tangentlab: --flip-labels must be a fraction in [0, 1), got {o['flip_labels']}."
+        )
+    if o["show"] < 1:
+        raise TangentlabError(f"tangentlab: --show must be >= 1, got {o['show']}.")
+    t0 = time.perf_counter()
+    model, data, c, params, name, defaults = _resolve(o)
+    if params == "all":
+        params = None
+    x, y = as_arrays(data, where="tangentlab")
+    texts = None
+    example = o["model_spec"] is None and o["data_spec"] is None
+    if example and name == "rt-minilm":
+        from tangentlab.examples import load_example
+
+        ex = load_example(name, num_samples=o["samples"] or defaults["samples"],
+                          seed=o["seed"], seq_len=o["seq_len"])  # fmt: skip
+        texts = ex.info.get("texts")
+    if c is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModeSwitchWarning)
+            c = int(tl.Tangent(model, params=params).f0(take(x, slice(0, 1))).shape[1])
+    flipped = None
+    if o["flip_labels"] > 0:
+        rng = np.random.default_rng(o["seed"])
+        n = int(y.shape[0])
+        flipped = np.sort(rng.choice(n, max(1, round(o["flip_labels"] * n)), replace=False))
+        y = y.clone()
+        shift = torch.as_tensor(rng.integers(1, c, flipped.size))
+        y[flipped] = (y[flipped] + shift) % c
+        _echo(f"tangentlab: flipped the labels of {flipped.size} of {n} training samples "
+              f"(seed {o['seed']}).")  # fmt: skip
+    proj = _projection({**o, "num_classes": c}, model, (x, y), params)
+    ev = _load_eval(o, name, example)
+    timer["model and data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kernel = tl.compute_kernel(
+        model, (x, y), num_classes=c, projection=proj, params=params,
+        memory_budget=o["memory_budget"], device=o["device"],
+        batch_size=o["kernel_batch_size"], seed=o["seed"],
+        cache=o["cache"] or Path(o["out"]) / "kernel", progress=not o["no_progress"],
+    )  # fmt: skip
+    timer["kernel"] = time.perf_counter() - t0
+    cross = None
+    if ev is not None:
+        t0 = time.perf_counter()
+        cross = tl.compute_cross_kernel(
+            model, ev, kernel, train_data=(x, y), params=params,
+            memory_budget=o["memory_budget"], device=o["device"],
+            batch_size=o["kernel_batch_size"], progress=not o["no_progress"],
+        )  # fmt: skip
+        timer["cross kernel"] = time.perf_counter() - t0
+    info = {"source": name, "params": str(params), "projection": kernel.metadata["projection"],
+            "num_samples": kernel.num_samples, "num_classes": kernel.num_classes,
+            "eval_samples": None if cross is None else cross.num_eval,
+            "flipped_labels": None if flipped is None else int(flipped.size)}  # fmt: skip
+    return model, (x, y), kernel, cross, ev, texts, flipped, params, proj, info, defaults
+
+
+def _load_eval(o: dict[str, Any], name: str, example: bool):
+    """The evaluation set of ``--eval-data SPEC`` / ``--eval-samples M`` (examples' test
+    split), or ``None``."""
+    if o["eval_samples"] is not None and o["eval_spec"] is not None:
+        raise TangentlabError("tangentlab: give --eval-data or --eval-samples, not both.")
+    if o["eval_spec"] is not None:
+        from tangentlab.specs import load_data_spec
+
+        tok = o["tokenizer"] or (o["model_spec"] if os.path.isdir(o["model_spec"] or "")
+                                 else None)  # fmt: skip
+        return load_data_spec(o["eval_spec"], tokenizer_dir=tok, seq_len=o["seq_len"],
+                              image_size=o["image_size"], seed=o["seed"])  # fmt: skip
+    if o["eval_samples"] is None:
+        return None
+    if o["eval_samples"] < 1:
+        raise TangentlabError(
+            f"tangentlab: --eval-samples must be a positive integer, got {o['eval_samples']}."
+        )
+    if not example:
+        raise TangentlabError(
+            "tangentlab: --eval-samples is for built-in examples; give --eval-data SPEC."
+        )
+    from tangentlab.examples import load_example
+
+    opts = {"seq_len": o["seq_len"]} if name == "rt-minilm" else {}
+    if name == "fashion-lite0" and o["image_size"]:
+        opts["image_size"] = o["image_size"]
+    return load_example(name, num_samples=o["eval_samples"], seed=o["seed"], split="test",
+                        **opts).data  # fmt: skip
+
+
+def _check_held_out(o: dict[str, Any]) -> None:
+    """Refuse --eval-data/--eval-samples with options whose forecast has no held-out curves
+    (before anything is computed)."""
+    if o["eval_spec"] is None and o["eval_samples"] is None:
+        return
+    clash = [f for f, v in (("--optimizer adamw", o.get("optimizer_name") == "adamw"),
+                            ("--subsample", o.get("subsample")), ("--trace", _trace(o)),
+                            ("--probes", o.get("probes")),
+                            ("--linearize body", o.get("linearize") == "body")) if v]
+    if clash:
+        raise TangentlabError(
+            f"tangentlab: held-out curves (--eval-data/--eval-samples) need the tangent "
+            f"model's full kernel and SGD; they cannot be combined with {', '.join(clash)} "
+            "(NOTE [held-out curves] in tangentlab.forecast)."
+        )  # fmt: skip
+
+
+def _held_out(o: dict[str, Any], kernel, timer: dict):
+    """``(cross kernel, eval data)`` for --eval-data/--eval-samples, or ``(None, None)``."""
+    if o["eval_spec"] is None and o["eval_samples"] is None:
+        return None, None
+    import tangentlab as tl
+
+    t0 = time.perf_counter()
+    model, data, _, params, name, _ = _resolve(o, quiet=True)
+    if params == "all":
+        params = None
+    example = o["model_spec"] is None and o["data_spec"] is None
+    ev = _load_eval(o, name, example)
+    timer["eval data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cross = tl.compute_cross_kernel(
+        model, ev, kernel, train_data=data, params=params, memory_budget=o["memory_budget"],
+        device=o["device"], batch_size=o["kernel_batch_size"], progress=not o["no_progress"],
+    )  # fmt: skip
+    timer["cross kernel"] = time.perf_counter() - t0
+    return cross, ev
+
+
+def _time_option(value: str) -> int | float:
+    v = str(value).strip().lower()
+    if v in ("inf", "infinity"):
+        return math.inf
+    try:
+        t = int(v)
+    except ValueError:
+        t = -1
+    if t < 0:
+        raise TangentlabError(
+            f"tangentlab: --time must be a number of steps >= 0 or 'inf', got {value!r}."
+        )
+    return t
+
+
+def _print_ranking(result, scores: list[tuple[str, Any]], k: int = 5) -> None:
+    from tangentlab.report import format_table
+
+    order = result.ranking()
+    rows = []
+    for where, idx in (("top", order[:k]), ("bottom", order[::-1][:k][::-1])):
+        for i in idx:
+            rows.append({"end": where, "sample": int(i), "label": int(result.targets[i]),
+                         **{name: float(v[i]) for name, v in scores}})  # fmt: skip
+    click.echo(format_table(rows))
+
+
+@main.command()
+@_source_options
+@_hyper_options(lists=False)
+@_sample_options
+@click.option("--time", "time_spec", default=None, metavar="T",
+              help="Training time of the smoothed run: steps, or 'inf' for the converged "
+              "run (default: --steps).")
+@click.option("--noise", type=click.Choice(["isotropic", "sgd"]), default="isotropic",
+              show_default=True,
+              help="Noise that smooths the weights: isotropic σ²I, or the stationary "
+              "covariance of SGD with --batch-size B.")
+@click.option("--sigma", type=float, default=1.0, show_default=True,
+              help="σ of the smoothing noise (weights for --noise isotropic; outputs for the "
+              "functional information).")
+@_errors_as_usage
+def information(**o: Any) -> None:
+    """Smooth unique information of every training sample (Harutyunyan et al. 2021).
+
+    SI = ½ (w − w₋ᵢ)ᵀ Σ⁻¹ (w − w₋ᵢ) in the weights and F-SI = mean‖f_w(x) − f_w₋ᵢ(x)‖²/(2σ²)
+    in the outputs, for the tangent model trained by full-batch SGD (MSE) with and without
+    sample i, in closed form through the kernel: no training. Writes information.json,
+    information.csv and information.html (most and least informative samples; with
+    --flip-labels the detection curve of the flipped ones).
+
+    \b
+    Example:
+      $ tangentlab information --example digits-cnn --samples 100 --flip-labels 0.1 \
+          --time 200 --out runs/info
+    """
+    import tangentlab as tl
+    from tangentlab.report_data import write_data_report
+
+    start, timer = time.perf_counter(), {}
+    optimizer = _check_hyper(o, lists=False)[0]
+    if o["loss_name"] != "mse":
+        raise TangentlabError(
+            "tangentlab information: the closed form is for --loss mse (Harutyunyan et al.); "
+            "use `tangentlab influence` for cross-entropy."
+        )
+    batch = _batch(o["batch_size"])
+    if o["noise"] == "sgd" and batch is None:
+        raise TangentlabError(
+            "tangentlab information: --noise sgd models minibatch noise; give --batch-size B."
+        )
+    time_t = None if o["time_spec"] is None else _time_option(o["time_spec"])
+    _, (x, _y), kernel, cross, _, texts, flipped, _, _, info, defaults = _samples_setup(o, timer)
+    steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    time_t = steps if time_t is None else time_t
+    lr = _lr(o, kernel, o["momentum"], timer)
+    optimizer = optimizer.replace(lr=lr, schedule=_schedules(o, max(int(steps), 1),
+                                                               lists=False)[0])  # fmt: skip
+    if batch is not None and o["noise"] != "sgd":
+        _echo("tangentlab: note: the weights are those of the full-batch run; --batch-size "
+              "enters only the SGD noise model (--noise sgd).")  # fmt: skip
+    _eigh(kernel, timer)
+    t0 = time.perf_counter()
+    result = tl.sample_information(
+        kernel, optimizer, time=time_t, eval_data=cross, loss=_loss(o), noise=o["noise"],
+        sigma=o["sigma"], batch_size=batch if o["noise"] == "sgd" else None,
+        progress=not o["no_progress"],
+    )  # fmt: skip
+    timer["information"] = time.perf_counter() - t0
+    info.update(optimizer=optimizer.describe(), time=str(time_t), noise=o["noise"],
+                sigma=o["sigma"], method=result.settings["method"])  # fmt: skip
+    what = [
+        ("quantity", "smooth unique information (Harutyunyan et al., ICLR 2021), nats"),
+        ("in the weights", "½ (w − w₋ᵢ)ᵀ Σ⁻¹ (w − w₋ᵢ), Σ = "
+         + ("σ² I" if o["noise"] == "isotropic" else f"stationary SGD covariance, B={batch}")),
+        ("in the function", "mean over x of ‖f_w(x) − f_w₋ᵢ(x)‖² / (2σ²), x in the "
+         + ("evaluation set" if cross is not None else "training inputs")),
+        ("training run", f"tangent model, full-batch {optimizer.describe()}, MSE, "
+         f"{'converged (t = ∞)' if time_t == math.inf else f'{time_t} steps'}"),
+        ("samples", f"N = {kernel.num_samples} training"
+         + (f", M = {cross.num_eval} evaluation" if cross is not None else "")),
+    ]  # fmt: skip
+    paths = write_data_report(
+        o["out"], result, name="information", what=what, inputs=x, texts=texts,
+        flipped=flipped, info=info, show=o["show"],
+        title=f"tangentlab information: {info.get('source', '')}",
+    )  # fmt: skip
+    _print_ranking(result, [("weights", result.weights), ("functional", result.functional)])
+    if flipped is not None:
+        for key in ("weights", "functional"):
+            c = tl.detection_curve(result.scores(key), flipped)
+            found = c["found"][round(0.2 * kernel.num_samples)]
+            click.echo(f"flipped labels found in the top 20% by {key} information: {found:.0%} "
+                       f"(AUC {c['auc']:.3f})")  # fmt: skip
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@main.command()
+@_source_options
+@_hyper_options(lists=False)
+@_sample_options
+@click.option("--checkpoints", "checkpoint_spec", default="every", show_default=True,
+              help="Steps summed over: 'every' step 0..T−1, or a comma-separated list of "
+              "steps in [0, T] (TracInCP).")
+@click.option("--real", is_flag=True,
+              help="Also fine-tune for real (tl.finetune, keeping the --checkpoints) and "
+              "compute the classic TracInCP on those checkpoints for comparison (one copy "
+              "of the trained weights per checkpoint).")
+@_errors_as_usage
+def influence(**o: Any) -> None:
+    """TracIn influence of every training sample (Pruthi et al. 2020), without training.
+
+    TracIn(zᵢ, z) = Σₜ ηₜ δ_z(t)ᵀ Θ(x, xᵢ) δᵢ(t) on the tangent model, with the output
+    gradients δ(t) of its forecast trajectory: self-influence (mislabeled samples rank
+    high) and, with an evaluation set, train-to-eval influence. Writes influence.json,
+    influence.csv and influence.html.
+
+    \b
+    Example:
+      $ tangentlab influence --example digits-cnn --samples 100 --flip-labels 0.1 \
+          --steps 100 --eval-samples 20 --out runs/infl
+    """
+    import numpy as np
+
+    import tangentlab as tl
+    from tangentlab.report_data import write_data_report
+
+    start, timer = time.perf_counter(), {}
+    optimizer = _check_hyper(o, lists=False)[0]
+    spec = str(o["checkpoint_spec"]).strip().lower()
+    ckpts = None
+    if spec != "every":
+        try:
+            ckpts = [int(v) for v in spec.split(",") if v.strip()]
+        except ValueError:
+            raise TangentlabError(
+                f"tangentlab: --checkpoints must be 'every' or comma-separated steps, got "
+                f"{o['checkpoint_spec']!r}."
+            ) from None
+    model, data, kernel, cross, ev, texts, flipped, params, proj, info, defaults = (
+        _samples_setup(o, timer))  # fmt: skip
+    steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    lr = _lr(o, kernel, o["momentum"], timer)
+    optimizer = optimizer.replace(lr=lr, schedule=_schedules(o, max(int(steps), 1),
+                                                               lists=False)[0])  # fmt: skip
+    train = dict(loss=_loss(o), batch_size=_batch(o["batch_size"]), seed=o["seed"])
+    t0 = time.perf_counter()
+    result = tl.influence(kernel, optimizer, steps, eval_data=cross, checkpoints=ckpts, **train)
+    timer["influence"] = time.perf_counter() - t0
+    info.update(optimizer=optimizer.describe(), steps=steps, loss=o["loss_name"],
+                batch_size=train["batch_size"], checkpoints=spec)  # fmt: skip
+    what = [
+        ("quantity", "TracIn (Pruthi et al., NeurIPS 2020): Σₜ ηₜ ∇ℓ(z; wₜ)·∇ℓ(zᵢ; wₜ)"),
+        ("on the tangent model", "∇ℓ(z)·∇ℓ(zᵢ) = δ_z(t)ᵀ Θ(x, xᵢ) δᵢ(t), δ from the forecast "
+         "trajectory (no training)"),
+        ("training run", f"{optimizer.describe()}, {o['loss_name'].upper()}, {steps} steps, "
+         + ("full batch" if train["batch_size"] is None else f"B={train['batch_size']}")),
+        ("checkpoints", "every step" if ckpts is None else ", ".join(map(str, ckpts))),
+    ]  # fmt: skip
+    if o["real"]:
+        _echo(f"tangentlab: fine-tuning for real ({steps} steps) to compare with TracInCP on "
+              "its checkpoints ...")  # fmt: skip
+        t0 = time.perf_counter()
+        run = tl.finetune(model, data, optimizer, steps, params=params, device=o["device"],
+                          checkpoints=ckpts if ckpts is not None else list(range(steps)),
+                          progress=not o["no_progress"], **train)  # fmt: skip
+        real = tl.tracin_checkpoints(run, data, eval_data=ev, projection=proj)
+        timer["real run + TracInCP"] = time.perf_counter() - t0
+        pearson = float(np.corrcoef(result.self_influence, real.self_influence)[0, 1])
+        ranks = [np.argsort(np.argsort(v)) for v in (result.self_influence, real.self_influence)]
+        spearman = float(np.corrcoef(*ranks)[0, 1])
+        info.update(tracincp_pearson=round(pearson, 4), tracincp_spearman=round(spearman, 4))
+        what.append(("TracInCP on real checkpoints", f"self-influence correlation: Pearson "
+                     f"{pearson:.3f}, Spearman {spearman:.3f}"))  # fmt: skip
+        click.echo(f"tangent TracIn vs real TracInCP (self-influence): Pearson {pearson:.3f}, "
+                   f"Spearman {spearman:.3f}")  # fmt: skip
+    paths = write_data_report(
+        o["out"], result, name="influence", what=what, inputs=data[0], texts=texts,
+        flipped=flipped, info=info, show=o["show"],
+        title=f"tangentlab influence: {info.get('source', '')}",
+    )  # fmt: skip
+    scores = [("self", result.self_influence)]
+    if result.train_to_eval is not None:
+        scores.append(("eval", result.train_to_eval.sum(axis=0)))
+    _print_ranking(result, scores)
+    if flipped is not None:
+        c = tl.detection_curve(result.self_influence, flipped)
+        found = c["found"][round(0.2 * kernel.num_samples)]
+        click.echo(f"flipped labels found in the top 20% by self-influence: {found:.0%} "
+                   f"(AUC {c['auc']:.3f})")  # fmt: skip
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 @main.command("examples")

@@ -41,8 +41,8 @@ from tangentlab.training import is_real
 
 _PLATEAU_TAIL = 0.1  # NOTE [plateau on a common window]
 _L0_REL_TOL = 1e-3  # initial losses further apart than this are flagged (different setups?)
-_SETTINGS = ("optimizer", "lr", "momentum", "weight_decay", "loss", "target_scale",
-             "num_samples")  # fmt: skip
+_SETTINGS = ("optimizer", "lr", "momentum", "betas", "eps", "weight_decay", "schedule", "loss",
+             "target_scale", "num_samples")  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,6 +84,17 @@ class Comparison:
       cost_ratio: run training seconds / (kernel + forecast) seconds, when given.
       cost_ratio_with_eval: the same with the run's full-loss evaluations counted.
       notes: anything the reader should know (mismatches, truncations, divergence).
+      eval: held-out errors when both sides carry held-out curves (``forecast(...,
+        eval_data=)``, ``finetune(..., eval_data=)``), else ``None``: ``final_step``,
+        ``final_loss_run`` / ``_forecast``, ``final_accuracy_run`` / ``_forecast``,
+        ``final_accuracy_error_points`` (forecast minus run, accuracy points),
+        ``curve_error`` (mean |L̂e_t - Le_t| / Le_0), ``best_step_run`` / ``_forecast``
+        (argmin of each held-out loss on the compared steps), ``best_step_error`` (|T̂* - T*|
+        / max(T*, 1)), ``accuracy_at_best_run`` / ``_forecast`` and
+        ``accuracy_at_best_error_points`` (at each side's own best step), and
+        ``run_accuracy_at_forecast_best`` / ``run_loss_regret_at_forecast_best``: what
+        stopping the real run at the forecast's best step gives (its accuracy, and its
+        held-out loss minus its minimum).
     """
 
     steps: np.ndarray
@@ -118,6 +129,7 @@ class Comparison:
     cost_ratio: float | None = None
     cost_ratio_with_eval: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    eval: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The scalar results (no curves), JSON-able."""
@@ -177,7 +189,8 @@ def compare(
       forecast_seconds: what the forecast cost (kernel + forecast, seconds); gives
         ``cost_ratio`` = run training seconds / forecast_seconds.
       check_settings: refuse a forecast and a run whose hyper-parameters differ (lr,
-        batch size, momentum, weight decay, loss, target scale, N), when both carry them.
+        batch size, momentum, weight decay, learning-rate schedule, loss, target scale, N),
+        when both carry them.
 
     Returns:
       A :class:`Comparison`.
@@ -217,8 +230,63 @@ def compare(
         accuracy_forecast=acc_fc, initial_loss=l0, **target, **plateau, **final,
         **_coverage_and_cost(fc, rn, steps, loss_run, loss_fc, forecast_seconds),
         diverges_forecast=bool(fc["diverges"]), diverged_run=bool(rn["diverged"]),
-        notes=tuple(notes),
+        notes=tuple(notes), eval=_eval_part(fn, fc, rn, keep, steps),
     )  # fmt: skip
+
+
+def _eval_part(fn: str, fc: dict, rn: dict, keep: np.ndarray, steps: np.ndarray) -> dict | None:
+    """Held-out errors (final and at the best step, accuracy in points) when both sides
+    have held-out curves."""
+    if fc["eval"] is None or rn["eval"] is None:
+        return None
+    le_run, ae_run = rn["eval"][0][keep], rn["eval"][1][keep]
+    le_fc, ae_fc = fc["eval"][0][steps], fc["eval"][1][steps]
+    both = np.isfinite(le_run) & np.isfinite(le_fc)
+    if not both.any() or not (math.isfinite(le_run[0]) and le_run[0] > 0):
+        return None
+    j = int(np.flatnonzero(both)[-1])
+    b_run = int(np.nanargmin(np.where(both, le_run, np.nan)))
+    b_fc = int(np.nanargmin(np.where(both, le_fc, np.nan)))
+    t_run, t_fc = int(steps[b_run]), int(steps[b_fc])
+
+    def pts(a: float, b: float) -> float | None:
+        return None if not (math.isfinite(a) and math.isfinite(b)) else 100.0 * (a - b)
+
+    return {
+        "final_step": int(steps[j]),
+        "final_loss_run": _json_float(le_run[j]), "final_loss_forecast": _json_float(le_fc[j]),
+        "final_accuracy_run": _json_float(ae_run[j]),
+        "final_accuracy_forecast": _json_float(ae_fc[j]),
+        "final_accuracy_error_points": pts(ae_fc[j], ae_run[j]),
+        "curve_error": float(np.mean(np.abs(le_fc[both] - le_run[both]) / le_run[0])),
+        "best_step_run": t_run, "best_step_forecast": t_fc,
+        "best_step_error": abs(t_fc - t_run) / max(t_run, 1),
+        "min_loss_run": _json_float(le_run[b_run]), "min_loss_forecast": _json_float(le_fc[b_fc]),
+        "accuracy_at_best_run": _json_float(ae_run[b_run]),
+        "accuracy_at_best_forecast": _json_float(ae_fc[b_fc]),
+        "accuracy_at_best_error_points": pts(ae_fc[b_fc], ae_run[b_run]),
+        "run_accuracy_at_forecast_best": _json_float(ae_run[b_fc]),
+        "run_loss_regret_at_forecast_best": _json_float(le_run[b_fc] - le_run[b_run]),
+    }  # fmt: skip
+
+
+def _eval_curves(fn: str, obj: Any, n: int, what: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(eval_loss, eval_accuracy)`` of a Forecast / TrainingRun or of its ``to_dict()``."""
+    loss, acc = _get(obj, "eval_loss"), _get(obj, "eval_accuracy")
+    block = _get(obj, "eval")
+    if loss is None and isinstance(block, Mapping):
+        loss, acc = block.get("loss"), block.get("accuracy")
+    if loss is None:
+        return None
+    loss = _floats(fn, f"{what} eval_loss", loss)
+    acc = np.full_like(loss, math.nan) if acc is None else _floats(fn, f"{what} eval_accuracy",
+                                                                   acc)  # fmt: skip
+    if loss.shape != (n,) or acc.shape != (n,):
+        raise TangentlabError(
+            f"{fn}: the {what}'s held-out curves must have one entry per loss entry ({n}), got "
+            f"{loss.size} and {acc.size}."
+        )
+    return loss, acc
 
 
 def _coverage_and_cost(fc, rn, steps, loss_run, loss_fc, forecast_seconds) -> dict:
@@ -439,7 +507,8 @@ def _forecast_curves(fn: str, forecast: Any) -> dict[str, Any]:
     if diverges is None:
         diverges = bool(np.isnan(loss).any())
     return {"loss": loss, "accuracy": acc, "band": band, "diverges": bool(diverges),
-            "hyper": _get(forecast, "hyperparameters") or {}}  # fmt: skip
+            "hyper": _get(forecast, "hyperparameters") or {},
+            "eval": _eval_curves(fn, forecast, loss.size, "forecast")}  # fmt: skip
 
 
 def _run_curves(fn: str, run: Any) -> dict[str, Any]:
@@ -473,7 +542,8 @@ def _run_curves(fn: str, run: Any) -> dict[str, Any]:
     return {"steps": steps, "loss": loss, "accuracy": acc, "diverged": bool(diverged),
             "hyper": _get(run, "hyperparameters") or {},
             "train_seconds": None if train_s is None else float(train_s),
-            "wall_seconds": None if wall_s is None else float(wall_s)}  # fmt: skip
+            "wall_seconds": None if wall_s is None else float(wall_s),
+            "eval": _eval_curves(fn, run, loss.size, "run")}  # fmt: skip
 
 
 def _check_same_settings(fn: str, hf: Mapping, hr: Mapping) -> None:

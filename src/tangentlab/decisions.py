@@ -20,13 +20,13 @@ from tangentlab.kernel import Kernel
 from tangentlab.memory import default_budget, parse_bytes
 from tangentlab.projection import DEFAULT_KIND, Projection
 from tangentlab.tangent import ParamSpec, select_params
-from tangentlab.training import is_int, is_real
+from tangentlab.training import as_loss, is_int, is_real
 
 DEFAULT_PROJECTION = 4096  # k when the exact Jacobians do not fit (see README, "Projections")
 
 
 def stable_lr(kernel: Kernel, *, momentum: float = 0.0, weight_decay: float = 0.0,
-              fraction: float = VALIDITY_STABILITY / 2.0) -> float:  # fmt: skip
+              fraction: float = VALIDITY_STABILITY / 2.0, loss: str = "mse") -> float:  # fmt: skip
     r"""The learning rate at ``fraction`` of the stability limit of full-batch GD.
 
     .. math::
@@ -37,12 +37,19 @@ def stable_lr(kernel: Kernel, *, momentum: float = 0.0, weight_decay: float = 0.
     significant digits, so it never crosses that edge. Uses the cached eigendecomposition
     of the kernel (computed on first use).
 
+    λ_max is the sharpness of the loss at the pre-trained weights in function space: of Θ
+    for MSE, of H^{1/2} Θ H^{1/2} for cross-entropy (H_i = diag(p_i) − p_i p_iᵀ, the softmax
+    Hessians at f0; a fresh head near zero gives p ≈ 1/C and H ≈ (I − 11ᵀ/C)/C, so CE's
+    limit is up to about C times MSE's). Give the loss the run will use.
+
     Args:
       kernel: the kernel (or a :class:`~tangentlab.headbody.HeadBodyKernel`: λ_max of its
         logit kernel at w0, the tangent NTK).
       momentum: m of the optimizer it is for (η̃ = η/(1 - m)).
       weight_decay: λ_wd of the optimizer it is for.
       fraction: in (0, 1]; 1 is the stability limit itself.
+      loss: ``"mse"`` or ``"ce"`` (also a ``tl.MSE`` / ``tl.CrossEntropy`` object): whose
+        sharpness sets the limit.
 
     Returns:
       η, e.g. for ``tl.SGD(tl.stable_lr(kernel, momentum=0.9), momentum=0.9)``.
@@ -58,10 +65,16 @@ def stable_lr(kernel: Kernel, *, momentum: float = 0.0, weight_decay: float = 0.
         raise TangentlabError(f"{fn}: weight_decay must be >= 0, got {weight_decay!r}.")
     if not is_real(fraction) or not 0 < fraction <= 1:
         raise TangentlabError(f"{fn}: fraction must lie in (0, 1], got {fraction!r}.")
+    loss_name = as_loss(loss, fn).name
     if isinstance(kernel, HeadBodyKernel):  # the tangent NTK at w0 (the model's start)
-        lam_max = kernel.top_eigenvalue("mse")
-    else:
+        lam_max = kernel.top_eigenvalue(loss_name)
+    elif loss_name == "mse":
         lam_max = float(kernel.eigh()[0].max())
+    else:
+        from tangentlab.forecast import _Prepared
+
+        prep = _Prepared(kernel)
+        lam_max = prep.top_eigenvalue(loss_name, prep.choose_execution("auto", 1, 100))
     curvature = lam_max / kernel.num_samples + float(weight_decay)
     if curvature <= 0:
         raise TangentlabError(

@@ -63,6 +63,17 @@ repository; rerun them with the test helpers of tests/test_dynamics.py):
 ``simulate`` is therefore the default: exact for the linear model, and cheaper unless the
 number of paths exceeds about N/B (then one Θ product per step for all paths wins).
 
+NOTE [schedules] (see also tangentlab.forecast and tangentlab.schedules)
+A learning-rate schedule enters every solver as ``lr_schedule``, the multipliers m(t)
+``[>= T]``: step t uses the rate η·m(t) in place of η, as torch's ``LambdaLR`` (the momentum
+buffer and the weight-decay term are unchanged and scaled by η_t with the gradient, as in
+torch SGD). ``None`` keeps the constant-rate code paths. Exact steps and heavy-ball modes
+take η_t per step; the closed form of plain steps becomes the per-mode product
+x_t - x* = Π_{τ<t} (1 - η̃ m(τ) h) (x_0 - x*) (iterated, O(modes) per step); gradient flow
+under a schedule is the flow of the step-wise constant rate, i.e. the constant-rate flow
+read at the reparametrized time τ_t = Σ_{s<t} m(s) (exact, in closed form or by the ODE
+solver); the SDE scales its whole step (drift and noise) by m(t).
+
 NOTE [divergence]
 An unstable step size makes the linear dynamics grow geometrically; the numbers it
 produces are not a forecast of anything. The iterating solvers stop a path as soon as its
@@ -255,6 +266,65 @@ KernelOperator = (
 )
 
 
+class CrossKernelOperator:
+    """Products with the cross kernel Θ(X_e, X) ``[MC, NC]`` (:mod:`tangentlab.cross`).
+
+    Dense (``theta``, a product with b training columns costs MC·b) or through the projected
+    Jacobians, Θ(X_e, X) = Φ_e Φ^T (``features_eval`` ``[MC, k]`` and the training kernel's
+    ``features`` ``[NC, k]``; (MC + b)·k per product).
+    """
+
+    def __init__(self, num_classes: int, *, theta: np.ndarray | None = None,
+                 features_eval: np.ndarray | None = None,
+                 features: np.ndarray | None = None) -> None:  # fmt: skip
+        self.num_classes = c = num_classes
+        self.theta = theta
+        self.features_eval, self.features = features_eval, features
+        if theta is not None:
+            self.name = "dual"
+            self._cols = theta.reshape(theta.shape[0], theta.shape[1] // c, c)
+        else:
+            self.name = "primal"
+            self._rows = features.reshape(features.shape[0] // c, c, features.shape[1])
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``Θ(X_e, X) x`` for ``x`` ``[NC]`` -> ``[MC]``."""
+        if self.theta is not None:
+            return self.theta @ x
+        return self.features_eval @ (self.features.T @ x)
+
+    def cols_matvec(self, batch: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``Σ_j Θ(X_e, X)[:, batch_j] x_j`` for ids ``batch`` ``[b]``, ``x`` ``[b, C]`` -> ``[MC]``
+        (repeated ids add up)."""
+        if self.theta is not None:
+            return np.einsum("mbc,bc->m", self._cols[:, batch], x)
+        return self.features_eval @ np.einsum("bc,bck->k", x, self._rows[batch])
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A held-out set moved by the training trajectory through the cross kernel.
+
+    On the tangent model every step moves the outputs at any point x by the same weight
+    displacement as the training outputs: ``f_e <- f_e - η_t v^e_t`` with
+    ``v^e_t = m v^e_{t-1} + Θ(X_e, X) u_t + λ (f_e - a_e)``, where ``u_t`` holds the batch's
+    output gradients (δ_i / |b| in the rows of the batch) that move the training outputs by
+    ``Θ u_t``. So ``f_e(t) - a_e = ρ_t (f_e(0) - a_e) + Θ(X_e, X) α_t`` exactly.
+
+    Attributes:
+      op: the :class:`CrossKernelOperator`.
+      f0: pre-trained outputs on the held-out set ``[M, C]``.
+      targets: held-out labels ``[M]``.
+      anchor: weight-decay anchor ``a_e`` ``[M, C]``: ``f0 - J(X_e) w0`` (decay toward 0)
+        or ``f0`` (toward w0, or no decay).
+    """
+
+    op: CrossKernelOperator
+    f0: np.ndarray
+    targets: np.ndarray
+    anchor: np.ndarray
+
+
 def top_eigenvalue(op: KernelOperator, nc: int, *, weight: np.ndarray | None = None) -> float:
     """Largest eigenvalue of ``W^{1/2} Θ W^{1/2}`` (``W`` block-diagonal PSD, default I).
 
@@ -350,15 +420,35 @@ class Trajectory:
       accuracy: training accuracy, ``[paths, T+1]``; NaN where ``loss`` is.
       blowup: per path, the first step whose loss was non-finite or above ``blowup_loss``,
         or ``None`` (NOTE [divergence]).
+      eval_loss, eval_accuracy: loss and accuracy on a held-out set (:class:`EvalSet`),
+        ``[paths, T+1]``, NaN where ``loss`` is; ``None`` without one.
     """
 
     loss: np.ndarray
     accuracy: np.ndarray
     blowup: tuple[int | None, ...]
+    eval_loss: np.ndarray | None = None
+    eval_accuracy: np.ndarray | None = None
 
 
 def _blown(value: float, blowup_loss: float) -> bool:
     return not math.isfinite(value) or value > blowup_loss
+
+
+def _step_rates(lr: float, momentum: float, heavy_ball: bool, steps: int,
+                lr_schedule: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """The rate that multiplies the update of every step ``[T]``: η_t = η m(t) (torch's
+    ``LambdaLR`` product), divided by 1 - m when momentum is replaced by the effective rate."""
+    rates = np.full(steps, lr) if lr_schedule is None else lr * lr_schedule[:steps]
+    return rates if heavy_ball else rates / (1.0 - momentum)
+
+
+def schedule_clock(lr_schedule: np.ndarray | None, steps: int) -> np.ndarray:
+    """τ_t = Σ_{s<t} m(s) at t = 0..T ``[T+1]``: the time of the constant-rate flow that the
+    flow under a schedule has reached after t steps (τ_t = t without a schedule)."""
+    if lr_schedule is None:
+        return np.arange(steps + 1, dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(lr_schedule[:steps])])
 
 
 def iterate_trajectory(
@@ -377,6 +467,8 @@ def iterate_trajectory(
     batches: Sequence[np.ndarray] | None = None,
     blowup_loss: float = math.inf,
     scale_t: np.ndarray | None = None,
+    lr_schedule: np.ndarray | None = None,
+    eval_set: EvalSet | None = None,
 ) -> Trajectory:
     r"""Exact discrete SGD steps of the tangent model in function space (one path).
 
@@ -400,6 +492,12 @@ def iterate_trajectory(
       blowup_loss: stop once the loss exceeds this (NOTE [divergence]).
       scale_t: s(t) per step ``[>= T]``: step t uses s(t) Θ (experimental kernel growth,
         :mod:`tangentlab.experimental.growth`); ``None``: s = 1.
+      lr_schedule: learning-rate multipliers m(t) ``[>= T]``: step t uses η m(t) (NOTE
+        [schedules]); ``None``: constant η.
+      eval_set: a held-out set (:class:`EvalSet`) moved along: the same step through the
+        cross kernel, ``f_e <- f_e - η_t v^e_t``, ``v^e_t = m v^e_{t-1} + s(t) Θ(X_e, X) u_t
+        + λ (f_e - a_e)`` (one more [MC, b·C] product per step); its loss and accuracy are
+        returned in ``eval_loss`` / ``eval_accuracy``.
 
     Returns a one-path :class:`Trajectory`.
     """
@@ -407,24 +505,28 @@ def iterate_trajectory(
     f = f0.reshape(-1).copy()
     anc = anchor.reshape(-1)
     buf = np.zeros_like(f) if heavy_ball and momentum > 0 else None
-    step_lr = lr if heavy_ball else lr / (1.0 - momentum)
+    step_lr = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
     losses = np.full(steps + 1, np.nan)
     accs = np.full(steps + 1, np.nan)
     losses[0] = loss_value(f0, targets, loss=loss, scale=scale)
     accs[0] = accuracy_value(f0, targets)
+    ev = _EvalState(eval_set, steps, buf is not None, loss, scale) if eval_set else None
     blowup = None
     if _blown(losses[0], blowup_loss):
-        return Trajectory(losses[None], accs[None], (0,))
+        return _trajectory(losses, accs, 0, ev)
     for t in range(steps):
         fm = f.reshape(n, c)
         if batches is None:
-            g = op.matvec(loss_grad(fm, targets, loss=loss, scale=scale).reshape(-1))
+            d = loss_grad(fm, targets, loss=loss, scale=scale).reshape(-1)
+            g = op.matvec(d)
             g /= n
+            ge = None if ev is None else ev.op.matvec(d) / n
         else:
             idx = batches[t]
             d = loss_grad(fm[idx], targets[idx], loss=loss, scale=scale)
             g = op.cols_matvec(idx, d)
             g /= len(idx)
+            ge = None if ev is None else ev.op.cols_matvec(idx, d) / len(idx)
         if scale_t is not None:
             g *= scale_t[t]
         if weight_decay:
@@ -433,14 +535,56 @@ def iterate_trajectory(
             buf *= momentum
             buf += g
             g = buf
-        f -= step_lr * g
+        f -= step_lr[t] * g
+        if ev is not None:
+            ev.step(ge, 1.0 if scale_t is None else scale_t[t], weight_decay, momentum,
+                    step_lr[t])  # fmt: skip
         value = float(loss_value(fm, targets, loss=loss, scale=scale))
         if _blown(value, blowup_loss):
             blowup = t + 1
             break
         losses[t + 1] = value
         accs[t + 1] = accuracy_value(fm, targets)
-    return Trajectory(losses[None], accs[None], (blowup,))
+        if ev is not None:
+            ev.record(t + 1)
+    return _trajectory(losses, accs, blowup, ev)
+
+
+class _EvalState:
+    """The held-out outputs of one path (:class:`EvalSet`) and their momentum buffer."""
+
+    def __init__(self, es: EvalSet, steps: int, heavy_ball: bool, loss: str, scale: float):
+        self.op, self.targets, self.kw = es.op, es.targets, {"loss": loss, "scale": scale}
+        self.m, self.c = es.f0.shape
+        self.f = es.f0.reshape(-1).copy()
+        self.anc = es.anchor.reshape(-1)
+        self.buf = np.zeros_like(self.f) if heavy_ball else None
+        self.loss = np.full(steps + 1, np.nan)
+        self.acc = np.full(steps + 1, np.nan)
+        self.record(0)
+
+    def step(self, ge: np.ndarray, scale_t: float, wd: float, momentum: float, lr: float):
+        if scale_t != 1.0:
+            ge *= scale_t
+        if wd:
+            ge += wd * (self.f - self.anc)
+        if self.buf is not None:
+            self.buf *= momentum
+            self.buf += ge
+            ge = self.buf
+        self.f -= lr * ge
+
+    def record(self, t: int) -> None:
+        fm = self.f.reshape(self.m, self.c)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.loss[t] = loss_value(fm, self.targets, **self.kw)
+        self.acc[t] = accuracy_value(fm, self.targets)
+
+
+def _trajectory(losses, accs, blowup, ev: _EvalState | None) -> Trajectory:
+    if ev is None:
+        return Trajectory(losses[None], accs[None], (blowup,))
+    return Trajectory(losses[None], accs[None], (blowup,), ev.loss[None], ev.acc[None])
 
 
 def flow_trajectory(
@@ -458,6 +602,7 @@ def flow_trajectory(
     rtol: float = 1e-8,
     atol: float = 1e-10,
     blowup_loss: float = math.inf,
+    lr_schedule: np.ndarray | None = None,
 ) -> Trajectory:
     r"""Gradient flow of the tangent model, integrated by an adaptive scipy solver.
 
@@ -465,13 +610,16 @@ def flow_trajectory(
         \frac{df}{dt} = -\tilde\eta \Big(\tfrac1N \Theta\,\delta(f) + \lambda (f - a)\Big)
 
     with ``t`` in steps and ``lr`` the effective rate η̃ = η/(1-m). The solver is stepped
-    by hand and its dense output read at the integer steps, so memory stays O(NC).
+    by hand and its dense output read at the integer steps, so memory stays O(NC). Under a
+    schedule the rate of step t is η̃ m(t) over [t, t+1): the same flow, read at
+    τ_t = Σ_{s<t} m(s) (:func:`schedule_clock`, NOTE [schedules]).
 
     Args:
       method: a ``scipy.integrate.OdeSolver`` name: ``"RK45"`` (default; explicit, no
         Jacobian), ``"DOP853"``, ``"RK23"``, ``"LSODA"`` (stiff switching; its Jacobian is
         estimated by NC finite differences, affordable only for small NC).
       rtol, atol: solver tolerances on f.
+      lr_schedule: multipliers m(t) ``[>= T]`` or ``None`` (constant rate).
       Other arguments as :func:`iterate_trajectory`.
     """
     n, c = f0.shape
@@ -480,7 +628,9 @@ def flow_trajectory(
     accs = np.full(steps + 1, np.nan)
     losses[0] = loss_value(f0, targets, loss=loss, scale=scale)
     accs[0] = accuracy_value(f0, targets)
-    if steps == 0:
+    clock = schedule_clock(lr_schedule, steps)
+    if steps == 0 or clock[-1] == 0:  # no step, or every step has rate 0: f stays f0
+        losses[:], accs[:] = losses[0], accs[0]
         return Trajectory(losses[None], accs[None], (None,))
 
     def rhs(_t: float, f: np.ndarray) -> np.ndarray:
@@ -491,16 +641,18 @@ def flow_trajectory(
         return -lr * g
 
     solver_cls = getattr(scipy.integrate, method)
-    solver = solver_cls(rhs, 0.0, f0.reshape(-1).copy(), float(steps), rtol=rtol, atol=atol)
+    solver = solver_cls(rhs, 0.0, f0.reshape(-1).copy(), float(clock[-1]), rtol=rtol,
+                        atol=atol)  # fmt: skip
     next_step = 1
     while next_step <= steps:
         message = solver.step()
         if solver.status == "failed":
             raise RuntimeError(f"flow_trajectory: {method} failed at t={solver.t}: {message}")
-        upto = min(steps, math.floor(solver.t + 1e-9))
+        # the steps whose (reparametrized) time the solver has reached
+        upto = min(steps, int(np.searchsorted(clock, solver.t + 1e-9, side="right")) - 1)
         if upto < next_step:
             continue
-        times = np.arange(next_step, upto + 1, dtype=np.float64)
+        times = clock[next_step : upto + 1]
         fs = solver.dense_output()(times).T.reshape(-1, n, c)  # [len, N, C]
         vals = loss_value(fs, targets, loss=loss, scale=scale)
         bad = [i for i, v in enumerate(vals) if _blown(float(v), blowup_loss)]
@@ -531,6 +683,7 @@ def sde_trajectories(
     paths: int,
     rng: np.random.Generator,
     blowup_loss: float = math.inf,
+    lr_schedule: np.ndarray | None = None,
 ) -> Trajectory:
     r"""Minibatch SGD as a function-space SDE (Euler-Maruyama, one step per optimizer step).
 
@@ -542,8 +695,9 @@ def sde_trajectories(
               \Delta P \xi_t\Big) + \lambda (f_t - a),\qquad \xi_t \sim N(0, I_N)
 
     with ``Δ P ξ`` the vector whose block i is ``δ_i (ξ_i - mean ξ)``, κ = (N-B)/(N-1)
-    for batches drawn without replacement and 1 with replacement. Momentum as in
-    :func:`iterate_trajectory`. Trade-offs: NOTE [noise: simulate vs sde]. Returns a
+    for batches drawn without replacement and 1 with replacement. Momentum and
+    ``lr_schedule`` (the step t moves by η m(t) times the buffer: drift and noise alike) as
+    in :func:`iterate_trajectory`. Trade-offs: NOTE [noise: simulate vs sde]. Returns a
     ``paths``-path :class:`Trajectory`.
     """
     n, c = f0.shape
@@ -553,7 +707,7 @@ def sde_trajectories(
     f = np.repeat(f0.reshape(nc, 1), paths, axis=1)  # [NC, paths]
     anc = anchor.reshape(nc, 1)
     buf = np.zeros_like(f) if heavy_ball and momentum > 0 else None
-    step_lr = lr if heavy_ball else lr / (1.0 - momentum)
+    step_lr = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
     losses = np.full((paths, steps + 1), np.nan)
     accs = np.full((paths, steps + 1), np.nan)
     blowup: list[int | None] = [None] * paths
@@ -589,7 +743,7 @@ def sde_trajectories(
             buf *= momentum
             buf += g
             g = buf
-        f -= step_lr * g
+        f -= step_lr[t] * g
         record(t + 1)
     return Trajectory(losses, accs, tuple(blowup))
 
@@ -724,6 +878,7 @@ def mode_states(
     lr: float,
     momentum: float = 0.0,
     chunk: int = 256,
+    lr_schedule: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Mode states at the sorted integer ``times``, yielded in chunks ``(offset, X [m+2, len])``.
 
@@ -734,11 +889,29 @@ def mode_states(
     - ``"heavy_ball"``: torch SGD momentum, iterated mode-wise in O(m) per step:
       buf = m buf + (h x - b); x -= lr buf.
 
-    For ``"gd"``/``"flow"`` pass the effective rate η/(1-m) as ``lr``.
+    For ``"gd"``/``"flow"`` pass the effective rate η/(1-m) as ``lr``. With
+    ``lr_schedule`` (multipliers m(t) ``[>= max(times)]``, NOTE [schedules]) step t uses
+    ``lr m(t)``: ``"gd"`` and ``"heavy_ball"`` are iterated mode-wise (the per-mode product
+    Π_τ (1 - lr m(τ) h); O(m) per step), ``"flow"`` is read at τ_t = Σ_{s<t} m(s).
     """
     x0, h = problem.x0, problem.h
     xs = problem.fixed_point()
     gap = x0 - xs
+    if scheme == "flow" and lr_schedule is not None:
+        clock = schedule_clock(lr_schedule, int(times[-1]) if len(times) else 0)
+        for start in range(0, len(times), chunk):
+            tau = clock[times[start : start + chunk].astype(np.int64)]
+            with np.errstate(over="ignore", invalid="ignore"):
+                yield start, xs[:, None] + np.exp(-lr * h[:, None] * tau[None, :]) * gap[:, None]
+        return
+    if scheme == "gd" and lr_schedule is not None:
+        rates = lr * lr_schedule
+
+        def gd(x: np.ndarray, t: int) -> np.ndarray:
+            return x - rates[t] * (problem.h * x - problem.b)
+
+        yield from _stepped_states(x0.copy(), times, gd, chunk)
+        return
     if scheme in ("gd", "flow"):
         base = 1.0 - lr * h
         for start in range(0, len(times), chunk):
@@ -752,10 +925,11 @@ def mode_states(
                 yield start, xs[:, None] + decay * gap[:, None]
         return
     buf = np.zeros_like(x0)
+    hb_rates = None if lr_schedule is None else lr * lr_schedule
 
-    def heavy_ball(x: np.ndarray, _t: int) -> np.ndarray:
+    def heavy_ball(x: np.ndarray, t: int) -> np.ndarray:
         buf[:] = momentum * buf + (problem.h * x - problem.b)
-        return x - lr * buf
+        return x - (lr if hb_rates is None else hb_rates[t]) * buf
 
     yield from _stepped_states(x0.copy(), times, heavy_ball, chunk)
 
@@ -789,6 +963,7 @@ def scaled_mode_states(
     lr: float,
     momentum: float = 0.0,
     chunk: int = 256,
+    lr_schedule: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """As :func:`mode_states`, with the kernel part scaled by s(t).
 
@@ -800,7 +975,8 @@ def scaled_mode_states(
     - ``"flow"``: s constant over [t, t+1): x_{t+1} = x*_t + exp(-lr h(t)) (x_t - x*_t);
     - ``"heavy_ball"``: buf = m buf + (h(t) x - b); x -= lr buf.
 
-    O(modes) per step; ``scale_t`` must hold at least ``max(times)`` entries.
+    O(modes) per step; ``scale_t`` (and ``lr_schedule``: step t uses ``lr m(t)``, NOTE
+    [schedules]) must hold at least ``max(times)`` entries.
     """
     kern = problem.h - weight_decay  # λ_j / N (0 for the two modes outside span(U))
     b = problem.b
@@ -808,14 +984,15 @@ def scaled_mode_states(
 
     def advance(x: np.ndarray, t: int) -> np.ndarray:
         h = scale_t[t] * kern + weight_decay
+        rate = lr if lr_schedule is None else lr * lr_schedule[t]
         if scheme == "gd":
-            return x - lr * (h * x - b)
+            return x - rate * (h * x - b)
         if scheme == "flow":
             pos = h > 0
             xs = np.where(pos, b / np.where(pos, h, 1.0), x)
-            return xs + np.exp(-lr * h) * (x - xs)
+            return xs + np.exp(-rate * h) * (x - xs)
         buf[:] = momentum * buf + (h * x - b)
-        return x - lr * buf
+        return x - rate * buf
 
     yield from _stepped_states(problem.x0.copy(), times, advance, chunk)
 
@@ -875,6 +1052,7 @@ def displacement_coefficients(
     scale: float = 1.0,
     scale_t: np.ndarray | None = None,
     horizon: int | None = None,
+    lr_schedule: np.ndarray | None = None,
 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
     r"""Coefficients ``a_t`` ``[N, C]`` with Δw(t) = J(X)^T a_t for full-batch SGD.
 
@@ -892,6 +1070,8 @@ def displacement_coefficients(
       theta_matvec: ``x [NC] -> Θ x``.
       steps: the steps t whose a_t is wanted.
       scale_t: s(t) per step (``None``: 1), at least T entries.
+      lr_schedule: learning-rate multipliers m(t) (step t uses η m(t)), at least T
+        entries, or ``None``.
     """
     n, c = f0.shape
     horizon = max([*steps, horizon or 0])
@@ -908,10 +1088,11 @@ def displacement_coefficients(
         d = loss_grad(f.reshape(n, c), targets, loss=loss, scale=scale).reshape(-1) / n
         beta = momentum * beta + d
         tb = theta_matvec(beta)
-        a = a - lr * beta
-        ta = ta - lr * tb
+        rate = lr if lr_schedule is None else lr * float(lr_schedule[t])
+        a = a - rate * beta
+        ta = ta - rate * tb
         s = 1.0 if scale_t is None else float(scale_t[t])
-        f = f - lr * s * tb
+        f = f - rate * s * tb
         norms[t + 1] = math.sqrt(max(float(a @ ta), 0.0))
         if t + 1 in want:
             out[t + 1] = a.reshape(n, c).copy()
@@ -1005,6 +1186,7 @@ def head_body_trajectory(
     steps: int,
     batches: Sequence[Sequence[np.ndarray]] | None = None,
     blowup_loss: float = math.inf,
+    lr_schedule: np.ndarray | None = None,
 ) -> Trajectory:
     r"""Exact torch SGD of the head-exact, body-linear model, all paths at once.
 
@@ -1025,6 +1207,7 @@ def head_body_trajectory(
     Args:
       batches: per path, the sample ids of every step (:func:`batch_schedule`; the paths'
         batches of one step have one size), or ``None``: one full-batch path.
+      lr_schedule: multipliers m(t) ``[>= T]``: step t uses η m(t) (NOTE [schedules]).
       Others as :func:`iterate_trajectory`.
 
     Returns a :class:`Trajectory` with one row per path.
@@ -1032,7 +1215,7 @@ def head_body_trajectory(
     p = problem
     paths = 1 if batches is None else len(batches)
     st = _HeadBodyState(p, paths, decay_to)
-    step_lr = lr if heavy_ball else lr / (1.0 - momentum)
+    rates = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
     use_buf = heavy_ball and momentum > 0
     losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
     blowup: list[int | None] = [None] * paths
@@ -1047,6 +1230,7 @@ def head_body_trajectory(
         if use_buf:
             st.bufs = [g if v is None else v * momentum + g for v, g in zip(st.bufs, grads)]
             grads = st.bufs
+        step_lr = rates[t]
         st.w -= step_lr * grads[0]
         if st.b is not None:
             st.b -= step_lr * grads[1]
@@ -1139,3 +1323,227 @@ class HeadBodyLogitOperator:
         if p.block is not None:
             out += p.body_velocity(None, (xm @ p.weight)[None])[0] @ p.weight.T
         return out.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# AdamW on the tangent model (NOTE [adam on the tangent model] in tangentlab.adam).
+# ---------------------------------------------------------------------------------------
+
+
+def _adam_rates(lr: float, steps: int, lr_schedule: np.ndarray | None) -> np.ndarray:
+    return np.full(steps, lr) if lr_schedule is None else lr * lr_schedule[:steps]
+
+
+def _scatter_batch(f: np.ndarray, targets: np.ndarray, idx: np.ndarray, loss: str,
+                   scale: float) -> np.ndarray:  # fmt: skip
+    """``δ̄ = (1/|b|) Σ_{i∈b} e_i ⊗ δ_i`` ``[N*C]`` of one path's outputs ``f`` ``[N, C]``
+    (duplicates of a batch drawn with replacement add up, as in the real batch mean)."""
+    out = np.zeros_like(f)
+    np.add.at(out, idx, _delta(f[idx], targets[idx], loss, scale) / len(idx))
+    return out.reshape(-1)
+
+
+def adam_trajectory(
+    jacobian: np.ndarray,
+    f0: np.ndarray,
+    targets: np.ndarray,
+    w0: np.ndarray,
+    *,
+    loss: str,
+    scale: float,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    steps: int,
+    batches: Sequence[Sequence[np.ndarray]] | None = None,
+    blowup_loss: float = math.inf,
+    lr_schedule: np.ndarray | None = None,
+    block_sizes: Sequence[int] | None = None,
+) -> Trajectory:
+    r"""Exact ``torch.optim.AdamW`` on the tangent model ``f = f0 + J (w - w0)``, in weight
+    space, all paths at once.
+
+    With the batch gradient ``g_t = (1/|b_t|) Σ_{i∈b_t} J_i^T δ_i(f_t)``, k = t + 1 and
+    η_t = η m(t):
+
+    .. math::
+        w \leftarrow w (1 - η_t λ),\quad m = β_1 m + (1-β_1) g_t,\quad
+        v = β_2 v + (1-β_2) g_t^2,\quad
+        w \leftarrow w - \frac{η_t}{1-β_1^k} \frac{m}{\sqrt{v/(1-β_2^k)} + ε}
+
+    ``block_sizes`` (the numbers of weights of consecutive tensors, summing to P) switches
+    to per-tensor Adam: one second moment per tensor l, ``v_l = β_2 v_l + (1-β_2)
+    ‖g_l‖²/n_l`` (the mean square of its gradient), shared by its n_l coordinates.
+
+    Args:
+      jacobian: J ``[N*C, P]`` (sample-major rows).
+      f0, targets, w0: initial outputs ``[N, C]``, labels ``[N]``, pre-trained weights ``[P]``
+        (the decoupled decay acts on the actual weights w).
+      betas, eps, weight_decay: torch AdamW's β1, β2, ε, λ.
+      batches: per path, the sample ids of every step (:func:`batch_schedule`), or ``None``:
+        one full-batch path.
+      lr_schedule: multipliers m(t) ``[>= T]`` (NOTE [schedules]).
+      Others as :func:`iterate_trajectory`.
+
+    Returns a :class:`Trajectory` with one row per path. Cost per step and path: one
+    product with J for the outputs (NC·P) and |b|·C·P for the gradient.
+    """
+    n, c = f0.shape
+    paths = 1 if batches is None else len(batches)
+    b1, b2 = betas
+    rates = _adam_rates(lr, steps, lr_schedule)
+    w = np.repeat(w0[None], paths, axis=0)
+    m, v = np.zeros_like(w), None
+    sizes = None if block_sizes is None else np.asarray(block_sizes, dtype=np.int64)
+    v = np.zeros_like(w) if sizes is None else np.zeros((paths, sizes.size))
+    f = np.repeat(f0.reshape(1, -1), paths, axis=0)
+    losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
+    blowup: list[int | None] = [None] * paths
+    alive = np.ones(paths, dtype=bool)
+    jac3 = jacobian.reshape(n, c, -1)
+
+    def record(t: int) -> None:
+        fm = f.reshape(paths, n, c)
+        vals, acc = loss_value(fm, targets, loss=loss, scale=scale), accuracy_value(fm, targets)
+        for q in np.flatnonzero(alive):
+            if _blown(float(vals[q]), blowup_loss):
+                blowup[q], alive[q] = t, False
+                w[q], m[q], v[q], f[q] = w0, 0.0, 0.0, f0.reshape(-1)  # finite, not reported
+            else:
+                losses[q, t], accs[q, t] = vals[q], acc[q]
+
+    record(0)
+    for t in range(steps):
+        if not alive.any():
+            break
+        fm = f.reshape(paths, n, c)
+        if batches is None:
+            g = (loss_grad(fm, targets, loss=loss, scale=scale).reshape(paths, -1) / n) @ jacobian
+        elif paths * len(batches[0][t]) >= n:  # one pass over J for all paths
+            d = np.stack([_scatter_batch(fm[q], targets, batches[q][t], loss, scale)
+                          for q in range(paths)])  # fmt: skip
+            g = d @ jacobian
+        else:  # read only the batches' rows of J
+            g = np.empty_like(w)
+            for q in range(paths):
+                idx = batches[q][t]
+                d = _delta(fm[q, idx], targets[idx], loss, scale) / len(idx)  # [b, C]
+                g[q] = d.reshape(-1) @ jac3[idx].reshape(-1, jac3.shape[2])
+        eta, k = rates[t], t + 1
+        live = alive[:, None]
+        if weight_decay:  # decoupled: on the actual weights, before the Adam step (torch)
+            w *= np.where(live, 1.0 - eta * weight_decay, 1.0)
+        m += (1.0 - b1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - β1)
+        if sizes is None:
+            v *= b2
+            v += (1.0 - b2) * g * g
+            root = np.sqrt(v)
+        else:
+            sq = np.add.reduceat(g * g, np.r_[0, np.cumsum(sizes)[:-1]], axis=1) / sizes
+            v *= b2
+            v += (1.0 - b2) * sq
+            root = np.repeat(np.sqrt(v), sizes, axis=1)
+        denom = root / math.sqrt(1.0 - b2**k) + eps
+        w -= np.where(live, (eta / (1.0 - b1**k)) * m / denom, 0.0)
+        f = f0.reshape(1, -1) + (w - w0) @ jacobian.T
+        record(t + 1)
+    return Trajectory(losses, accs, tuple(blowup))
+
+
+def block_adam_trajectory(
+    thetas: Sequence[np.ndarray],
+    block_sizes: Sequence[int],
+    f0: np.ndarray,
+    targets: np.ndarray,
+    anchor: np.ndarray,
+    *,
+    loss: str,
+    scale: float,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    steps: int,
+    batches: Sequence[Sequence[np.ndarray]] | None = None,
+    blowup_loss: float = math.inf,
+    lr_schedule: np.ndarray | None = None,
+) -> Trajectory:
+    r"""Per-tensor AdamW of the tangent model in function space, from per-tensor kernels
+    ``Θ_l = J_l J_l^T`` (exact for that variant: :func:`adam_trajectory` with
+    ``block_sizes``), all paths at once.
+
+    With ``δ̄_t`` the batch-averaged output gradient (``(1/|b|) δ_i`` at the rows of sample
+    i ∈ b_t, 0 elsewhere), the image ``u_l = J_l m_l`` of tensor l's first moment and its
+    scalar second moment:
+
+    .. math::
+        u_l = β_1 u_l + (1-β_1) Θ_l δ̄_t,\quad
+        v_l = β_2 v_l + (1-β_2)\, δ̄_t^T Θ_l δ̄_t / n_l,
+
+        f \leftarrow f - η_t λ (f - a)
+            - \sum_l \frac{η_t}{1-β_1^k} \frac{u_l}{\sqrt{v_l/(1-β_2^k)} + ε}
+
+    (``‖g_l‖² = δ̄^T Θ_l δ̄``; ``a = f0 - J w0``: the decoupled decay of w toward 0 maps to
+    ``-η_t λ J w = -η_t λ (f - a)``). Never touches the P weights.
+
+    Args:
+      thetas: Θ_l ``[N*C, N*C]`` per tensor (L of them).
+      block_sizes: n_l, the number of weights of tensor l ``[L]``.
+      anchor: ``a = f0 - J w0`` ``[N, C]`` (only read when ``weight_decay > 0``).
+      Others as :func:`adam_trajectory`.
+    """
+    n, c = f0.shape
+    paths = 1 if batches is None else len(batches)
+    b1, b2 = betas
+    sizes = np.asarray(block_sizes, dtype=np.float64)
+    rates = _adam_rates(lr, steps, lr_schedule)
+    nb = len(thetas)
+    f = np.repeat(f0.reshape(1, -1), paths, axis=0)
+    anc = anchor.reshape(1, -1)
+    u, v = np.zeros((paths, nb, n * c)), np.zeros((paths, nb))
+    losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
+    blowup: list[int | None] = [None] * paths
+    alive = np.ones(paths, dtype=bool)
+
+    def record(t: int) -> None:
+        fm = f.reshape(paths, n, c)
+        vals, acc = loss_value(fm, targets, loss=loss, scale=scale), accuracy_value(fm, targets)
+        for q in np.flatnonzero(alive):
+            if _blown(float(vals[q]), blowup_loss):
+                blowup[q], alive[q] = t, False
+                f[q], u[q], v[q] = f0.reshape(-1), 0.0, 0.0
+            else:
+                losses[q, t], accs[q, t] = vals[q], acc[q]
+
+    record(0)
+    for t in range(steps):
+        if not alive.any():
+            break
+        fm = f.reshape(paths, n, c)
+        h = np.empty_like(u)  # Θ_l δ̄ per path and tensor
+        if batches is None:
+            d = loss_grad(fm, targets, loss=loss, scale=scale).reshape(paths, -1) / n
+            for j, th in enumerate(thetas):
+                h[:, j] = d @ th  # Θ_l symmetric
+        else:
+            d = np.stack([_scatter_batch(fm[q], targets, batches[q][t], loss, scale)
+                          for q in range(paths)])  # fmt: skip
+            for q in range(paths):
+                rows = np.unique(batches[q][t])
+                cols = (rows[:, None] * c + np.arange(c)).reshape(-1)
+                for j, th in enumerate(thetas):
+                    h[q, j] = d[q, cols] @ th[cols]  # the batch's rows of Θ_l
+        sq = np.einsum("pk,plk->pl", d, h)  # ‖g_l‖² = δ̄ᵀ Θ_l δ̄
+        eta, k = rates[t], t + 1
+        live = alive[:, None]
+        u += (1.0 - b1) * (h - u)
+        v *= b2
+        v += (1.0 - b2) * sq / sizes
+        denom = np.sqrt(v) / math.sqrt(1.0 - b2**k) + eps  # [paths, L]
+        step = np.einsum("plk,pl->pk", u, (eta / (1.0 - b1**k)) / denom)
+        if weight_decay:
+            step += eta * weight_decay * (f - anc)
+        f -= np.where(live, step, 0.0)
+        record(t + 1)
+    return Trajectory(losses, accs, tuple(blowup))

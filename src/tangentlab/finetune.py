@@ -1,6 +1,6 @@
 """Real fine-tuning runs, to validate forecasts against: :func:`finetune` -> :class:`TrainingRun`.
 
-:func:`finetune` trains a copy of the model with ``torch.optim.SGD`` under exactly the
+:func:`finetune` trains a copy of the model with ``torch.optim.SGD`` (or ``AdamW``) under the
 conventions of :func:`tangentlab.forecast` (DESIGN.md §2): the same losses and reductions,
 time in optimizer steps, the same trainable weights (``params``), batch norm frozen, and
 the same minibatch order. It records the full-training-set loss and accuracy, computed
@@ -32,7 +32,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +43,11 @@ from torch import nn
 from tangentlab import dynamics as dyn
 from tangentlab.data import Inputs, as_arrays, check_labels, num_rows, take, to_device
 from tangentlab.errors import TangentlabError, TangentlabWarning
-from tangentlab.forecast import BLOWUP_FACTOR
+from tangentlab.forecast import BLOWUP_FACTOR, _target_curve, best_step_of, eval_summary
 from tangentlab.tangent import ParamSpec, Tangent, _logits, check_output, select_params
 from tangentlab.training import (
-    SGD,
     Loss,
+    Optimizer,
     as_loss,
     as_optimizer,
     check_batch_size,
@@ -95,8 +95,14 @@ class TrainingRun:
       interrupted: stopped by ``KeyboardInterrupt`` (NOTE [interruption]).
       steps_done: optimizer steps completed.
       model: the fine-tuned copy of the model (the caller's model is never changed).
-      optimizer: the optimizer object of the run (``tl.SGD(...)``).
+      optimizer: the optimizer object of the run (``tl.SGD(...)`` or ``tl.AdamW(...)``).
       loss_function: the loss object (``tl.MSE(...)`` or ``tl.CrossEntropy()``).
+      checkpoints: ``{step: {name: weights}}``, the trained weights w_t (before the update of
+        step t; t = T: the final weights, on CPU) at the steps asked by ``finetune(...,
+        checkpoints=[...])``; empty by default (used by :func:`tangentlab.tracin_checkpoints`).
+      eval_loss, eval_accuracy: loss and accuracy on the held-out set of ``finetune(...,
+        eval_data=(X_eval, y_eval))`` at ``steps`` ``[K]`` (eval mode, no gradients; NaN where
+        ``loss`` is), or ``None`` without one.
     """
 
     steps: np.ndarray
@@ -111,17 +117,30 @@ class TrainingRun:
     interrupted: bool = False
     steps_done: int = 0
     model: nn.Module | None = field(default=None, repr=False)
-    optimizer: SGD | None = None
+    optimizer: Optimizer | None = None
     loss_function: Loss | None = None
+    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    eval_loss: np.ndarray | None = None
+    eval_accuracy: np.ndarray | None = None
 
-    def steps_to(self, target_loss: float) -> int | None:
-        """First logged step with L_t <= ``target_loss`` (exact when ``log_every=1``), or None."""
+    @property
+    def best_step(self) -> int | None:
+        """The logged step of the minimum held-out loss, or ``None`` without held-out curves."""
+        return best_step_of(self.eval_loss, self.steps)
+
+    def steps_to(self, target_loss: float, on: str = "train_loss") -> int | None:
+        """First logged step with L_t <= ``target_loss`` (exact when ``log_every=1``), or None.
+
+        ``on``: ``"train_loss"``, ``"eval_loss"`` or ``"eval_accuracy"`` (>= target), as
+        :meth:`tangentlab.Forecast.steps_to`.
+        """
+        curve, below = _target_curve("TrainingRun", self, on)
         if not is_real(target_loss):
             raise TangentlabError(
                 f"TrainingRun.steps_to: target_loss must be a finite number, got {target_loss!r}."
             )
-        hit = np.flatnonzero(self.loss <= target_loss)  # NaN compares False
-        return int(self.steps[hit[0]]) if hit.size else None
+        hit = np.flatnonzero(curve <= target_loss if below else curve >= target_loss)
+        return int(self.steps[hit[0]]) if hit.size else None  # NaN compares False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary: curves (NaN -> None), timings, status and settings (no model)."""
@@ -143,13 +162,14 @@ class TrainingRun:
             "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
             "loss_function": None if self.loss_function is None else self.loss_function.to_dict(),
             "hyperparameters": dict(self.hyperparameters),
+            "eval": eval_summary(self.eval_loss, self.eval_accuracy, steps=self.steps),
         }
 
 
 def finetune(
     model: nn.Module,
     data: Any,
-    optimizer: SGD,
+    optimizer: Optimizer,
     steps: int,
     *,
     loss: Loss | str = "mse",
@@ -162,12 +182,18 @@ def finetune(
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    checkpoints: Sequence[int] | None = None,
+    eval_data: Any = None,
 ) -> TrainingRun:
     r"""Fine-tune a copy of ``model`` and record the full training loss over steps.
 
     Each step is one update of the selected weights by the torch optimizer ``optimizer``
     builds (``tl.SGD``: exactly ``torch.optim.SGD(lr, momentum, weight_decay,
-    dampening=0)``) on the mean loss of its batch, ℓ_b(w) = (1/|b|) Σ_{i∈b} ℓ(f_w(x_i), y_i);
+    dampening=0)``; ``tl.AdamW``: exactly ``torch.optim.AdamW(lr, betas, eps,
+    weight_decay)``; its schedule through ``torch.optim.lr_scheduler.LambdaLR(opt,
+    schedule.multiplier)``, stepped after every optimizer step, so step t uses lr·m(t), the
+    rate the forecast uses: NOTE [schedules] in :mod:`tangentlab.forecast`) on the mean loss
+    of its batch, ℓ_b(w) = (1/|b|) Σ_{i∈b} ℓ(f_w(x_i), y_i);
     the logged loss L_t = (1/N) Σ_i ℓ(f_{w_t}(x_i), y_i) is over the whole training set
     (eval mode, no gradients): the quantity :func:`tangentlab.forecast` predicts (Zancato et
     al., 2020, https://arxiv.org/abs/2008.12478).
@@ -178,7 +204,8 @@ def finetune(
         and ``requires_grad`` flags never change (memory: one more copy).
       data: ``(X, y)`` tensors/arrays, a ``Dataset`` or a ``DataLoader``, as for the kernel.
       optimizer: as given to :func:`tangentlab.forecast`, e.g. ``tl.SGD(0.01, momentum=0.9)``
-        (weight decay acts on the trained weights only).
+        or ``tl.AdamW(1e-4, weight_decay=0.01)`` (weight decay acts on the trained weights
+        only).
       steps: number of optimizer steps T (>= 0).
       loss: ``tl.MSE(target_scale=s)`` (also ``"mse"``) or ``tl.CrossEntropy()`` (``"ce"``).
       batch_size: B; ``None`` or >= N means full batch.
@@ -192,6 +219,13 @@ def finetune(
       sampling: ``"epoch"`` (reshuffle each epoch) or ``"replacement"``, as in the forecast.
       chunk_size: most samples per forward pass (default 256; a frozen-BN batch is split).
       device, progress: where to train (default: the model's); a progress bar (stderr).
+      checkpoints: steps t in [0, T] whose trained weights w_t are kept in
+        ``TrainingRun.checkpoints`` (for TracInCP); memory: one copy of the trained weights
+        per step.
+      eval_data: a held-out set ``(X_eval, y_eval)`` (or a Dataset/DataLoader, as ``data``):
+        its loss and accuracy are logged at the same steps (eval mode, no gradients, the same
+        reduction) in ``TrainingRun.eval_loss`` / ``eval_accuracy``; the time is counted in
+        ``eval_seconds``.
 
     Returns a :class:`TrainingRun` (``model``: the fine-tuned copy). Raises TangentlabError
     on invalid settings, data or model (:meth:`tangentlab.Tangent.preflight`).
@@ -207,15 +241,20 @@ def finetune(
     fn = "finetune"
     if not isinstance(model, nn.Module):
         raise TangentlabError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}.")
-    optimizer, loss = as_optimizer(optimizer, fn), as_loss(loss, fn)
+    optimizer, loss = as_optimizer(optimizer, fn, adamw=True), as_loss(loss, fn)
     steps, batch_size = check_steps(fn, steps), check_batch_size(fn, batch_size)
     seed = check_seed(fn, seed)
     _check_settings(fn, log_every, bn, sampling, chunk_size, progress)
+    keep = _checkpoint_steps(fn, checkpoints, steps)
     log_every = log_every or max(1, math.ceil(steps / _AUTO_LOG_POINTS))
     net, x, y, batches, hyper = _setup(fn, model, data, optimizer, loss, steps, batch_size,
                                        params, seed, log_every, bn, sampling, device)
     run = _Run.start(net, optimizer, x, y, loss, steps=steps, log_every=log_every, bn=bn,
                      chunk=chunk_size or _EVAL_CHUNK, reuse=batches is None and bn == "frozen")
+    run.keep = keep
+    if eval_data is not None:
+        run.held_out = _held_out(fn, eval_data, x, hyper["num_classes"])
+        hyper["num_eval"] = num_rows(run.held_out[0])
     run.train(batches, seed, progress)
     return TrainingRun(
         steps=np.asarray(run.steps, dtype=np.int64),
@@ -225,7 +264,23 @@ def finetune(
         wall_seconds=time.perf_counter() - t_call, hyperparameters=hyper,
         diverged=run.diverged, divergence_step=run.div_step, interrupted=run.interrupted,
         steps_done=run.done, model=net, optimizer=optimizer, loss_function=loss,
+        checkpoints=run.checkpoints,
+        eval_loss=None if run.held_out is None else np.asarray(run.eval_losses, dtype=np.float64),
+        eval_accuracy=None if run.held_out is None else np.asarray(run.eval_accs,
+                                                                   dtype=np.float64),
     )  # fmt: skip
+
+
+def _held_out(fn: str, eval_data: Any, x, c: int):
+    """The held-out inputs (on the training inputs' device) and labels."""
+    xe, ye = as_arrays(eval_data, where=f"{fn} (eval_data)")
+    if num_rows(xe) < 1:
+        raise TangentlabError(f"{fn}: eval_data is empty; pass (X_eval, y_eval) with rows.")
+    check_labels(ye, c, where=f"{fn} (eval_data)")
+    dev = _device_of(x)
+    if _nbytes(xe) <= _MOVE_DATA_BYTES:
+        xe = to_device(xe, dev)
+    return xe, ye.to(_device_of(xe))
 
 
 def _setup(fn, model, data, optimizer, loss, steps, batch_size, params, seed, log_every, bn,
@@ -250,9 +305,7 @@ def _setup(fn, model, data, optimizer, loss, steps, batch_size, params, seed, lo
         rng = dyn.path_rngs(seed, 1)[0]  # NOTE [same batches as the forecast]
         batches = dyn.batch_schedule(n, batch_size, steps, sampling=sampling, rng=rng)
     hyper = {
-        "optimizer": optimizer.name, "lr": optimizer.lr, "steps": steps,
-        "batch_size": batch_size, "momentum": optimizer.momentum,
-        "weight_decay": optimizer.weight_decay, "decay_to": optimizer.decay_to,
+        **optimizer.hyperparameters(), "steps": steps, "batch_size": batch_size,
         "loss": loss.name, "target_scale": loss.target_scale, "seed": seed, "num_samples": n,
         "num_classes": c, "sampling": sampling if not full_batch else None, "bn": bn,
         "bn_note": _BN_NOTES[bn], "log_every": int(log_every),
@@ -300,17 +353,27 @@ class _Run:
         self.train_s = self.eval_s = 0.0
         self.blowup = math.inf
         self.diverged, self.div_step, self.interrupted, self.done = False, None, False, 0
+        self.sched = None  # the learning-rate scheduler (LambdaLR), None for a constant rate
+        self.keep: set[int] = set()  # steps whose trained weights are kept (checkpoints=)
+        self.checkpoints: dict[int, dict[str, torch.Tensor]] = {}
+        self.held_out = None  # (X_eval, y_eval), logged with the training loss (eval_data=)
+        self.eval_losses: list[float] = []
+        self.eval_accs: list[float] = []
 
     @classmethod
-    def start(cls, net, optimizer: SGD, x, y, loss: Loss, **kw) -> _Run:
+    def start(cls, net, optimizer: Optimizer, x, y, loss: Loss, **kw) -> _Run:
         """The torch optimizer over the trainable weights, built before the clock starts
         (the first torch optimizer of a process imports torch._dynamo)."""
         trainable = [p for p in net.parameters() if p.requires_grad]
-        return cls(net, optimizer.torch_optimizer(trainable), x, y, loss, trainable[0].device,
-                   **kw)  # fmt: skip
+        run = cls(net, optimizer.torch_optimizer(trainable), x, y, loss, trainable[0].device,
+                  **kw)  # fmt: skip
+        run.sched = optimizer.torch_scheduler(run.opt)  # step t uses lr·m(t)
+        return run
 
-    def log(self, step: int, measured: tuple[float, float] | None = None) -> bool:
-        """Evaluate (or take ``measured``) and record ``step``; False on a blow-up."""
+    def log(self, step: int, measured: tuple[float, float] | None = None,
+            held: tuple[float, float] | None = None) -> bool:  # fmt: skip
+        """Evaluate (or take ``measured`` and the held-out ``held``) and record ``step``;
+        False on a blow-up."""
         if measured is None:
             t0 = time.perf_counter()
             value, acc = _evaluate(self.net, self.x, self.y, self.loss, self.chunk, self.dev)
@@ -318,6 +381,8 @@ class _Run:
             self.eval_s += time.perf_counter() - t0
         else:
             value, acc = measured
+        if held is None:
+            held = self._held_out_now() if math.isfinite(value) else (math.nan, math.nan)
         if step == 0:
             if not math.isfinite(value):
                 raise TangentlabError(
@@ -330,10 +395,28 @@ class _Run:
             self.diverged, self.div_step = True, step
             self.losses.append(math.nan)
             self.accs.append(math.nan)
+            self._log_held_out(math.nan, math.nan)
             return False
         self.losses.append(value)
         self.accs.append(acc)
+        self._log_held_out(*held)
         return True
+
+    def _held_out_now(self) -> tuple[float, float]:
+        """Held-out loss and accuracy of the current weights (eval mode: the callers set it;
+        no gradients), or NaNs without a held-out set."""
+        if self.held_out is None:
+            return math.nan, math.nan
+        t0 = time.perf_counter()
+        out = _evaluate(self.net, *self.held_out, self.loss, self.chunk, self.dev)
+        _sync(self.dev)
+        self.eval_s += time.perf_counter() - t0
+        return out
+
+    def _log_held_out(self, value: float, acc: float) -> None:
+        if self.held_out is not None:
+            self.eval_losses.append(value)
+            self.eval_accs.append(acc)
 
     def train(self, batches, seed: int, progress: bool) -> None:
         """All steps, with the interruption policy (NOTE [interruption])."""
@@ -351,6 +434,8 @@ class _Run:
             self.interrupted = True
             if len(self.losses) < len(self.steps):  # interrupted inside an evaluation
                 self.steps.pop()
+            if self.held_out is not None:
+                del self.eval_losses[len(self.steps):], self.eval_accs[len(self.steps):]
             warnings.warn(
                 f"finetune: interrupted after {self.done} of {self.total} steps; returning the "
                 f"run logged so far (steps 0..{self.steps[-1] if self.steps else '-'}) with "
@@ -369,10 +454,17 @@ class _Run:
         if self.bn == "train":
             self.net.train()
         for t in range(self.total):
+            if t in self.keep:
+                self._snapshot(t)
+            held = None
+            if self.reuse and t > 0 and t in self.log_at:  # w_t, before the step moves it
+                held = self._held_out_now()
             t0 = time.perf_counter()
             idx = None if batches is None else torch.as_tensor(batches[t], device=self.y.device)
             batch_loss, correct = _step(self.net, self.opt, self.x, self.y, idx, self.loss,
                                         self.train_chunk, self.dev)  # fmt: skip
+            if self.sched is not None:  # after optimizer.step(), as torch's schedulers expect
+                self.sched.step()
             _sync(self.dev)
             self.train_s += time.perf_counter() - t0
             self.done = t + 1
@@ -380,16 +472,19 @@ class _Run:
             if self.reuse and t > 0 and t in self.log_at and math.isfinite(batch_loss):
                 # NOTE [full-batch logging]: the step's forward pass at w_t was the
                 # full-training-set evaluation of w_t (eval mode, all N samples).
-                if not self.log(t, (batch_loss, correct / n)):
+                if not self.log(t, (batch_loss, correct / n), held):
                     return
             if not math.isfinite(batch_loss):  # the loss at w_t is already non-finite
                 self.diverged, self.div_step = True, t
                 if self.steps[-1] == t:
                     self.losses[-1] = self.accs[-1] = math.nan
+                    if self.held_out is not None:
+                        self.eval_losses[-1] = self.eval_accs[-1] = math.nan
                 else:
                     self.steps.append(t)
                     self.losses.append(math.nan)
                     self.accs.append(math.nan)
+                    self._log_held_out(math.nan, math.nan)
                 return
             if self.done in self.log_at and not (self.reuse and self.done < self.total):
                 self.net.eval()
@@ -399,6 +494,15 @@ class _Run:
                 bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
                 if not ok:
                     return
+        if self.total in self.keep:
+            self._snapshot(self.total)
+
+    def _snapshot(self, step: int) -> None:
+        """Keep the trained weights w_step (CPU copies) for ``TrainingRun.checkpoints``."""
+        self.checkpoints[step] = {
+            name: p.detach().cpu().clone()
+            for name, p in self.net.named_parameters() if p.requires_grad
+        }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,6 +569,23 @@ def _nbytes(x: Inputs) -> int:
 # ---------------------------------------------------------------------------------------
 # Validation (once, at the public edge).
 # ---------------------------------------------------------------------------------------
+
+
+def _checkpoint_steps(fn: str, checkpoints: Any, steps: int) -> set[int]:
+    """``checkpoints=``: ``None`` (none kept) or integer steps in [0, T]."""
+    if checkpoints is None:
+        return set()
+    try:
+        keep = [int(s) for s in checkpoints if is_int(s)]
+        ok = len(keep) == len(list(checkpoints)) and all(0 <= s <= steps for s in keep)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TangentlabError(
+            f"{fn}: checkpoints must be a list of integer steps in [0, {steps}] (steps), got "
+            f"{checkpoints!r}; e.g. checkpoints=[0, 10, 20]."
+        )
+    return set(keep)
 
 
 def _check_settings(fn, log_every, bn, sampling, chunk_size, progress) -> None:

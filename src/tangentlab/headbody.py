@@ -95,6 +95,39 @@ class HeadBodyKernel:
         f = self.features @ self.weight.T
         return f if self.bias is None else f + self.bias
 
+    def tangent_kernel(self) -> Kernel:
+        r"""The tangent model's NTK at w0 as a plain :class:`~tangentlab.kernel.Kernel`:
+
+        .. math::
+            \Theta_0(i, j) = A\, M(i, j)\, A^T + (φ0_i · φ0_j + 1_{\text{bias}})\, I_C,
+            \qquad A = W_0 Q
+
+        exact, since the rows of W0 lie in span Q (the κ_⊥ part never reaches the logits at
+        w0). A forecast with it is the first-order tangent forecast of the same weights
+        (up to the projection of ``block``); :func:`tangentlab.forecast` uses it for the
+        reliability check (NOTE [reliability check] in tangentlab.forecast). Dense
+        ``[N C, N C]`` float64, built once and kept.
+        """
+        if "_tangent" in self.__dict__:
+            return self.__dict__["_tangent"]
+        phi = self.features.detach().double().cpu()
+        n, c = self.num_samples, self.num_classes
+        head = phi @ phi.T + (0.0 if self.bias is None else 1.0)
+        theta = torch.kron(head, torch.eye(c, dtype=torch.float64))
+        jw0 = self.f0.detach().double().cpu()  # head part: W0 φ0 + b0
+        if self.block is not None:
+            a = self.weight.detach().double().cpu() @ self.basis.detach().double().cpu()
+            r = a.shape[1]
+            m = self.block.gram().detach().double().cpu().reshape(n, r, n, r)
+            theta += torch.einsum("ca,iajb,db->icjd", a, m, a).reshape(n * c, n * c)
+            w0 = self.weight.detach().double().cpu()
+            jw0 = None if self.body_jw0 is None else jw0 + self.body_jw0.detach().double() @ w0.T
+        out = Kernel(f0=self.f0.detach().double().cpu(), targets=self.targets.cpu(),
+                     theta=0.5 * (theta + theta.T), jw0=jw0,
+                     metadata={"source": "HeadBodyKernel.tangent_kernel (NTK at w0)"})  # fmt: skip
+        self.__dict__["_tangent"] = out
+        return out
+
     def problem(self) -> dyn.HeadBodyProblem:
         """The float64 numpy problem :func:`tangentlab.dynamics.head_body_trajectory` runs
         (converted once and kept: the forecast and λ_max share it)."""

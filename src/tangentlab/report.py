@@ -32,12 +32,16 @@ def label_of(fc: Forecast) -> str:
     """A short legend label from a forecast's hyper-parameters."""
     hp = fc.hyperparameters
     parts = [f"lr={hp.get('lr'):g}"]
+    if hp.get("optimizer") == "adamw":
+        parts.insert(0, "AdamW")
     bs = hp.get("batch_size")
     parts.append("full batch" if bs is None or bs >= hp.get("num_samples", math.inf) else f"B={bs}")
     if hp.get("momentum"):
         parts.append(f"m={hp['momentum']:g}")
     if hp.get("weight_decay"):
         parts.append(f"wd={hp['weight_decay']:g}")
+    if hp.get("schedule") not in (None, "Constant()"):
+        parts.append(str(hp["schedule"]))
     parts.append(str(hp.get("loss", "mse")).upper())
     return ", ".join(parts)
 
@@ -48,18 +52,24 @@ def plot_forecasts(
     *,
     target_loss: float | None = None,
     title: str = "Forecast of fine-tuning (tangent model, no training)",
-    measured: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = (),
+    measured: Sequence[tuple] = (),
 ) -> Path:
     """Loss (log scale, with the stochastic band) and accuracy over steps, saved as PNG.
+
+    Held-out curves (``Forecast.eval_loss``; a measured run's ``eval_loss``) are drawn
+    dotted in the same colour, with the best step (minimum held-out loss) marked by a
+    triangle.
 
     Args:
       forecasts: ``(label, Forecast)`` pairs.
       target_loss: drawn as a horizontal line with the forecast steps-to-target marked.
-      measured: optional real curves ``(label, steps [T], loss [T], accuracy [T] or None)``.
+      measured: optional real curves ``(label, steps [T], loss [T], accuracy [T] or None)``,
+        optionally followed by the held-out ``eval_loss [T]`` and ``eval_accuracy [T]``.
     """
     plt = _plt()
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    held = False
     for i, (label, fc) in enumerate(forecasts):
         col = colors[i % len(colors)]
         steps = fc.steps
@@ -68,22 +78,38 @@ def plot_forecasts(
         if fc.loss_band is not None:
             ax_l.fill_between(steps, fc.loss_band[0], fc.loss_band[1], color=col, alpha=0.2, lw=0)
         ax_a.plot(steps, fc.accuracy, color=col, lw=1.8, label=lbl)
+        if fc.eval_loss is not None:
+            held = True
+            ax_l.plot(steps, fc.eval_loss, ":", color=col, lw=1.8, label=f"{lbl}, held-out")
+            if fc.eval_loss_band is not None:
+                ax_l.fill_between(steps, *fc.eval_loss_band, color=col, alpha=0.1, lw=0)
+            ax_a.plot(steps, fc.eval_accuracy, ":", color=col, lw=1.8)
+            if fc.best_step is not None:
+                ax_l.plot([fc.best_step], [fc.eval_loss[fc.best_step]], "v", color=col, ms=6)
         if target_loss is not None:
             t = fc.steps_to(target_loss)
             if t is not None:
                 ax_l.plot([t], [fc.loss[t]], "o", color=col, ms=5)
-    for j, (label, steps, loss, acc) in enumerate(measured):
+    for j, (label, steps, loss, acc, *ev) in enumerate(measured):
         col = colors[(len(forecasts) + j) % len(colors)]
         ax_l.plot(steps, loss, "--", color=col, lw=1.5, label=label)
         if acc is not None:
             ax_a.plot(steps, acc, "--", color=col, lw=1.5, label=label)
+        if ev and ev[0] is not None:
+            held = True
+            ax_l.plot(steps, ev[0], "-.", color=col, lw=1.5, label=f"{label}, held-out")
+            if len(ev) > 1 and ev[1] is not None:
+                ax_a.plot(steps, ev[1], "-.", color=col, lw=1.5)
+            if np.isfinite(ev[0]).any():
+                b = int(np.nanargmin(ev[0]))
+                ax_l.plot([steps[b]], [ev[0][b]], "v", color=col, ms=6)
     if target_loss is not None:
         ax_l.axhline(target_loss, color="0.4", lw=0.8, ls=":", label=f"target {target_loss:.3g}")
     ax_l.set_yscale("log")
     ax_l.set_xlabel("step")
-    ax_l.set_ylabel("training loss")
+    ax_l.set_ylabel("loss (training; held-out dotted)" if held else "training loss")
     ax_a.set_xlabel("step")
-    ax_a.set_ylabel("training accuracy")
+    ax_a.set_ylabel("accuracy (training; held-out dotted)" if held else "training accuracy")
     ax_a.set_ylim(-0.02, 1.02)
     for ax in (ax_l, ax_a):
         ax.grid(alpha=0.3)
@@ -131,7 +157,17 @@ def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
         "final_accuracy": d["final_accuracy"],
         "diverges": d["diverges"],
         "stability": d["stability"],
+        **_eval_row(d["eval"]),
     }
+
+
+def _eval_row(ev: dict[str, Any] | None) -> dict[str, Any]:
+    """Held-out columns of a summary row (none without held-out curves)."""
+    if ev is None:
+        return {}
+    return {"eval_final_loss": ev["final_loss"], "eval_final_accuracy": ev["final_accuracy"],
+            "best_step (min held-out loss)": ev["best_step"],
+            "eval_accuracy_at_best": ev["accuracy_at_best"]}  # fmt: skip
 
 
 def _cell(v: Any, *, missing: str, escape=str) -> str:
@@ -276,6 +312,9 @@ def what_rows(fc: Forecast, target_loss: float | None,
     loss = fc.loss_function.describe() if fc.loss_function is not None else hp["loss"]
     if fc.diverges:
         verdict = "diverges: lower the learning rate"
+    elif not math.isfinite(fc.stability):  # AdamW, or stability=False
+        verdict = ("no validity region measured for this forecast: "
+                   + fc.method.get("stability", "η̃·λ_max/N not computed"))  # fmt: skip
     elif fc.valid:
         verdict = (f"inside the validity region (η̃·λ_max/N = {fc.stability:.3g} <= 1; "
                    "benchmarks/RESULTS.md)")  # fmt: skip
@@ -286,6 +325,8 @@ def what_rows(fc: Forecast, target_loss: float | None,
     batch = hp["batch_size"] or "full batch"
     return [
         {"quantity": "optimizer", "value": opt},
+        {"quantity": "learning-rate schedule",
+         "value": f"{hp.get('schedule', 'Constant()')} (step t uses lr·m(t); lr is the peak)"},
         {"quantity": "learning rate chosen by", "value": info.get("lr_choice", "given")},
         {"quantity": "loss", "value": loss},
         {"quantity": "batch size", "value": f"{batch} (N = {hp['num_samples']})"},
@@ -295,6 +336,20 @@ def what_rows(fc: Forecast, target_loss: float | None,
          "value": "-" if target_loss is None else (fc.steps_to(target_loss) or "not reached")},
         {"quantity": "validity", "value": verdict},
         {"quantity": "solver", "value": fc.method.get("solver", "")},
+    ] + _eval_what(fc)  # fmt: skip
+
+
+def _eval_what(fc: Forecast) -> list[dict[str, Any]]:
+    if fc.eval_loss is None:
+        return []
+    ev, best = fc.method.get("eval", {}), fc.best_step
+    stop = "-" if best is None else (
+        f"step {best} (held-out loss {fc.eval_loss[best]:.4g}, accuracy "
+        f"{fc.eval_accuracy[best]:.1%})")  # fmt: skip
+    return [
+        {"quantity": "held-out set", "value": f"{ev.get('num_eval', '?')} samples, through the "
+                                              "cross kernel Θ(X_eval, X)"},
+        {"quantity": "early stopping (forecast min held-out loss)", "value": stop},
     ]  # fmt: skip
 
 
@@ -370,9 +425,12 @@ def write_validation_report(
     png = plot_forecasts(
         [(f"forecast: {label_of(forecast)}", forecast)], out / "validation.png",
         target_loss=target, title=title,
-        measured=[(run_label, run.steps, run.loss, run.accuracy)],
+        measured=[(run_label, run.steps, run.loss, run.accuracy,
+                   getattr(run, "eval_loss", None), getattr(run, "eval_accuracy", None))],
     )  # fmt: skip
     summary = comparison.summary()
+    held = summary.pop("eval", None) or {}
+    summary.update({f"held-out: {k}": v for k, v in held.items()})
     js = write_json(
         {
             "title": title,

@@ -10,9 +10,13 @@ transformations are built once and then only used::
     >>> fc = tl.forecast(kernel, opt, 300, loss=loss, batch_size=32)
     >>> run = tl.finetune(model, (X, y), opt, 300, loss=loss, batch_size=32)
     >>> tl.SGD.grid(lr=[1e-3, 1e-2], momentum=[0.0, 0.9])   # 4 optimizers, for sweep
+    >>> tl.SGD(0.1, schedule=tl.Warmup(30).then(tl.Cosine(270)))  # step t uses 0.1·m(t)
 
 Conventions (DESIGN.md §2): losses are averaged over the batch (PyTorch's reductions);
-SGD is exactly ``torch.optim.SGD(lr=η, momentum=m, weight_decay=λ, dampening=0)``.
+SGD is exactly ``torch.optim.SGD(lr=η, momentum=m, weight_decay=λ, dampening=0)``; AdamW
+is exactly ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` (decoupled decay, no AMSGrad)::
+
+    >>> tl.AdamW(1e-4, weight_decay=0.01, schedule=tl.make_schedule("warmup-linear", 300))
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tangentlab.errors import TangentlabError
+from tangentlab.schedules import Constant, Schedule, as_schedule
 
 _DECAYS = ("zero", "w0")
 
@@ -59,13 +65,16 @@ class SGD:
 
     with the decay anchor a = 0 (torch's coupled L2, ``decay_to="zero"``) or a = w0 (decay
     toward the pre-trained weights, ``decay_to="w0"``). The effective learning rate at
-    stationarity is η̃ = η/(1 − m).
+    stationarity is η̃ = η/(1 − m). With a ``schedule``, step t uses η_t = η·m(t) in place
+    of η (decay and momentum buffer as above: torch's ``LambdaLR``), so η is the peak rate.
 
     Args:
-      lr: learning rate η > 0.
+      lr: learning rate η > 0 (the peak rate under a schedule).
       momentum: heavy-ball coefficient m in [0, 1).
       weight_decay: λ >= 0 (coupled L2, as torch SGD's ``weight_decay``).
       decay_to: ``"zero"`` (torch semantics; a forecast needs ``kernel.jw0``) or ``"w0"``.
+      schedule: the learning-rate schedule m(t) (:mod:`tangentlab.schedules`), e.g.
+        ``tl.Warmup(30).then(tl.Cosine(270))``; default ``tl.Constant()``.
 
     Raises:
       TangentlabError: a setting outside its range, naming it and the fix.
@@ -75,6 +84,7 @@ class SGD:
     momentum: float = 0.0
     weight_decay: float = 0.0
     decay_to: str = "zero"
+    schedule: Schedule = Constant()
     name: ClassVar[str] = "sgd"
 
     def __post_init__(self) -> None:
@@ -97,6 +107,7 @@ class SGD:
             )
         for f in ("lr", "momentum", "weight_decay"):  # normalize numpy scalars, ints
             object.__setattr__(self, f, float(getattr(self, f)))
+        object.__setattr__(self, "schedule", as_schedule(self.schedule, "SGD"))
 
     @property
     def effective_lr(self) -> float:
@@ -110,23 +121,20 @@ class SGD:
     @classmethod
     def grid(cls, **values: Iterable[Any]) -> list[SGD]:
         """Every combination of the given field values, e.g. ``SGD.grid(lr=[0.1, 1],
-        momentum=[0, 0.9])`` -> 4 optimizers (lr varies slowest)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown or "lr" not in values:
-            raise TangentlabError(
-                f"SGD.grid: give lists for lr and optionally {sorted(fields - {'lr'})}, got "
-                f"keys {sorted(values)}; e.g. SGD.grid(lr=[0.01, 0.1], momentum=[0, 0.9])."
-            )
-        keys = list(values)
-        lists = [list(values[k]) for k in keys]
-        if any(not v for v in lists):
-            raise TangentlabError("SGD.grid: every list must hold at least one value.")
-        return [cls(**dict(zip(keys, combo))) for combo in itertools.product(*lists)]
+        momentum=[0, 0.9])`` -> 4 optimizers (lr varies slowest); schedules too:
+        ``schedule=[tl.Constant(), tl.Cosine(300)]``."""
+        return _grid(cls, values, "SGD.grid(lr=[0.01, 0.1], momentum=[0, 0.9])")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able: ``{"name": "sgd", "lr": ..., "momentum": ..., ...}``."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """JSON-able: ``{"name": "sgd", "lr": ..., "momentum": ..., ..., "schedule": {...}}``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"name": self.name, **out, "schedule": self.schedule.to_dict()}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings as forecast and run record them."""
+        return {"optimizer": self.name, "lr": self.lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "decay_to": self.decay_to,
+                "schedule": self.schedule.describe()}  # fmt: skip
 
     def describe(self) -> str:
         """Short label, e.g. ``"SGD(lr=0.01, momentum=0.9)"`` (defaults left out)."""
@@ -137,7 +145,25 @@ class SGD:
             parts.append(f"weight_decay={self.weight_decay:g}")
             if self.decay_to != "zero":
                 parts.append(f"decay_to={self.decay_to!r}")
+        if not self.schedule.is_constant:
+            parts.append(f"schedule={self.schedule.describe()}")
         return f"SGD({', '.join(parts)})"
+
+    def lr_multipliers(self, steps: int) -> np.ndarray | None:
+        """m(0..steps−1) of the schedule ``[steps]``, or ``None`` for a constant rate (the
+        solvers then keep their constant-rate closed forms)."""
+        return None if self.schedule.is_constant else self.schedule.multipliers(steps)
+
+    def peak_lr(self, steps: int) -> float:
+        """The largest learning rate of a run of ``steps`` steps: η · max_t m(t)."""
+        return self.lr if self.schedule.is_constant else self.lr * self.schedule.peak(steps)
+
+    def torch_scheduler(self, optimizer: torch.optim.Optimizer):
+        """``LambdaLR(optimizer, schedule.multiplier)`` (step it after every optimizer step),
+        or ``None`` for a constant rate. Used by finetune: the forecast reads the same m(t)."""
+        if self.schedule.is_constant:
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.multiplier)
 
     def torch_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """The torch optimizer that performs these steps on ``params`` (used by finetune)."""
@@ -165,17 +191,176 @@ class _SGDToW0(torch.optim.SGD):
         return super().step(closure)
 
 
-Optimizer = SGD  # the slot every entry point takes; AdamW and schedules will share it
+@dataclass(frozen=True)
+class AdamW:
+    r"""Adam with decoupled weight decay, exactly ``torch.optim.AdamW`` (no AMSGrad).
+
+    With g_t the gradient of the batch loss at w_t and k = t + 1 the step count:
+
+    .. math::
+        w \leftarrow w (1 - \eta_t \lambda),\quad
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2,
+
+        w_{t+1} = w - \frac{\eta_t}{1 - \beta_1^k}\,
+                  \frac{m_t}{\sqrt{v_t / (1 - \beta_2^k)} + \epsilon}
+
+    (elementwise; m_{-1} = v_{-1} = 0). The decay is decoupled from the gradient and pulls
+    the actual weights toward 0 (torch's AdamW; there is no ``decay_to``). With a
+    ``schedule``, step t uses η_t = η·m(t) in both the decay and the step (torch's
+    ``LambdaLR``), so η is the peak rate. Loshchilov & Hutter, 2019, "Decoupled weight decay
+    regularization", https://arxiv.org/abs/1711.05101.
+
+    The tangent model under Adam is not a fixed-kernel flow (the preconditioner follows the
+    gradients): forecast it with :func:`tangentlab.compute_weight_space_tangent` (exact
+    Adam of the tangent model in weight space, NOTE [adam on the tangent model] in
+    :mod:`tangentlab.adam`), not with a :class:`~tangentlab.Kernel`.
+
+    Args:
+      lr: learning rate η > 0 (the peak rate under a schedule).
+      betas: (β1, β2), each in [0, 1): decay rates of the first and second moments.
+      eps: ε >= 0 added to the bias-corrected root of the second moment.
+      weight_decay: λ >= 0, decoupled (torch AdamW's ``weight_decay``; default 0.01 as torch).
+      schedule: the learning-rate schedule m(t) (:mod:`tangentlab.schedules`), e.g.
+        ``tl.Warmup(30).then(tl.LinearDecay(270))``; default ``tl.Constant()``.
+
+    Raises:
+      TangentlabError: a setting outside its range, naming it and the fix.
+    """
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    schedule: Schedule = Constant()
+    name: ClassVar[str] = "adamw"
+
+    def __post_init__(self) -> None:
+        if not is_real(self.lr) or self.lr <= 0:
+            raise TangentlabError(
+                f"AdamW: lr must be a finite number > 0, got {self.lr!r}; e.g. tl.AdamW(1e-4)."
+            )
+        try:
+            b1, b2 = self.betas
+            ok = is_real(b1) and is_real(b2) and 0 <= b1 < 1 and 0 <= b2 < 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise TangentlabError(
+                f"AdamW: betas must be two numbers in [0, 1), got {self.betas!r}; e.g. "
+                "betas=(0.9, 0.999) (torch's default)."
+            )
+        if not is_real(self.eps) or self.eps < 0:
+            raise TangentlabError(
+                f"AdamW: eps must be a finite number >= 0, got {self.eps!r}; e.g. eps=1e-8."
+            )
+        if not is_real(self.weight_decay) or self.weight_decay < 0:
+            raise TangentlabError(
+                f"AdamW: weight_decay must be a finite number >= 0, got {self.weight_decay!r}; "
+                "e.g. weight_decay=0.01 (decoupled, torch AdamW's default)."
+            )
+        for f in ("lr", "eps", "weight_decay"):  # normalize numpy scalars, ints
+            object.__setattr__(self, f, float(getattr(self, f)))
+        object.__setattr__(self, "betas", (float(b1), float(b2)))
+        object.__setattr__(self, "schedule", as_schedule(self.schedule, "AdamW"))
+
+    def replace(self, **changes: Any) -> AdamW:
+        """A copy with some fields changed (validated again), e.g. ``opt.replace(lr=1e-5)``."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def grid(cls, **values: Iterable[Any]) -> list[AdamW]:
+        """Every combination of the given field values, e.g. ``AdamW.grid(lr=[1e-5, 1e-4],
+        weight_decay=[0, 0.01])`` -> 4 optimizers (lr varies slowest); also ``betas=[(0.9,
+        0.999), (0.9, 0.98)]`` and ``schedule=[...]``."""
+        return _grid(cls, values, "AdamW.grid(lr=[1e-5, 1e-4], weight_decay=[0, 0.01])")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: ``{"name": "adamw", "lr": ..., "betas": [b1, b2], "eps": ...,
+        "weight_decay": ..., "schedule": {...}}``."""
+        return {"name": self.name, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "schedule": self.schedule.to_dict()}  # fmt: skip
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings as forecast and run record them (``betas`` as a list)."""
+        return {"optimizer": self.name, "lr": self.lr, "betas": list(self.betas),
+                "eps": self.eps, "weight_decay": self.weight_decay,
+                "schedule": self.schedule.describe()}  # fmt: skip
+
+    def describe(self) -> str:
+        """Short label, e.g. ``"AdamW(lr=0.0001, weight_decay=0.01)"`` (the decay is always
+        shown, betas and eps when not torch's defaults)."""
+        parts = [f"lr={self.lr:.4g}"]
+        if self.betas != (0.9, 0.999):
+            parts.append(f"betas=({self.betas[0]:g}, {self.betas[1]:g})")
+        if self.eps != 1e-8:
+            parts.append(f"eps={self.eps:g}")
+        parts.append(f"weight_decay={self.weight_decay:g}")
+        if not self.schedule.is_constant:
+            parts.append(f"schedule={self.schedule.describe()}")
+        return f"AdamW({', '.join(parts)})"
+
+    def lr_multipliers(self, steps: int) -> np.ndarray | None:
+        """m(0..steps−1) of the schedule ``[steps]``, or ``None`` for a constant rate."""
+        return None if self.schedule.is_constant else self.schedule.multipliers(steps)
+
+    def peak_lr(self, steps: int) -> float:
+        """The largest learning rate of a run of ``steps`` steps: η · max_t m(t)."""
+        return self.lr if self.schedule.is_constant else self.lr * self.schedule.peak(steps)
+
+    def torch_scheduler(self, optimizer: torch.optim.Optimizer):
+        """``LambdaLR(optimizer, schedule.multiplier)`` (step it after every optimizer step),
+        or ``None`` for a constant rate."""
+        if self.schedule.is_constant:
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.multiplier)
+
+    def torch_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """``torch.optim.AdamW(params, lr, betas, eps, weight_decay, amsgrad=False)``."""
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay, amsgrad=False)  # fmt: skip
 
 
-def as_optimizer(value: Any, fn: str) -> Optimizer:
-    """``value`` if it is an optimizer object, else a TangentlabError saying how to build one."""
+def _grid(cls, values: dict[str, Iterable[Any]], example: str) -> list:
+    """Every combination of ``values`` (lists of field values) as ``cls`` objects."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown or "lr" not in values:
+        raise TangentlabError(
+            f"{cls.__name__}.grid: give lists for lr and optionally {sorted(fields - {'lr'})}, "
+            f"got keys {sorted(values)}; e.g. {example}."
+        )
+    keys = list(values)
+    lists = [list(values[k]) for k in keys]
+    if any(not v for v in lists):
+        raise TangentlabError(f"{cls.__name__}.grid: every list must hold at least one value.")
+    return [cls(**dict(zip(keys, combo))) for combo in itertools.product(*lists)]
+
+
+Optimizer = SGD | AdamW  # the slot every entry point takes (with its schedule)
+
+
+def as_optimizer(value: Any, fn: str, *, adamw: bool = False) -> Optimizer:
+    """``value`` if it is an optimizer object, else a TangentlabError saying how to build one.
+
+    ``adamw=False`` (entry points whose mathematics is SGD's: influence, information,
+    stable_lr, ...) refuses a ``tl.AdamW`` with a message saying so.
+    """
     if isinstance(value, SGD):
         return value
+    if isinstance(value, AdamW):
+        if adamw:
+            return value
+        raise TangentlabError(
+            f"{fn}: only tl.SGD is supported here (its closed forms are those of SGD), got "
+            f"{value.describe()}. Use tl.SGD(lr, momentum=...), or forecast AdamW with "
+            "tl.forecast(tl.compute_weight_space_tangent(model, data), tl.AdamW(...), steps)."
+        )
     hint = f"tl.SGD({value!r})" if is_real(value) else "tl.SGD(0.01, momentum=0.9)"
     raise TangentlabError(
         f"{fn}: optimizer must be a tangentlab optimizer such as tl.SGD(lr, momentum=..., "
-        f"weight_decay=...), got {type(value).__name__} {value!r}; e.g. {hint}."
+        f"weight_decay=...){' or tl.AdamW(lr, ...)' if adamw else ''}, got "
+        f"{type(value).__name__} {value!r}; e.g. {hint}."
     )
 
 

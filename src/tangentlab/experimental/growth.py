@@ -311,6 +311,7 @@ def estimate_growth(
             matvec, f0, targets, lr=optimizer.lr, momentum=optimizer.momentum,
             steps=probe_steps, loss=loss.name, scale=loss.target_scale,
             scale_t=None if growth is None else growth.schedule(steps), horizon=steps,
+            lr_schedule=optimizer.lr_multipliers(steps),
         )  # fmt: skip
         moved = [w0 + tangent_displacement(tangent, (x, y), coefs[t]) for t in probe_steps]
         t_disp += time.perf_counter() - t0
