@@ -172,8 +172,8 @@ def report() -> None:
         "linear decay; CE, AdamW betas (0.9, 0.999), weight decay 0.01; one path, the real "
         "run's batch order). Entries: median / p90 of |T̂ − T|/T (targets scored, misses).",
         "",
-        "| case | trained weights | exact J s (N·C·P·8 bytes in float64) | per-tensor kernels s | drop | "
-        "exact AdamW on the tangent model | per-tensor AdamW |",
+        "| case | trained weights | exact J s (N·C·P·8 bytes in float64) | per-tensor kernels s "
+        "| drop | exact AdamW on the tangent model | per-tensor AdamW |",
         "|---|---|---|---|---|---|---|",
     ]
     for k, s in states.items():
