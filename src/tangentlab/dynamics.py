@@ -435,6 +435,35 @@ def _blown(value: float, blowup_loss: float) -> bool:
     return not math.isfinite(value) or value > blowup_loss
 
 
+class _PathLog:
+    """Per-path loss and accuracy of a multi-path simulation, with the blow-up policy of
+    NOTE [divergence policy] (tangentlab.forecast): a path whose loss blows up is marked at
+    that step, logs NaN from then on, and ``reset(q)`` puts its state back to something
+    finite (its numbers are no longer reported)."""
+
+    def __init__(self, paths: int, steps: int, targets: np.ndarray, *, loss: str,
+                 scale: float, blowup_loss: float) -> None:  # fmt: skip
+        self.losses = np.full((paths, steps + 1), np.nan)
+        self.accs = np.full((paths, steps + 1), np.nan)
+        self.blowup: list[int | None] = [None] * paths
+        self.alive = np.ones(paths, dtype=bool)
+        self._args = (targets, loss, scale, blowup_loss)
+
+    def record(self, t: int, f: np.ndarray, reset: Callable[[int], None]) -> None:
+        """Log step ``t`` from the outputs ``f`` ``[P, N, C]`` of every path."""
+        targets, loss, scale, blowup_loss = self._args
+        vals, acc = loss_value(f, targets, loss=loss, scale=scale), accuracy_value(f, targets)
+        for q in np.flatnonzero(self.alive):
+            if _blown(float(vals[q]), blowup_loss):
+                self.blowup[q], self.alive[q] = t, False
+                reset(q)
+            else:
+                self.losses[q, t], self.accs[q, t] = vals[q], acc[q]
+
+    def trajectory(self) -> Trajectory:
+        return Trajectory(self.losses, self.accs, tuple(self.blowup))
+
+
 def _step_rates(lr: float, momentum: float, heavy_ball: bool, steps: int,
                 lr_schedule: np.ndarray | None) -> np.ndarray:  # fmt: skip
     """The rate that multiplies the update of every step ``[T]``: η_t = η m(t) (torch's
@@ -708,25 +737,16 @@ def sde_trajectories(
     anc = anchor.reshape(nc, 1)
     buf = np.zeros_like(f) if heavy_ball and momentum > 0 else None
     step_lr = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
-    losses = np.full((paths, steps + 1), np.nan)
-    accs = np.full((paths, steps + 1), np.nan)
-    blowup: list[int | None] = [None] * paths
-    alive = np.ones(paths, dtype=bool)
+    log = _PathLog(paths, steps, targets, loss=loss, scale=scale, blowup_loss=blowup_loss)
+    alive = log.alive
+
+    def reset(p: int) -> None:
+        f[:, p] = f0.reshape(-1)  # keep the dead column finite; it is not reported
+        if buf is not None:
+            buf[:, p] = 0.0
 
     def record(t: int) -> None:
-        fp = f.T.reshape(paths, n, c)
-        vals = loss_value(fp, targets, loss=loss, scale=scale)
-        acc = accuracy_value(fp, targets)
-        for p in np.flatnonzero(alive):
-            if _blown(float(vals[p]), blowup_loss):
-                blowup[p] = t
-                alive[p] = False
-                f[:, p] = f0.reshape(-1)  # keep the dead column finite; it is not reported
-                if buf is not None:
-                    buf[:, p] = 0.0
-            else:
-                losses[p, t] = vals[p]
-                accs[p, t] = acc[p]
+        log.record(t, f.T.reshape(paths, n, c), reset)
 
     record(0)
     for t in range(steps):
@@ -745,7 +765,7 @@ def sde_trajectories(
             g = buf
         f -= step_lr[t] * g
         record(t + 1)
-    return Trajectory(losses, accs, tuple(blowup))
+    return log.trajectory()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1217,11 +1237,11 @@ def head_body_trajectory(
     st = _HeadBodyState(p, paths, decay_to)
     rates = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
     use_buf = heavy_ball and momentum > 0
-    losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
-    blowup: list[int | None] = [None] * paths
-    st.record(0, targets, loss, scale, blowup_loss, losses, accs, blowup)
+    log = _PathLog(paths, steps, targets, loss=loss, scale=scale, blowup_loss=blowup_loss)
+    st.alive = log.alive  # gradients of a blown-up path are zero
+    log.record(0, st.outputs(), st.reset)
     for t in range(steps):
-        if all(b is not None for b in blowup):
+        if not log.alive.any():
             break
         idx = None if batches is None else np.stack([b[t] for b in batches])  # [P, b]
         grads = st.gradients(idx, targets, loss, scale)
@@ -1235,8 +1255,8 @@ def head_body_trajectory(
         if st.b is not None:
             st.b -= step_lr * grads[1]
         st.phi -= step_lr * grads[2]
-        st.record(t + 1, targets, loss, scale, blowup_loss, losses, accs, blowup)
-    return Trajectory(losses, accs, tuple(blowup))
+        log.record(t + 1, st.outputs(), st.reset)
+    return log.trajectory()
 
 
 class _HeadBodyState:
@@ -1277,19 +1297,12 @@ class _HeadBodyState:
             grads[1] += self.alive[:, None] * wd * (self.b - self.anchor_b)
         grads[2] += live * wd * (self.phi - self.p.phi0 + self.offset)
 
-    def record(self, t, targets, loss, scale, blowup_loss, losses, accs, blowup) -> None:
-        f = self.outputs()
-        vals = loss_value(f, targets, loss=loss, scale=scale)
-        acc = accuracy_value(f, targets)
-        for q in np.flatnonzero(self.alive):
-            if _blown(float(vals[q]), blowup_loss):
-                blowup[q], self.alive[q] = t, False
-                self.w[q], self.phi[q] = self.p.weight, self.p.phi0  # finite, not reported
-                if self.b is not None:
-                    self.b[q] = self.p.bias
-                self.bufs = [None if v is None else _zero_row(v, q) for v in self.bufs]
-            else:
-                losses[q, t], accs[q, t] = vals[q], acc[q]
+    def reset(self, q: int) -> None:
+        """Path q blew up: back to finite values (no longer reported), buffers zeroed."""
+        self.w[q], self.phi[q] = self.p.weight, self.p.phi0
+        if self.b is not None:
+            self.b[q] = self.p.bias
+        self.bufs = [None if v is None else _zero_row(v, q) for v in self.bufs]
 
 
 def _zero_row(v: np.ndarray, q: int) -> np.ndarray:
@@ -1398,20 +1411,15 @@ def adam_trajectory(
     sizes = None if block_sizes is None else np.asarray(block_sizes, dtype=np.int64)
     v = np.zeros_like(w) if sizes is None else np.zeros((paths, sizes.size))
     f = np.repeat(f0.reshape(1, -1), paths, axis=0)
-    losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
-    blowup: list[int | None] = [None] * paths
-    alive = np.ones(paths, dtype=bool)
+    log = _PathLog(paths, steps, targets, loss=loss, scale=scale, blowup_loss=blowup_loss)
+    alive = log.alive
     jac3 = jacobian.reshape(n, c, -1)
 
+    def reset(q: int) -> None:
+        w[q], m[q], v[q], f[q] = w0, 0.0, 0.0, f0.reshape(-1)
+
     def record(t: int) -> None:
-        fm = f.reshape(paths, n, c)
-        vals, acc = loss_value(fm, targets, loss=loss, scale=scale), accuracy_value(fm, targets)
-        for q in np.flatnonzero(alive):
-            if _blown(float(vals[q]), blowup_loss):
-                blowup[q], alive[q] = t, False
-                w[q], m[q], v[q], f[q] = w0, 0.0, 0.0, f0.reshape(-1)  # finite, not reported
-            else:
-                losses[q, t], accs[q, t] = vals[q], acc[q]
+        log.record(t, f.reshape(paths, n, c), reset)
 
     record(0)
     for t in range(steps):
@@ -1448,7 +1456,7 @@ def adam_trajectory(
         w -= np.where(live, (eta / (1.0 - b1**k)) * m / denom, 0.0)
         f = f0.reshape(1, -1) + (w - w0) @ jacobian.T
         record(t + 1)
-    return Trajectory(losses, accs, tuple(blowup))
+    return log.trajectory()
 
 
 def block_adam_trajectory(
@@ -1502,19 +1510,14 @@ def block_adam_trajectory(
     f = np.repeat(f0.reshape(1, -1), paths, axis=0)
     anc = anchor.reshape(1, -1)
     u, v = np.zeros((paths, nb, n * c)), np.zeros((paths, nb))
-    losses, accs = np.full((paths, steps + 1), np.nan), np.full((paths, steps + 1), np.nan)
-    blowup: list[int | None] = [None] * paths
-    alive = np.ones(paths, dtype=bool)
+    log = _PathLog(paths, steps, targets, loss=loss, scale=scale, blowup_loss=blowup_loss)
+    alive = log.alive
+
+    def reset(q: int) -> None:
+        f[q], u[q], v[q] = f0.reshape(-1), 0.0, 0.0
 
     def record(t: int) -> None:
-        fm = f.reshape(paths, n, c)
-        vals, acc = loss_value(fm, targets, loss=loss, scale=scale), accuracy_value(fm, targets)
-        for q in np.flatnonzero(alive):
-            if _blown(float(vals[q]), blowup_loss):
-                blowup[q], alive[q] = t, False
-                f[q], u[q], v[q] = f0.reshape(-1), 0.0, 0.0
-            else:
-                losses[q, t], accs[q, t] = vals[q], acc[q]
+        log.record(t, f.reshape(paths, n, c), reset)
 
     record(0)
     for t in range(steps):
@@ -1546,4 +1549,4 @@ def block_adam_trajectory(
             step += eta * weight_decay * (f - anc)
         f -= np.where(live, step, 0.0)
         record(t + 1)
-    return Trajectory(losses, accs, tuple(blowup))
+    return log.trajectory()

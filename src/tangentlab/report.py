@@ -115,11 +115,17 @@ def plot_forecasts(
         ax.grid(alpha=0.3)
     ax_l.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG (110 dpi) atomically to ``path`` (folders made),
+    close it, and return the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 

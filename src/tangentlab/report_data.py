@@ -21,7 +21,7 @@ import numpy as np
 
 from tangentlab.information import SampleInformation, detection_curve
 from tangentlab.kernel import atomic_write
-from tangentlab.report import _html_table, _plt, write_html, write_json
+from tangentlab.report import _html_table, _plt, save_figure, write_html, write_json
 
 _CARD_CSS = (
     "<style>.cards{display:flex;flex-wrap:wrap;gap:8px}.card{border:1px solid #ccc;"
@@ -108,12 +108,7 @@ def plot_detection(curves: dict[str, dict[str, Any]], path: str | Path, *, title
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_data_report(
