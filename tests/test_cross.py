@@ -101,3 +101,49 @@ def test_cross_kernel_refuses_what_does_not_match():
     with pytest.raises(TangentlabError, match="differ from the kernel's features"):
         tl.compute_cross_kernel(tl.Tangent(model, projection=tl.Projection(16, seed=9)), ev,
                                 bare, train_data=train)  # fmt: skip
+
+
+class _Scaled(torch.nn.Module):
+    """An MLP with an elementwise scale the gram path does not cover: its cross kernel is
+    split (gram part + Jacobian part, NOTE [exact cross kernel paths])."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin1, self.lin2 = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+        self.scale = torch.nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x):
+        return self.lin2(torch.tanh(self.lin1(x) * self.scale))
+
+
+@pytest.mark.parametrize("case", ["gram", "split", "jacobians"])
+def test_exact_cross_kernel_paths_agree_with_autograd(case, monkeypatch):
+    """The gram path, the split path and the Jacobian path give the brute-force J_e J^T
+    and J_e w0."""
+    from tangentlab import cross
+
+    calls = []
+    for name in ("_gram_cross", "_exact_cross"):
+        real = getattr(cross, name)
+        monkeypatch.setattr(cross, name, lambda *a, _r=real, _n=name, **k: (
+            calls.append((_n, a[0].num_params)), _r(*a, **k))[1])  # fmt: skip
+    model = (_Scaled() if case == "split" else make_mlp()).double().eval()
+    train, ev = _data(6, 0), _data(5, 1)
+    names = [n for n, _ in model.named_parameters()]
+    mode = "vmap" if case == "jacobians" else "auto"
+    tangent = tl.Tangent(model, jacobian_mode=mode)
+    if case != "jacobians":  # the path this case is meant to take
+        covered = tangent.gram_covered(train[0][:1])
+        assert (len(covered) == len(names)) == (case == "gram") and covered
+    k = tl.compute_kernel(model, train, progress=False)
+    ck = tl.compute_cross_kernel(tangent, ev, k, train_data=train, batch_size=2)
+    je = _brute_jacobian(model, ev[0], names)
+    ref = je @ _brute_jacobian(model, train[0], names).T
+    torch.testing.assert_close(ck.theta, ref, rtol=1e-10, atol=1e-12)
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(ck.jw0.reshape(-1), je @ w0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ck.f0, model(ev[0]).detach())
+    p = tangent.num_params
+    assert calls == {"gram": [("_gram_cross", p)], "jacobians": [("_exact_cross", p)],
+                     "split": [("_gram_cross", p - 6), ("_exact_cross", 6)]}[case]  # fmt: skip

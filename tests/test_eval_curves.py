@@ -268,3 +268,66 @@ def test_adamw_and_head_body_refuse_eval_data(linear):
     hb = tl.compute_head_body_kernel(net, train, directions=2, progress=False)
     with pytest.raises(TangentlabError, match="HeadBodyKernel"):
         tl.forecast(hb, tl.SGD(0.1), 5, eval_data=cross)
+
+
+def test_sweep_ranks_by_held_out_accuracy(linear):
+    """``sweep(eval_data=)``: every row's held-out columns equal its own forecast (and so the
+    real run, by the exactness above), and the rows are ranked by them."""
+    model, train, held, kernel, cross = linear
+    opts = tl.SGD.grid(lr=[0.02, 0.3, 1.0], momentum=[0.0, 0.8])
+    res = tl.sweep(kernel, opts, 30, loss="ce", batch_sizes=[6, None], eval_data=cross, paths=2)
+    t = res.table
+    assert res.rank_by == "eval_accuracy" and len(t) == 12
+    valid = t[t["valid"]]
+    assert (np.diff(valid["eval_accuracy"].to_numpy()) <= 1e-12).all()  # highest first
+    for (_, row), fc in zip(t.iterrows(), res.forecasts):
+        assert row["eval_accuracy"] == pytest.approx(fc.eval_accuracy[-1])
+        assert row["best_eval_accuracy"] == pytest.approx(np.max(fc.eval_accuracy))
+        assert row["best_step"] == fc.best_step
+    # the best full-batch row against a real run of the same setting (deterministic)
+    row = t[t["batch_size"].isna()].iloc[0]
+    opt = tl.SGD(float(row["lr"]), momentum=float(row["momentum"]))
+    run = tl.finetune(model, train, opt, 30, loss="ce", eval_data=held, log_every=1,
+                      progress=False)  # fmt: skip
+    assert run.eval_accuracy[-1] == pytest.approx(row["eval_accuracy"], abs=1e-12)
+    assert run.best_step == row["best_step"]
+    for key in ("best_eval_accuracy", "eval_loss"):
+        again = tl.sweep(kernel, opts, 30, loss="ce", batch_sizes=[6, None], eval_data=cross,
+                         paths=2, rank_by=key)  # fmt: skip
+        v = again.table[again.table["valid"]][key].to_numpy()
+        assert again.rank_by == key
+        assert (np.diff(v) <= 1e-12).all() if key != "eval_loss" else (np.diff(v) >= -1e-12).all()
+    assert json.loads(json.dumps(res.to_dict()))["rank_by"] == "eval_accuracy"
+
+
+def test_sweep_rank_by_errors(linear):
+    _, _, _, kernel, cross = linear
+    with pytest.raises(TangentlabError, match="pass eval_data"):
+        tl.sweep(kernel, [tl.SGD(0.1)], 5, rank_by="eval_accuracy")
+    with pytest.raises(TangentlabError, match="rank_by must be one of"):
+        tl.sweep(kernel, [tl.SGD(0.1)], 5, eval_data=cross, rank_by="accuracy")
+    with pytest.raises(TangentlabError, match="noise='sde'"):
+        tl.sweep(kernel, [tl.SGD(0.1)], 5, eval_data=cross, batch_sizes=[4], noise="sde")
+    plain = tl.sweep(kernel, [tl.SGD(0.1)], 5)
+    assert plain.rank_by == "steps" and "eval_accuracy" not in plain.table.columns
+
+
+def test_cli_sweep_ranked_by_held_out_accuracy(tmp_path):
+    """Smoke test: ``sweep --eval-samples`` ranks by held-out accuracy and reports it;
+    ``--rank-by eval_accuracy`` without a held-out set is refused before any work."""
+    invoke = _cli()
+    res = invoke("sweep", *CLI_QUIET, "--steps", 5, "--rank-by", "eval_accuracy",
+                 "--out", tmp_path / "x")  # fmt: skip
+    assert res.exit_code == 2 and "--eval-samples" in res.output
+    out = tmp_path / "sw"
+    res = invoke("sweep", *CLI_QUIET, "--steps", 12, "--lr", "0.05,0.5", "--momentum", "0,0.9",
+                 "--batch-size", "8,full", "--eval-samples", 6, "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "ranked by held-out accuracy" in res.stdout
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["info"]["rank_by"] == "eval_accuracy" and data["info"]["eval_samples"] == 6
+    rows = data["table"]
+    assert len(rows) == 8 and {"eval_accuracy", "best_step"} <= set(rows[0])
+    valid = [r["eval_accuracy"] for r in rows if r["valid"]]
+    assert valid == sorted(valid, reverse=True)
+    assert "held-out accuracy at the last step" in (out / "report.html").read_text()

@@ -826,22 +826,39 @@ def forecast(**o: Any) -> None:
 @_source_options
 @_hyper_options(lists=True)
 @_subsample_option
+@_eval_options
+@click.option("--rank-by", type=click.Choice(["steps", "eval_accuracy", "best_eval_accuracy",
+                                              "eval_loss"]), default=None,
+              help="Ranking: steps to the target loss (default), or with --eval-data/"
+              "--eval-samples the held-out accuracy at the last step (default then), the best "
+              "held-out accuracy along the run, or the final held-out loss.")  # fmt: skip
 @_errors_as_usage
 def sweep(**o: Any) -> None:
     """Forecast every combination of comma-separated hyper-parameters from ONE kernel,
-    ranked by predicted steps to the target loss.
+    ranked by predicted steps to the target loss, or by held-out accuracy.
 
     \b
     Example:
       $ tangentlab sweep --example digits-cnn --lr 0.1,0.5 --batch-size 16,full
       lr   batch_size  rank  steps_to_target  final_loss ...
+      $ tangentlab sweep --example digits-cnn --momentum 0,0.9 --eval-samples 200
+      lr   batch_size  rank  ...  eval_accuracy  best_eval_accuracy  best_step
     """
     import tangentlab as tl
     from tangentlab.report import write_sweep_report
 
     start, timer = time.perf_counter(), {}
     optimizers = _check_hyper(o, lists=True)
+    _check_held_out(o)
+    if o["rank_by"] not in (None, "steps") and o["eval_spec"] is None and (
+        o["eval_samples"] is None
+    ):  # fmt: skip
+        raise TangentlabError(
+            f"tangentlab: --rank-by {o['rank_by']} ranks by held-out curves; add "
+            "--eval-samples M (built-in examples) or --eval-data SPEC."
+        )
     kernel, defaults, info = _kernel(o, timer)
+    cross, _ = _held_out(o, kernel, timer)
     if o["lr"] is None:
         base = _lr(o, kernel, max(opt.momentum for opt in optimizers), timer)
         optimizers = tl.SGD.grid(lr=[base * f for f in (0.1, 0.3, 1.0, 1.5)],
@@ -854,27 +871,30 @@ def sweep(**o: Any) -> None:
     if None in sizes and o["loss_name"] == "mse":
         _eigh(kernel, timer)
     t0 = time.perf_counter()
-    result = tl.sweep(
-        kernel, optimizers, steps, loss=_loss(o), batch_sizes=sizes,
-        target_loss=o["target_loss"], paths=o["paths"], seed=o["seed"],
-        dataset_size=info.get("dataset_size"),
-    )  # fmt: skip
+    common = dict(loss=_loss(o), batch_sizes=sizes, paths=o["paths"], seed=o["seed"],
+                  dataset_size=info.get("dataset_size"), eval_data=cross,
+                  rank_by=o["rank_by"])  # fmt: skip
+    result = tl.sweep(kernel, optimizers, steps, target_loss=o["target_loss"], **common)
     if o["target_loss"] is None and o["target_drop"] != 0.8:  # re-rank on the asked target
         target = _target(o, float(result.forecasts[0].loss[0]))
-        result = tl.sweep(kernel, optimizers, steps, loss=_loss(o), batch_sizes=sizes,
-                          target_loss=target, paths=o["paths"], seed=o["seed"],
-                          dataset_size=info.get("dataset_size"))  # fmt: skip
+        result = tl.sweep(kernel, optimizers, steps, target_loss=target, **common)
     timer["sweep"] = time.perf_counter() - t0
     table = result.table
     info.update(sweep_seconds=round(timer["sweep"], 3), settings=len(table),
-                target_loss=result.target_loss)  # fmt: skip
+                target_loss=result.target_loss, rank_by=result.rank_by)  # fmt: skip
+    if cross is not None:
+        info.update(eval_samples=cross.num_eval,
+                    cross_kernel_seconds=round(timer["cross kernel"], 3))  # fmt: skip
     paths = write_sweep_report(o["out"], result, kernel, info=info,
                                title=f"tangentlab sweep: {info.get('source', '')}")  # fmt: skip
     shown = table.drop(columns=["optimizer", "loss_limit"])
     with _pd_display():
         click.echo(shown.to_string(index=False))
-    click.echo(f"target loss {result.target_loss:.4g}; {len(table)} settings from one kernel; "
-               "rows outside the validity region or diverging rank last (column 'valid')")
+    ranked = ("held-out " + result.rank_by.replace("_", " ").replace("eval ", "")
+              if result.rank_by != "steps" else "steps to the target")  # fmt: skip
+    click.echo(f"target loss {result.target_loss:.4g}; {len(table)} settings from one kernel, "
+               f"ranked by {ranked}; rows outside the validity region or diverging rank last "
+               "(column 'valid')")  # fmt: skip
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}, {paths['html']}")
 

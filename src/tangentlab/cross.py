@@ -40,10 +40,11 @@ from torch import nn
 
 from tangentlab.data import as_arrays, check_labels, fingerprint, num_rows, take
 from tangentlab.errors import TangentlabError
+from tangentlab.gram import gram_block
 from tangentlab.kernel import Kernel
 from tangentlab.memory import default_budget, parse_bytes
 from tangentlab.projection import Projection
-from tangentlab.tangent import ParamSpec, Tangent, check_output
+from tangentlab.tangent import JacobianMode, ParamSpec, Tangent, check_output
 
 _FN = "compute_cross_kernel"
 _CHECK_SAMPLES = 4  # training samples whose Jacobian rows are recomputed and compared
@@ -223,7 +224,8 @@ def compute_cross_kernel(
                 "pass train_data= (the data the kernel was computed on), or use a projected "
                 "kernel (compute_kernel(..., projection=k)), whose features it keeps."
             )
-        theta, f0, jw0 = _exact_cross(tangent, xe, xt, m, kernel, chunk, budget, per_sample)
+        theta, f0, jw0 = _exact_cross_any(tangent, xe, xt, m, kernel, chunk, budget,
+                                          per_sample, batch_size)  # fmt: skip
         features = None
     meta = {
         "eval_fingerprint": fingerprint(xe, ye),
@@ -363,6 +365,64 @@ def _projected_features(tangent: Tangent, xe, m: int, chunk: int):
         f0s.append(f0b)
         jw0s.append(jw0b)
     return torch.cat(feats), torch.cat(f0s), torch.cat(jw0s)
+
+
+# NOTE [exact cross kernel paths]. An exact cross kernel takes the path compute_kernel takes
+# for the training kernel (NOTE [jacobian modes] in tangentlab.tangent): a model the
+# Jacobian-free gram path covers (tangentlab.gram) is contracted from layer factors,
+# J(X_e) J(X)^T = sum_l <u, u'> <g, g'>, never forming a P-sized Jacobian; a model covered in
+# part is split, Theta = Theta_gram(covered weights) + J_rest(X_e) J_rest(X)^T, J w0 likewise
+# summed over the two parts; anything else, or an explicit Jacobian mode, uses the Jacobians.
+def _exact_cross_any(tangent: Tangent, xe, xt, m: int, kernel: Kernel, chunk: int, budget: int,
+                     per_sample: int, batch_size: int | None):  # fmt: skip
+    """``(theta, f0, jw0)`` of an exact cross kernel by the cheapest exact path."""
+    if tangent.jacobian_mode in (JacobianMode.AUTO, JacobianMode.GRAM):
+        x1 = take(xe, slice(0, 1))
+        elements = tangent.gram_elements(x1)
+        if elements is not None:
+            return _gram_cross(tangent, xe, xt, m, kernel, budget, elements, batch_size)
+        covered = tangent.gram_covered(x1)
+        if 0 < len(covered) < len(tangent.param_names):
+            part = tangent.restricted(covered)
+            elements = part.gram_elements(x1)
+            if elements is not None:
+                rest = tangent.restricted([n for n in tangent.param_names if n not in covered])
+                th_g, f0, jw_g = _gram_cross(part, xe, xt, m, kernel, budget, elements,
+                                             batch_size)  # fmt: skip
+                per_rest = kernel.num_classes * rest.num_params * rest.dtype.itemsize * 3
+                th_j, _, jw_j = _exact_cross(rest, xe, xt, m, kernel, chunk, budget, per_rest)
+                return th_g.add_(th_j), f0, jw_g + jw_j
+    return _exact_cross(tangent, xe, xt, m, kernel, chunk, budget, per_sample)
+
+
+def _gram_cross(tangent: Tangent, xe, xt, m: int, kernel: Kernel, budget: int, elements: int,
+                batch_size: int | None):  # fmt: skip
+    """``J(X_e) J(X)^T`` from layer factors (tangentlab.gram): strips of evaluation samples
+    whose factors are held while the training samples' factors stream past."""
+    n, c = kernel.num_samples, kernel.num_classes
+    per = max(1, elements) * tangent.dtype.itemsize * 3  # factors + transient blocks
+    chunk = batch_size or max(1, min(256, budget // (4 * per)))
+    strip = max(chunk, budget // (2 * per))
+    theta = torch.empty(m * c, n * c, dtype=tangent.dtype, device=tangent.device)
+    f0s, jw0s = [], []
+    for s in range(0, m, strip):
+        e = min(m, s + strip)
+        held = []
+        for a in range(s, e, chunk):
+            xb = take(xe, slice(a, min(e, a + chunk)))
+            fac = tangent.gram_factors(xb)
+            check_output(fac.f0, num_rows(xb), _FN)
+            f0s.append(fac.f0)
+            jw0s.append(fac.jw0)
+            held.append((a, fac))
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            fb = tangent.gram_factors(take(xt, slice(a, b)))
+            for p, fa in held:
+                gram_block(fa, fb, theta[p * c : (p + fa.b) * c, a * c : b * c])
+            del fb
+        del held
+    return theta, torch.cat(f0s), torch.cat(jw0s)
 
 
 def _exact_cross(tangent: Tangent, xe, xt, m: int, kernel: Kernel, chunk: int, budget: int,

@@ -601,12 +601,15 @@ class Sweep:
       forecasts: the :class:`Forecast` of every row, in the table's order.
       target_loss: ε of the steps-to-target column.
       target_note: how ε was chosen.
+      rank_by: the ranking criterion (``"steps"``, ``"eval_accuracy"``,
+        ``"best_eval_accuracy"`` or ``"eval_loss"``; NOTE [sweep ranking]).
     """
 
     table: pd.DataFrame
     forecasts: tuple[Forecast, ...]
     target_loss: float
     target_note: str
+    rank_by: str = "steps"
 
     @property
     def best(self) -> Forecast:
@@ -616,7 +619,8 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the table's rows (no Forecast objects) and the target."""
         rows = self.table.astype(object).where(self.table.notna(), None).to_dict("records")
-        return {"target_loss": self.target_loss, "target_note": self.target_note, "rows": rows}
+        return {"target_loss": self.target_loss, "target_note": self.target_note,
+                "rank_by": self.rank_by, "rows": rows}  # fmt: skip
 
 
 def sweep(
@@ -628,6 +632,8 @@ def sweep(
     batch_sizes: Sequence[int | None] = (None,),
     target_loss: float | None = None,
     dataset_size: int | None = None,
+    eval_data: Any = None,
+    rank_by: str | None = None,
     **options: Any,
 ) -> Sweep:
     """Forecast every optimizer × batch size from one kernel and rank them.
@@ -635,8 +641,9 @@ def sweep(
     The kernel is decomposed at most once (``Kernel.eigh`` caches it; dense arrays and
     λ_max are shared), then each setting costs one closed form (full-batch MSE) or one
     simulation. Ranking (NOTE [sweep ranking]): valid settings first (inside the validity
-    region η̃ λ_max/N <= 1 and not diverging), then by steps to target (never reached
-    last), then by final loss; a setting outside the region or diverging never ranks above
+    region η̃ λ_max/N <= 1 and not diverging), then by ``rank_by``: steps to target
+    (never reached last, then final loss), or, with a held-out set, the forecast held-out
+    accuracy at the last step; a setting outside the region or diverging never ranks above
     a valid one.
 
     Args:
@@ -651,6 +658,15 @@ def sweep(
       target_loss: ε of T(ε) = min{t : L_t <= ε}. ``None``: :func:`default_target` of the
         common initial loss (an 80% drop).
       dataset_size: N when the kernel is on a subsample (full-batch MSE only).
+      eval_data: a held-out set, ``tl.compute_cross_kernel(model, (X_eval, y_eval), kernel,
+        train_data=...)``, as in :func:`forecast`: every setting then carries held-out
+        curves (SGD on a plain Kernel, discrete steps; NOTE [held-out curves]).
+      rank_by: ``"steps"`` (steps to ``target_loss``; the default without ``eval_data``),
+        ``"eval_accuracy"`` (held-out accuracy at the last step, highest first; the default
+        with ``eval_data``), ``"best_eval_accuracy"`` (the highest held-out accuracy along
+        the run: what early stopping on held-out accuracy keeps) or ``"eval_loss"``
+        (held-out loss at the last step, lowest first). Ties break on held-out loss, then
+        steps to target.
       **options: other keyword options of :func:`forecast` (paths, seed, noise, ...).
 
     Returns:
@@ -660,19 +676,31 @@ def sweep(
       ``rank``, ``valid``, ``steps_to_target`` (nullable int; <NA> = never), ``final_loss``
       (NaN when diverged), ``min_loss``, ``final_accuracy``, ``diverges``, ``stability``,
       ``loss_limit`` and ``note`` (outside the region, diverges, or "ends x above its
-      minimum").
+      minimum"); with ``eval_data`` also ``eval_loss`` and ``eval_accuracy`` (last step),
+      ``best_eval_accuracy`` (highest along the run), ``best_step`` (minimum held-out
+      loss: the early-stopping step) and ``eval_accuracy_at_best`` (held-out accuracy
+      there). ``Sweep.rank_by`` records the criterion.
+
+    Example:
+        >>> cross = tl.compute_cross_kernel(model, (X_val, y_val), kernel, train_data=(X, y))
+        >>> s = tl.sweep(kernel, tl.SGD.grid(lr=[0.01, 0.1], momentum=[0, 0.9]), 200,
+        ...              loss="ce", batch_sizes=[32, None], eval_data=cross)
+        >>> s.table[["lr", "momentum", "batch_size", "eval_accuracy", "best_step"]].head(3)
     """
     fn = "sweep"
     opts = _sweep_inputs(fn, optimizers, batch_sizes, target_loss, options)
+    rank_by = _rank_by(fn, rank_by, eval_data)
     checked = [
         check_options(fn, o, steps, loss=loss, batch_size=b, **options)
         for o in opts for b in batch_sizes
     ]  # all settings are validated before the first forecast
     prep = _prepare(fn, kernel, dataset_size)
+    checked = [prep.bind(fn, s) for s in checked]
+    if eval_data is not None:  # every setting is checked before the first forecast
+        checked = [replace(s, eval_set=_eval_set(fn, prep, s, eval_data)) for s in checked]
     with warnings.catch_warnings():  # one summary below instead of one warning per row
         warnings.simplefilter("ignore", ValidityWarning)
-        forecasts = [forecast_settings(prep, prep.bind(fn, s))
-                     for s in _bar(checked, "sweep", "setting")]  # fmt: skip
+        forecasts = [forecast_settings(prep, s) for s in _bar(checked, "sweep", "setting")]
     outside = sum(1 for fc in forecasts if "validity" in fc.method)
     if outside:
         warnings.warn(
@@ -686,11 +714,28 @@ def sweep(
         note = "default: an 80% drop of the initial loss (tl.default_target)"
     else:
         note = "given"
-    table = _sweep_table(forecasts, float(target_loss))
+    table = _sweep_table(forecasts, float(target_loss), rank_by)
     order = list(table.index)
     table = table.reset_index(drop=True)
     table.insert(table.columns.get_loc("batch_size") + 1, "rank", np.arange(1, len(table) + 1))
-    return Sweep(table, tuple(forecasts[i] for i in order), float(target_loss), note)
+    return Sweep(table, tuple(forecasts[i] for i in order), float(target_loss), note, rank_by)
+
+
+_RANK_BY = ("steps", "eval_accuracy", "best_eval_accuracy", "eval_loss")
+
+
+def _rank_by(fn: str, rank_by: Any, eval_data: Any) -> str:
+    if rank_by is None:
+        return "steps" if eval_data is None else "eval_accuracy"
+    if rank_by not in _RANK_BY:
+        raise TangentlabError(f"{fn}: rank_by must be one of {list(_RANK_BY)}, got {rank_by!r}.")
+    if rank_by != "steps" and eval_data is None:
+        raise TangentlabError(
+            f"{fn}: rank_by={rank_by!r} ranks by held-out curves; pass eval_data="
+            "tl.compute_cross_kernel(model, (X_eval, y_eval), kernel, train_data=...), or "
+            "rank_by='steps'."
+        )
+    return rank_by
 
 
 def default_target(initial_loss: float, *, drop: float = 0.8) -> float:
@@ -739,7 +784,7 @@ def _sweep_inputs(fn, optimizers, batch_sizes, target_loss, options) -> list[SGD
 # is NaN, never the finite values before the blow-up, and a row whose final loss climbs
 # back above its minimum by more than _REBOUND of the drop is flagged: its best step is
 # before the end.
-def _sweep_table(forecasts: list[Forecast], target: float) -> pd.DataFrame:
+def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps") -> pd.DataFrame:
     rows = []
     for fc in forecasts:
         hp = fc.hyperparameters
@@ -760,15 +805,37 @@ def _sweep_table(forecasts: list[Forecast], target: float) -> pd.DataFrame:
             valid=fc.valid and not fc.diverges, steps_to_target=fc.steps_to(target),
             final_loss=final, min_loss=lmin, final_accuracy=_last_finite(fc.accuracy),
             diverges=fc.diverges, stability=fc.stability, loss_limit=fc.loss_limit,
-            note="; ".join(notes),
+            note="; ".join(notes), **_eval_columns(fc),
         ))  # fmt: skip
     df = pd.DataFrame(rows)
     df["steps_to_target"] = df["steps_to_target"].astype("Int64")
     df["batch_size"] = df["batch_size"].astype("Int64")
+    if "best_step" in df.columns:
+        df["best_step"] = df["best_step"].astype("Int64")
     df["_invalid"] = ~df["valid"]
-    df = df.sort_values(["diverges", "_invalid", "steps_to_target", "final_loss"],
-                        na_position="last", kind="mergesort")  # fmt: skip
-    return df.drop(columns="_invalid")
+    keys = {"steps": ["steps_to_target", "final_loss"],
+            "eval_accuracy": ["_key", "eval_loss", "steps_to_target"],
+            "best_eval_accuracy": ["_key", "eval_loss", "steps_to_target"],
+            "eval_loss": ["eval_loss", "steps_to_target"]}[rank_by]  # fmt: skip
+    if rank_by in ("eval_accuracy", "best_eval_accuracy"):
+        df["_key"] = -df[rank_by]  # highest first; NaN (diverged) last
+    df = df.sort_values(["diverges", "_invalid", *keys], na_position="last", kind="mergesort")
+    return df.drop(columns=[c for c in ("_invalid", "_key") if c in df.columns])
+
+
+def _eval_columns(fc: Forecast) -> dict[str, Any]:
+    """The held-out columns of a sweep row (none without eval_data); NaN once diverged."""
+    if fc.eval_loss is None:
+        return {}
+    best = fc.best_step
+    acc = np.asarray(fc.eval_accuracy, dtype=float)
+    return dict(
+        eval_loss=math.nan if fc.diverges else _last_finite(fc.eval_loss),
+        eval_accuracy=math.nan if fc.diverges else _last_finite(acc),
+        best_eval_accuracy=float(np.nanmax(acc)) if np.isfinite(acc).any() else math.nan,
+        best_step=pd.NA if best is None else best,
+        eval_accuracy_at_best=math.nan if best is None else float(acc[best]),
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -389,8 +389,8 @@ def write_sweep_report(
         images=[png],
         sections=[
             (
-                f"All settings, ranked by steps to loss {target:.4g} ({result.target_note}); "
-                "settings outside the validity region or diverging rank last",
+                f"All settings, ranked by {_ranking(result)}; settings outside the validity "
+                "region or diverging rank last",
                 _html_table(records),
             ),
             ("Details: run settings",
@@ -399,6 +399,18 @@ def write_sweep_report(
         ],
     )
     return {"csv": csv, "json": js, "png": png, "html": page}
+
+
+def _ranking(result) -> str:
+    """How a sweep was ranked, in words."""
+    rank_by = getattr(result, "rank_by", "steps")
+    if rank_by == "steps":
+        return f"steps to loss {result.target_loss:.4g} ({result.target_note})"
+    return {
+        "eval_accuracy": "forecast held-out accuracy at the last step",
+        "best_eval_accuracy": "best forecast held-out accuracy along the run (early stopping)",
+        "eval_loss": "forecast held-out loss at the last step",
+    }[rank_by]
 
 
 def write_validation_report(
