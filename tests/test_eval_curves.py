@@ -331,3 +331,22 @@ def test_cli_sweep_ranked_by_held_out_accuracy(tmp_path):
     valid = [r["eval_accuracy"] for r in rows if r["valid"]]
     assert valid == sorted(valid, reverse=True)
     assert "held-out accuracy at the last step" in (out / "report.html").read_text()
+
+
+def test_cli_forecast_head_body_with_held_out_set(tmp_path):
+    """Smoke test: ``--linearize body --eval-samples`` forecasts the head-exact model's
+    held-out curves (tl.compute_head_body_cross_kernel); a projected one is refused."""
+    invoke = _cli()
+    res = invoke("forecast", "--example", "digits-cnn", "--samples", "20", "--no-progress",
+                 "--projection", "64", "--linearize", "body", "--eval-samples", 6,
+                 "--out", tmp_path / "x")  # fmt: skip
+    assert res.exit_code == 2 and "--projection exact" in res.output
+    out = tmp_path / "hb"
+    res = invoke("forecast", "--example", "digits-cnn", "--samples", "20", "--no-progress",
+                 "--linearize", "body", "--steps", 10, "--batch-size", 8, "--eval-samples", 6,
+                 "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "held-out (6 samples): best step" in res.stdout
+    data = json.loads((out / "forecast.json").read_text())
+    ev = data["forecasts"][0]["eval"]
+    assert len(ev["loss"]) == 11 and data["forecasts"][0]["method"]["model"] == "head-body"

@@ -286,3 +286,58 @@ def test_reliability_check_warns_when_the_head_x_body_product_dominates():
     rel = fc.method["reliability"]
     assert rel["flagged"] and not fc.valid and "reliability" in fc.method["validity"]
     assert max(r for r in rel["rho"].values() if r is not None) > 2
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+@pytest.mark.parametrize("case", ["block", "isotropic probes", "minibatch", "linear probing"])
+def test_held_out_curves_equal_real_runs_where_the_model_is_exact(case):
+    """``compute_head_body_cross_kernel``: held-out features move through the cross feature
+    kernel; on a body linear in its weights (Q spanning the features, or an isotropic K with
+    probes, or no body trained) the forecast's held-out curves are the real run's."""
+    kw, fkw, opt = {}, {}, tl.SGD(0.05, momentum=0.9, weight_decay=0.1)
+    net = LinearBody(anisotropic=case != "isotropic probes").double().eval()
+    data, held = _data(), _data(n=7, seed=1)
+    if case == "isotropic probes":
+        kw = dict(directions=0, probes=2)
+    elif case == "linear probing":
+        net, data, held = TanhBody().double().eval(), _data(dim=4), _data(n=7, dim=4, seed=1)
+        kw = dict(params=r"^head\.")
+    else:
+        kw = dict(directions=6)
+    if case == "minibatch":
+        fkw = dict(batch_size=4, paths=2, seed=3)
+    hb = compute_head_body_kernel(net, data, progress=False, **kw)
+    ev = tl.compute_head_body_cross_kernel(net, held, hb, train_data=data,
+                                           params=kw.get("params"))  # fmt: skip
+    assert ev.num_eval == 7 and (ev.rest is not None) == (case == "isotropic probes")
+    fc = tl.forecast(hb, opt, 20, loss="ce", eval_data=ev, **fkw)
+    run = tl.finetune(net, data, opt, 20, loss="ce", eval_data=held, log_every=1,
+                      progress=False, params=kw.get("params"),
+                      **{k: v for k, v in fkw.items() if k != "paths"})  # fmt: skip
+    got = fc.eval_loss if case != "minibatch" else fc.eval_loss_paths[0]
+    np.testing.assert_allclose(got, run.eval_loss, rtol=1e-9, atol=1e-12)
+    acc = fc.eval_accuracy if case != "minibatch" else fc.eval_accuracy_paths[0]
+    np.testing.assert_allclose(acc, run.eval_accuracy, atol=1e-12)
+    assert fc.best_step is not None and fc.method["eval"]["operator"] == "head-body"
+    # the sweep takes it too, and ranks by held-out accuracy
+    sw = tl.sweep(hb, [tl.SGD(0.01), tl.SGD(0.05)], 10, loss="ce", eval_data=ev)
+    assert sw.rank_by == "eval_accuracy" and "eval_accuracy" in sw.table.columns
+
+
+def test_head_body_held_out_set_is_checked():
+    net = LinearBody().double().eval()
+    data, held = _data(), _data(n=7, seed=1)
+    hb = compute_head_body_kernel(net, data, directions=6, progress=False)
+    k = tl.compute_kernel(net, data, progress=False)
+    cross = tl.compute_cross_kernel(net, held, k, train_data=data)
+    with pytest.raises(tl.TangentlabError, match="compute_head_body_cross_kernel"):
+        tl.forecast(hb, tl.SGD(0.05), 5, eval_data=cross)
+    with pytest.raises(tl.TangentlabError, match="train_data is not the data"):
+        tl.compute_head_body_cross_kernel(net, held, hb, train_data=_data(seed=5))
+    other = compute_head_body_kernel(net, _data(seed=2), directions=6, progress=False)
+    ev = tl.compute_head_body_cross_kernel(net, held, other, train_data=_data(seed=2))
+    with pytest.raises(tl.TangentlabError, match="another head-body kernel"):
+        tl.forecast(hb, tl.SGD(0.05), 5, eval_data=ev)
+    proj = compute_head_body_kernel(net, data, directions=6, projection=8, progress=False)
+    with pytest.raises(tl.TangentlabError, match="projection=None"):
+        tl.compute_head_body_cross_kernel(net, held, proj, train_data=data)

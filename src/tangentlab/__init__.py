@@ -7,6 +7,16 @@ from tangentlab.adam import (
     compute_block_kernel,
     compute_weight_space_tangent,
 )
+from tangentlab.adam_approx import (
+    AdamBiasCorrection,
+    Preconditioner,
+    SignKernel,
+    adam_as_sgd,
+    compute_factored_kernel,
+    compute_sign_kernel,
+    estimate_preconditioner,
+    forecast_signgd,
+)
 from tangentlab.compare import Comparison, compare
 from tangentlab.compute import compute_kernel
 from tangentlab.cross import CrossKernel, compute_cross_kernel
@@ -21,7 +31,12 @@ from tangentlab.errors import (
 from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import Forecast, Sweep, default_target, forecast, sweep
-from tangentlab.headbody import HeadBodyKernel, compute_head_body_kernel
+from tangentlab.headbody import (
+    HeadBodyCross,
+    HeadBodyKernel,
+    compute_head_body_cross_kernel,
+    compute_head_body_kernel,
+)
 from tangentlab.influence import Influence, influence, tracin_checkpoints
 from tangentlab.information import SampleInformation, detection_curve, sample_information
 from tangentlab.kernel import Kernel, load_kernel
@@ -42,6 +57,7 @@ from tangentlab.training import MSE, SGD, AdamW, CrossEntropy
 
 __all__ = [
     "__version__",
+    "AdamBiasCorrection",
     "AdamW",
     "BlockKernel",
     "CacheMismatchError",
@@ -59,11 +75,13 @@ __all__ = [
     "LinearDecay",
     "MSE",
     "MemoryBudgetError",
+    "Preconditioner",
     "Projection",
     "ProjectionKind",
     "SGD",
     "SampleInformation",
     "Schedule",
+    "SignKernel",
     "Spectrum",
     "StepDecay",
     "Sweep",
@@ -74,18 +92,25 @@ __all__ = [
     "TrainingRun",
     "Warmup",
     "WeightSpaceTangent",
+    "adam_as_sgd",
     "choose_projection",
     "compare",
     "compute_block_kernel",
     "compute_cross_kernel",
+    "compute_factored_kernel",
     "compute_head_body_kernel",
+    "compute_head_body_cross_kernel",
+    "HeadBodyCross",
     "compute_kernel",
+    "compute_sign_kernel",
     "compute_weight_space_tangent",
     "default_target",
     "detection_curve",
+    "estimate_preconditioner",
     "extrapolate",
     "finetune",
     "forecast",
+    "forecast_signgd",
     "influence",
     "kernel_trace",
     "load_kernel",

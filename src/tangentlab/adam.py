@@ -31,9 +31,11 @@ holds. Two solvers stand behind :func:`tangentlab.forecast` here:
    "AdamW"): its curve is within 1.0-3.6% of L0 of the exact tangent AdamW, its steps to an
    80% drop within 8-19%.
 
-Not built: a factored (Adafactor-style row × column) preconditioner, and the SignGD kernels
-of Malladi et al. 2023 (https://arxiv.org/abs/2210.05643) as the early-time limit. A plain
-:class:`~tangentlab.Kernel` (Θ summed over tensors) cannot forecast Adam and is refused.
+Candidates 3 and 4 live in :mod:`tangentlab.adam_approx`: a frozen factored (Adafactor-style
+row × column) preconditioner, forecast as SGD on the preconditioned kernel J P Jᵀ (NOTE
+[frozen factored preconditioner]), and the SignGD kernels of Malladi et al. 2023
+(https://arxiv.org/abs/2210.05643) as the early-time limit (NOTE [sign kernels]). A plain
+:class:`~tangentlab.Kernel` (Θ summed over tensors) cannot forecast AdamW and is refused.
 
 Conventions as everywhere (DESIGN.md §2): losses averaged over the batch, time in optimizer
 steps, eval mode.

@@ -393,6 +393,8 @@ def _kernel(o: dict[str, Any], timer: dict):
     proj = _projection({**o, "num_classes": c}, model, data, params)
     timer["model and data"] = time.perf_counter() - t0
     if o.get("linearize") == "body":
+        if o.get("eval_spec") is not None or o.get("eval_samples") is not None:
+            proj = None  # held-out curves need the exact read-out kernels (_check_held_out)
         return _head_body_kernel(o, timer, model, data, params, proj, name)
     t0 = time.perf_counter()
     kernel = tl.compute_kernel(
@@ -1236,14 +1238,20 @@ def _check_held_out(o: dict[str, Any]) -> None:
         return
     clash = [f for f, v in (("--optimizer adamw", o.get("optimizer_name") == "adamw"),
                             ("--subsample", o.get("subsample")), ("--trace", _trace(o)),
-                            ("--probes", o.get("probes")),
-                            ("--linearize body", o.get("linearize") == "body")) if v]
+                            ("--probes", o.get("probes"))) if v]
     if clash:
         raise TangentlabError(
-            f"tangentlab: held-out curves (--eval-data/--eval-samples) need the tangent "
-            f"model's full kernel and SGD; they cannot be combined with {', '.join(clash)} "
+            f"tangentlab: held-out curves (--eval-data/--eval-samples) need the full kernel "
+            f"and SGD; they cannot be combined with {', '.join(clash)} "
             "(NOTE [held-out curves] in tangentlab.forecast)."
         )  # fmt: skip
+    if o.get("linearize") == "body" and str(o.get("projection", "auto")) not in (
+        "exact", "auto"
+    ):  # fmt: skip
+        raise TangentlabError(
+            "tangentlab: held-out curves of --linearize body need its exact read-out kernels; "
+            "use --projection exact (or auto) with --eval-data/--eval-samples."
+        )
 
 
 def _held_out(o: dict[str, Any], kernel, timer: dict):
@@ -1260,10 +1268,17 @@ def _held_out(o: dict[str, Any], kernel, timer: dict):
     ev = _load_eval(o, name, example)
     timer["eval data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cross = tl.compute_cross_kernel(
-        model, ev, kernel, train_data=data, params=params, memory_budget=o["memory_budget"],
-        device=o["device"], batch_size=o["kernel_batch_size"], progress=not o["no_progress"],
-    )  # fmt: skip
+    if isinstance(kernel, tl.HeadBodyKernel):  # --linearize body
+        cross = tl.compute_head_body_cross_kernel(
+            model, ev, kernel, train_data=data, params=params,
+            memory_budget=o["memory_budget"], progress=not o["no_progress"],
+        )  # fmt: skip
+    else:
+        cross = tl.compute_cross_kernel(
+            model, ev, kernel, train_data=data, params=params,
+            memory_budget=o["memory_budget"], device=o["device"],
+            batch_size=o["kernel_batch_size"], progress=not o["no_progress"],
+        )  # fmt: skip
     timer["cross kernel"] = time.perf_counter() - t0
     return cross, ev
 

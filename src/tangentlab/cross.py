@@ -224,8 +224,8 @@ def compute_cross_kernel(
                 "pass train_data= (the data the kernel was computed on), or use a projected "
                 "kernel (compute_kernel(..., projection=k)), whose features it keeps."
             )
-        theta, f0, jw0 = _exact_cross_any(tangent, xe, xt, m, kernel, chunk, budget,
-                                          per_sample, batch_size)  # fmt: skip
+        theta, f0, jw0 = exact_cross(tangent, xe, xt, (kernel.num_samples, c), chunk=chunk,
+                                     budget=budget, batch_size=batch_size)  # fmt: skip
         features = None
     meta = {
         "eval_fingerprint": fingerprint(xe, ye),
@@ -373,33 +373,37 @@ def _projected_features(tangent: Tangent, xe, m: int, chunk: int):
 # J(X_e) J(X)^T = sum_l <u, u'> <g, g'>, never forming a P-sized Jacobian; a model covered in
 # part is split, Theta = Theta_gram(covered weights) + J_rest(X_e) J_rest(X)^T, J w0 likewise
 # summed over the two parts; anything else, or an explicit Jacobian mode, uses the Jacobians.
-def _exact_cross_any(tangent: Tangent, xe, xt, m: int, kernel: Kernel, chunk: int, budget: int,
-                     per_sample: int, batch_size: int | None):  # fmt: skip
-    """``(theta, f0, jw0)`` of an exact cross kernel by the cheapest exact path."""
+def exact_cross(tangent: Tangent, xe, xt, nc: tuple[int, int], *, chunk: int, budget: int,
+                batch_size: int | None = None):  # fmt: skip
+    """``(J(X_e) J(X)^T [M C, N C], f0 [M, C], J(X_e) w0 [M, C])`` of any exact
+    ``tangent`` (its C outputs may be probes) by the cheapest exact path (NOTE [exact cross
+    kernel paths]); ``nc`` = (N, C) of the training side."""
+    m = num_rows(xe)
+    per_sample = nc[1] * tangent.num_params * tangent.dtype.itemsize * 3
     if tangent.jacobian_mode in (JacobianMode.AUTO, JacobianMode.GRAM):
         x1 = take(xe, slice(0, 1))
         elements = tangent.gram_elements(x1)
         if elements is not None:
-            return _gram_cross(tangent, xe, xt, m, kernel, budget, elements, batch_size)
+            return _gram_cross(tangent, xe, xt, m, nc, budget, elements, batch_size)
         covered = tangent.gram_covered(x1)
         if 0 < len(covered) < len(tangent.param_names):
             part = tangent.restricted(covered)
             elements = part.gram_elements(x1)
             if elements is not None:
                 rest = tangent.restricted([n for n in tangent.param_names if n not in covered])
-                th_g, f0, jw_g = _gram_cross(part, xe, xt, m, kernel, budget, elements,
+                th_g, f0, jw_g = _gram_cross(part, xe, xt, m, nc, budget, elements,
                                              batch_size)  # fmt: skip
-                per_rest = kernel.num_classes * rest.num_params * rest.dtype.itemsize * 3
-                th_j, _, jw_j = _exact_cross(rest, xe, xt, m, kernel, chunk, budget, per_rest)
+                per_rest = nc[1] * rest.num_params * rest.dtype.itemsize * 3
+                th_j, _, jw_j = _exact_cross(rest, xe, xt, m, nc, chunk, budget, per_rest)
                 return th_g.add_(th_j), f0, jw_g + jw_j
-    return _exact_cross(tangent, xe, xt, m, kernel, chunk, budget, per_sample)
+    return _exact_cross(tangent, xe, xt, m, nc, chunk, budget, per_sample)
 
 
-def _gram_cross(tangent: Tangent, xe, xt, m: int, kernel: Kernel, budget: int, elements: int,
-                batch_size: int | None):  # fmt: skip
+def _gram_cross(tangent: Tangent, xe, xt, m: int, nc: tuple[int, int], budget: int,
+                elements: int, batch_size: int | None):  # fmt: skip
     """``J(X_e) J(X)^T`` from layer factors (tangentlab.gram): strips of evaluation samples
     whose factors are held while the training samples' factors stream past."""
-    n, c = kernel.num_samples, kernel.num_classes
+    n, c = nc
     per = max(1, elements) * tangent.dtype.itemsize * 3  # factors + transient blocks
     chunk = batch_size or max(1, min(256, budget // (4 * per)))
     strip = max(chunk, budget // (2 * per))
@@ -425,11 +429,11 @@ def _gram_cross(tangent: Tangent, xe, xt, m: int, kernel: Kernel, budget: int, e
     return theta, torch.cat(f0s), torch.cat(jw0s)
 
 
-def _exact_cross(tangent: Tangent, xe, xt, m: int, kernel: Kernel, chunk: int, budget: int,
-                 per_sample: int):  # fmt: skip
+def _exact_cross(tangent: Tangent, xe, xt, m: int, nc: tuple[int, int], chunk: int,
+                 budget: int, per_sample: int):  # fmt: skip
     """``J(X_e) J(X)^T`` in strips of evaluation samples whose Jacobians are held while the
     training Jacobians stream past (recomputed once per strip)."""
-    n, c = kernel.num_samples, kernel.num_classes
+    n, c = nc
     names = tangent.param_names
     strip = max(chunk, budget // (2 * per_sample))
     theta = torch.empty(m * c, n * c, dtype=tangent.dtype, device=tangent.device)

@@ -463,8 +463,23 @@ class _PathLog:
             else:
                 self.losses[q, t], self.accs[q, t] = vals[q], acc[q]
 
+    def record_eval(self, t: int, fe: np.ndarray, targets: np.ndarray) -> None:
+        """Log the held-out outputs ``fe`` ``[P, M, C]`` at step ``t`` for the paths still
+        alive (call after :meth:`record`: a path that blew up logs NaN from that step)."""
+        _, loss, scale, _ = self._args
+        if not hasattr(self, "eval_losses"):
+            self.eval_losses = np.full_like(self.losses, np.nan)
+            self.eval_accs = np.full_like(self.accs, np.nan)
+        live = np.flatnonzero(self.alive)
+        if live.size:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.eval_losses[live, t] = loss_value(fe[live], targets, loss=loss, scale=scale)
+            self.eval_accs[live, t] = accuracy_value(fe[live], targets)
+
     def trajectory(self) -> Trajectory:
-        return Trajectory(self.losses, self.accs, tuple(self.blowup))
+        ev = getattr(self, "eval_losses", None)
+        return Trajectory(self.losses, self.accs, tuple(self.blowup), ev,
+                          None if ev is None else self.eval_accs)  # fmt: skip
 
 
 def _step_rates(lr: float, momentum: float, heavy_ball: bool, steps: int,
@@ -1174,6 +1189,62 @@ class HeadBodyProblem:
         return out
 
 
+@dataclass(frozen=True)
+class HeadBodyEval:
+    r"""A held-out set of the head-exact, body-linear model (NOTE [head exact, body linear]).
+
+    Its features move with the body's weights like the training ones, ``φ_e = φ0_e + J_e Δw``,
+    through the cross feature kernel ``K(e, i) = J_e J_i^T``, kept as the training one:
+    ``Q M(e, i) Q^T + κ_⊥(e, i) (I - Q Q^T)`` (same Q and probes), so
+    ``G_{φ_e} = (1/|b|) Σ_{i∈b} K(e, i) W^T δ_i + λ (φ_e - φ0_e + c_e)``; its outputs are
+    ``W φ_e + b`` with the training run's head.
+
+    Attributes:
+      phi0: held-out features φ0_e ``[M, d]``.
+      targets: held-out labels ``[M]``.
+      block: ``M(X_e, X)`` ``[M r, N r]`` (a :class:`CrossKernelOperator` with r outputs), or
+        ``None`` (linear probing).
+      rest: ``κ_⊥(X_e, X)`` ``[M, N]``, or ``None``.
+      body_jw0: ``J_e w0_body`` ``[M, d]`` (decay toward 0), or ``None``.
+    """
+
+    phi0: np.ndarray
+    targets: np.ndarray
+    block: CrossKernelOperator | None
+    rest: np.ndarray | None
+    body_jw0: np.ndarray | None
+
+    @property
+    def f0(self) -> np.ndarray:  # shape only: [M, d] (the logits need the head)
+        return self.phi0
+
+    def velocity(self, q: np.ndarray, batches: np.ndarray | None, g: np.ndarray) -> np.ndarray:
+        """``Σ_{i∈batch_p} K(e, i) g_{p,i}`` ``[P, M, d]`` (as HeadBodyProblem.body_velocity)."""
+        paths, m, r = g.shape[0], self.phi0.shape[0], q.shape[1]
+        if self.block is None:
+            return np.zeros((paths, *self.phi0.shape))
+        a = g @ q  # [P, b, r]
+        if batches is None:
+            inside = (self.block.theta @ a.reshape(paths, -1).T).T
+        else:
+            inside = np.stack([self.block.cols_matvec(batches[p], a[p]) for p in range(paths)])
+        out = (np.ascontiguousarray(inside).reshape(-1, r) @ q.T).reshape(paths, m, -1)
+        if self.rest is not None:
+            perp = g - (a.reshape(-1, r) @ q.T).reshape(g.shape)
+            if batches is None:
+                out += np.matmul(self.rest, perp)  # [M, N] @ [P, N, d]
+            else:  # κ_⊥ transposed: a batch's columns are contiguous rows
+                rows = self._rest_t
+                out += np.stack([(perp[p].T @ rows[batches[p]]).T for p in range(paths)])
+        return out
+
+    @property
+    def _rest_t(self) -> np.ndarray:
+        if "_rt" not in self.__dict__:
+            object.__setattr__(self, "_rt", np.ascontiguousarray(self.rest.T))
+        return self.__dict__["_rt"]
+
+
 def _cols_paths(op: KernelOperator, batches: np.ndarray | None, x: np.ndarray) -> np.ndarray:
     """``Σ_j Θ[:, batch_pj] x_pj`` for every path p -> ``[P, N*c]`` (``x`` ``[P, b, c]``);
     full batch (``batches=None``): ``Θ x_p``."""
@@ -1210,6 +1281,7 @@ def head_body_trajectory(
     batches: Sequence[Sequence[np.ndarray]] | None = None,
     blowup_loss: float = math.inf,
     lr_schedule: np.ndarray | None = None,
+    eval_set: HeadBodyEval | None = None,
 ) -> Trajectory:
     r"""Exact torch SGD of the head-exact, body-linear model, all paths at once.
 
@@ -1231,18 +1303,22 @@ def head_body_trajectory(
       batches: per path, the sample ids of every step (:func:`batch_schedule`; the paths'
         batches of one step have one size), or ``None``: one full-batch path.
       lr_schedule: multipliers m(t) ``[>= T]``: step t uses η m(t) (NOTE [schedules]).
+      eval_set: a held-out set (:class:`HeadBodyEval`) moved along: its features take the
+        same steps through the cross feature kernel, its outputs use the same head.
       Others as :func:`iterate_trajectory`.
 
     Returns a :class:`Trajectory` with one row per path.
     """
     p = problem
     paths = 1 if batches is None else len(batches)
-    st = _HeadBodyState(p, paths, decay_to)
+    st = _HeadBodyState(p, paths, decay_to, eval_set)
     rates = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
     use_buf = heavy_ball and momentum > 0
     log = _PathLog(paths, steps, targets, loss=loss, scale=scale, blowup_loss=blowup_loss)
     st.alive = log.alive  # gradients of a blown-up path are zero
     log.record(0, st.outputs(), st.reset)
+    if eval_set is not None:
+        log.record_eval(0, st.eval_outputs(), eval_set.targets)
     for t in range(steps):
         if not log.alive.any():
             break
@@ -1258,27 +1334,40 @@ def head_body_trajectory(
         if st.b is not None:
             st.b -= step_lr * grads[1]
         st.phi -= step_lr * grads[2]
+        if eval_set is not None:
+            st.phi_e -= step_lr * grads[3]
         log.record(t + 1, st.outputs(), st.reset)
+        if eval_set is not None:
+            log.record_eval(t + 1, st.eval_outputs(), eval_set.targets)
     return log.trajectory()
 
 
 class _HeadBodyState:
     """W ``[P, C, d]``, b ``[P, C]``, φ ``[P, N, d]`` and momentum buffers of P paths."""
 
-    def __init__(self, p: HeadBodyProblem, paths: int, decay_to: str):
-        self.p = p
+    def __init__(self, p: HeadBodyProblem, paths: int, decay_to: str,
+                 ev: HeadBodyEval | None = None):  # fmt: skip
+        self.p, self.ev = p, ev
         self.w = np.repeat(p.weight[None], paths, axis=0)
         self.b = None if p.bias is None else np.repeat(p.bias[None], paths, axis=0)
         self.phi = np.repeat(p.phi0[None], paths, axis=0)
-        self.bufs: list = [None, None, None]
+        self.phi_e = None if ev is None else np.repeat(ev.phi0[None], paths, axis=0)
+        self.bufs: list = [None, None, None, None]
         to_zero = decay_to == "zero"
         self.anchor_w = 0.0 if to_zero else p.weight
         self.anchor_b = 0.0 if to_zero or p.bias is None else p.bias
         self.offset = p.body_jw0 if to_zero and p.body_jw0 is not None else 0.0
+        self.offset_e = (ev.body_jw0 if ev is not None and to_zero and ev.body_jw0 is not None
+                         else 0.0)  # fmt: skip
         self.alive = np.ones(paths, dtype=bool)
 
     def outputs(self) -> np.ndarray:
-        f = self.phi @ self.w.transpose(0, 2, 1)  # [P, N, C]
+        # contiguous Wᵀ: a transposed view sends numpy's stacked matmul off BLAS (~100x)
+        f = self.phi @ np.ascontiguousarray(self.w.transpose(0, 2, 1))  # [P, N, C]
+        return f if self.b is None else f + self.b[:, None, :]
+
+    def eval_outputs(self) -> np.ndarray:
+        f = self.phi_e @ np.ascontiguousarray(self.w.transpose(0, 2, 1))  # [P, M, C]
         return f if self.b is None else f + self.b[:, None, :]
 
     def gradients(self, idx, targets, loss: str, scale: float) -> list[np.ndarray]:
@@ -1291,7 +1380,11 @@ class _HeadBodyState:
         d = _delta(fb, yb, loss, scale) / fb.shape[1]  # [P, b, C]
         d[~self.alive] = 0.0  # a blown-up path stays where it stopped
         g_feat = d @ self.w  # [P, b, d]: W^T δ_i
-        return [d.transpose(0, 2, 1) @ phib, d.sum(axis=1), self.p.body_velocity(idx, g_feat)]
+        dt = np.ascontiguousarray(d.transpose(0, 2, 1))  # [P, C, b] (stacked matmul on BLAS)
+        grads = [dt @ phib, d.sum(axis=1), self.p.body_velocity(idx, g_feat)]
+        if self.ev is not None:
+            grads.append(self.ev.velocity(self.p.basis, idx, g_feat))
+        return grads
 
     def add_decay(self, grads: list[np.ndarray], wd: float) -> None:
         live = self.alive[:, None, None]
@@ -1299,10 +1392,14 @@ class _HeadBodyState:
         if self.b is not None:
             grads[1] += self.alive[:, None] * wd * (self.b - self.anchor_b)
         grads[2] += live * wd * (self.phi - self.p.phi0 + self.offset)
+        if self.ev is not None:
+            grads[3] += live * wd * (self.phi_e - self.ev.phi0 + self.offset_e)
 
     def reset(self, q: int) -> None:
         """Path q blew up: back to finite values (no longer reported), buffers zeroed."""
         self.w[q], self.phi[q] = self.p.weight, self.p.phi0
+        if self.ev is not None:
+            self.phi_e[q] = self.ev.phi0
         if self.b is not None:
             self.b[q] = self.p.bias
         self.bufs = [None if v is None else _zero_row(v, q) for v in self.bufs]

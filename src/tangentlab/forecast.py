@@ -443,6 +443,7 @@ def _reliability(prep: _HeadBodyPrepared, s: Settings, fc: Forecast) -> None:
                                     "dense tangent kernel would not be small)")  # fmt: skip
         return
     ref = _Prepared(prep.kernel.tangent_kernel())
+    s = replace(s, eval_set=None)  # training curves only
     with warnings.catch_warnings():  # the reference's own checks are not the user's forecast
         warnings.simplefilter("ignore")
         tan = _assemble(ref, s, _solver(ref, s)(ref, s))
@@ -495,17 +496,27 @@ def _reliability(prep: _HeadBodyPrepared, s: Settings, fc: Forecast) -> None:
 def _eval_set(fn: str, prep: Any, s: Settings, eval_data: Any) -> dyn.EvalSet:
     """Check ``eval_data`` against the kernel and the settings (NOTE [held-out curves])."""
     from tangentlab.cross import CrossKernel
+    from tangentlab.headbody import HeadBodyCross
 
+    if isinstance(prep, _HeadBodyPrepared):
+        if not isinstance(eval_data, HeadBodyCross):
+            raise TangentlabError(
+                f"{fn}: with a HeadBodyKernel, eval_data must be "
+                "tl.compute_head_body_cross_kernel(model, (X_eval, y_eval), hb, train_data=...)"
+                f"; got {type(eval_data).__name__}."
+            )
+        if s.stochastic and s.noise == "sde":
+            raise TangentlabError(f"{fn}: held-out curves are not available for noise='sde'; "
+                                  "use noise='simulate'.")  # fmt: skip
+        eval_data.check_against(prep.kernel, fn)
+        return eval_data.problem()
     if not isinstance(eval_data, CrossKernel):
         raise TangentlabError(
             f"{fn}: eval_data must be a cross kernel, tl.compute_cross_kernel(model, "
             f"(X_eval, y_eval), kernel, train_data=...); got {type(eval_data).__name__}."
         )
     why = None
-    if isinstance(prep, _HeadBodyPrepared):
-        why = ("a HeadBodyKernel: the head-exact model is not linear in its weights, so the "
-               "cross kernel at w0 does not carry its steps to held-out points")  # fmt: skip
-    elif isinstance(prep, _AdamPrepared):
+    if isinstance(prep, _AdamPrepared):
         why = (f"{type(prep.kernel).__name__} (AdamW): its steps are preconditioned in weight "
                "space, which needs the held-out Jacobian J(X_e), not a cross kernel")  # fmt: skip
     elif prep.spec is not None:
@@ -894,7 +905,7 @@ class Settings:
     stability: bool = True
     stochastic: bool = False
     kernel_scale: np.ndarray | None = None
-    eval_set: dyn.EvalSet | None = None
+    eval_set: dyn.EvalSet | dyn.HeadBodyEval | None = None
 
     @property
     def heavy_ball(self) -> bool:
@@ -1087,8 +1098,10 @@ _ADAM_ON_KERNEL = (
     "model] in tangentlab.adam). Compute wst = tl.compute_weight_space_tangent(model, data, "
     "params=...) (exact AdamW of the tangent model; N*C*P*8 bytes) and forecast "
     "tl.forecast(wst, tl.AdamW(...), steps), or tl.compute_block_kernel(model, data, "
-    "projection=k) for per-tensor Adam in function space (scales like a kernel); or forecast "
-    "tl.SGD from this kernel."
+    "projection=k) for per-tensor Adam in function space (scales like a kernel), or "
+    "tl.compute_factored_kernel(model, data, opt, loss=...) and forecast tl.adam_as_sgd(opt) "
+    "(a frozen factored Adam preconditioner; scales like a kernel); or forecast tl.SGD from "
+    "this kernel."
 )
 
 
@@ -1363,12 +1376,16 @@ def _solve_head_body(prep: _HeadBodyPrepared, s: Settings) -> _Solution:
         momentum=opt.momentum, weight_decay=opt.weight_decay, decay_to=opt.decay_to,
         heavy_ball=s.heavy_ball, steps=s.steps, batches=schedules,
         blowup_loss=common["blowup_loss"], lr_schedule=opt.lr_multipliers(s.steps),
+        eval_set=s.eval_set,
     )  # fmt: skip
     kind = "minibatch simulation" if s.stochastic else "discrete steps"
     return _Solution(
         traj.loss, traj.accuracy, traj.blowup,
-        {"solver": f"head exact, body linear: exact {kind}", "model": "head-body"},
-        "head-body", spectral_divergence=False,
+        {"solver": f"head exact, body linear: exact {kind}", "model": "head-body",
+         "eval_solver": "the held-out features moved through the cross feature kernel "
+                        "(tl.compute_head_body_cross_kernel), outputs by the same head"},
+        "head-body", spectral_divergence=False, eval_loss=traj.eval_loss,
+        eval_accuracy=traj.eval_accuracy,
     )  # fmt: skip
 
 
@@ -1430,7 +1447,8 @@ def _assemble(prep: _Prepared, s: Settings, sol: _Solution) -> Forecast:
     elif s.stability or sol.execution == "spectral":  # free from the cached eigenvalues
         top = prep.top_eigenvalue(s.loss.name, sol.execution)
         growth = 1.0 if s.kernel_scale is None else float(np.max(s.kernel_scale))
-        peak = opt.peak_lr(s.steps) / (1.0 - opt.momentum)  # η̃ at the schedule's peak
+        peak = opt.lr * (1.0 / (1.0 - opt.momentum) if opt.schedule.is_constant else
+                         opt.schedule.effective_peak(s.steps, opt.momentum))  # η̃ at the peak
         stab = peak * (top * growth / prep.n + opt.weight_decay)
     else:
         stab = math.nan
@@ -1477,17 +1495,27 @@ def _eval_curves(prep, s: Settings, sol: _Solution, div_step: int | None, method
     if div_step is not None:
         el[:, div_step:] = np.nan
         ea[:, div_step:] = np.nan
-    m, c = s.eval_set.f0.shape
-    cols = (s.batch_size if s.stochastic else prep.n) * c
-    per_step = (m * c + cols) * s.eval_set.op.features.shape[1] if (
-        s.eval_set.op.name == "primal") else m * c * cols  # fmt: skip
+    ev = s.eval_set
+    if isinstance(ev, dyn.HeadBodyEval):  # [M, d] features: M·d·b per step and path, + M r b r
+        m, c = ev.phi0.shape[0], prep.c
+        cols = s.batch_size if s.stochastic else prep.n
+        r = prep.problem.basis.shape[1]
+        per_step, operator = m * cols * (ev.phi0.shape[1] + r * r), "head-body"
+    else:
+        m, c = ev.f0.shape
+        cols = (s.batch_size if s.stochastic else prep.n) * c
+        per_step = (m * c + cols) * ev.op.features.shape[1] if (
+            ev.op.name == "primal") else m * c * cols  # fmt: skip
+        operator = ev.op.name
     paths = el.shape[0]
     method["eval"] = {
-        "num_eval": m, "operator": s.eval_set.op.name,
+        "num_eval": m, "operator": operator,
         "solver": sol.method.get("eval_solver", "the same steps through the cross kernel"),
         "cost_flops": float(2 * per_step * max(s.steps, 1) * paths),
-        "note": "f_e <- f_e - η_t v^e_t, v^e_t = m v^e_{t-1} + Θ(X_e, X) u_t + λ(f_e - a_e) "
-                "(NOTE [held-out curves])",
+        "note": ("φ_e <- φ_e - η_t (m buf + Σ_b K(e, i) W^T δ_i/|b| + λ(φ_e - φ0_e + c_e)), "
+                 "f_e = W φ_e + b (NOTE [head exact, body linear])" if operator == "head-body"
+                 else "f_e <- f_e - η_t v^e_t, v^e_t = m v^e_{t-1} + Θ(X_e, X) u_t + "
+                 "λ(f_e - a_e) (NOTE [held-out curves])"),
     }  # fmt: skip
     out: dict[str, Any] = {"eval_loss": el.mean(axis=0), "eval_accuracy": ea.mean(axis=0)}
     if s.stochastic:

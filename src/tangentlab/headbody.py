@@ -47,6 +47,7 @@ from tangentlab.compute import compute_kernel
 from tangentlab.data import as_arrays, fingerprint, num_rows, take
 from tangentlab.errors import TangentlabError
 from tangentlab.kernel import Kernel
+from tangentlab.memory import default_budget, parse_bytes
 from tangentlab.projection import Projection
 from tangentlab.tangent import ParamSpec, Tangent, select_params
 
@@ -241,6 +242,7 @@ def compute_head_body_kernel(
     basis = feature_basis(weight, phi0, directions=directions)
     meta = dict(head=head_name, body_params=len(body_names), rank=int(basis.shape[1]),
                 probes=int(probes), projection=str(projection), feature_dim=int(phi0.shape[1]),
+                seed=int(seed),
                 weights_sha=Tangent(model, params=chosen).weights_hash(),
                 data_fingerprint=fingerprint(x, y))  # fmt: skip
     block = rest = jw0 = None
@@ -256,6 +258,167 @@ def compute_head_body_kernel(
         jw0 = _body_jw0(tb, x)
     meta["seconds"] = time.perf_counter() - t0
     return HeadBodyKernel(phi0, weight, bias, y, basis, block, rest, jw0, meta)
+
+
+@dataclass(eq=False)
+class HeadBodyCross:
+    """A held-out set of the head-exact, body-linear model (see
+    :func:`compute_head_body_cross_kernel`); pass it as ``eval_data=`` of
+    :func:`tangentlab.forecast` / :func:`tangentlab.sweep` with its :class:`HeadBodyKernel`.
+
+    Attributes:
+      features: held-out features φ0_e ``[M, d]``.
+      targets: held-out labels ``[M]``.
+      block: ``M(X_e, X)``, the cross kernel of the read-out ``Qᵀ φ(x)`` ``[M r, N r]``
+        (a :class:`~tangentlab.cross.CrossKernel`), or ``None`` (linear probing).
+      rest: ``κ_⊥(X_e, X)`` ``[M, N]`` (the same probes), or ``None``.
+      body_jw0: ``J_e w0_body`` ``[M, d]``, or ``None``.
+      metadata: the kernel's weights hash, data fingerprint, Q's shape, seconds.
+    """
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    block: Any
+    rest: torch.Tensor | None
+    body_jw0: torch.Tensor | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_eval(self) -> int:
+        return int(self.features.shape[0])
+
+    def check_against(self, hb: HeadBodyKernel, fn: str) -> None:
+        """Refuse a held-out set computed for another head-body kernel."""
+        same = (self.metadata.get("weights_sha") == hb.metadata.get("weights_sha")
+                and self.metadata.get("data_fingerprint") == hb.metadata.get("data_fingerprint")
+                and self.features.shape[1] == hb.features.shape[1]
+                and (self.block is None) == (hb.block is None)
+                and (self.rest is None) == (hb.rest is None))  # fmt: skip
+        if not same:
+            raise TangentlabError(
+                f"{fn}: eval_data was computed for another head-body kernel (weights, training "
+                "data, feature width or parts differ); recompute it with "
+                "tl.compute_head_body_cross_kernel(model, (X_eval, y_eval), hb, train_data=...)."
+            )
+
+    def problem(self) -> dyn.HeadBodyEval:
+        """The float64 numpy form the simulation moves (converted once and kept)."""
+        if "_problem" not in self.__dict__:
+            block = None
+            if self.block is not None:
+                r = int(self.metadata["rank"])
+                block = dyn.CrossKernelOperator(r, theta=_np64(self.block.theta))
+            self.__dict__["_problem"] = dyn.HeadBodyEval(
+                phi0=_np64(self.features),
+                targets=self.targets.detach().cpu().numpy().astype(np.int64), block=block,
+                rest=None if self.rest is None else _np64(self.rest),
+                body_jw0=None if self.body_jw0 is None else _np64(self.body_jw0),
+            )  # fmt: skip
+        return self.__dict__["_problem"]
+
+
+def compute_head_body_cross_kernel(
+    model: nn.Module,
+    eval_data: Any,
+    hb: HeadBodyKernel,
+    *,
+    train_data: Any,
+    params: ParamSpec = None,
+    memory_budget: int | str | None = None,
+    progress: bool = False,
+) -> HeadBodyCross:
+    """Held-out curves for the head-exact model: the cross quantities of ``eval_data``.
+
+    The held-out features move like the training ones, ``φ_e = φ0_e + J_e Δw_body``, through
+    the cross feature kernel K(e, i) = J_e J_iᵀ, kept as the training kernel is: exact in
+    span Q (``M(e, i)``, the cross kernel of the read-out ``Qᵀ φ``), isotropic beside it
+    (``κ_⊥(e, i)`` from the same probe directions). Then the forecast's held-out outputs
+    ``W_t φ_e(t) + b_t`` are exact for this model (equal to real fine-tuning of a body linear
+    in its weights when Q spans the features: tests/test_headbody.py).
+
+    Args:
+      model: the model ``hb`` was computed from, at the same weights.
+      eval_data: ``(X_eval, y_eval)``, a ``Dataset`` or ``DataLoader``.
+      hb: the :class:`HeadBodyKernel` (exact: ``projection=None``).
+      train_data: the data ``hb`` was computed on (the training side is recomputed).
+      params: the trainable weights ``hb`` was computed with (default: all).
+      memory_budget, progress: as for :func:`tangentlab.compute_kernel`.
+
+    Returns:
+      :class:`HeadBodyCross`.
+
+    Example::
+
+        >>> hb = tl.compute_head_body_kernel(model, (X, y))
+        >>> ev = tl.compute_head_body_cross_kernel(model, (X_val, y_val), hb, train_data=(X, y))
+        >>> fc = tl.forecast(hb, tl.SGD(0.01), 300, loss="ce", eval_data=ev)
+        >>> fc.eval_accuracy[-1], fc.best_step
+    """
+    from tangentlab.cross import exact_cross
+
+    fn = "compute_head_body_cross_kernel"
+    t0 = time.perf_counter()
+    if not isinstance(hb, HeadBodyKernel):
+        raise TangentlabError(f"{fn}: hb must be a HeadBodyKernel (tl.compute_head_body_kernel), "
+                              f"got {type(hb).__name__}.")  # fmt: skip
+    if hb.metadata.get("projection", "None") != "None":
+        raise TangentlabError(
+            f"{fn}: the head-body kernel is projected ({hb.metadata['projection']}); held-out "
+            "curves of the head-exact model need its exact read-out kernels: recompute it "
+            "with projection=None."
+        )
+    xe, ye = as_arrays(eval_data, where=fn)
+    x, y = as_arrays(train_data, where=fn)
+    if num_rows(x) != hb.num_samples or fingerprint(x, y) != hb.metadata.get("data_fingerprint"):
+        raise TangentlabError(
+            f"{fn}: train_data is not the data the head-body kernel was computed on (N = "
+            f"{num_rows(x)} vs {hb.num_samples}, or different values); pass that data."
+        )
+    head_name, lin = find_head(model, hb.metadata.get("head"))
+    chosen = select_params(model, params)
+    if Tangent(model, params=chosen).weights_hash() != hb.metadata.get("weights_sha"):
+        raise TangentlabError(
+            f"{fn}: the model's weights (or params=) differ from the head-body kernel's; pass "
+            "the model at the same pre-trained weights and the same params=."
+        )
+    body_names = _body_params(chosen, lin, head_name)
+    body = _body(model, head_name)
+    names = body_names or [next(n for n, _ in body.named_parameters())]
+    tb = Tangent(body, params=names)
+    phi_e = _features(tb, xe)
+    budget = parse_bytes(memory_budget) or default_budget(tb.device)
+    basis = hb.basis
+    block = rest = jw0 = None
+    if hb.block is not None:
+        from tangentlab.cross import compute_cross_kernel
+
+        zeros, zeros_e = torch.zeros_like(y), torch.zeros(num_rows(xe), dtype=torch.long)
+        block = compute_cross_kernel(tb.probed(basis.to(tb.dtype)), (xe, zeros_e), hb.block,
+                                     train_data=(x, zeros), memory_budget=memory_budget,
+                                     progress=progress)  # fmt: skip
+        jw0 = _body_jw0(tb, xe)
+        if hb.rest is not None:
+            meta = hb.metadata
+            v = _probe_directions(basis, int(meta["probes"]), int(meta.get("seed", 0)))
+            s = v.shape[1]
+            theta, _, _ = exact_cross(tb.probed(v.to(tb.dtype)), xe, x, (hb.num_samples, s),
+                                      chunk=_CHUNK, budget=budget)  # fmt: skip
+            m, n = num_rows(xe), hb.num_samples
+            rest = torch.einsum("isjs->ij", theta.double().cpu().reshape(m, s, n, s)) / float(
+                (v * v).sum())  # fmt: skip
+    meta = dict(weights_sha=hb.metadata.get("weights_sha"),
+                data_fingerprint=hb.metadata.get("data_fingerprint"),
+                eval_fingerprint=fingerprint(xe, ye), rank=int(basis.shape[1]),
+                seconds=time.perf_counter() - t0)  # fmt: skip
+    return HeadBodyCross(phi_e, ye, block, rest, jw0, meta)
+
+
+def _probe_directions(basis: torch.Tensor, probes: int, seed: int) -> torch.Tensor:
+    """v = (I - QQᵀ) z ``[d, probes]``, z Rademacher from ``seed + 1`` (κ_⊥'s probes)."""
+    d = basis.shape[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randint(0, 2, (d, probes), generator=g).double() * 2 - 1
+    return z - basis @ (basis.T @ z)
 
 
 def _check_counts(**counts: Any) -> None:
@@ -366,9 +529,7 @@ def _rest_kernel(tb: Tangent, x, y, basis: torch.Tensor, probes: int, seed: int,
     d, r = basis.shape
     if probes == 0 or r >= d:
         return None
-    g = torch.Generator().manual_seed(seed + 1)
-    z = torch.randint(0, 2, (d, probes), generator=g).double() * 2 - 1
-    v = z - basis @ (basis.T @ z)
+    v = _probe_directions(basis, probes, seed)
     k = compute_kernel(tb.probed(v.to(tb.dtype)), (x, y), **opts)
     n = k.num_samples
     theta = k.gram().double().cpu().reshape(n, probes, n, probes)

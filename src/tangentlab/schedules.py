@@ -118,6 +118,13 @@ class Schedule:
         """max m(t) over the steps 0..steps−1 of a run (m(0) when steps = 0)."""
         return float(self.multipliers(max(int(steps), 1)).max())
 
+    def effective_peak(self, steps: int, momentum: float) -> float:
+        """max over the run of the stationary rate multiplier of heavy-ball momentum m,
+        ``m(t)/(1 - m)`` (η̃ = η/(1 - m) at the schedule's peak: what the stability checks
+        use). Overridden where m(t) already holds the buffer's gain (Adam's bias correction,
+        tangentlab.adam_approx.AdamBiasCorrection)."""
+        return self.peak(steps) / (1.0 - momentum)
+
     def then(self, second: Schedule, *, at: int | None = None) -> Join:
         """This schedule for steps t < ``at``, then ``second`` restarted: ``second(t − at)``.
 
