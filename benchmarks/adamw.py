@@ -42,7 +42,6 @@ Results: ``benchmarks/results/adamw/<case>.json`` and the "adamw" section of RES
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -54,9 +53,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tangentlab as tl  # noqa: E402
-from _common import machine, write_section  # noqa: E402
+from _common import write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
-from forecast_accuracy import _commit, _save, _targets  # noqa: E402
+from forecast_accuracy import _load, _save, _targets  # noqa: E402
 from headbody import _fmt  # noqa: E402
 from tangentlab.examples import load_example  # noqa: E402
 
@@ -153,12 +152,8 @@ def _forecast(which: str, src: dict, opt: tl.AdamW, c: dict, steps: int):
 
 def run_case(name: str) -> dict:
     cfg = CASES[name]
-    OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
-    state = json.loads(path.read_text()) if path.exists() else {}
-    state.setdefault("code", _commit())
-    state.setdefault("machine", machine())
-    state.setdefault("date", datetime.date.today().isoformat())
+    state = _load(path)
     cells = state.setdefault("cells", {})
     steps = cfg["steps"]
     need = {m for c in _cells(cfg) for m in METHODS

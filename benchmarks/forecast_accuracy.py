@@ -155,14 +155,21 @@ def _save(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def run_case(name: str, fresh: bool = False, plain: bool = False) -> dict:
-    cfg = CASES[name]
-    FRESH.mkdir(parents=True, exist_ok=True)
-    path = FRESH / f"{name}.json"
+def _load(path: Path, *, fresh: bool = False) -> dict:
+    """A resumable benchmark state: the file's (unless ``fresh``) or a new one, stamped with
+    the code, the machine and the date of its first run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = json.loads(path.read_text()) if path.exists() and not fresh else {}
     state.setdefault("code", _commit())
     state.setdefault("machine", machine())
     state.setdefault("date", datetime.date.today().isoformat())
+    return state
+
+
+def run_case(name: str, fresh: bool = False, plain: bool = False) -> dict:
+    cfg = CASES[name]
+    path = FRESH / f"{name}.json"
+    state = _load(path, fresh=fresh)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ex = load_example(name, num_samples=cfg["num_samples"])

@@ -30,7 +30,9 @@ accuracy there minus the real run's accuracy at its own best step).
 Part 4 (sweeps): Spearman rank correlation between forecast and real over the 24 cells, for
 the held-out accuracy at the last step (the sweep's default ranking with a held-out set),
 the best held-out accuracy along the run, and the steps to an 80% drop of the training loss
-(never reached = ranked last on both sides; diverged cells rank last, accuracy counted as 0).
+(never reached = ranked last on both sides; diverged cells rank last, accuracy counted as 0);
+the steps also from the head-exact, body-linear model (``tl.compute_head_body_kernel``,
+default subspace and probes; it has no held-out curves).
 And whether the configuration the sweep ranks first (valid rows first) is within 1 point of
 the real best. Goal: Spearman >= 0.8 on each example; the chosen configuration within 1 point.
 
@@ -40,7 +42,6 @@ Results: ``benchmarks/results/sweeps/<case>.json`` and the "sweeps" section of R
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -55,9 +56,9 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tangentlab as tl  # noqa: E402
-from _common import machine, write_section  # noqa: E402
+from _common import write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
-from forecast_accuracy import _commit, _save  # noqa: E402
+from forecast_accuracy import _load, _save  # noqa: E402
 from tangentlab.examples import load_example  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sweeps"
@@ -102,12 +103,8 @@ def _curve(v) -> list[float | None]:
 
 
 def run_case(name: str) -> dict:
-    OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
-    state = json.loads(path.read_text()) if path.exists() else {}
-    state.setdefault("code", _commit())
-    state.setdefault("machine", machine())
-    state.setdefault("date", datetime.date.today().isoformat())
+    state = _load(path)
     ex, top, data, held, trunk_s = _inputs(name)
     steps, log_every = CASES[name]["steps"], CASES[name]["log_every"]
     t0 = time.perf_counter()
@@ -128,18 +125,28 @@ def run_case(name: str) -> dict:
         sw = tl.sweep(kernel, list(grid.values()), steps, loss="ce", batch_sizes=list(BATCHES),
                       eval_data=cross, paths=PATHS, seed=0)  # fmt: skip
     sweep_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the head-exact, body-linear model, with its held-out curves
+    hb = tl.compute_head_body_kernel(top, data, params=ex.default_params, progress=False)
+    hb_kernel_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hb_cross = tl.compute_head_body_cross_kernel(top, held, hb, train_data=data,
+                                                 params=ex.default_params)  # fmt: skip
+    hb_cross_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sw_hb = tl.sweep(hb, list(grid.values()), steps, loss="ce", batch_sizes=list(BATCHES),
+                         eval_data=hb_cross, paths=PATHS, seed=0)  # fmt: skip
+    hb_sweep_s = time.perf_counter() - t0
     params = tl.Tangent(top, params=ex.default_params).num_params
     state["costs"] = dict(trunk_seconds=trunk_s, kernel_seconds=kernel_s,
                           cross_kernel_seconds=cross_s, sweep_seconds=sweep_s,
-                          num_params=params)  # fmt: skip
+                          head_body_kernel_seconds=hb_kernel_s,
+                          head_body_cross_kernel_seconds=hb_cross_s,
+                          head_body_sweep_seconds=hb_sweep_s, num_params=params)  # fmt: skip
     print(f"[{name}] {state['costs']}", flush=True)
-    by_key = {}
-    for (_, row), fc in zip(sw.table.iterrows(), sw.forecasts):
-        hp = fc.hyperparameters
-        m, a, sched = next(k for k, o in grid.items() if o.lr == hp["lr"] and o.momentum ==
-                           hp["momentum"] and o.schedule.describe() == hp["schedule"])  # fmt: skip
-        b = None if pd.isna(row["batch_size"]) else int(row["batch_size"])
-        by_key[_key(m, a, sched, b)] = (m, a, sched, b, row, fc)
+    by_key = _by_key(sw, grid)
+    hb_by_key = _by_key(sw_hb, grid)
     cells = state.setdefault("cells", {})
     for key, (m, a, sched, b, row, fc) in by_key.items():
         out = cells.get(key)
@@ -165,7 +172,12 @@ def run_case(name: str) -> dict:
             _save(path, state)
         out.update(rank=int(row["rank"]), valid=bool(row["valid"]),
                    forecast_loss=_curve(fc.loss), forecast_eval_loss=_curve(fc.eval_loss),
-                   forecast_eval_accuracy=_curve(fc.eval_accuracy))  # fmt: skip
+                   forecast_eval_accuracy=_curve(fc.eval_accuracy),
+                   head_body_loss=_curve(hb_by_key[key][5].loss),
+                   head_body_eval_loss=_curve(hb_by_key[key][5].eval_loss),
+                   head_body_eval_accuracy=_curve(hb_by_key[key][5].eval_accuracy),
+                   head_body_rank=int(hb_by_key[key][4]["rank"]),
+                   head_body_valid=bool(hb_by_key[key][4]["valid"]))  # fmt: skip
         ev = out["comparison"]["eval"] or {}
         print(f"[{name}] {key}: rank {out['rank']} real {out['real_seconds']:.1f}s final acc "
               f"real {ev.get('final_accuracy_run')} fc {ev.get('final_accuracy_forecast')}; "
@@ -173,6 +185,18 @@ def run_case(name: str) -> dict:
               flush=True)  # fmt: skip
     _save(path, state)
     return state
+
+
+def _by_key(sw, grid: dict) -> dict:
+    """The sweep's rows and forecasts by cell key."""
+    out = {}
+    for (_, row), fc in zip(sw.table.iterrows(), sw.forecasts):
+        hp = fc.hyperparameters
+        m, a, sched = next(k for k, o in grid.items() if o.lr == hp["lr"] and o.momentum ==
+                           hp["momentum"] and o.schedule.describe() == hp["schedule"])  # fmt: skip
+        b = None if pd.isna(row["batch_size"]) else int(row["batch_size"])
+        out[_key(m, a, sched, b)] = (m, a, sched, b, row, fc)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,57 +215,69 @@ def _steps_to(loss: list, steps: list, target: float) -> float:
     return math.inf
 
 
-def scores(state: dict) -> dict:
-    """Part 3 errors per cell and part 4 rank statistics of one case."""
+MODELS = {"forecast": "tangent model", "head_body": "head exact, body linear"}
+
+
+def scores(state: dict, model: str = "forecast") -> dict:
+    """Part 3 errors per cell and part 4 rank statistics of one case, for one model
+    (``"forecast"``: the tangent model; ``"head_body"``), from the logged curves."""
     cells = list(state["cells"].values())
+    if not all(f"{model}_eval_accuracy" in c for c in cells):
+        return {}
+    rank_key, valid_key = ("rank", "valid") if model == "forecast" else (
+        f"{model}_rank", f"{model}_valid")  # fmt: skip
     fc_final, run_final, fc_best, run_best, fc_t, run_t = [], [], [], [], [], []
     run1_final, run1_best = [], []  # a second real grid: minibatch cells rerun with seed 1
+    final_pts, best_pts, best_err, regret = [], [], [], []
     for c in cells:
         steps = c["run_steps"]
-        fe = [c["forecast_eval_accuracy"][s] for s in steps]
-        fc_final.append(_acc(fe[-1]) if c["valid"] else 0.0)
-        run_final.append(_acc(c["run_eval_accuracy"][-1]))
-        fc_best.append(max(_acc(v) for v in fe) if c["valid"] else 0.0)
-        run_best.append(max(_acc(v) for v in c["run_eval_accuracy"]))
-        again = c.get("run_seed1_eval_accuracy", c["run_eval_accuracy"])  # full batch: same
+        fe = [c[f"{model}_eval_accuracy"][s] for s in steps]
+        fl = [c[f"{model}_eval_loss"][s] for s in steps]
+        ra, rl = c["run_eval_accuracy"], c["run_eval_loss"]
+        valid = c[valid_key]
+        fc_final.append(_acc(fe[-1]) if valid else 0.0)
+        run_final.append(_acc(ra[-1]))
+        fc_best.append(max(_acc(v) for v in fe) if valid else 0.0)
+        run_best.append(max(_acc(v) for v in ra))
+        again = c.get("run_seed1_eval_accuracy", ra)  # full batch: the same run
         run1_final.append(_acc(again[-1]))
         run1_best.append(max(_acc(v) for v in again))
         target = (1 - DROP) * c["run_loss"][0]
-        fc_t.append(_steps_to([c["forecast_loss"][s] for s in steps], steps, target))
+        fc_t.append(_steps_to([c[f"{model}_loss"][s] for s in steps], steps, target))
         run_t.append(_steps_to(c["run_loss"], steps, target))
+        if fe[-1] is not None and ra[-1] is not None:
+            final_pts.append(100 * abs(fe[-1] - ra[-1]))
+        finite_f = [i for i, v in enumerate(fl) if v is not None]
+        finite_r = [i for i, v in enumerate(rl) if v is not None]
+        if finite_f and finite_r:
+            bf = min(finite_f, key=lambda i: fl[i])
+            br = min(finite_r, key=lambda i: rl[i])
+            best_pts.append(100 * abs(_acc(fe[bf]) - _acc(ra[br])))
+            best_err.append(abs(steps[bf] - steps[br]) / max(steps[br], 1))
+            regret.append(100 * (_acc(ra[br]) - _acc(ra[bf])))
     big = 10**9  # never reached: ranked last (ties among themselves)
 
-    def rho(a, b, sign=1.0):
-        a = [sign * (big if math.isinf(v) else v) for v in a]
-        b = [sign * (big if math.isinf(v) else v) for v in b]
-        r = spearmanr(a, b).statistic
-        return None if not np.isfinite(r) else float(r)
+    def rho(a, b):
+        a = [big if math.isinf(v) else v for v in a]
+        b = [big if math.isinf(v) else v for v in b]
+        if len(set(a)) < 2 or len(set(b)) < 2:
+            return None  # a constant ranking: undefined
+        return float(spearmanr(a, b).statistic)
 
-    chosen = min(range(len(cells)), key=lambda i: cells[i]["rank"])
+    keys = list(state["cells"])
+    chosen = min(range(len(cells)), key=lambda i: cells[i][rank_key])
     best_real = max(run_final)
-    evs = [c["comparison"]["eval"] for c in cells if c["comparison"]["eval"]]
-    regret = [100 * (_acc(e["accuracy_at_best_run"]) - _acc(e["run_accuracy_at_forecast_best"]))
-              for e in evs]  # fmt: skip
     return dict(
-        cells=len(cells),
-        final_points=[abs(e["final_accuracy_error_points"]) for e in evs
-                      if e["final_accuracy_error_points"] is not None],  # fmt: skip
-        best_points=[abs(e["accuracy_at_best_error_points"]) for e in evs
-                     if e["accuracy_at_best_error_points"] is not None],  # fmt: skip
-        best_step_error=[e["best_step_error"] for e in evs],
-        regret_points=regret,
-        rho_final=rho(fc_final, run_final),
-        rho_best=rho(fc_best, run_best),
+        cells=len(cells), final_points=final_pts, best_points=best_pts,
+        best_step_error=best_err, regret_points=regret,
+        rho_final=rho(fc_final, run_final), rho_best=rho(fc_best, run_best),
         rho_steps=rho(fc_t, run_t),
         reached=(sum(math.isfinite(v) for v in fc_t), sum(math.isfinite(v) for v in run_t)),
-        rho_real_final=rho(run1_final, run_final),
-        rho_real_best=rho(run1_best, run_best),
-        chosen=list(state["cells"])[chosen],
-        chosen_real=run_final[chosen],
-        best_real=best_real,
-        best_real_cell=list(state["cells"])[int(np.argmax(run_final))],
+        rho_real_final=rho(run1_final, run_final), rho_real_best=rho(run1_best, run_best),
+        chosen=keys[chosen], chosen_real=run_final[chosen], best_real=best_real,
+        best_real_cell=keys[int(np.argmax(run_final))],
         gap_points=100 * (best_real - run_final[chosen]),
-    )
+    )  # fmt: skip
 
 
 def _q(v: list[float]) -> str:
@@ -259,38 +295,42 @@ def report() -> None:
         f"Command: `{COMMAND}` (then `--report`). Grid, sizes and scoring: the script's "
         "docstring (24 cells a case: SGD m 0/0.9 x peak rate 0.1/0.25/0.5 of the CE "
         "stability limit x constant / warmup-cosine x B 16/full; CE; N, M, T per case in "
-        "the docstring). One kernel, one cross kernel and one `tl.sweep(...,"
-        " eval_data=cross)` per case against 24 real runs.",
+        "the docstring). Per case one kernel and one cross kernel per model, and one "
+        "`tl.sweep(..., eval_data=...)` each, against 24 real runs: the tangent model "
+        "(`tl.compute_cross_kernel`) and the head-exact, body-linear model "
+        "(`tl.compute_head_body_cross_kernel`).",
         "",
-        "**Part 3, held-out curves** (median / p90 over the 24 cells; accuracy in points):",
+        "**Part 3, held-out curves** (median / p90 over the 24 cells; accuracy in points; "
+        "best step = minimum held-out loss on the logged steps):",
         "",
-        "| case | final accuracy error | accuracy-at-best error | best-step error "
+        "| case | model | final accuracy error | accuracy-at-best error | best-step error "
         "(relative) | cost of stopping the real run at the forecast best step |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
-    sc = {k: scores(s) for k, s in states.items()}
-    for k, r in sc.items():
-        lines.append(f"| {k} | {_q(r['final_points'])} | {_q(r['best_points'])} | "
-                     f"{_q(r['best_step_error'])} | {_q(r['regret_points'])} |")  # fmt: skip
+    sc = {(k, m): scores(s, m) for k, s in states.items() for m in MODELS}
+    sc = {km: r for km, r in sc.items() if r}
+    for (k, m), r in sc.items():
+        lines.append(f"| {k} | {MODELS[m]} | {_q(r['final_points'])} | {_q(r['best_points'])} "
+                     f"| {_q(r['best_step_error'])} | {_q(r['regret_points'])} |")  # fmt: skip
     lines += [
         "",
         "**Part 4, sweeps** (Spearman ρ between forecast and real over the 24 cells; the "
-        "sweep's first-ranked configuration against the real best, held-out accuracy at the "
-        "last step). The real-vs-real column is the ceiling set by SGD noise: the same grid "
-        "trained again with another batch order (seed 1; full-batch cells are deterministic), "
-        "ranked against the first:",
+        "sweep's first-ranked configuration (held-out accuracy at the last step, valid rows "
+        "first) against the real best). The real-vs-real column is the ceiling set by SGD "
+        "noise: the same grid trained again with another batch order (seed 1; full-batch "
+        "cells are deterministic), ranked against the first:",
         "",
-        "| case | ρ final held-out accuracy | ρ best held-out accuracy | ρ steps to 80% "
+        "| case | model | ρ final held-out accuracy | ρ best held-out accuracy | ρ steps to 80% "
         "train drop (cells reaching it: forecast / real; – = undefined) | real vs real "
         "(seed 1): ρ final / best | sweep's choice (real accuracy) | real best | gap (points) "
         "| goals (ρ ≥ 0.8, gap ≤ 1) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for k, r in sc.items():
+    for (k, m), r in sc.items():
         ok = r["rho_final"] is not None and r["rho_final"] >= 0.8 and r["gap_points"] <= 1.0
         lines.append(
-            f"| {k} | {_r(r['rho_final'])} | {_r(r['rho_best'])} | {_r(r['rho_steps'])} "
-            f"({r['reached'][0]} / {r['reached'][1]}) | "
+            f"| {k} | {MODELS[m]} | {_r(r['rho_final'])} | {_r(r['rho_best'])} | "
+            f"{_r(r['rho_steps'])} ({r['reached'][0]} / {r['reached'][1]}) | "
             f"{_r(r['rho_real_final'])} / {_r(r['rho_real_best'])} | "
             f"{r['chosen']} ({r['chosen_real']:.1%}) | {r['best_real_cell']} "
             f"({r['best_real']:.1%}) | {r['gap_points']:.1f} | {'met' if ok else 'NOT met'} |"
@@ -299,17 +339,20 @@ def report() -> None:
         "",
         "Cost (seconds; real = the 24 training runs with their held-out evaluations):",
         "",
-        "| case | trunk once | kernel | cross kernel | sweep (24 forecasts) | real grid | "
-        "real / (kernel + cross + sweep) |",
+        "| case | trunk once | tangent: kernel + cross kernel + sweep | head-exact: kernel + "
+        "cross + sweep | real grid | real / tangent | real / head-exact |",
         "|---|---|---|---|---|---|---|",
     ]
     for k, s in states.items():
         c = s["costs"]
         real = sum(v["real_seconds"] for v in s["cells"].values())
-        fc = c["kernel_seconds"] + c["cross_kernel_seconds"] + c["sweep_seconds"]
-        lines.append(f"| {k} | {c['trunk_seconds']:.1f} | {c['kernel_seconds']:.1f} | "
-                     f"{c['cross_kernel_seconds']:.1f} | {c['sweep_seconds']:.1f} | {real:.0f} | "
-                     f"{real / fc:.1f}x |")  # fmt: skip
+        tan = (c["kernel_seconds"], c["cross_kernel_seconds"], c["sweep_seconds"])
+        hb = (c.get("head_body_kernel_seconds", math.nan),
+              c.get("head_body_cross_kernel_seconds", math.nan),
+              c.get("head_body_sweep_seconds", math.nan))  # fmt: skip
+        lines.append(f"| {k} | {c['trunk_seconds']:.1f} | {' + '.join(f'{v:.1f}' for v in tan)} "
+                     f"| {' + '.join(f'{v:.1f}' for v in hb)} | {real:.0f} | "
+                     f"{real / sum(tan):.1f}x | {real / sum(hb):.1f}x |")  # fmt: skip
     first = next(iter(states.values()), {})
     lines += ["", f"Machine: {first.get('machine', '?')}; code {first.get('code', '?')}, "
               f"{first.get('date', '?')}."]  # fmt: skip
