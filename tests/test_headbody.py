@@ -289,34 +289,38 @@ def test_reliability_check_warns_when_the_head_x_body_product_dominates():
 
 
 @pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
-@pytest.mark.parametrize("case", ["block", "isotropic probes", "minibatch", "linear probing"])
+@pytest.mark.parametrize("case", ["block", "isotropic probes", "minibatch",
+                                  "minibatch, probes, with replacement", "linear probing"])
 def test_held_out_curves_equal_real_runs_where_the_model_is_exact(case):
     """``compute_head_body_cross_kernel``: held-out features move through the cross feature
     kernel; on a body linear in its weights (Q spanning the features, or an isotropic K with
     probes, or no body trained) the forecast's held-out curves are the real run's."""
     kw, fkw, opt = {}, {}, tl.SGD(0.05, momentum=0.9, weight_decay=0.1)
-    net = LinearBody(anisotropic=case != "isotropic probes").double().eval()
+    net = LinearBody(anisotropic="probes" not in case).double().eval()
     data, held = _data(), _data(n=7, seed=1)
-    if case == "isotropic probes":
+    if "probes" in case:
         kw = dict(directions=0, probes=2)
     elif case == "linear probing":
         net, data, held = TanhBody().double().eval(), _data(dim=4), _data(n=7, dim=4, seed=1)
         kw = dict(params=r"^head\.")
     else:
         kw = dict(directions=6)
-    if case == "minibatch":
-        fkw = dict(batch_size=4, paths=2, seed=3)
+    if case.startswith("minibatch"):  # 2 x (2 paths x 2) < N = 10: the gathered columns;
+        # with replacement 3 paths x 4 >= 10 / 2: the scattered GEMM (repeated ids add up)
+        fkw = dict(batch_size=2, paths=2, seed=3) if case == "minibatch" else dict(
+            batch_size=4, paths=3, seed=3, sampling="replacement")  # fmt: skip
     hb = compute_head_body_kernel(net, data, progress=False, **kw)
     ev = tl.compute_head_body_cross_kernel(net, held, hb, train_data=data,
                                            params=kw.get("params"))  # fmt: skip
-    assert ev.num_eval == 7 and (ev.rest is not None) == (case == "isotropic probes")
+    assert ev.num_eval == 7 and (ev.rest is not None) == ("probes" in case)
     fc = tl.forecast(hb, opt, 20, loss="ce", eval_data=ev, **fkw)
     run = tl.finetune(net, data, opt, 20, loss="ce", eval_data=held, log_every=1,
                       progress=False, params=kw.get("params"),
                       **{k: v for k, v in fkw.items() if k != "paths"})  # fmt: skip
-    got = fc.eval_loss if case != "minibatch" else fc.eval_loss_paths[0]
+    mini = case.startswith("minibatch")
+    got = fc.eval_loss_paths[0] if mini else fc.eval_loss
     np.testing.assert_allclose(got, run.eval_loss, rtol=1e-9, atol=1e-12)
-    acc = fc.eval_accuracy if case != "minibatch" else fc.eval_accuracy_paths[0]
+    acc = fc.eval_accuracy_paths[0] if mini else fc.eval_accuracy
     np.testing.assert_allclose(acc, run.eval_accuracy, atol=1e-12)
     assert fc.best_step is not None and fc.method["eval"]["operator"] == "head-body"
     # the sweep takes it too, and ranks by held-out accuracy

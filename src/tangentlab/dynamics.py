@@ -1224,10 +1224,17 @@ class HeadBodyEval:
         if self.block is None:
             return np.zeros((paths, *self.phi0.shape))
         a = g @ q  # [P, b, r]
-        if batches is None:
-            inside = (self.block.theta @ a.reshape(paths, -1).T).T
-        else:
+        theta = self.block.theta  # [M r, N r]
+        n = theta.shape[1] // r
+        if batches is not None and 2 * batches.size < n:  # few columns: gather them per path
             inside = np.stack([self.block.cols_matvec(batches[p], a[p]) for p in range(paths)])
+        else:  # one GEMM for all paths (batch rows scattered, repeated ids adding up)
+            dense = a
+            if batches is not None:
+                dense = np.zeros((paths, n, r))
+                for p in range(paths):
+                    np.add.at(dense[p], batches[p], a[p])
+            inside = (theta @ dense.reshape(paths, -1).T).T
         out = (np.ascontiguousarray(inside).reshape(-1, r) @ q.T).reshape(paths, m, -1)
         if self.rest is not None:
             perp = g - (a.reshape(-1, r) @ q.T).reshape(g.shape)
