@@ -354,63 +354,75 @@ def compute_head_body_cross_kernel(
         >>> fc = tl.forecast(hb, tl.SGD(0.01), 300, loss="ce", eval_data=ev)
         >>> fc.eval_accuracy[-1], fc.best_step
     """
-    from tangentlab.cross import exact_cross
+    from tangentlab.cross import compute_cross_kernel
 
-    fn = "compute_head_body_cross_kernel"
     t0 = time.perf_counter()
-    if not isinstance(hb, HeadBodyKernel):
-        raise TangentlabError(f"{fn}: hb must be a HeadBodyKernel (tl.compute_head_body_kernel), "
-                              f"got {type(hb).__name__}.")  # fmt: skip
-    if hb.metadata.get("projection", "None") != "None":
-        raise TangentlabError(
-            f"{fn}: the head-body kernel is projected ({hb.metadata['projection']}); held-out "
-            "curves of the head-exact model need its exact read-out kernels: recompute it "
-            "with projection=None."
-        )
-    xe, ye = as_arrays(eval_data, where=fn)
-    x, y = as_arrays(train_data, where=fn)
-    if num_rows(x) != hb.num_samples or fingerprint(x, y) != hb.metadata.get("data_fingerprint"):
-        raise TangentlabError(
-            f"{fn}: train_data is not the data the head-body kernel was computed on (N = "
-            f"{num_rows(x)} vs {hb.num_samples}, or different values); pass that data."
-        )
-    head_name, lin = find_head(model, hb.metadata.get("head"))
-    chosen = select_params(model, params)
-    if Tangent(model, params=chosen).weights_hash() != hb.metadata.get("weights_sha"):
-        raise TangentlabError(
-            f"{fn}: the model's weights (or params=) differ from the head-body kernel's; pass "
-            "the model at the same pre-trained weights and the same params=."
-        )
-    body_names = _body_params(chosen, lin, head_name)
-    body = _body(model, head_name)
-    names = body_names or [next(n for n, _ in body.named_parameters())]
-    tb = Tangent(body, params=names)
+    xe, ye = as_arrays(eval_data, where=_CROSS)
+    x, y = as_arrays(train_data, where=_CROSS)
+    tb = _cross_body(model, hb, x, y, params)
     phi_e = _features(tb, xe)
-    budget = parse_bytes(memory_budget) or default_budget(tb.device)
     basis = hb.basis
     block = rest = jw0 = None
     if hb.block is not None:
-        from tangentlab.cross import compute_cross_kernel
-
         zeros, zeros_e = torch.zeros_like(y), torch.zeros(num_rows(xe), dtype=torch.long)
         block = compute_cross_kernel(tb.probed(basis.to(tb.dtype)), (xe, zeros_e), hb.block,
                                      train_data=(x, zeros), memory_budget=memory_budget,
                                      progress=progress)  # fmt: skip
         jw0 = _body_jw0(tb, xe)
         if hb.rest is not None:
-            meta = hb.metadata
-            v = _probe_directions(basis, int(meta["probes"]), int(meta.get("seed", 0)))
-            s = v.shape[1]
-            theta, _, _ = exact_cross(tb.probed(v.to(tb.dtype)), xe, x, (hb.num_samples, s),
-                                      chunk=_CHUNK, budget=budget)  # fmt: skip
-            m, n = num_rows(xe), hb.num_samples
-            rest = torch.einsum("isjs->ij", theta.double().cpu().reshape(m, s, n, s)) / float(
-                (v * v).sum())  # fmt: skip
+            budget = parse_bytes(memory_budget) or default_budget(tb.device)
+            rest = _rest_cross(tb, xe, x, hb, budget)
     meta = dict(weights_sha=hb.metadata.get("weights_sha"),
                 data_fingerprint=hb.metadata.get("data_fingerprint"),
                 eval_fingerprint=fingerprint(xe, ye), rank=int(basis.shape[1]),
                 seconds=time.perf_counter() - t0)  # fmt: skip
     return HeadBodyCross(phi_e, ye, block, rest, jw0, meta)
+
+
+_CROSS = "compute_head_body_cross_kernel"
+
+
+def _cross_body(model: nn.Module, hb: HeadBodyKernel, x, y, params: ParamSpec) -> Tangent:
+    """The body's Tangent for held-out quantities, after checking that ``model``, ``params``
+    and the training data are those of ``hb`` (exact read-out kernels only)."""
+    if not isinstance(hb, HeadBodyKernel):
+        raise TangentlabError(
+            f"{_CROSS}: hb must be a HeadBodyKernel (tl.compute_head_body_kernel), got "
+            f"{type(hb).__name__}."
+        )
+    if hb.metadata.get("projection", "None") != "None":
+        raise TangentlabError(
+            f"{_CROSS}: the head-body kernel is projected ({hb.metadata['projection']}); "
+            "held-out curves of the head-exact model need its exact read-out kernels: "
+            "recompute it with projection=None."
+        )
+    if num_rows(x) != hb.num_samples or fingerprint(x, y) != hb.metadata.get("data_fingerprint"):
+        raise TangentlabError(
+            f"{_CROSS}: train_data is not the data the head-body kernel was computed on (N = "
+            f"{num_rows(x)} vs {hb.num_samples}, or different values); pass that data."
+        )
+    head_name, lin = find_head(model, hb.metadata.get("head"))
+    chosen = select_params(model, params)
+    if Tangent(model, params=chosen).weights_hash() != hb.metadata.get("weights_sha"):
+        raise TangentlabError(
+            f"{_CROSS}: the model's weights (or params=) differ from the head-body kernel's; "
+            "pass the model at the same pre-trained weights and the same params=."
+        )
+    body = _body(model, head_name)
+    names = _body_params(chosen, lin, head_name) or [next(n for n, _ in body.named_parameters())]
+    return Tangent(body, params=names)
+
+
+def _rest_cross(tb: Tangent, xe, x, hb: HeadBodyKernel, budget: int) -> torch.Tensor:
+    """κ_⊥(X_e, X) ``[M, N]``: the ratio estimator of :func:`_rest_kernel` with the same probe
+    directions, Σ_s v_sᵀ K(e, i) v_s / Σ_s ‖v_s‖²."""
+    from tangentlab.cross import exact_cross
+
+    v = _probe_directions(hb.basis, int(hb.metadata["probes"]), int(hb.metadata.get("seed", 0)))
+    s, m, n = v.shape[1], num_rows(xe), hb.num_samples
+    theta, _, _ = exact_cross(tb.probed(v.to(tb.dtype)), xe, x, (n, s), chunk=_CHUNK,
+                              budget=budget)  # fmt: skip
+    return torch.einsum("isjs->ij", theta.double().cpu().reshape(m, s, n, s)) / float((v * v).sum())
 
 
 def _probe_directions(basis: torch.Tensor, probes: int, seed: int) -> torch.Tensor:
