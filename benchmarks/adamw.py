@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tangentlab as tl  # noqa: E402
 from _common import write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
-from forecast_accuracy import _load, _save, _targets  # noqa: E402
+from forecast_accuracy import _open_state, _save, _targets  # noqa: E402
 from headbody import _fmt  # noqa: E402
 from tangentlab.examples import load_example  # noqa: E402
 
@@ -153,7 +153,7 @@ def _forecast(which: str, src: dict, opt: tl.AdamW, c: dict, steps: int):
 def run_case(name: str) -> dict:
     cfg = CASES[name]
     path = OUT / f"{name}.json"
-    state = _load(path)
+    state = _open_state(path)
     cells = state.setdefault("cells", {})
     steps = cfg["steps"]
     need = {m for c in _cells(cfg) for m in METHODS

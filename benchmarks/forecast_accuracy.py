@@ -155,7 +155,7 @@ def _save(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def _load(path: Path, *, fresh: bool = False) -> dict:
+def _open_state(path: Path, *, fresh: bool = False) -> dict:
     """A resumable benchmark state: the file's (unless ``fresh``) or a new one, stamped with
     the code, the machine and the date of its first run."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def _load(path: Path, *, fresh: bool = False) -> dict:
 def run_case(name: str, fresh: bool = False, plain: bool = False) -> dict:
     cfg = CASES[name]
     path = FRESH / f"{name}.json"
-    state = _load(path, fresh=fresh)
+    state = _open_state(path, fresh=fresh)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ex = load_example(name, num_samples=cfg["num_samples"])

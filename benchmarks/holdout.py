@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tangentlab as tl  # noqa: E402
 from _common import machine, write_section  # noqa: E402
 from _split import Lite0Top, MiniLMTop, _lite0_trunk, _minilm_trunk  # noqa: E402
-from forecast_accuracy import _commit, _load, _save, _targets  # noqa: E402
+from forecast_accuracy import _commit, _open_state, _save, _targets  # noqa: E402
 from headbody import _fmt, _hybrid_curve, _powerlaw_curve  # noqa: E402
 from tangentlab import examples as exm  # noqa: E402
 from tangentlab.data import num_rows, take  # noqa: E402
@@ -373,7 +373,7 @@ def _init_worker(name: str, threads: int) -> None:
 
 def run_task(name: str, jobs: int = 1) -> dict:
     path = OUT / f"{name}.json"
-    state = _load(path)
+    state = _open_state(path)
     task, kernel, hb, tangent_s, hb_s = _kernels(name)
     n = int(task["y"].shape[0])
     lam = {loss: (kernel.eigh()[0].max().item() if loss == "mse" else None) for loss in LOSSES}

@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tangentlab as tl  # noqa: E402
 from _common import write_section  # noqa: E402
 from _split import MiniLMTop, cached_inputs  # noqa: E402
-from forecast_accuracy import _load, _save  # noqa: E402
+from forecast_accuracy import _open_state, _save  # noqa: E402
 from tangentlab import dynamics as dyn  # noqa: E402
 from tangentlab.examples import load_example  # noqa: E402
 from tangentlab.tangent import select_params  # noqa: E402
@@ -374,7 +374,7 @@ def _curve(scores: np.ndarray, flipped: np.ndarray) -> dict:
 
 def run_case(name: str, skip: tuple[str, ...] = ()) -> dict:
     path = OUT / f"{name}.json"
-    state = _load(path)
+    state = _open_state(path)
     case = load_case(name)
     case["name"] = name
     n, c = case["x"].shape[0], case["classes"]

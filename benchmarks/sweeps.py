@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tangentlab as tl  # noqa: E402
 from _common import write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
-from forecast_accuracy import _load, _save  # noqa: E402
+from forecast_accuracy import _open_state, _save  # noqa: E402
 from tangentlab.examples import load_example  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sweeps"
@@ -104,7 +104,7 @@ def _curve(v) -> list[float | None]:
 
 def run_case(name: str) -> dict:
     path = OUT / f"{name}.json"
-    state = _load(path)
+    state = _open_state(path)
     ex, top, data, held, trunk_s = _inputs(name)
     steps, log_every = CASES[name]["steps"], CASES[name]["log_every"]
     t0 = time.perf_counter()
