@@ -286,6 +286,11 @@ def test_reliability_check_warns_when_the_head_x_body_product_dominates():
     rel = fc.method["reliability"]
     assert rel["flagged"] and not fc.valid and "reliability" in fc.method["validity"]
     assert max(r for r in rel["rho"].values() if r is not None) > 2
+    # a sweep says why the row is not valid: the reliability check, not the stability number
+    with pytest.warns(tl.errors.ValidityWarning, match="reliability check"):
+        sw = tl.sweep(hb, [tl.SGD(0.5)], 200, loss="ce")
+    note = sw.table["note"].iloc[0]
+    assert note.startswith("reliability check") and "validity region" not in note
 
 
 @pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")

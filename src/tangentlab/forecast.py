@@ -716,7 +716,8 @@ def sweep(
     if outside:
         warnings.warn(
             f"sweep: {outside} of {len(forecasts)} settings lie outside the validity region "
-            "(η̃·λ_max/N > 1; column 'valid'); they rank below every valid setting.",
+            "(η̃·λ_max/N > 1) or fail the head-exact model's reliability check (column 'valid', "
+            "the reason in 'note'); they rank below every valid setting.",
             ValidityWarning,
             stacklevel=2,
         )
@@ -805,7 +806,9 @@ def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps
         if fc.diverges:
             notes.append("diverges")
         elif not fc.valid:
-            notes.append(f"outside the validity region (η̃·λ_max/N = {fc.stability:.3g} > 1)")
+            why = str(fc.method.get("validity", ""))
+            notes.append(why if why.startswith("reliability") else
+                         f"outside the validity region (η̃·λ_max/N = {fc.stability:.3g} > 1)")
         if not fc.diverges and final - lmin > _REBOUND * (fc.loss[0] - lmin) and final > lmin:
             notes.append(f"ends {final / lmin:.3g}x above its minimum (best step "
                          f"{int(np.nanargmin(fc.loss))})")  # fmt: skip
