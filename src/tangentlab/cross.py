@@ -176,16 +176,7 @@ def compute_cross_kernel(
         >>> ck = tl.compute_cross_kernel(model, (X_val, y_val), k)   # [M*C, N*C]
         >>> f_val_t = ck.f0 + (ck.theta @ a_t).reshape(-1, C)          # a_t: [N*C]
     """
-    if not isinstance(kernel, Kernel):
-        raise TangentlabError(
-            f"{_FN}: kernel must be a tangentlab.Kernel (from tl.compute_kernel), got "
-            f"{type(kernel).__name__}."
-        )
-    if kernel.is_trace:
-        raise TangentlabError(
-            f"{_FN}: trace kernels (Theta ~= K (x) I_C) are not supported; compute the full "
-            "training kernel (trace=False), exact or projected."
-        )
+    _check_kernel(kernel)
     tangent = _tangent_for(model_or_tangent, kernel, params)
     if device is not None:
         tangent.to(torch.device(device))
@@ -211,12 +202,7 @@ def compute_cross_kernel(
             flush=True,
         )
     if kernel.features is not None:
-        if xt is not None:
-            _check_features(tangent, xt, kernel)
-        feats, f0, jw0 = _projected_features(tangent, xe, m, chunk)
-        phi = kernel.features.to(device=feats.device, dtype=feats.dtype)
-        theta = feats @ phi.T
-        features = feats.cpu()
+        theta, f0, jw0, features = _projected_cross(tangent, xe, xt, kernel, chunk)
     else:
         if xt is None:
             raise TangentlabError(
@@ -236,6 +222,29 @@ def compute_cross_kernel(
         theta=theta.cpu(), f0=f0.cpu(), targets=ye, jw0=jw0.cpu(), features=features,
         metadata=meta,
     )  # fmt: skip
+
+
+def _check_kernel(kernel: Any) -> None:
+    if not isinstance(kernel, Kernel):
+        raise TangentlabError(
+            f"{_FN}: kernel must be a tangentlab.Kernel (from tl.compute_kernel), got "
+            f"{type(kernel).__name__}."
+        )
+    if kernel.is_trace:
+        raise TangentlabError(
+            f"{_FN}: trace kernels (Theta ~= K (x) I_C) are not supported; compute the full "
+            "training kernel (trace=False), exact or projected."
+        )
+
+
+def _projected_cross(tangent: Tangent, xe, xt, kernel: Kernel, chunk: int):
+    """``(Φ_e Φᵀ, f0, J w0, Φ_e)`` through the kernel's projection (its features kept);
+    ``xt`` (optional) checks that the features are the model's."""
+    if xt is not None:
+        _check_features(tangent, xt, kernel)
+    feats, f0, jw0 = _projected_features(tangent, xe, num_rows(xe), chunk)
+    phi = kernel.features.to(device=feats.device, dtype=feats.dtype)
+    return feats @ phi.T, f0, jw0, feats.cpu()
 
 
 _KEYS = ("request_sha", "weights_sha", "params", "projection", "dtype", "data_fingerprint")
