@@ -9,8 +9,9 @@ from torch import nn
 
 import tangentlab as tl
 from conftest import make_transformer
-from tangentlab import compute, gram
+from tangentlab import compute, gram, linalg
 from tangentlab.errors import VmapFallbackWarning
+from tangentlab.structured import Unsupported
 
 
 def brute_force_theta(model, x, names):
@@ -97,11 +98,16 @@ def _kernel(model, data, **kw):
     return tl.compute_kernel(model, data, progress=False, **kw)
 
 
-@pytest.mark.parametrize("order", [None, "pairs", "grads"])
+@pytest.mark.parametrize("order", [None, "pairs", "grads", "grads-blocks"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_gram_kernel_equals_brute_force(name, order, monkeypatch):
     """Every layer type, both contraction orders (NOTE [gram contraction order]), with
-    f0 and J w0; no [B, C, P] Jacobian is formed."""
+    f0 and J w0; no [B, C, P] Jacobian is formed. ``grads-blocks``: one-sample gradient
+    blocks (NOTE [gram gradient blocks]) and 2-row blocks of the symmetric products."""
+    if order == "grads-blocks":
+        monkeypatch.setattr(gram, "_REFORM_SHARE", 1e9)
+        monkeypatch.setattr(linalg, "SYRK_ROWS", 2)
+        order = "grads"
     if order is not None:
         monkeypatch.setattr(gram, "_choose", lambda *args: order)
     model, (x, y) = _model(name)
@@ -215,8 +221,8 @@ def test_partly_covered_model_is_split(monkeypatch):
 
 
 def test_transformer_with_embedding_is_split_and_exact(text_data):
-    """The embedding and nn.MultiheadAttention's fused in-projection are not covered: they
-    go to the Jacobian part, the head, feed-forward and norms to the gram part."""
+    """nn.MultiheadAttention's fused in-projection is not covered: it goes to the Jacobian
+    part; the embedding, head, feed-forward and norms to the gram part."""
     x, y = text_data
     model = make_transformer()
     theta, _ = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
@@ -228,32 +234,20 @@ def test_transformer_with_embedding_is_split_and_exact(text_data):
     torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
 
 
-class EmbedHead(nn.Module):
-    """An embedding (not a covered call) and a linear head on the mean of the tokens."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
-
-    def forward(self, ids):
-        return self.head(self.emb(ids).mean(1))
-
-
 def test_nothing_covered_falls_back_to_jacobians():
-    """Only the embedding trainable: auto takes the Jacobian path silently; an explicit
-    "gram" says so and falls back; both exact."""
+    """Only a weight used by ``torch.matmul`` trainable: auto takes the Jacobian path
+    silently; an explicit "gram" says so and falls back; both exact."""
     torch.manual_seed(0)
-    model = EmbedHead().double().eval()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 7, (5, 3), generator=g), torch.randint(0, 3, (5,), generator=g)
-    theta, _ = brute_force_theta(model, x, {"emb.weight"})
-    auto = tl.Tangent(model, params=r"^emb\.")
+    model = RawWeight().double().eval()
+    x, y = _data((4,), n=5)
+    theta, _ = brute_force_theta(model, x, {"w"})
+    auto = tl.Tangent(model, params=r"^w$")
     with warnings.catch_warnings():
         warnings.simplefilter("error", VmapFallbackWarning)
         k = _kernel(auto, (x, y))
     assert auto.jacobian_mode not in ("gram", "auto")
     torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
-    asked = tl.Tangent(model, params=r"^emb\.", jacobian_mode="gram")
+    asked = tl.Tangent(model, params=r"^w$", jacobian_mode="gram")
     with pytest.warns(VmapFallbackWarning, match="'gram' does not cover"):
         k = _kernel(asked, (x, y))
     torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
@@ -338,3 +332,152 @@ def test_gram_kernel_on_the_real_tops(name, options):
     jac = tl.Tangent(top, params=ex.default_params, jacobian_mode="structured").jacobian(xt)
     j2 = jac.reshape(-1, jac.shape[-1])
     torch.testing.assert_close(k.theta, j2 @ j2.T, rtol=1e-10, atol=1e-10)
+
+
+class Embeddings(nn.Module):
+    """Word (with ``padding_idx``), position and token-type embeddings summed, a layer
+    norm, a token-wise linear and a head on token 0 and the mean: BERT's input layer."""
+
+    def __init__(self, vocab: int = 9, length: int = 6, pad: int = 0) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, 5, padding_idx=pad)
+        self.pos = nn.Embedding(length, 5)
+        self.segment = nn.Embedding(2, 5)
+        self.norm = nn.LayerNorm(5)
+        self.mix = nn.Linear(5, 5)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, input_ids, token_type_ids):
+        pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        h = self.norm(self.word(input_ids) + self.pos(pos) + self.segment(token_type_ids))
+        h = torch.tanh(self.mix(h))
+        return self.head(torch.cat([h[:, 0], h.mean(1)], dim=1))
+
+
+def _token_data(n=7, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 5, (n, length), generator=g)  # few ids: many repeats and matches
+    ids[:, -2:] = 0  # padding (padding_idx = 0): no gradient into that row
+    ids[0, 1] = 0
+    types = torch.randint(0, 2, (n, length), generator=g)
+    return {"input_ids": ids, "token_type_ids": types}, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("pad", [0, -9, None])
+def test_embeddings_in_the_gram_path_equal_brute_force(pad, monkeypatch):
+    """Word / position / token-type embeddings (NOTE [gram embeddings]): repeated ids in a
+    sample, ids shared across samples, padding_idx (also negative, and none); Theta, J w0,
+    and the trace kernel, with no Jacobian formed; row strips and small match blocks too."""
+    torch.manual_seed(4)
+    model = Embeddings(pad=pad if pad is not None else 0).double().eval()
+    if pad is None:
+        model.word.padding_idx = None
+    x, y = _token_data()
+    t = tl.Tangent(model)
+
+    def no_jacobians(*args, **kwargs):
+        raise AssertionError("the gram path formed per-sample Jacobians")
+
+    monkeypatch.setattr(t, "jacobian_blocks", no_jacobians)
+    k = _kernel(t, (x, y))
+    assert t.jacobian_mode == "gram"
+    theta, jac = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
+    torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(k.jw0, (jac @ w0).reshape(7, 3))
+    tr = _kernel(tl.Tangent(model), (x, y), trace=True)
+    blocks = theta.view(7, 3, 7, 3).diagonal(dim1=1, dim2=3).sum(-1) / 3
+    torch.testing.assert_close(tr.theta, blocks, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(gram, "_BLOCK_ELEMENTS", 16)  # a few matched rows per block
+    strips = []
+    real = gram.kernel_rows
+    monkeypatch.setattr(
+        compute, "kernel_rows", lambda *a, **kw: strips.append(a[3:5]) or real(*a, **kw)
+    )
+    small = _kernel(tl.Tangent(model), (x, y), memory_budget=40_000)
+    assert len(strips) > 1  # strips of a few samples against later chunks
+    torch.testing.assert_close(small.theta, theta, rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_structured_jacobian_equals_autograd():
+    """The structured mode's per-sample embedding gradient (ids scattered to rows)."""
+    torch.manual_seed(4)
+    model = Embeddings().double().eval()
+    x, y = _token_data(n=4)
+    k = _kernel(tl.Tangent(model, jacobian_mode="structured"), (x, y))
+    theta, _ = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
+    torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("option", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}])
+def test_embedding_options_outside_the_gram_path_are_split_off(option):
+    """max_norm (renormalizes the weight in place) and scale_grad_by_freq (batch
+    dependent) are not covered: that embedding's part comes from the Jacobian path."""
+    torch.manual_seed(4)
+    model = Embeddings().double().eval()
+    for key, value in option.items():
+        setattr(model.pos, key, value)
+    x, y = _token_data(n=4)
+    t = tl.Tangent(model)
+    covered = t.gram_covered({k: v[:1] for k, v in x.items()})
+    assert "pos.weight" not in covered and "word.weight" in covered
+    if "max_norm" in option:  # renormalization is not differentiable per sample here
+        return
+    k = _kernel(t, (x, y))
+    theta, _ = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
+    torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
+
+
+class BroadcastPositions(Embeddings):
+    """BERT's layout: position ids ``[1, S]``, their embedding broadcast across samples."""
+
+    def forward(self, input_ids, token_type_ids):
+        pos = torch.arange(input_ids.shape[1]).unsqueeze(0)  # [1, S]: no batch dimension
+        h = self.norm(self.word(input_ids) + self.pos(pos) + self.segment(token_type_ids))
+        h = torch.tanh(self.mix(h))
+        return self.head(torch.cat([h[:, 0], h.mean(1)], dim=1))
+
+
+def test_layer_on_a_tensor_broadcast_across_samples_is_split_off():
+    """An embedding of ids [1, S] (one output shared by every sample) has no per-sample
+    output gradient: its part of Theta comes from Jacobians; never a silent mix of the
+    samples' gradients. Two samples are needed to see it (one looks batched)."""
+    torch.manual_seed(4)
+    model = BroadcastPositions().double().eval()
+    x, y = _token_data(n=5)
+    t = tl.Tangent(model)
+    assert "pos.weight" in t.gram_covered({k: v[:1] for k, v in x.items()})
+    assert "pos.weight" not in t.gram_covered({k: v[:2] for k, v in x.items()})
+    with pytest.raises(Unsupported, match="first dimension is not the batch"):
+        t.gram_factors({k: v[:2] for k, v in x.items()})
+    k = _kernel(t, (x, y))
+    theta, jac = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
+    torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(k.jw0, (jac @ w0).reshape(5, 3))
+
+
+class SequenceFirst(nn.Module):
+    """A token-wise linear applied in a sequence-first layout ``[S, B, d]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x [B, S, 5]
+        h = torch.tanh(self.mix(x.transpose(0, 1)))  # [S, B, 6]
+        return self.head(h.mean(0))
+
+
+@pytest.mark.parametrize("mode", ["auto", "structured"])
+def test_sequence_first_layout_is_exact(mode):
+    """A layer whose output is [S, B, d] is not read as [B, S, d] (that would mix the
+    samples' gradients silently): its weights take the Jacobian path, Theta is exact."""
+    torch.manual_seed(0)
+    model = SequenceFirst().double().eval()
+    x, y = _data((4, 5), n=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VmapFallbackWarning)
+        k = _kernel(tl.Tangent(model, jacobian_mode=mode), (x, y))
+    theta, _ = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
+    torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)

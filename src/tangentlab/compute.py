@@ -124,6 +124,7 @@ from tangentlab.kernel import (
     read_safetensors,
     tensors_digest,
 )
+from tangentlab.linalg import add_gram_
 from tangentlab.memory import MemoryPlan, activation_elements, default_budget, parse_bytes, plan
 from tangentlab.projection import Projection, ProjectionKind
 from tangentlab.tangent import JacobianMode, ParamSpec, Tangent, check_output
@@ -293,13 +294,16 @@ def _prepare(
         # sample's factors (layer inputs, output gradients) take the place of its
         # Jacobian in the memory plan. An explicit "gram" that does not cover the model
         # falls back (with a warning) in Tangent.jacobian_blocks.
-        elements = jt.gram_elements(x1)
+        # two samples: a layer applied to a tensor broadcast across samples (BERT's
+        # position ids [1, S]) looks batched in a batch of one
+        x2 = take(x, slice(0, min(2, n)))
+        elements = jt.gram_elements(x2)
         split, rest_params = None, 0
         if elements is None:  # covered in part? Theta = Theta_gram(covered) + Theta_J(rest)
-            covered = jt.gram_covered(x1)
+            covered = jt.gram_covered(x2)
             if 0 < len(covered) < len(jt.param_names):
                 part = jt.restricted(covered)
-                elements = part.gram_elements(x1)
+                elements = part.gram_elements(x2)
                 if elements is not None:
                     others = [n for n in jt.param_names if n not in set(covered)]
                     rest = jt.restricted(others)
@@ -747,7 +751,7 @@ def _projected(
     phi = feats.reshape(n, c * k) if trace else feats.reshape(n * c, k)
     out = {"features": phi.cpu(), "f0": f0.cpu(), "jw0": jw0.cpu()}
     if mplan.keep_theta:
-        out["theta"] = (phi @ phi.T).cpu()
+        out["theta"] = add_gram_(phi.new_zeros(phi.shape[0], phi.shape[0]), phi).cpu()
     return out
 
 

@@ -390,14 +390,14 @@ def exact_cross(tangent: Tangent, xe, xt, nc: tuple[int, int], *, chunk: int, bu
     m = num_rows(xe)
     per_sample = nc[1] * tangent.num_params * tangent.dtype.itemsize * 3
     if tangent.jacobian_mode in (JacobianMode.AUTO, JacobianMode.GRAM):
-        x1 = take(xe, slice(0, 1))
-        elements = tangent.gram_elements(x1)
+        x2 = take(xe, slice(0, min(2, m)))  # two samples: see compute._prepare
+        elements = tangent.gram_elements(x2)
         if elements is not None:
             return _gram_cross(tangent, xe, xt, m, nc, budget, elements, batch_size)
-        covered = tangent.gram_covered(x1)
+        covered = tangent.gram_covered(x2)
         if 0 < len(covered) < len(tangent.param_names):
             part = tangent.restricted(covered)
-            elements = part.gram_elements(x1)
+            elements = part.gram_elements(x2)
             if elements is not None:
                 rest = tangent.restricted([n for n in tangent.param_names if n not in covered])
                 th_g, f0, jw_g = _gram_cross(part, xe, xt, m, nc, budget, elements,

@@ -14,7 +14,8 @@ kernel is a contraction of layer inputs and output gradients:
 
 A convolution is the same with ``u`` its unfolded patches (im2col) and ``s`` the output
 pixels; a trainable bias is a column of ones appended to ``u`` (its gradient is
-``sum_s g_s``). The inputs ``u`` and output gradients ``g`` come from one forward and C
+``sum_s g_s``); an embedding is the same with one-hot ``u`` (NOTE [gram embeddings]).
+The inputs ``u`` and output gradients ``g`` come from one forward and C
 reverse passes of a whole chunk (tangentlab.structured, as the ``structured`` Jacobian
 mode).
 
@@ -37,12 +38,27 @@ and output of a chunk add nothing to any entry, and are dropped before the contr
 projection after the attention, and the query, keep one position; the keys and values
 keep the tokens that are not padding.
 
+NOTE [gram embeddings]. An embedding's per-sample gradient has one row per id the sample
+uses, ``H_ia[v] = sum_{s: id_is = v} g_ias`` (``g`` the gradient at the embedding's
+output; positions of its ``padding_idx`` add nothing), so
+
+.. math::
+
+    \\Theta_E[(i,a),(j,b)] = \\sum_{s,t:\\ id_{is} = id_{jt}} g_{ias} \\cdot g_{jbt}
+                          = \\sum_v H_{ia}[v] \\cdot H_{jb}[v]
+
+over the ids both samples use: the factors are the (sample, id) rows ``H`` (at most S per
+sample, never the vocabulary), matched between the two chunks by sorting the ids, and
+their ``C x C`` products added per pair of samples. Cost: ``C^2 d`` per matching pair of
+rows — ``B_a B_b`` pairs for an id every sample uses ([CLS], token type 0, position 3).
+
 Weights without that structure (eval batch norm, layer norm, grouped/depthwise
 convolutions, a bias whose weight is frozen) are small: their per-sample gradients
-``[B, C, p]`` are formed (tangentlab.structured._per_sample) and multiplied. Models with a
-trainable weight outside the covered calls (embeddings, attention in-projections of
-``nn.MultiheadAttention``'s fused path, ...) are not handled here: compute_kernel falls back
-to the Jacobian path (NOTE [jacobian modes] in tangentlab.tangent).
+``[B, C, p]`` are formed (tangentlab.structured._per_sample) and multiplied. Trainable
+weights outside the covered calls (attention in-projections of ``nn.MultiheadAttention``'s
+fused path, an embedding with ``max_norm`` or ``scale_grad_by_freq``, ...) are not handled
+here: compute_kernel computes their part of the kernel by the Jacobian path (NOTE
+[jacobian modes] in tangentlab.tangent).
 
 Memory: Theta, the factors (``u``, ``g``, small per-sample gradients) of the samples of one
 row strip and of one column chunk (``sum_l S_l (d_in,l + C d_out,l)`` elements per
@@ -58,6 +74,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tangentlab.linalg import add_gram_
 from tangentlab.structured import (
     Unsupported,
     _detached,
@@ -65,7 +82,8 @@ from tangentlab.structured import (
     _outer_factors,
     _per_sample,
     capture_calls,
-    unfolded,
+    embedding_grads,
+    shared_inputs,
 )
 
 # The largest transient tensor one layer's position-pair contraction forms at once
@@ -76,17 +94,31 @@ _BLOCK_ELEMENTS = 1 << 22
 # block's gradients are formed once per block of the other side, so larger blocks form
 # them fewer times (MiniLM's 384x384 keys and values, C = 2: ~56 samples a block).
 _GRAD_ELEMENTS = 1 << 24
+# NOTE [gram gradient blocks]. The ``grads`` order forms one side's per-sample gradients
+# once per block of the other side: with k blocks of a chunk of B samples (C outputs, S_b
+# positions on the other side) that re-forming costs about k S_b / (B C) of the products.
+# Blocks are as small as keeps that share at most _REFORM_SHARE (and within ``held``): the
+# digits CNN's second convolution (B = 400, C = 10, S = 64) is cut into 6 blocks of 67
+# samples (12 MB each instead of 67 MB), MiniLM's keys (B = 100, C = 2, S = 64) stay
+# whole blocks (re-forming would cost more than the products).
+_REFORM_SHARE = 0.1
 
 
 @dataclass
 class _Layer:
     """One covered call's factors for a chunk of B samples (C outputs)."""
 
-    kind: str  # "outer" (u, g) | "dense" (d)
-    u: torch.Tensor | None = None  # [B, S, i] inputs (unfolded; ones column for a bias)
-    g: torch.Tensor | None = None  # [B, C, o, S] output gradients (positions last)
+    kind: str  # "outer" (u, g) | "embed" (u, g) | "dense" (d)
+    # outer: [B, S, i] inputs (unfolded; ones column for a bias); embed: [U, 2] (sample, id)
+    u: torch.Tensor | None = None
+    # outer: [B, C, o, S] output gradients (positions last); embed: [U, C, d] (_merge_tokens)
+    g: torch.Tensor | None = None
     d: torch.Tensor | None = None  # [B, C, p'] per-sample gradients (columns ``cols``)
     cols: torch.Tensor | None = None  # the p' of p columns kept (None: all; see _trim)
+    # while the factors are filled (gram_factors, until _trim): g is [B, C, S, o]
+    # (tokens), u lacks the bias column (bias)
+    tokens: bool = False
+    bias: bool = False
 
 
 @dataclass
@@ -115,10 +147,13 @@ def _choose(
 
 
 def _layout(kind: str, a: dict, roles: dict, out: torch.Tensor) -> tuple[str, int, int, int]:
-    """``(kind, S, d_in, d_out)`` of a covered call: "outer" (S, d_in, d_out) or "dense"."""
+    """``(kind, S, d_in, d_out)`` of a covered call: "outer" (S, d_in, d_out), "embed"
+    (S tokens, 0, d) or "dense"."""
     if "weight" not in roles:
         return "dense", 0, 0, 0
     w = a["weight"]
+    if kind == "embedding":
+        return "embed", a["input"].numel() // out.shape[0], 0, int(w.shape[1])
     if kind == "linear" or (kind in ("conv1d", "conv2d") and int(a.get("groups", 1)) == 1):
         if kind != "linear" and isinstance(a.get("padding", 0), str):
             return "dense", 0, 0, 0  # _per_sample raises Unsupported for it
@@ -130,7 +165,8 @@ def _layout(kind: str, a: dict, roles: dict, out: torch.Tensor) -> tuple[str, in
 
 
 def factor_elements(call, w0: dict[str, torch.Tensor], names: list[str], x1) -> int | None:
-    """Factor elements of one sample (``x1``: a batch of one), or None when not covered.
+    """Factor elements per sample (``x1``: a batch of one or more), or None when not
+    covered.
 
     One forward pass under capture (no reverse pass); used to plan the chunks.
     """
@@ -149,8 +185,8 @@ def factor_elements(call, w0: dict[str, torch.Tensor], names: list[str], x1) -> 
             if kind in ("conv1d", "conv2d") and isinstance(a.get("padding", 0), str):
                 return None
             total += c * sum(int(a[role].numel()) for role in r)
-        else:
-            total += s * (i + c * o)
+        else:  # (an embedding: S ids and S C d gradients)
+            total += s * (max(i, 1) + c * o)
     return total
 
 
@@ -164,6 +200,9 @@ def _trim(layer: _Layer) -> None:
     of the chunk: they add nothing to any kernel entry (NOTE [gram positions]). Likewise
     the columns of per-sample gradients that are zero for the whole chunk (a depthwise
     convolution's taps that only see padding, e.g. 3x3 on a 1x1 map: 8 of 9)."""
+    if layer.kind == "embed":
+        _merge_tokens(layer)
+        return
     if layer.kind == "dense":
         live = _nonzero(layer.d, (0, 1))  # [p]
         if not bool(live.all()):
@@ -171,14 +210,67 @@ def _trim(layer: _Layer) -> None:
             layer.cols = live.nonzero().squeeze(1)
             layer.d = layer.d.index_select(2, layer.cols)
         return
-    live = _nonzero(layer.g, (0, 1, 2))  # [S]
-    if bool(live.all()):
+    # a linear layer's gradients are filled positions first ([B, C, S, o], no transposed
+    # copy of positions about to be dropped), then transposed once trimmed
+    pos = 2 if layer.tokens else 3
+    live = _nonzero(layer.g, tuple(d for d in range(4) if d != pos))  # [S]
+    if not bool(live.all()):
+        if not bool(live.any()):
+            live[0] = True  # the layer adds zero; keep one position for the shapes
+        keep = live.nonzero().squeeze(1)
+        layer.u = layer.u.index_select(1, keep)
+        layer.g = layer.g.index_select(pos, keep)
+    if layer.tokens:
+        layer.g = layer.g.transpose(2, 3).contiguous()
+        layer.tokens = False
+    if layer.bias:  # a bias is the weight of a constant input 1 (appended once trimmed)
+        layer.u = torch.cat([layer.u, layer.u.new_ones(*layer.u.shape[:2], 1)], dim=-1)
+        layer.bias = False
+
+
+def _merge_tokens(layer: _Layer) -> None:
+    """An embedding's factors, from ids ``u [B, S]`` and gradients ``g [B, C, S, d]`` to one
+    row per (sample, id) it uses: ``u [U, 2]`` (sample, id), ``g [U, C, d]`` the sum of the
+    gradients at the sample's tokens with that id (NOTE [gram embeddings]). Positions
+    without gradient (padding, ``padding_idx``) are dropped."""
+    ids, g = layer.u, layer.g
+    b, c, s, d = g.shape
+    g = g.permute(0, 2, 1, 3).reshape(b * s, c, d)
+    live = _nonzero(g, (1, 2))
+    sample = torch.arange(b, device=g.device).repeat_interleave(s)[live]
+    ids, g = ids.reshape(-1)[live], g[live]
+    key = sample * (int(ids.max()) + 1 if ids.numel() else 1) + ids
+    uniq, inv = torch.unique(key, return_inverse=True)
+    merged = g.new_zeros(uniq.numel(), c, d).index_add_(0, inv, g)
+    first = torch.full((uniq.numel(),), key.numel(), dtype=torch.long, device=g.device)
+    first = first.scatter_reduce_(0, inv, torch.arange(key.numel(), device=g.device), "amin")
+    layer.u = torch.stack([sample[first], ids[first]], dim=1)
+    layer.g = merged
+    layer.tokens = False
+
+
+def _embed_block(la: _Layer, lb: _Layer, out: torch.Tensor) -> None:
+    """``out [Ba, C, Bb, C] += sum_v H_ia[v] . H_jb[v]`` over the ids both samples use
+    (NOTE [gram embeddings]): matching rows found by sorting, products in blocks."""
+    (ua, ga), (ub, gb) = (la.u, la.g), (lb.u, lb.g)
+    ba, c, bb, _ = out.shape
+    order = torch.argsort(ub[:, 1])
+    sorted_b = ub[order, 1].contiguous()
+    lo = torch.searchsorted(sorted_b, ua[:, 1].contiguous())
+    count = torch.searchsorted(sorted_b, ua[:, 1].contiguous(), right=True) - lo
+    total = int(count.sum())
+    if total == 0:
         return
-    if not bool(live.any()):
-        live[0] = True  # the layer adds zero; keep one position for the shapes
-    keep = live.nonzero().squeeze(1)
-    layer.u = layer.u.index_select(1, keep)
-    layer.g = layer.g.index_select(3, keep)
+    rows_a = torch.repeat_interleave(torch.arange(ua.shape[0], device=ua.device), count)
+    shift = torch.repeat_interleave(lo - (torch.cumsum(count, 0) - count), count)
+    rows_b = order[torch.arange(total, device=ua.device) + shift]
+    acc = ga.new_zeros(ba * bb, c, c)
+    step = max(1, _BLOCK_ELEMENTS // (c * ga.shape[-1]))
+    for p, q in _spans(total, step):
+        ra, rb = rows_a[p:q], rows_b[p:q]
+        prod = torch.bmm(ga[ra], gb[rb].transpose(1, 2))  # [m, C, C]
+        acc.index_add_(0, ua[ra, 0] * bb + ub[rb, 0], prod)
+    out += acc.view(ba, bb, c, c).permute(0, 2, 1, 3)
 
 
 def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Factors:
@@ -206,19 +298,20 @@ def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Fact
                 continue
             a = _detached(a)
             layout, s, i, o = _layout(kind, a, r, out)
-            if layout == "outer":
+            if layout == "embed":
+                layer = _Layer("embed", u=a["input"].reshape(b, s).long(), tokens=True,
+                               g=torch.empty(b, c, s, o, dtype=dt, device=dev))  # fmt: skip
+            elif layout == "outer":
                 _, u = _outer_factors(kind, a, out.detach())
-                u = u.reshape(b, s, -1)
-                if "bias" in r:  # a bias is the weight of a constant input 1
-                    u = torch.cat([u, u.new_ones(b, s, 1)], dim=-1)
-                layer = _Layer("outer", u=u, g=torch.empty(b, c, o, s, dtype=dt, device=dev))
+                tokens = kind == "linear"
+                shape = (b, c, s, o) if tokens else (b, c, o, s)
+                layer = _Layer("outer", u=u.reshape(b, s, -1), tokens=tokens, bias="bias" in r,
+                               g=torch.empty(shape, dtype=dt, device=dev))  # fmt: skip
             else:
                 p = sum(int(a[role].numel()) for role in r)
                 layer = _Layer("dense", d=torch.empty(b, c, p, dtype=dt, device=dev))
-                if "weight" in r:  # unfold a (grouped) convolution's input once, not C times
-                    unf = unfolded(kind, a)
-                    if unf is not None:
-                        a = {**a, "unfolded": unf}
+                # e.g. unfold a (grouped) convolution's input once, not C times
+                a = {**a, **shared_inputs(kind, a, r)}
             layers.append(layer)
             plans.append((kind, a, r, s, o))
         jw0 = torch.zeros(b, c, dtype=dt, device=dev)
@@ -235,8 +328,10 @@ def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Fact
                 if layer.kind == "dense":
                     ps = _per_sample(kind, {**a, "roles": tuple(r)}, g)
                     layer.d[:, cls] = torch.cat([ps[role].reshape(b, -1) for role in r], dim=1)
+                elif layer.kind == "embed":
+                    layer.g[:, cls] = embedding_grads(a, g).reshape(b, s, o)
                 elif kind == "linear":
-                    layer.g[:, cls] = g.reshape(b, s, o).transpose(1, 2)
+                    layer.g[:, cls] = g.reshape(b, s, o)
                 else:  # convolution: [B, o, *spatial] -> [B, o, S]
                     layer.g[:, cls] = g.reshape(b, o, s)
     kept = [layer for layer in layers if layer is not None]
@@ -287,15 +382,17 @@ def _grads_block(la: _Layer, lb: _Layer, out: torch.Tensor, same: bool, held: in
     are mirrored.
     """
     ba, c, o, _ = la.g.shape
-    bb = lb.g.shape[0]
+    bb, _, _, sb = lb.g.shape
     per = c * o * la.u.shape[-1]  # elements of one sample's gradient
-    rows = max(1, held // per)
+    # NOTE [gram gradient blocks]: the fewest rows that keep re-forming cheap
+    spans = max(1, int(_REFORM_SHARE * ba * c / sb))
+    rows = max(1, min(held // per, -(-ba // spans)))
     spans_a, spans_b = _spans(ba, rows), _spans(bb, rows)
     for ia, (p, q) in enumerate(spans_a):
         ga = _grads(la, p, q)
         for r, t in spans_b[ia:] if same else spans_b:
             if same and (p, q) == (r, t):
-                out[p * c : q * c, p * c : q * c].addmm_(ga, ga.T)
+                add_gram_(out[p * c : q * c, p * c : q * c], ga)
                 continue
             prod = ga @ _grads(lb, r, t).T
             out[p * c : q * c, r * c : t * c] += prod
@@ -321,13 +418,20 @@ def _common_columns(la: _Layer, lb: _Layer) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def gram_block(
-    fa: Factors, fb: Factors, out: torch.Tensor | None = None, held: int = _GRAD_ELEMENTS
+    fa: Factors,
+    fb: Factors,
+    out: torch.Tensor | None = None,
+    held: int = _GRAD_ELEMENTS,
+    *,
+    consume: bool = False,
 ) -> torch.Tensor:
     """``Theta[(i,a),(j,b)]`` for samples ``i`` of ``fa`` and ``j`` of ``fb``: ``[Ba C, Bb C]``.
 
     ``out``: where to write it (e.g. a view into the kernel's rows), else a new tensor.
     ``held``: the most elements of one layer's per-sample gradients held per side (the
     ``grads`` order; NOTE [gram contraction order]).
+    ``consume``: release each layer's factors once contracted (the last use of ``fa`` and
+    ``fb``): the later layers' transient blocks reuse that memory.
     """
     ba, bb, c = fa.b, fb.b, fa.c
     same = fa is fb
@@ -341,12 +445,18 @@ def gram_block(
         if la.kind == "dense":  # (c = 1 for a trace kernel: the C outputs side by side)
             da, db = _common_columns(la, lb)
             out.addmm_(da.reshape(ba * c, -1), db.reshape(bb * c, -1).T)
-            continue
-        i, o = la.u.shape[-1], la.g.shape[2]
-        if _choose(ba, bb, la.g.shape[3], lb.g.shape[3], i, o, c, held) == "pairs":
-            _pairs_block(la, lb, pairs)
+            del da, db
+        elif la.kind == "embed":
+            _embed_block(la, lb, pairs)
         else:
-            _grads_block(la, lb, out, same, held)
+            i, o = la.u.shape[-1], la.g.shape[2]
+            if _choose(ba, bb, la.g.shape[3], lb.g.shape[3], i, o, c, held) == "pairs":
+                _pairs_block(la, lb, pairs)
+            else:
+                _grads_block(la, lb, out, same, held)
+        if consume:
+            for layer in (la, lb):
+                layer.u = layer.g = layer.d = None
     return out
 
 
@@ -358,12 +468,15 @@ def _folded(f: Factors) -> Factors:
     the contraction costs a factor C less than the full block's (views, no copy).
     """
     layers = [  # dense layers as they are: gram_block reads [B, C, p] as [B, 1, C p]
-        layer
-        if layer.kind == "dense"
-        else _Layer("outer", u=layer.u, g=layer.g.reshape(f.b, 1, -1, layer.g.shape[3]))
-        for layer in f.layers
+        layer if layer.kind == "dense" else _fold(layer, f.b) for layer in f.layers
     ]
     return Factors(layers, f.jw0, f.f0, f.b, 1)
+
+
+def _fold(layer: _Layer, b: int) -> _Layer:
+    if layer.kind == "embed":  # [U, C, d] -> [U, 1, C d]
+        return _Layer("embed", u=layer.u, g=layer.g.reshape(layer.g.shape[0], 1, -1))
+    return _Layer("outer", u=layer.u, g=layer.g.reshape(b, 1, -1, layer.g.shape[3]))
 
 
 def kernel_rows(
@@ -387,10 +500,17 @@ def kernel_rows(
     m = (e - s) * r
     held = _GRAD_ELEMENTS if held is None else max(1, min(held, _GRAD_ELEMENTS))
 
-    def block(fa: Factors, fb: Factors, out: torch.Tensor) -> None:
+    def block(fa: Factors, fb: Factors, out: torch.Tensor, consume: bool = False) -> None:
         if r != fa.c:  # trace kernel: K_ij = sum_a Theta[(i,a),(j,a)], see _folded
-            fa, fb = (_folded(fa), _folded(fb)) if fb is not fa else (_folded(fa),) * 2
-        gram_block(fa, fb, out, held)  # in place: no second copy of the kernel's rows
+            folded = _folded(fa)
+            fb = folded if fb is fa else _folded(fb)
+            if consume:  # the folded views are then the only references
+                for layer, view in zip(fa.layers, folded.layers):
+                    if view is not layer:
+                        layer.u = layer.g = None
+            fa = folded
+        # in place: no second copy of the kernel's rows
+        gram_block(fa, fb, out, held, consume=consume)
 
     strip: list[tuple[int, Factors]] = []
     f0s, jw0s = [], []
@@ -403,10 +523,12 @@ def kernel_rows(
         bar.update(b - a)
     first = strip[0][1]
     rows = torch.empty(m, (n - s) * r, dtype=first.jw0.dtype, device=first.jw0.device)
+    # one chunk and no later columns: its factors are used once (released as contracted)
+    once = len(strip) == 1 and e == n
     for ia, (a, fa) in enumerate(strip):
         for b, fb in strip[ia:]:
             blk = rows[a * r : (a + fa.b) * r, b * r : (b + fb.b) * r]
-            block(fa, fb, blk)
+            block(fa, fb, blk, consume=once)
             if b != a:
                 rows[b * r : (b + fb.b) * r, a * r : (a + fa.b) * r] = blk.T
     for a, b in _spans(n - e, chunk):

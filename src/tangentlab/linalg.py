@@ -22,6 +22,10 @@ from tangentlab.errors import TangentlabError, TangentlabWarning
 
 __all__ = ["METHODS", "PrecisionFallbackWarning", "projected_eigh"]
 
+# Row block of :func:`add_gram_`: products of blocks this size still run at full BLAS speed,
+# and k blocks need k (k + 1) / 2 of the k^2 block products.
+SYRK_ROWS = 384
+
 METHODS = ("auto", "float64", "float64-scipy", "float32", "svd32", "svd64")
 
 # chosen by measurement (NOTE [projected eigh]): accuracy first, then speed
@@ -212,3 +216,24 @@ def _fallback(why: str) -> None:
         stacklevel=4,
     )
     return None
+
+
+def add_gram_(out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``out += g g^T`` (``g`` ``[m, d]``, ``out`` ``[m, m]``) from the upper block triangle.
+
+    torch has no symmetric rank-k update (BLAS syrk): the products of row blocks of about
+    :data:`SYRK_ROWS` are formed for the upper block triangle only and mirrored, about half
+    the flops of ``g @ g.T`` once there are a few blocks (below three, one product).
+    """
+    m = g.shape[0]
+    k = max(1, round(m / SYRK_ROWS))
+    if k < 3:  # 3 of 4 products for two blocks: not worth the mirrored writes
+        return out.addmm_(g, g.T)
+    spans = [(m * a // k, m * (a + 1) // k) for a in range(k)]
+    for ia, (p, q) in enumerate(spans):
+        for r, t in spans[ia:]:
+            prod = g[p:q] @ g[r:t].T
+            out[p:q, r:t] += prod
+            if r != p:
+                out[r:t, p:q] += prod.T
+    return out

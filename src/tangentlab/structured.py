@@ -20,8 +20,10 @@ approach of BackPACK / Opacus (Dangel et al., 2020: https://arxiv.org/abs/1912.1
 
 The calls are captured with a ``TorchFunctionMode`` at the functional level
 (``F.linear``, ``F.conv1d/2d``, ``F.batch_norm`` in eval mode, ``F.layer_norm``,
-``F.group_norm`` is not covered), so custom wrappers such as "same"-padding convolutions
-are seen with their real arguments. Every trainable weight must be used exactly once, by
+``F.embedding`` without ``max_norm`` or ``scale_grad_by_freq``, whose per-sample gradient
+is the output gradient scattered to the rows of the ids; ``F.group_norm`` is not
+covered), so custom wrappers such as "same"-padding convolutions are seen with their real
+arguments. Every trainable weight must be used exactly once, by
 a covered call, as its weight or bias; otherwise :class:`Unsupported` is raised and the
 caller falls back to another mode (NOTE [jacobian modes] in tangent.py).
 
@@ -58,6 +60,7 @@ _COVERED = {
     F.conv2d: "conv2d",
     F.batch_norm: "batch_norm",
     F.layer_norm: "layer_norm",
+    F.embedding: "embedding",
 }
 
 
@@ -80,6 +83,10 @@ class _Capture(TorchFunctionMode):
             return out
         for name in used:
             self.uses[name] = self.uses.get(name, 0) + 1
+        if kind == "embedding":  # max_norm renormalizes the weight in place; frequency
+            a = _bind(kind, args, kwargs)  # scaling depends on the batch: not covered
+            if a.get("max_norm") is not None or a.get("scale_grad_by_freq", False):
+                kind = None
         if kind is None:
             name = getattr(func, "__name__", str(func))
             self.error = self.error or f"trainable weight {used[0]!r} is used by {name}"
@@ -97,6 +104,8 @@ def _bind(kind: str, args: tuple, kwargs: dict) -> dict:
         "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training",
                        "momentum", "eps"),
         "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+        "embedding": ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                      "scale_grad_by_freq", "sparse"),
     }[kind]  # fmt: skip
     bound = dict(zip(names, args))
     bound.update(kwargs)
@@ -157,26 +166,63 @@ def _per_sample(kind: str, a: dict, g: torch.Tensor) -> dict[str, torch.Tensor]:
         gw = torch.einsum("bgol,bgkl->bgok", g2, unf)
         out["weight"] = gw.reshape(b, *w_shape)
         out["bias"] = g.reshape(b, cout, -1).sum(-1)
+    elif kind == "embedding":  # row v of sample i's gradient: sum of g at its tokens v
+        ids, (v, d) = u.reshape(b, -1).long(), a["weight"].shape
+        g2 = embedding_grads(a, g).reshape(b, -1, d)
+        out["weight"] = g2.new_zeros(b, v, d).scatter_add_(1, ids[..., None].expand_as(g2), g2)
     elif kind == "batch_norm":
-        if a.get("training", False):
-            raise Unsupported("batch norm in training mode")
-        shape = (1, -1) + (1,) * (u.ndim - 2)
-        xhat = (u - a["running_mean"].reshape(shape)) * torch.rsqrt(
-            a["running_var"].reshape(shape) + a.get("eps", 1e-5)
-        )
+        xhat = a["xhat"] if "xhat" in a else normalized(kind, a)
         red = tuple(range(2, u.ndim))
         out["weight"] = (g * xhat).sum(red) if red else g * xhat
         out["bias"] = g.sum(red) if red else g
     elif kind == "layer_norm":
-        nshape = tuple(a["normalized_shape"])
-        dims = tuple(range(u.ndim - len(nshape), u.ndim))
-        mean = u.mean(dims, keepdim=True)
-        var = u.var(dims, unbiased=False, keepdim=True)
-        xhat = (u - mean) * torch.rsqrt(var + a.get("eps", 1e-5))
-        lead = tuple(range(1, u.ndim - len(nshape)))
+        xhat = a["xhat"] if "xhat" in a else normalized(kind, a)
+        lead = tuple(range(1, u.ndim - len(a["normalized_shape"])))
         out["weight"] = (g * xhat).sum(lead) if lead else g * xhat
         out["bias"] = g.sum(lead) if lead else g
     return out
+
+
+def embedding_grads(a: dict, g: torch.Tensor) -> torch.Tensor:
+    """An embedding call's output gradient ``g`` ``[..., d]`` with the positions of its
+    ``padding_idx`` zeroed: autograd never accumulates a gradient into that row."""
+    pad = a.get("padding_idx")
+    if pad is None:
+        return g
+    if pad < 0:
+        pad += a["weight"].shape[0]
+    return g * a["input"].ne(pad).unsqueeze(-1).to(g.dtype)
+
+
+def normalized(kind: str, a: dict) -> torch.Tensor | None:
+    """The normalized input ``x_hat`` of a batch norm (eval) or layer norm call, else None."""
+    u = a["input"]
+    if kind == "batch_norm":
+        if a.get("training", False):
+            raise Unsupported("batch norm in training mode")
+        shape = (1, -1) + (1,) * (u.ndim - 2)
+        return (u - a["running_mean"].reshape(shape)) * torch.rsqrt(
+            a["running_var"].reshape(shape) + a.get("eps", 1e-5)
+        )
+    if kind == "layer_norm":
+        dims = tuple(range(u.ndim - len(tuple(a["normalized_shape"])), u.ndim))
+        mean = u.mean(dims, keepdim=True)
+        var = u.var(dims, unbiased=False, keepdim=True)
+        return (u - mean) * torch.rsqrt(var + a.get("eps", 1e-5))
+    return None
+
+
+def shared_inputs(kind: str, a: dict, roles) -> dict[str, torch.Tensor]:
+    """What :func:`_per_sample` derives from a call's input alone, computed once for the C
+    outputs' passes: ``{"unfolded": im2col}`` (convolutions) or ``{"xhat": ...}`` (norms);
+    nothing when the weight is frozen (a bias needs neither)."""
+    if "weight" not in roles:
+        return {}
+    unf = unfolded(kind, a)
+    if unf is not None:
+        return {"unfolded": unf}
+    xhat = normalized(kind, a)
+    return {} if xhat is None else {"xhat": xhat}
 
 
 def unfolded(kind: str, a: dict) -> torch.Tensor | None:
@@ -212,6 +258,10 @@ def capture_calls(call, w0: dict[str, torch.Tensor], names: list[str], x):
     missing = [n for n in names if n not in cap.uses]
     if missing:
         raise Unsupported(f"trainable weight {missing[0]!r} is not used by a covered op")
+    b = logits.shape[0] if logits.ndim else None
+    for (_, _, out), name in zip(cap.calls, _call_names(cap.calls, ids)):
+        if name is not None and (out.ndim == 0 or out.shape[0] != b):
+            raise Unsupported(_not_batched(name, out, b))
     roles = []
     for _, a, _ in cap.calls:
         r = {}
@@ -227,19 +277,43 @@ def capture_calls(call, w0: dict[str, torch.Tensor], names: list[str], x):
     return logits, cap.calls, roles
 
 
+def _call_names(calls: list, ids: dict[int, str]) -> list[str | None]:
+    """The trainable weight (or bias) name of each captured call, or None."""
+    names = []
+    for _, a, _ in calls:
+        found = [ids[id(a[r])] for r in ("weight", "bias")
+                 if isinstance(a.get(r), torch.Tensor) and id(a[r]) in ids]  # fmt: skip
+        names.append(found[0] if found else None)
+    return names
+
+
+def _not_batched(name: str, out: torch.Tensor, b: int | None) -> str:
+    return (
+        f"trainable weight {name!r} is used on a tensor whose first dimension is not the "
+        f"batch of samples (output {tuple(out.shape)}, batch {b}): e.g. position ids [1, S] "
+        "broadcast across samples, or a sequence-first layout; its per-sample gradients "
+        "cannot be read from the layer's output gradient"
+    )
+
+
 def covered_names(call, w0: dict[str, torch.Tensor], names: list[str], x) -> list[str]:
     """The trainable weights (of ``names``, in order) that :func:`capture_calls` covers:
     used exactly once, by a covered call, as its weight or bias — whatever the others do.
 
-    One forward pass of ``x`` (e.g. one sample). The others (embeddings, weights used by
-    uncovered ops or more than once) need another Jacobian strategy.
+    One forward pass of ``x`` (two samples or more: with one, a call on a tensor broadcast
+    across samples looks batched). The others (weights used by uncovered ops, more than
+    once, or on tensors without the batch dimension first) need another Jacobian strategy.
     """
     w = {n: w0[n].detach().requires_grad_(True) for n in names}
     ids = {id(t): n for n, t in w.items()}
     cap = _Capture(ids)
     with torch.enable_grad(), cap:
-        call(w, x)
+        logits = call(w, x)
     bad = set(cap.uncovered) | {n for n, k in cap.uses.items() if k > 1}
+    b = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.ndim else None
+    for (_, _, out), name in zip(cap.calls, _call_names(cap.calls, ids)):
+        if name is not None and (out.ndim == 0 or out.shape[0] != b):
+            bad.add(name)  # not batched like the samples: see _not_batched
     for _, a, _ in cap.calls:
         bad.update(ids[id(v)] for k, v in a.items() if k not in ("weight", "bias")
                    and isinstance(v, torch.Tensor) and id(v) in ids)  # fmt: skip
@@ -270,15 +344,20 @@ def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) 
             n: torch.empty(b, c, w0[n].numel(), dtype=logits.dtype, device=logits.device)
             for n in names
         }
+        # each call's arguments, detached, with what its input alone gives (computed once)
+        args = [
+            {**_detached(a), **shared_inputs(kind, _detached(a), r), "roles": tuple(r)} if r else {}
+            for (kind, a, _), r in zip(calls, roles)
+        ]
         for cls in range(c):
             grads = torch.autograd.grad(
                 logits[:, cls].sum(), outs, retain_graph=cls < c - 1, allow_unused=True
             )
-            for (kind, a, out), r, g in zip(calls, roles, grads):
+            for (kind, _, out), r, a, g in zip(calls, roles, args, grads):
                 if not r:
                     continue
                 g = torch.zeros_like(out) if g is None else g.detach()
-                ps = _per_sample(kind, {**_detached(a), "roles": tuple(r)}, g)
+                ps = _per_sample(kind, a, g)
                 for role, name in r.items():
                     result[name][:, cls] = ps[role].reshape(b, -1)
     return result
@@ -286,28 +365,28 @@ def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) 
 
 def _outer_factors(kind: str, a: dict, g: torch.Tensor):
     """``(g [B, S, o], u [B, S, i])`` with per-sample gradient ``sum_s g_s u_s^T``, or None."""
+    u = _outer_inputs(kind, a)
+    return None if u is None else (_outer_grads(kind, a, g), u)
+
+
+def _outer_inputs(kind: str, a: dict) -> torch.Tensor | None:
+    """The ``u [B, S, i]`` of :func:`_outer_factors` (a view of the unfolded input)."""
     u = a["input"]
-    b = u.shape[0]
     if kind == "linear":
-        return g.reshape(b, -1, g.shape[-1]), u.reshape(b, -1, u.shape[-1])
+        return u.reshape(u.shape[0], -1, u.shape[-1])
     if kind in ("conv1d", "conv2d") and int(a.get("groups", 1)) == 1:
-        w_shape = a["weight"].shape
-        if kind == "conv1d":
-            u, g = u.unsqueeze(2), g.unsqueeze(2)
-            ks = (1, w_shape[-1])
-            stride = (1, *_pair(a.get("stride", 1), 1))
-            padding = (0, *_pair(a.get("padding", 0), 1))
-            dilation = (1, *_pair(a.get("dilation", 1), 1))
-        else:
-            ks = tuple(w_shape[-2:])
-            padding = a.get("padding", 0)
-            if isinstance(padding, str):
-                return None
-            stride, padding = _pair(a.get("stride", 1), 2), _pair(padding, 2)
-            dilation = _pair(a.get("dilation", 1), 2)
-        unf = F.unfold(u, ks, dilation=dilation, padding=padding, stride=stride)  # [B, i, L]
-        return g.reshape(b, w_shape[0], -1).transpose(1, 2), unf.transpose(1, 2)
+        unf = a.get("unfolded")  # [B, i, L], when the caller unfolded it once
+        if unf is None:
+            unf = unfolded(kind, a)
+        return None if unf is None else unf.transpose(1, 2)
     return None
+
+
+def _outer_grads(kind: str, a: dict, g: torch.Tensor) -> torch.Tensor:
+    """The ``g [B, S, o]`` of :func:`_outer_factors` (a view)."""
+    if kind == "linear":
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+    return g.reshape(g.shape[0], a["weight"].shape[0], -1).transpose(1, 2)
 
 
 def _count_sketch(v: torch.Tensor, h: torch.Tensor, s: torch.Tensor, k: int) -> torch.Tensor:
@@ -330,8 +409,10 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
         b, c = logits.shape
         phi = torch.zeros(b, c, k, dtype=logits.dtype, device=logits.device)
         jw0 = torch.zeros(b, c, dtype=logits.dtype, device=logits.device)
-        # (positions, rfft of their input sketch) per layer, shared by the classes
+        # (positions, rfft of their input sketch) per layer, shared by the classes; likewise
+        # the layers' (unfolded) inputs
         u_hat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        inputs: dict[int, dict[str, torch.Tensor]] = {}
         for cls in range(c):
             grads = torch.autograd.grad(
                 logits[:, cls].sum(), outs, retain_graph=cls < c - 1, allow_unused=True
@@ -345,10 +426,13 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                 jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
                 rest = dict(r)
                 wname = r.get("weight")
+                if j not in inputs:  # e.g. unfold a convolution's input once, not C times
+                    inputs[j] = shared_inputs(kind, a, r)
+                a = {**a, **inputs[j]}
                 if wname is not None and projector.factored(wname):
-                    fac = _outer_factors(kind, a, g)
-                    if fac is not None:
-                        gf, uf = fac
+                    uf = _outer_inputs(kind, a)
+                    if uf is not None:
+                        gf = _outer_grads(kind, a, g)
                         h1, s1, h2, s2 = projector.factors(wname, gf.device)
                         # positions this output's gradient reaches (e.g. token 0 only
                         # after a transformer's last attention): the others add nothing
@@ -383,6 +467,8 @@ def _dot_w0(kind: str, a: dict, out: torch.Tensor, g: torch.Tensor, roles: dict)
     linear, so ``<g, A(w0)> = <g, out - b>`` and ``<g, b>`` need no Jacobian (Euler's
     identity for linear maps).
     """
+    if kind == "embedding":
+        g = embedding_grads(a, g)
     bias = a.get("bias")
     part = out
     if bias is not None:

@@ -577,7 +577,8 @@ class Tangent:
 
     def gram_elements(self, x1: Inputs) -> int | None:
         """Elements of one sample's layer factors for the ``gram`` kernel path, or ``None``
-        when that path does not cover the model (tangentlab.gram). ``x1``: one sample."""
+        when that path does not cover the model (tangentlab.gram). ``x1``: a few samples
+        (two or more: a layer on a tensor broadcast across samples is then refused)."""
         return factor_elements(self._call, self.w0, self.param_names, to_device(x1, self.device))
 
     def gram_covered(self, x1: Inputs) -> list[str]:
