@@ -328,8 +328,8 @@ def _real(task: dict, opt, steps: int, c: dict):
     full = c["batch_size"] is None
     original = ftm._Run.log
 
-    def log(run, step, measured=None):
-        ok = original(run, step, measured)
+    def log(run, step, *args, **kwargs):  # the signature of finetune._Run.log, whatever it is
+        ok = original(run, step, *args, **kwargs)
         if ok and step > 0 and run.losses[-1] <= (1.0 - max(DROPS)) * run.losses[0]:
             raise _Reached
         return ok
