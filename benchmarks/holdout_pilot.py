@@ -72,6 +72,7 @@ from _common import machine, write_section  # noqa: E402
 from forecast_accuracy import _commit  # noqa: E402
 from forecast_accuracy import _targets as _dev_targets  # noqa: E402
 from headbody import _fmt  # noqa: E402
+from holdout import _errs  # noqa: E402
 from tangentlab.experimental.pilot import apply_clock, fit_pilot_clock, pilot_subset  # noqa: E402
 from tangentlab.headbody import compute_head_body_kernel  # noqa: E402
 
@@ -388,12 +389,6 @@ METHODS = {
     "head-body + clock, 2x": "clock2_loss",
     "head-body + clock, 10x": "clock10_loss",
 }
-
-
-def _errs(cells: list[dict], which: str, loss=None, drop=None) -> list[float]:
-    return [t["err"] for c in cells if loss in (None, c["loss"])
-            for d, t in ho.targets(c, which).items()
-            if drop in (None, d) and t["status"] != "unreached"]  # fmt: skip
 
 
 def _coverage(cells: list[dict], band, drops=("0.5", "0.8", "0.9")) -> tuple[int, int]:

@@ -98,6 +98,18 @@ def _kernel(model, data, **kw):
     return tl.compute_kernel(model, data, progress=False, **kw)
 
 
+def _gram_kernel(t, data, monkeypatch):
+    """The kernel by the gram path, failing if any per-sample Jacobian is formed."""
+
+    def no_jacobians(*args, **kwargs):
+        raise AssertionError("the gram path formed per-sample Jacobians")
+
+    monkeypatch.setattr(t, "jacobian_blocks", no_jacobians)
+    k = _kernel(t, data)
+    assert t.jacobian_mode == "gram"
+    return k
+
+
 @pytest.mark.parametrize("order", [None, "pairs", "grads", "grads-blocks"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_gram_kernel_equals_brute_force(name, order, monkeypatch):
@@ -112,13 +124,7 @@ def test_gram_kernel_equals_brute_force(name, order, monkeypatch):
         monkeypatch.setattr(gram, "_choose", lambda *args: order)
     model, (x, y) = _model(name)
     t = tl.Tangent(model)
-
-    def no_jacobians(*args, **kwargs):
-        raise AssertionError("the gram path formed per-sample Jacobians")
-
-    monkeypatch.setattr(t, "jacobian_blocks", no_jacobians)
-    k = _kernel(t, (x, y))
-    assert t.jacobian_mode == "gram"
+    k = _gram_kernel(t, (x, y), monkeypatch)
     theta, jac = brute_force_theta(model, x, set(t.param_names))
     torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
     w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -374,13 +380,7 @@ def test_embeddings_in_the_gram_path_equal_brute_force(pad, monkeypatch):
         model.word.padding_idx = None
     x, y = _token_data()
     t = tl.Tangent(model)
-
-    def no_jacobians(*args, **kwargs):
-        raise AssertionError("the gram path formed per-sample Jacobians")
-
-    monkeypatch.setattr(t, "jacobian_blocks", no_jacobians)
-    k = _kernel(t, (x, y))
-    assert t.jacobian_mode == "gram"
+    k = _gram_kernel(t, (x, y), monkeypatch)
     theta, jac = brute_force_theta(model, x, {n for n, _ in model.named_parameters()})
     torch.testing.assert_close(k.theta, theta, rtol=1e-10, atol=1e-12)
     w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
