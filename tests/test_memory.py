@@ -171,3 +171,11 @@ def test_zero_kernel_check_allocates_no_copy_of_the_kernel():
     _check_not_zero({"features": feats}, None)  # returns (the job is read only to refuse)
     growth = status("VmHWM:") - before
     assert growth < 4 << 20, f"the zero-kernel check grew by {growth / 2**20:.1f} MiB"
+
+
+def test_sizes_in_messages_never_round_to_zero():
+    from tangentlab.memory import gib
+
+    assert gib(3 << 30) == "3.00 GiB"
+    assert gib(5 << 20) == "5.0 MiB"
+    assert gib(30_000) == "29.3 KiB"  # a tiny budget is not "0.0 MiB"

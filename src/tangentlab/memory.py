@@ -76,7 +76,12 @@ def default_budget(device: torch.device) -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 28) else f"{n / (1 << 20):.1f} MiB"
+    """Bytes for a message: GiB from 0.25 GiB, MiB from 0.1 MiB, else KiB (never "0.0 MiB")."""
+    if n >= (1 << 28):
+        return f"{n / (1 << 30):.2f} GiB"
+    if n >= (1 << 20) // 10:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 10):.1f} KiB"
 
 
 def activation_elements(model: torch.nn.Module, call) -> int:
