@@ -500,14 +500,16 @@ def coverage(cells: list[dict], band=BAND) -> tuple[int, int]:
     return inside, total
 
 
-def reliability(cells: list[dict]) -> dict:
+def reliability(cells: list[dict], judged: str = "hb_loss") -> dict:
     """The library's rule (NOTE [reliability check] in tangentlab.forecast) per reached
     target: ρ = T̂_tangent / T̂_hb (a tangent forecast that never gets there = 2x the
     horizon; ρ = inf when only the tangent forecast gets there; unflagged when neither
-    does); flag ρ > RHO_FLAG; bad = head-body error > 25% or a miss."""
+    does); flag ρ > RHO_FLAG; bad = the error of the forecast ``judged`` (default the
+    head-body one) > 25% or a miss."""
     n = bad = flagged = hit = 0
     for c in cells:
         th, tt = targets(c, "hb_loss"), targets(c, "tangent_loss")
+        tj = th if judged == "hb_loss" else targets(c, judged)
         for d, t in th.items():
             if t["status"] == "unreached":
                 continue
@@ -516,7 +518,7 @@ def reliability(cells: list[dict]) -> dict:
             else:
                 tan = tt[d]["T_hat"] or 2 * c["fc_steps"]
                 flag = tan / max(t["T_hat"], 1) > RHO_FLAG
-            is_bad = t["err"] > 0.25
+            is_bad = tj[d]["err"] > 0.25
             n, bad, flagged, hit = n + 1, bad + is_bad, flagged + flag, hit + (flag and is_bad)
     return dict(targets=n, bad=bad, flagged=flagged, hit=hit)
 

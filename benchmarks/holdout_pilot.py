@@ -407,21 +407,7 @@ def _coverage(cells: list[dict], band, drops=("0.5", "0.8", "0.9")) -> tuple[int
 def _reliability(cells: list[dict]) -> dict:
     """holdout.py's check (ρ = T̂_tangent / T̂_head-body > 2, stored 2x forecasts, no
     training) against the clock-corrected error > 25% (a miss is bad)."""
-    n = bad = flagged = hit = 0
-    for c in cells:
-        th, tt = ho.targets(c, "hb_loss"), ho.targets(c, "tangent_loss")
-        tc = ho.targets(c, "clock10_loss")
-        for d, t in th.items():
-            if t["status"] == "unreached":
-                continue
-            if t["T_hat"] is None:
-                flag = tt[d]["T_hat"] is not None
-            else:
-                tan = tt[d]["T_hat"] or 2 * c["fc_steps"]
-                flag = tan / max(t["T_hat"], 1) > ho.RHO_FLAG
-            is_bad = tc[d]["err"] > 0.25
-            n, bad, flagged, hit = n + 1, bad + is_bad, flagged + flag, hit + (flag and is_bad)
-    return dict(targets=n, bad=bad, flagged=flagged, hit=hit)
+    return ho.reliability(cells, judged="clock10_loss")
 
 
 def _cost_lines(states: dict, scored: dict) -> list[str]:
