@@ -248,7 +248,9 @@ def load_task(name: str) -> dict:
     n, c = cfg["num_samples"], cfg["num_classes"]
     t0 = time.perf_counter()
     if cfg["kind"] == "image":
-        if name.startswith("ocvdigits"):
+        if "images" in cfg:  # a task of another script: ([N, 3, S, S] model input, labels)
+            x, y = cfg["images"](n, cfg["image_size"], SEED)
+        elif name.startswith("ocvdigits"):
             images, labels = _ocv_digits()
             rows = exm._balanced_subset(labels, n, SEED)
             x = exm._images_to_input(images[rows], cfg["image_size"], channels=3)
@@ -264,7 +266,8 @@ def load_task(name: str) -> dict:
         trunk, top = _lite0_trunk(model, last), Lite0Top(model, last).eval()
         params = rf"^(?:_blocks\.{last}\.|_conv_head\.|_bn1\.|_fc\.)"
     else:
-        texts, labels, _ = (_debates if name.startswith("debates") else _convention)()
+        source = cfg.get("texts") or (_debates if name.startswith("debates") else _convention)
+        texts, labels, _ = source()
         rows = exm._balanced_subset(labels, n, SEED)
         model, tok = _minilm(c, SEED)
         enc = tok([texts[i] for i in rows], padding="max_length", truncation=True,
@@ -413,6 +416,11 @@ def run_task(name: str, jobs: int = 1) -> dict:
 _WORK: dict = {}  # the task and kernels of run_task (or of a spawned worker)
 
 
+def forecast_steps(steps: int) -> int:
+    """Steps each forecast runs for a real run of ``steps`` (a later protocol overrides it)."""
+    return FC_HORIZON * steps
+
+
 def _cell(c: dict) -> tuple[str, dict]:
     """One grid cell: the real run (to the 90% drop or H_CAP) and both forecasts."""
     task, kernel, hb, name = (_WORK[k] for k in ("task", "kernel", "hb", "name"))
@@ -425,14 +433,14 @@ def _cell(c: dict) -> tuple[str, dict]:
     run = _real(task, opt, H_CAP, c)
     real_s = time.perf_counter() - t0
     steps = int(run.steps[-1])  # where the run stopped: the 90% drop, or H_CAP
-    out = dict(**c, lr=lr, steps=steps, fc_steps=FC_HORIZON * steps,
+    out = dict(**c, lr=lr, steps=steps, fc_steps=forecast_steps(steps),
                real_seconds=real_s + task["trunk_seconds"], diverged_run=bool(run.diverged),
                run_steps=[int(s) for s in run.steps], run_loss=_curve(run.loss))  # fmt: skip
     for which, k in (("tangent", kernel), ("hb", hb)):
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fc = tl.forecast(k, opt, FC_HORIZON * steps, loss=c["loss"],
+            fc = tl.forecast(k, opt, out["fc_steps"], loss=c["loss"],
                              batch_size=c["batch_size"], seed=SEED)  # fmt: skip
         out[f"{which}_seconds"] = time.perf_counter() - t0
         out[f"{which}_loss"] = _curve(fc.loss)
