@@ -488,6 +488,12 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     assert js["kernel"]["model"].startswith("head exact")
     assert "head exact (head), body linear" in js["info"]["model_of_training"]
     assert "kernel (head exact, body linear)" in res.stdout
+    # the calibrated interval for the real steps (NOTE [steps interval]) and its verdict
+    assert "vs the forecast's 80% interval" in res.stdout
+    lo, hi = js["comparison"]["steps_interval"]
+    inside = js["comparison"]["steps_in_interval"]
+    t = js["comparison"]["steps_to_target_run"]
+    assert inside is None if t is None else inside == (lo <= t and (hi is None or t <= hi))
     assert (out / "kernel" / "head-body" / "block" / "kernel.safetensors").exists()
     again = ok(invoke(*args[:-1], tmp_path / "hb2", "--cache", out / "kernel"))
     assert "reusing cached kernel" in again.stderr

@@ -110,16 +110,18 @@ def _gram_kernel(t, data, monkeypatch):
     return k
 
 
-@pytest.mark.parametrize("order", [None, "pairs", "grads", "grads-blocks"])
+@pytest.mark.parametrize("order", [None, "pairs", "grads", "grads-blocks", "pairs-blocks"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_gram_kernel_equals_brute_force(name, order, monkeypatch):
     """Every layer type, both contraction orders (NOTE [gram contraction order]), with
     f0 and J w0; no [B, C, P] Jacobian is formed. ``grads-blocks``: one-sample gradient
-    blocks (NOTE [gram gradient blocks]) and 2-row blocks of the symmetric products."""
-    if order == "grads-blocks":
+    blocks (NOTE [gram gradient blocks]) and 2-row blocks of the symmetric products;
+    ``pairs-blocks``: the symmetric products of dense layers and one-position pairs in
+    blocks of one sample (upper triangle, mirrored)."""
+    if order in ("grads-blocks", "pairs-blocks"):
         monkeypatch.setattr(gram, "_REFORM_SHARE", 1e9)
         monkeypatch.setattr(linalg, "SYRK_ROWS", 2)
-        order = "grads"
+        order = order.split("-")[0]
     if order is not None:
         monkeypatch.setattr(gram, "_choose", lambda *args: order)
     model, (x, y) = _model(name)

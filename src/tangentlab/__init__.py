@@ -30,7 +30,14 @@ from tangentlab.errors import (
 )
 from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
-from tangentlab.forecast import Forecast, Sweep, default_target, forecast, sweep
+from tangentlab.forecast import (
+    Forecast,
+    StepsInterval,
+    Sweep,
+    default_target,
+    forecast,
+    sweep,
+)
 from tangentlab.headbody import (
     HeadBodyCross,
     HeadBodyKernel,
@@ -84,6 +91,7 @@ __all__ = [
     "SignKernel",
     "Spectrum",
     "StepDecay",
+    "StepsInterval",
     "Sweep",
     "Tangent",
     "TangentlabError",

@@ -815,6 +815,8 @@ def forecast(**o: Any) -> None:
         click.echo(f"DIVERGES: {why}; lower the learning rate.")
     t = fc.steps_to(target)
     click.echo(f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}")
+    if fc.method.get("model") == "head-body":  # calibrated: NOTE [steps interval]
+        click.echo(f"  real run, 80% interval: {fc.steps_interval(target)}")
     if fc.best_step is not None:
         b = fc.best_step
         click.echo(f"held-out ({cross.num_eval} samples): best step {b} (min held-out loss "
@@ -1059,6 +1061,11 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
                f"over {cmp.steps.size} logged steps")  # fmt: skip
     if cmp.band_coverage is not None:
         click.echo(f"real loss inside the forecast band at {cmp.band_coverage:.0%} of the steps")
+    if cmp.steps_interval is not None:  # head-exact forecasts: NOTE [steps interval]
+        lo, hi = cmp.steps_interval
+        shown = "unknown" if lo is None else f"{lo}-{'' if hi is None else hi} steps"
+        where = {True: "inside", False: "OUTSIDE", None: "-"}[cmp.steps_in_interval]
+        click.echo(f"real steps to the target vs the forecast's 80% interval ({shown}): {where}")
     click.echo(
         f"cost: real run {run.train_seconds:.2f} s training + {run.eval_seconds:.2f} s "
         f"full-loss evaluation; kernel {k_cost:.2f} s + forecast {f_sec:.2f} s; "

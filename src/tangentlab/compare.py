@@ -95,6 +95,11 @@ class Comparison:
         ``run_accuracy_at_forecast_best`` / ``run_loss_regret_at_forecast_best``: what
         stopping the real run at the forecast's best step gives (its accuracy, and its
         held-out loss minus its minimum).
+      steps_interval: ``(low, high)`` of the forecast's 80% interval for the real steps to
+        ε (``Forecast.steps_interval``; head-exact forecasts only, else ``None``; ``high``
+        ``None``: open above).
+      steps_in_interval: whether the run's T lies in it (``None`` without an interval or
+        when the run does not reach ε).
     """
 
     steps: np.ndarray
@@ -130,6 +135,8 @@ class Comparison:
     cost_ratio_with_eval: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     eval: dict[str, Any] | None = None
+    steps_interval: tuple[int | None, int | None] | None = None
+    steps_in_interval: bool | None = None
 
     def summary(self) -> dict[str, Any]:
         """The scalar results (no curves), JSON-able."""
@@ -231,7 +238,21 @@ def compare(
         **_coverage_and_cost(fc, rn, steps, loss_run, loss_fc, forecast_seconds),
         diverges_forecast=bool(fc["diverges"]), diverged_run=bool(rn["diverged"]),
         notes=tuple(notes), eval=_eval_part(fn, fc, rn, keep, steps),
+        **_interval_part(forecast, target["target_loss"], target["steps_to_target_run"]),
     )  # fmt: skip
+
+
+def _interval_part(forecast: Any, eps: float | None, t_run: int | None) -> dict[str, Any]:
+    """The head-exact forecast's 80% interval for T and whether T is in it (NOTE [steps
+    interval] in tangentlab.forecast)."""
+    method = getattr(forecast, "method", None) or {}
+    if eps is None or method.get("model") != "head-body":
+        return {}
+    iv = forecast.steps_interval(eps)
+    inside = None
+    if t_run is not None:
+        inside = iv.low is not None and iv.low <= t_run and (iv.high is None or t_run <= iv.high)
+    return dict(steps_interval=(iv.low, iv.high), steps_in_interval=inside)
 
 
 def _eval_part(fn: str, fc: dict, rn: dict, keep: np.ndarray, steps: np.ndarray) -> dict | None:

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tangentlab import linalg
 from tangentlab.linalg import add_gram_
 from tangentlab.structured import (
     Unsupported,
@@ -345,12 +346,27 @@ def _spans(n: int, size: int):
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _pairs_block(la: _Layer, lb: _Layer, out: torch.Tensor) -> None:
-    """``out [Ba, C, Bb, C] += sum_st (u_is . u_jt)(g_ias . g_jbt)`` (position pairs)."""
+def _pairs_block(la: _Layer, lb: _Layer, out: torch.Tensor, same: bool = False) -> None:
+    """``out [Ba, C, Bb, C] += sum_st (u_is . u_jt)(g_ias . g_jbt)`` (position pairs).
+
+    ``same`` (a diagonal block, ``la is lb``): one position per sample takes the upper block
+    triangle only (the block is symmetric), as :func:`tangentlab.linalg.add_gram_`.
+    """
     ba, c, o, sa = la.g.shape
     bb, _, _, sb = lb.g.shape
     if sa == sb == 1:
         uu = la.u[:, 0] @ lb.u[:, 0].T  # [Ba, Bb]
+        spans = _spans(ba, max(1, linalg.SYRK_ROWS // c))
+        if same and len(spans) >= 3:
+            g = la.g.reshape(ba * c, o)
+            for ia, (p, q) in enumerate(spans):
+                for r, t in spans[ia:]:
+                    gg = (g[p * c : q * c] @ g[r * c : t * c].T).view(q - p, c, t - r, c)
+                    gg.mul_(uu[p:q, None, r:t, None])
+                    out[p:q, :, r:t] += gg
+                    if r != p:
+                        out[r:t, :, p:q] += gg.permute(2, 3, 0, 1)
+            return
         gb = lb.g.reshape(bb * c, o)
         for p, q in _spans(ba, max(1, _BLOCK_ELEMENTS // (c * bb * c))):
             gg = (la.g[p:q].reshape((q - p) * c, o) @ gb.T).view(q - p, c, bb, c)
@@ -443,15 +459,18 @@ def gram_block(
     pairs = out.view(ba, c, bb, c)
     for la, lb in zip(fa.layers, fb.layers):
         if la.kind == "dense":  # (c = 1 for a trace kernel: the C outputs side by side)
-            da, db = _common_columns(la, lb)
-            out.addmm_(da.reshape(ba * c, -1), db.reshape(bb * c, -1).T)
-            del da, db
+            if same:
+                add_gram_(out, la.d.reshape(ba * c, -1))  # symmetric: upper triangle
+            else:
+                da, db = _common_columns(la, lb)
+                out.addmm_(da.reshape(ba * c, -1), db.reshape(bb * c, -1).T)
+                del da, db
         elif la.kind == "embed":
             _embed_block(la, lb, pairs)
         else:
             i, o = la.u.shape[-1], la.g.shape[2]
             if _choose(ba, bb, la.g.shape[3], lb.g.shape[3], i, o, c, held) == "pairs":
-                _pairs_block(la, lb, pairs)
+                _pairs_block(la, lb, pairs, same)
             else:
                 _grads_block(la, lb, out, same, held)
         if consume:
