@@ -156,21 +156,34 @@ def _ocv_digits() -> tuple[np.ndarray, np.ndarray]:
     return cells, np.repeat(np.arange(10), 500)
 
 
-def _scenes(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """n random 64x64 colour crops of the 10 photographs (balanced), [n, 3, 64, 64] 0..255."""
+def random_crops(folder: Path, files, n: int, seed: int, mode: str = "RGB"):
+    """n random 64x64 crops of the pictures ``files`` (label = which picture; balanced),
+    ``[n, 64, 64, channels]`` 0..255 float32, and the labels ``[n]``."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(SCENES)
+    labels = np.arange(n) % len(files)
     rng.shuffle(labels)
-    photos = [np.asarray(Image.open(_opencv_dir() / f).convert("RGB"), dtype=np.float32)
-              for f in SCENES]  # fmt: skip
+    photos = [np.asarray(Image.open(folder / f).convert(mode), dtype=np.float32)
+              for f in files]  # fmt: skip
     crops = []
     for c in labels:
         p = photos[c]
         r, q = rng.integers(0, p.shape[0] - 64), rng.integers(0, p.shape[1] - 64)
-        crops.append(p[r : r + 64, q : q + 64].transpose(2, 0, 1))
-    return torch.as_tensor(np.stack(crops)), labels
+        crops.append(p[r : r + 64, q : q + 64])
+    return np.stack(crops), labels
+
+
+def _scenes(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """n random 64x64 colour crops of the 10 photographs (balanced), [n, 3, 64, 64] 0..255."""
+    crops, labels = random_crops(_opencv_dir(), SCENES, n, seed)
+    return torch.as_tensor(crops.transpose(0, 3, 1, 2).copy()), labels
+
+
+def log_ratios(cells: list[dict], which: str) -> list[float]:
+    """log(T / T̂) of every target the curve ``which`` reaches (misses left out)."""
+    return [math.log(t["T"] / t["T_hat"]) for c in cells for t in targets(c, which).values()
+            if t["status"] == "ok" and t["T_hat"]]  # fmt: skip
 
 
 def _lite(net: str, num_classes: int, image_size: int, seed: int) -> torch.nn.Module:
@@ -662,19 +675,9 @@ def _cost_lines(states: dict) -> list[str]:
     return lines
 
 
-def report() -> None:
-    states = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
-    states = {k: v for k, v in states.items() if k in TASKS}
-    allc = {k: [_with_curves(c) for c in s["cells"].values()] for k, s in states.items()}
-    pooled = [c for cs in allc.values() for c in cs]
+def task_table(states: dict) -> list[str]:
+    """One row per task: sizes, sharpness, head share, kernel and run seconds."""
     lines = [
-        "## Held-out tasks (`benchmarks/holdout.py`, issue 13)",
-        "",
-        f"Command: `{COMMAND} --fetch && {COMMAND}` (then `--report`). Four real tasks not used "
-        "while developing (data, tasks, grid, scoring and the chosen methods: the script's "
-        "docstring), run once, reported as they came. Entries: median / p90 of |T̂ − T|/T "
-        "(targets scored, misses); a miss counts as +∞.",
-        "",
         "| task | N, C | trainable | λ_max/N | head share of tr Θ | tangent kernel s | "
         "head-body kernel s | real run s (median cell) | reached 90% |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -688,15 +691,41 @@ def report() -> None:
             f"{kk['head_body_seconds']:.1f} | {np.median([c['real_seconds'] for c in cs]):.1f} | "
             f"{r90}/{len(cs)} |"
         )
-    lines += ["", "| task | loss | drop | " + " | ".join(METHODS) + " |",
-              "|---|---|---|" + "---|" * len(METHODS)]  # fmt: skip
-    for k, cs in list(allc.items()) + [("**all held-out**", pooled)]:
+    return lines
+
+
+def error_table(allc: dict, pooled_label: str, methods: dict) -> list[str]:
+    """Median / p90 errors per task, loss and drop (and pooled) for each method's curve."""
+    lines = ["| task | loss | drop | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]  # fmt: skip
+    pooled = [c for cs in allc.values() for c in cs]
+    for k, cs in list(allc.items()) + [(pooled_label, pooled)]:
         for loss in LOSSES:
             for d in ("0.5", "0.8", "0.9"):
-                row = [_fmt(_errs(cs, w, loss, d)) for w in METHODS.values()]
+                row = [_fmt(_errs(cs, w, loss, d)) for w in methods.values()]
                 lines.append(f"| {k} | {loss} | {float(d):.0%} | " + " | ".join(row) + " |")
-        row = [_fmt(_errs(cs, w)) for w in METHODS.values()]
+        row = [_fmt(_errs(cs, w)) for w in methods.values()]
         lines.append(f"| {k} | all | all | " + " | ".join(row) + " |")
+    return lines
+
+
+def report() -> None:
+    states = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    states = {k: v for k, v in states.items() if k in TASKS}
+    allc = {k: [_with_curves(c) for c in s["cells"].values()] for k, s in states.items()}
+    pooled = [c for cs in allc.values() for c in cs]
+    lines = [
+        "## Held-out tasks (`benchmarks/holdout.py`, issue 13)",
+        "",
+        f"Command: `{COMMAND} --fetch && {COMMAND}` (then `--report`). Four real tasks not used "
+        "while developing (data, tasks, grid, scoring and the chosen methods: the script's "
+        "docstring), run once, reported as they came. Entries: median / p90 of |T̂ − T|/T "
+        "(targets scored, misses); a miss counts as +∞.",
+        "",
+        *task_table(states),
+        "",
+        *error_table(allc, "**all held-out**", METHODS),
+    ]
     lines += ["", f"Interval [T̂ e^{BAND[0]:g}, T̂ e^{BAND[1]:g}] (head-body), chosen on the "
               "examples: coverage of reached targets; reliability check ρ > "
               f"{RHO_FLAG:g} against head-body error > 25%.", "",

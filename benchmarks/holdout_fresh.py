@@ -134,21 +134,10 @@ def _lfw(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _textures(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
     from tangentlab import examples as exm
 
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % len(TEXTURES)
-    rng.shuffle(labels)
-    photos = [np.asarray(Image.open(_skimage_dir() / f).convert("L"), dtype=np.float32)
-              for f in TEXTURES]  # fmt: skip
-    crops = []
-    for c in labels:
-        p = photos[c]
-        r, q = rng.integers(0, p.shape[0] - 64), rng.integers(0, p.shape[1] - 64)
-        crops.append(p[r : r + 64, q : q + 64])
-    x = exm._images_to_input(np.stack(crops), size, channels=3)
+    crops, labels = ho.random_crops(_skimage_dir(), TEXTURES, n, seed, mode="L")
+    x = exm._images_to_input(crops, size, channels=3)
     return x, torch.as_tensor(labels, dtype=torch.int64)
 
 
@@ -365,28 +354,10 @@ def report() -> None:
         + (f"Machine: {next(iter(states.values())).get('machine', '')}; code "
            f"{next(iter(states.values())).get('code', '')}." if states else ""),
         "",
-        "| task | N, C | trainable | λ_max/N | head share of tr Θ | tangent kernel s | "
-        "head-body kernel s | real run s (median cell) | reached 90% |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *ho.task_table(states),
+        "",
+        *ho.error_table(allc, "**all fresh**", METHODS),
     ]  # fmt: skip
-    for k, s in states.items():
-        kk, cs = s["kernel"], list(s["cells"].values())
-        r90 = sum(ho.targets(c, "hb_loss")["0.9"]["status"] != "unreached" for c in cs)
-        lines.append(
-            f"| {k} | {kk['num_samples']}, {kk['num_classes']} | {kk['num_params']:,} | "
-            f"{kk['lam_max_over_n']:.3g} | {kk['head_share']:.2f} | {kk['tangent_seconds']:.1f} | "
-            f"{kk['head_body_seconds']:.1f} | {np.median([c['real_seconds'] for c in cs]):.1f} | "
-            f"{r90}/{len(cs)} |"
-        )
-    lines += ["", "| task | loss | drop | " + " | ".join(METHODS) + " |",
-              "|---|---|---|" + "---|" * len(METHODS)]  # fmt: skip
-    for k, cs in list(allc.items()) + [("**all fresh**", pooled)]:
-        for loss in ho.LOSSES:
-            for d in ("0.5", "0.8", "0.9"):
-                row = [_fmt(ho._errs(cs, w, loss, d)) for w in METHODS.values()]
-                lines.append(f"| {k} | {loss} | {float(d):.0%} | " + " | ".join(row) + " |")
-        row = [_fmt(ho._errs(cs, w)) for w in METHODS.values()]
-        lines.append(f"| {k} | all | all | " + " | ".join(row) + " |")
     lines += ["", "Interval (`Forecast.steps_interval`: open above when the forecast does not "
               "reach the target within its horizon, unknown when it diverges first) and the "
               f"reliability check (ρ > {ho.RHO_FLAG:g} against head-body error > 25%):", "",
@@ -403,9 +374,7 @@ def report() -> None:
             f"{bad} | {hit} | {f'{hit / fl:.0%}' if fl else '–'} | "
             f"{f'{hit / bad:.0%}' if bad else '–'} |"
         )
-    ratios = [math.log(t["T"] / t["T_hat"]) for c in pooled
-              for t in ho.targets(c, "hb_loss").values()
-              if t["status"] == "ok" and t["T_hat"]]  # fmt: skip
+    ratios = ho.log_ratios(pooled, "hb_loss")
     misses = sum(t["status"] == "miss" for c in pooled for t in ho.targets(c, "hb_loss").values())
     if ratios:
         q = np.quantile(ratios, [0.1, 0.5, 0.9])

@@ -601,9 +601,7 @@ def report() -> None:
         lines.append(f"| {k} | {a}/{at} ({a / max(at, 1):.0%}) | "
                      f"{b}/{bt} ({b / max(bt, 1):.0%}) | {r['flagged']} | {r['bad']} | "
                      f"{r['hit']} | {prec} | {rec_} |")  # fmt: skip
-    ratios = [math.log(t["T"] / t["T_hat"]) for c in pooled
-              for t in ho.targets(c, "clock10_loss").values()
-              if t["status"] == "ok" and t["T_hat"]]  # fmt: skip
+    ratios = ho.log_ratios(pooled, "clock10_loss")
     if ratios:
         q = np.quantile(ratios, [0.1, 0.5, 0.9])
         lines += ["", f"Held-out log(T / T̂) of the corrected forecast (reached targets, no "

@@ -352,28 +352,33 @@ def test_head_body_held_out_set_is_checked():
         tl.compute_head_body_cross_kernel(net, held, proj, train_data=data)
 
 
-def test_steps_interval_is_the_calibrated_band_around_the_forecast():
-    """NOTE [steps interval]: [T̂ e^lo, T̂ e^hi] (floor / ceil) around steps_to; open above when
-    the horizon ends first; unknown when the forecast diverges first; tangent refused."""
-    from tangentlab.forecast import STEPS_BAND
-
+def _ce_forecast_and_target():
+    """A head-exact CE forecast of TanhBody and a target halfway down its curve."""
     net = TanhBody().double().eval()
-    data = _data(dim=4)
-    hb = compute_head_body_kernel(net, data, progress=False)
+    hb = compute_head_body_kernel(net, _data(dim=4), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tl.errors.ValidityWarning)
         fc = tl.forecast(hb, tl.SGD(0.3), 200, loss="ce")
-    l0 = float(fc.loss[0])
-    target = 0.5 * l0 + 0.5 * float(np.nanmin(fc.loss))
+    return net, hb, fc, 0.5 * float(fc.loss[0]) + 0.5 * float(np.nanmin(fc.loss))
+
+
+def test_steps_interval_is_the_calibrated_band_around_the_forecast():
+    """NOTE [steps interval]: [T̂ e^lo, T̂ e^hi] (floor / ceil) around steps_to; open above when
+    the horizon ends first; unknown when the forecast diverges first; tangent refused."""
+    from tangentlab.forecast import STEPS_BAND, STEPS_MEDIAN
+
+    net, hb, fc, target = _ce_forecast_and_target()
+    data, l0 = _data(dim=4), float(fc.loss[0])
     t = fc.steps_to(target)
     assert t is not None and t > 3
     iv = fc.steps_interval(target)
     lo, hi = STEPS_BAND
     assert (iv.point, iv.low, iv.high) == (t, int(np.floor(t * np.exp(lo))),
                                            int(np.ceil(t * np.exp(hi))))  # fmt: skip
-    assert iv.low < iv.point <= iv.high and iv.coverage == 0.8
-    assert f"{iv.low}-{iv.high} steps" in str(iv)
-    assert fc.steps_interval(l0) == tl.StepsInterval(0, 0, 0)  # already there at step 0
+    assert iv.median == round(t * np.exp(STEPS_MEDIAN))
+    assert iv.low <= iv.median < iv.point <= iv.high and iv.coverage == 0.8
+    assert f"{iv.low}-{iv.high} steps, median estimate {iv.median}" in str(iv)
+    assert fc.steps_interval(l0) == tl.StepsInterval(0, 0, 0, 0)  # already there at step 0
     # beyond the horizon: only a lower bound, from the horizon
     never = fc.steps_interval(0.5 * float(np.nanmin(fc.loss)))
     assert never.point is None and never.high is None
@@ -392,13 +397,8 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
 
 
 def test_compare_reports_whether_the_real_steps_fall_in_the_interval():
-    net = TanhBody().double().eval()
-    hb = compute_head_body_kernel(net, _data(dim=4), progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tl.errors.ValidityWarning)
-        fc = tl.forecast(hb, tl.SGD(0.3), 200, loss="ce")
+    net, _, fc, eps = _ce_forecast_and_target()
     l0 = float(fc.loss[0])
-    eps = 0.5 * l0 + 0.5 * float(np.nanmin(fc.loss))
     iv = fc.steps_interval(eps)
 
     def run_reaching_at(t: int) -> dict:  # a made-up log crossing eps exactly at step t
@@ -410,6 +410,8 @@ def test_compare_reports_whether_the_real_steps_fall_in_the_interval():
         cmp = tl.compare(fc, run_reaching_at(t), target_loss=eps, check_settings=False)
         assert cmp.steps_interval == (iv.low, iv.high)
         assert cmp.steps_in_interval is inside, t
+        assert cmp.steps_median == iv.median
+        assert cmp.steps_median_error == pytest.approx(abs(iv.median - t) / t)
     plain = tl.forecast(tl.compute_kernel(net, _data(dim=4), progress=False), tl.SGD(0.3), 200)
     cmp = tl.compare(plain, run_reaching_at(5), target_loss=eps, check_settings=False)
     assert cmp.steps_interval is None and cmp.steps_in_interval is None

@@ -1039,6 +1039,13 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
          "forecast": cmp.final_accuracy_forecast, "real run": cmp.final_accuracy_run,
          "error": err(cmp.final_accuracy_diff)},
     ]  # fmt: skip
+    if cmp.steps_interval is not None:  # head-exact: the calibrated median (NOTE [steps interval])
+        from tangentlab.forecast import STEPS_MEDIAN
+
+        rows.insert(1, {"quantity": f"  median estimate (x{math.exp(STEPS_MEDIAN):.2f})",
+                        "forecast": cmp.steps_median,
+                        "real run": cmp.steps_to_target_run,
+                        "error": err(cmp.steps_median_error)})  # fmt: skip
     ev = cmp.eval
     if ev is not None:
         rows += [

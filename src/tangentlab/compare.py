@@ -100,6 +100,8 @@ class Comparison:
         ``None``: open above).
       steps_in_interval: whether the run's T lies in it (``None`` without an interval or
         when the run does not reach ε).
+      steps_median, steps_median_error: the interval's calibrated median estimate of T
+        (``StepsInterval.median``) and its error |T̂' - T| / T (``None`` when either is).
     """
 
     steps: np.ndarray
@@ -137,6 +139,8 @@ class Comparison:
     eval: dict[str, Any] | None = None
     steps_interval: tuple[int | None, int | None] | None = None
     steps_in_interval: bool | None = None
+    steps_median: int | None = None
+    steps_median_error: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """The scalar results (no curves), JSON-able."""
@@ -249,10 +253,13 @@ def _interval_part(forecast: Any, eps: float | None, t_run: int | None) -> dict[
     if eps is None or method.get("model") != "head-body":
         return {}
     iv = forecast.steps_interval(eps)
-    inside = None
+    inside = err = None
     if t_run is not None:
         inside = iv.low is not None and iv.low <= t_run and (iv.high is None or t_run <= iv.high)
-    return dict(steps_interval=(iv.low, iv.high), steps_in_interval=inside)
+        if iv.median is not None and t_run > 0:
+            err = abs(iv.median - t_run) / t_run
+    return dict(steps_interval=(iv.low, iv.high), steps_in_interval=inside,
+                steps_median=iv.median, steps_median_error=err)  # fmt: skip
 
 
 def _eval_part(fn: str, fc: dict, rn: dict, keep: np.ndarray, steps: np.ndarray) -> dict | None:
