@@ -32,7 +32,9 @@ EfficientNet-Lite0 block 15 + head at 32 px on cached trunk activations
 layer-4 hidden states, 64 tokens (N = 100). Times exclude loading the model and data and
 the one-off trunk pass (the same for every method).
 Configurations that take less than ``REPEAT_BELOW`` seconds run ``REPEATS`` times, each in
-a fresh process; the table shows the medians of time, peak and kernel memory.
+a fresh process, in interleaved rounds (every configuration once per round: a slow spell
+of the machine hits a round, not one method); the table shows the medians of time, peak
+and kernel memory.
 Results: benchmarks/results/peers.json and the "peers" section of benchmarks/RESULTS.md.
 """
 
@@ -62,7 +64,7 @@ QUICK = {"mlp": 60, "cnn": 40, "lite0": 12, "minilm": 6}
 PROBES = 4  # S of the trace=S rows
 # configurations faster than REPEAT_BELOW seconds run REPEATS times (each in a fresh
 # process; the median time is reported): this machine's timings vary by ±15% run to run
-REPEATS = 3
+REPEATS = 5
 REPEAT_BELOW = 10.0
 SKETCH_K = 4096
 TITLES = {
@@ -281,44 +283,36 @@ def job(spec: dict) -> dict:
 
 # ---- driver -------------------------------------------------------------------------
 def measure(case: str, n: int, tmp: Path, timeout: float) -> dict:
+    """Every configuration of ``case``, in rounds: each round runs every configuration once
+    (fresh processes, one after the other), later rounds only those that took under
+    REPEAT_BELOW s; a slow spell of the machine then hits all configurations of a round,
+    not one method's repeats."""
     script = Path(__file__).resolve()
-    rows = {}
-
-    def one(key: str, spec: dict) -> dict:
-        spec = {"case": case, "n": n, **spec}
-        if spec["method"] != "floor":
-            spec["save"] = str(tmp / f"{case}-{key}.pt")
-        runs = []
-        while len(runs) < REPEATS:
+    specs = {"vmap": {"method": "vmap"}, "tangentlab": {"method": "tangentlab"},
+             "nngeometry": {"method": "nngeometry"}}  # fmt: skip
+    if case in ("lite0", "minilm"):
+        for variant in ("trace", f"trace={PROBES}", f"sketch={SKETCH_K}",
+                        f"sketch={SKETCH_K} features"):  # fmt: skip
+            specs[variant] = {"method": "tangentlab", "variant": variant}
+        specs["floor-C"] = {"method": "floor", "passes": "C"}
+        specs["floor-S"] = {"method": "floor", "passes": "S"}
+    runs: dict[str, list[dict]] = {key: [] for key in specs}
+    for round_ in range(REPEATS):
+        for key, spec in specs.items():
+            done = runs[key]
+            if done and ("seconds" not in done[0] or done[0]["seconds"] > REPEAT_BELOW):
+                continue  # long configurations (and failures) run once
+            spec = {"case": case, "n": n, **spec}
+            if spec["method"] != "floor":
+                spec["save"] = str(tmp / f"{case}-{key}.pt")
             try:
                 res = run_job(script, spec, timeout=timeout)
             except Exception as exc:  # crashed or timed out: reported, the run goes on
                 last = [ln for ln in str(exc).splitlines() if ln.strip()][-1]
                 res = {"error": f"{type(exc).__name__}: {last[:160]}"}
-            print(f"  {case} {key}: {json.dumps(res)[:200]}", flush=True)
-            runs.append(res)
-            if "seconds" not in res or res["seconds"] > REPEAT_BELOW:
-                break  # long configurations (and failures) run once
-        if "seconds" not in runs[-1]:
-            return runs[-1]
-        # medians over the runs: time, peak memory and kernel memory (peak - before)
-        res = dict(runs[0])
-        res["seconds_all"] = [r["seconds"] for r in runs]
-        res["seconds"] = _median(res["seconds_all"])
-        res["peak_rss"] = _median([r["peak_rss"] for r in runs])
-        delta = _median([r["peak_rss"] - r["rss_before"] for r in runs])
-        res["rss_before"] = res["peak_rss"] - delta
-        return res
-
-    rows["vmap"] = one("vmap", {"method": "vmap"})
-    rows["tangentlab"] = one("tangentlab", {"method": "tangentlab"})
-    rows["nngeometry"] = one("nngeometry", {"method": "nngeometry"})
-    if case in ("lite0", "minilm"):
-        for variant in ("trace", f"trace={PROBES}", f"sketch={SKETCH_K}",
-                        f"sketch={SKETCH_K} features"):  # fmt: skip
-            rows[variant] = one(variant, {"method": "tangentlab", "variant": variant})
-        rows["floor-C"] = one("floor-C", {"method": "floor", "passes": "C"})
-        rows["floor-S"] = one("floor-S", {"method": "floor", "passes": "S"})
+            print(f"  {case} {key} (round {round_ + 1}): {json.dumps(res)[:200]}", flush=True)
+            done.append(res)
+    rows = {key: _aggregate(r) for key, r in runs.items()}
     ref_path = tmp / f"{case}-vmap.pt"
     if ref_path.exists():
         ref = torch.load(ref_path)
@@ -331,6 +325,19 @@ def measure(case: str, n: int, tmp: Path, timeout: float) -> dict:
                     float((other - ref).norm()) / scale if other.shape == ref.shape else None
                 )
     return {"n": n, "rows": rows}
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Medians over the runs of one configuration: time, peak memory, kernel memory."""
+    if "seconds" not in runs[0]:
+        return runs[0]
+    res = dict(runs[0])
+    res["seconds_all"] = [r["seconds"] for r in runs]
+    res["seconds"] = _median(res["seconds_all"])
+    res["peak_rss"] = _median([r["peak_rss"] for r in runs])
+    delta = _median([r["peak_rss"] - r["rss_before"] for r in runs])
+    res["rss_before"] = res["peak_rss"] - delta
+    return res
 
 
 def _median(v: list[float]) -> float:
@@ -377,8 +384,8 @@ def render(r: dict) -> str:
         "thread; time = the kernel alone (model, data and the cached trunk loaded before); "
         "peak = peak resident memory of that process, Δ = peak − resident memory before "
         "the kernel; agreement = ‖Θ − Θ_vmap‖_F / ‖Θ_vmap‖_F (float32). Configurations "
-        f"under {REPEAT_BELOW:g} s ran {REPEATS} times (fresh processes): medians of time, "
-        "peak and Δ. Goals (issue 12): "
+        f"under {REPEAT_BELOW:g} s ran {REPEATS} times (fresh processes, interleaved rounds: "
+        "every configuration once per round): medians of time, peak and Δ. Goals (issue 12): "
         "tangentlab at least as fast as nngeometry and ≥ 3× faster than vmap(jacrev), peak "
         "below both.",
         "",
