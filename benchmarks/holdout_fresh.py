@@ -347,10 +347,9 @@ T / T̂ 0.50 against 0.67), so the interval, chosen for 80% by leave-one-task-ou
 (80.3% there), covered 76% (MSE 78%, CE 74%; textures under MSE 48%). The reliability
 check held up: 94% of the flagged targets were bad, and it caught 66% of the bad ones. The
 prefix power laws miss most targets again; the hybrid (head-body on a clock fitted to the
-first 10% of the run) is no better than the head-exact model (100% / 506%). What the library
-takes from this run: `Forecast.steps_interval` (the band and its median estimate, frozen
-constants, NOTE [steps interval]); the default forecast stays the tangent model
-(README: why)."""
+first 10% of the run) is no better than the head-exact model (100% / 506%). These four
+tasks then joined the development set of a per-drop calibration (`holdout_depth.py`,
+section "holdout-depth"), which replaced the one constant in `Forecast.steps_interval`."""
 
 
 def report() -> None:

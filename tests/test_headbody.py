@@ -365,30 +365,34 @@ def _ce_forecast_and_target():
 def test_steps_interval_is_the_calibrated_band_around_the_forecast():
     """NOTE [steps interval]: [T̂ e^lo, T̂ e^hi] (floor / ceil) around steps_to; open above when
     the horizon ends first; unknown when the forecast diverges first; tangent refused."""
-    from tangentlab.forecast import STEPS_BAND, STEPS_MEDIAN
+    from tangentlab.forecast import steps_quantiles
 
     net, hb, fc, target = _ce_forecast_and_target()
     data, l0 = _data(dim=4), float(fc.loss[0])
     t = fc.steps_to(target)
     assert t is not None and t > 3
     iv = fc.steps_interval(target)
-    lo, hi = STEPS_BAND
+    assert iv.drop == pytest.approx(1 - target / l0)
+    lo, mid, hi = steps_quantiles(iv.drop)
     assert (iv.point, iv.low, iv.high) == (t, int(np.floor(t * np.exp(lo))),
                                            int(np.ceil(t * np.exp(hi))))  # fmt: skip
-    assert iv.median == round(t * np.exp(STEPS_MEDIAN))
-    assert iv.low <= iv.median < iv.point <= iv.high and iv.coverage == 0.8
+    assert iv.median == round(t * np.exp(mid))
+    assert iv.low <= iv.median <= iv.high and iv.low < iv.point and iv.coverage == 0.8
     assert f"{iv.low}-{iv.high} steps, median estimate {iv.median}" in str(iv)
-    assert fc.steps_interval(l0) == tl.StepsInterval(0, 0, 0, 0)  # already there at step 0
+    assert fc.steps_interval(l0) == tl.StepsInterval(0, 0, 0, 0, 0.0)  # there at step 0
+    deep = fc.steps_interval(0.05 * l0 + 0.95 * float(np.nanmin(fc.loss)))
+    assert deep.drop > iv.drop and deep.median / deep.point < iv.median / iv.point  # deeper: faster
     # beyond the horizon: only a lower bound, from the horizon
     never = fc.steps_interval(0.5 * float(np.nanmin(fc.loss)))
     assert never.point is None and never.high is None
-    assert never.low == int(np.floor(201 * np.exp(lo))) and "more than" in str(never)
+    assert never.low == int(np.floor(201 * np.exp(steps_quantiles(never.drop)[0])))
+    assert "more than" in str(never)
     # a diverging forecast: nothing is known
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bad = tl.forecast(hb, tl.SGD(500.0), 50, loss="mse")
     assert bad.diverges
-    assert bad.steps_interval(1e-12) == tl.StepsInterval(None, None, None)
+    assert bad.steps_interval(1e-12).low is None and bad.steps_interval(1e-12).point is None
     assert "unknown" in str(bad.steps_interval(1e-12))
     # the tangent model is not calibrated: refused with the fix
     plain = tl.forecast(tl.compute_kernel(net, data, progress=False), tl.SGD(0.3), 20)
