@@ -208,3 +208,29 @@ def test_write_sweep_report_writes_all_four_files(kernel, tmp_path):
     assert m and base64.b64decode(m.group(1)) == paths["png"].read_bytes()
     assert "ranked by steps to loss" in page
     assert page.count("<tr>") >= 1 + 6  # header + one row per setting (+ run, kernel tables)
+
+
+def test_plot_marks_the_head_exact_interval(tmp_path, spy_axes):
+    """A head-exact forecast's 80% interval for the real steps (NOTE [steps interval]) is
+    drawn along the target line, its median estimate as a diamond; none for the tangent model."""
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.double), torch.arange(12) % 3
+    hb = tl.compute_head_body_kernel(net, (x, y), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tl.errors.ValidityWarning)
+        fc = tl.forecast(hb, SGD(0.3), 60, loss="ce")
+    target = 0.5 * float(fc.loss[0]) + 0.5 * float(fc.loss.min())
+    iv = fc.steps_interval(target)
+    assert_png(plot_forecasts([("head-exact", fc)], tmp_path / "iv.png", target_loss=target))
+    drawn = {kw.get("label"): a for a, kw in spy_axes["plot"]}
+    assert drawn["real steps to target, 80% interval"][:2] == ([iv.low, iv.high], [target] * 2)
+    assert drawn["median estimate"] == ([iv.median], [target], "D")
+    spy_axes["plot"].clear()
+    plain = tl.forecast(tl.compute_kernel(net, (x, y), progress=False), SGD(0.3), 60, loss="ce")
+    plot_forecasts([("tangent", plain)], tmp_path / "t.png", target_loss=target)
+    assert "median estimate" not in {kw.get("label") for _, kw in spy_axes["plot"]}

@@ -90,6 +90,7 @@ def plot_forecasts(
             t = fc.steps_to(target_loss)
             if t is not None:
                 ax_l.plot([t], [fc.loss[t]], "o", color=col, ms=5)
+            _draw_interval(ax_l, fc, target_loss, col)
     for j, (label, steps, loss, acc, *ev) in enumerate(measured):
         col = colors[(len(forecasts) + j) % len(colors)]
         ax_l.plot(steps, loss, "--", color=col, lw=1.5, label=label)
@@ -116,6 +117,19 @@ def plot_forecasts(
     ax_l.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str) -> None:
+    """A head-exact forecast's interval for the real steps to the target (NOTE [steps
+    interval]): a bar along the target line, its median estimate a diamond."""
+    if fc.method.get("model") != "head-body":
+        return
+    iv = fc.steps_interval(target_loss)
+    if iv.low is None or iv.high is None:
+        return
+    ax.plot([iv.low, iv.high], [target_loss] * 2, color=col, lw=4, alpha=0.35,
+            solid_capstyle="butt", label="real steps to target, 80% interval")  # fmt: skip
+    ax.plot([iv.median], [target_loss], "D", color=col, ms=5, label="median estimate")
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
