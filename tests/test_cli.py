@@ -113,6 +113,8 @@ def test_forecast_end_to_end(digits_run):
     # default target: 80% drop of the initial loss
     assert js["target_loss"] == pytest.approx(0.2 * fc["loss"][0])
     assert "--lr not given" in res.stderr  # default lr announced on stderr, not stdout
+    # the tangent model's known bias on held-out tasks, and the alternative, said once
+    assert res.stdout.count("--linearize body (a final nn.Linear head)") == 1
     # the default lr is rounded down: on the validity boundary, never past it
     assert "Warning:" not in res.stderr and "outside the region" not in res.stderr
     assert js["summary"][0]["stability"] <= 1.0
@@ -490,6 +492,9 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     assert "kernel (head exact, body linear)" in res.stdout
     # the calibrated interval for the real steps (NOTE [steps interval]) and its verdict
     assert "vs the forecast's 80% interval" in res.stdout
+    fc = ok(invoke("forecast", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
+                   "--out", tmp_path / "hbf", "--cache", out / "kernel"))  # fmt: skip
+    assert "real run, 80% interval:" in fc.stdout and "sooner than the tangent" not in fc.stdout
     lo, hi = js["comparison"]["steps_interval"]
     inside = js["comparison"]["steps_in_interval"]
     t = js["comparison"]["steps_to_target_run"]
