@@ -43,7 +43,6 @@ RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -58,8 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import holdout as ho  # noqa: E402
 import holdout_fresh as fr  # noqa: E402
-from _common import machine, write_section  # noqa: E402
-from forecast_accuracy import _commit  # noqa: E402
+from _common import write_section  # noqa: E402
 from headbody import _fmt  # noqa: E402
 
 OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
@@ -131,13 +129,6 @@ TASKS = {
     "photos-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
                          projection=4096, num_classes=8, images=_photos),
 }  # fmt: skip
-
-
-def _install() -> None:
-    ho.TASKS.update(TASKS)
-    ho.OUT = OUT
-    ho.forecast_steps = lambda steps: min(fr.HORIZON * steps, fr.FC_CAP)
-    OUT.mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,14 +310,8 @@ def main() -> None:
         return
     if DEPTH is None:
         raise SystemExit("holdout_depth: freeze DEPTH (--calibrate) before any run.")
-    _install()
     torch.set_num_threads(args.threads)
-    for name in args.task or list(TASKS):
-        state = ho.run_task(name)
-        state.setdefault("code", _commit())
-        state.setdefault("machine", machine())
-        state.setdefault("date", datetime.date.today().isoformat())
-        ho._save(OUT / f"{name}.json", state)
+    fr.run_tasks(TASKS, args.task or list(TASKS), OUT)
 
 
 if __name__ == "__main__":

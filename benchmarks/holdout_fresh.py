@@ -178,12 +178,19 @@ TASKS = {
 }  # fmt: skip
 
 
-def _install() -> None:
-    """holdout.py's runner on these tasks, with the 10x horizon and this output folder."""
-    ho.TASKS.update(TASKS)
-    ho.OUT = OUT
+def run_tasks(tasks: dict, names: list[str], out: Path) -> None:
+    """holdout.py's runner on ``tasks`` (the ``names`` among them, resumable), with the 10x
+    horizon, results in ``out``, each state stamped with the code, machine and date."""
+    ho.TASKS.update(tasks)
+    ho.OUT = out
     ho.forecast_steps = lambda steps: min(HORIZON * steps, FC_CAP)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        state = ho.run_task(name)
+        state.setdefault("code", _commit())
+        state.setdefault("machine", machine())
+        state.setdefault("date", datetime.date.today().isoformat())
+        ho._save(out / f"{name}.json", state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -367,7 +374,7 @@ def report() -> None:
         "the real run's steps (capped at 3,000). Frozen before the run on seven development "
         f"tasks (the examples and holdout.py's four; 375 targets): the correction T̂' = T̂ "
         f"e^{MEDIAN:g} and the interval [T̂ e^{BAND[0]:g}, T̂ e^{BAND[1]:g}] "
-        "(`Forecast.steps_interval`). Entries: median / p90 of |T̂ − T|/T (targets scored, "
+        "(`Forecast.steps_interval` until the per-drop calibration of holdout_depth.py). Entries: median / p90 of |T̂ − T|/T (targets scored, "
         "misses); a miss counts as +∞. "
         + (f"Machine: {next(iter(states.values())).get('machine', '')}; code "
            f"{next(iter(states.values())).get('code', '')}." if states else ""),
@@ -429,14 +436,8 @@ def main() -> None:
         return
     if MEDIAN is None or BAND is None:
         raise SystemExit("holdout_fresh: freeze MEDIAN / BAND (--calibrate) before any run.")
-    _install()
     torch.set_num_threads(args.threads)
-    for name in args.task or list(TASKS):
-        state = ho.run_task(name)
-        state.setdefault("code", _commit())
-        state.setdefault("machine", machine())
-        state.setdefault("date", datetime.date.today().isoformat())
-        ho._save(OUT / f"{name}.json", state)
+    run_tasks(TASKS, args.task or list(TASKS), OUT)
 
 
 if __name__ == "__main__":
