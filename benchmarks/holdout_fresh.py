@@ -374,7 +374,8 @@ def report() -> None:
         "the real run's steps (capped at 3,000). Frozen before the run on seven development "
         f"tasks (the examples and holdout.py's four; 375 targets): the correction T̂' = T̂ "
         f"e^{MEDIAN:g} and the interval [T̂ e^{BAND[0]:g}, T̂ e^{BAND[1]:g}] "
-        "(`Forecast.steps_interval` until the per-drop calibration of holdout_depth.py). Entries: median / p90 of |T̂ − T|/T (targets scored, "
+        "(`Forecast.steps_interval` until the per-drop calibration of holdout_depth.py). "
+        "Entries: median / p90 of |T̂ − T|/T (targets scored, "
         "misses); a miss counts as +∞. "
         + (f"Machine: {next(iter(states.values())).get('machine', '')}; code "
            f"{next(iter(states.values())).get('code', '')}." if states else ""),
