@@ -531,7 +531,10 @@ def forecast_settings(prep: _Prepared, s: Settings) -> Forecast:
 # way were off by more than 25% (precision 91%), but only 78 of the 196 bad targets were
 # flagged (recall 40%): a warning means "do not trust it", its absence is not a
 # guarantee. On four fresh tasks (benchmarks/holdout_fresh.py, RESULTS.md "holdout-fresh"):
-# precision 94% (134 of 142), recall 66%. Skipped (recorded in
+# precision 94% (134 of 142), recall 66%; on three more (holdout_depth.py) 96%, recall 60%.
+# It judges the head-exact T̂ itself: it has no skill for the calibrated median estimate
+# of NOTE [steps interval] (55% of its flags bad there, against 52% of all targets), whose
+# correction removes the bias ρ detects. Skipped (recorded in
 # Forecast.method) when N*C > RELIABILITY_MAX_NC: the dense tangent kernel would cost
 # (N C)^2 memory.
 RELIABILITY_RHO = 2.0
