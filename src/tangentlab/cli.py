@@ -821,7 +821,7 @@ def forecast(**o: Any) -> None:
         click.echo("  note: on seven held-out fine-tuning tasks real runs reached their 50-90% "
                    "drops a median 3.9-5.8x sooner than the tangent model forecast (RESULTS.md "
                    "'holdout-fresh', 'holdout-depth'); --linearize body (a final nn.Linear "
-                   "head) was within 26% with a calibrated interval.")
+                   "head) gives a calibrated interval, median error 26% there.")
     if fc.best_step is not None:
         b = fc.best_step
         click.echo(f"held-out ({cross.num_eval} samples): best step {b} (min held-out loss "
