@@ -4,6 +4,7 @@ and an independent weight-space simulation; the logit kernel at w0 is the tangen
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -231,6 +232,13 @@ def test_sweep_accepts_a_head_body_kernel():
     sw = tl.sweep(hb, tl.SGD.grid(lr=[0.1, 0.5]), 20, loss="ce")
     assert len(sw.forecasts) == 2 and sw.best.method["model"] == "head-body"
     assert sw.best.to_dict()["method"]["solver"].startswith("head exact")
+    # each row's interval for the real steps (NOTE [steps interval]), in the table's order
+    for (_, row), fc in zip(sw.table.iterrows(), sw.forecasts):
+        iv = fc.steps_interval(sw.target_loss)
+        got = [None if row[k] is pd.NA else int(row[k])
+               for k in ("steps_low", "steps_median", "steps_high")]  # fmt: skip
+        assert got == [iv.low, iv.median, iv.high]
+    sw.to_dict()  # JSON-able with the new columns
 
 
 def test_tangent_kernel_is_the_ntk_at_w0_and_forecasts_as_the_tangent_model():

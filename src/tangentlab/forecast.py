@@ -797,7 +797,9 @@ def sweep(
       minimum"); with ``eval_data`` also ``eval_loss`` and ``eval_accuracy`` (last step),
       ``best_eval_accuracy`` (highest along the run), ``best_step`` (minimum held-out
       loss: the early-stopping step) and ``eval_accuracy_at_best`` (held-out accuracy
-      there). ``Sweep.rank_by`` records the criterion.
+      there). A head-exact kernel's sweep also has ``steps_low``, ``steps_median`` and
+      ``steps_high``: each row's interval for the real steps to the target
+      (``Forecast.steps_interval``; nullable ints). ``Sweep.rank_by`` records the criterion.
 
     Example:
         >>> cross = tl.compute_cross_kernel(model, (X_val, y_val), kernel, train_data=(X, y))
@@ -926,10 +928,13 @@ def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps
             valid=fc.valid and not fc.diverges, steps_to_target=fc.steps_to(target),
             final_loss=final, min_loss=lmin, final_accuracy=_last_finite(fc.accuracy),
             diverges=fc.diverges, stability=fc.stability, loss_limit=fc.loss_limit,
-            note="; ".join(notes), **_eval_columns(fc),
+            note="; ".join(notes), **_eval_columns(fc), **_interval_columns(fc, target),
         ))  # fmt: skip
     df = pd.DataFrame(rows)
     df["steps_to_target"] = df["steps_to_target"].astype("Int64")
+    for col in ("steps_low", "steps_median", "steps_high"):
+        if col in df.columns:
+            df[col] = df[col].astype("Int64")
     df["batch_size"] = df["batch_size"].astype("Int64")
     if "best_step" in df.columns:
         df["best_step"] = df["best_step"].astype("Int64")
@@ -942,6 +947,15 @@ def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps
         df["_key"] = -df[rank_by]  # highest first; NaN (diverged) last
     df = df.sort_values(["diverges", "_invalid", *keys], na_position="last", kind="mergesort")
     return df.drop(columns=[c for c in ("_invalid", "_key") if c in df.columns])
+
+
+def _interval_columns(fc: Forecast, target: float) -> dict[str, Any]:
+    """A head-exact row's interval for the real steps (NOTE [steps interval]): ``steps_low``,
+    ``steps_median``, ``steps_high`` (<NA> where unknown); none for the tangent model."""
+    if fc.method.get("model") != "head-body":
+        return {}
+    iv = fc.steps_interval(target)
+    return {"steps_low": iv.low, "steps_median": iv.median, "steps_high": iv.high}
 
 
 def _eval_columns(fc: Forecast) -> dict[str, Any]:
