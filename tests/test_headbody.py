@@ -427,3 +427,34 @@ def test_compare_reports_whether_the_real_steps_fall_in_the_interval():
     plain = tl.forecast(tl.compute_kernel(net, _data(dim=4), progress=False), tl.SGD(0.3), 200)
     cmp = tl.compare(plain, run_reaching_at(5), target_loss=eps, check_settings=False)
     assert cmp.steps_interval is None and cmp.steps_in_interval is None
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+@pytest.mark.parametrize("batch", [None, 4])
+def test_projected_block_keeps_features_only_and_forecasts_as_the_dense_one(batch):
+    """NOTE [head-body features]: a projected read-out kernel is kept as Φ (Θ = Φ Φᵀ never
+    formed); forecasting through Φ equals forecasting through the dense Θ."""
+    import dataclasses
+
+    net = TanhBody().double().eval()
+    hb = compute_head_body_kernel(net, _data(dim=4), projection=16, progress=False)
+    assert hb.block.theta is None and hb.block.features.shape[1] == 16
+    theta = hb.block.features @ hb.block.features.T
+    dense = dataclasses.replace(hb, block=dataclasses.replace(hb.block, theta=theta))
+    opt = tl.SGD(0.2, momentum=0.5)
+    a = tl.forecast(hb, opt, 30, loss="ce", batch_size=batch, seed=1)
+    b = tl.forecast(dense, opt, 30, loss="ce", batch_size=batch, seed=1)
+    assert "Feature" in type(hb.problem().block).__name__
+    assert "Dense" in type(dense.problem().block).__name__
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-9)  # float64 model: Φ float64
+    # float32 features (what compute_kernel projects by default): products in float32
+    net32 = TanhBody().float().eval()
+    x, y = _data(dim=4)
+    hb32 = compute_head_body_kernel(net32, (x.float(), y), projection=16, progress=False)
+    assert hb32.problem().block.features.dtype == np.float32
+    theta = hb32.block.features.double() @ hb32.block.features.double().T
+    dense32 = dataclasses.replace(hb32, block=dataclasses.replace(hb32.block, theta=theta))
+    a = tl.forecast(hb32, opt, 30, loss="ce", batch_size=batch, seed=1)
+    b = tl.forecast(dense32, opt, 30, loss="ce", batch_size=batch, seed=1)
+    assert a.loss.dtype == np.float64
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)

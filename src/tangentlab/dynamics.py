@@ -196,14 +196,20 @@ class FeatureKernelOperator:
         self.num_classes = num_classes
         self._rows = features.reshape(nc // num_classes, num_classes, k)
 
+    def cast(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in Φ's dtype: float32 features (a sketch: its own error is far larger)
+        are multiplied in float32, half the memory traffic; results come back float64."""
+        return np.asarray(x, dtype=self.features.dtype)
+
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``Φ (Φ^T x)`` for ``x`` ``[NC]`` or ``[NC, p]``."""
-        return self.features @ (self.features.T @ x)
+        out = self.features @ (self.features.T @ self.cast(x))
+        return out.astype(np.float64, copy=False)
 
     def cols_matvec(self, batch: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``Σ_j Θ[:, batch_j] x_j = Φ Σ_j Φ_{batch_j}^T x_j`` -> ``[NC]``."""
-        v = np.einsum("bc,bck->k", x, self._rows[batch])
-        return self.features @ v
+        v = np.einsum("bc,bck->k", self.cast(x), self._rows[batch])
+        return (self.features @ v).astype(np.float64, copy=False)
 
 
 class TraceKernelOperator:
@@ -1259,8 +1265,9 @@ def _cols_paths(op: KernelOperator, batches: np.ndarray | None, x: np.ndarray) -
     if batches is None:
         return op.matvec(x.reshape(paths, -1).T).T
     if isinstance(op, FeatureKernelOperator):  # Φ Σ_j Φ_j^T x_j: one pass over Φ
-        v = np.stack([np.einsum("bc,bck->k", x[p], op._rows[batches[p]]) for p in range(paths)])
-        return (op.features @ v.T).T
+        xs = op.cast(x)
+        v = np.stack([np.einsum("bc,bck->k", xs[p], op._rows[batches[p]]) for p in range(paths)])
+        return (op.features @ v.T).T.astype(np.float64, copy=False)
     return np.stack([op.cols_matvec(batches[p], x[p]) for p in range(paths)])
 
 

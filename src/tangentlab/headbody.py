@@ -64,8 +64,9 @@ class HeadBodyKernel:
       targets: labels ``[N]``.
       basis: Q ``[d, r]``, orthonormal columns.
       block: the kernel of the read-out ``Qᵀ φ(x)`` w.r.t. the body's trainable weights,
-        ``theta`` ``[N r, N r]`` and/or ``features`` ``[N r, k]`` (its ``targets`` are
-        placeholders); ``None`` when no body weight is trained (linear probing).
+        ``theta`` ``[N r, N r]`` when exact, ``features`` ``[N r, k]`` only when projected
+        (NOTE [head-body features]; its ``targets`` are placeholders); ``None`` when no
+        body weight is trained (linear probing).
       rest: κ_⊥ ``[N, N]``, or ``None`` (Q spans everything, or ``probes=0``).
       body_jw0: ``J_i w0_body`` ``[N, d]`` (one JVP per sample), for weight decay toward 0;
         ``None`` without body weights.
@@ -137,12 +138,18 @@ class HeadBodyKernel:
         return self.__dict__["_problem"]
 
     def _make_problem(self) -> dyn.HeadBodyProblem:
+        # NOTE [head-body features]: a projected block is kept as its features Φ [N r, k]
+        # (compute_head_body_kernel does not form Θ = Φ Φᵀ): a step's product Φ (Φᵀ x) costs
+        # 2 N r k instead of (N r)², and memory N r k instead of (N r)²; float32 features
+        # (the default) are multiplied in float32 (the sketch's own error is ~10%, float32
+        # round-off ~1e-7), the state stays float64. An exact block (projection=None, needed
+        # for held-out curves) stays dense float64.
         block = None
         if self.block is not None:
             r = self.basis.shape[1]
             block = (dyn.DenseKernelOperator(_np64(self.block.theta), r)
                      if self.block.theta is not None else
-                     dyn.FeatureKernelOperator(_np64(self.block.features), r))  # fmt: skip
+                     dyn.FeatureKernelOperator(_np_features(self.block.features), r))  # fmt: skip
         rest = None if self.rest is None else dyn.TraceKernelOperator(
             _np64(self.rest), self.features.shape[1])  # fmt: skip
         return dyn.HeadBodyProblem(
@@ -179,6 +186,12 @@ class HeadBodyKernel:
 
 def _np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
+
+
+def _np_features(t: torch.Tensor) -> np.ndarray:
+    """Projected features as numpy, float32 kept float32 (NOTE [head-body features])."""
+    t = t.detach().cpu()
+    return t.numpy() if t.dtype == torch.float32 else t.double().numpy()
 
 
 def compute_head_body_kernel(
@@ -220,7 +233,7 @@ def compute_head_body_kernel(
     Example::
 
         >>> hb = compute_head_body_kernel(model, (X, y), head="fc", projection=2048)
-        >>> hb.features.shape, hb.block.theta.shape     # [N, d], [N*r, N*r]
+        >>> hb.features.shape, hb.block.features.shape  # [N, d], [N*r, 2048] (projected: Φ only)
         >>> fc = tl.forecast(hb, tl.SGD(0.01), 300, loss="ce")
     """
     _check_counts(directions=directions, probes=probes)
@@ -253,7 +266,11 @@ def compute_head_body_kernel(
             return dict(memory_budget=memory_budget, progress=progress,
                         cache=None if cache is None else Path(cache) / part)  # fmt: skip
 
-        block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), **opts("block"))
+        # projected: the simulation multiplies through Φ [N r, k] (NOTE [head-body features]);
+        # Θ = Φ Φᵀ [N r, N r] would cost N² r² k to form and (N r)² memory for nothing
+        block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
+                               keep_theta=False if projection is not None else None,
+                               **opts("block"))  # fmt: skip
         rest = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
         jw0 = _body_jw0(tb, x)
     meta["seconds"] = time.perf_counter() - t0
