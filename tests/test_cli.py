@@ -495,6 +495,11 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     fc = ok(invoke("forecast", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
                    "--out", tmp_path / "hbf", "--cache", out / "kernel"))  # fmt: skip
     assert "real run, 80% interval:" in fc.stdout and "sooner than the tangent" not in fc.stdout
+    row = strict_json(tmp_path / "hbf" / "forecast.json")["summary"][0]
+    if row["steps_to_target"] is None:  # beyond the horizon: a lower bound only
+        assert row["steps_low"] >= 1 and row["steps_median"] is None is row["steps_high"]
+    else:
+        assert row["steps_low"] <= row["steps_median"] <= row["steps_to_target"]
     lo, hi = js["comparison"]["steps_interval"]
     inside = js["comparison"]["steps_in_interval"]
     t = js["comparison"]["steps_to_target_run"]

@@ -177,8 +177,17 @@ def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
         "final_accuracy": d["final_accuracy"],
         "diverges": d["diverges"],
         "stability": d["stability"],
+        **_interval_summary(fc, target_loss),
         **_eval_row(d["eval"]),
     }
+
+
+def _interval_summary(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
+    """A head-exact forecast's interval for the real steps (NOTE [steps interval])."""
+    if target_loss is None or fc.method.get("model") != "head-body":
+        return {}
+    iv = fc.steps_interval(target_loss)
+    return {"steps_low": iv.low, "steps_median": iv.median, "steps_high": iv.high}
 
 
 def _eval_row(ev: dict[str, Any] | None) -> dict[str, Any]:
