@@ -540,7 +540,7 @@ def forecast_settings(prep: _Prepared, s: Settings) -> Forecast:
 RELIABILITY_RHO = 2.0
 RELIABILITY_DROPS = (0.5, 0.8)
 RELIABILITY_MAX_NC = 4096
-RELIABILITY_PRECISION = "91-94%"  # holdout.py and holdout_fresh.py, eight held-out tasks
+RELIABILITY_PRECISION = "91-96%"  # holdout.py, holdout_fresh.py, holdout_depth.py: 11 tasks
 
 
 def _reliability(prep: _HeadBodyPrepared, s: Settings, fc: Forecast) -> None:
@@ -573,8 +573,9 @@ def _reliability(prep: _HeadBodyPrepared, s: Settings, fc: Forecast) -> None:
             f"{RELIABILITY_RHO:g}x the steps of this head-exact forecast ({shown}): most of "
             "the forecast comes from the head x body product, where held-out errors above 25% "
             f"were the rule ({RELIABILITY_PRECISION} of such targets; benchmarks/RESULTS.md "
-            "'holdout', 'holdout-fresh'). Treat steps-to-target as uncertain (the calibrated "
-            "band: fc.steps_interval) and check with `tangentlab validate` on a short run.",
+            "'holdout', 'holdout-fresh', 'holdout-depth'). Treat steps-to-target as uncertain "
+            "(the calibrated band: fc.steps_interval) and check with `tangentlab validate` on "
+            "a short run.",
             ValidityWarning,
             stacklevel=4,
         )
