@@ -402,6 +402,20 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
     assert bad.diverges
     assert bad.steps_interval(1e-12).low is None and bad.steps_interval(1e-12).point is None
     assert "unknown" in str(bad.steps_interval(1e-12))
+    assert iv.note == "" and "not calibrated" not in str(iv)
+    # settings outside the calibration grid are named (the band was not measured there)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        odd = tl.forecast(hb, tl.SGD(0.3, momentum=0.95, weight_decay=0.01,
+                                     schedule=tl.Cosine(200)), 200, loss="ce")  # fmt: skip
+    note = odd.steps_interval(target).note
+    assert "schedule (Cosine(200))" in note and "weight decay" in note and "momentum 0.95" in note
+    assert "not calibrated for" in str(odd.steps_interval(target))
+    lr_far = 3.0 * tl.stable_lr(hb, fraction=1.0, loss="ce")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        beyond = tl.forecast(hb, tl.SGD(lr_far), 50, loss="ce").steps_interval(target)
+    assert "beyond the stability limit" in beyond.note
     # the tangent model is not calibrated: refused with the fix
     plain = tl.forecast(tl.compute_kernel(net, data, progress=False), tl.SGD(0.3), 20)
     with pytest.raises(tl.TangentlabError, match="compute_head_body_kernel"):

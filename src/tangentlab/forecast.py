@@ -161,6 +161,9 @@ class StepsInterval:
         ``point``: on held-out tasks much closer to the real steps than ``point`` itself.
       drop: how deep the target is, d = 1 − ε / L̂_0 (the calibration's coordinate).
       coverage: the fraction of development targets the band was chosen to cover.
+      note: ``""``, or which settings lie outside those it was calibrated on (constant
+        learning rate, no weight decay, momentum in [0, 0.9], at most the stability limit):
+        the band was not measured there.
     """
 
     low: int | None
@@ -169,14 +172,16 @@ class StepsInterval:
     median: int | None = None
     drop: float | None = None
     coverage: float = STEPS_BAND_COVERAGE
+    note: str = ""
 
     def __str__(self) -> str:
+        tail = f"; not calibrated for {self.note}" if self.note else ""
         if self.low is None:
-            return "unknown (the forecast diverges before the target)"
+            return f"unknown (the forecast diverges before the target{tail})"
         if self.point is None:
-            return f"more than {self.low} steps (beyond the forecast's horizon)"
+            return f"more than {self.low} steps (beyond the forecast's horizon{tail})"
         return (f"{self.low}-{self.high} steps, median estimate {self.median} (forecast "
-                f"{self.point}; {self.coverage:.0%} band)")  # fmt: skip
+                f"{self.point}; {self.coverage:.0%} band{tail})")  # fmt: skip
 
 
 BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
@@ -310,14 +315,30 @@ class Forecast:
         l0 = float(self.loss[0])
         drop = 1.0 - target_loss / l0 if math.isfinite(l0) and l0 > 0 else 0.5
         lo, mid, hi = steps_quantiles(drop)
+        note = self._interval_scope()
         if point is not None:
             return StepsInterval(max(min(point, 1), math.floor(point * math.exp(lo))), point,
                                  math.ceil(point * math.exp(hi)), round(point * math.exp(mid)),
-                                 drop)  # fmt: skip
+                                 drop, note=note)  # fmt: skip
         if self.divergence_step is not None or not np.isfinite(self.loss).all():
-            return StepsInterval(None, None, None, None, drop)
+            return StepsInterval(None, None, None, None, drop, note=note)
         low = max(1, math.floor(self.loss.shape[0] * math.exp(lo)))
-        return StepsInterval(low, None, None, None, drop)
+        return StepsInterval(low, None, None, None, drop, note=note)
+
+    def _interval_scope(self) -> str:
+        """The settings of this forecast outside the steps interval's calibration grid
+        (benchmarks/holdout.py's: constant SGD rate at 0.1-1 of the stability limit,
+        momentum 0 or 0.9, no weight decay), ``""`` when none."""
+        hp, out = self.hyperparameters, []
+        if hp.get("schedule", "Constant()") != "Constant()":
+            out.append(f"a learning-rate schedule ({hp['schedule']})")
+        if hp.get("weight_decay"):
+            out.append(f"weight decay ({hp['weight_decay']:g})")
+        if not 0.0 <= hp.get("momentum", 0.0) <= 0.9:
+            out.append(f"momentum {hp['momentum']:g}")
+        if self.stability > 2.0 * (1 + 1e-6):  # a > 1: η̃ λ_max/N beyond GD's limit 2
+            out.append(f"a rate beyond the stability limit (η̃·λ_max/N = {self.stability:.3g})")
+        return ", ".join(out)
 
     def steps_to_plateau(self, rel_eps: float = 0.01) -> int | None:
         """T = min{t : |L_t - L_∞| < ε |L_0 - L_∞|} with L_∞ = ``loss_limit``.
