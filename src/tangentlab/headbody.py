@@ -266,10 +266,8 @@ def compute_head_body_kernel(
             return dict(memory_budget=memory_budget, progress=progress,
                         cache=None if cache is None else Path(cache) / part)  # fmt: skip
 
-        # projected: the simulation multiplies through Φ [N r, k] (NOTE [head-body features]);
-        # Θ = Φ Φᵀ [N r, N r] would cost N² r² k to form and (N r)² memory for nothing
-        block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
-                               keep_theta=False if projection is not None else None,
+        keep = False if projection is not None else None  # NOTE [head-body features]
+        block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), keep_theta=keep,
                                **opts("block"))  # fmt: skip
         rest = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
         jw0 = _body_jw0(tb, x)
