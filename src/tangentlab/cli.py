@@ -1443,23 +1443,12 @@ def influence(**o: Any) -> None:
       $ tangentlab influence --example digits-cnn --samples 100 --flip-labels 0.1 \
           --steps 100 --eval-samples 20 --out runs/infl
     """
-    import numpy as np
-
     import tangentlab as tl
     from tangentlab.report_data import write_data_report
 
     start, timer = time.perf_counter(), {}
     optimizer = _check_hyper(o, lists=False)[0]
-    spec = str(o["checkpoint_spec"]).strip().lower()
-    ckpts = None
-    if spec != "every":
-        try:
-            ckpts = [int(v) for v in spec.split(",") if v.strip()]
-        except ValueError:
-            raise TangentlabError(
-                f"tangentlab: --checkpoints must be 'every' or comma-separated steps, got "
-                f"{o['checkpoint_spec']!r}."
-            ) from None
+    spec, ckpts = _checkpoints(o)
     model, data, kernel, cross, ev, texts, flipped, params, proj, info, defaults = (
         _samples_setup(o, timer))  # fmt: skip
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
@@ -1481,22 +1470,13 @@ def influence(**o: Any) -> None:
         ("checkpoints", "every step" if ckpts is None else ", ".join(map(str, ckpts))),
     ]  # fmt: skip
     if o["real"]:
-        _echo(f"tangentlab: fine-tuning for real ({steps} steps) to compare with TracInCP on "
-              "its checkpoints ...")  # fmt: skip
         t0 = time.perf_counter()
-        run = tl.finetune(model, data, optimizer, steps, params=params, device=o["device"],
-                          checkpoints=ckpts if ckpts is not None else list(range(steps)),
-                          progress=not o["no_progress"], **train)  # fmt: skip
-        real = tl.tracin_checkpoints(run, data, eval_data=ev, projection=proj)
+        pearson, spearman = _tracincp_agreement(o, result, model, data, ev, optimizer, steps,
+                                                ckpts, params, proj, train)  # fmt: skip
         timer["real run + TracInCP"] = time.perf_counter() - t0
-        pearson = float(np.corrcoef(result.self_influence, real.self_influence)[0, 1])
-        ranks = [np.argsort(np.argsort(v)) for v in (result.self_influence, real.self_influence)]
-        spearman = float(np.corrcoef(*ranks)[0, 1])
         info.update(tracincp_pearson=round(pearson, 4), tracincp_spearman=round(spearman, 4))
         what.append(("TracInCP on real checkpoints", f"self-influence correlation: Pearson "
                      f"{pearson:.3f}, Spearman {spearman:.3f}"))  # fmt: skip
-        click.echo(f"tangent TracIn vs real TracInCP (self-influence): Pearson {pearson:.3f}, "
-                   f"Spearman {spearman:.3f}")  # fmt: skip
     paths = write_data_report(
         o["out"], result, name="influence", what=what, inputs=data[0], texts=texts,
         flipped=flipped, info=info, show=o["show"],
@@ -1513,6 +1493,42 @@ def influence(**o: Any) -> None:
                    f"(AUC {c['auc']:.3f})")  # fmt: skip
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _checkpoints(o: dict[str, Any]) -> tuple[str, list[int] | None]:
+    """``--checkpoints``: ``("every", None)`` or the given steps."""
+    spec = str(o["checkpoint_spec"]).strip().lower()
+    if spec == "every":
+        return spec, None
+    try:
+        return spec, [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise TangentlabError(
+            f"tangentlab: --checkpoints must be 'every' or comma-separated steps, got "
+            f"{o['checkpoint_spec']!r}."
+        ) from None
+
+
+def _tracincp_agreement(o, result, model, data, ev, optimizer, steps, ckpts, params, proj,
+                        train) -> tuple[float, float]:  # fmt: skip
+    """``--real``: fine-tune for real, TracInCP on its checkpoints, and the Pearson and
+    Spearman correlations of the two self-influences (printed too)."""
+    import numpy as np
+
+    import tangentlab as tl
+
+    _echo(f"tangentlab: fine-tuning for real ({steps} steps) to compare with TracInCP on "
+          "its checkpoints ...")  # fmt: skip
+    run = tl.finetune(model, data, optimizer, steps, params=params, device=o["device"],
+                      checkpoints=ckpts if ckpts is not None else list(range(steps)),
+                      progress=not o["no_progress"], **train)  # fmt: skip
+    real = tl.tracin_checkpoints(run, data, eval_data=ev, projection=proj)
+    pearson = float(np.corrcoef(result.self_influence, real.self_influence)[0, 1])
+    ranks = [np.argsort(np.argsort(v)) for v in (result.self_influence, real.self_influence)]
+    spearman = float(np.corrcoef(*ranks)[0, 1])
+    click.echo(f"tangent TracIn vs real TracInCP (self-influence): Pearson {pearson:.3f}, "
+               f"Spearman {spearman:.3f}")  # fmt: skip
+    return pearson, spearman
 
 
 @main.command("examples")
