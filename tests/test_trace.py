@@ -538,6 +538,10 @@ def _dist_worker(rank: int, init: str, out: str) -> None:
             k = tl.compute_kernel(t, _data(7, 0), progress=False, **opts)
             got[name] = {f: getattr(k, f) for f in ("theta", "features", "f0", "jw0")}
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))
+        # both ranks done before either tears gloo down (a rank destroying the group while
+        # the other still talks to it can abort it: "terminate called without an active
+        # exception", SIGABRT, about one run in ten)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
