@@ -80,5 +80,11 @@ def write_section(name: str, text: str) -> None:
     RESULTS.write_text(new)
 
 
+def load_states(out: Path, names) -> dict:
+    """The stored JSON results ``out/<name>.json`` of the ``names`` that have one, in order."""
+    return {n: json.loads((out / f"{n}.json").read_text()) for n in names
+            if (out / f"{n}.json").exists()}  # fmt: skip
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tangentlab as tl  # noqa: E402
-from _common import write_section  # noqa: E402
+from _common import load_states, write_section  # noqa: E402
 from _split import MiniLMTop, cached_inputs  # noqa: E402
 from forecast_accuracy import _open_state, _save  # noqa: E402
 from tangentlab import dynamics as dyn  # noqa: E402
@@ -515,11 +514,7 @@ def _s(v: float) -> str:
 
 
 def report() -> None:
-    states = {}
-    for name in CASES:
-        p = OUT / f"{name}.json"
-        if p.exists():
-            states[name] = json.loads(p.read_text())
+    states = load_states(OUT, CASES)
     if not states:
         raise SystemExit(f"no results in {OUT}; run {COMMAND} first")
     fig = _figure(states)

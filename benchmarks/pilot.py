@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tangentlab as tl  # noqa: E402
-from _common import machine, write_section  # noqa: E402
+from _common import load_states, machine, write_section  # noqa: E402
 from _split import cached_inputs  # noqa: E402
 from forecast_accuracy import (  # noqa: E402
     CASES,
@@ -579,11 +579,7 @@ unless a case is named).
 
 
 def report() -> None:
-    states = {}
-    for name in CASES:
-        p = OUT / f"{name}.json"
-        if p.exists():
-            states[name] = json.loads(p.read_text())
+    states = load_states(OUT, CASES)
     if not states:
         raise SystemExit("no results yet: run the benchmark first")
     s0 = next(iter(states.values()))
