@@ -30,6 +30,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 20
 DIGITS = ("--example", "digits-cnn", "--samples", "20")  # progress on: cache reuse is announced
 QUIET = (*DIGITS, "--no-progress")
+TANGENT = ("--linearize", "all")  # the tangent model (the default, auto, picks head-exact here)
 
 
 def _runner() -> CliRunner:
@@ -77,8 +78,17 @@ def assert_self_contained_html(path: Path, png: Path) -> None:
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    """``forecast`` on digits-cnn into a fresh OUT: computes and caches the kernel."""
+    """``forecast`` of the tangent model on digits-cnn into a fresh OUT: computes and caches
+    the kernel."""
     out = tmp_path_factory.mktemp("digits")
+    res = invoke("forecast", *QUIET, *TANGENT, "--steps", STEPS, "--out", out)
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """``forecast`` on digits-cnn with every default: --linearize auto picks head-exact."""
+    out = tmp_path_factory.mktemp("digits-auto")
     res = invoke("forecast", *QUIET, "--steps", STEPS, "--out", out)
     return out, res
 
@@ -163,11 +173,69 @@ def test_forecast_too_large_lr_diverges(cache, tmp_path):
     assert js["summary"][0]["steps_to_target"] is None
 
 
+def test_default_is_head_exact_with_its_interval(default_run):
+    """--linearize auto (the default) keeps digits-cnn's final nn.Linear exact, says so and
+    why, and prints the calibrated interval; everything else is as for the tangent model."""
+    out, res = default_run
+    ok(res)
+    assert "--linearize auto: the head 'head' kept exact, the body linearized" in res.stderr
+    assert "--linearize all for the tangent model" in res.stderr
+    js = strict_json(out / "forecast.json")
+    assert js["forecasts"][0]["method"]["model"] == "head-body"
+    assert "head exact (head), body linear" in js["info"]["model_of_training"]
+    m = re.search(r"^  real run, 80% interval: (\d+)-(\d+) steps, median estimate (\d+) "
+                  r"\(forecast (\d+);", res.stdout, re.M)  # fmt: skip
+    assert m, res.stdout
+    low, high, median, point = map(int, m.groups())
+    assert low <= median <= high and point == js["summary"][0]["steps_to_target"]
+    assert "--linearize body (a final nn.Linear head)" not in res.stdout  # no tangent note
+    assert (out / "kernel" / "head-body" / "block").is_dir()
+    assert not (out / "kernel" / "kernel.safetensors").exists()  # no tangent kernel computed
+    again = ok(invoke("forecast", *DIGITS, "--steps", STEPS, "--out", out))
+    assert "reusing cached kernel" in again.stderr  # the read-out kernels
+    assert again.stdout.splitlines()[:3] == res.stdout.splitlines()[:3]
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (("--trace",), "--trace needs"),
+        (("--optimizer", "adamw", "--lr", "0.001"), "--optimizer adamw needs"),
+        (("--subsample", "12"), "--subsample needs"),
+        (("--eval-samples", "10", "--projection", "64"), "--projection k with held-out"),
+    ],
+    ids=["trace", "adamw", "subsample", "held-out-projected"],
+)
+def test_auto_falls_back_to_the_tangent_model_and_says_why(extra, says, tmp_path):
+    res = ok(invoke("forecast", *QUIET, "--steps", 5, *extra, "--out", tmp_path))
+    assert "--linearize auto: the tangent model, which" in res.stderr and says in res.stderr
+    method = strict_json(tmp_path / "forecast.json")["forecasts"][0]["method"]
+    assert method.get("model") != "head-body"
+
+
+def test_auto_falls_back_on_a_model_without_a_final_linear_head(tmp_path, monkeypatch):
+    mod = f"tl_conv_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{mod}.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "def make(num_classes=3):\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv1d(1, num_classes, 6), nn.Flatten())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", X=rng.standard_normal((12, 1, 6)).astype(np.float32),
+             y=rng.integers(0, 3, 12))  # fmt: skip
+    res = ok(invoke("forecast", "--model", f"{mod}:make", "--data", tmp_path / "d.npz",
+                    "--num-classes", 3, "--steps", 5, "--no-progress", "--out", tmp_path / "o"))
+    assert "--linearize auto: the tangent model: the model has no nn.Linear" in res.stderr
+    assert (tmp_path / "o" / "kernel" / "kernel.safetensors").exists()
+
+
 def test_second_run_reuses_cached_kernel(digits_run):
     out, first = digits_run
     kfile = out / "kernel" / "kernel.safetensors"
     stamp = kfile.stat().st_mtime_ns
-    res = ok(invoke("forecast", *DIGITS, "--steps", STEPS, "--out", out))
+    res = ok(invoke("forecast", *DIGITS, *TANGENT, "--steps", STEPS, "--out", out))
     assert "reusing cached kernel" in res.stderr
     assert "reusing cached kernel" not in first.stderr
     assert kfile.stat().st_mtime_ns == stamp  # not recomputed
@@ -216,7 +284,7 @@ def test_sweep_writes_ranked_table(cache, tmp_path):
 
 def test_kernel_command_writes_json_and_kernel_file_is_usable(cache, tmp_path):
     out = tmp_path / "k"
-    res = ok(invoke("kernel", *QUIET, "--cache", cache, "--out", out))
+    res = ok(invoke("kernel", *QUIET, *TANGENT, "--cache", cache, "--out", out))
     printed = json.loads(res.stdout)  # stdout is exactly the JSON summary
     saved = strict_json(out / "kernel.json")
     assert printed == saved
@@ -306,7 +374,9 @@ def test_config_unreadable_is_a_usage_error(tmp_path):
         (["forecast", *QUIET, "--device", "cuda"], "--device cuda"),
         (["forecast", *QUIET, "--loss", "ce", "--target-scale", "2"], "--target-scale"),
         (["forecast", *QUIET, "--linearize", "body", "--trace"], "cannot be combined"),
-        (["forecast", *QUIET, "--head", "head"], "--head goes with --linearize body"),
+        (["forecast", *QUIET, *TANGENT, "--head", "head"], "--head goes with --linearize body"),
+        (["forecast", *QUIET, "--linearize", "body", "--optimizer", "adamw"], "adamw"),
+        (["forecast", *QUIET, "--head", "features.0"], "nn.Linear"),
         (["forecast", *QUIET, "--linearize", "body", "--head", "features.0"], "nn.Linear"),
     ],
     ids=[
@@ -327,7 +397,9 @@ def test_config_unreadable_is_a_usage_error(tmp_path):
         "cuda-without-cuda",
         "ce-target-scale",
         "linearize-body-trace",
-        "head-without-linearize",
+        "head-with-linearize-all",
+        "linearize-body-adamw",
+        "auto-head-not-linear",
         "head-not-linear",
     ],
 )

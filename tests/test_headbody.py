@@ -213,6 +213,43 @@ def test_bad_requests_are_refused_with_the_fix(make, kwargs, match):
 
 
 @pytest.mark.parametrize(
+    "make, kwargs, model, says",
+    [
+        (TanhBody, {}, "body", "the head 'head' kept exact"),
+        (TanhBody, dict(head="body.2"), "all", "the model's output is not body.2"),
+        (TanhBody, dict(params=r"^body\."), "all", "the head 'head' is not trained"),
+        (TanhBody, dict(params=r"^head\."), "all", "only the head is trained"),
+        (ScaledOutput, {}, "all", "the model's output is not head(features)"),
+        (TanhBody, dict(optimizer=tl.AdamW(1e-3)), "all", "AdamW"),
+        (TanhBody, dict(trace=True), "all", "trace kernels"),
+        (TanhBody, dict(dataset_size=1000), "all", "dataset_size"),
+        (lambda: nn.Sequential(nn.Conv1d(1, 3, 4), nn.Flatten()), {}, "all",
+         "no nn.Linear layer"),
+    ],
+    ids=["head-exact", "named-inner-head", "head-frozen", "linear-probing", "not-last",
+         "adamw", "trace", "dataset-size", "no-linear"],
+)
+def test_choose_linearization_picks_head_exact_where_it_applies(make, kwargs, model, says):
+    net = make().double()
+    x, y = _data(dim=4)
+    if isinstance(net[0] if isinstance(net, nn.Sequential) else None, nn.Conv1d):
+        x = x[:, None, :]
+    net.train()  # the check must leave the model's modes alone
+    choice = tl.choose_linearization(net, (x, y), **kwargs)
+    assert isinstance(choice, tl.Linearization)
+    assert (choice.model, says in choice.reason) == (model, True), choice.reason
+    assert choice.head == ("head" if model == "body" else None)
+    assert all(m.training for m in net.modules())
+    if model == "body":  # what it picked computes
+        compute_head_body_kernel(net.eval(), (x, y), head=choice.head, progress=False)
+
+
+def test_choose_linearization_refuses_a_wrong_head_name():
+    with pytest.raises(tl.TangentlabError, match="not an nn.Linear"):
+        tl.choose_linearization(TanhBody(), head="body.1")
+
+
+@pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(noise="sde", batch_size=3), "noise='sde'"),

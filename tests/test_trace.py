@@ -501,7 +501,7 @@ def test_cli_trace_and_probes_end_to_end(tmp_path):
     assert exact.is_trace and exact.metadata["trace"] == "exact"
 
     # a cached trace kernel is not reused for a full request (and the error says why)
-    res = _invoke("kernel", *src, "--out", tmp_path / "k")
+    res = _invoke("kernel", *src, "--linearize", "all", "--out", tmp_path / "k")
     assert res.exit_code == 2 and "trace" in res.output
     res = _invoke("kernel", *src, "--probes", "0", "--out", tmp_path / "z")
     assert res.exit_code == 2 and "--probes must be a positive integer" in res.output

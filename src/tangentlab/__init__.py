@@ -41,6 +41,8 @@ from tangentlab.forecast import (
 from tangentlab.headbody import (
     HeadBodyCross,
     HeadBodyKernel,
+    Linearization,
+    choose_linearization,
     compute_head_body_cross_kernel,
     compute_head_body_kernel,
 )
@@ -78,6 +80,7 @@ __all__ = [
     "HeadBodyKernel",
     "Influence",
     "Join",
+    "Linearization",
     "Kernel",
     "LinearDecay",
     "MSE",
@@ -101,6 +104,7 @@ __all__ = [
     "Warmup",
     "WeightSpaceTangent",
     "adam_as_sgd",
+    "choose_linearization",
     "choose_projection",
     "compare",
     "compute_block_kernel",

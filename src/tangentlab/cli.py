@@ -125,14 +125,16 @@ def _source_options(fn):
                      help="Kernel cache directory (default: OUT/kernel); resumable."),
         click.option("--kernel", "kernel_file", default=None, metavar="FILE",
                      help="Use a saved kernel (.safetensors) instead of computing one."),
-        click.option("--linearize", type=click.Choice(["all", "body"]), default="all",
-                     show_default=True,
-                     help="all: the tangent model (the whole network linearized). body: "
-                     "keep the final linear head exact and linearize only the body "
-                     "(tl.compute_head_body_kernel; see README)."),
+        click.option("--linearize", type=click.Choice(["auto", "all", "body"]),
+                     default="auto", show_default=True,
+                     help="body: keep the final linear head exact and linearize only the "
+                     "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
+                     "the tangent model (the whole network linearized). auto: body where "
+                     "it applies, else all, saying why (tl.choose_linearization; see "
+                     "README)."),
         click.option("--head", default=None, metavar="NAME",
-                     help="--linearize body: module name of the final nn.Linear (default: "
-                     "the model's last nn.Linear)."),
+                     help="--linearize body/auto: module name of the final nn.Linear "
+                     "(default: the model's last nn.Linear)."),
         click.option("--out", default="runs/tangentlab", show_default=True,
                      help="Output directory for JSON, PNG and HTML."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -392,6 +394,11 @@ def _kernel(o: dict[str, Any], timer: dict):
         data, dataset_size = tl.subsample(data, o["subsample"], seed=o["seed"], verbose=True)
     proj = _projection({**o, "num_classes": c}, model, data, params)
     timer["model and data"] = time.perf_counter() - t0
+    if o.get("linearize") == "auto":  # options allow it (_check_linearize): ask the model
+        choice = tl.choose_linearization(model, data, head=o.get("head"), params=params)
+        o["linearize"], o["head"] = choice.model, choice.head
+        _echo(f"tangentlab: --linearize auto: {choice.reason}"
+              + ("; --linearize all for the tangent model." if choice.model == "body" else "."))
     if o.get("linearize") == "body":
         if o.get("eval_spec") is not None or o.get("eval_samples") is not None:
             proj = None  # held-out curves need the exact read-out kernels (_check_held_out)
@@ -669,13 +676,29 @@ def _schedules(o: dict[str, Any], steps: int, *, lists: bool) -> list:
 
 
 def _check_linearize(o: dict[str, Any]) -> None:
-    if o.get("linearize") != "body":
+    """Refuse --linearize body with options of the tangent model only; resolve
+    --linearize auto to all when one is given (else _kernel asks the model)."""
+    if o.get("linearize") == "all":
         if o.get("head") is not None:
-            raise TangentlabError("tangentlab: --head goes with --linearize body.")
+            raise TangentlabError("tangentlab: --head goes with --linearize body (or auto).")
         return
-    clash = [f for f, v in (("--kernel", o["kernel_file"]), ("--subsample", o.get("subsample")),
-                            ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")))
+    clash = [f for f, v in (("--kernel", o.get("kernel_file")),
+                            ("--subsample", o.get("subsample")),
+                            ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")),
+                            ("--optimizer adamw", o.get("optimizer_name") == "adamw"))
              if v]  # fmt: skip
+    if o.get("linearize") == "auto":
+        held_out = o.get("eval_spec") is not None or o.get("eval_samples") is not None
+        if held_out and str(o.get("projection", "auto")) not in ("exact", "auto"):
+            clash.append("--projection k with held-out curves")
+        if clash:
+            o["linearize"] = "all"
+            if clash == ["--kernel"]:
+                return  # a saved kernel is the tangent model's: nothing to say
+            _echo(f"tangentlab: --linearize auto: the tangent model, which {', '.join(clash)} "
+                  f"{'needs' if len(clash) == 1 else 'need'} (the head-exact model has no such "
+                  "option).")
+        return
     if clash:
         raise TangentlabError(
             f"tangentlab: --linearize body computes its own kernels; it cannot be combined "
@@ -923,9 +946,11 @@ class _pd_display:
 @_source_options
 @_errors_as_usage
 def kernel(**o: Any) -> None:
-    """Compute (or load from the cache) the kernel and print its summary as JSON."""
+    """Compute (or load from the cache) the kernel and print its summary as JSON (with
+    --linearize auto/body: the head-exact model's read-out kernels)."""
     import json
 
+    import tangentlab as tl
     from tangentlab.report import write_json
 
     start, timer = time.perf_counter(), {}
@@ -936,9 +961,10 @@ def kernel(**o: Any) -> None:
     summary = {**kernel.describe(), "info": info}
     path = write_json(summary, Path(o["out"]) / "kernel.json")
     click.echo(json.dumps(summary, indent=1, default=str))
-    click.echo(f"time: {_timings(timer, start)}; wrote {path} (kernel file: "
-               f"{Path(o['cache'] or Path(o['out']) / 'kernel') / 'kernel.safetensors'})",
-               err=True)  # fmt: skip
+    cache = Path(o["cache"] or Path(o["out"]) / "kernel")
+    where = (f"kernel file: {cache / 'kernel.safetensors'}" if isinstance(kernel, tl.Kernel)
+             else f"read-out kernels cached under {cache / 'head-body'}")  # fmt: skip
+    click.echo(f"time: {_timings(timer, start)}; wrote {path} ({where})", err=True)
 
 
 @main.command()

@@ -1178,20 +1178,30 @@ class HeadBodyProblem:
     rest: KernelOperator | None
     body_jw0: np.ndarray | None
 
-    def body_velocity(self, batches: np.ndarray | None, g: np.ndarray) -> np.ndarray:
-        r"""``Σ_{i∈batch_p} K(·, i) g_{p,i}`` ``[P, N, d]`` for feature gradients ``g``
-        ``[P, b, d]`` of P paths with sample ids ``batches`` ``[P, b]`` (``None``: all N
-        samples, ``g`` ``[P, N, d]``). Each kernel is read once per call, not per path."""
+    def body_velocity(self, batches: np.ndarray | None, d: np.ndarray,
+                      w: np.ndarray) -> np.ndarray:  # fmt: skip
+        r"""``Σ_{i∈batch_p} K(·, i) W_p^T δ_{p,i}`` ``[P, N, d]`` for output gradients δ
+        ``[P, b, C]`` of P paths with heads W ``[P, C, d]`` and sample ids ``batches``
+        ``[P, b]`` (``None``: all N samples, δ ``[P, N, C]``). Each kernel is read once per
+        call, not per path. The feature gradients W^T δ are never formed: both parts of K
+        act on δ's C columns,
+
+        .. math::
+            Q\, M (δ\, W Q)\, Q^T + κ_⊥ δ\, (W - W Q Q^T)
+
+        (N² C instead of N² d for κ_⊥, b C r instead of b d r for the block's input)."""
         q = self.basis
-        paths, n, r = g.shape[0], self.phi0.shape[0], q.shape[1]
+        paths, n, r = d.shape[0], self.phi0.shape[0], q.shape[1]
         if self.block is None:  # no body weight trained (linear probing)
             return np.zeros((paths, *self.phi0.shape))
-        a = g @ q  # [P, b, r]
+        wq = w @ q  # [P, C, r]
+        a = d @ wq  # [P, b, r]
         inside = np.ascontiguousarray(_cols_paths(self.block, batches, a)).reshape(-1, r)
         out = (inside @ q.T).reshape(paths, n, -1)  # one GEMM for all paths
         if self.rest is not None:
-            perp = g - (a.reshape(-1, r) @ q.T).reshape(g.shape)
-            out += _cols_paths(self.rest, batches, perp).reshape(paths, n, -1)
+            w_perp = w - wq @ q.T  # [P, C, d]
+            kd = _cols_paths(self.rest, batches, d).reshape(paths, n, -1)  # κ_⊥ δ [P, N, C]
+            out += kd @ w_perp
         return out
 
 
@@ -1224,12 +1234,15 @@ class HeadBodyEval:
     def f0(self) -> np.ndarray:  # shape only: [M, d] (the logits need the head)
         return self.phi0
 
-    def velocity(self, q: np.ndarray, batches: np.ndarray | None, g: np.ndarray) -> np.ndarray:
-        """``Σ_{i∈batch_p} K(e, i) g_{p,i}`` ``[P, M, d]`` (as HeadBodyProblem.body_velocity)."""
-        paths, m, r = g.shape[0], self.phi0.shape[0], q.shape[1]
+    def velocity(self, q: np.ndarray, batches: np.ndarray | None, d: np.ndarray,
+                 w: np.ndarray) -> np.ndarray:  # fmt: skip
+        """``Σ_{i∈batch_p} K(e, i) W_p^T δ_{p,i}`` ``[P, M, d]`` (as
+        HeadBodyProblem.body_velocity: both parts act on δ ``[P, b, C]``)."""
+        paths, m, r = d.shape[0], self.phi0.shape[0], q.shape[1]
         if self.block is None:
             return np.zeros((paths, *self.phi0.shape))
-        a = g @ q  # [P, b, r]
+        wq = w @ q  # [P, C, r]
+        a = d @ wq  # [P, b, r]
         theta = self.block.theta  # [M r, N r]
         n = theta.shape[1] // r
         if batches is not None and 2 * batches.size < n:  # few columns: gather them per path
@@ -1243,12 +1256,13 @@ class HeadBodyEval:
             inside = (theta @ dense.reshape(paths, -1).T).T
         out = (np.ascontiguousarray(inside).reshape(-1, r) @ q.T).reshape(paths, m, -1)
         if self.rest is not None:
-            perp = g - (a.reshape(-1, r) @ q.T).reshape(g.shape)
+            w_perp = w - wq @ q.T  # [P, C, d]
             if batches is None:
-                out += np.matmul(self.rest, perp)  # [M, N] @ [P, N, d]
+                kd = np.matmul(self.rest, d)  # [M, N] @ [P, N, C]
             else:  # κ_⊥ transposed: a batch's columns are contiguous rows
                 rows = self._rest_t
-                out += np.stack([(perp[p].T @ rows[batches[p]]).T for p in range(paths)])
+                kd = np.stack([rows[batches[p]].T @ d[p] for p in range(paths)])
+            out += kd @ w_perp
         return out
 
     @property
@@ -1393,11 +1407,10 @@ class _HeadBodyState:
             fb, phib, yb = f[rows, idx], self.phi[rows, idx], targets[idx]
         d = _delta(fb, yb, loss, scale) / fb.shape[1]  # [P, b, C]
         d[~self.alive] = 0.0  # a blown-up path stays where it stopped
-        g_feat = d @ self.w  # [P, b, d]: W^T δ_i
         dt = np.ascontiguousarray(d.transpose(0, 2, 1))  # [P, C, b] (stacked matmul on BLAS)
-        grads = [dt @ phib, d.sum(axis=1), self.p.body_velocity(idx, g_feat)]
+        grads = [dt @ phib, d.sum(axis=1), self.p.body_velocity(idx, d, self.w)]
         if self.ev is not None:
-            grads.append(self.ev.velocity(self.p.basis, idx, g_feat))
+            grads.append(self.ev.velocity(self.p.basis, idx, d, self.w))
         return grads
 
     def add_decay(self, grads: list[np.ndarray], wd: float) -> None:
@@ -1448,7 +1461,7 @@ class HeadBodyLogitOperator:
         if p.bias is not None:
             out += xm.sum(axis=0)
         if p.block is not None:
-            out += p.body_velocity(None, (xm @ p.weight)[None])[0] @ p.weight.T
+            out += p.body_velocity(None, xm[None], p.weight[None])[0] @ p.weight.T
         return out.reshape(x.shape)
 
 
