@@ -183,6 +183,7 @@ def test_default_is_head_exact_with_its_interval(default_run):
     js = strict_json(out / "forecast.json")
     assert js["forecasts"][0]["method"]["model"] == "head-body"
     assert "head exact (head), body linear" in js["info"]["model_of_training"]
+    assert js["info"]["linearize"].startswith("auto: the head 'head' kept exact")
     m = re.search(r"^  real run, 80% interval: (\d+)-(\d+) steps, median estimate (\d+) "
                   r"\(forecast (\d+);", res.stdout, re.M)  # fmt: skip
     assert m, res.stdout
@@ -209,8 +210,9 @@ def test_default_is_head_exact_with_its_interval(default_run):
 def test_auto_falls_back_to_the_tangent_model_and_says_why(extra, says, tmp_path):
     res = ok(invoke("forecast", *QUIET, "--steps", 5, *extra, "--out", tmp_path))
     assert "--linearize auto: the tangent model, which" in res.stderr and says in res.stderr
-    method = strict_json(tmp_path / "forecast.json")["forecasts"][0]["method"]
-    assert method.get("model") != "head-body"
+    js = strict_json(tmp_path / "forecast.json")
+    assert js["forecasts"][0]["method"].get("model") != "head-body"
+    assert js["info"]["linearize"].startswith("auto: the tangent model, for --")
 
 
 def test_auto_falls_back_on_a_model_without_a_final_linear_head(tmp_path, monkeypatch):

@@ -366,7 +366,15 @@ def _projection(o: dict[str, Any], model, data, params):
 
 def _kernel(o: dict[str, Any], timer: dict):
     """Load or compute the kernel described by the options; returns (kernel, defaults,
-    info) and records the seconds spent loading the model/data and on the kernel."""
+    info) and records the seconds spent loading the model/data and on the kernel. What
+    --linearize auto chose, and why, goes in info["linearize"] (JSON and HTML reports)."""
+    kernel, defaults, info = _kernel_of(o, timer)
+    if o.get("linearize_reason"):
+        info["linearize"] = o["linearize_reason"]
+    return kernel, defaults, info
+
+
+def _kernel_of(o: dict[str, Any], timer: dict):
     import tangentlab as tl
 
     if o.get("optimizer_name") == "adamw":
@@ -397,6 +405,7 @@ def _kernel(o: dict[str, Any], timer: dict):
     if o.get("linearize") == "auto":  # options allow it (_check_linearize): ask the model
         choice = tl.choose_linearization(model, data, head=o.get("head"), params=params)
         o["linearize"], o["head"] = choice.model, choice.head
+        o["linearize_reason"] = f"auto: {choice.reason}"
         _echo(f"tangentlab: --linearize auto: {choice.reason}"
               + ("; --linearize all for the tangent model." if choice.model == "body" else "."))
     if o.get("linearize") == "body":
@@ -693,6 +702,7 @@ def _check_linearize(o: dict[str, Any]) -> None:
             clash.append("--projection k with held-out curves")
         if clash:
             o["linearize"] = "all"
+            o["linearize_reason"] = f"auto: the tangent model, for {', '.join(clash)}"
             if clash == ["--kernel"]:
                 return  # a saved kernel is the tangent model's: nothing to say
             _echo(f"tangentlab: --linearize auto: the tangent model, which {', '.join(clash)} "
