@@ -509,3 +509,39 @@ def test_projected_block_keeps_features_only_and_forecasts_as_the_dense_one(batc
     b = tl.forecast(dense32, opt, 30, loss="ce", batch_size=batch, seed=1)
     assert a.loss.dtype == np.float64
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
+
+
+def test_features_are_cached_checked_and_recomputed_when_stale(tmp_path, monkeypatch):
+    """φ0 and J w0 come from one forward-mode pass, kept in ``features.safetensors``: a
+    second call reads them (no pass), another model recomputes them, a damaged file is
+    discarded with a CacheWarning."""
+    from tangentlab.tangent import Tangent
+
+    calls = []
+    real = Tangent.f0_and_jvp
+    monkeypatch.setattr(Tangent, "f0_and_jvp",
+                        lambda self, x, v: calls.append(1) or real(self, x, v))  # fmt: skip
+    net, data = TanhBody().double().eval(), _data(dim=4)
+    plain = compute_head_body_kernel(net, data, progress=False)
+    assert len(calls) == 1  # φ0 and J w0 together
+    first = compute_head_body_kernel(net, data, cache=tmp_path, progress=False)
+    again = compute_head_body_kernel(net, data, cache=tmp_path, progress=False)
+    assert len(calls) == 2  # the second cached call read them
+    for hb in (first, again):
+        torch.testing.assert_close(hb.features, plain.features, rtol=0, atol=0)
+        torch.testing.assert_close(hb.body_jw0, plain.body_jw0, rtol=0, atol=0)
+    other = tmp_path / "other"  # the read-out kernels' caches refuse another model
+    other.mkdir()
+    path = other / "features.safetensors"
+    path.write_bytes((tmp_path / "features.safetensors").read_bytes())
+    with torch.no_grad():
+        net.body[0].weight.add_(0.1)  # another model: not the cached features
+    moved = compute_head_body_kernel(net, data, cache=other, progress=False)
+    assert len(calls) == 3 and not torch.allclose(moved.features, plain.features)
+    raw = bytearray(path.read_bytes())
+    raw[-8:] = b"\x00" * 8  # damage the last tensor's bytes
+    path.write_bytes(bytes(raw))
+    with pytest.warns(tl.CacheWarning, match="damaged cached features"):
+        fixed = compute_head_body_kernel(net, data, cache=other, progress=False)
+    assert len(calls) == 4
+    torch.testing.assert_close(fixed.features, moved.features, rtol=0, atol=0)

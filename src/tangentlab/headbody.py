@@ -44,15 +44,24 @@ import torch
 from torch import nn
 
 from tangentlab import dynamics as dyn
-from tangentlab.compute import compute_kernel
+from tangentlab._version import __version__
+from tangentlab.compute import architecture_hash, compute_kernel, request_sha
 from tangentlab.data import as_arrays, fingerprint, num_rows, take
-from tangentlab.errors import ModeSwitchWarning, TangentlabError
-from tangentlab.kernel import Kernel
+from tangentlab.errors import CacheWarning, ModeSwitchWarning, TangentlabError
+from tangentlab.kernel import (
+    Kernel,
+    _file_digest,
+    atomic_write,
+    read_safetensors,
+    tensors_digest,
+)
 from tangentlab.memory import default_budget, parse_bytes
 from tangentlab.projection import Projection
 from tangentlab.tangent import ParamSpec, Tangent, select_params
 
 _CHUNK = 64  # samples per forward pass for the features and J w0
+_FEATURES = "features.safetensors"  # φ0 and J w0 in the cache directory
+_FEATURES_FORMAT = "tangentlab.head-body-features/1"
 
 
 @dataclass(eq=False)
@@ -226,7 +235,9 @@ def compute_head_body_kernel(
       memory_budget, device, progress: as for :func:`compute_kernel`.
       cache: a directory; the two read-out kernels are cached in its ``block`` and ``rest``
         subdirectories exactly as :func:`compute_kernel` caches (resumable, checksummed,
-        keyed on the model, the data and Q). φ0 and J w0 (forward passes) are recomputed.
+        keyed on the model, the data and Q); φ0 and J w0 (one forward-mode pass) in its
+        ``features.safetensors`` (checksummed, keyed on the body's weights, architecture
+        and the data, and checked against φ0 recomputed on 4 samples).
 
     Returns:
       :class:`HeadBodyKernel`; forecast it with :func:`tangentlab.forecast`.
@@ -251,15 +262,17 @@ def compute_head_body_kernel(
     # the body's Tangent (any weight selected when none is trained: only φ0 is needed then)
     names = body_names or [next(n for n, _ in body.named_parameters())]
     tb = Tangent(body, params=names, projection=projection, seed=seed)
-    phi0 = _features(tb, x, head_name)
-    _check_head(model, x, phi0, weight, bias, head_name)
+    first = _features(tb, take(x, slice(0, min(4, num_rows(x)))), head_name)
+    _check_head(model, x, first, weight, bias, head_name)
+    phi0, jw0 = _features_and_jw0(tb, x, bool(body_names), first,
+                                  None if cache is None else Path(cache) / _FEATURES)
     basis = feature_basis(weight, phi0, directions=directions)
     meta = dict(head=head_name, body_params=len(body_names), rank=int(basis.shape[1]),
                 probes=int(probes), projection=str(projection), feature_dim=int(phi0.shape[1]),
                 seed=int(seed),
                 weights_sha=Tangent(model, params=chosen).weights_hash(),
                 data_fingerprint=fingerprint(x, y))  # fmt: skip
-    block = rest = jw0 = None
+    block = rest = None
     if body_names:  # else linear probing: nothing else to compute
         zeros = torch.zeros_like(y)  # the read-out kernels do not use labels
 
@@ -271,7 +284,6 @@ def compute_head_body_kernel(
         block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), keep_theta=keep,
                                **opts("block"))  # fmt: skip
         rest = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
-        jw0 = _body_jw0(tb, x)
     meta["seconds"] = time.perf_counter() - t0
     return HeadBodyKernel(phi0, weight, bias, y, basis, block, rest, jw0, meta)
 
@@ -469,15 +481,14 @@ def compute_head_body_cross_kernel(
     xe, ye = as_arrays(eval_data, where=_CROSS)
     x, y = as_arrays(train_data, where=_CROSS)
     tb = _cross_body(model, hb, x, y, params)
-    phi_e = _features(tb, xe)
+    phi_e, jw0 = _features_and_jw0(tb, xe, hb.block is not None, None, None)
     basis = hb.basis
-    block = rest = jw0 = None
+    block = rest = None
     if hb.block is not None:
         zeros, zeros_e = torch.zeros_like(y), torch.zeros(num_rows(xe), dtype=torch.long)
         block = compute_cross_kernel(tb.probed(basis.to(tb.dtype)), (xe, zeros_e), hb.block,
                                      train_data=(x, zeros), memory_budget=memory_budget,
                                      progress=progress)  # fmt: skip
-        jw0 = _body_jw0(tb, xe)
         if hb.rest is not None:
             budget = parse_bytes(memory_budget) or default_budget(tb.device)
             rest = _rest_cross(tb, xe, x, hb, budget)
@@ -669,8 +680,72 @@ def _rest_kernel(tb: Tangent, x, y, basis: torch.Tensor, probes: int, seed: int,
     return torch.einsum("isjs->ij", theta) / float((v * v).sum())
 
 
-def _body_jw0(tb: Tangent, x) -> torch.Tensor:
-    w0 = torch.cat([tb.w0[n].reshape(-1) for n in tb.param_names])
+def _features_and_jw0(
+    tb: Tangent, x, with_jw0: bool, first: torch.Tensor | None, path: Path | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(φ0 [N, d], J w0_body [N, d] or None)``: one forward-mode pass gives both (the
+    primal of ``J w0`` is φ0), restored from / kept in ``path`` when given."""
+    key = None
+    if path is not None:
+        key = request_sha({"weights_sha": tb.weights_hash(),
+                           "architecture": architecture_hash(tb.model),
+                           "params": tb.param_names, "dtype": str(tb.dtype),
+                           "data": fingerprint(x, torch.zeros(num_rows(x), dtype=torch.long)),
+                           "with_jw0": with_jw0, "version": __version__})  # fmt: skip
+        cached = _load_features(path, key, first)
+        if cached is not None:
+            return cached
     n = num_rows(x)
-    return torch.cat([tb.jvp(take(x, slice(i, i + _CHUNK)), w0).detach().double().cpu()
-                      for i in range(0, n, _CHUNK)])  # fmt: skip
+    if with_jw0:
+        w0 = torch.cat([tb.w0[name].reshape(-1) for name in tb.param_names])
+        parts = [tb.f0_and_jvp(take(x, slice(i, i + _CHUNK)), w0) for i in range(0, n, _CHUNK)]
+        phi0 = torch.cat([f.detach().double().cpu() for f, _ in parts])
+        jw0 = torch.cat([j.detach().double().cpu() for _, j in parts])
+    else:
+        phi0, jw0 = _features(tb, x), None
+    if path is not None:
+        _save_features(path, key, phi0, jw0)
+    return phi0, jw0
+
+
+def _load_features(path: Path, key: str, first: torch.Tensor):
+    """``(φ0, J w0)`` kept at ``path`` for ``key``, or ``None`` (absent, stale, damaged: a
+    damaged file is removed with a CacheWarning; or φ0 differs from ``first`` recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        meta, tensors = read_safetensors(path)
+        ok = (meta.get("format") == _FEATURES_FORMAT and "phi0" in tensors
+              and meta.get("sha256") == _file_digest(tensors_digest(tensors), meta))  # fmt: skip
+        problem = None if ok else "its contents do not match its checksum"
+    except Exception as exc:  # safetensors raises its own error types
+        problem = f"it is unreadable ({exc})"
+    if problem is not None:
+        warnings.warn(f"compute_head_body_kernel: discarding the damaged cached features "
+                      f"{str(path)!r} ({problem}); they are recomputed.", CacheWarning,
+                      stacklevel=4)  # fmt: skip
+        path.unlink(missing_ok=True)
+        return None
+    phi0 = tensors["phi0"]
+    m = first.shape[0]
+    if meta.get("key") != key or not torch.allclose(phi0[:m], first, rtol=1e-5, atol=1e-6):
+        return None  # another model, data or code: recomputed, overwritten
+    return phi0, tensors.get("jw0")
+
+
+def _save_features(path: Path, key: str, phi0: torch.Tensor, jw0: torch.Tensor | None) -> None:
+    """Best effort (a directory that cannot be written costs the next run the recompute)."""
+    from safetensors.torch import save_file
+
+    tensors = {"phi0": phi0.contiguous()}
+    if jw0 is not None:
+        tensors["jw0"] = jw0.contiguous()
+    meta = {"format": _FEATURES_FORMAT, "key": key}
+    meta["sha256"] = _file_digest(tensors_digest(tensors), meta)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except OSError as exc:
+        warnings.warn(f"compute_head_body_kernel: could not keep the features in "
+                      f"{str(path)!r} ({exc}); they are recomputed next time.", CacheWarning,
+                      stacklevel=4)  # fmt: skip
