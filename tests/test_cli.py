@@ -200,19 +200,20 @@ def test_default_is_head_exact_with_its_interval(default_run):
 @pytest.mark.parametrize(
     "extra, says",
     [
-        (("--trace",), "--trace needs"),
-        (("--optimizer", "adamw", "--lr", "0.001"), "--optimizer adamw needs"),
-        (("--subsample", "12"), "--subsample needs"),
-        (("--eval-samples", "10", "--projection", "64"), "--projection k with held-out"),
+        (("--trace",), "no better: --trace."),
+        (("--optimizer", "adamw", "--lr", "0.001"), "no better: --optimizer adamw."),
+        (("--subsample", "12"), "no better: --subsample."),
+        (("--eval-samples", "10"), "no better: held-out curves (RESULTS.md 'sweeps')."),
     ],
-    ids=["trace", "adamw", "subsample", "held-out-projected"],
+    ids=["trace", "adamw", "subsample", "held-out"],
 )
 def test_auto_falls_back_to_the_tangent_model_and_says_why(extra, says, tmp_path):
     res = ok(invoke("forecast", *QUIET, "--steps", 5, *extra, "--out", tmp_path))
-    assert "--linearize auto: the tangent model, which" in res.stderr and says in res.stderr
+    assert "--linearize auto: the tangent model, for what the head" in res.stderr
+    assert says in res.stderr, res.stderr
     js = strict_json(tmp_path / "forecast.json")
     assert js["forecasts"][0]["method"].get("model") != "head-body"
-    assert js["info"]["linearize"].startswith("auto: the tangent model, for --")
+    assert js["info"]["linearize"].startswith("auto: the tangent model, for ")
 
 
 def test_auto_falls_back_on_a_model_without_a_final_linear_head(tmp_path, monkeypatch):

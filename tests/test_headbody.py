@@ -223,11 +223,12 @@ def test_bad_requests_are_refused_with_the_fix(make, kwargs, match):
         (TanhBody, dict(optimizer=tl.AdamW(1e-3)), "all", "AdamW"),
         (TanhBody, dict(trace=True), "all", "trace kernels"),
         (TanhBody, dict(dataset_size=1000), "all", "dataset_size"),
+        (TanhBody, dict(held_out=True), "all", "held-out curves"),
         (lambda: nn.Sequential(nn.Conv1d(1, 3, 4), nn.Flatten()), {}, "all",
          "no nn.Linear layer"),
     ],
     ids=["head-exact", "named-inner-head", "head-frozen", "linear-probing", "not-last",
-         "adamw", "trace", "dataset-size", "no-linear"],
+         "adamw", "trace", "dataset-size", "held-out", "no-linear"],
 )
 def test_choose_linearization_picks_head_exact_where_it_applies(make, kwargs, model, says):
     net = make().double()

@@ -697,17 +697,15 @@ def _check_linearize(o: dict[str, Any]) -> None:
                             ("--optimizer adamw", o.get("optimizer_name") == "adamw"))
              if v]  # fmt: skip
     if o.get("linearize") == "auto":
-        held_out = o.get("eval_spec") is not None or o.get("eval_samples") is not None
-        if held_out and str(o.get("projection", "auto")) not in ("exact", "auto"):
-            clash.append("--projection k with held-out curves")
+        if o.get("eval_spec") is not None or o.get("eval_samples") is not None:
+            clash.append("held-out curves (RESULTS.md 'sweeps')")
         if clash:
             o["linearize"] = "all"
             o["linearize_reason"] = f"auto: the tangent model, for {', '.join(clash)}"
             if clash == ["--kernel"]:
                 return  # a saved kernel is the tangent model's: nothing to say
-            _echo(f"tangentlab: --linearize auto: the tangent model, which {', '.join(clash)} "
-                  f"{'needs' if len(clash) == 1 else 'need'} (the head-exact model has no such "
-                  "option).")
+            _echo(f"tangentlab: --linearize auto: the tangent model, for what the head-exact "
+                  f"model lacks or does no better: {', '.join(clash)}.")
         return
     if clash:
         raise TangentlabError(
