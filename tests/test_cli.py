@@ -195,6 +195,9 @@ def test_default_is_head_exact_with_its_interval(default_run):
     again = ok(invoke("forecast", *DIGITS, "--steps", STEPS, "--out", out))
     assert "reusing cached kernel" in again.stderr  # the read-out kernels
     assert again.stdout.splitlines()[:3] == res.stdout.splitlines()[:3]
+    # the tangent model in the same OUT: its kernel cache sits beside the head-body one
+    ok(invoke("forecast", *QUIET, *TANGENT, "--steps", STEPS, "--out", out))
+    assert (out / "kernel" / "kernel.safetensors").exists()
 
 
 @pytest.mark.parametrize(

@@ -1047,6 +1047,9 @@ class _Cache:
 _LOCK_NAME = ".lock"
 
 
+_HEAD_BODY_DIR = "head-body"  # the CLI's cache of tl.compute_head_body_kernel, inside OUT/kernel
+
+
 def _check_cache_dir(root: Path) -> None:
     """Refuse a file, or a non-empty directory that is not a tangentlab cache."""
     if root.exists() and not root.is_dir():
@@ -1056,10 +1059,11 @@ def _check_cache_dir(root: Path) -> None:
         )
     if not root.is_dir() or (root / "request.json").exists():
         return
-    # the lock file and an interrupted write of request.json belong to a cache being created
+    # the lock file and an interrupted write of request.json belong to a cache being created;
+    # the head-exact model's caches live beside the tangent kernel (OUT/kernel/head-body)
     foreign = [
         p.name for p in root.iterdir()
-        if p.name != _LOCK_NAME and not p.name.startswith(".request.json.")
+        if p.name not in (_LOCK_NAME, _HEAD_BODY_DIR) and not p.name.startswith(".request.json.")
     ]  # fmt: skip
     if foreign:
         raise CacheMismatchError(
