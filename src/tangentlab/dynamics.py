@@ -1197,12 +1197,14 @@ class HeadBodyProblem:
         wq = w @ q  # [P, C, r]
         a = d @ wq  # [P, b, r]
         inside = np.ascontiguousarray(_cols_paths(self.block, batches, a)).reshape(-1, r)
-        out = (inside @ q.T).reshape(paths, n, -1)  # one GEMM for all paths
-        if self.rest is not None:
-            w_perp = w - wq @ q.T  # [P, C, d]
-            kd = _cols_paths(self.rest, batches, d).reshape(paths, n, -1)  # κ_⊥ δ [P, N, C]
-            out += kd @ w_perp
-        return out
+        if self.rest is None:
+            return (inside @ q.T).reshape(paths, n, -1)  # one GEMM for all paths
+        kd = _cols_paths(self.rest, batches, d).reshape(paths, n, -1)  # κ_⊥ δ [P, N, C]
+        # [M a | κ_⊥ δ] @ [Qᵀ ; W - W Q Qᵀ]: one product writes the [P, N, d] result once
+        left = np.concatenate([inside.reshape(paths, n, r), kd], axis=2)
+        right = np.concatenate([np.broadcast_to(q.T, (paths, r, q.shape[0])),
+                                w - wq @ q.T], axis=1)  # fmt: skip
+        return left @ right
 
 
 @dataclass(frozen=True)
@@ -1282,6 +1284,8 @@ def _cols_paths(op: KernelOperator, batches: np.ndarray | None, x: np.ndarray) -
         xs = op.cast(x)
         v = np.stack([np.einsum("bc,bck->k", xs[p], op._rows[batches[p]]) for p in range(paths)])
         return (op.features @ v.T).T.astype(np.float64, copy=False)
+    if isinstance(op, TraceKernelOperator):  # K[:, batch_p] X_p for all paths in one call
+        return np.matmul(op.k[batches].transpose(0, 2, 1), x).reshape(paths, -1)
     return np.stack([op.cols_matvec(batches[p], x[p]) for p in range(paths)])
 
 
@@ -1357,13 +1361,7 @@ def head_body_trajectory(
         if use_buf:
             st.bufs = [g if v is None else v * momentum + g for v, g in zip(st.bufs, grads)]
             grads = st.bufs
-        step_lr = rates[t]
-        st.w -= step_lr * grads[0]
-        if st.b is not None:
-            st.b -= step_lr * grads[1]
-        st.phi -= step_lr * grads[2]
-        if eval_set is not None:
-            st.phi_e -= step_lr * grads[3]
+        st.step(rates[t], grads, fresh=not use_buf)
         log.record(t + 1, st.outputs(), st.reset)
         if eval_set is not None:
             log.record_eval(t + 1, st.eval_outputs(), eval_set.targets)
@@ -1388,11 +1386,30 @@ class _HeadBodyState:
         self.offset_e = (ev.body_jw0 if ev is not None and to_zero and ev.body_jw0 is not None
                          else 0.0)  # fmt: skip
         self.alive = np.ones(paths, dtype=bool)
+        self._f: np.ndarray | None = None  # outputs at the current state (logged, then used)
 
     def outputs(self) -> np.ndarray:
-        # contiguous Wᵀ: a transposed view sends numpy's stacked matmul off BLAS (~100x)
-        f = self.phi @ np.ascontiguousarray(self.w.transpose(0, 2, 1))  # [P, N, C]
-        return f if self.b is None else f + self.b[:, None, :]
+        if self._f is None:
+            # contiguous Wᵀ: a transposed view sends numpy's stacked matmul off BLAS (~100x)
+            f = self.phi @ np.ascontiguousarray(self.w.transpose(0, 2, 1))  # [P, N, C]
+            self._f = f if self.b is None else f + self.b[:, None, :]
+        return self._f
+
+    def step(self, lr: float, grads: list[np.ndarray], *, fresh: bool) -> None:
+        """``x -= lr g`` for W, b, φ (and φ_e); ``fresh``: the gradients are not momentum
+        buffers, so the [P, N, d] ones are scaled in place (no temporary that size)."""
+        self.w -= lr * grads[0]
+        if self.b is not None:
+            self.b -= lr * grads[1]
+        for x, g in ((self.phi, grads[2]), (self.phi_e, grads[3] if len(grads) > 3 else None)):
+            if g is None:
+                continue
+            if fresh:
+                g *= lr
+                x -= g
+            else:
+                x -= lr * g
+        self._f = None
 
     def eval_outputs(self) -> np.ndarray:
         f = self.phi_e @ np.ascontiguousarray(self.w.transpose(0, 2, 1))  # [P, M, C]
@@ -1425,6 +1442,7 @@ class _HeadBodyState:
     def reset(self, q: int) -> None:
         """Path q blew up: back to finite values (no longer reported), buffers zeroed."""
         self.w[q], self.phi[q] = self.p.weight, self.p.phi0
+        self._f = None
         if self.ev is not None:
             self.phi_e[q] = self.ev.phi0
         if self.b is not None:
