@@ -74,6 +74,20 @@ def test_probes_at_least_c_are_the_exact_trace(mlp_data):
         torch.testing.assert_close(k.theta, exact.theta, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["structured", "vmap"])
+def test_trace_kernel_of_a_probed_tangent_composes_the_probes(mlp_data, mode):
+    """A trace kernel of read-out directions V [C, S] (the head-exact model's κ_⊥) is the
+    sum of the probed kernel's diagonal blocks: probing a probed Tangent composes."""
+    v = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.double)
+    t = tl.Tangent(make_mlp(), jacobian_mode=mode).probed(v)
+    data = (mlp_data[0], torch.zeros_like(mlp_data[1]))  # labels unused, inside [0, S)
+    full = tl.compute_kernel(t, data, progress=False)  # [N S, N S]
+    tr = tl.compute_kernel(t, data, progress=False, trace=True)
+    torch.testing.assert_close(tr.theta, _block_traces(full), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TangentlabError, match="probes must have 2 rows"):
+        t.probed(torch.ones(3, 1, dtype=torch.double))
+
+
 def test_probed_kernel_is_the_stated_estimator(mlp_data):
     """compute_kernel(trace=S, seed) = (1/(S C)) Σ_s (v_s^T J_i)(v_s^T J_j) with the seeded
     probes, and J w0 is exact (not probed)."""

@@ -291,10 +291,19 @@ class Tangent:
         whose outputs (``f0``, Jacobians, projected Jacobians) are ``[B, S]`` instead of
         ``[B, C]``: every Jacobian strategy computes ``V^T J(x_i)`` ``[S, P]`` with S
         backward passes instead of C. Used for trace kernels (NOTE [trace kernel] in
-        tangentlab.compute).
+        tangentlab.compute). Probing a probed Tangent composes: its outputs are
+        ``f(x)^T V1 V2``.
         """
         out = copy.copy(self)
-        out.output_probes = probes.detach()
+        probes = probes.detach()
+        if self.output_probes is not None:  # e.g. a trace kernel of read-out directions
+            if probes.shape[0] != self.output_probes.shape[1]:
+                raise TangentlabError(
+                    f"Tangent.probed: probes must have {self.output_probes.shape[1]} rows (the "
+                    f"outputs of this probed Tangent), got {tuple(probes.shape)}."
+                )
+            probes = self.output_probes @ probes.to(self.output_probes)
+        out.output_probes = probes
         return out
 
     def _call_one(self, w: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
