@@ -585,3 +585,22 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     assert (out / "kernel" / "head-body" / "block" / "kernel.safetensors").exists()
     again = ok(invoke(*args[:-1], tmp_path / "hb2", "--cache", out / "kernel"))
     assert "reusing cached kernel" in again.stderr
+
+
+def test_divergence_message_names_the_cause(capsys):
+    """Unstable at w0 / blown up later; for the head-exact model stable at w0, the head x
+    body growth and what real runs tend to do there."""
+    from types import SimpleNamespace
+
+    from tangentlab.cli import _print_divergence
+
+    def said(**kw):
+        fc = SimpleNamespace(stability_limit=2.0, divergence_step=96, method={}, **kw)
+        _print_divergence(fc)
+        return capsys.readouterr().out
+
+    assert said(stability=2.3).startswith("DIVERGES: η̃·λ_max/N = 2.3 ≥ 2; lower")
+    assert said(stability=0.9).startswith("DIVERGES: the loss blows up after step 96; lower")
+    out = said(stability=0.99, method={"model": "head-body"})
+    assert "head-exact model's loss blows up after step 96" in out
+    assert "stable at w0" in out and "spike and recover" in out
