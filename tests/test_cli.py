@@ -595,7 +595,8 @@ def test_divergence_message_names_the_cause(capsys):
     from tangentlab.cli import _print_divergence
 
     def said(**kw):
-        fc = SimpleNamespace(stability_limit=2.0, divergence_step=96, method={}, **kw)
+        fc = SimpleNamespace(**{"stability_limit": 2.0, "divergence_step": 96, "method": {},
+                                **kw})
         _print_divergence(fc)
         return capsys.readouterr().out
 
