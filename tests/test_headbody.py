@@ -528,6 +528,8 @@ def test_features_are_cached_checked_and_recomputed_when_stale(tmp_path, monkeyp
     first = compute_head_body_kernel(net, data, cache=tmp_path, progress=False)
     again = compute_head_body_kernel(net, data, cache=tmp_path, progress=False)
     assert len(calls) == 2  # the second cached call read them
+    # a cached kernel counts what it cost when computed (tangentlab validate's cost ratio)
+    assert again.metadata["seconds"] >= float(again.block.metadata["seconds"]) > 0
     for hb in (first, again):
         torch.testing.assert_close(hb.features, plain.features, rtol=0, atol=0)
         torch.testing.assert_close(hb.body_jw0, plain.body_jw0, rtol=0, atol=0)

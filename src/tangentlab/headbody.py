@@ -264,8 +264,8 @@ def compute_head_body_kernel(
     tb = Tangent(body, params=names, projection=projection, seed=seed)
     first = _features(tb, take(x, slice(0, min(4, num_rows(x)))), head_name)
     _check_head(model, x, first, weight, bias, head_name)
-    phi0, jw0 = _features_and_jw0(tb, x, bool(body_names), first,
-                                  None if cache is None else Path(cache) / _FEATURES)
+    phi0, jw0, parts_s = _features_and_jw0(tb, x, bool(body_names), first,
+                                           None if cache is None else Path(cache) / _FEATURES)
     basis = feature_basis(weight, phi0, directions=directions)
     meta = dict(head=head_name, body_params=len(body_names), rank=int(basis.shape[1]),
                 probes=int(probes), projection=str(projection), feature_dim=int(phi0.shape[1]),
@@ -283,8 +283,10 @@ def compute_head_body_kernel(
         keep = False if projection is not None else None  # NOTE [head-body features]
         block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), keep_theta=keep,
                                **opts("block"))  # fmt: skip
-        rest = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
-    meta["seconds"] = time.perf_counter() - t0
+        rest, rest_s = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
+        parts_s += float(block.metadata.get("seconds", 0.0)) + rest_s
+    # what computing it cost: parts restored from the cache count what they cost then
+    meta["seconds"] = max(time.perf_counter() - t0, parts_s)
     return HeadBodyKernel(phi0, weight, bias, y, basis, block, rest, jw0, meta)
 
 
@@ -489,7 +491,7 @@ def compute_head_body_cross_kernel(
     xe, ye = as_arrays(eval_data, where=_CROSS)
     x, y = as_arrays(train_data, where=_CROSS)
     tb = _cross_body(model, hb, x, y, params)
-    phi_e, jw0 = _features_and_jw0(tb, xe, hb.block is not None, None, None)
+    phi_e, jw0, _ = _features_and_jw0(tb, xe, hb.block is not None, None, None)
     basis = hb.basis
     block = rest = None
     if hb.block is not None:
@@ -676,23 +678,26 @@ def _check_head(model, x, phi0, weight, bias, head: str) -> None:
 
 def _rest_kernel(tb: Tangent, x, y, basis: torch.Tensor, probes: int, seed: int, opts: dict):
     # opts: compute_kernel's keyword options
-    """κ_⊥ ``[N, N]`` from ``probes`` directions v = (I - QQᵀ) z, z Rademacher (or None)."""
+    """``(κ_⊥ [N, N] or None, seconds it cost)`` from ``probes`` directions
+    v = (I - QQᵀ) z, z Rademacher."""
     d, r = basis.shape
     if probes == 0 or r >= d:
-        return None
+        return None, 0.0
     v = _probe_directions(basis, probes, seed)
     # the exact trace kernel of the S probed outputs, K_ij = Σ_s v_sᵀ K(i, j) v_s / S: the
     # diagonal blocks only (N² instead of (N S)² products; the gradients are formed as before)
     k = compute_kernel(tb.probed(v.to(tb.dtype)), (x, y), trace=True, **opts)
     # ratio estimator Σ_s v_sᵀ K v_s / Σ_s ‖v_s‖²: exact when K is isotropic beside Q
-    return k.gram().double().cpu() * (probes / float((v * v).sum()))
+    kappa = k.gram().double().cpu() * (probes / float((v * v).sum()))
+    return kappa, float(k.metadata.get("seconds", 0.0))
 
 
 def _features_and_jw0(
     tb: Tangent, x, with_jw0: bool, first: torch.Tensor | None, path: Path | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(φ0 [N, d], J w0_body [N, d] or None)``: one forward-mode pass gives both (the
-    primal of ``J w0`` is φ0), restored from / kept in ``path`` when given."""
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(φ0 [N, d], J w0_body [N, d] or None, seconds)``: one forward-mode pass gives both
+    (the primal of ``J w0`` is φ0), restored from / kept in ``path`` when given (seconds:
+    what the pass cost when computed)."""
     key = None
     if path is not None:
         key = request_sha({"weights_sha": tb.weights_hash(),
@@ -703,6 +708,7 @@ def _features_and_jw0(
         cached = _load_features(path, key, first)
         if cached is not None:
             return cached
+    t0 = time.perf_counter()
     n = num_rows(x)
     if with_jw0:
         w0 = torch.cat([tb.w0[name].reshape(-1) for name in tb.param_names])
@@ -711,13 +717,14 @@ def _features_and_jw0(
         jw0 = torch.cat([j.detach().double().cpu() for _, j in parts])
     else:
         phi0, jw0 = _features(tb, x), None
+    seconds = time.perf_counter() - t0
     if path is not None:
-        _save_features(path, key, phi0, jw0)
-    return phi0, jw0
+        _save_features(path, key, phi0, jw0, seconds)
+    return phi0, jw0, seconds
 
 
 def _load_features(path: Path, key: str, first: torch.Tensor):
-    """``(φ0, J w0)`` kept at ``path`` for ``key``, or ``None`` (absent, stale, damaged: a
+    """``(φ0, J w0, seconds)`` kept at ``path`` for ``key``, or ``None`` (absent, stale, damaged: a
     damaged file is removed with a CacheWarning; or φ0 differs from ``first`` recomputed)."""
     if not path.is_file():
         return None
@@ -738,17 +745,18 @@ def _load_features(path: Path, key: str, first: torch.Tensor):
     m = first.shape[0]
     if meta.get("key") != key or not torch.allclose(phi0[:m], first, rtol=1e-5, atol=1e-6):
         return None  # another model, data or code: recomputed, overwritten
-    return phi0, tensors.get("jw0")
+    return phi0, tensors.get("jw0"), float(meta.get("seconds", 0.0))
 
 
-def _save_features(path: Path, key: str, phi0: torch.Tensor, jw0: torch.Tensor | None) -> None:
+def _save_features(path: Path, key: str, phi0: torch.Tensor, jw0: torch.Tensor | None,
+                   seconds: float) -> None:  # fmt: skip
     """Best effort (a directory that cannot be written costs the next run the recompute)."""
     from safetensors.torch import save_file
 
     tensors = {"phi0": phi0.contiguous()}
     if jw0 is not None:
         tensors["jw0"] = jw0.contiguous()
-    meta = {"format": _FEATURES_FORMAT, "key": key}
+    meta = {"format": _FEATURES_FORMAT, "key": key, "seconds": f"{seconds:.3f}"}
     meta["sha256"] = _file_digest(tensors_digest(tensors), meta)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
