@@ -591,10 +591,10 @@ full-network run a user would do, the head-exact forecast (kernel + forecast, in
 its reliability check's tangent forecast) costs a median 19% of it (plain / forecast 0.4x
 to 13x; the 10% goal met in 3 of 12 cells), the tangent forecast 5.9% (1.6x to 90x; met in
 7 of 12). Re-timed 2026-11-30 on the code with one forward-mode pass for φ0 and J w0 and
-the κ_⊥ products on δ's C columns: nine of the twelve head-body forecasts ran faster than in
-the first cost check (e.g. 11.4 → 7.3 s, 2.3 → 1.0 s; debates-minilm 2.2 → 2.4 s), but the plain runs also timed faster
-this time (101.6 → 60.0 s for the longest), so the medians moved from 15% / 4.5% to 19% /
-5.9%: at this machine's ±25% run-to-run noise the ratio is not better measured, only the
+the κ_⊥ products on δ's C columns: nine of the twelve head-body forecasts ran faster than
+in the first cost check (e.g. 11.4 → 7.3 s, 2.3 → 1.0 s; debates-minilm 2.2 → 2.4 s), but
+the plain runs also timed faster this time (101.6 → 60.0 s for the longest), so the medians
+moved from 15% / 4.5% to 19% / 5.9%: at this machine's ±25% run-to-run noise the ratio is not better measured, only the
 absolute seconds. Against a run that already caches the frozen trunk, both forecasts cost more
 than training in the short cells. These runs are short: the real loss drops 90% in 15 to
 835 steps of N = 64 to 128 samples. What it would take: the kernel is (r + 4) backward
