@@ -587,22 +587,22 @@ curvature (a second-order or pilot-calibrated body, issue 13 candidates 2 and 3)
 head-exact where it applies; see holdout_depth.)
 
 Cost (the cost check below, alone on an idle machine, 3 cells a task): against the plain
-full-network run a user would do, the head-exact forecast (kernel + forecast, including
-its reliability check's tangent forecast) costs a median 19% of it (plain / forecast 0.4x
-to 13x; the 10% goal met in 3 of 12 cells), the tangent forecast 5.9% (1.6x to 90x; met in
-7 of 12). Re-timed 2026-11-30 on the code with one forward-mode pass for φ0 and J w0 and
-the κ_⊥ products on δ's C columns: nine of the twelve head-body forecasts ran faster than
-in the first cost check (e.g. 11.4 → 7.3 s, 2.3 → 1.0 s; debates-minilm 2.2 → 2.4 s), but
-the plain runs also timed faster this time (101.6 → 60.0 s for the longest), so the medians
-moved from 15% / 4.5% to 19% / 5.9%: at this machine's ±25% run-to-run noise the ratio is not better measured, only the
-absolute seconds. Against a run that already caches the frozen trunk, both forecasts cost more
-than training in the short cells. These runs are short: the real loss drops 90% in 15 to
-835 steps of N = 64 to 128 samples. What it would take: the kernel is (r + 4) backward
-passes per sample (r = C + C directions) and is shared by every setting of a sweep (24
-here), so the ratio is met per sweep, not per cell, at these sizes; per cell it needs runs
-longer than about 10x the kernel (a few hundred epochs here, or N in the thousands with the
-kernel on a subsample, which the head-exact model does not support yet), and a cheaper
-minibatch simulation (its 10 paths x 2x the horizon dominate the long cells).
+full-network run a user would do, the head-exact forecast (kernel + forecast, including its
+reliability check's tangent forecast) costs a median 19% of it (plain / forecast 0.4x to
+13x; the 10% goal met in 3 of 12 cells), the tangent forecast 5.9% (1.6x to 90x; met in 7 of
+12). Re-timed 2026-11-30 on the code with one forward-mode pass for φ0 and J w0 and the κ_⊥
+products on δ's C columns: nine of the twelve head-body forecasts ran faster than in the
+first cost check (e.g. 11.4 → 7.3 s, 2.3 → 1.0 s; debates-minilm 2.2 → 2.4 s), but the plain
+runs also timed faster this time (101.6 → 60.0 s for the longest), so the medians moved from
+15% / 4.5% to 19% / 5.9%: at this machine's ±25% run-to-run noise the ratio is not better
+measured, only the absolute seconds. Against a run that already caches the frozen trunk,
+both forecasts cost more than training in the short cells. These runs are short: the real
+loss drops 90% in 15 to 835 steps of N = 64 to 128 samples. What it would take: the kernel
+is (r + 4) backward passes per sample (r = C + C directions) and is shared by every setting
+of a sweep (24 here), so the ratio is met per sweep, not per cell, at these sizes; per cell
+it needs runs longer than about 10x the kernel (a few hundred epochs here, or N in the
+thousands with the kernel on a subsample, which the head-exact model does not support yet),
+and a cheaper minibatch simulation (its 10 paths x 2x the horizon dominate the long cells).
 
 Protocol notes: two cells of scenes-lite1 (mse-full-m0-a1, ce-B32-m0.9-a1) ran once as a
 smoke test of the script before the run; nothing was changed after them and the run
