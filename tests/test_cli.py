@@ -219,15 +219,22 @@ def test_auto_falls_back_to_the_tangent_model_and_says_why(extra, says, tmp_path
     assert js["info"]["linearize"].startswith("auto: the tangent model, for ")
 
 
-def test_auto_falls_back_on_a_model_without_a_final_linear_head(tmp_path, monkeypatch):
-    mod = f"tl_conv_{uuid.uuid4().hex[:8]}"
+def _user_module(tmp_path: Path, monkeypatch, num_classes: int, net: str) -> str:
+    """A user's model file ``make(num_classes)`` returning ``net`` (seeded), importable."""
+    mod = f"tl_user_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{mod}.py").write_text(
         "import torch\nfrom torch import nn\n\n\n"
-        "def make(num_classes=3):\n"
+        f"def make(num_classes={num_classes}):\n"
         "    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Conv1d(1, num_classes, 6), nn.Flatten())\n"
+        f"    return {net}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    return mod
+
+
+def test_auto_falls_back_on_a_model_without_a_final_linear_head(tmp_path, monkeypatch):
+    mod = _user_module(tmp_path, monkeypatch, 3,
+                       "nn.Sequential(nn.Conv1d(1, num_classes, 6), nn.Flatten())")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", X=rng.standard_normal((12, 1, 6)).astype(np.float32),
              y=rng.integers(0, 3, 12))  # fmt: skip
@@ -443,14 +450,8 @@ def test_console_script_exit_code_and_message(tmp_path):
 
 
 def test_model_and_data_specs(tmp_path, monkeypatch):
-    mod = f"tl_user_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{mod}.py").write_text(
-        "import torch\nfrom torch import nn\n\n\n"
-        "def make(num_classes=2):\n"
-        "    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, num_classes)).eval()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    net = "nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, num_classes)).eval()"
+    mod = _user_module(tmp_path, monkeypatch, 2, net)
     rng = np.random.default_rng(0)
     npz = tmp_path / "train.npz"
     np.savez(npz, X=rng.standard_normal((24, 6)).astype(np.float32),
