@@ -274,17 +274,9 @@ def compute_head_body_kernel(
                 data_fingerprint=fingerprint(x, y))  # fmt: skip
     block = rest = None
     if body_names:  # else linear probing: nothing else to compute
-        zeros = torch.zeros_like(y)  # the read-out kernels do not use labels
-
-        def opts(part: str) -> dict:
-            return dict(memory_budget=memory_budget, progress=progress,
-                        cache=None if cache is None else Path(cache) / part)  # fmt: skip
-
-        keep = False if projection is not None else None  # NOTE [head-body features]
-        block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), keep_theta=keep,
-                               **opts("block"))  # fmt: skip
-        rest, rest_s = _rest_kernel(tb, x, zeros, basis, probes, seed, opts("rest"))
-        parts_s += float(block.metadata.get("seconds", 0.0)) + rest_s
+        opts = dict(memory_budget=memory_budget, progress=progress, cache=cache)
+        block, rest, read_s = _read_out_kernels(tb, x, basis, probes, seed, projection, opts)
+        parts_s += read_s
     # what computing it cost: parts restored from the cache count what they cost then
     meta["seconds"] = max(time.perf_counter() - t0, parts_s)
     return HeadBodyKernel(phi0, weight, bias, y, basis, block, rest, jw0, meta)
@@ -674,6 +666,23 @@ def _check_head(model, x, phi0, weight, bias, head: str) -> None:
             f"difference {err:.3g} on {m} samples): the head must be the last operation. "
             "Pass head= the name of the final nn.Linear."
         )
+
+
+def _read_out_kernels(tb: Tangent, x, basis: torch.Tensor, probes: int, seed: int,
+                      projection: Any, opts: dict) -> tuple[Kernel, torch.Tensor | None, float]:
+    """``(block M, κ_⊥ or None, seconds they cost)``, cached in ``opts["cache"]``'s
+    ``block`` and ``rest`` subdirectories (``opts``: compute_kernel's budget, progress)."""
+    zeros = torch.zeros(num_rows(x), dtype=torch.long)  # the read-out kernels use no labels
+    cache = opts.pop("cache")
+
+    def where(part: str) -> dict:
+        return dict(opts, cache=None if cache is None else Path(cache) / part)
+
+    keep = False if projection is not None else None  # NOTE [head-body features]
+    block = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros), keep_theta=keep,
+                           **where("block"))  # fmt: skip
+    rest, rest_s = _rest_kernel(tb, x, zeros, basis, probes, seed, where("rest"))
+    return block, rest, float(block.metadata.get("seconds", 0.0)) + rest_s
 
 
 def _rest_kernel(tb: Tangent, x, y, basis: torch.Tensor, probes: int, seed: int, opts: dict):
