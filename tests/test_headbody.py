@@ -245,6 +245,16 @@ def test_choose_linearization_picks_head_exact_where_it_applies(make, kwargs, mo
         compute_head_body_kernel(net.eval(), (x, y), head=choice.head, progress=False)
 
 
+def test_choose_linearization_falls_back_when_the_body_cannot_be_split_off():
+    import threading
+
+    net = TanhBody().double()
+    net.lock = threading.Lock()  # a model deepcopy cannot copy
+    choice = tl.choose_linearization(net, _data(dim=4))
+    assert choice.model == "all" and "without its head 'head' failed" in choice.reason
+    assert "TypeError" in choice.reason
+
+
 def test_choose_linearization_refuses_a_wrong_head_name():
     with pytest.raises(tl.TangentlabError, match="not an nn.Linear"):
         tl.choose_linearization(TanhBody(), head="body.1")

@@ -349,9 +349,11 @@ def choose_linearization(
         return tangent("extrapolating to a larger dataset_size needs its spectrum")
     if held_out:
         return tangent("held-out curves are its strength (RESULTS.md 'sweeps')")
+    chosen = select_params(model, params)  # a bad params= is an error either way
+    name = head
     try:
         name, lin = find_head(model, head)
-        if not _body_params(select_params(model, params), lin, name):
+        if not _body_params(chosen, lin, name):
             return tangent("only the head is trained, so the model is linear in its "
                            "trainable weights and the tangent model is exact")
         if data is not None:
@@ -361,6 +363,10 @@ def choose_linearization(
             raise  # the user named a head: a wrong name is an error, not a fallback
         why = str(exc).removeprefix("compute_head_body_kernel: ").split(";")[0]
         return tangent(why)
+    except Exception as exc:  # a body that cannot be split off its head (copy, forward)
+        first = (str(exc).splitlines() or [""])[0][:160]
+        return tangent(f"the model without its head {name!r} failed on 4 samples "
+                       f"({type(exc).__name__}: {first})")
     return Linearization("body", name, f"the head {name!r} kept exact, the body linearized "
                          "(calibrated steps interval; NOTE [head exact, body linear])")
 
