@@ -131,7 +131,7 @@ def _source_options(fn):
                      "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
                      "the tangent model (the whole network linearized). auto: body where "
                      "it applies, else all, saying why (tl.choose_linearization; see "
-                     "README)."),
+                     "README). information and influence use the tangent model."),
         click.option("--head", default=None, metavar="NAME",
                      help="--linearize body/auto: module name of the final nn.Linear "
                      "(default: the model's last nn.Linear)."),
