@@ -184,6 +184,8 @@ def test_default_is_head_exact_with_its_interval(default_run):
     assert js["forecasts"][0]["method"]["model"] == "head-body"
     assert "head exact (head), body linear" in js["info"]["model_of_training"]
     assert js["info"]["linearize"].startswith("auto: the head 'head' kept exact")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "model of training (--linearize)</td><td>auto: the head" in page
     m = re.search(r"^  real run, 80% interval: (\d+)-(\d+) steps, median estimate (\d+) "
                   r"\(forecast (\d+);", res.stdout, re.M)  # fmt: skip
     assert m, res.stdout

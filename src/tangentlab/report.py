@@ -339,7 +339,13 @@ def what_rows(fc: Forecast, target_loss: float | None,
     hp, info = fc.hyperparameters, info or {}
     opt = fc.optimizer.describe() if fc.optimizer is not None else f"SGD(lr={hp['lr']:.4g})"
     loss = fc.loss_function.describe() if fc.loss_function is not None else hp["loss"]
-    if fc.diverges:
+    if fc.diverges and fc.method.get("model") == "head-body" and (
+        fc.stability < fc.stability_limit
+    ):  # fmt: skip
+        verdict = ("diverges: the head-exact model blows up after step "
+                   f"{fc.divergence_step} though stable at w0 (the head x body product "
+                   "sharpens); real runs there often spike and recover")  # fmt: skip
+    elif fc.diverges:
         verdict = "diverges: lower the learning rate"
     elif not math.isfinite(fc.stability):  # AdamW, or stability=False
         verdict = ("no validity region measured for this forecast: "
@@ -366,7 +372,8 @@ def what_rows(fc: Forecast, target_loss: float | None,
     ] + _interval_row(fc, target_loss) + [
         {"quantity": "validity", "value": verdict},
         {"quantity": "solver", "value": fc.method.get("solver", "")},
-    ] + _eval_what(fc)  # fmt: skip
+    ] + ([{"quantity": "model of training (--linearize)", "value": info["linearize"]}]
+         if info.get("linearize") else []) + _eval_what(fc)  # fmt: skip
 
 
 def _interval_row(fc: Forecast, target_loss: float | None) -> list[dict[str, Any]]:
