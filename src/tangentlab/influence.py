@@ -228,6 +228,35 @@ def influence(
     optimizer, loss = as_optimizer(optimizer, fn), as_loss(loss, fn)
     steps = check_steps(fn, steps)
     batch_size, seed = check_batch_size(fn, batch_size), check_seed(fn, seed)
+    _check_influence_inputs(fn, kernel, optimizer, sampling, eval_data)
+    ckpt = _checkpoint_steps(fn, checkpoints, steps)
+    n, c = kernel.num_samples, kernel.num_classes
+    batches = None
+    if batch_size is not None and batch_size < n:
+        rng = dyn.path_rngs(seed, 1)[0]
+        batches = dyn.batch_schedule(n, batch_size, steps, sampling=sampling, rng=rng)
+    want = set(int(s) for s in ckpt)
+    self_inf, tte, rates = _tracin_scan(fn, kernel, eval_data, optimizer, loss, steps,
+                                        batches, want)  # fmt: skip
+    settings = {
+        "optimizer": optimizer.to_dict(), "loss": loss.to_dict(), "steps": steps,
+        "batch_size": batch_size, "seed": seed,
+        "sampling": sampling if batches is not None else None,
+        "checkpoints": "every step" if checkpoints is None else [int(s) for s in ckpt],
+        "num_samples": n, "num_classes": c,
+        "reference": "Pruthi et al., NeurIPS 2020, https://arxiv.org/abs/2002.08484",
+    }  # fmt: skip
+    ye = None if eval_data is None else eval_data.targets.numpy()
+    return Influence(
+        self_influence=self_inf, train_to_eval=tte, targets=kernel.targets.numpy().copy(),
+        eval_targets=None if ye is None else ye.copy(), method="tangent",
+        steps=np.asarray(sorted(want), dtype=np.int64), rates=np.asarray(rates),
+        settings=settings,
+    )  # fmt: skip
+
+
+def _check_influence_inputs(fn: str, kernel: Any, optimizer: SGD, sampling: str,
+                            eval_data: Any) -> None:  # fmt: skip
     if not isinstance(kernel, Kernel) or kernel.is_trace:
         raise TangentlabError(
             f"{fn}: kernel must be a full tangentlab.Kernel (tl.compute_kernel, trace=False), "
@@ -254,29 +283,28 @@ def influence(
                 f"{fn}: the evaluation set needs labels (its loss gradients); compute the "
                 "cross kernel from (X_eval, y_eval)."
             )
-    ckpt = _checkpoint_steps(fn, checkpoints, steps)
+
+
+def _tracin_scan(fn: str, kernel: Kernel, eval_data: CrossKernel | None, optimizer: SGD,
+                 loss: Any, steps: int, batches: list | None, want: set[int]):  # fmt: skip
+    """Run the tangent model's SGD in function space and sum, at the steps in ``want``,
+    η_t δ_i(t)ᵀ Θ_ii δ_i(t) (self-influence ``[N]``) and η_t δ_e(t)ᵀ Θ_ei δ_i(t)
+    (train-to-eval ``[M, N]`` or None). Returns ``(self, train_to_eval, rates used)``."""
     n, c = kernel.num_samples, kernel.num_classes
     etas = _rates(optimizer, steps)
     theta = kernel.gram().double().numpy()
     y = kernel.targets.numpy()
     f = kernel.f0.double().numpy().reshape(-1).copy()
     blocks = theta.reshape(n, c, n, c)[np.arange(n), :, np.arange(n), :]  # [N, C, C] Θ_ii
-    ke = fe = ye = None
-    tte = None
+    ke = fe = ye = tte = None
     if eval_data is not None:
-        m = eval_data.num_eval
         ke = eval_data.theta.double().numpy()
         fe = eval_data.f0.double().numpy().reshape(-1).copy()
         ye = eval_data.targets.numpy()
-        tte = np.zeros((m, n))
-    batches = None
-    if batch_size is not None and batch_size < n:
-        rng = dyn.path_rngs(seed, 1)[0]
-        batches = dyn.batch_schedule(n, batch_size, steps, sampling=sampling, rng=rng)
+        tte = np.zeros((eval_data.num_eval, n))
     self_inf = np.zeros(n)
     buf = np.zeros(n * c)
     kw = {"loss": loss.name, "scale": loss.target_scale}
-    want = set(int(s) for s in ckpt)
     rates = []
     for t in range(steps + 1):
         delta = dyn.loss_grad(f.reshape(n, c), y, **kw)  # [N, C]
@@ -307,20 +335,7 @@ def influence(
                 f"{fn}: the tangent model's run diverges at step {t} at this learning rate; "
                 "lower it (tl.stable_lr(kernel))."
             )
-    settings = {
-        "optimizer": optimizer.to_dict(), "loss": loss.to_dict(), "steps": steps,
-        "batch_size": batch_size, "seed": seed,
-        "sampling": sampling if batches is not None else None,
-        "checkpoints": "every step" if checkpoints is None else [int(s) for s in ckpt],
-        "num_samples": n, "num_classes": c,
-        "reference": "Pruthi et al., NeurIPS 2020, https://arxiv.org/abs/2002.08484",
-    }  # fmt: skip
-    return Influence(
-        self_influence=self_inf, train_to_eval=tte, targets=y.copy(),
-        eval_targets=None if ye is None else ye.copy(), method="tangent",
-        steps=np.asarray(sorted(want), dtype=np.int64), rates=np.asarray(rates),
-        settings=settings,
-    )  # fmt: skip
+    return self_inf, tte, rates
 
 
 def tracin_checkpoints(
