@@ -272,28 +272,8 @@ def sample_information(
     _check_stable(lam, optimizer, etas, n, t)
     coef = _coefficients(lam, n, optimizer.momentum, etas, t)
     a = -u @ (coef * (u.T @ r0))  # w_T - w0 = J^T a   [NC]
-    use_schur = method == "schur" or (
-        method == "auto" and t == math.inf and _well_conditioned(lam, n * c)
-    )
-    if method == "schur" and not use_schur:
-        raise TangentlabError(f"{_FN}: method='schur' needs time=inf.")
-    use_sim = method == "simulate" or (
-        method == "auto" and not use_schur and t != math.inf and t < 4 * n * c
-    )
-    if use_sim and t == math.inf:
-        raise TangentlabError(f"{_FN}: method='simulate' needs a finite time.")
-    if use_schur:
-        if not _well_conditioned(lam, n * c):
-            raise TangentlabError(
-                f"{_FN}: method='schur' needs an invertible kernel (lambda_min > "
-                f"{_SCHUR_RCOND:g} lambda_max); this one is singular or ill-conditioned. Use "
-                "method='exact'."
-            )
-        d = _loo_schur(lam, u, a, n, c)
-    elif use_sim:
-        d = a[None, :] - _loo_simulate(theta, r0, optimizer.momentum, etas, n, c)
-    else:
-        d = _loo_exact(theta, r0, optimizer.momentum, etas, t, n, c, rcond, a, progress)
+    d, used = _loo_differences(method, lam, u, a, theta, r0, optimizer.momentum, etas, t,
+                               n, c, rcond, progress)  # fmt: skip
     weight_change = np.einsum("ij,jk,ik->i", d, theta, d)
     if noise == "isotropic":
         si_w = weight_change / (2.0 * sigma**2)
@@ -323,7 +303,7 @@ def sample_information(
         "sigma": float(sigma),
         "batch_size": batch_size,
         "sampling": sampling if noise == "sgd" else None,
-        "method": "schur" if use_schur else "simulate" if use_sim else "exact",
+        "method": used,
         "rcond": rcond,
         "num_samples": n,
         "num_classes": c,
@@ -336,6 +316,34 @@ def sample_information(
         targets=kernel.targets.numpy().copy(), functional_on=where, num_eval=m,
         outputs=f_eval.reshape(m, c), loo_outputs=loo, settings=settings,
     )  # fmt: skip
+
+
+def _loo_differences(method: str, lam, u, a, theta, r0, momentum: float, etas, t: float,
+                     n: int, c: int, rcond: float, progress: bool) -> tuple[np.ndarray, str]:
+    """``(d [N, NC], method used)``: d_i = a − a_{-i}, the dual coefficients of w − w_{-i}
+    (w − w0 = Jᵀ a), by the Schur complement (T = ∞, well-conditioned Θ), the N runs
+    simulated side by side (finite T, small T), or one eigendecomposition per sample."""
+    use_schur = method == "schur" or (
+        method == "auto" and t == math.inf and _well_conditioned(lam, n * c)
+    )
+    if method == "schur" and not use_schur:
+        raise TangentlabError(f"{_FN}: method='schur' needs time=inf.")
+    use_sim = method == "simulate" or (
+        method == "auto" and not use_schur and t != math.inf and t < 4 * n * c
+    )
+    if use_sim and t == math.inf:
+        raise TangentlabError(f"{_FN}: method='simulate' needs a finite time.")
+    if use_schur:
+        if not _well_conditioned(lam, n * c):
+            raise TangentlabError(
+                f"{_FN}: method='schur' needs an invertible kernel (lambda_min > "
+                f"{_SCHUR_RCOND:g} lambda_max); this one is singular or ill-conditioned. Use "
+                "method='exact'."
+            )
+        return _loo_schur(lam, u, a, n, c), "schur"
+    if use_sim:
+        return a[None, :] - _loo_simulate(theta, r0, momentum, etas, n, c), "simulate"
+    return _loo_exact(theta, r0, momentum, etas, t, n, c, rcond, a, progress), "exact"
 
 
 # ---- validation (once, at the public edge) ------------------------------------------------
