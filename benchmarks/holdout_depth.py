@@ -314,9 +314,9 @@ reaches, which no correction can repair. Issue 13's accuracy goals (median ≤ 1
 at the 50% and 80% drops, both losses) are still not met: closest MSE at 50% (20% / 38%).
 The reliability check keeps its skill for the head-exact T̂ (96% of its flags bad) but has
 none for the median estimate (55% of its flags bad, against 52% of all targets): the
-correction removes the bias it detects. The library's `Forecast.steps_interval` uses this
-calibration (NOTE [steps interval]); the default forecast stays the tangent model
-(README)."""
+correction removes the bias it detects. The library's `Forecast.steps_interval` used this
+calibration until the per-configuration one of `holdout_features.py` replaced it (section
+"holdout-features"); the head-exact model is the CLI's default since (README)."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -580,7 +580,9 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     if row["steps_to_target"] is None:  # beyond the horizon: a lower bound only
         assert row["steps_low"] >= 1 and row["steps_median"] is None is row["steps_high"]
     else:
-        assert row["steps_low"] <= row["steps_median"] <= row["steps_to_target"]
+        assert row["steps_low"] <= row["steps_median"] <= row["steps_high"]
+        assert row["steps_low"] <= row["steps_to_target"] <= row["steps_high"]
+        assert isinstance(row["steps_trusted"], bool)
     lo, hi = js["comparison"]["steps_interval"]
     inside = js["comparison"]["steps_in_interval"]
     t = js["comparison"]["steps_to_target_run"]

@@ -285,7 +285,7 @@ def test_sweep_accepts_a_head_body_kernel():
         iv = fc.steps_interval(sw.target_loss)
         got = [None if row[k] is pd.NA else int(row[k])
                for k in ("steps_low", "steps_median", "steps_high")]  # fmt: skip
-        assert got == [iv.low, iv.median, iv.high]
+        assert got == [iv.low, iv.median, iv.high] and row["steps_trusted"] == iv.trusted
     sw.to_dict()  # JSON-able with the new columns
 
 
@@ -418,21 +418,63 @@ def _ce_forecast_and_target():
     return net, hb, fc, 0.5 * float(fc.loss[0]) + 0.5 * float(np.nanmin(fc.loss))
 
 
+def _expected_interval(fc, target):
+    """NOTE [steps interval] recomputed from its parts: the features of the target and the
+    frozen coefficients (ρ from the reference curve, a from the stability)."""
+    from tangentlab.forecast import steps_features, steps_quantiles
+
+    t = fc.steps_to(target)
+    hit = np.flatnonzero(fc.reference_loss <= target)
+    t_tan = int(hit[0]) if hit.size else 2 * (fc.loss.shape[0] - 1)
+    drop = 1 - target / float(fc.loss[0])
+    rho = max(t_tan, 1) / max(t, 1)  # as the library
+    x = steps_features(drop, momentum=fc.hyperparameters["momentum"],
+                       fraction=fc.stability / 2, rho=rho, steps=t)  # fmt: skip
+    return t, steps_quantiles(x)
+
+
+def test_steps_interval_trusts_narrow_bands_and_needs_the_reference_for_it():
+    """NOTE [steps interval]: momentum narrows the band (shallow targets: trusted); without
+    the tangent reference curve the fit without log ρ is used and nothing is trusted."""
+    import dataclasses
+
+    from tangentlab.forecast import STEPS_TRUST_WIDTH, steps_features, steps_quantiles
+
+    net, hb, fc, _ = _ce_forecast_and_target()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tl.errors.ValidityWarning)
+        mom = tl.forecast(hb, tl.SGD(0.03, momentum=0.9), 200, loss="ce")
+    target = 0.5 * float(mom.loss[0])  # a 50% drop
+    t, (lo, mid, hi) = _expected_interval(mom, target)
+    iv = mom.steps_interval(target)
+    assert hi - lo <= STEPS_TRUST_WIDTH and iv.trusted and "narrow: trusted" in str(iv)
+    assert iv.median == round(t * np.exp(mid))
+    bare = dataclasses.replace(mom, reference_loss=None).steps_interval(target)
+    x = steps_features(0.5, momentum=0.9, fraction=mom.stability / 2, rho=None, steps=t)
+    lo, mid, hi = steps_quantiles(x, with_rho=False)
+    want = (int(np.floor(t * np.exp(lo))), round(t * np.exp(mid)), int(np.ceil(t * np.exp(hi))))
+    assert (bare.low, bare.median, bare.high) == want
+    assert not bare.trusted and "wide" in str(bare)
+    assert fc.to_dict()["reference_loss"][0] == pytest.approx(float(fc.loss[0]))
+
+
 def test_steps_interval_is_the_calibrated_band_around_the_forecast():
-    """NOTE [steps interval]: [T̂ e^lo, T̂ e^hi] (floor / ceil) around steps_to; open above when
-    the horizon ends first; unknown when the forecast diverges first; tangent refused."""
-    from tangentlab.forecast import steps_quantiles
+    """NOTE [steps interval]: [T̂ e^lo, T̂ e^hi] (floor / ceil) around steps_to, lo/mid/hi from
+    the target's features; open above when the horizon ends first; unknown when the forecast
+    diverges first; tangent refused."""
+    from tangentlab.forecast import STEPS_TRUST_WIDTH
 
     net, hb, fc, target = _ce_forecast_and_target()
     data, l0 = _data(dim=4), float(fc.loss[0])
-    t = fc.steps_to(target)
+    assert fc.reference_loss is not None and fc.reference_loss.shape == fc.loss.shape
+    t, (lo, mid, hi) = _expected_interval(fc, target)
     assert t is not None and t > 3
     iv = fc.steps_interval(target)
     assert iv.drop == pytest.approx(1 - target / l0)
-    lo, mid, hi = steps_quantiles(iv.drop)
     assert (iv.point, iv.low, iv.high) == (t, int(np.floor(t * np.exp(lo))),
                                            int(np.ceil(t * np.exp(hi))))  # fmt: skip
     assert iv.median == round(t * np.exp(mid))
+    assert iv.trusted == (hi - lo <= STEPS_TRUST_WIDTH)
     assert iv.low <= iv.median <= iv.high and iv.low < iv.point and iv.coverage == 0.8
     assert f"{iv.low}-{iv.high} steps, median estimate {iv.median}" in str(iv)
     assert fc.steps_interval(l0) == tl.StepsInterval(0, 0, 0, 0, 0.0)  # there at step 0
@@ -440,8 +482,8 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
     assert deep.drop > iv.drop and deep.median / deep.point < iv.median / iv.point  # deeper: faster
     # beyond the horizon: only a lower bound, from the horizon
     never = fc.steps_interval(0.5 * float(np.nanmin(fc.loss)))
-    assert never.point is None and never.high is None
-    assert never.low == int(np.floor(201 * np.exp(steps_quantiles(never.drop)[0])))
+    assert never.point is None and never.high is None and not never.trusted
+    assert never.low >= 1 and never.low < fc.loss.shape[0]
     assert "more than" in str(never)
     # a diverging forecast: nothing is known
     with warnings.catch_warnings():

@@ -1123,7 +1123,9 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
         lo, hi = cmp.steps_interval
         shown = "unknown" if lo is None else f"{lo}-{'' if hi is None else hi} steps"
         where = {True: "inside", False: "OUTSIDE", None: "-"}[cmp.steps_in_interval]
-        click.echo(f"real steps to the target vs the forecast's 80% interval ({shown}): {where}")
+        trust = "narrow band: trusted" if cmp.steps_trusted else "wide band"
+        click.echo(f"real steps to the target vs the forecast's 80% interval ({shown}, {trust}):"
+                   f" {where}")  # fmt: skip
     click.echo(
         f"cost: real run {run.train_seconds:.2f} s training + {run.eval_seconds:.2f} s "
         f"full-loss evaluation; kernel {k_cost:.2f} s + forecast {f_sec:.2f} s; "

@@ -102,6 +102,7 @@ class Comparison:
         when the run does not reach ε).
       steps_median, steps_median_error: the interval's calibrated median estimate of T
         (``StepsInterval.median``) and its error |T̂' - T| / T (``None`` when either is).
+      steps_trusted: ``StepsInterval.trusted`` (a narrow band), ``None`` without an interval.
     """
 
     steps: np.ndarray
@@ -141,6 +142,7 @@ class Comparison:
     steps_in_interval: bool | None = None
     steps_median: int | None = None
     steps_median_error: float | None = None
+    steps_trusted: bool | None = None
 
     def summary(self) -> dict[str, Any]:
         """The scalar results (no curves), JSON-able."""
@@ -259,7 +261,8 @@ def _interval_part(forecast: Any, eps: float | None, t_run: int | None) -> dict[
         if iv.median is not None and t_run > 0:
             err = abs(iv.median - t_run) / t_run
     return dict(steps_interval=(iv.low, iv.high), steps_in_interval=inside,
-                steps_median=iv.median, steps_median_error=err)  # fmt: skip
+                steps_median=iv.median, steps_median_error=err,
+                steps_trusted=iv.trusted)  # fmt: skip
 
 
 def _eval_part(fn: str, fc: dict, rn: dict, keep: np.ndarray, steps: np.ndarray) -> dict | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tangentlab.forecast import Forecast
+from tangentlab.forecast import Forecast, _interval_columns
 from tangentlab.kernel import Kernel, atomic_write
 
 
@@ -184,10 +184,9 @@ def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
 
 def _interval_summary(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
     """A head-exact forecast's interval for the real steps (NOTE [steps interval])."""
-    if target_loss is None or fc.method.get("model") != "head-body":
+    if target_loss is None:
         return {}
-    iv = fc.steps_interval(target_loss)
-    return {"steps_low": iv.low, "steps_median": iv.median, "steps_high": iv.high}
+    return _interval_columns(fc, target_loss)
 
 
 def _eval_row(ev: dict[str, Any] | None) -> dict[str, Any]:
