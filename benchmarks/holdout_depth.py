@@ -42,7 +42,6 @@ RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -325,26 +324,9 @@ calibration until the per-configuration one of `holdout_features.py` replaced it
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fetch", action="store_true", help="unpack the photographs, then exit")
-    ap.add_argument("--calibrate", action="store_true", help="print the development choice")
-    ap.add_argument("--task", action="append", choices=list(TASKS), help="default: all")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section only")
-    args = ap.parse_args()
-    if args.fetch:
-        print(_photos_dir(fetch=True))
-        return
-    if args.calibrate:
-        calibrate()
-        return
-    if args.report:
-        report()
-        return
-    if DEPTH is None:
-        raise SystemExit("holdout_depth: freeze DEPTH (--calibrate) before any run.")
-    torch.set_num_threads(args.threads)
-    fr.run_tasks(TASKS, args.task or list(TASKS), OUT)
+    fr.round_main(__doc__, TASKS, OUT, fetch=lambda: _photos_dir(fetch=True),
+                  calibrate=calibrate, report=report, frozen=DEPTH is not None,
+                  what="the photographs")  # fmt: skip
 
 
 if __name__ == "__main__":

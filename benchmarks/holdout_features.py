@@ -49,7 +49,6 @@ section of RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -424,24 +423,8 @@ calibration, which changes no forecast (only `Forecast.steps_interval`); the lib
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fetch", action="store_true", help="unpack OpenCV's photographs, then exit")
-    ap.add_argument("--calibrate", action="store_true", help="print the development choice")
-    ap.add_argument("--task", action="append", choices=list(TASKS), help="default: all")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--report", action="store_true", help="write the RESULTS.md section only")
-    args = ap.parse_args()
-    if args.fetch:
-        print(ho._opencv_dir(fetch=True))
-        return
-    if args.calibrate:
-        calibrate()
-        return
-    if args.report:
-        report()
-        return
-    torch.set_num_threads(args.threads)
-    fr.run_tasks(TASKS, args.task or list(TASKS), OUT)
+    fr.round_main(__doc__, TASKS, OUT, fetch=lambda: ho._opencv_dir(fetch=True),
+                  calibrate=calibrate, report=report, what="OpenCV's photographs")
 
 
 if __name__ == "__main__":

@@ -418,27 +418,35 @@ def report() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fetch", action="store_true", help="unpack scikit-image's data, then exit")
-    ap.add_argument("--calibrate", action="store_true", help="print the development choices")
-    ap.add_argument("--task", action="append", choices=list(TASKS), help="default: all")
+def round_main(doc: str, tasks: dict, out: Path, *, fetch, calibrate, report,
+               frozen: bool = True, what: str = "the data") -> None:  # fmt: skip
+    """The command line every held-out round shares: ``--fetch`` (``fetch()`` prints where
+    the data is), ``--calibrate``, ``--task`` (resumable), ``--threads``, ``--report``;
+    ``frozen`` False refuses to run tasks (the choice is not frozen yet)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--fetch", action="store_true", help=f"unpack {what}, then exit")
+    ap.add_argument("--calibrate", action="store_true", help="print the development choice")
+    ap.add_argument("--task", action="append", choices=list(tasks), help="default: all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="write the RESULTS.md section only")
     args = ap.parse_args()
     if args.fetch:
-        print(_skimage_dir(fetch=True))
-        return
-    if args.calibrate:
+        print(fetch())
+    elif args.calibrate:
         calibrate()
-        return
-    if args.report:
+    elif args.report:
         report()
-        return
-    if MEDIAN is None or BAND is None:
-        raise SystemExit("holdout_fresh: freeze MEDIAN / BAND (--calibrate) before any run.")
-    torch.set_num_threads(args.threads)
-    run_tasks(TASKS, args.task or list(TASKS), OUT)
+    elif not frozen:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: freeze the choice (--calibrate) first.")
+    else:
+        torch.set_num_threads(args.threads)
+        run_tasks(tasks, args.task or list(tasks), out)
+
+
+def main() -> None:
+    round_main(__doc__, TASKS, OUT, fetch=lambda: _skimage_dir(fetch=True), calibrate=calibrate,
+               report=report, frozen=MEDIAN is not None and BAND is not None,
+               what="scikit-image's data")  # fmt: skip
 
 
 if __name__ == "__main__":
