@@ -506,6 +506,11 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
         warnings.simplefilter("ignore")
         beyond = tl.forecast(hb, tl.SGD(lr_far), 50, loss="ce").steps_interval(target)
     assert "beyond the stability limit" in beyond.note
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blind = tl.forecast(hb, tl.SGD(0.3), 200, loss="ce", stability=False)
+    assert "unknown fraction of the stability limit" in blind.steps_interval(target).note
+    assert not blind.steps_interval(target).trusted
     # the tangent model is not calibrated: refused with the fix
     plain = tl.forecast(tl.compute_kernel(net, data, progress=False), tl.SGD(0.3), 20)
     with pytest.raises(tl.TangentlabError, match="compute_head_body_kernel"):

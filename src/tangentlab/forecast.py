@@ -389,7 +389,9 @@ class Forecast:
             out.append(f"weight decay ({hp['weight_decay']:g})")
         if not 0.0 <= hp.get("momentum", 0.0) <= 0.9:
             out.append(f"momentum {hp['momentum']:g}")
-        if self.stability > 2.0 * (1 + 1e-6):  # a > 1: η̃ λ_max/N beyond GD's limit 2
+        if not math.isfinite(self.stability):  # the calibration's log a then assumes a = 0.3
+            out.append("an unknown fraction of the stability limit (stability=False)")
+        elif self.stability > 2.0 * (1 + 1e-6):  # a > 1: η̃ λ_max/N beyond GD's limit 2
             out.append(f"a rate beyond the stability limit (η̃·λ_max/N = {self.stability:.3g})")
         return ", ".join(out)
 

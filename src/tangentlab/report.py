@@ -128,7 +128,8 @@ def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str) -> None:
     if iv.low is None or iv.high is None:
         return
     ax.plot([iv.low, iv.high], [target_loss] * 2, color=col, lw=4, alpha=0.35,
-            solid_capstyle="butt", label="real steps to target, 80% interval")  # fmt: skip
+            solid_capstyle="butt", label="real steps to target, 80% interval"
+            + (" (narrow: trusted)" if iv.trusted else " (wide)"))  # fmt: skip
     ax.plot([iv.median], [target_loss], "D", color=col, ms=5, label="median estimate")
 
 
