@@ -228,7 +228,9 @@ def test_plot_marks_the_head_exact_interval(tmp_path, spy_axes):
     iv = fc.steps_interval(target)
     assert_png(plot_forecasts([("head-exact", fc)], tmp_path / "iv.png", target_loss=target))
     drawn = {kw.get("label"): a for a, kw in spy_axes["plot"]}
-    assert drawn["real steps to target, 80% interval"][:2] == ([iv.low, iv.high], [target] * 2)
+    label = "real steps to target, 80% interval " + ("(narrow: trusted)" if iv.trusted
+                                                      else "(wide)")  # fmt: skip
+    assert drawn[label][:2] == ([iv.low, iv.high], [target] * 2)
     assert drawn["median estimate"] == ([iv.median], [target], "D")
     spy_axes["plot"].clear()
     plain = tl.forecast(tl.compute_kernel(net, (x, y), progress=False), SGD(0.3), 60, loss="ce")
