@@ -123,7 +123,8 @@ VALIDITY_STABILITY = 1.0
 # (ρ = T̂_tangent / T̂, NOTE [reliability check]; from Forecast.reference_loss) and log T̂
 # (mid only). Fitted on fourteen development tasks (the three examples and the eleven
 # held-out tasks of benchmarks/holdout.py, holdout_fresh.py and holdout_depth.py; 817
-# targets, 41 of them missed by the forecast), chosen among feature sets and band levels by
+# targets, 41 of them missed by the forecast; ρ from the benchmarks' sketched tangent
+# kernel), chosen among feature sets and band levels by
 # leave-one-task-out (benchmarks/holdout_features.py --calibrate): median / p90 of
 # |T̂' − T|/T 21% / 115% against 29% / 113% for the former per-drop correction and 77% /
 # 326% for T̂ itself; the band covered 80.2% of left-out targets with a median log-width of
@@ -138,8 +139,10 @@ VALIDITY_STABILITY = 1.0
 # Reported once on three fresh tasks (RESULTS.md "holdout-features", 197 targets): median
 # estimate 15% / 129% against 22% / 126% per drop; the band covered 86% (as did the per-drop
 # band) with a median log-width of 0.98 against 1.48; trusted targets (78) 9% / 31%, the
-# others 23% / miss. Only the head-exact model and the training loss are calibrated: the
-# tangent model misses too many targets.
+# others 23% / miss. Through this function (ρ from HeadBodyKernel.tangent_kernel(), not the
+# benchmark's sketched kernel; holdout_features.py --library): 16% / 133%, 87% covered,
+# 70 trusted at 8% / 32%. Only the head-exact model and the training loss are calibrated:
+# the tangent model misses too many targets.
 STEPS_CALIBRATION = {  # coefficients over steps_features (h50, h80, h90, m>0, log a, log ρ, log T̂)
     "mid": (0.1478, 0.1082, -0.0700, 0.0871, 0.0173, -0.2220, -0.1066),
     "lo": (-1.0619, -1.4638, -1.7527, 0.4980, 0.0228, 0.0011, 0.0),
@@ -193,8 +196,8 @@ class StepsInterval:
       drop: how deep the target is, d = 1 − ε / L̂_0 (the calibration's coordinate).
       coverage: the fraction of development targets the band was chosen to cover.
       trusted: the band is narrow (log-width <= 0.9): there the median estimate was within
-        13% (median) / 34% (p90) of the real steps on left-out development tasks and 9% /
-        31% on fresh ones; ``False`` means a wider spread is expected, not that the
+        13% (median) / 34% (p90) of the real steps on left-out development tasks and 8% /
+        32% on fresh ones; ``False`` means a wider spread is expected, not that the
         estimate is wrong.
       note: ``""``, or which settings lie outside those it was calibrated on (constant
         learning rate, no weight decay, momentum in [0, 0.9], at most the stability limit):
