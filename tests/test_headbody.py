@@ -517,6 +517,56 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
         plain.steps_interval(target)
 
 
+@pytest.mark.parametrize("batch", [None, 4])
+def test_a_diverging_forecast_is_rerun_at_a_stable_fraction_of_its_rate(batch):
+    """NOTE [stabilized estimate]: a head-exact forecast that blows up at the stability limit
+    carries the same forecast at c·lr over ceil(T / c) steps (the largest c that does not
+    diverge), and steps_interval reads c·T̂_c e^(lo, mid, hi) from it past the blow-up."""
+    import math
+
+    from tangentlab.forecast import STABILIZE_FACTORS, stabilized_quantiles
+
+    hb = compute_head_body_kernel(TanhBody().double().eval(), _data(dim=4), progress=False)
+    lr = tl.stable_lr(hb, fraction=1.0, loss="ce")
+
+    def fcast(lr, steps, **kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tl.forecast(hb, tl.SGD(lr, **kw), steps, loss="ce", batch_size=batch)
+
+    fc = fcast(lr, 100)
+    assert fc.diverges and fc.divergence_step is not None and fc.stabilized is not None
+    c = fc.method["stabilized"]["factor"]
+    assert c in STABILIZE_FACTORS and fc.to_dict()["stabilized"]["factor"] == c
+    for bigger in STABILIZE_FACTORS[: STABILIZE_FACTORS.index(c)]:  # the largest stable c
+        assert fcast(bigger * lr, math.ceil(100 / bigger)).diverges
+    ref = fcast(c * lr, math.ceil(100 / c))  # the independent rerun
+    assert not ref.diverges
+    np.testing.assert_allclose(fc.stabilized.loss, ref.loss, rtol=1e-12)
+    np.testing.assert_allclose(fc.stabilized.reference_loss, ref.reference_loss, rtol=1e-12)
+    l0 = float(fc.loss[0])
+    target = l0 - 0.9 * (l0 - float(np.nanmin(ref.loss)))  # beyond the blow-up, reached at c
+    assert fc.steps_to(target) is None and ref.steps_to(target) is not None
+    iv = fc.steps_interval(target)
+    lo, mid, hi = stabilized_quantiles(iv.drop)
+    base = c * ref.steps_to(target)
+    assert (iv.low, iv.median, iv.high) == (int(np.floor(base * np.exp(lo))),
+                                            round(base * np.exp(mid)),
+                                            int(np.ceil(base * np.exp(hi))))  # fmt: skip
+    assert iv.point is None and iv.stabilized == c and not iv.trusted
+    assert f"rerun at {c:g} x lr" in str(iv) and f"median estimate {iv.median}" in str(iv)
+    # a target the forecast reaches before the blow-up keeps the ordinary interval
+    early = fc.steps_interval(float(fc.loss[1]))
+    assert early.stabilized is None and early.point == 1
+    # no rerun: a schedule, a rate beyond the limit (not calibrated), a forecast that is fine
+    sched = fcast(lr, 100, schedule=tl.Warmup(2))
+    assert sched.diverges and sched.stabilized is None
+    far = fcast(3 * lr, 100)
+    assert far.stabilized is None and "beyond the stability limit" in far.method["stabilized"]
+    assert far.steps_interval(target).low is None
+    assert fcast(0.3 * lr, 100).stabilized is None
+
+
 def test_compare_reports_whether_the_real_steps_fall_in_the_interval():
     net, _, fc, eps = _ce_forecast_and_target()
     l0 = float(fc.loss[0])

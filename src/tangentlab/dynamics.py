@@ -1314,6 +1314,7 @@ def head_body_trajectory(
     blowup_loss: float = math.inf,
     lr_schedule: np.ndarray | None = None,
     eval_set: HeadBodyEval | None = None,
+    stop_at_first_blowup: bool = False,
 ) -> Trajectory:
     r"""Exact torch SGD of the head-exact, body-linear model, all paths at once.
 
@@ -1337,6 +1338,8 @@ def head_body_trajectory(
       lr_schedule: multipliers m(t) ``[>= T]``: step t uses η m(t) (NOTE [schedules]).
       eval_set: a held-out set (:class:`HeadBodyEval`) moved along: its features take the
         same steps through the cross feature kernel, its outputs use the same head.
+      stop_at_first_blowup: stop all paths once one blows up (the caller only needs to
+        know whether any does; the later steps are then NaN for every path).
       Others as :func:`iterate_trajectory`.
 
     Returns a :class:`Trajectory` with one row per path.
@@ -1352,7 +1355,7 @@ def head_body_trajectory(
     if eval_set is not None:
         log.record_eval(0, st.eval_outputs(), eval_set.targets)
     for t in range(steps):
-        if not log.alive.any():
+        if not log.alive.any() or (stop_at_first_blowup and not log.alive.all()):
             break
         idx = None if batches is None else np.stack([b[t] for b in batches])  # [P, b]
         grads = st.gradients(idx, targets, loss, scale)
