@@ -81,6 +81,7 @@ import holdout as ho  # noqa: E402
 import holdout_depth as hd  # noqa: E402
 import holdout_features as hf  # noqa: E402
 import holdout_fresh as fr  # noqa: E402
+from _common import write_section  # noqa: E402
 from headbody import _fmt  # noqa: E402
 
 OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
@@ -380,8 +381,134 @@ def fresh_rows(name: str) -> list[dict]:
     return rows
 
 
+SHOWN = ("tangent", "head-body", "head-body, features", "library, no rerun", "library")
+
+
+def _errors(rows: list[dict], method: str) -> list[float]:
+    return [math.inf if r["est"][method] is None else abs(r["est"][method] - r["T"]) / r["T"]
+            for r in rows]  # fmt: skip
+
+
+def _inside(r: dict, rerun: bool = True) -> bool:
+    iv = r.get("lib")
+    if not iv or iv["low"] is None or (iv["stabilized"] and not rerun):
+        return False
+    return iv["low"] <= r["T"] and (iv["high"] is None or r["T"] <= iv["high"])
+
+
+def _covered(rows: list[dict], rerun: bool = True) -> str:
+    inside = sum(_inside(r, rerun) for r in rows)
+    return f"{inside}/{len(rows)} ({inside / max(len(rows), 1):.0%})"
+
+
+def _diverging(states: dict) -> tuple[int, int, int]:
+    """Over the fresh cells whose library forecast blows up: targets it misses, how many
+    the real run reaches, and how many of those get a stabilized interval."""
+    missed = reached = rescued = 0
+    for name, st in states.items():
+        lib = json.loads((OUT / f"{name}-library.json").read_text())
+        for key, c in st["cells"].items():
+            for d, t in ho.targets(c, "hb_loss").items():
+                iv = lib[key]["intervals"][d]
+                if iv["point"] is not None or not lib[key]["diverges"]:
+                    continue
+                if iv["stabilized"] is None and iv["low"] is not None:
+                    continue  # beyond the horizon, not a blow-up
+                missed += 1
+                reached += t["status"] != "unreached"
+                rescued += t["status"] != "unreached" and iv["stabilized"] is not None
+    return missed, reached, rescued
+
+
 def report() -> None:
-    raise SystemExit("holdout_limit: --report comes after the fresh round (not written yet)")
+    states = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    states = {k: v for k, v in states.items() if k in TASKS and v.get("cells")}
+    per_task = {k: fresh_rows(k) for k in states}
+    pooled = [r for rows in per_task.values() for r in rows]
+    first = next(iter(states.values()), {})
+    lines = [
+        "## Forecasts that diverge at the stability limit: a stabilized estimate "
+        "(`benchmarks/holdout_limit.py`, issue 13)",
+        "",
+        f"Command: `{COMMAND} --collect && {COMMAND} --calibrate` (development), then "
+        f"`{COMMAND} --fetch && {COMMAND} && {COMMAND} --library && {COMMAND} --report`. "
+        "Chosen on the development tasks (the script's docstring; NOTE [stabilized estimate] "
+        "in `tangentlab.forecast`), then run once on three fresh tasks and reported as they "
+        "came; grid, horizons (10x) and scoring of `holdout_fresh.py`. *features*: the "
+        "benchmark's calibrated median estimate (holdout_features.py; stored curves, ρ from "
+        "its sketched tangent kernel); *library*: `tl.forecast` + `Forecast.steps_interval` "
+        "on every stored cell, with the rerun at c·lr where the forecast blows up; *library, "
+        "no rerun*: the same without it (the library before this round). Entries: median / "
+        "p90 of |T̂' − T|/T (targets, misses); a miss counts as +∞. Machine: "
+        f"{first.get('machine', '')}; code {first.get('code', '')}.",
+        "",
+        *ho.task_table(states),
+        "",
+        "| task | loss | drop | " + " | ".join(SHOWN)
+        + " | interval covers, no rerun | interval covers |",
+        "|---|---|---|" + "---|" * (len(SHOWN) + 2),
+    ]  # fmt: skip
+    for k, rows in list(per_task.items()) + [("**all fresh**", pooled)]:
+        for loss in (*ho.LOSSES, None):
+            for d in (0.5, 0.8, 0.9, None):
+                if (loss is None) != (d is None):
+                    continue
+                sel = [r for r in rows if loss in (None, r["loss"]) and d in (None, r["drop"])]
+                cells = [_fmt(_errors(sel, m)) for m in SHOWN]
+                drop = "all" if d is None else f"{d:.0%}"
+                lines.append(f"| {k} | {loss or 'all'} | {drop} | " + " | ".join(cells)
+                             + f" | {_covered(sel, False)} | {_covered(sel)} |")
+    res = [r for r in pooled if r["lib"] and r["lib"]["stabilized"]]
+    missed, reached, rescued = _diverging(states)
+    widths = [math.log(r["lib"]["high"] / r["lib"]["low"]) for r in res
+              if r["lib"]["high"] is not None]  # fmt: skip
+    trusted = [r for r in pooled if r["lib"] and r["lib"]["trusted"]]
+    others = [r for r in pooled if not (r["lib"] and r["lib"]["trusted"])]
+    bad = [e > 0.25 for e in _errors(pooled, "library")]
+    flagged = sum(b and not (r["lib"] and r["lib"]["trusted"]) for r, b in zip(pooled, bad))
+    lines += [
+        "",
+        f"Forecasts that blow up before a target: {missed} targets missed that way over the "
+        f"fresh cells; the real run reached {reached} of them "
+        f"({reached / max(missed, 1):.0%}; development: 45 of 130, 35%), and {rescued} got a "
+        f"stabilized interval. Those {len(res)}: median estimate "
+        f"{_fmt(_errors(res, 'library'))}, interval covers {_covered(res)}, median log-width "
+        f"{np.median(widths) if widths else math.nan:.2f}.",
+        "",
+        f"Trusted intervals (library): {len(trusted)} of {len(pooled)} targets at "
+        f"{_fmt(_errors(trusted, 'library'))}, the others {_fmt(_errors(others, 'library'))}; "
+        f"\"not trusted\" as a check for an error above 25%: precision "
+        f"{flagged / max(len(others), 1):.0%}, recall {flagged / max(sum(bad), 1):.0%}.",
+        "",
+        READING,
+    ]  # fmt: skip
+    write_section("holdout-limit", "\n".join(lines))
+    print("\n".join(lines))
+
+
+READING = """**Reading** (the first and only run of these tasks, 2026-11-30; the
+stabilized estimate was frozen, and committed, before they ran). **The stabilized estimate
+mattered once.** Over the three fresh tasks the head-exact forecasts blew up before 28
+targets, and the real runs reached only one of them (4%; development: 45 of 130, 35%): that
+one got a stabilized interval, which held it (median estimate exact), so the library's
+misses fell from 2 to 1 and its p90 from 122% to 115%. The working hypothesis behind it —
+the real network spikes and recovers where the head-exact model blows up — held for a
+third of such targets in development and for almost none here: pooled, the real runs
+reached 46 of 158 (29%). A blow-up of the head-exact forecast is better read as "the real
+run will probably not get there either", which is what the library now says, with the
+count, and the stabilized interval as what to expect if it does. **The per-configuration
+interval, on its second fresh round, did worse than on its first**: median estimate 27% /
+114% (through the library 29% / 115%) against 113% / 334% for the head-exact T̂ and 358% /
+miss for the tangent model (42 misses); round 3 had 15% / 129%. It was good on the text
+task (fortunes 10% / 43%, interval covering 97%) and poor on the two image tasks (samples
+36% / 129%, scenetext 57% / 116%): there the real runs were faster than the median
+estimate by e^0.25 to e^0.45 (1.3-1.6x) at the median, most at a = 0.1, as on round 3's
+photographs (30%); the calibration has no feature that separates these tasks (a
+candidate for the next round: the head share of tr Θ or λ_max/N). The interval covered
+79% of the targets (143 of 180; goal 80%), weakest at the 90% CE drop (56%) and on
+scenetext (57%). The trusted flag did not hold: its 57 targets had 16% / 104% (round 3: 8% /
+32%); "not trusted" flagged errors above 25% with precision 57% and recall 73%. Issue 13's
+accuracy goals are not met on this round in any pooled cell."""
 
 
 def main() -> None:

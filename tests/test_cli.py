@@ -598,6 +598,7 @@ def test_divergence_message_names_the_cause(capsys):
     from types import SimpleNamespace
 
     from tangentlab.cli import _print_divergence
+    from tangentlab.forecast import STABILIZED_REACHED
 
     def said(**kw):
         fc = SimpleNamespace(**{"stability_limit": 2.0, "divergence_step": 96, "method": {},
@@ -609,4 +610,5 @@ def test_divergence_message_names_the_cause(capsys):
     assert said(stability=0.9).startswith("DIVERGES: the loss blows up after step 96; lower")
     out = said(stability=0.99, method={"model": "head-body"})
     assert "head-exact model's loss blows up after step 96" in out
-    assert "stable at w0" in out and "spike and recover" in out
+    got, total = STABILIZED_REACHED
+    assert "stable at w0" in out and "spike and" in out and f"reached {got} of the {total}" in out

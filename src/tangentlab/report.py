@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tangentlab.forecast import Forecast, _interval_columns
+from tangentlab.forecast import STABILIZED_REACHED, Forecast, _interval_columns
 from tangentlab.kernel import Kernel, atomic_write
 
 
@@ -344,7 +344,9 @@ def what_rows(fc: Forecast, target_loss: float | None,
     ):  # fmt: skip
         verdict = ("diverges: the head-exact model blows up after step "
                    f"{fc.divergence_step} though stable at w0 (the head x body product "
-                   "sharpens); real runs there often spike and recover")  # fmt: skip
+                   "sharpens); real runs there reached "
+                   f"{STABILIZED_REACHED[0]} of {STABILIZED_REACHED[1]} such targets on "
+                   "held-out tasks (NOTE [stabilized estimate])")  # fmt: skip
     elif fc.diverges:
         verdict = "diverges: lower the learning rate"
     elif not math.isfinite(fc.stability):  # AdamW, or stability=False
