@@ -397,6 +397,18 @@ def _trust_row(label: str, rows: list[dict], method: str, trusted) -> str:
             f"{hit / max(len(no), 1):.0%} | {hit / max(sum(bad), 1):.0%} |")
 
 
+def slices(per_task: dict, pooled: list[dict]):
+    """``("task | loss | drop", rows)`` of a report table: per task and pooled ("**all
+    fresh**"), per loss and drop, then all of a task's rows."""
+    for k, rows in list(per_task.items()) + [("**all fresh**", pooled)]:
+        for loss in (*ho.LOSSES, None):
+            for d in (0.5, 0.8, 0.9, None):
+                if (loss is None) != (d is None):
+                    continue
+                sel = [r for r in rows if loss in (None, r["loss"]) and d in (None, r["drop"])]
+                yield f"{k} | {loss or 'all'} | {'all' if d is None else f'{d:.0%}'}", sel
+
+
 def report() -> None:
     states = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
     states = {k: v for k, v in states.items() if k in TASKS and v.get("cells")}
@@ -427,17 +439,11 @@ def report() -> None:
         + " | per-drop band covers | features band covers | library interval covers |",
         "|---|---|---|" + "---|" * (len(SHOWN) + 3),
     ]  # fmt: skip
-    for k, rows in list(per_task.items()) + [("**all fresh**", pooled)]:
-        for loss in (*ho.LOSSES, None):
-            for d in (0.5, 0.8, 0.9, None):
-                if (loss is None) != (d is None):
-                    continue
-                sel = [r for r in rows if loss in (None, r["loss"]) and d in (None, r["drop"])]
-                cells = [_fmt(_errors(sel, m)) for m in SHOWN]
-                drop = "all" if d is None else f"{d:.0%}"
-                lines.append(f"| {k} | {loss or 'all'} | {drop} | " + " | ".join(cells)
-                             + f" | {_covered(sel, 'per drop')} | {_covered(sel, 'features')} | "
-                             + f"{_covered(sel, 'library')} |")
+    for head, sel in slices(per_task, pooled):
+        cells = [_fmt(_errors(sel, m)) for m in SHOWN]
+        lines.append(f"| {head} | " + " | ".join(cells)
+                     + f" | {_covered(sel, 'per drop')} | {_covered(sel, 'features')} | "
+                     + f"{_covered(sel, 'library')} |")  # fmt: skip
     widths = {b: float(np.median([r["band"][b][1] - r["band"][b][0]
                                   for r in pooled if b in r["band"]]))
               for b in ("per drop", "features")}  # fmt: skip

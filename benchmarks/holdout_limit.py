@@ -448,16 +448,10 @@ def report() -> None:
         + " | interval covers, no rerun | interval covers |",
         "|---|---|---|" + "---|" * (len(SHOWN) + 2),
     ]  # fmt: skip
-    for k, rows in list(per_task.items()) + [("**all fresh**", pooled)]:
-        for loss in (*ho.LOSSES, None):
-            for d in (0.5, 0.8, 0.9, None):
-                if (loss is None) != (d is None):
-                    continue
-                sel = [r for r in rows if loss in (None, r["loss"]) and d in (None, r["drop"])]
-                cells = [_fmt(_errors(sel, m)) for m in SHOWN]
-                drop = "all" if d is None else f"{d:.0%}"
-                lines.append(f"| {k} | {loss or 'all'} | {drop} | " + " | ".join(cells)
-                             + f" | {_covered(sel, False)} | {_covered(sel)} |")
+    for head, sel in hf.slices(per_task, pooled):
+        cells = [_fmt(_errors(sel, m)) for m in SHOWN]
+        lines.append(f"| {head} | " + " | ".join(cells)
+                     + f" | {_covered(sel, False)} | {_covered(sel)} |")  # fmt: skip
     res = [r for r in pooled if r["lib"] and r["lib"]["stabilized"]]
     missed, reached, rescued = _diverging(states)
     widths = [math.log(r["lib"]["high"] / r["lib"]["low"]) for r in res
