@@ -612,3 +612,7 @@ def test_divergence_message_names_the_cause(capsys):
     assert "head-exact model's loss blows up after step 96" in out
     got, total = STABILIZED_REACHED
     assert "stable at w0" in out and "spike and" in out and f"reached {got} of the {total}" in out
+    assert "interval below" not in out  # no rerun: nothing to read
+    rerun = said(stability=0.99, method={"model": "head-body", "stabilized": {"factor": 0.5}},
+                 stabilized=object())  # fmt: skip
+    assert "read from the forecast at 0.5 x the rate" in rerun

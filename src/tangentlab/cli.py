@@ -865,15 +865,17 @@ def _print_divergence(fc) -> None:
                    "lower the learning rate.")  # fmt: skip
     elif fc.method.get("model") == "head-body":  # stable at w0: the head x body growth
         got, total = STABILIZED_REACHED
+        st = (fc.method.get("stabilized") or {}) if getattr(fc, "stabilized", None) else {}
+        rerun = (f"The interval below is read from the forecast at {st['factor']:g} x the rate "
+                 "(NOTE [stabilized estimate]), for a run that gets there. " if st else "")
         click.echo(
             f"DIVERGES: the head-exact model's loss blows up after step {fc.divergence_step}, "
             f"though the step is stable at w0 (η̃·λ_max/N = {fc.stability:.3g}): the head x "
             "body product sharpens as it trains. Real networks in this regime may spike and "
             "recover (edge of stability) or stall and diverge too: on seventeen held-out "
-            f"tasks they reached {got} of the {total} targets such forecasts missed. The interval "
-            "below is read from the forecast at a stable fraction of the rate (NOTE "
-            "[stabilized estimate]), for a run that gets there. Lower the learning rate for "
-            "a forecast to read, or check with `tangentlab validate`."
+            f"tasks they reached {got} of the {total} targets such forecasts missed. {rerun}"
+            "Lower the learning rate for a forecast to read, or check with `tangentlab "
+            "validate`."
         )
     else:
         click.echo(f"DIVERGES: the loss blows up after step {fc.divergence_step}; lower the "
