@@ -236,3 +236,26 @@ def test_plot_marks_the_head_exact_interval(tmp_path, spy_axes):
     plain = tl.forecast(tl.compute_kernel(net, (x, y), progress=False), SGD(0.3), 60, loss="ce")
     plot_forecasts([("tangent", plain)], tmp_path / "t.png", target_loss=target)
     assert "median estimate" not in {kw.get("label") for _, kw in spy_axes["plot"]}
+    # a forecast that blows up at the limit: the rerun at c·lr on its rescaled clock
+    torch.manual_seed(4)  # test_headbody's TanhBody, whose CE forecast blows up at a = 1
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                        nn.Linear(4, 3)).double().eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=g, dtype=torch.double)
+    hb = tl.compute_head_body_kernel(net, (x, torch.randint(0, 3, (10,), generator=g)),
+                                     progress=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = tl.forecast(hb, SGD(tl.stable_lr(hb, fraction=1.0, loss="ce")), 100, loss="ce")
+    assert bad.stabilized is not None
+    c = bad.method["stabilized"]["factor"]
+    deep = 0.2 * float(bad.loss[0])
+    ivb = bad.steps_interval(deep)
+    assert ivb.stabilized == c and ivb.high is not None
+    spy_axes["plot"].clear()
+    plot_forecasts([("head-exact", bad)], tmp_path / "b.png", target_loss=deep)
+    drawn = {kw.get("label"): a for a, kw in spy_axes["plot"]}
+    xs, ys = drawn[f"rerun at {c:g} x lr, steps x {c:g}"][:2]
+    np.testing.assert_allclose(xs, c * np.arange(bad.stabilized.loss.shape[0]))
+    assert drawn["real steps to target, 80% interval (wide), if the run gets there"][:2] == (
+        [ivb.low, ivb.high], [deep] * 2)  # fmt: skip

@@ -127,9 +127,15 @@ def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str) -> None:
     iv = fc.steps_interval(target_loss)
     if iv.low is None or iv.high is None:
         return
+    label = "real steps to target, 80% interval" + (" (narrow: trusted)" if iv.trusted
+                                                     else " (wide)")  # fmt: skip
+    if iv.stabilized is not None:  # NOTE [stabilized estimate]: the rerun, on its c-clock
+        c, st = iv.stabilized, fc.stabilized
+        ax.plot(c * np.arange(st.loss.shape[0]), st.loss, ":", color=col, alpha=0.7,
+                label=f"rerun at {c:g} x lr, steps x {c:g}")  # fmt: skip
+        label += ", if the run gets there"
     ax.plot([iv.low, iv.high], [target_loss] * 2, color=col, lw=4, alpha=0.35,
-            solid_capstyle="butt", label="real steps to target, 80% interval"
-            + (" (narrow: trusted)" if iv.trusted else " (wide)"))  # fmt: skip
+            solid_capstyle="butt", label=label)  # fmt: skip
     ax.plot([iv.median], [target_loss], "D", color=col, ms=5, label="median estimate")
 
 
