@@ -21,7 +21,7 @@ the limit progresses like a stable one); 23 of 25 missed targets got an estimate
 
 **What the library does** (NOTE [stabilized estimate] in ``tangentlab.forecast``): a
 head-exact forecast of a constant SGD rate that blows up carries ``Forecast.stabilized``
-(the rerun at c·lr over ceil(T / c) steps, with its own tangent reference), and
+(the rerun at c·lr over ceil(T / c) steps), and
 ``Forecast.steps_interval`` reads its steps when the forecast itself diverges before the
 target.
 
@@ -31,7 +31,8 @@ stored head-exact forecast blows up (``holdout.py``'s four at 10x horizons, the 
 ``holdout_features.py``; the examples' cells never miss): ``tl.forecast`` of the task's
 head-exact kernel with the cell's settings, and per drop (50 / 80 / 90% of the real run's
 initial loss) the real run's steps T (or unreached), the forecast's T̂ (None: diverged
-first), c, the stabilized steps T̂_c and its tangent reference's steps. Saved as
+first), c, the stabilized steps T̂_c (and, in the stored rows, its tangent reference's
+steps: the collection ran while the rerun still had one; the choice does not use them). Saved as
 ``results/holdout_limit/dev.json``.
 
 **The choice** (``--calibrate``, leave-one-task-out over the 45 development targets the
