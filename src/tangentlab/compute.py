@@ -524,9 +524,12 @@ class _Outputs:
             f0, jw0 = self.base.f0_and_jvp(xb, self.base.w0)
             check_output(f0, num_rows(xb), "compute_kernel")
             return f0, jw0
-        # logits: the chunk's outputs from the Jacobians' own forward pass, when they are
-        # f itself (a full kernel): no second forward pass
-        f0 = logits if logits is not None and self.mode == "full" else self.base.f0(xb)
+        # logits: the outputs of the Jacobians' own forward pass, f itself (a full kernel)
+        # or f / sqrt(C) (the exact trace's identity probes): no second forward pass
+        if logits is None:
+            f0 = self.base.f0(xb)
+        else:
+            f0 = logits if self.mode == "full" else logits * math.sqrt(self.c)
         check_output(f0, num_rows(xb), "compute_kernel")
         jw0 = self.base.jw0(blocks) if probed_jw0 is None else probed_jw0
         return f0, jw0 * math.sqrt(self.c) if self.mode == "exact" else jw0

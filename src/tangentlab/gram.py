@@ -116,10 +116,14 @@ class _Layer:
     g: torch.Tensor | None = None
     d: torch.Tensor | None = None  # [B, C, p'] per-sample gradients (columns ``cols``)
     cols: torch.Tensor | None = None  # the p' of p columns kept (None: all; see _trim)
-    # while the factors are filled (gram_factors, until _trim): g is [B, C, S, o]
-    # (tokens), u lacks the bias column (bias)
+    # while the factors are filled (gram_factors, until _trim): embed's g is [B, C, S, o]
+    # (tokens); outer's g is None, its C output gradients wait in ``pending`` ([B, S, o]
+    # for a linear call, [B, o, S] for a convolution) and ``live`` marks the positions
+    # where one is non-zero; u lacks the bias column (bias)
     tokens: bool = False
     bias: bool = False
+    pending: list | None = None
+    live: torch.Tensor | None = None
 
 
 @dataclass
@@ -197,10 +201,10 @@ def _nonzero(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def _trim(layer: _Layer) -> None:
-    """Drop the positions whose output gradient is exactly zero for every sample and output
-    of the chunk: they add nothing to any kernel entry (NOTE [gram positions]). Likewise
-    the columns of per-sample gradients that are zero for the whole chunk (a depthwise
-    convolution's taps that only see padding, e.g. 3x3 on a 1x1 map: 8 of 9)."""
+    """Drop the columns of per-sample gradients that are zero for the whole chunk (a
+    depthwise convolution's taps that only see padding, e.g. 3x3 on a 1x1 map: 8 of 9);
+    merge an embedding's tokens; append a bias's column of ones (NOTE [gram positions]:
+    an outer layer's dead positions are dropped before, by :func:`_settle`)."""
     if layer.kind == "embed":
         _merge_tokens(layer)
         return
@@ -211,22 +215,34 @@ def _trim(layer: _Layer) -> None:
             layer.cols = live.nonzero().squeeze(1)
             layer.d = layer.d.index_select(2, layer.cols)
         return
-    # a linear layer's gradients are filled positions first ([B, C, S, o], no transposed
-    # copy of positions about to be dropped), then transposed once trimmed
-    pos = 2 if layer.tokens else 3
-    live = _nonzero(layer.g, tuple(d for d in range(4) if d != pos))  # [S]
+    # (an outer layer's positions were trimmed by _settle)
+    if layer.bias:  # a bias is the weight of a constant input 1 (appended once trimmed)
+        layer.u = torch.cat([layer.u, layer.u.new_ones(*layer.u.shape[:2], 1)], dim=-1)
+        layer.bias = False
+
+
+def _settle(layer: _Layer, kind: str, a: dict, roles: dict, out: torch.Tensor,
+            jw0: torch.Tensor) -> None:
+    """An outer layer's C output gradients (``layer.pending``, as autograd returned them)
+    to ``layer.g [B, C, o, S']`` on the positions where one of them is non-zero (NOTE
+    [gram positions]), copied once, positions last; and their ``<df/dw, w0>`` added to
+    ``jw0 [B, C]``, on those positions only (exact: the others have zero gradient for
+    every output)."""
+    live, pos = layer.live, 1 if layer.tokens else 2
+    grads = layer.pending
+    out = out.detach().reshape(grads[0].shape)  # [B, S, o] (linear) or [B, o, S]
     if not bool(live.all()):
         if not bool(live.any()):
             live[0] = True  # the layer adds zero; keep one position for the shapes
         keep = live.nonzero().squeeze(1)
         layer.u = layer.u.index_select(1, keep)
-        layer.g = layer.g.index_select(pos, keep)
-    if layer.tokens:
-        layer.g = layer.g.transpose(2, 3).contiguous()
-        layer.tokens = False
-    if layer.bias:  # a bias is the weight of a constant input 1 (appended once trimmed)
-        layer.u = torch.cat([layer.u, layer.u.new_ones(*layer.u.shape[:2], 1)], dim=-1)
-        layer.bias = False
+        grads = [g.index_select(pos, keep) for g in grads]
+        out = out.index_select(pos, keep)
+    for cls, g in enumerate(grads):
+        jw0[:, cls] += _dot_w0(kind, a, out, g, roles)
+    layer.g = torch.stack([g.transpose(1, 2) if layer.tokens else g for g in grads], dim=1)
+    layer.pending = layer.live = None
+    layer.tokens = False
 
 
 def _merge_tokens(layer: _Layer) -> None:
@@ -305,9 +321,9 @@ def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Fact
             elif layout == "outer":
                 _, u = _outer_factors(kind, a, out.detach())
                 tokens = kind == "linear"
-                shape = (b, c, s, o) if tokens else (b, c, o, s)
+                live = torch.zeros(s, dtype=torch.bool, device=dev)
                 layer = _Layer("outer", u=u.reshape(b, s, -1), tokens=tokens, bias="bias" in r,
-                               g=torch.empty(shape, dtype=dt, device=dev))  # fmt: skip
+                               pending=[], live=live)  # fmt: skip
             else:
                 p = sum(int(a[role].numel()) for role in r)
                 layer = _Layer("dense", d=torch.empty(b, c, p, dtype=dt, device=dev))
@@ -325,16 +341,21 @@ def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Fact
                     continue
                 kind, a, r, s, o = plan
                 g = torch.zeros_like(out) if g is None else g.detach()
+                if layer.kind == "outer":  # J w0 once trimmed (_settle)
+                    g = g.reshape(b, s, o) if layer.tokens else g.reshape(b, o, s)
+                    layer.pending.append(g)
+                    layer.live |= _nonzero(g, (0, 2) if layer.tokens else (0, 1))
+                    continue
                 jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
                 if layer.kind == "dense":
                     ps = _per_sample(kind, {**a, "roles": tuple(r)}, g)
                     layer.d[:, cls] = torch.cat([ps[role].reshape(b, -1) for role in r], dim=1)
-                elif layer.kind == "embed":
+                else:
                     layer.g[:, cls] = embedding_grads(a, g).reshape(b, s, o)
-                elif kind == "linear":
-                    layer.g[:, cls] = g.reshape(b, s, o)
-                else:  # convolution: [B, o, *spatial] -> [B, o, S]
-                    layer.g[:, cls] = g.reshape(b, o, s)
+        for layer, plan, (_, _, out) in zip(layers, plans, calls):
+            if layer is not None and layer.kind == "outer":
+                kind, a, r, _, _ = plan
+                _settle(layer, kind, a, r, out, jw0)
     kept = [layer for layer in layers if layer is not None]
     for layer in kept:
         _trim(layer)
