@@ -428,9 +428,42 @@ def _expected_interval(fc, target):
     t_tan = int(hit[0]) if hit.size else 2 * (fc.loss.shape[0] - 1)
     drop = 1 - target / float(fc.loss[0])
     rho = max(t_tan, 1) / max(t, 1)  # as the library
+    stretch, rho50 = _curve_features_by_hand(fc.loss, fc.reference_loss)
     x = steps_features(drop, momentum=fc.hyperparameters["momentum"],
-                       fraction=fc.stability / 2, rho=rho, steps=t)  # fmt: skip
+                       fraction=fc.stability / 2, rho=rho, steps=t, stretch=stretch,
+                       rho50=rho50)  # fmt: skip
     return t, steps_quantiles(x)
+
+
+def _curve_features_by_hand(loss, ref):
+    """stretch = log(T̂(80%) / T̂(50%)), ρ50 = T̂_tangent(50%) / T̂(50%), by a plain loop
+    (an unreached drop: 2 x the horizon)."""
+    horizon = len(loss) - 1
+
+    def first(curve, frac):
+        for t, v in enumerate(curve):
+            if v <= frac * curve[0]:
+                return max(t, 1)
+        return 2 * horizon
+
+    stretch = np.log(first(loss, 0.2) / first(loss, 0.5))
+    return stretch, None if ref is None else first(ref, 0.5) / first(loss, 0.5)
+
+
+def test_curve_features_read_the_forecast_curves():
+    """NOTE [steps interval]: the two curve features from toy curves, unreached drops at 2T."""
+    from tangentlab.forecast import curve_features
+
+    loss = np.array([1.0, 0.7, 0.45, 0.3, 0.25, 0.19, 0.1])  # 50% at 2, 80% at 5
+    ref = np.array([2.0, 1.8, 1.6, 1.4, 1.2, 1.1, 0.9])  # 50% at 6
+    stretch, rho50 = curve_features(loss, ref)
+    assert stretch == pytest.approx(np.log(5 / 2)) and rho50 == pytest.approx(6 / 2)
+    assert curve_features(loss, None) == (pytest.approx(np.log(5 / 2)), None)
+    slow = np.array([1.0, 0.9, 0.8, 0.6, 0.45, 0.4, 0.35])  # 50% at 4, 80% never: 2T = 12
+    assert curve_features(slow, ref[:7] * 0 + 2.0)[0] == pytest.approx(np.log(12 / 4))
+    assert curve_features(slow, ref[:7] * 0 + 2.0)[1] == pytest.approx(12 / 4)
+    blown = np.array([1.0, 0.4, np.nan, np.nan])  # NaN after a blow-up: not reached
+    assert curve_features(blown, None)[0] == pytest.approx(np.log(6 / 1))
 
 
 def test_steps_interval_trusts_narrow_bands_and_needs_the_reference_for_it():
@@ -450,7 +483,9 @@ def test_steps_interval_trusts_narrow_bands_and_needs_the_reference_for_it():
     assert hi - lo <= STEPS_TRUST_WIDTH and iv.trusted and "narrow: trusted" in str(iv)
     assert iv.median == round(t * np.exp(mid))
     bare = dataclasses.replace(mom, reference_loss=None).steps_interval(target)
-    x = steps_features(0.5, momentum=0.9, fraction=mom.stability / 2, rho=None, steps=t)
+    stretch, _ = _curve_features_by_hand(mom.loss, None)
+    x = steps_features(0.5, momentum=0.9, fraction=mom.stability / 2, rho=None, steps=t,
+                       stretch=stretch)  # fmt: skip
     lo, mid, hi = steps_quantiles(x, with_rho=False)
     want = (int(np.floor(t * np.exp(lo))), round(t * np.exp(mid)), int(np.ceil(t * np.exp(hi))))
     assert (bare.low, bare.median, bare.high) == want
