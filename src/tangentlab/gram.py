@@ -116,10 +116,11 @@ class _Layer:
     g: torch.Tensor | None = None
     d: torch.Tensor | None = None  # [B, C, p'] per-sample gradients (columns ``cols``)
     cols: torch.Tensor | None = None  # the p' of p columns kept (None: all; see _trim)
-    # while the factors are filled (gram_factors, until _trim): embed's g is [B, C, S, o]
-    # (tokens); outer's g is None, its C output gradients wait in ``pending`` ([B, S, o]
-    # for a linear call, [B, o, S] for a convolution) and ``live`` marks the positions
-    # where one is non-zero; u lacks the bias column (bias)
+    # while the factors are filled (gram_factors, until _settle and _trim): embed's g is
+    # [B, C, S, o] (tokens); a linear call's g is None, its C output gradients [B, S, o]
+    # wait in ``pending`` as autograd returned them (``tokens``); a convolution's g is
+    # [B, C, o, S] from the start; ``live`` marks an outer layer's positions where one of
+    # them is non-zero; u lacks the bias column (bias)
     tokens: bool = False
     bias: bool = False
     pending: list | None = None
@@ -223,25 +224,32 @@ def _trim(layer: _Layer) -> None:
 
 def _settle(layer: _Layer, kind: str, a: dict, roles: dict, out: torch.Tensor,
             jw0: torch.Tensor) -> None:
-    """An outer layer's C output gradients (``layer.pending``, as autograd returned them)
-    to ``layer.g [B, C, o, S']`` on the positions where one of them is non-zero (NOTE
-    [gram positions]), copied once, positions last; and their ``<df/dw, w0>`` added to
-    ``jw0 [B, C]``, on those positions only (exact: the others have zero gradient for
-    every output)."""
-    live, pos = layer.live, 1 if layer.tokens else 2
-    grads = layer.pending
-    out = out.detach().reshape(grads[0].shape)  # [B, S, o] (linear) or [B, o, S]
+    """Drop an outer layer's positions where every output's gradient is zero (NOTE [gram
+    positions]). A linear call's C gradients (``layer.pending``, as autograd returned them)
+    are copied once, live positions only, to ``layer.g [B, C, o, S']``, and their
+    ``<df/dw, w0>`` is added to ``jw0 [B, C]`` on those positions only (exact: the others
+    have zero gradient for every output; a BERT classifier's last layer keeps token 0 of
+    64). A convolution's ``g`` was filled in place (its J w0 too): no second full copy."""
+    live = layer.live
+    keep = None
     if not bool(live.all()):
         if not bool(live.any()):
             live[0] = True  # the layer adds zero; keep one position for the shapes
         keep = live.nonzero().squeeze(1)
         layer.u = layer.u.index_select(1, keep)
-        grads = [g.index_select(pos, keep) for g in grads]
-        out = out.index_select(pos, keep)
+    layer.live = None
+    if not layer.tokens:
+        if keep is not None:
+            layer.g = layer.g.index_select(3, keep)
+        return
+    grads, layer.pending = layer.pending, None
+    out = out.detach().reshape(grads[0].shape)  # [B, S, o]
+    if keep is not None:
+        grads = [g.index_select(1, keep) for g in grads]
+        out = out.index_select(1, keep)
     for cls, g in enumerate(grads):
         jw0[:, cls] += _dot_w0(kind, a, out, g, roles)
-    layer.g = torch.stack([g.transpose(1, 2) if layer.tokens else g for g in grads], dim=1)
-    layer.pending = layer.live = None
+    layer.g = torch.stack([g.transpose(1, 2) for g in grads], dim=1)
     layer.tokens = False
 
 
@@ -322,8 +330,9 @@ def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Fact
                 _, u = _outer_factors(kind, a, out.detach())
                 tokens = kind == "linear"
                 live = torch.zeros(s, dtype=torch.bool, device=dev)
-                layer = _Layer("outer", u=u.reshape(b, s, -1), tokens=tokens, bias="bias" in r,
-                               pending=[], live=live)  # fmt: skip
+                g0 = None if tokens else torch.empty(b, c, o, s, dtype=dt, device=dev)
+                layer = _Layer("outer", u=u.reshape(b, s, -1), g=g0, tokens=tokens,
+                               bias="bias" in r, pending=[], live=live)  # fmt: skip
             else:
                 p = sum(int(a[role].numel()) for role in r)
                 layer = _Layer("dense", d=torch.empty(b, c, p, dtype=dt, device=dev))
@@ -341,17 +350,20 @@ def gram_factors(call, w0: dict[str, torch.Tensor], names: list[str], x) -> Fact
                     continue
                 kind, a, r, s, o = plan
                 g = torch.zeros_like(out) if g is None else g.detach()
-                if layer.kind == "outer":  # J w0 once trimmed (_settle)
-                    g = g.reshape(b, s, o) if layer.tokens else g.reshape(b, o, s)
+                if layer.tokens and layer.kind == "outer":  # J w0 once trimmed (_settle)
+                    g = g.reshape(b, s, o)
                     layer.pending.append(g)
-                    layer.live |= _nonzero(g, (0, 2) if layer.tokens else (0, 1))
+                    layer.live |= _nonzero(g, (0, 2))
                     continue
                 jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
                 if layer.kind == "dense":
                     ps = _per_sample(kind, {**a, "roles": tuple(r)}, g)
                     layer.d[:, cls] = torch.cat([ps[role].reshape(b, -1) for role in r], dim=1)
-                else:
+                elif layer.kind == "embed":
                     layer.g[:, cls] = embedding_grads(a, g).reshape(b, s, o)
+                else:  # convolution: [B, o, *spatial] -> [B, o, S]
+                    layer.g[:, cls] = g.reshape(b, o, s)
+                    layer.live |= _nonzero(layer.g[:, cls], (0, 1))
         for layer, plan, (_, _, out) in zip(layers, plans, calls):
             if layer is not None and layer.kind == "outer":
                 kind, a, r, _, _ = plan
