@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,17 +184,7 @@ GRAPHICS_SKIMAGE = ("logo.png", "phantom.png", "color.png")
 
 def _fortunes3() -> tuple[list[str], np.ndarray, list[str]]:
     """Three other files of Debian's fortune cookies: which one a fortune comes from."""
-    if not (hl.FORTUNES / FORTUNE_FILES[0]).exists():
-        raise SystemExit("holdout_curves: Debian's fortunes not found; apt-get install fortunes")
-    texts, labels = [], []
-    for k, f in enumerate(FORTUNE_FILES):
-        raw = (hl.FORTUNES / f).read_text(encoding="utf-8", errors="replace")
-        for t in raw.split("\n%\n"):
-            t = " ".join(t.split())
-            if t:
-                texts.append(t)
-                labels.append(k)
-    return texts, np.array(labels), list(FORTUNE_FILES)
+    return hl._fortunes(FORTUNE_FILES)
 
 
 def _objects(n: int, size: int, seed: int):
@@ -232,28 +221,6 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 # The fresh round.
 # ---------------------------------------------------------------------------------------
-
-
-def library_part(name: str) -> dict:
-    """``tl.forecast`` + ``Forecast.steps_interval`` on every stored cell of a fresh task (the
-    library as a user gets it); ``<task>-library.json``."""
-    ho.TASKS.update(TASKS)
-    state = json.loads((OUT / f"{name}.json").read_text())
-    hb = ho._kernels(name)[2]
-    out = {}
-    for key, c in state["cells"].items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fc = hl.rerun(hb, dict(c, hb_loss=[None] * (c["fc_steps"] + 1)))
-        ivs = {}
-        for d in ho.targets(c, "hb_loss"):
-            iv = fc.steps_interval((1.0 - float(d)) * c["run_loss"][0])
-            ivs[d] = dict(low=iv.low, median=iv.median, point=iv.point, high=iv.high,
-                          trusted=iv.trusted, stabilized=iv.stabilized, note=iv.note)  # fmt: skip
-        out[key] = dict(intervals=ivs, diverges=bool(fc.diverges))
-        print(f"[{name}] library {key}", flush=True)
-    (OUT / f"{name}-library.json").write_text(json.dumps(out))
-    return out
 
 
 def fresh_rows(name: str) -> list[dict]:
@@ -425,7 +392,7 @@ def main() -> None:
     elif args.library:
         torch.set_num_threads(args.threads)
         for name in args.task or list(TASKS):
-            library_part(name)
+            hl.library_part(name, OUT, TASKS)
     elif args.report:
         report()
     else:

@@ -102,19 +102,20 @@ SCENETEXT = ("scenetext01.jpg", "scenetext02.jpg", "scenetext03.jpg", "scenetext
              "scenetext05.jpg", "scenetext06.jpg")  # fmt: skip
 
 
-def _fortunes() -> tuple[list[str], np.ndarray, list[str]]:
-    """Debian's fortune cookies (package ``fortunes``): which file a fortune comes from."""
-    if not (FORTUNES / FORTUNE_FILES[0]).exists():
-        raise SystemExit("holdout_limit: Debian's fortunes not found; apt-get install fortunes")
+def _fortunes(files: tuple[str, ...] = FORTUNE_FILES) -> tuple[list[str], np.ndarray, list[str]]:
+    """Debian's fortune cookies (package ``fortunes``): which of ``files`` a fortune comes
+    from."""
+    if not (FORTUNES / files[0]).exists():
+        raise SystemExit("holdout: Debian's fortunes not found; apt-get install fortunes")
     texts, labels = [], []
-    for k, f in enumerate(FORTUNE_FILES):
+    for k, f in enumerate(files):
         raw = (FORTUNES / f).read_text(encoding="utf-8", errors="replace")
         for t in raw.split("\n%\n"):
             t = " ".join(t.split())
             if t:
                 texts.append(t)
                 labels.append(k)
-    return texts, np.array(labels), list(FORTUNE_FILES)
+    return texts, np.array(labels), list(files)
 
 
 def _opencv_examples() -> Path:
@@ -461,11 +462,13 @@ def candidates() -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
-def library_part(name: str) -> dict:
+def library_part(name: str, out_dir: Path | None = None, tasks: dict | None = None) -> dict:
     """``tl.forecast`` + ``Forecast.steps_interval`` on every stored cell of a fresh task (the
-    library as a user gets it, stabilized rerun included); ``<task>-library.json``."""
-    ho.TASKS.update(TASKS)
-    state = json.loads((OUT / f"{name}.json").read_text())
+    library as a user gets it, stabilized rerun included); ``<task>-library.json`` in
+    ``out_dir`` (default: this round's folder; ``tasks``: the round's task table)."""
+    out_dir = OUT if out_dir is None else out_dir
+    ho.TASKS.update(TASKS if tasks is None else tasks)
+    state = json.loads((out_dir / f"{name}.json").read_text())
     hb = ho._kernels(name)[2]
     out = {}
     for key, c in state["cells"].items():
@@ -478,7 +481,7 @@ def library_part(name: str) -> dict:
         out[key] = dict(intervals=ivs, diverges=bool(fc.diverges),
                         stabilized=fc.method.get("stabilized"))  # fmt: skip
         print(f"[{name}] library {key}: {fc.method.get('stabilized', '')}", flush=True)
-    (OUT / f"{name}-library.json").write_text(json.dumps(out))
+    (out_dir / f"{name}-library.json").write_text(json.dumps(out))
     return out
 
 
