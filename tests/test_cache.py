@@ -387,3 +387,29 @@ def test_concurrent_writers_compute_each_chunk_once(tmp_path, ref, monkeypatch):
         assert g["stderr"].count("waiting for another process") == 1
 
 
+
+
+def test_a_cache_being_created_by_another_process_is_not_foreign(tmp_path, monkeypatch):
+    """The unlocked first check of a cache directory races a writer that renames
+    request.json into place and then writes parts: a listing that shows them is a cache,
+    not a foreign directory, whatever an earlier exists() said."""
+    from pathlib import Path
+
+    root = tmp_path / "c"
+    root.mkdir()
+    for name in ("request.json", "part-0-2.safetensors", compute._LOCK_NAME):
+        (root / name).write_text("{}")
+    real_exists = Path.exists
+    calls = []
+
+    def late_exists(self, *args, **kwargs):  # request.json "not yet there" on the first look
+        if self.name == "request.json" and not calls:
+            calls.append(self)
+            return False
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", late_exists)
+    compute._check_cache_dir(root)  # no CacheMismatchError
+    (root / "request.json").unlink()
+    with pytest.raises(tl.errors.CacheMismatchError, match="without a tangentlab request.json"):
+        compute._check_cache_dir(root)

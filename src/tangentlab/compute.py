@@ -1060,15 +1060,20 @@ def _check_cache_dir(root: Path) -> None:
             f"compute_kernel: cache={str(root)!r} is a file; give a directory path "
             "(it will hold the kernel and its metadata)."
         )
-    if not root.is_dir() or (root / "request.json").exists():
+    if not root.is_dir():
         return
-    # the lock file and an interrupted write of request.json belong to a cache being created;
-    # the head-exact model's caches live beside the tangent kernel (OUT/kernel/head-body)
+    # one listing decides (a writer holding the lock may rename request.json into place
+    # between an exists() check and a listing); the lock file and an interrupted write of
+    # request.json belong to a cache being created; the head-exact model's caches live
+    # beside the tangent kernel (OUT/kernel/head-body)
+    names = [p.name for p in root.iterdir()]
+    if "request.json" in names:
+        return
     foreign = [
-        p.name for p in root.iterdir()
-        if p.name not in (_LOCK_NAME, _HEAD_BODY_DIR) and not p.name.startswith(".request.json.")
+        name for name in names
+        if name not in (_LOCK_NAME, _HEAD_BODY_DIR) and not name.startswith(".request.json.")
     ]  # fmt: skip
-    if foreign:
+    if foreign and not (root / "request.json").exists():  # (written before any other file)
         raise CacheMismatchError(
             f"compute_kernel: cache={str(root)!r} is a non-empty directory without a "
             "tangentlab request.json; refusing to write into it. Choose an empty or new "
