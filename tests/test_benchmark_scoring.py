@@ -1,0 +1,31 @@
+"""The holdout benchmarks' leave-one-task-out scoring (benchmarks/holdout_limit.py)."""
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def _rows():
+    """Targets of three tasks, interleaved (not in sorted task order), one without T̂."""
+    spec = [("b", 12, 0.1), ("a", 9, 0.3), ("b", 11, 0.3), ("a", 8, 0.1), ("c", 10, 0.1),
+            ("c", 13, 0.3), ("b", 30, 0.3)]  # fmt: skip
+    rows = [dict(task=t, hb=10, T=T, drop=0.5, m=0.0, a=a, B=0, rho=1.5, loss="mse",
+                 kernel=dict(kind="image" if t == "b" else "text"))
+            for t, T, a in spec]  # fmt: skip
+    rows[-1]["hb"] = None  # a forecast that never reaches the target
+    return rows
+
+
+def test_left_out_errors_come_back_in_the_order_of_the_targets():
+    """Callers zip the results with their rows (the image/text columns of the candidates
+    tables): each result must belong to the row at its position, whatever the task order."""
+    import holdout_limit as hl
+
+    rows = _rows()
+    res = hl._cand_loto(rows, ())
+    assert len(res) == len(rows)
+    assert [r["task"] for r in res] == [r["task"] for r in rows]
+    assert math.isinf(res[-1]["err"]) and not res[-1]["inside"]
+    assert all(math.isfinite(r["err"]) for r in res[:-1])
