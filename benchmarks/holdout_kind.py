@@ -1,0 +1,254 @@
+"""The steps interval with a band that depends on the kind of body (issue 13, round 6):
+chosen on twenty development tasks, reported once on four fresh tasks.
+
+    .venv/bin/python benchmarks/holdout_kind.py --calibrate    # the choice, on the dev tasks
+    .venv/bin/python benchmarks/holdout_kind.py --fetch        # where the fresh data is
+    .venv/bin/python benchmarks/holdout_kind.py --task NAME    # one fresh task, resumable
+    .venv/bin/python benchmarks/holdout_kind.py --library      # the library's intervals
+
+**Why.** After round 5, leave-one-task-out over all twenty tasks with the image and text
+columns recomputed (``holdout_curves.py --candidates``; the first version of that table
+had paired them with the wrong targets): the calibrated median estimate is 12% / 92% on the
+ten text tasks (MiniLM: a transformer body) and 28% / 117% on the ten image tasks
+(EfficientNet-Lite0/1: a convolutional body), and the round-5 band (level 6%) covers 88% of
+the text tasks' targets but 76% of the image tasks': the pooled 82% hid a shortfall on
+one kind and a band wider than needed on the other. On the text tasks, with a = 1 without
+momentum left out, the goals of issue 13 were met in all four cells.
+
+**The choice** (``--calibrate``; leave-one-task-out over the 1267 targets of the twenty
+tasks, the benchmarks' stored curves): the round-5 columns (*curves*) against the same
+plus an indicator of a convolutional trainable body (*conv*: in the library,
+``compute_head_body_kernel`` records whether a trainable body weight belongs to a
+convolution), each at band levels 3-7%. The rule, stated before anything was fitted: the
+variant and level with the narrowest median log-width among those whose left-out band
+covers at least 80% of the targets of each kind; ties by the lower median error. Frozen
+(``results/holdout_kind/calibration.json``) and committed before any fresh data was
+loaded; its coefficients, fitted on all twenty tasks, become
+``tangentlab.forecast.STEPS_CALIBRATION``.
+
+**Fresh tasks** (data no round used, chosen before any of it was looked at; the examples'
+networks; N, grid, horizons (10x), drops and scoring of ``holdout_fresh.py``):
+
+- ``fortunes4-minilm``: which of three other files of Debian's fortune cookies (politics,
+  work, wisdom) a fortune comes from, MiniLM-L6 at 16 tokens;
+- ``fortunes5-minilm``: the same with four more (pets, medicine, songs-poems, platitudes);
+- ``pics-lite0``: 64-px crops of OpenCV's six shape test pictures (pic1-pic6), which one a
+  crop comes from, EfficientNet-Lite0 at 32 px;
+- ``marks-lite1``: 64-px crops of eight logos, documents and calibration photographs no
+  task used (OpenCV's LinuxLogo, WindowsLogo, opencv-logo, text_defocus, ela_original,
+  left01 and detect_blob; scikit-image's chessboard_RGB; none the other view of a used
+  pair), which one a crop comes from, EfficientNet-Lite1 at 32 px.
+
+``--library`` then reruns ``tl.forecast`` and ``Forecast.steps_interval`` on every stored
+cell (what a user gets). Results: ``benchmarks/results/holdout_kind/`` and the
+"holdout-kind" section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import holdout as ho  # noqa: E402
+import holdout_curves as hc  # noqa: E402
+import holdout_features as hf  # noqa: E402
+import holdout_fresh as fr  # noqa: E402
+import holdout_limit as hl  # noqa: E402
+from headbody import _fmt  # noqa: E402
+
+OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
+           / "holdout_kind")  # fmt: skip
+COMMAND = ".venv/bin/python benchmarks/holdout_kind.py"
+
+# ---------------------------------------------------------------------------------------
+# The choice (development only).
+# ---------------------------------------------------------------------------------------
+
+VARIANTS = {"curves": hc.EXTRAS["curves"], "conv": (*hc.EXTRAS["curves"], "image")}
+LEVELS = (0.03, 0.04, 0.05, 0.06, 0.07)
+KINDS = ("text", "image")
+NCOLS = 10  # steps_features: nine columns + [convolutional body]
+RHO_COLS = (5, 8)  # log ρ and ρ50: dropped by the "no ρ" fit
+BAND_DROP = 6  # log T̂: the median's only
+
+
+def _x(r: dict, extra: tuple = VARIANTS["conv"]) -> np.ndarray:
+    """The ten columns of ``tangentlab.forecast.steps_features`` for a development row
+    (the variant's columns; the others 0)."""
+    x = np.zeros(NCOLS)
+    x[: 7 + len(extra)] = hl._cand_x(r, extra)
+    return x
+
+
+def fit(rows: list[dict], extra: tuple, level: float, *, rho: bool = True) -> dict:
+    """Quantile fits (level, 50%, 1 − level) of log(T / T̂) over the variant's columns."""
+    cols = list(range(7 + len(extra)))
+    if not rho:
+        cols = [i for i in cols if i not in RHO_COLS]
+    band = [i for i in cols if i != BAND_DROP]
+    ok = [r for r in rows if r["hb"] is not None]
+    x = np.stack([_x(r, extra) for r in ok])
+    y = np.array([math.log(r["T"] / r["hb"]) for r in ok])
+    out = {}
+    for k, cc, q in (("mid", cols, 0.5), ("lo", band, level), ("hi", band, 1 - level)):
+        out[k] = np.zeros(NCOLS)
+        out[k][cc] = hf.quantile_fit(x[:, cc], y, q)
+    return out
+
+
+def loto(rows: list[dict], extra: tuple, level: float) -> list[dict]:
+    """Leave one task out, in the order of ``rows``: error, inside the band, width."""
+    from tangentlab.forecast import STEPS_TRUST_WIDTH
+
+    out: list[dict] = [{} for _ in rows]
+    for held in sorted({r["task"] for r in rows}):
+        w = fit([r for r in rows if r["task"] != held], extra, level)
+        for i in (i for i, r in enumerate(rows) if r["task"] == held):
+            r = rows[i]
+            if r["hb"] is None:
+                out[i] = dict(err=math.inf, inside=False, width=math.inf, trusted=False)
+                continue
+            x, lr = _x(r, extra), math.log(r["T"] / r["hb"])
+            mid, lo, hi = x @ w["mid"], x @ w["lo"], x @ w["hi"]
+            lo, hi = min(lo, mid), max(hi, mid)
+            out[i] = dict(err=abs(math.exp(mid - lr) - 1), inside=lo - 1e-9 <= lr <= hi + 1e-9,
+                          width=hi - lo, trusted=hi - lo <= STEPS_TRUST_WIDTH)  # fmt: skip
+    return out
+
+
+def _summary(rows: list[dict], res: list[dict]) -> dict:
+    kind = {k: [e for e, r in zip(res, rows) if r["kernel"]["kind"] == k] for k in KINDS}
+    width = [e["width"] for e in res if math.isfinite(e["width"])]
+    return dict(
+        err=_fmt([e["err"] for e in res]),
+        cover={k: float(np.mean([e["inside"] for e in v])) for k, v in kind.items()},
+        kind_err={k: _fmt([e["err"] for e in v]) for k, v in kind.items()},
+        kind_width={k: float(np.median([e["width"] for e in v if math.isfinite(e["width"])]))
+                    for k, v in kind.items()},  # fmt: skip
+        width=float(np.median(width)), median=float(np.median([e["err"] for e in res])),
+        trusted=_fmt([e["err"] for e in res if e["trusted"]]),
+        n_trusted=sum(e["trusted"] for e in res),
+    )
+
+
+def calibrate() -> dict:
+    """Every variant and level left-out (table), the rule's choice, its coefficients."""
+    rows = hc.pilot_rows(hc._all_cells())
+    lines = [
+        f"| variant, band level | median estimate ({len(rows)} targets) | text tasks | "
+        "image tasks | band covers: text / image | median log-width: all (text / image) | "
+        "trusted: targets, error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    best = None
+    for name, extra in VARIANTS.items():
+        for level in LEVELS:
+            s = _summary(rows, loto(rows, extra, level))
+            ok = all(s["cover"][k] >= 0.8 for k in KINDS)
+            lines.append(
+                f"| {name}, {level:.2f} | {s['err']} | {s['kind_err']['text']} | "
+                f"{s['kind_err']['image']} | {s['cover']['text']:.1%} / "
+                f"{s['cover']['image']:.1%}{'' if ok else ' ✗'} | {s['width']:.2f} "
+                f"({s['kind_width']['text']:.2f} / {s['kind_width']['image']:.2f}) | "
+                f"{s['n_trusted']}: {s['trusted']} |")  # fmt: skip
+            if ok and (best is None or (s["width"], s["median"]) < best[0]):
+                best = ((s["width"], s["median"]), name, level)
+    _, name, level = best
+    extra = VARIANTS[name]
+    coef = fit(rows, extra, level)
+    coef.update({f"{k}_no_rho": v for k, v in fit(rows, extra, level, rho=False).items()})
+    out = dict(variant=name, level=level, table=lines,
+               coef={k: np.round(v, 4).tolist() for k, v in coef.items()})  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "calibration.json").write_text(json.dumps(out, indent=1))
+    print("\n".join(lines))
+    print(f"chosen: {name} at level {level}")
+    print(json.dumps(out["coef"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The fresh tasks.
+# ---------------------------------------------------------------------------------------
+
+FORTUNES4 = ("politics", "work", "wisdom")
+FORTUNES5 = ("pets", "medicine", "songs-poems", "platitudes")
+PICS = tuple(f"pic{i}.png" for i in range(1, 7))
+MARKS_OCV = ("LinuxLogo.jpg", "WindowsLogo.jpg", "opencv-logo.png", "text_defocus.jpg",
+             "ela_original.jpg", "left01.jpg", "detect_blob.png")  # fmt: skip
+MARKS_SKIMAGE = ("chessboard_RGB.png",)
+
+
+def _fortunes4() -> tuple[list[str], np.ndarray, list[str]]:
+    return hl._fortunes(FORTUNES4)
+
+
+def _fortunes5() -> tuple[list[str], np.ndarray, list[str]]:
+    return hl._fortunes(FORTUNES5)
+
+
+def _files(files: list[Path]) -> list[Path]:
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SystemExit(f"holdout_kind: missing {missing}; run holdout.py --fetch and "
+                         "holdout_fresh.py --fetch")  # fmt: skip
+    return files
+
+
+def _pics(n: int, size: int, seed: int):
+    """Crops of OpenCV's six shape test pictures."""
+    return hl._crops(_files([ho._opencv_dir() / f for f in PICS]), n, size, seed)
+
+
+def _marks(n: int, size: int, seed: int):
+    """Crops of eight logos, documents and calibration photographs (OpenCV, scikit-image)."""
+    files = [ho._opencv_dir() / f for f in MARKS_OCV]
+    files += [fr._skimage_dir() / f for f in MARKS_SKIMAGE]
+    return hl._crops(_files(files), n, size, seed)
+
+
+TASKS = {
+    "fortunes4-minilm": dict(kind="text", num_samples=64, seq_len=16, projection=4096,
+                             num_classes=3, texts=_fortunes4),
+    "fortunes5-minilm": dict(kind="text", num_samples=64, seq_len=16, projection=4096,
+                             num_classes=4, texts=_fortunes5),
+    "pics-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
+                       projection=4096, num_classes=6, images=_pics),
+    "marks-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
+                        projection=4096, num_classes=8, images=_marks),
+}  # fmt: skip
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--fetch", action="store_true", help="where the fresh data is, then exit")
+    ap.add_argument("--task", action="append", choices=list(TASKS), help="default: all")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--library", action="store_true")
+    args = ap.parse_args()
+    if args.calibrate:
+        calibrate()
+    elif args.fetch:
+        print(hl.FORTUNES, ho._opencv_dir(), fr._skimage_dir(fetch=True))
+    elif args.library:
+        torch.set_num_threads(args.threads)
+        for name in args.task or list(TASKS):
+            hl.library_part(name, OUT, TASKS)
+    else:
+        torch.set_num_threads(args.threads)
+        fr.run_tasks(TASKS, args.task or list(TASKS), OUT)
+
+
+if __name__ == "__main__":
+    main()
