@@ -690,3 +690,57 @@ def test_features_are_cached_checked_and_recomputed_when_stale(tmp_path, monkeyp
         fixed = compute_head_body_kernel(net, data, cache=other, progress=False)
     assert len(calls) == 4
     torch.testing.assert_close(fixed.features, moved.features, rtol=0, atol=0)
+
+
+def test_a_convolutional_body_is_recorded_and_widens_the_steps_interval():
+    """NOTE [steps interval]: compute_head_body_kernel records whether a trained body weight
+    belongs to a convolution; the forecast carries it and the interval uses its column (a
+    body with only the head's input layer trained, or a linear body, has none)."""
+    from conftest import make_cnn
+    from tangentlab.forecast import steps_features, steps_quantiles
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.double)
+    data = (x, torch.randint(0, 3, (12,), generator=g))
+    cnn = make_cnn()
+    conv = compute_head_body_kernel(cnn, data, progress=False)
+    assert conv.metadata["conv_body"] is True
+    bn_only = compute_head_body_kernel(cnn, data, params=r"^(1|4)\.", progress=False)
+    assert bn_only.metadata["conv_body"] is False  # BatchNorm and head: no convolution
+    assert compute_head_body_kernel(TanhBody().double().eval(), _data(dim=4),
+                                    progress=False).metadata["conv_body"] is False  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tl.errors.ValidityWarning)
+        fc = tl.forecast(conv, tl.SGD(0.05, momentum=0.9), 300, loss="ce")
+    assert fc.method["conv_body"] is True
+    target = 0.5 * float(fc.loss[0])
+    t = fc.steps_to(target)
+    assert t is not None
+    iv = fc.steps_interval(target)
+    hit = np.flatnonzero(fc.reference_loss <= target)
+    rho = max(int(hit[0]) if hit.size else 2 * (fc.loss.shape[0] - 1), 1) / max(t, 1)
+    stretch, rho50 = _curve_features_by_hand(fc.loss, fc.reference_loss)
+    bands = {}
+    for flag in (True, False):
+        xf = steps_features(0.5, momentum=0.9, fraction=fc.stability / 2, rho=rho, steps=t,
+                            stretch=stretch, rho50=rho50, conv=flag)  # fmt: skip
+        assert xf.shape == (10,) and xf[-1] == float(flag)
+        bands[flag] = steps_quantiles(xf)
+    lo, mid, hi = bands[True]
+    assert (iv.low, iv.median, iv.high) == (int(np.floor(t * np.exp(lo))), round(t * np.exp(mid)),
+                                            int(np.ceil(t * np.exp(hi))))  # fmt: skip
+    width = {k: v[2] - v[0] for k, v in bands.items()}
+    assert width[True] > width[False]  # the convolutional bodies' band is the wider one
+
+
+def test_a_forecast_that_does_not_know_its_body_kind_gets_an_untrusted_interval():
+    """A forecast saved before the body kind was recorded (no method["conv_body"]): its
+    interval says so and is never trusted."""
+    import dataclasses
+
+    _, _, fc, target = _ce_forecast_and_target()
+    old = dataclasses.replace(fc, method={k: v for k, v in fc.method.items()
+                                          if k != "conv_body"})  # fmt: skip
+    iv = old.steps_interval(target)
+    assert "a body of unknown kind" in iv.note and not iv.trusted
+    assert fc.method["conv_body"] is False and "unknown kind" not in fc.steps_interval(target).note

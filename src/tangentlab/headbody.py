@@ -268,6 +268,7 @@ def compute_head_body_kernel(
                                            None if cache is None else Path(cache) / _FEATURES)
     basis = feature_basis(weight, phi0, directions=directions)
     meta = dict(head=head_name, body_params=len(body_names), rank=int(basis.shape[1]),
+                conv_body=_conv_body(model, body_names),
                 probes=int(probes), projection=str(projection), feature_dim=int(phi0.shape[1]),
                 seed=int(seed),
                 weights_sha=Tangent(model, params=chosen).weights_hash(),
@@ -581,6 +582,18 @@ def _body_params(chosen: list[str], lin: nn.Linear, head: str) -> list[str]:
             "or forecast with tl.compute_kernel (the tangent model)."
         )
     return [n for n in chosen if n not in head_params]
+
+
+def _conv_body(model: nn.Module, body_names: list[str]) -> bool:
+    """Whether a trainable body weight belongs to a convolution (``nn.Conv1d/2d/3d`` or a
+    transposed one): the steps interval's band depends on it (NOTE [steps interval])."""
+    trained = set(body_names)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            own = (f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False))
+            if any(n in trained for n in own):
+                return True
+    return False
 
 
 def find_head(model: nn.Module, head: str | None = None) -> tuple[str, nn.Linear]:
