@@ -28,7 +28,9 @@ Result (1074 targets, 57 missed by the forecast): the curve features at level 6%
 left-out 17% / 103%, band covering 80.4% at a median log-width of 1.11 (the seven
 refitted alone: 20% / 106%, 81.6% at level 6%). Its coefficients, fitted on all seventeen
 tasks, become ``tangentlab.forecast.STEPS_CALIBRATION`` (the "no ρ" fit drops log ρ and ρ50, for
-forecasts without the tangent reference curve). The trust width (0.9) is kept.
+forecasts without the tangent reference curve). The trust width (0.9) is kept. (Round 6,
+``holdout_kind.py``, replaced them with a tenth column: ``--library`` run today gives that
+calibration's intervals, not the stored round-5 ones the report reads.)
 
 **Fresh tasks** (data no round used, chosen before any of it was looked at; the examples'
 networks; N, grid, horizons (10x), drops and scoring of ``holdout_fresh.py``):

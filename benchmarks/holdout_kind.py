@@ -5,6 +5,7 @@ chosen on twenty development tasks, reported once on four fresh tasks.
     .venv/bin/python benchmarks/holdout_kind.py --fetch        # where the fresh data is
     .venv/bin/python benchmarks/holdout_kind.py --task NAME    # one fresh task, resumable
     .venv/bin/python benchmarks/holdout_kind.py --library      # the library's intervals
+    .venv/bin/python benchmarks/holdout_kind.py --report       # RESULTS.md section only
 
 **Why.** After round 5, leave-one-task-out over all twenty tasks with the image and text
 columns recomputed (``holdout_curves.py --candidates``; the first version of that table
@@ -62,6 +63,7 @@ import holdout_curves as hc  # noqa: E402
 import holdout_features as hf  # noqa: E402
 import holdout_fresh as fr  # noqa: E402
 import holdout_limit as hl  # noqa: E402
+from _common import write_section  # noqa: E402
 from headbody import _fmt  # noqa: E402
 
 OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
@@ -227,6 +229,123 @@ TASKS = {
 }  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------
+# The report.
+# ---------------------------------------------------------------------------------------
+
+SHOWN = ("tangent", "head-body", "round 5", "round 6", "library")
+
+
+def fresh_rows(name: str) -> list[dict]:
+    """``holdout_features.scored`` rows of a fresh task: the library's intervals, and the
+    median estimates of the round-5 and the frozen round-6 calibrations on the benchmark's
+    own curves."""
+    state = json.loads((OUT / f"{name}.json").read_text())
+    lib = json.loads((OUT / f"{name}-library.json").read_text())
+    old = {k: np.array(v) for k, v in
+           json.loads((hc.OUT / "calibration.json").read_text())["coef"].items()}  # fmt: skip
+    new = {k: np.array(v) for k, v in
+           json.loads((OUT / "calibration.json").read_text())["coef"].items()}  # fmt: skip
+    kern = dict(state["kernel"], kind=TASKS[name]["kind"])
+    rows = []
+    for key, c in state["cells"].items():
+        feats = hl._cell_features(c, "hb_loss", "tangent_loss")
+        for r in hf.scored(name, c, key):
+            r["kernel"] = dict(kern, **feats)
+            iv = lib[key]["intervals"].get(f"{r['drop']:g}")
+            r["lib"] = iv
+            r["est"]["library"] = None if iv is None else iv["median"]
+            for label, x, w in (("round 5", hc._x(r), old), ("round 6", _x(r), new)):
+                r["est"][label] = None if r["hb"] is None else r["hb"] * math.exp(x @ w["mid"])
+            rows.append(r)
+    return rows
+
+
+def _groups(per_task: dict) -> list[tuple[str, list[dict]]]:
+    pooled = [r for rows in per_task.values() for r in rows]
+    kinds = [(f"**{k} tasks**", [r for r in pooled if r["kernel"]["kind"] == k]) for k in KINDS]
+    return [*per_task.items(), *kinds, ("**all fresh**", pooled)]
+
+
+def report() -> None:
+    states = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    states = {k: v for k, v in states.items() if k in TASKS and v.get("cells")}
+    per_task = {k: fresh_rows(k) for k in states}
+    groups = _groups(per_task)
+    pooled = groups[-1][1]
+    first = next(iter(states.values()), {})
+    cal = json.loads((OUT / "calibration.json").read_text())
+    lines = [
+        "## The steps interval with a band per kind of body (`benchmarks/holdout_kind.py`, "
+        "issue 13)",
+        "",
+        f"Command: `{COMMAND} --calibrate` (development), then `{COMMAND} --fetch && "
+        f"{COMMAND} && {COMMAND} --library && {COMMAND} --report`. Chosen on twenty "
+        "development tasks (the script's docstring; NOTE [steps interval] in "
+        "`tangentlab.forecast`), then run once on four fresh tasks and reported as they came; "
+        "grid, horizons (10x) and scoring of `holdout_fresh.py`. *round 5*: the previous "
+        "calibration (seventeen tasks, nine columns) on the stored curves; *round 6*: the "
+        "frozen one on the stored curves; *library*: `tl.forecast` + "
+        "`Forecast.steps_interval` on every stored cell (what a user gets). Entries: median "
+        "/ p90 of |T̂' − T|/T (targets, misses); a miss counts as +∞. "
+        f"Machine: {first.get('machine', '')}; code {first.get('code', '')}.",
+        "",
+        "The choice, leave-one-task-out over the twenty development tasks "
+        f"(`--calibrate`; frozen: *{cal['variant']}* at level {cal['level']:.2f}; ✗: a kind "
+        "covered below 80%):",
+        "",
+        *cal["table"],
+        "",
+        *ho.task_table(states),
+        "",
+        "| task | loss | drop | " + " | ".join(SHOWN) + " | interval covers |",
+        "|---|---|---|" + "---|" * (len(SHOWN) + 1),
+    ]  # fmt: skip
+    for head, rows in groups:
+        for loss in (*ho.LOSSES, None):
+            for d in (0.5, 0.8, 0.9, None):
+                if (loss is None) != (d is None):
+                    continue
+                sel = [r for r in rows if loss in (None, r["loss"]) and d in (None, r["drop"])]
+                cells = [_fmt(hl._errors(sel, m)) for m in SHOWN]
+                lines.append(f"| {head} | {loss or 'all'} | "
+                             f"{'all' if d is None else f'{d:.0%}'} | " + " | ".join(cells)
+                             + f" | {hl._covered(sel)} |")  # fmt: skip
+    lines += ["", "Issue 13's goal cells through the library (median / p90), by kind, all "
+              "settings and with a = 1 without momentum (the edge of stability) left out:", "",
+              "| kind | settings | MSE 50% | MSE 80% | CE 50% | CE 80% |",
+              "|---|---|---|---|---|---|"]
+    for head, rows in groups[-3:-1]:
+        for label, keep in (("all", lambda r: True),
+                            ("a = 1 with m = 0 left out", lambda r: (r["a"], r["m"]) != (1, 0))):
+            cells = [_fmt(hl._errors([r for r in rows if keep(r) and r["loss"] == loss
+                                      and r["drop"] == d], "library"))
+                     for loss in ho.LOSSES for d in (0.5, 0.8)]  # fmt: skip
+            lines.append(f"| {head} | {label} | " + " | ".join(cells) + " |")
+    trusted = [r for r in pooled if r["lib"] and r["lib"]["trusted"]]
+    others = [r for r in pooled if not (r["lib"] and r["lib"]["trusted"])]
+    bad = [e > 0.25 for e in hl._errors(pooled, "library")]
+    flagged = sum(b and not (r["lib"] and r["lib"]["trusted"]) for r, b in zip(pooled, bad))
+    kinds_trusted = ", ".join(
+        f"{head.strip('*')} {sum(bool(r['lib'] and r['lib']['trusted']) for r in rows)}"
+        for head, rows in groups[-3:-1])  # fmt: skip
+    lines += [
+        "",
+        f"Trusted intervals (library): {len(trusted)} of {len(pooled)} targets "
+        f"({kinds_trusted}) at {_fmt(hl._errors(trusted, 'library'))}, the others "
+        f"{_fmt(hl._errors(others, 'library'))}; \"not trusted\" as a check for an error "
+        f"above 25%: precision {flagged / max(len(others), 1):.0%}, recall "
+        f"{flagged / max(sum(bad), 1):.0%}.",
+        "",
+        READING,
+    ]
+    write_section("holdout-kind", "\n".join(lines))
+    print("\n".join(lines))
+
+
+READING = """**Reading**: to be written when the round has run."""
+
+
 def main() -> None:
     import argparse
 
@@ -236,6 +355,7 @@ def main() -> None:
     ap.add_argument("--task", action="append", choices=list(TASKS), help="default: all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--library", action="store_true")
+    ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.calibrate:
         calibrate()
@@ -245,6 +365,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         for name in args.task or list(TASKS):
             hl.library_part(name, OUT, TASKS)
+    elif args.report:
+        report()
     else:
         torch.set_num_threads(args.threads)
         fr.run_tasks(TASKS, args.task or list(TASKS), OUT)
