@@ -419,27 +419,41 @@ def report() -> None:
 
 
 def round_main(doc: str, tasks: dict, out: Path, *, fetch, calibrate, report,
-               frozen: bool = True, what: str = "the data") -> None:  # fmt: skip
+               frozen: bool = True, what: str = "the data", library=None,
+               extra: dict | None = None) -> None:  # fmt: skip
     """The command line every held-out round shares: ``--fetch`` (``fetch()`` prints where
     the data is), ``--calibrate``, ``--task`` (resumable), ``--threads``, ``--report``;
-    ``frozen`` False refuses to run tasks (the choice is not frozen yet)."""
+    ``frozen`` False refuses to run tasks (the choice is not frozen yet); with ``library``
+    (a function of a task's name) ``--library``; ``extra`` flags ``{"--name": (help,
+    function)}`` (after-round analyses, development only)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--fetch", action="store_true", help=f"unpack {what}, then exit")
     ap.add_argument("--calibrate", action="store_true", help="print the development choice")
     ap.add_argument("--task", action="append", choices=list(tasks), help="default: all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="write the RESULTS.md section only")
+    if library is not None:
+        ap.add_argument("--library", action="store_true",
+                        help="the library's intervals on every stored cell")  # fmt: skip
+    for flag, (text, _) in (extra or {}).items():
+        ap.add_argument(flag, action="store_true", help=text)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    chosen = [fn for flag, (_, fn) in (extra or {}).items() if getattr(args, flag.lstrip("-"))]
     if args.fetch:
         print(fetch())
     elif args.calibrate:
         calibrate()
     elif args.report:
         report()
+    elif chosen:
+        chosen[0]()
+    elif library is not None and args.library:
+        for name in args.task or list(tasks):
+            library(name)
     elif not frozen:
         raise SystemExit(f"{Path(sys.argv[0]).name}: freeze the choice (--calibrate) first.")
     else:
-        torch.set_num_threads(args.threads)
         run_tasks(tasks, args.task or list(tasks), out)
 
 

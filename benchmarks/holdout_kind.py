@@ -54,7 +54,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -347,29 +346,9 @@ READING = """**Reading**: to be written when the round has run."""
 
 
 def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calibrate", action="store_true")
-    ap.add_argument("--fetch", action="store_true", help="where the fresh data is, then exit")
-    ap.add_argument("--task", action="append", choices=list(TASKS), help="default: all")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--library", action="store_true")
-    ap.add_argument("--report", action="store_true")
-    args = ap.parse_args()
-    if args.calibrate:
-        calibrate()
-    elif args.fetch:
-        print(hl.FORTUNES, ho._opencv_dir(), fr._skimage_dir(fetch=True))
-    elif args.library:
-        torch.set_num_threads(args.threads)
-        for name in args.task or list(TASKS):
-            hl.library_part(name, OUT, TASKS)
-    elif args.report:
-        report()
-    else:
-        torch.set_num_threads(args.threads)
-        fr.run_tasks(TASKS, args.task or list(TASKS), OUT)
+    fr.round_main(__doc__, TASKS, OUT, calibrate=calibrate, report=report,
+                  library=lambda name: hl.library_part(name, OUT, TASKS),
+                  fetch=lambda: f"{hl.FORTUNES} {ho._opencv_dir()} {fr._skimage_dir(fetch=True)}")
 
 
 if __name__ == "__main__":
