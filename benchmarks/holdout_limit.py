@@ -522,12 +522,13 @@ def _covered(rows: list[dict], rerun: bool = True) -> str:
     return f"{inside}/{len(rows)} ({inside / max(len(rows), 1):.0%})"
 
 
-def _diverging(states: dict) -> tuple[int, int, int]:
+def _diverging(states: dict, out_dir: Path | None = None) -> tuple[int, int, int]:
     """Over the fresh cells whose library forecast blows up: targets it misses, how many
-    the real run reaches, and how many of those get a stabilized interval."""
+    the real run reaches, and how many of those get a stabilized interval (the library's
+    results in ``out_dir``, default this round's folder)."""
     missed = reached = rescued = 0
     for name, st in states.items():
-        lib = json.loads((OUT / f"{name}-library.json").read_text())
+        lib = json.loads(((out_dir or OUT) / f"{name}-library.json").read_text())
         for key, c in st["cells"].items():
             for d, t in ho.targets(c, "hb_loss").items():
                 iv = lib[key]["intervals"][d]
