@@ -230,14 +230,13 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 
 
-def fresh_rows(name: str) -> list[dict]:
-    """``holdout_features.scored`` rows of a fresh task with the library's intervals and the
-    frozen calibration's estimate on the benchmark's own curves (*curves*)."""
-    state = json.loads((OUT / f"{name}.json").read_text())
-    lib = json.loads((OUT / f"{name}-library.json").read_text())
-    cal = json.loads((OUT / "calibration.json").read_text())
-    w = {k: np.array(v) for k, v in cal["coef"].items()}
-    kern = dict(state["kernel"], kind=TASKS[name]["kind"])
+def library_rows(name: str, out_dir: Path, tasks: dict, estimates: dict) -> list[dict]:
+    """``holdout_features.scored`` rows of a fresh task (``out_dir``, the round's ``tasks``)
+    with the library's intervals and, per ``estimates`` entry ``label: (features, coef)``,
+    the median estimate T̂ exp(features(row) · coef["mid"]) on the benchmark's own curves."""
+    state = json.loads((out_dir / f"{name}.json").read_text())
+    lib = json.loads((out_dir / f"{name}-library.json").read_text())
+    kern = dict(state["kernel"], kind=tasks[name]["kind"])
     rows = []
     for key, c in state["cells"].items():
         feats = hl._cell_features(c, "hb_loss", "tangent_loss")
@@ -246,10 +245,17 @@ def fresh_rows(name: str) -> list[dict]:
             iv = lib[key]["intervals"].get(f"{r['drop']:g}")
             r["lib"] = iv
             r["est"]["library"] = None if iv is None else iv["median"]
-            r["est"]["curves"] = None if r["hb"] is None else (
-                r["hb"] * math.exp(_x(r) @ w["mid"]))  # fmt: skip
+            for label, (xf, coef) in estimates.items():
+                r["est"][label] = None if r["hb"] is None else (
+                    r["hb"] * math.exp(xf(r) @ np.asarray(coef["mid"])))  # fmt: skip
             rows.append(r)
     return rows
+
+
+def fresh_rows(name: str) -> list[dict]:
+    """``library_rows`` with the frozen calibration's estimate (*curves*)."""
+    cal = json.loads((OUT / "calibration.json").read_text())
+    return library_rows(name, OUT, TASKS, {"curves": (_x, cal["coef"])})
 
 
 SHOWN = ("tangent", "head-body", "head-body, features", "curves", "library")

@@ -239,26 +239,9 @@ def fresh_rows(name: str) -> list[dict]:
     """``holdout_features.scored`` rows of a fresh task: the library's intervals, and the
     median estimates of the round-5 and the frozen round-6 calibrations on the benchmark's
     own curves."""
-    state = json.loads((OUT / f"{name}.json").read_text())
-    lib = json.loads((OUT / f"{name}-library.json").read_text())
-    old = {k: np.array(v) for k, v in
-           json.loads((hc.OUT / "calibration.json").read_text())["coef"].items()}  # fmt: skip
-    new = {k: np.array(v) for k, v in
-           json.loads((OUT / "calibration.json").read_text())["coef"].items()}  # fmt: skip
-    kern = dict(state["kernel"], kind=TASKS[name]["kind"])
-    rows = []
-    for key, c in state["cells"].items():
-        feats = hl._cell_features(c, "hb_loss", "tangent_loss")
-        for r in hf.scored(name, c, key):
-            r["kernel"] = dict(kern, **feats)
-            iv = lib[key]["intervals"].get(f"{r['drop']:g}")
-            r["lib"] = iv
-            r["est"]["library"] = None if iv is None else iv["median"]
-            for label, xf, w in (("round 5", hc._x, old), ("round 6", _x, new)):
-                r["est"][label] = None if r["hb"] is None else (
-                    r["hb"] * math.exp(xf(r) @ w["mid"]))  # fmt: skip
-            rows.append(r)
-    return rows
+    old = json.loads((hc.OUT / "calibration.json").read_text())["coef"]
+    new = json.loads((OUT / "calibration.json").read_text())["coef"]
+    return hc.library_rows(name, OUT, TASKS, {"round 5": (hc._x, old), "round 6": (_x, new)})
 
 
 def _groups(per_task: dict) -> list[tuple[str, list[dict]]]:
