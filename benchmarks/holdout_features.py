@@ -413,10 +413,10 @@ def _trust_row(label: str, rows: list[dict], method: str, trusted) -> str:
             f"{hit / max(len(no), 1):.0%} | {hit / max(sum(bad), 1):.0%} |")
 
 
-def slices(per_task: dict, pooled: list[dict]):
+def slices(per_task: dict, pooled: list[dict], groups: list | None = None):
     """``("task | loss | drop", rows)`` of a report table: per task and pooled ("**all
-    fresh**"), per loss and drop, then all of a task's rows."""
-    for k, rows in list(per_task.items()) + [("**all fresh**", pooled)]:
+    fresh**"), or per ``groups`` ``[(name, rows)]``; per loss and drop, then all rows."""
+    for k, rows in groups or list(per_task.items()) + [("**all fresh**", pooled)]:
         for loss in (*ho.LOSSES, None):
             for d in (0.5, 0.8, 0.9, None):
                 if (loss is None) != (d is None):

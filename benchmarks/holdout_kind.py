@@ -284,16 +284,9 @@ def report() -> None:
         "| task | loss | drop | " + " | ".join(SHOWN) + " | interval covers |",
         "|---|---|---|" + "---|" * (len(SHOWN) + 1),
     ]  # fmt: skip
-    for head, rows in groups:
-        for loss in (*ho.LOSSES, None):
-            for d in (0.5, 0.8, 0.9, None):
-                if (loss is None) != (d is None):
-                    continue
-                sel = [r for r in rows if loss in (None, r["loss"]) and d in (None, r["drop"])]
-                cells = [_fmt(hl._errors(sel, m)) for m in SHOWN]
-                lines.append(f"| {head} | {loss or 'all'} | "
-                             f"{'all' if d is None else f'{d:.0%}'} | " + " | ".join(cells)
-                             + f" | {hl._covered(sel)} |")  # fmt: skip
+    for head, sel in hf.slices({}, [], groups):
+        cells = [_fmt(hl._errors(sel, m)) for m in SHOWN]
+        lines.append(f"| {head} | " + " | ".join(cells) + f" | {hl._covered(sel)} |")
     lines += ["", "Issue 13's goal cells through the library (median / p90), by kind, all "
               "settings and with a = 1 without momentum (the edge of stability) left out:", "",
               "| kind | settings | MSE 50% | MSE 80% | CE 50% | CE 80% |",
