@@ -197,21 +197,13 @@ def _fortunes3() -> tuple[list[str], np.ndarray, list[str]]:
 def _objects(n: int, size: int, seed: int):
     """Crops of eight OpenCV example photographs no task used."""
     data = ho._opencv_dir()
-    files = [data / f for f in OBJECTS]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise SystemExit(f"holdout_curves: missing {missing}; run holdout.py --fetch")
-    return hl._crops(files, n, size, seed)
+    return hl._crops([data / f for f in OBJECTS], n, size, seed, fetch="holdout.py --fetch")
 
 
 def _graphics(n: int, size: int, seed: int):
     """Crops of eight drawings, documents and test charts (OpenCV and scikit-image)."""
     files = [ho._opencv_dir() / f for f in GRAPHICS_OCV]
     files += [fr._skimage_dir() / f for f in GRAPHICS_SKIMAGE]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise SystemExit(f"holdout_curves: missing {missing}; run holdout.py --fetch and "
-                         "holdout_fresh.py --fetch")  # fmt: skip
     return hl._crops(files, n, size, seed)
 
 

@@ -196,24 +196,16 @@ def _fortunes5() -> tuple[list[str], np.ndarray, list[str]]:
     return hl._fortunes(FORTUNES5)
 
 
-def _files(files: list[Path]) -> list[Path]:
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise SystemExit(f"holdout_kind: missing {missing}; run holdout.py --fetch and "
-                         "holdout_fresh.py --fetch")  # fmt: skip
-    return files
-
-
 def _pics(n: int, size: int, seed: int):
     """Crops of OpenCV's six shape test pictures."""
-    return hl._crops(_files([ho._opencv_dir() / f for f in PICS]), n, size, seed)
+    return hl._crops([ho._opencv_dir() / f for f in PICS], n, size, seed)
 
 
 def _marks(n: int, size: int, seed: int):
     """Crops of eight logos, documents and calibration photographs (OpenCV, scikit-image)."""
     files = [ho._opencv_dir() / f for f in MARKS_OCV]
     files += [fr._skimage_dir() / f for f in MARKS_SKIMAGE]
-    return hl._crops(_files(files), n, size, seed)
+    return hl._crops(files, n, size, seed)
 
 
 TASKS = {

@@ -122,7 +122,13 @@ def _opencv_examples() -> Path:
     return ho._opencv_dir().parent  # .../examples: data/, text/, alphamat/
 
 
-def _crops(files: list[Path], n: int, size: int, seed: int):
+def _crops(files: list[Path], n: int, size: int, seed: int, *,
+           fetch: str = "holdout.py --fetch and holdout_fresh.py --fetch"):  # fmt: skip
+    """64-px crops of ``files`` at ``size`` px (which file a crop comes from); a missing
+    file stops the script with the ``fetch`` commands that bring it."""
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: missing {missing}; run {fetch}")
     crops, labels = ho.random_crops(Path("/"), [str(f) for f in files], n, seed)
     x = torch.as_tensor(crops.transpose(0, 3, 1, 2).copy())
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
@@ -147,11 +153,7 @@ def _samples(n: int, size: int, seed: int):
     files = [sk / "china.jpg", sk / "flower.jpg", si / "camera.png", si / "clock_motion.png",
              si / "microaneurysms.png", si / "horse.png", ex / "data" / "aloeL.jpg",
              ex / "alphamat" / "input_images" / "plant.jpg"]  # fmt: skip
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise SystemExit(f"holdout_limit: missing {missing}; run holdout_depth.py --fetch "
-                         "and holdout.py --fetch")  # fmt: skip
-    return _crops(files, n, size, seed)
+    return _crops(files, n, size, seed, fetch="holdout_depth.py --fetch and holdout.py --fetch")
 
 
 TASKS = {
