@@ -1,0 +1,261 @@
+"""A hybrid steps interval: the calibrated estimate conditioned on one short real pilot run
+per loss (issue 13, round 7): chosen on twenty-four development tasks, reported once on
+four fresh tasks.
+
+    .venv/bin/python benchmarks/holdout_hybrid.py --calibrate    # the choice, on the dev tasks
+    .venv/bin/python benchmarks/holdout_hybrid.py --fetch        # where the fresh data is
+    .venv/bin/python benchmarks/holdout_hybrid.py --task NAME    # one fresh task, resumable
+    .venv/bin/python benchmarks/holdout_hybrid.py --library      # the library's intervals
+    .venv/bin/python benchmarks/holdout_hybrid.py --report       # RESULTS.md section only
+
+**Why.** After round 6 the training-free estimate met issue 13's goals on the text tasks
+(MiniLM) but not on the image tasks (EfficientNet-Lite0/1), whose real runs are off the
+estimate by a per-task factor that keeps its sign across settings and that no feature known
+before training explained (RESULTS.md "holdout-curves", "holdout-kind"). A real run
+measures it: issue 13's candidate 3 ("kernel evolution from a pilot") and its hybrid.
+
+**The pilot.** Per loss, one real full-batch run of the task at one setting (momentum m,
+a fraction a of the stability limit, ``tl.stable_lr``) until its loss has dropped by D,
+and the head-exact forecast of the same run; its feature is log(T_pilot / T̂_pilot) at that
+drop (0 when either curve does not get there). The feature joins round 6's ten columns as
+an eleventh; the band and the median are refitted on all development targets except the
+pilot cells' own. Its cost is the pilot's sample-gradients (steps x N) over the whole grid's
+(every cell's steps x N or B), median over tasks.
+
+**The choice** (``--calibrate``; leave-one-task-out over the twenty-four development tasks:
+the twenty of round 6 and round 6's four fresh ones; the benchmarks' stored curves). The
+candidates: pilot settings full batch with (m, a) in {(0, 0.1), (0, 0.3), (0.9, 0.1),
+(0.9, 0.3), (0.9, 1)} and D in {50%, 80%}, each at band levels 4-7%. The rule, stated
+before the table was read: pilots costing at most 5% of the grid; for each, the narrowest
+band level whose left-out band covers at least 80% of each kind's targets; then the lowest
+pooled left-out p90 of the median estimate, ties (within a point) by the lower median, then
+the lower cost. The same rows without the pilot column are the training-free reference.
+Frozen (``results/holdout_hybrid/calibration.json``) and committed before any fresh data
+was loaded; its coefficients, fitted on all twenty-four tasks, become
+``tangentlab.forecast.STEPS_CALIBRATION_PILOT`` (``Forecast.steps_interval(ε, pilot=)``).
+
+**Fresh tasks** (data no round used, chosen before any of it was looked at; the examples'
+networks; N, grid, horizons (10x), drops and scoring of ``holdout_fresh.py``):
+
+- ``fortunes6-minilm``: which of four other files of Debian's fortune cookies (art, drugs,
+  kids, literature) a fortune comes from, MiniLM-L6 at 16 tokens;
+- ``fortunes7-minilm``: the same with three more (people, riddles, news);
+- ``chess-lite0``: 64-px crops of eight of OpenCV's chessboard calibration photographs
+  (left02-left09: the same board in eight poses), which one a crop comes from,
+  EfficientNet-Lite0 at 32 px;
+- ``misc-lite1``: 64-px crops of six OpenCV images no task used (aero1, gradient, mask,
+  templ, tmpl, left; none the other view of a used pair), which one a crop comes from,
+  EfficientNet-Lite1 at 32 px.
+
+``--library`` then reruns ``tl.forecast`` and ``Forecast.steps_interval`` on every stored
+cell (what a user gets), without and with the pilot (the stored real run of the pilot cell
+as ``tl.pilot_feature``'s input). Results: ``benchmarks/results/holdout_hybrid/`` and the
+"holdout-hybrid" section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import holdout as ho  # noqa: E402
+import holdout_curves as hc  # noqa: E402
+import holdout_fresh as fr  # noqa: E402
+import holdout_kind as hk  # noqa: E402
+import holdout_limit as hl  # noqa: E402
+
+OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
+           / "holdout_hybrid")  # fmt: skip
+COMMAND = ".venv/bin/python benchmarks/holdout_hybrid.py"
+
+# ---------------------------------------------------------------------------------------
+# The choice (development only).
+# ---------------------------------------------------------------------------------------
+
+PILOTS = tuple((f"full-m{m:g}-a{a:g}", d) for m, a in ((0, 0.1), (0, 0.3), (0.9, 0.1),
+                                                      (0.9, 0.3), (0.9, 1)) for d in (0.5, 0.8))
+LEVELS = (0.04, 0.05, 0.06, 0.07)
+MAX_COST = 0.05
+NCOLS = 11  # steps_features' ten columns + the pilot's log(T / T̂)
+EXTRA = (*hk.VARIANTS["conv"], "pilot")
+hl.TASK_FEATURES["pilot"] = lambda k: k["pilot"]
+
+
+def dev_cells() -> dict:
+    """The twenty-four development tasks: ``holdout_curves._all_cells`` and round 6's."""
+    cells = hc._all_cells()
+    for name, cfg in hk.TASKS.items():
+        state = json.loads((hk.OUT / f"{name}.json").read_text())
+        cells[name] = (state["cells"], "hb_loss", cfg["kind"], cfg["num_samples"])
+    return cells
+
+
+def _x(r: dict, extra: tuple = EXTRA) -> np.ndarray:
+    """The eleven columns for a development row (the variant's columns; the others 0)."""
+    x = np.zeros(NCOLS)
+    cols = hl._cand_x(r, extra)
+    x[: len(cols)] = cols
+    return x
+
+
+def _summary(rows: list[dict], res: list[dict]) -> dict:
+    from tangentlab.forecast import STEPS_TRUST_WIDTH
+
+    for e in res:
+        e["trusted"] = e["width"] <= STEPS_TRUST_WIDTH
+    s = hk._summary(rows, res)
+    errs = sorted(e["err"] for e in res)
+    s["p90"] = float(np.quantile(errs, 0.9)) if errs else math.inf
+    return s
+
+
+def _best_level(rows: list[dict], extra: tuple) -> tuple[float, dict] | None:
+    """The narrowest level whose left-out band covers 80% of each kind (None: none does)."""
+    for level in sorted(LEVELS, reverse=True):  # higher level: narrower band
+        s = _summary(rows, hl._cand_loto(rows, extra, q=level))
+        if all(s["cover"][k] >= 0.8 for k in hk.KINDS):
+            return level, s
+    return None
+
+
+def _row(label: str, cost: float, level: float, s: dict) -> str:
+    return (f"| {label} | {cost:.1%} | {level:.2f} | {s['err']} | {s['kind_err']['text']} | "
+            f"{s['kind_err']['image']} | {s['cover']['text']:.1%} / {s['cover']['image']:.1%} "
+            f"| {s['width']:.2f} ({s['kind_width']['text']:.2f} / "
+            f"{s['kind_width']['image']:.2f}) |")  # fmt: skip
+
+
+def calibrate() -> dict:
+    """Every pilot left-out (table), the rule's choice, its coefficients."""
+    cells = dev_cells()
+    lines = [
+        "| pilot (full batch), drop D | cost | band level | median estimate | text tasks | "
+        "image tasks | band covers: text / image | median log-width: all (text / image) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best = None
+    for ref, drop in PILOTS:
+        rows = hc.pilot_rows(cells, ref, drop)
+        cost = hc._pilot_cost(cells, ref, drop)
+        label = ref.removeprefix("full-").replace("-", ", ") + f", {drop:.0%}"
+        base = _best_level(rows, hk.VARIANTS["conv"])
+        if base is not None:
+            lines.append(_row(f"{label}: without the pilot column", 0.0, *base))
+        got = _best_level(rows, EXTRA)
+        if got is None:
+            lines.append(f"| {label} | {cost:.1%} | – | no level covers 80% of each kind | |||||")
+            continue
+        lines.append(_row(f"**{label}**" if cost <= MAX_COST else f"{label} (> 5%)", cost,
+                          *got))  # fmt: skip
+        level, s = got
+        key = (round(s["p90"], 2), round(s["median"], 2), cost)
+        if cost <= MAX_COST and (best is None or key < best[0]):
+            best = (key, ref, drop, level, rows)
+    _, ref, drop, level, rows = best
+    coef = _fit(rows, level)
+    coef.update({f"{k}_no_rho": v for k, v in _fit(rows, level, rho=False).items()})
+    out = dict(pilot=ref, drop=drop, level=level, table=lines, cost=_cost_table(cells, ref, drop),
+               coef={k: np.round(v, 4).tolist() for k, v in coef.items()})  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "calibration.json").write_text(json.dumps(out, indent=1))
+    print("\n".join(lines))
+    print(f"chosen: pilot {ref} to {drop:.0%}, band level {level}")
+    print(json.dumps(out["coef"]))
+    return out
+
+
+def _fit(rows: list[dict], level: float, *, rho: bool = True) -> dict:
+    """Quantile fits (level, 50%, 1 − level) of log(T / T̂) over the eleven columns."""
+    import holdout_features as hf
+
+    cols = list(range(NCOLS))
+    if not rho:
+        cols = [i for i in cols if i not in hk.RHO_COLS]
+    band = [i for i in cols if i != hk.BAND_DROP]
+    ok = [r for r in rows if r["hb"] is not None]
+    x = np.stack([_x(r) for r in ok])
+    y = np.array([math.log(r["T"] / r["hb"]) for r in ok])
+    out = {}
+    for k, cc, q in (("mid", cols, 0.5), ("lo", band, level), ("hi", band, 1 - level)):
+        out[k] = np.zeros(NCOLS)
+        out[k][cc] = hf.quantile_fit(x[:, cc], y, q)
+    return out
+
+
+def _cost_table(cells: dict, ref: str, drop: float) -> dict:
+    """The chosen pilot's cost per task: over the grid, and over its median cell's run."""
+    out = {}
+    for name, (cs, _, _, n) in cells.items():
+        runs = [c["steps"] * (c["batch_size"] or n) for c in cs.values()]
+        pilot = 0
+        for loss in ho.LOSSES:
+            c = cs[f"{loss}-{ref}"]
+            t = hc._first_below(c["run_loss"], (1.0 - drop) * c["run_loss"][0])
+            pilot += (c["steps"] if t is None else t) * n
+        out[name] = dict(grid=pilot / sum(runs), median_cell=pilot / float(np.median(runs)))
+    return out
+
+# ---------------------------------------------------------------------------------------
+# The fresh tasks.
+# ---------------------------------------------------------------------------------------
+
+FORTUNES6 = ("art", "drugs", "kids", "literature")
+FORTUNES7 = ("people", "riddles", "news")
+CHESS = tuple(f"left0{i}.jpg" for i in range(2, 10))
+MISC = ("aero1.jpg", "gradient.png", "mask.png", "templ.png", "tmpl.png", "left.jpg")
+
+
+def _fortunes6() -> tuple[list[str], np.ndarray, list[str]]:
+    return hl._fortunes(FORTUNES6)
+
+
+def _fortunes7() -> tuple[list[str], np.ndarray, list[str]]:
+    return hl._fortunes(FORTUNES7)
+
+
+def _chess(n: int, size: int, seed: int):
+    """Crops of eight of OpenCV's chessboard calibration photographs."""
+    return hl._crops([ho._opencv_dir() / f for f in CHESS], n, size, seed)
+
+
+def _misc(n: int, size: int, seed: int):
+    """Crops of six OpenCV images no task used."""
+    return hl._crops([ho._opencv_dir() / f for f in MISC], n, size, seed)
+
+
+TASKS = {
+    "fortunes6-minilm": dict(kind="text", num_samples=64, seq_len=16, projection=4096,
+                             num_classes=4, texts=_fortunes6),
+    "fortunes7-minilm": dict(kind="text", num_samples=64, seq_len=16, projection=4096,
+                             num_classes=3, texts=_fortunes7),
+    "chess-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
+                        projection=4096, num_classes=8, images=_chess),
+    "misc-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
+                       projection=4096, num_classes=6, images=_misc),
+}  # fmt: skip
+
+
+def library_part(name: str) -> dict:
+    raise NotImplementedError
+
+
+def report() -> None:
+    raise NotImplementedError
+
+
+def main() -> None:
+    fr.round_main(__doc__, TASKS, OUT, calibrate=calibrate, report=report,
+                  frozen=(OUT / "calibration.json").exists(),
+                  library=library_part,
+                  fetch=lambda: f"{hl.FORTUNES} {ho._opencv_dir()}")
+
+
+if __name__ == "__main__":
+    main()
