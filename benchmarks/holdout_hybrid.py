@@ -70,6 +70,7 @@ import holdout_curves as hc  # noqa: E402
 import holdout_fresh as fr  # noqa: E402
 import holdout_kind as hk  # noqa: E402
 import holdout_limit as hl  # noqa: E402
+from _common import write_section  # noqa: E402
 
 OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
            / "holdout_hybrid")  # fmt: skip
@@ -202,6 +203,54 @@ def _cost_table(cells: dict, ref: str, drop: float) -> dict:
         out[name] = dict(grid=pilot / sum(runs), median_cell=pilot / float(np.median(runs)))
     return out
 
+PREFIX = OUT / "prefix.json"
+
+
+def prefix_variant() -> list[str]:
+    """Development only (issue 13's hybrid on a run's own prefix): per cell, the real run's
+    first p% of steps (p = 5, 10) in place of a pilot; its feature is log(T / T̂) at the
+    lowest loss the prefix reached (0 when it dropped less than 5%, or the forecast never
+    gets there), left out like the pilot; targets the prefix already reached count as exact.
+    Saved to ``results/holdout_hybrid/prefix.json``; the report shows it."""
+    from headbody import _fmt
+
+    cells = dev_cells()
+    lines = ["| prefix of each run | columns | median estimate | text tasks | image tasks | "
+             "targets inside the prefix |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for frac in (0.05, 0.10):
+        rows = []
+        for name, (cs, key, kind, _) in cells.items():
+            for ck, c in cs.items():
+                run, steps = hl._arr(c["run_loss"]), np.asarray(c["run_steps"])
+                cut = max(1, math.ceil(frac * steps[-1]))
+                low = float(np.nanmin(run[steps <= cut]))
+                feat = 0.0
+                if 1.0 - low / run[0] > 0.05:
+                    t = int(steps[np.flatnonzero(run <= low)[0]])
+                    t_hat = hc._first_below(c[key], low)
+                    feat = 0.0 if t_hat is None else math.log(max(t, 1) / max(t_hat, 1))
+                kern = dict(kind=kind, pilot=feat, **hl._cell_features(c, key, "tangent_loss"))
+                rows += [dict(r, kernel=kern, cell=ck,
+                              known=r["T"] is not None and r["T"] <= cut)
+                         for r in hf_target_rows(name, c, key)]  # fmt: skip
+        for label, extra in (("round 6's", hk.VARIANTS["conv"]), ("+ the prefix's", EXTRA)):
+            res = hl._cand_loto(rows, extra, q=0.06)
+            err = [0.0 if r["known"] else e["err"] for e, r in zip(res, rows)]
+            by = {k: [e for e, r in zip(err, rows) if r["kernel"]["kind"] == k] for k in hk.KINDS}
+            lines.append(f"| {frac:.0%} | {label} | {_fmt(err)} | {_fmt(by['text'])} | "
+                         f"{_fmt(by['image'])} | {sum(r['known'] for r in rows)} |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    PREFIX.write_text(json.dumps(lines, indent=1))
+    print("\n".join(lines))
+    return lines
+
+
+def hf_target_rows(name: str, c: dict, key: str) -> list[dict]:
+    import holdout_features as hf
+
+    return hf._target_rows(name, c, key, "tangent_loss", ho.targets)
+
+
 # ---------------------------------------------------------------------------------------
 # The fresh tasks.
 # ---------------------------------------------------------------------------------------
@@ -242,18 +291,209 @@ TASKS = {
 }  # fmt: skip
 
 
+def _pilot_of(c: dict, fc):
+    """``tl.Pilot.from_run`` of a stored full-batch cell: its real run (logged at every
+    step) up to one step past its first loss at the pilot's drop (where
+    ``tl.measure_pilot``'s run stops: ``finetune(stop_below=)``) as a ``TrainingRun``, and
+    the library's forecast of it."""
+    import tangentlab as tl
+    from tangentlab.hybrid import PILOT_DROP
+
+    steps, loss = np.asarray(c["run_steps"], dtype=np.int64), hl._arr(c["run_loss"])
+    hit = np.flatnonzero(loss <= (1.0 - PILOT_DROP) * loss[0])
+    if hit.size:
+        steps, loss = steps[: hit[0] + 2], loss[: hit[0] + 2]
+    run = tl.TrainingRun(
+        steps=steps, loss=loss, accuracy=np.full(loss.size, np.nan), train_seconds=0.0,
+        eval_seconds=0.0, wall_seconds=0.0, steps_done=int(steps[-1]),
+        hyperparameters=dict(tl.SGD(c["lr"], momentum=c["momentum"]).hyperparameters(),
+                             batch_size=None, num_samples=fc.hyperparameters["num_samples"],
+                             log_every=1),
+        optimizer=tl.SGD(c["lr"], momentum=c["momentum"]), loss_function=fc.loss_function,
+    )  # fmt: skip
+    return tl.Pilot.from_run(run, fc)
+
+
 def library_part(name: str) -> dict:
-    raise NotImplementedError
+    """``tl.forecast`` + ``Forecast.steps_interval`` on every stored cell of a fresh task,
+    without and with the pilot (``<task>-library.json``, ``<task>-library-pilot.json``)."""
+    cal = json.loads((OUT / "calibration.json").read_text())
+    ho.TASKS.update(TASKS)
+    state = json.loads((OUT / f"{name}.json").read_text())
+    hb = ho._kernels(name)[2]
+    fcs = {key: hl.rerun(hb, dict(c, hb_loss=[None] * (c["fc_steps"] + 1)))
+           for key, c in state["cells"].items()}  # fmt: skip
+    pilots = {loss: _pilot_of(state["cells"][f"{loss}-{cal['pilot']}"],
+                              fcs[f"{loss}-{cal['pilot']}"]) for loss in ho.LOSSES}  # fmt: skip
+    out: dict = {"": {}, "-pilot": {}}
+    for key, c in state["cells"].items():
+        fc = fcs[key]
+        for tail, pilot in (("", None), ("-pilot", pilots[c["loss"]])):
+            ivs = {}
+            for d in ho.targets(c, "hb_loss"):
+                iv = fc.steps_interval((1.0 - float(d)) * c["run_loss"][0], pilot=pilot)
+                ivs[d] = dict(low=iv.low, median=iv.median, point=iv.point, high=iv.high,
+                              trusted=iv.trusted, stabilized=iv.stabilized, note=iv.note)
+            out[tail][key] = dict(intervals=ivs, diverges=bool(fc.diverges),
+                                  stabilized=fc.method.get("stabilized"))  # fmt: skip
+        print(f"[{name}] library {key}", flush=True)
+    out["-pilot"]["pilots"] = {loss: dict(feature=p.feature, steps=p.steps, cost=p.cost,
+                                          forecast_steps=p.forecast_steps, note=p.note)
+                               for loss, p in pilots.items()}  # fmt: skip
+    for tail, lib in out.items():
+        (OUT / f"{name}-library{tail}.json").write_text(json.dumps(lib))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The report.
+# ---------------------------------------------------------------------------------------
+
+SHOWN = ("tangent", "head-body", "prefix 10%", "library", "library + pilot")
+
+
+def fresh_rows(name: str) -> list[dict]:
+    """Scored rows of a fresh task (the pilot cells' own targets left out: the pilot ran
+    them) with the library's intervals without (``lib``) and with the pilot
+    (``lib_pilot``), and the 10% power-law prefix baseline."""
+    cal = json.loads((OUT / "calibration.json").read_text())
+    state = json.loads((OUT / f"{name}.json").read_text())
+    lib = json.loads((OUT / f"{name}-library-pilot.json").read_text())
+    rows = []
+    for r in hc.library_rows(name, OUT, TASKS, {}):
+        if r["cell"].endswith(cal["pilot"]):
+            continue
+        iv = lib[r["cell"]]["intervals"].get(f"{r['drop']:g}")
+        r["lib_pilot"] = iv
+        r["est"]["library + pilot"] = None if iv is None else iv["median"]
+        pre = ho.targets(ho._with_curves(state["cells"][r["cell"]]), "prefix10_loss")
+        r["est"]["prefix 10%"] = pre[f"{r['drop']:g}"]["T_hat"]
+        rows.append(r)
+    return rows
+
+
+def _covered_by(rows: list[dict], which: str) -> str:
+    inside = sum(hl._inside(dict(r, lib=r[which])) for r in rows)
+    return f"{inside}/{len(rows)} ({inside / max(len(rows), 1):.0%})"
 
 
 def report() -> None:
-    raise NotImplementedError
+    from headbody import _fmt
 
+    states = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+    states = {k: v for k, v in states.items() if k in TASKS and v.get("cells")}
+    per_task = {k: fresh_rows(k) for k in states}
+    groups = hk._groups(per_task)
+    pooled = groups[-1][1]
+    first = next(iter(states.values()), {})
+    cal = json.loads((OUT / "calibration.json").read_text())
+    lines = [
+        "## A hybrid steps interval: the estimate conditioned on one real pilot run "
+        "(`benchmarks/holdout_hybrid.py`, issue 13)",
+        "",
+        f"Command: `{COMMAND} --calibrate` (development), then `{COMMAND} --fetch && "
+        f"{COMMAND} && {COMMAND} --library && {COMMAND} --report`. Chosen on twenty-four "
+        "development tasks (the script's docstring; NOTE [pilot feature] in "
+        "`tangentlab.hybrid`), then run once on four fresh tasks and reported as they came; "
+        "grid, horizons (10x) and scoring of `holdout_fresh.py`. *library*: `tl.forecast` + "
+        "`Forecast.steps_interval` on every stored cell (round 6's calibration, no training); "
+        "*library + pilot*: the same with `pilot=tl.Pilot.from_run(...)` of the stored real run "
+        f"of the cell `<loss>-{cal['pilot']}` to its {cal['drop']:.0%} drop, one per loss; "
+        "*prefix 10%*: a power law fitted to the first 10% of each real run (issue 13's "
+        "baseline for a hybrid). The pilot cells' own targets are left out of every column. "
+        "Entries: median / p90 of |T̂' − T|/T (targets, misses); a miss counts as +∞. "
+        f"Machine: {first.get('machine', '')}; code {first.get('code', '')}.",
+        "",
+        "The choice, leave-one-task-out over the twenty-four development tasks (`--calibrate`;"
+        f" frozen: the pilot `{cal['pilot']}` to {cal['drop']:.0%}, band level "
+        f"{cal['level']:.2f}; cost: the pilots' sample-gradients over the whole grid's, median "
+        "over tasks):",
+        "",
+        *cal["table"],
+        "",
+        *ho.task_table(states),
+        "",
+        "| task | loss | drop | " + " | ".join(SHOWN) + " | interval covers: library | "
+        "with the pilot |",
+        "|---|---|---|" + "---|" * (len(SHOWN) + 2),
+    ]  # fmt: skip
+    for head, sel in hf_slices(groups):
+        cells = [_fmt(hl._errors(sel, m)) for m in SHOWN]
+        lines.append(f"| {head} | " + " | ".join(cells) + f" | {_covered_by(sel, 'lib')} | "
+                     f"{_covered_by(sel, 'lib_pilot')} |")  # fmt: skip
+    lines += ["", "Issue 13's goal cells (median / p90), by kind, all settings and with a = 1 "
+              "without momentum (the edge of stability) left out:",
+              "", "| kind | settings | method | MSE 50% | MSE 80% | CE 50% | CE 80% |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for head, rows in groups[-3:]:
+        for label, keep in (("all", lambda r: True),
+                            ("a = 1 with m = 0 left out", lambda r: (r["a"], r["m"]) != (1, 0))):
+            for m in ("library", "library + pilot"):
+                cells = [_fmt(hl._errors([r for r in rows if keep(r) and r["loss"] == loss
+                                          and r["drop"] == d], m))
+                         for loss in ho.LOSSES for d in (0.5, 0.8)]  # fmt: skip
+                lines.append(f"| {head} | {label} | {m} | " + " | ".join(cells) + " |")
+    if PREFIX.exists():
+        lines += ["", "A hybrid on each run's own prefix instead of a pilot (`--prefix`, "
+                  "development tasks only, leave-one-task-out; the prefix's log(T / T̂) at the "
+                  "lowest loss it reached as the eleventh column):", "",
+                  *json.loads(PREFIX.read_text())]  # fmt: skip
+    lines += ["", *_pilot_lines(states, cal), "", _trusted_line(pooled), "", READING]
+    write_section("holdout-hybrid", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def hf_slices(groups):
+    import holdout_features as hf
+
+    return hf.slices({}, [], groups)
+
+
+def _pilot_lines(states: dict, cal: dict) -> list[str]:
+    """Per task and loss: the pilot's T, T̂, feature; its cost against the grid and the
+    median cell."""
+    lines = ["The pilots (library forecast of the pilot cell; cost = the pilot run's "
+             "sample-gradients, to one step past its 50% drop, over all 24 cells' and over the "
+             "median cell's):", "",
+             "| task | loss | T (real, 50%) | T̂ | log(T / T̂) | cost: grid | cost: median cell |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, state in states.items():
+        lib = json.loads((OUT / f"{name}-library-pilot.json").read_text())
+        n = TASKS[name]["num_samples"]
+        runs = [c["steps"] * (c["batch_size"] or n) for c in state["cells"].values()]
+        for loss, p in lib["pilots"].items():
+            t = p["cost"]
+            lines.append(f"| {name} | {loss} | {p['steps']} | {p['forecast_steps']} | "
+                         f"{p['feature']:+.2f}{' (' + p['note'] + ')' if p['note'] else ''} | "
+                         f"{t / sum(runs):.1%} | {t / float(np.median(runs)):.2f}x |")
+    return lines
+
+
+def _trusted_line(pooled: list[dict]) -> str:
+    from headbody import _fmt
+
+    parts = []
+    for label, which, m in (("library", "lib", "library"),
+                            ("library + pilot", "lib_pilot", "library + pilot")):
+        tr = [r for r in pooled if r[which] and r[which]["trusted"]]
+        bad = [e > 0.25 for e in hl._errors(pooled, m)]
+        others = [r for r in pooled if not (r[which] and r[which]["trusted"])]
+        flagged = sum(b and not (r[which] and r[which]["trusted"]) for r, b in zip(pooled, bad))
+        parts.append(f"{label}: {len(tr)} of {len(pooled)} trusted at "
+                     f"{_fmt(hl._errors(tr, m))}, \"not trusted\" as a check for an error above "
+                     f"25%: precision {flagged / max(len(others), 1):.0%}, recall "
+                     f"{flagged / max(sum(bad), 1):.0%}")
+    return "Trusted intervals: " + "; ".join(parts) + "."
+
+
+READING = """**Reading**: to be written after the first and only run of these tasks."""
 
 def main() -> None:
     fr.round_main(__doc__, TASKS, OUT, calibrate=calibrate, report=report,
                   frozen=(OUT / "calibration.json").exists(),
                   library=library_part,
+                  extra={"--prefix": ("the per-run prefix variant (development only)",
+                                      prefix_variant)},
                   fetch=lambda: f"{hl.FORTUNES} {ho._opencv_dir()}")
 
 

@@ -616,3 +616,19 @@ def test_divergence_message_names_the_cause(capsys):
     rerun = said(stability=0.99, method={"model": "head-body", "stabilized": {"factor": 0.5}},
                  stabilized=object())  # fmt: skip
     assert "read from the forecast at 0.5 x the rate" in rerun
+
+
+def test_pilot_conditions_the_head_exact_intervals(tmp_path):
+    """``--pilot`` (NOTE [pilot feature]): one real pilot run, said on stderr and recorded in
+    the report; the intervals then carry it; the tangent model refuses it."""
+    out = tmp_path / "p"
+    res = ok(invoke("sweep", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
+                    "--lr", "0.05,0.2", "--pilot", "--out", out))  # fmt: skip
+    assert "pilot: fine-tuning for real" in res.stderr and "50% drop at step" in res.stderr
+    js = strict_json(out / "sweep.json")
+    assert js["info"]["pilot"]["cost"] > 0 and js["info"]["pilot"]["steps"] >= 1
+    fc = ok(invoke("forecast", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
+                   "--pilot", "--out", tmp_path / "f", "--cache", out / "kernel"))  # fmt: skip
+    assert "band with the pilot" in fc.stdout or "more than" in fc.stdout
+    bad = invoke("forecast", *QUIET, *TANGENT, "--steps", 5, "--pilot", "--out", tmp_path / "t")
+    assert bad.exit_code != 0 and "--pilot conditions the head-exact" in bad.output

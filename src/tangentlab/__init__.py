@@ -46,6 +46,7 @@ from tangentlab.headbody import (
     compute_head_body_cross_kernel,
     compute_head_body_kernel,
 )
+from tangentlab.hybrid import Pilot, measure_pilot
 from tangentlab.influence import Influence, influence, tracin_checkpoints
 from tangentlab.information import SampleInformation, detection_curve, sample_information
 from tangentlab.kernel import Kernel, load_kernel
@@ -85,6 +86,7 @@ __all__ = [
     "LinearDecay",
     "MSE",
     "MemoryBudgetError",
+    "Pilot",
     "Preconditioner",
     "Projection",
     "ProjectionKind",
@@ -127,6 +129,7 @@ __all__ = [
     "kernel_trace",
     "load_kernel",
     "make_schedule",
+    "measure_pilot",
     "sample_information",
     "stable_lr",
     "subsample",

@@ -93,6 +93,7 @@ class TrainingRun:
         rule, NOTE [divergence policy] in :mod:`tangentlab.forecast`); training stopped.
       divergence_step: the step where that was seen (its logged loss is NaN), or ``None``.
       interrupted: stopped by ``KeyboardInterrupt`` (NOTE [interruption]).
+      stopped: stopped early by ``finetune(stop_below=...)``: the training loss reached it.
       steps_done: optimizer steps completed.
       model: the fine-tuned copy of the model (the caller's model is never changed).
       optimizer: the optimizer object of the run (``tl.SGD(...)`` or ``tl.AdamW(...)``).
@@ -115,6 +116,7 @@ class TrainingRun:
     diverged: bool = False
     divergence_step: int | None = None
     interrupted: bool = False
+    stopped: bool = False
     steps_done: int = 0
     model: nn.Module | None = field(default=None, repr=False)
     optimizer: Optimizer | None = None
@@ -158,6 +160,7 @@ class TrainingRun:
             "diverged": bool(self.diverged),
             "divergence_step": self.divergence_step,
             "interrupted": bool(self.interrupted),
+            "stopped": bool(self.stopped),
             "steps_done": int(self.steps_done),
             "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
             "loss_function": None if self.loss_function is None else self.loss_function.to_dict(),
@@ -184,6 +187,7 @@ def finetune(
     progress: bool = True,
     checkpoints: Sequence[int] | None = None,
     eval_data: Any = None,
+    stop_below: float | None = None,
 ) -> TrainingRun:
     r"""Fine-tune a copy of ``model`` and record the full training loss over steps.
 
@@ -226,6 +230,10 @@ def finetune(
         its loss and accuracy are logged at the same steps (eval mode, no gradients, the same
         reduction) in ``TrainingRun.eval_loss`` / ``eval_accuracy``; the time is counted in
         ``eval_seconds``.
+      stop_below: stop at the first logged step whose training loss is <= this value
+        (``TrainingRun.stopped``; with full batch and frozen BN that step's loss comes from
+        the forward pass of the next update, so one more evaluation logs the weights the run
+        ends with: the last logged step is ``steps_done``); ``None``: run all ``steps``.
 
     Returns a :class:`TrainingRun` (``model``: the fine-tuned copy). Raises TangentlabError
     on invalid settings, data or model (:meth:`tangentlab.Tangent.preflight`).
@@ -246,12 +254,20 @@ def finetune(
     seed = check_seed(fn, seed)
     _check_settings(fn, log_every, bn, sampling, chunk_size, progress)
     keep = _checkpoint_steps(fn, checkpoints, steps)
+    if stop_below is not None and not is_real(stop_below):
+        raise TangentlabError(
+            f"{fn}: stop_below must be a finite number (a training loss) or None, got "
+            f"{stop_below!r}."
+        )
     log_every = log_every or max(1, math.ceil(steps / _AUTO_LOG_POINTS))
     net, x, y, batches, hyper = _setup(fn, model, data, optimizer, loss, steps, batch_size,
                                        params, seed, log_every, bn, sampling, device)
     run = _Run.start(net, optimizer, x, y, loss, steps=steps, log_every=log_every, bn=bn,
                      chunk=chunk_size or _EVAL_CHUNK, reuse=batches is None and bn == "frozen")
     run.keep = keep
+    run.stop_below = None if stop_below is None else float(stop_below)
+    if stop_below is not None:
+        hyper["stop_below"] = float(stop_below)
     if eval_data is not None:
         run.held_out = _held_out(fn, eval_data, x, hyper["num_classes"])
         hyper["num_eval"] = num_rows(run.held_out[0])
@@ -263,8 +279,8 @@ def finetune(
         train_seconds=run.train_s, eval_seconds=run.eval_s,
         wall_seconds=time.perf_counter() - t_call, hyperparameters=hyper,
         diverged=run.diverged, divergence_step=run.div_step, interrupted=run.interrupted,
-        steps_done=run.done, model=net, optimizer=optimizer, loss_function=loss,
-        checkpoints=run.checkpoints,
+        stopped=run.stopped, steps_done=run.done, model=net, optimizer=optimizer,
+        loss_function=loss, checkpoints=run.checkpoints,
         eval_loss=None if run.held_out is None else np.asarray(run.eval_losses, dtype=np.float64),
         eval_accuracy=None if run.held_out is None else np.asarray(run.eval_accs,
                                                                    dtype=np.float64),
@@ -353,6 +369,8 @@ class _Run:
         self.train_s = self.eval_s = 0.0
         self.blowup = math.inf
         self.diverged, self.div_step, self.interrupted, self.done = False, None, False, 0
+        self.stop_below: float | None = None  # finetune(stop_below=)
+        self.stopped = False
         self.sched = None  # the learning-rate scheduler (LambdaLR), None for a constant rate
         self.keep: set[int] = set()  # steps whose trained weights are kept (checkpoints=)
         self.checkpoints: dict[int, dict[str, torch.Tensor]] = {}
@@ -400,6 +418,8 @@ class _Run:
         self.losses.append(value)
         self.accs.append(acc)
         self._log_held_out(*held)
+        if self.stop_below is not None and value <= self.stop_below:
+            self.stopped = True
         return True
 
     def _held_out_now(self) -> tuple[float, float]:
@@ -474,6 +494,10 @@ class _Run:
                 # full-training-set evaluation of w_t (eval mode, all N samples).
                 if not self.log(t, (batch_loss, correct / n), held):
                     return
+                if self.stopped:  # log the weights w_{t+1} the run ends with, then stop
+                    self.net.eval()
+                    self.log(self.done)
+                    return
             if not math.isfinite(batch_loss):  # the loss at w_t is already non-finite
                 self.diverged, self.div_step = True, t
                 if self.steps[-1] == t:
@@ -492,7 +516,7 @@ class _Run:
                 if self.bn == "train":
                     self.net.train()
                 bar.set_postfix(loss=f"{self.losses[-1]:.4g}", refresh=False)
-                if not ok:
+                if not ok or self.stopped:
                     return
         if self.total in self.keep:
             self._snapshot(self.total)

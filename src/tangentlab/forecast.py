@@ -173,6 +173,25 @@ STEPS_CALIBRATION = {
     "lo_no_rho": (-0.8981, -1.3476, -1.7397, 0.4498, 0.0731, 0.0, 0.0, -0.0407, 0.0, -0.1261),
     "hi_no_rho": (-0.1238, -0.3947, -0.5641, 0.0468, 0.1186, 0.0, 0.0, 0.1336, 0.0, 0.3236),
 }
+# With a pilot (Forecast.steps_interval(ε, pilot=tl.measure_pilot(...)); NOTE [pilot feature] in
+# tangentlab.hybrid): an eleventh column, the pilot's log(T / T̂) at its 50% drop, and every
+# quantile refitted (benchmarks/holdout_hybrid.py --calibrate, round 7: twenty-four
+# development tasks, the pilot cells' own targets left out; band level 6%). Left out:
+# median estimate 13% / 80% against 16% / 94% without the column on the same targets (image
+# tasks 21% / 75% against 28% / 92%, text 10% / 101% against 11% / 102%); band covers 80.4%
+# (text) / 83.9% (image), median log-width 0.87 against 1.06.
+STEPS_CALIBRATION_PILOT = {  # over steps_features + (the pilot's log(T / T̂),)
+    "mid": (0.344, 0.1094, -0.0507, 0.236, 0.0049, -0.0079, -0.1256, -0.0406, -0.0177, -0.1251,
+            0.8916),
+    "lo": (-0.0817, -0.6077, -1.0464, 0.2935, -0.0503, 0.1603, 0.0, -0.2938, -0.1108, -0.1441,
+           1.4578),
+    "hi": (0.0877, -0.238, -0.437, 0.0301, 0.1284, 0.0807, 0.0, 0.0523, -0.0561, 0.2692, 0.5206),
+    "mid_no_rho": (0.3404, 0.1067, -0.0633, 0.2373, 0.0077, 0.0, -0.1257, -0.0399, 0.0, -0.1206,
+                   0.9279),
+    "lo_no_rho": (-0.0612, -0.4489, -0.8792, 0.3282, -0.0677, 0.0, 0.0, -0.3649, 0.0, -0.0892,
+                  1.4227),
+    "hi_no_rho": (0.037, -0.2397, -0.383, 0.0383, 0.1105, 0.0, 0.0, 0.0498, 0.0, 0.2892, 0.4432),
+}
 # NOTE [stabilized estimate]. A head-exact forecast of plain SGD near the stability limit
 # can blow up (the head x body product raises the model's sharpness past 2/η as it trains)
 # before a target the real network may still reach: it spikes and recovers (edge of
@@ -256,11 +275,16 @@ def curve_features(loss: np.ndarray, reference: np.ndarray | None) -> tuple[floa
     return stretch, None if reference is None else steps(reference, 0.5) / t50
 
 
-def steps_quantiles(x: np.ndarray, *, with_rho: bool = True) -> tuple[float, float, float]:
+def steps_quantiles(x: np.ndarray, *, with_rho: bool = True,
+                    pilot: float | None = None) -> tuple[float, float, float]:  # fmt: skip
     """``(lo, mid, hi)`` of log(T / T̂) at features ``x`` (``steps_features``; NOTE [steps
-    interval]), with lo <= mid <= hi."""
+    interval]), with lo <= mid <= hi; with ``pilot`` (a pilot's log(T / T̂), NOTE [pilot
+    feature] in :mod:`tangentlab.hybrid`) the calibration that has it as an eleventh column."""
     tail = "" if with_rho else "_no_rho"
-    lo, mid, hi = (float(np.dot(STEPS_CALIBRATION[k + tail], x)) for k in ("lo", "mid", "hi"))
+    table = STEPS_CALIBRATION
+    if pilot is not None:
+        x, table = np.append(x, float(pilot)), STEPS_CALIBRATION_PILOT
+    lo, mid, hi = (float(np.dot(table[k + tail], x)) for k in ("lo", "mid", "hi"))
     return min(lo, mid), mid, max(hi, mid)
 
 
@@ -295,6 +319,8 @@ class StepsInterval:
       note: ``""``, or which settings lie outside those it was calibrated on (constant
         learning rate, no weight decay, momentum in [0, 0.9], at most the stability limit):
         the band was not measured there.
+      pilot: ``None``, or the pilot's log(T / T̂) the interval was conditioned on
+        (``steps_interval(..., pilot=)``; NOTE [pilot feature] in :mod:`tangentlab.hybrid`).
       stabilized: ``None``, or c when the forecast diverges before the target and the
         interval comes from its rerun at c·lr (``Forecast.stabilized``; NOTE [stabilized
         estimate]): what to expect *if* the real run gets there (on twenty-four held-out
@@ -311,6 +337,7 @@ class StepsInterval:
     note: str = ""
     trusted: bool = False
     stabilized: float | None = None
+    pilot: float | None = None
 
     def __str__(self) -> str:
         tail = f"; not calibrated for {self.note}" if self.note else ""
@@ -328,8 +355,9 @@ class StepsInterval:
         if self.point is None:
             return f"more than {self.low} steps (beyond the forecast's horizon{tail})"
         trust = "narrow: trusted" if self.trusted else "wide"
+        with_pilot = "" if self.pilot is None else " with the pilot"
         return (f"{self.low}-{self.high} steps, median estimate {self.median} (forecast "
-                f"{self.point}; {self.coverage:.0%} band, {trust}{tail})")  # fmt: skip
+                f"{self.point}; {self.coverage:.0%} band{with_pilot}, {trust}{tail})")  # fmt: skip
 
 
 BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
@@ -442,7 +470,7 @@ class Forecast:
         hit = np.flatnonzero(curve <= target_loss if below else curve >= target_loss)
         return int(hit[0]) if hit.size else None  # NaN compares False: never "reached"
 
-    def steps_interval(self, target_loss: float) -> StepsInterval:
+    def steps_interval(self, target_loss: float, *, pilot: Any = None) -> StepsInterval:
         """An interval for the real run's steps to ``target_loss`` (training loss):
         ``[T̂ e^lo, T̂ e^hi]`` around ``T̂ = steps_to(target_loss)`` and a median estimate
         ``T̂ e^mid``, (lo, mid, hi) calibrated on twenty development tasks from what is
@@ -452,6 +480,13 @@ class Forecast:
         80% drops, the tangent model's lag at 50%) and whether the trained body has a
         convolution (NOTE [steps interval]). The band was chosen to cover 80% of the
         targets of convolutional and of other bodies each; ``trusted`` marks a narrow one.
+
+        ``pilot``: a :class:`tangentlab.hybrid.Pilot` of the same loss
+        (:func:`tangentlab.measure_pilot`: one short real full-batch run, about 3% of a
+        24-setting sweep): the interval is then conditioned on how much faster or slower
+        than its forecast that real run went (NOTE [pilot feature] in
+        :mod:`tangentlab.hybrid`). Not used for a forecast that blows up (its stabilized
+        interval has no pilot column).
 
         Head-exact forecasts only (``tl.forecast(tl.compute_head_body_kernel(...), ...)``).
         When the forecast does not reach the target within its horizon, ``point`` and
@@ -471,6 +506,7 @@ class Forecast:
                 "than its forecast: no finite band covers them); forecast "
                 "tl.compute_head_body_kernel(model, data) instead, or read steps_to()."
             )
+        feature = None if pilot is None else self._pilot_feature(pilot)
         point = self.steps_to(target_loss)
         l0 = float(self.loss[0])
         drop = 1.0 - target_loss / l0 if math.isfinite(l0) and l0 > 0 else 0.5
@@ -491,14 +527,33 @@ class Forecast:
         x = steps_features(drop, momentum=self.hyperparameters.get("momentum", 0.0),
                            fraction=fraction, rho=rho, steps=t_hat, stretch=stretch,
                            rho50=rho50, conv=bool(self.method.get("conv_body")))  # fmt: skip
-        lo, mid, hi = steps_quantiles(x, with_rho=rho is not None)
+        lo, mid, hi = steps_quantiles(x, with_rho=rho is not None, pilot=feature)
         if point is None:
             return StepsInterval(max(1, math.floor(t_hat * math.exp(lo))), None, None, None,
-                                 drop, note=note)  # fmt: skip
+                                 drop, note=note, pilot=feature)  # fmt: skip
         trusted = rho is not None and hi - lo <= STEPS_TRUST_WIDTH and not note
         return StepsInterval(max(min(point, 1), math.floor(point * math.exp(lo))), point,
                              math.ceil(point * math.exp(hi)), round(point * math.exp(mid)),
-                             drop, note=note, trusted=trusted)  # fmt: skip
+                             drop, note=note, trusted=trusted, pilot=feature)  # fmt: skip
+
+    def _pilot_feature(self, pilot: Any) -> float:
+        """The pilot's log(T / T̂), checked to be a Pilot of this forecast's loss."""
+        from tangentlab.hybrid import Pilot
+
+        fn = "Forecast.steps_interval"
+        if not isinstance(pilot, Pilot):
+            raise TangentlabError(
+                f"{fn}: pilot must be a tl.Pilot (from tl.measure_pilot(model, data, kernel, "
+                f"loss=...) or tl.Pilot.from_run(run, forecast)), got {type(pilot).__name__}."
+            )
+        mine = self.loss_function.name if self.loss_function is not None else None
+        if mine is not None and pilot.loss != mine:
+            raise TangentlabError(
+                f"{fn}: the pilot was run with the {pilot.loss.upper()} loss and this forecast "
+                f"is for {mine.upper()}; the calibration takes one pilot per loss: measure one "
+                f"with loss={mine!r}."
+            )
+        return pilot.feature
 
     def _stabilized_interval(self, target_loss: float, drop: float, note: str) -> StepsInterval:
         """NOTE [stabilized estimate]: c·T̂_c e^(lo, mid, hi) from the rerun at c·lr."""
@@ -1006,6 +1061,7 @@ def sweep(
     dataset_size: int | None = None,
     eval_data: Any = None,
     rank_by: str | None = None,
+    pilot: Any = None,
     **options: Any,
 ) -> Sweep:
     """Forecast every optimizer × batch size from one kernel and rank them.
@@ -1039,6 +1095,9 @@ def sweep(
         the run: what early stopping on held-out accuracy keeps) or ``"eval_loss"``
         (held-out loss at the last step, lowest first). Ties break on held-out loss, then
         steps to target.
+      pilot: a head-exact kernel's sweep: a :class:`tangentlab.hybrid.Pilot` of ``loss``
+        (:func:`tangentlab.measure_pilot`), whose interval columns are then conditioned on
+        it (``Forecast.steps_interval(..., pilot=)``; NOTE [pilot feature]).
       **options: other keyword options of :func:`forecast` (paths, seed, noise, ...).
 
     Returns:
@@ -1054,7 +1113,8 @@ def sweep(
       there). A head-exact kernel's sweep also has ``steps_low``, ``steps_median`` and
       ``steps_high``: each row's interval for the real steps to the target
       (``Forecast.steps_interval``; nullable ints), and ``steps_trusted`` (its band is
-      narrow). ``Sweep.rank_by`` records the criterion.
+      narrow). ``Sweep.rank_by`` records the criterion. The ranking uses the forecast's own
+      steps, not the intervals.
 
     Example:
         >>> cross = tl.compute_cross_kernel(model, (X_val, y_val), kernel, train_data=(X, y))
@@ -1065,6 +1125,8 @@ def sweep(
     fn = "sweep"
     opts = _sweep_inputs(fn, optimizers, batch_sizes, target_loss, options)
     rank_by = _rank_by(fn, rank_by, eval_data)
+    if pilot is not None:
+        _check_sweep_pilot(fn, kernel, pilot, loss)
     checked = [
         check_options(fn, o, steps, loss=loss, batch_size=b, **options)
         for o in opts for b in batch_sizes
@@ -1090,7 +1152,7 @@ def sweep(
         note = "default: an 80% drop of the initial loss (tl.default_target)"
     else:
         note = "given"
-    table = _sweep_table(forecasts, float(target_loss), rank_by)
+    table = _sweep_table(forecasts, float(target_loss), rank_by, pilot)
     order = list(table.index)
     table = table.reset_index(drop=True)
     table.insert(table.columns.get_loc("batch_size") + 1, "rank", np.arange(1, len(table) + 1))
@@ -1098,6 +1160,25 @@ def sweep(
 
 
 _RANK_BY = ("steps", "eval_accuracy", "best_eval_accuracy", "eval_loss")
+
+
+def _check_sweep_pilot(fn: str, kernel: Any, pilot: Any, loss: Any) -> None:
+    """A pilot conditions head-exact intervals of its own loss only (NOTE [pilot feature])."""
+    from tangentlab.hybrid import Pilot
+
+    if not isinstance(pilot, Pilot):
+        raise TangentlabError(f"{fn}: pilot must be a tl.Pilot (tl.measure_pilot), got "
+                              f"{type(pilot).__name__}.")  # fmt: skip
+    if not isinstance(kernel, HeadBodyKernel):
+        raise TangentlabError(
+            f"{fn}: a pilot conditions the steps intervals of head-exact forecasts only; "
+            "sweep tl.compute_head_body_kernel(model, data), or drop pilot."
+        )
+    name = as_loss(loss, fn).name
+    if pilot.loss != name:
+        raise TangentlabError(f"{fn}: the pilot was run with the {pilot.loss.upper()} loss and "
+                              f"this sweep is for {name.upper()}; measure one with "
+                              f"loss={name!r}.")  # fmt: skip
 
 
 def _rank_by(fn: str, rank_by: Any, eval_data: Any) -> str:
@@ -1160,7 +1241,8 @@ def _sweep_inputs(fn, optimizers, batch_sizes, target_loss, options) -> list[SGD
 # is NaN, never the finite values before the blow-up, and a row whose final loss climbs
 # back above its minimum by more than _REBOUND of the drop is flagged: its best step is
 # before the end.
-def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps") -> pd.DataFrame:
+def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps",
+                 pilot: Any = None) -> pd.DataFrame:  # fmt: skip
     rows = []
     for fc in forecasts:
         hp = fc.hyperparameters
@@ -1183,7 +1265,7 @@ def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps
             valid=fc.valid and not fc.diverges, steps_to_target=fc.steps_to(target),
             final_loss=final, min_loss=lmin, final_accuracy=_last_finite(fc.accuracy),
             diverges=fc.diverges, stability=fc.stability, loss_limit=fc.loss_limit,
-            note="; ".join(notes), **_eval_columns(fc), **_interval_columns(fc, target),
+            note="; ".join(notes), **_eval_columns(fc), **_interval_columns(fc, target, pilot),
         ))  # fmt: skip
     df = pd.DataFrame(rows)
     df["steps_to_target"] = df["steps_to_target"].astype("Int64")
@@ -1204,13 +1286,13 @@ def _sweep_table(forecasts: list[Forecast], target: float, rank_by: str = "steps
     return df.drop(columns=[c for c in ("_invalid", "_key") if c in df.columns])
 
 
-def _interval_columns(fc: Forecast, target: float) -> dict[str, Any]:
-    """A head-exact row's interval for the real steps (NOTE [steps interval]): ``steps_low``,
-    ``steps_median``, ``steps_high`` (<NA> where unknown), ``steps_trusted``; none for the
-    tangent model."""
+def _interval_columns(fc: Forecast, target: float, pilot: Any = None) -> dict[str, Any]:
+    """A head-exact row's interval for the real steps (NOTE [steps interval]; with the
+    ``pilot``, NOTE [pilot feature]): ``steps_low``, ``steps_median``, ``steps_high`` (<NA>
+    where unknown), ``steps_trusted``; none for the tangent model."""
     if fc.method.get("model") != "head-body":
         return {}
-    iv = fc.steps_interval(target)
+    iv = fc.steps_interval(target, pilot=pilot)
     return {"steps_low": iv.low, "steps_median": iv.median, "steps_high": iv.high,
             "steps_trusted": iv.trusted}
 

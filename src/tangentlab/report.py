@@ -172,8 +172,9 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
-    """The numbers a person reads first, for one forecast."""
+def summary_row(fc: Forecast, target_loss: float | None, *, pilot: Any = None) -> dict[str, Any]:
+    """The numbers a person reads first, for one forecast (a head-exact one's interval
+    conditioned on ``pilot``, NOTE [pilot feature], when given)."""
     d = fc.to_dict()
     return {
         "setting": label_of(fc),
@@ -184,16 +185,16 @@ def summary_row(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
         "final_accuracy": d["final_accuracy"],
         "diverges": d["diverges"],
         "stability": d["stability"],
-        **_interval_summary(fc, target_loss),
+        **_interval_summary(fc, target_loss, pilot),
         **_eval_row(d["eval"]),
     }
 
 
-def _interval_summary(fc: Forecast, target_loss: float | None) -> dict[str, Any]:
+def _interval_summary(fc: Forecast, target_loss: float | None, pilot: Any = None) -> dict[str, Any]:
     """A head-exact forecast's interval for the real steps (NOTE [steps interval])."""
     if target_loss is None:
         return {}
-    return _interval_columns(fc, target_loss)
+    return _interval_columns(fc, target_loss, pilot)
 
 
 def _eval_row(ev: dict[str, Any] | None) -> dict[str, Any]:
@@ -301,13 +302,15 @@ def write_forecast_report(
     target_loss: float | None = None,
     title: str = "tangentlab forecast",
     info: dict[str, Any] | None = None,
+    pilot: Any = None,
 ) -> dict[str, Path]:
-    """Write ``forecast.json``, ``forecast.png`` and ``report.html`` into ``out_dir``.
+    """Write ``forecast.json``, ``forecast.png`` and ``report.html`` into ``out_dir``
+    (head-exact intervals conditioned on ``pilot`` when given: NOTE [pilot feature]).
 
     Returns the paths written, by kind.
     """
     out = Path(out_dir)
-    rows = [summary_row(fc, target_loss) for fc in forecasts]
+    rows = [summary_row(fc, target_loss, pilot=pilot) for fc in forecasts]
     png = plot_forecasts(
         [(label_of(fc), fc) for fc in forecasts], out / "forecast.png",
         target_loss=target_loss, title=title,
