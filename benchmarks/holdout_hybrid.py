@@ -174,20 +174,7 @@ def calibrate() -> dict:
 
 def _fit(rows: list[dict], level: float, *, rho: bool = True) -> dict:
     """Quantile fits (level, 50%, 1 − level) of log(T / T̂) over the eleven columns."""
-    import holdout_features as hf
-
-    cols = list(range(NCOLS))
-    if not rho:
-        cols = [i for i in cols if i not in hk.RHO_COLS]
-    band = [i for i in cols if i != hk.BAND_DROP]
-    ok = [r for r in rows if r["hb"] is not None]
-    x = np.stack([_x(r) for r in ok])
-    y = np.array([math.log(r["T"] / r["hb"]) for r in ok])
-    out = {}
-    for k, cc, q in (("mid", cols, 0.5), ("lo", band, level), ("hi", band, 1 - level)):
-        out[k] = np.zeros(NCOLS)
-        out[k][cc] = hf.quantile_fit(x[:, cc], y, q)
-    return out
+    return hk.fit(rows, EXTRA, level, rho=rho, xf=_x, ncols=NCOLS)
 
 
 def _cost_table(cells: dict, ref: str, drop: float) -> dict:
@@ -438,7 +425,8 @@ def report() -> None:
                   "development tasks only, leave-one-task-out; the prefix's log(T / T̂) at the "
                   "lowest loss it reached as the eleventh column):", "",
                   *json.loads(PREFIX.read_text())]  # fmt: skip
-    lines += ["", *_pilot_lines(states, cal), "", _trusted_line(pooled), "", READING]
+    lines += ["", *_pilot_lines(states, cal), "", _trusted_line(pooled), "",
+              hk._blowups(states, pooled, OUT), "", READING]
     write_section("holdout-hybrid", "\n".join(lines))
     print("\n".join(lines))
 
@@ -486,7 +474,33 @@ def _trusted_line(pooled: list[dict]) -> str:
     return "Trusted intervals: " + "; ".join(parts) + "."
 
 
-READING = """**Reading**: to be written after the first and only run of these tasks."""
+READING = """**Reading** (the first and only run of these tasks, 2026-11-30; the pilot, the band
+level and the library's coefficients were frozen, and committed, before they ran (54752fa);
+the library code before its pass (c233a26); other work shared the machine, so the seconds
+above are inflated). **The hybrid met issue 13's four goal cells pooled outside
+the edge of stability**: with one real pilot per loss, and a = 1 without momentum left out,
+MSE 50% 11% / 30%, MSE 80% 8% / 20%, CE 50% 12% / 30%, CE 80% 10% / 24% (the training-free
+library: 17% / 41%, 13% / 29%, 10% / 27%, 9% / 26%, MSE 50% not met). Over all 243 targets
+(the pilot cells' own left out) it scored 11% / 44% against 14% / 47% without the pilot,
+and its interval covered 95% (96% without); it trusted 129 targets at 7% / 21% (without:
+75 at 6% / 18%). The gain is where it was meant to be, on the convolutional bodies'
+MSE targets (image tasks, MSE 50% 34% -> 23%, MSE 80% 26% -> 15%, MSE 90% 22% -> 11%); on
+their CE targets it lost at the 50% drop (12% / 47% -> 24% / 59%: chess-lite0's CE pilot ran
+1.8x faster than its forecast, log -0.59, and the cells did not follow it that far), and
+the image tasks stayed short of the goals (17% / 44%). On the text tasks the pilot changed
+little but the p90 (8% / 59% -> 7% / 25%, the fall on the cells at a = 1 without
+momentum: without them both are at 3-9% / 11-21% per goal cell). The prefix
+power law fitted to the first 10% of each run missed 201 of the 243 targets, so the hybrid
+beats issue 13's 10% baseline by far; so does the training-free library. The pilots cost
+0.8-3.5% of each task's 24-setting grid, but 0.5-2.4x the median setting's own run: a
+pilot is for planning a sweep, not for forecasting one run. The training-free interval
+stays the default; the pilot is an option (`tl.measure_pilot`, `--pilot`). This round
+also scored the round-6 calibration a second time, fresh: 14% / 47% with no miss, covering
+96% (text 98%, image 94%); text 8% / 59% (with a = 1 without momentum left out all four
+goal cells met again: 7% / 18%, 3% / 14%, 9% / 21%, 8% / 21%), image 21% / 47% (Lite0 on
+chessboard photographs 33% / 63%, Lite1 on assorted OpenCV images 16% / 30%). A calibrated
+per-run prefix instead of a pilot did not help on the development tasks (`--prefix`:
+15% / 80-85% either way)."""
 
 def main() -> None:
     fr.round_main(__doc__, TASKS, OUT, calibrate=calibrate, report=report,

@@ -89,18 +89,21 @@ def _x(r: dict, extra: tuple = VARIANTS["conv"]) -> np.ndarray:
     return x
 
 
-def fit(rows: list[dict], extra: tuple, level: float, *, rho: bool = True) -> dict:
-    """Quantile fits (level, 50%, 1 − level) of log(T / T̂) over the variant's columns."""
+def fit(rows: list[dict], extra: tuple, level: float, *, rho: bool = True, xf=None,
+        ncols: int = NCOLS) -> dict:  # fmt: skip
+    """Quantile fits (level, 50%, 1 − level) of log(T / T̂) over the variant's columns
+    (``xf(row, extra)``: the ``ncols`` columns of a row, default ``_x``)."""
+    xf = _x if xf is None else xf
     cols = list(range(7 + len(extra)))
     if not rho:
         cols = [i for i in cols if i not in RHO_COLS]
     band = [i for i in cols if i != BAND_DROP]
     ok = [r for r in rows if r["hb"] is not None]
-    x = np.stack([_x(r, extra) for r in ok])
+    x = np.stack([xf(r, extra) for r in ok])
     y = np.array([math.log(r["T"] / r["hb"]) for r in ok])
     out = {}
     for k, cc, q in (("mid", cols, 0.5), ("lo", band, level), ("hi", band, 1 - level)):
-        out[k] = np.zeros(NCOLS)
+        out[k] = np.zeros(ncols)
         out[k][cc] = hf.quantile_fit(x[:, cc], y, q)
     return out
 
@@ -313,8 +316,10 @@ def report() -> None:
     print("\n".join(lines))
 
 
-def _blowups(states: dict, pooled: list[dict]) -> str:
-    missed, reached, rescued = hl._diverging(states, OUT)
+def _blowups(states: dict, pooled: list[dict], out_dir: Path = OUT) -> str:
+    """Targets the library's forecasts blew up before, reached, stabilized, held (the
+    fresh states of ``out_dir``)."""
+    missed, reached, rescued = hl._diverging(states, out_dir)
     st = [r for r in pooled if r["lib"] and r["lib"]["stabilized"]]
     inside = sum(hl._inside(r) for r in st)
     return (f"Blow-ups (library): the head-exact forecasts blew up before {missed} targets; "

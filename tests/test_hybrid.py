@@ -7,14 +7,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_headbody import LinearBody, TanhBody, _data
 
 import tangentlab as tl
 from tangentlab.forecast import STEPS_CALIBRATION_PILOT, steps_features, steps_quantiles
+from test_headbody import LinearBody, TanhBody, _data
 
 
 def _net_data(n=24):
     return TanhBody().double().eval(), _data(n=n, dim=4)
+
+
+def _measured(loss):
+    """TanhBody on 24 samples, its head-exact kernel and the pilot of ``loss``."""
+    net, data = _net_data()
+    hb = tl.compute_head_body_kernel(net, data, progress=False)
+    return net, data, hb, tl.measure_pilot(net, data, hb, loss=loss, progress=False)
 
 
 @pytest.mark.parametrize("batch", [None, 8])
@@ -46,9 +53,7 @@ def _by_hand(run, fc, drop=0.5):
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_measure_pilot_runs_the_calibrated_pilot_and_reads_its_feature(loss):
-    net, data = _net_data()
-    hb = tl.compute_head_body_kernel(net, data, progress=False)
-    pilot = tl.measure_pilot(net, data, hb, loss=loss, progress=False)
+    _, _, hb, pilot = _measured(loss)
     run, fc = pilot.run, pilot.forecast
     assert run.hyperparameters["batch_size"] is None and run.hyperparameters["momentum"] == 0.9
     assert pilot.lr == tl.stable_lr(hb, momentum=0.9, fraction=0.1, loss=loss)
@@ -70,9 +75,7 @@ def test_a_body_linear_in_its_weights_has_pilot_feature_zero(loss):
 
 
 def test_steps_interval_with_a_pilot_is_the_eleven_column_calibration():
-    net, data = _net_data()
-    hb = tl.compute_head_body_kernel(net, data, progress=False)
-    pilot = tl.measure_pilot(net, data, hb, loss="mse", progress=False)
+    _, _, hb, pilot = _measured("mse")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tl.errors.ValidityWarning)
         fc = tl.forecast(hb, tl.SGD(0.05), 400, loss="mse")
@@ -106,9 +109,7 @@ def test_a_slower_pilot_raises_the_median_estimate():
 
 
 def test_bad_pilots_are_refused_with_the_fix():
-    net, data = _net_data()
-    hb = tl.compute_head_body_kernel(net, data, progress=False)
-    ce = tl.measure_pilot(net, data, hb, loss="ce", progress=False)
+    net, data, hb, ce = _measured("ce")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tl.errors.ValidityWarning)
         fc = tl.forecast(hb, tl.SGD(0.05), 50, loss="mse")
@@ -152,9 +153,7 @@ def test_bad_pilots_are_refused_with_the_fix():
 
 
 def test_pilot_from_a_run_the_user_made_equals_measure_pilot():
-    net, data = _net_data()
-    hb = tl.compute_head_body_kernel(net, data, progress=False)
-    pilot = tl.measure_pilot(net, data, hb, loss="ce", progress=False)
+    net, data, hb, pilot = _measured("ce")
     lr = tl.stable_lr(hb, momentum=0.9, fraction=0.1, loss="ce")
     with torch.no_grad():
         l0 = float(torch.nn.functional.cross_entropy(net(data[0]), data[1]))

@@ -914,7 +914,7 @@ def _print_divergence(fc) -> None:
             f"DIVERGES: the head-exact model's loss blows up after step {fc.divergence_step}, "
             f"though the step is stable at w0 (η̃·λ_max/N = {fc.stability:.3g}): the head x "
             "body product sharpens as it trains. Real networks in this regime may spike and "
-            "recover (edge of stability) or stall and diverge too: on twenty-four held-out "
+            "recover (edge of stability) or stall and diverge too: on twenty-eight held-out "
             f"tasks they reached {got} of the {total} targets such forecasts missed. {rerun}"
             "Lower the learning rate for a forecast to read, or check with `tangentlab "
             "validate`."

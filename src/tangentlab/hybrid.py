@@ -25,11 +25,18 @@ kind of body, then the lowest left-out p90) among full-batch pilots with (m, a) 
 estimate 13% / 80% against 16% / 94% on the same targets without the column (image tasks
 21% / 75% against 28% / 92%), band log-width 0.87 against 1.06.
 
+Reported once on four fresh tasks (benchmarks/holdout_hybrid.py, RESULTS.md "holdout-hybrid",
+243 targets, the pilot cells' own left out): median estimate 11% / 44% against 14% / 47%
+without the pilot, the interval covering 95%; with a = 1 without momentum left out, issue
+13's four goal cells met pooled (MSE 50% 11% / 30%, MSE 80% 8% / 20%, CE 50% 12% / 30%,
+CE 80% 10% / 24%). On the image tasks 17% / 44% against 21% / 47%: better on MSE, worse on
+CE at the 50% drop (a CE pilot 1.8x faster than its forecast moved the cells too far).
+
 Cost: the pilot's T · N sample-gradients (plus one loss evaluation per step, which a
 full-batch step shares with its forward pass). On the development tasks a median of 2.8%
 of the grid of 24 settings each (MSE/CE x full/B = 32 x m 0/0.9 x a 0.1/0.3/1 of the
-limit), but 2.1x the median setting's own run (0.7-4.1x): a pilot pays off for a sweep of
-settings, not for one run.
+limit), but 2.1x the median setting's own run (0.7-4.1x; fresh tasks 0.8-3.5% and
+0.5-2.4x): a pilot pays off for a sweep of settings, not for one run.
 
 This is issue 13's candidate 3 in the form that measured best: not a kernel growth carried
 over (tangentlab.experimental.pilot's clock; RESULTS.md "holdout-pilot": worse on held-out
