@@ -630,5 +630,10 @@ def test_pilot_conditions_the_head_exact_intervals(tmp_path):
     fc = ok(invoke("forecast", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
                    "--pilot", "--out", tmp_path / "f", "--cache", out / "kernel"))  # fmt: skip
     assert "band with the pilot" in fc.stdout or "more than" in fc.stdout
+    val = ok(invoke("validate", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
+                    "--log-every", 1, "--pilot", "--out", tmp_path / "v", "--cache",
+                    out / "kernel"))  # fmt: skip
+    assert "80% interval with the pilot" in val.stdout
+    assert strict_json(tmp_path / "v" / "validation.json")["info"]["pilot"]["steps"] >= 1
     bad = invoke("forecast", *QUIET, *TANGENT, "--steps", 5, "--pilot", "--out", tmp_path / "t")
     assert bad.exit_code != 0 and "--pilot conditions the head-exact" in bad.output

@@ -165,3 +165,18 @@ def test_pilot_from_a_run_the_user_made_equals_measure_pilot():
     mine = tl.Pilot.from_run(run, fc)
     assert (mine.steps, mine.forecast_steps) == (pilot.steps, pilot.forecast_steps)
     assert mine.feature == pytest.approx(pilot.feature)
+
+
+def test_compare_reads_the_pilot_conditioned_interval():
+    net, data, hb, pilot = _measured("mse")
+    opt = tl.SGD(tl.stable_lr(hb, loss="mse"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tl.errors.ValidityWarning)
+        fc = tl.forecast(hb, opt, 60, loss="mse")
+    run = tl.finetune(net, data, opt, 60, loss="mse", log_every=1, progress=False)
+    target = 0.5 * float(run.loss[0])
+    iv = fc.steps_interval(target, pilot=pilot)
+    cmp = tl.compare(fc, run, target_loss=target, pilot=pilot)
+    assert cmp.steps_interval == (iv.low, iv.high) and cmp.steps_median == iv.median
+    plain = tl.compare(fc, run, target_loss=target)
+    assert plain.steps_median == fc.steps_interval(target).median

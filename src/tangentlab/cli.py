@@ -1050,6 +1050,7 @@ def kernel(**o: Any) -> None:
               help="Batch norm in the real run: frozen (eval mode, as the tangent model) "
               "or train (batch statistics, running statistics updated, dropout on).")
 @_eval_options
+@_pilot_option
 @_errors_as_usage
 def validate(**o: Any) -> None:
     """Forecast, then really fine-tune the same model on the same data with the same
@@ -1088,6 +1089,7 @@ def validate(**o: Any) -> None:
     t0 = time.perf_counter()
     fc = tl.forecast(kernel, optimizer, steps, paths=o["paths"], eval_data=cross, **train)
     f_sec = timer["forecast"] = time.perf_counter() - t0
+    pilot = _measure_pilot(o, kernel, info, timer)
     # The real run starts from a freshly loaded model: the kernel's is left as it was.
     model, data, _, params, _, _ = _resolve(o, quiet=True)  # already described
     if params == "all":
@@ -1105,7 +1107,7 @@ def validate(**o: Any) -> None:
     # a kernel reused from the cache costs ~0 s now: count what it cost when computed
     k_cost = max(timer.get("kernel", 0.0), float(kernel.metadata.get("seconds", 0.0) or 0.0))
     cmp = tl.compare(fc, run, target_loss=o["target_loss"], target_drop=o["target_drop"],
-                     forecast_seconds=k_cost + f_sec)  # fmt: skip
+                     forecast_seconds=k_cost + f_sec, pilot=pilot)  # fmt: skip
     info.update(
         forecast_seconds=round(f_sec, 3), kernel_seconds_counted=round(k_cost, 3),
         run_train_seconds=round(run.train_seconds, 3),
@@ -1115,14 +1117,14 @@ def validate(**o: Any) -> None:
         bn=o["bn"],
         log_every=run.hyperparameters["log_every"],
     )  # fmt: skip
-    paths = write_validation_report(o["out"], fc, run, cmp, kernel, info=info,
+    paths = write_validation_report(o["out"], fc, run, cmp, kernel, info=info, pilot=pilot,
                                     title=f"tangentlab validate: {info.get('source', '')}")
-    _print_validation(cmp, run, k_cost, f_sec)
+    _print_validation(cmp, run, k_cost, f_sec, pilot is not None)
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
 
-def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
+def _print_validation(cmp, run, k_cost: float, f_sec: float, pilot: bool = False) -> None:
     from tangentlab.report import format_table
 
     target = cmp.target_loss
@@ -1174,8 +1176,9 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float) -> None:
         shown = "unknown" if lo is None else f"{lo}-{'' if hi is None else hi} steps"
         where = {True: "inside", False: "OUTSIDE", None: "-"}[cmp.steps_in_interval]
         trust = "narrow band: trusted" if cmp.steps_trusted else "wide band"
-        click.echo(f"real steps to the target vs the forecast's 80% interval ({shown}, {trust}):"
-                   f" {where}")  # fmt: skip
+        with_pilot = " with the pilot" if pilot else ""
+        click.echo(f"real steps to the target vs the forecast's 80% interval{with_pilot} "
+                   f"({shown}, {trust}): {where}")  # fmt: skip
     click.echo(
         f"cost: real run {run.train_seconds:.2f} s training + {run.eval_seconds:.2f} s "
         f"full-loss evaluation; kernel {k_cost:.2f} s + forecast {f_sec:.2f} s; "

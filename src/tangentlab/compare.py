@@ -175,6 +175,7 @@ def compare(
     plateau_rel_eps: float = 0.05,
     forecast_seconds: float | None = None,
     check_settings: bool = True,
+    pilot: Any = None,
 ) -> Comparison:
     r"""Errors of a forecast against a real fine-tuning run of the same setting.
 
@@ -204,6 +205,9 @@ def compare(
       check_settings: refuse a forecast and a run whose hyper-parameters differ (lr,
         batch size, momentum, weight decay, learning-rate schedule, loss, target scale, N),
         when both carry them.
+      pilot: a :class:`tangentlab.hybrid.Pilot` of the same loss: a head-exact forecast's
+        interval is then the one conditioned on it (``Forecast.steps_interval(...,
+        pilot=)``, NOTE [pilot feature]).
 
     Returns:
       A :class:`Comparison`.
@@ -244,17 +248,18 @@ def compare(
         **_coverage_and_cost(fc, rn, steps, loss_run, loss_fc, forecast_seconds),
         diverges_forecast=bool(fc["diverges"]), diverged_run=bool(rn["diverged"]),
         notes=tuple(notes), eval=_eval_part(fn, fc, rn, keep, steps),
-        **_interval_part(forecast, target["target_loss"], target["steps_to_target_run"]),
+        **_interval_part(forecast, target["target_loss"], target["steps_to_target_run"], pilot),
     )  # fmt: skip
 
 
-def _interval_part(forecast: Any, eps: float | None, t_run: int | None) -> dict[str, Any]:
-    """The head-exact forecast's 80% interval for T and whether T is in it (NOTE [steps
-    interval] in tangentlab.forecast)."""
+def _interval_part(forecast: Any, eps: float | None, t_run: int | None,
+                   pilot: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The head-exact forecast's 80% interval for T (conditioned on ``pilot`` when given)
+    and whether T is in it (NOTE [steps interval] in tangentlab.forecast)."""
     method = getattr(forecast, "method", None) or {}
     if eps is None or method.get("model") != "head-body":
         return {}
-    iv = forecast.steps_interval(eps)
+    iv = forecast.steps_interval(eps, pilot=pilot)
     inside = err = None
     if t_run is not None:
         inside = iv.low is not None and iv.low <= t_run and (iv.high is None or t_run <= iv.high)

@@ -472,6 +472,7 @@ def write_validation_report(
     *,
     title: str = "tangentlab validate",
     info: dict[str, Any] | None = None,
+    pilot: Any = None,
 ) -> dict[str, Path]:
     """Write ``validation.json``, ``validation.png`` and ``validation.html`` into ``out_dir``.
 
@@ -483,6 +484,7 @@ def write_validation_report(
       run: the :class:`~tangentlab.finetune.TrainingRun` of the same setting.
       comparison: ``tangentlab.compare.compare(forecast, run)``.
       kernel: the kernel the forecast was computed from.
+      pilot: the :class:`tangentlab.hybrid.Pilot` the comparison's interval used, if any.
 
     Returns the paths written, by kind.
     """
@@ -524,7 +526,7 @@ def write_validation_report(
         sections=[
             ("Forecast vs real run", _html_table(rows)),
             ("Real fine-tuning run", _html_table(run_rows)),
-            ("Forecast", _html_table([summary_row(forecast, target)])),
+            ("Forecast", _html_table([summary_row(forecast, target, pilot=pilot)])),
             ("Details: run settings",
              _html_table([{"quantity": k, "value": v} for k, v in (info or {}).items()])),
             ("Details: kernel", _html_table(kernel_rows(kernel))),
