@@ -223,21 +223,11 @@ def compare(
         _check_same_settings(fn, fc["hyper"], rn["hyper"])
     notes: list[str] = []
     horizon = fc["loss"].shape[0] - 1
-    keep = rn["steps"] <= horizon
-    if not keep.all():
-        notes.append(
-            f"the run goes to step {int(rn['steps'][-1])} but the forecast only to step "
-            f"{horizon}; compared on steps 0..{horizon}"
-        )
+    keep = _common_steps(fn, fc, rn, notes)
     steps = rn["steps"][keep]
     loss_run, acc_run = rn["loss"][keep], rn["accuracy"][keep]
     loss_fc, acc_fc = fc["loss"][steps], fc["accuracy"][steps]
     l0 = float(loss_run[0])
-    if not (math.isfinite(l0) and l0 > 0):
-        raise TangentlabError(
-            f"{fn}: the run's initial loss must be finite and > 0 to normalize the errors, "
-            f"got {l0!r}."
-        )
     notes += _setup_notes(fc, rn, l0, float(loss_fc[0]))
     target = _target_part(fc, steps, loss_run, loss_fc, target_loss, target_drop, horizon)
     plateau = _plateau_part(steps, loss_run, loss_fc, plateau_rel_eps)
@@ -250,6 +240,25 @@ def compare(
         notes=tuple(notes), eval=_eval_part(fn, fc, rn, keep, steps),
         **_interval_part(forecast, target["target_loss"], target["steps_to_target_run"], pilot),
     )  # fmt: skip
+
+
+def _common_steps(fn: str, fc: dict, rn: dict, notes: list[str]) -> np.ndarray:
+    """The run's logged steps inside the forecast's horizon (a note when some are not);
+    the run's initial loss must be finite and > 0 (it normalizes the errors)."""
+    horizon = fc["loss"].shape[0] - 1
+    keep = rn["steps"] <= horizon
+    if not keep.all():
+        notes.append(
+            f"the run goes to step {int(rn['steps'][-1])} but the forecast only to step "
+            f"{horizon}; compared on steps 0..{horizon}"
+        )
+    l0 = float(rn["loss"][0])
+    if not (math.isfinite(l0) and l0 > 0):
+        raise TangentlabError(
+            f"{fn}: the run's initial loss must be finite and > 0 to normalize the errors, "
+            f"got {l0!r}."
+        )
+    return keep
 
 
 def _interval_part(forecast: Any, eps: float | None, t_run: int | None,
