@@ -744,3 +744,28 @@ def test_a_forecast_that_does_not_know_its_body_kind_gets_an_untrusted_interval(
     iv = old.steps_interval(target)
     assert "a body of unknown kind" in iv.note and not iv.trusted
     assert fc.method["conv_body"] is False and "unknown kind" not in fc.steps_interval(target).note
+
+
+def test_an_interval_from_another_subspace_names_it_and_is_not_trusted():
+    """The steps interval was calibrated on the default subspace (directions = C, probes =
+    4); a head-body kernel with other ones gets the note, the default none (an explicit
+    directions = C is the default)."""
+    import dataclasses
+
+    net, _, fc, target = _ce_forecast_and_target()
+    assert fc.method["subspace"] == {"directions": None, "probes": 4, "classes": 3}
+    assert "subspace" not in fc.steps_interval(target).note
+    for kw, named in ((dict(directions=3), None), (dict(directions=1), "directions=1, probes=4"),
+                      (dict(probes=2), "directions=None, probes=2")):  # fmt: skip
+        hb = compute_head_body_kernel(net, _data(dim=4), progress=False, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tl.errors.ValidityWarning)
+            iv = tl.forecast(hb, tl.SGD(0.3), 200, loss="ce").steps_interval(target)
+        if named is None:
+            assert "head-body kernel with" not in iv.note
+        else:
+            assert f"a head-body kernel with {named}" in iv.note and not iv.trusted
+            assert "calibrated with the defaults: directions = C = 3, probes = 4" in iv.note
+    old = dataclasses.replace(fc, method={k: v for k, v in fc.method.items()
+                                          if k != "subspace"})  # fmt: skip
+    assert old.steps_interval(target) == fc.steps_interval(target)  # saved before: defaults

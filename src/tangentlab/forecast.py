@@ -238,6 +238,11 @@ STABILIZED_REACHED = (66, 248)  # targets a blown-up forecast missed: the real r
 STEPS_BAND_COVERAGE = 0.8  # the coverage the band was chosen for (leave-one-task-out)
 STEPS_TRUST_WIDTH = 0.9  # hi − lo at most this: `trusted` (chosen left-out, see above)
 STEPS_DROPS = (0.5, 0.8, 0.9)  # the calibrated drops: hat functions between them
+# Every calibration above used tl.compute_head_body_kernel's default subspace (directions =
+# C, probes = 4); another one changes T̂ (RESULTS.md "deephead": more directions move the
+# convolutional bodies' forecast toward the exact head-exact model), so the interval of a
+# forecast from another subspace names it in its note and is not trusted.
+CALIBRATED_PROBES = 4
 
 
 def steps_features(drop: float, *, momentum: float, fraction: float, rho: float | None,
@@ -326,8 +331,8 @@ class StepsInterval:
         out and 7% / 21% on the fresh tasks of RESULTS.md "holdout-hybrid"; ``False``
         means a wider spread is expected, not that the estimate is wrong.
       note: ``""``, or which settings lie outside those it was calibrated on (constant
-        learning rate, no weight decay, momentum in [0, 0.9], at most the stability limit):
-        the band was not measured there.
+        learning rate, no weight decay, momentum in [0, 0.9], at most the stability limit,
+        the head-body kernel's default subspace): the band was not measured there.
       pilot: ``None``, or the pilot's log(T / T̂) the interval was conditioned on
         (``steps_interval(..., pilot=)``; NOTE [pilot feature] in :mod:`tangentlab.hybrid`).
       stabilized: ``None``, or c when the forecast diverges before the target and the
@@ -593,6 +598,12 @@ class Forecast:
             out.append("an unknown fraction of the stability limit (stability=False)")
         elif self.stability > 2.0 * (1 + 1e-6):  # a > 1: η̃ λ_max/N beyond GD's limit 2
             out.append(f"a rate beyond the stability limit (η̃·λ_max/N = {self.stability:.3g})")
+        sub = self.method.get("subspace")  # absent: saved before it was recorded (defaults)
+        if sub is not None and (sub["directions"] not in (None, sub["classes"])
+                                or sub["probes"] != CALIBRATED_PROBES):  # fmt: skip
+            out.append(f"a head-body kernel with directions={sub['directions']}, probes="
+                       f"{sub['probes']} (calibrated with the defaults: directions = C = "
+                       f"{sub['classes']}, probes = {CALIBRATED_PROBES})")
         if "conv_body" not in self.method:  # saved by a version that did not record it
             out.append("a body of unknown kind (a forecast from before tangentlab recorded "
                        "whether the trained body has convolutions: forecast it again)")
@@ -1858,6 +1869,9 @@ def _solve_head_body(prep: _HeadBodyPrepared, s: Settings) -> _Solution:
         traj.loss, traj.accuracy, traj.blowup,
         {"solver": f"head exact, body linear: exact {kind}", "model": "head-body",
          "conv_body": bool(prep.kernel.metadata.get("conv_body", False)),
+         "subspace": {"directions": prep.kernel.metadata.get("directions"),
+                      "probes": int(prep.kernel.metadata.get("probes", CALIBRATED_PROBES)),
+                      "classes": int(prep.kernel.num_classes)},
          "eval_solver": "the held-out features moved through the cross feature kernel "
                         "(tl.compute_head_body_cross_kernel), outputs by the same head"},
         "head-body", spectral_divergence=False, eval_loss=traj.eval_loss,

@@ -269,6 +269,7 @@ def compute_head_body_kernel(
     basis = feature_basis(weight, phi0, directions=directions)
     meta = dict(head=head_name, body_params=len(body_names), rank=int(basis.shape[1]),
                 conv_body=_conv_body(model, body_names),
+                directions=None if directions is None else int(directions),
                 probes=int(probes), projection=str(projection), feature_dim=int(phi0.shape[1]),
                 seed=int(seed),
                 weights_sha=Tangent(model, params=chosen).weights_hash(),
