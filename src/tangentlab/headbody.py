@@ -228,11 +228,8 @@ def compute_head_body_kernel(
       head: module name of that linear layer (e.g. ``"_fc"``, ``"classifier"``); default:
         the last ``nn.Linear`` whose width is the model's output width.
       params: trainable weights as for :func:`compute_kernel`; must include the head's.
-      directions: principal directions of φ0 added to Q (default C, the number of classes).
-        More move the forecast toward the exact head-exact model where the feature kernel is
-        far from isotropic (EfficientNet-Lite bodies: RESULTS.md "deephead"), at a forecast
-        cost that grows with r; ``Forecast.steps_interval`` was calibrated with the default
-        and its note says so otherwise.
+      directions: principal directions of φ0 added to Q (default C, the number of classes;
+        more: closer to the exact model at a cost growing with r, RESULTS.md "deephead").
       probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
       projection: ``None`` (exact M and κ_⊥) or k (projected, as :func:`compute_kernel`).
       seed: seed of the projection and the probes.
