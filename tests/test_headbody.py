@@ -305,6 +305,23 @@ def test_tangent_kernel_is_the_ntk_at_w0_and_forecasts_as_the_tangent_model():
     assert hb.tangent_kernel() is k0  # built once
 
 
+def test_tangent_kernel_of_a_projected_block_never_forms_the_read_out_kernel(monkeypatch):
+    import tangentlab.headbody as hbm
+
+    monkeypatch.setattr(hbm, "_CHUNK", 3)  # several sample chunks, a short last one
+    net = TanhBody().double().eval()
+    data = _data(dim=4)
+    hb = compute_head_body_kernel(net, data, directions=3, projection=16, progress=False)
+    assert hb.block.theta is None  # only Φ [N r, k] is kept
+    n, c, r = hb.num_samples, hb.num_classes, hb.basis.shape[1]
+    a = hb.weight @ hb.basis
+    m = (hb.block.features.double() @ hb.block.features.double().T).reshape(n, r, n, r)
+    want = torch.einsum("ca,iajb,db->icjd", a, m, a).reshape(n * c, n * c)
+    want += torch.kron(hb.features @ hb.features.T + 1.0, torch.eye(c, dtype=torch.float64))
+    np.testing.assert_allclose(hb.tangent_kernel().theta.numpy(), want.numpy(), rtol=1e-10,
+                               atol=1e-12)  # fmt: skip
+
+
 def test_reliability_check_is_quiet_where_the_models_agree():
     net = TanhBody().double().eval()
     data = _data(dim=4)

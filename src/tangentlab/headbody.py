@@ -129,9 +129,7 @@ class HeadBodyKernel:
         jw0 = self.f0.detach().double().cpu()  # head part: W0 φ0 + b0
         if self.block is not None:
             a = self.weight.detach().double().cpu() @ self.basis.detach().double().cpu()
-            r = a.shape[1]
-            m = self.block.gram().detach().double().cpu().reshape(n, r, n, r)
-            theta += torch.einsum("ca,iajb,db->icjd", a, m, a).reshape(n * c, n * c)
+            theta += _logit_block(self.block, a, n)
             w0 = self.weight.detach().double().cpu()
             jw0 = None if self.body_jw0 is None else jw0 + self.body_jw0.detach().double() @ w0.T
         out = Kernel(f0=self.f0.detach().double().cpu(), targets=self.targets.cpu(),
@@ -192,6 +190,22 @@ class HeadBodyKernel:
             "lambda_max_over_n": self.top_eigenvalue("mse") / max(self.num_samples, 1),
             "metadata": {k: str(v) for k, v in self.metadata.items()},
         }  # fmt: skip
+
+
+def _logit_block(block: Kernel, a: torch.Tensor, n: int) -> torch.Tensor:
+    """A M Aᵀ ``[N C, N C]`` float64 from the read-out kernel M ``[N r, N r]`` and A = W0 Q
+    ``[C, r]``. A projected block (features Φ ``[N r, k]``) is contracted first, Ψ = (I ⊗ A) Φ
+    ``[N C, k]`` and Ψ Ψᵀ, in sample chunks: O(N r k C + (N C)² k) instead of forming M,
+    O((N r)² k) time and (N r)² memory (r = N + C for a full-span Q)."""
+    c, r = a.shape
+    if block.theta is not None:
+        m = block.theta.detach().double().cpu().reshape(n, r, n, r)
+        return torch.einsum("ca,iajb,db->icjd", a, m, a).reshape(n * c, n * c)
+    phi = block.features.detach().cpu()
+    psi = torch.cat([torch.einsum("ca,iak->ick", a, phi[i * r:(i + _CHUNK) * r].double()
+                                  .reshape(-1, r, phi.shape[1])).reshape(-1, phi.shape[1])
+                     for i in range(0, n, _CHUNK)])  # fmt: skip
+    return psi @ psi.T
 
 
 def _np64(t: torch.Tensor) -> np.ndarray:
