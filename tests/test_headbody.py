@@ -305,6 +305,17 @@ def test_tangent_kernel_is_the_ntk_at_w0_and_forecasts_as_the_tangent_model():
     assert hb.tangent_kernel() is k0  # built once
 
 
+def test_frozen_model_with_params_named_is_computed_as_the_same_model_unfrozen():
+    net = TanhBody().double().eval()
+    data = _data(dim=4)
+    want = compute_head_body_kernel(net, data, params=r"^(body\.2|head)\.", progress=False)
+    for p in net.parameters():  # e.g. frozen before a weight-space loop: params= decides
+        p.requires_grad_(False)
+    got = compute_head_body_kernel(net, data, params=r"^(body\.2|head)\.", progress=False)
+    assert tl.choose_linearization(net, data, params=r"^(body\.2|head)\.").model == "body"
+    np.testing.assert_allclose(got.block.theta.numpy(), want.block.theta.numpy(), rtol=1e-12)
+
+
 def test_tangent_kernel_of_a_projected_block_never_forms_the_read_out_kernel(monkeypatch):
     import tangentlab.headbody as hbm
 

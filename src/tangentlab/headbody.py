@@ -278,7 +278,7 @@ def compute_head_body_kernel(
     names = body_names or [next(n for n, _ in body.named_parameters())]
     tb = Tangent(body, params=names, projection=projection, seed=seed)
     first = _features(tb, take(x, slice(0, min(4, num_rows(x)))), head_name)
-    _check_head(model, x, first, weight, bias, head_name)
+    _check_head(model, x, first, weight, bias, head_name, chosen)
     phi0, jw0, parts_s = _features_and_jw0(tb, x, bool(body_names), first,
                                            None if cache is None else Path(cache) / _FEATURES)
     basis = feature_basis(weight, phi0, directions=directions)
@@ -400,7 +400,8 @@ def _check_head_on(model: nn.Module, data: Any, name: str, lin: nn.Linear) -> No
             tb = Tangent(body, params=[next(n for n, _ in body.named_parameters())])
             bias = None if lin.bias is None else lin.bias.detach().to(torch.float64).cpu()
             _check_head(model, x4, _features(tb, x4, name),
-                        lin.weight.detach().to(torch.float64).cpu(), bias, name)  # fmt: skip
+                        lin.weight.detach().to(torch.float64).cpu(), bias, name,
+                        [next(n for n, _ in model.named_parameters())])  # fmt: skip
     finally:
         for m, training in modes:
             m.training = training
@@ -687,11 +688,11 @@ def _features(tb: Tangent, x: Any, head: str | None = None) -> torch.Tensor:
         ) from None
 
 
-def _check_head(model, x, phi0, weight, bias, head: str) -> None:
+def _check_head(model, x, phi0, weight, bias, head: str, chosen: list[str]) -> None:
     """The model's logits must be ``head(φ)``: checked on up to 4 samples."""
     m = min(4, phi0.shape[0])
-    with torch.no_grad():
-        out = Tangent(model).f0(take(x, slice(0, m))).double().cpu()
+    with torch.no_grad():  # the weights asked for (requires_grad may be off on all of them)
+        out = Tangent(model, params=chosen).f0(take(x, slice(0, m))).double().cpu()
     f = phi0[:m] @ weight.T + (0.0 if bias is None else bias)
     err = float((out - f).abs().max())
     scale = max(float(out.abs().max()), 1.0)
