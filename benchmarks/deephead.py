@@ -384,11 +384,10 @@ outputs at these sizes; the two-layer model in weight space costs 1.3-2.1x that 
 forward and backward at every step: no cheaper than training the top here, cheaper only
 where the real run pays for the whole network. *What changes.* Nothing in the defaults:
 the steps interval's calibration is of the default subspace, and a forecast from another
-one now says so in its note and is not trusted (``Forecast.steps_interval``). The next
-step for issue 13 is a subspace chosen from the body's own feature kernel rather than
-φ0's principal directions (to reach the exact model at small r), the interval recalibrated
-on it for convolutional bodies, then a fresh round. ``parts`` also splits MiniLM's top
-(pooler and classifier exact); the text tasks were not run here.
+one now says so in its note and is not trusted (``Forecast.steps_interval``). A subspace
+chosen from the body's own feature kernel was measured next: it does not reach the full
+span at small r (RESULTS.md "subspace", ``benchmarks/subspace.py``). ``parts`` also
+splits MiniLM's top (pooler and classifier exact); the text tasks were not run here.
 """
 
 
