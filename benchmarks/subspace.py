@@ -238,7 +238,7 @@ def _label(v: str) -> str:
     kind, _, p = v.partition("-")
     if kind == "full":
         return f"full span, k = {p[1:]}"
-    return f"{kind}, p = {p}"
+    return f"{kind}, p = {p}" + (" (the library's default)" if v == "pca-C" else "")
 
 
 def report() -> list[str]:
