@@ -319,24 +319,24 @@ def _cost_lines() -> list[str]:
 
 READING = """
 
-**Reading** (development data only: 7 of the 14 image development tasks, the first 7 that
+**Reading** (development data only: 8 of the 14 image development tasks, the first 8 that
 ran in the session's time; the others resume with the same command; nothing fresh, nothing
 adopted). *No small Q chosen from the body's own kernel reaches the full span.* At r = 2C
-(the default's size) every rule scores 78-100% / miss (10-14 misses of 79), the library's
-φ0-PCA rule 85% / miss; at r = 4C the best raw rule (``step``: the first step's head
-gradients and feature displacements) scores 45% / 156% (5 misses), PCA 54% / 157%; the
-body's most movable directions alone (``gram``) are the worst at both sizes. With Q spanning
-all of φ0 (r = N + C) the forecast scores 24% / 85% at k = 1024 (28% / 89% at k = 512), no
-miss, against 19% / 46% for the exact feature kernel; what is left is MSE at the 80% drop
-(46% / 66%), where the exact kernel scores 24% / 55%. The reason is in the model's
+(the default's size) every rule scores 86-100% / miss (14-18 misses of 91), the library's
+φ0-PCA rule 86% / miss; at r = 4C the best raw rule (``step``: the first step's head
+gradients and feature displacements) scores 47% / 183% (8 misses), PCA 55% / 184%; the
+body's most movable directions alone (``gram``) are the worst, or tied, at both sizes. With
+Q spanning all of φ0 (r = N + C) the forecast scores 25% / 99% at k = 1024 (28% / 115% at k
+= 512), no miss, against 20% / 54% for the exact feature kernel; what is left is MSE at the
+80% drop (49% / 105%), where the exact kernel scores 25% / 66%. The reason is in the model's
 equations: the head's update ΔW = -(η/N) Σ_t D_tᵀ Φ_t lies in the span of *all* the
 features, and its first-order product with the body, W0 K(i, j) ΔWᵀ, is dropped for every
 feature direction outside Q (κ_⊥ is isotropic, and W0's rows lie in Q). Which of the
 directions outside a small Q carry that term was not isolated here: neither φ0's next
 principal directions nor the body's most movable ones (``gram``) nor the first step's do.
 *After a per-cell correction* (what the calibrated interval does) the picture changes: r =
-4C scores 13-16% / 62%-miss corrected (5-8 misses at 3x the real run's steps), the full span
-10% / 38% (k = 1024) and 12% / 43% (k = 512), the exact feature kernel 11% / 38%. So a
+4C scores 13-18% / 76%-miss corrected (8-11 misses at 3x the real run's steps), the full
+span 11% / 44% (k = 1024) and 15% / 48% (k = 512), the exact feature kernel 15% / 46%. So a
 calibrated full-span forecast is as good as the exact head-exact model here; r = 4C is not,
 because of its misses. *Cost* (graphics-lite1, timed in one process, table above): the full
 span's kernel is 8 s against 2 s for the default, its forecasts 0.69x the real runs' time
