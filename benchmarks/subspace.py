@@ -78,7 +78,8 @@ def _top(rows: torch.Tensor, p: int) -> torch.Tensor:
     return torch.linalg.svd(rows, full_matrices=False)[2][:p].T
 
 
-def _chunks(tb: Tangent, fn, x, n: int) -> torch.Tensor:
+def _chunks(fn, x, n: int) -> torch.Tensor:
+    """``fn`` over 64-sample chunks of ``x``, concatenated (float64)."""
     return torch.cat([fn(x[i:i + 64]).double() for i in range(0, n, 64)])
 
 
@@ -95,7 +96,7 @@ def bases(top, x, y, params: str, c: int) -> tuple[dict, dict]:
     ys = []
     for _ in range(OMEGAS):
         om = torch.randn(tb.num_params, generator=g).to(tb.dtype)
-        ys.append(_chunks(tb, lambda xb, om=om: tb.jvp(xb, om), x, n))
+        ys.append(_chunks(lambda xb, om=om: tb.jvp(xb, om), x, n))
     jw = torch.cat(ys)  # [OMEGAS n, d]: E[jwᵀ jw] / OMEGAS = G
     gram_s = time.perf_counter() - t0
     f0 = phi0 @ w0.T + b0
@@ -106,7 +107,7 @@ def bases(top, x, y, params: str, c: int) -> tuple[dict, dict]:
     for dd in ds:
         u = (dd @ w0).to(tb.dtype)  # W0ᵀ δ_j [n, d]
         gb = sum(tb.vjp(x[i:i + 64], u[i:i + 64]) for i in range(0, n, 64))
-        moved.append(_chunks(tb, lambda xb, gb=gb: tb.jvp(xb, gb), x, n))
+        moved.append(_chunks(lambda xb, gb=gb: tb.jvp(xb, gb), x, n))
     step_s = time.perf_counter() - t0
     hgrad = torch.cat([phi0.T @ dd for dd in ds], 1).T  # [2C, d]
     _, sv, vh = torch.linalg.svd(phi0, full_matrices=False)
