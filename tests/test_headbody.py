@@ -797,3 +797,60 @@ def test_an_interval_from_another_subspace_names_it_and_is_not_trusted():
     old = dataclasses.replace(fc, method={k: v for k, v in fc.method.items()
                                           if k != "subspace"})  # fmt: skip
     assert old.steps_interval(target) == fc.steps_interval(target)  # saved before: defaults
+
+
+class WideBody(nn.Module):
+    """φ = (A x + a) ⊙ s with d = 40 > N + C: Q spanning all of φ0 has r = N + C < d."""
+
+    def __init__(self, anisotropic: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Linear(5, 40)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 40) if anisotropic
+                             else torch.ones(40))  # fmt: skip
+        self.fc = nn.Linear(40, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x) * self.scale)
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+@pytest.mark.parametrize("batch", [None, 4])
+def test_a_subspace_spanning_the_features_runs_in_its_coordinates_and_stays_exact(
+        batch, monkeypatch):  # fmt: skip
+    """NOTE [head-body in span Q]: with Q spanning φ0 (directions >= N) the forecast runs in
+    Q's r = N + C coordinates. An isotropic body (K = κ I) is then still exact against real
+    runs; an anisotropic one gives the forecast of the d-dimensional state to round-off
+    (decay toward 0 included: J w0 = φ0 here); decay toward 0 with J w0 outside Q, and a
+    smaller Q, keep the d-dimensional state."""
+    data = _data()
+    net = WideBody(anisotropic=False).double().eval()
+    hb = compute_head_body_kernel(net, data, directions=10, probes=2, progress=False)
+    p = hb.problem()
+    assert p.basis.shape == (40, 13) and p.in_basis() is not None
+    assert p.in_basis().phi0.shape == (10, 13)
+    opt = tl.SGD(0.05, momentum=0.9, weight_decay=0.1, decay_to="w0")
+    fc = tl.forecast(hb, opt, 30, loss="ce", batch_size=batch, paths=1)
+    run = tl.finetune(net, data, opt, 30, loss="ce", batch_size=batch, log_every=1,
+                      progress=False)  # fmt: skip
+    np.testing.assert_allclose(fc.loss, run.loss, rtol=1e-10, atol=1e-12)
+
+    wide = WideBody(anisotropic=True).double().eval()
+    hb = compute_head_body_kernel(wide, data, directions=10, probes=2, projection=64,
+                                  progress=False)  # fmt: skip
+    p = hb.problem()
+    assert p.in_basis(decay_to_zero=True) is not None  # a body linear in its weights: J w0 = φ0
+    for o in (tl.SGD(0.05, momentum=0.9), tl.SGD(0.05, weight_decay=0.1)):
+        fast = tl.forecast(hb, o, 30, loss="mse", batch_size=batch, paths=2, seed=3)
+        with monkeypatch.context() as m:
+            m.setattr(dyn.HeadBodyProblem, "in_basis", lambda self, **kw: None)
+            slow = tl.forecast(hb, o, 30, loss="mse", batch_size=batch, paths=2, seed=3)
+        np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-9)
+        if batch is not None:
+            np.testing.assert_allclose(fast.loss_paths, slow.loss_paths, rtol=1e-9)
+    small = compute_head_body_kernel(wide, data, progress=False)  # directions = C
+    assert small.problem().in_basis() is None
+    # a tanh body: J w0 = (1 - φ0²) ⊙ (A x + a) leaves span Q, so decay toward 0 does too
+    bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
+    bent = compute_head_body_kernel(bent, data, directions=10, progress=False).problem()
+    assert bent.in_basis() is not None and bent.in_basis(decay_to_zero=True) is None

@@ -87,6 +87,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.integrate
@@ -1206,6 +1207,48 @@ class HeadBodyProblem:
                                 w - wq @ q.T], axis=1)  # fmt: skip
         return left @ right
 
+    def in_basis(self, *, decay_to_zero: bool = False) -> HeadBodyProblem | None:
+        r"""The same model in Q's coordinates when it never leaves span Q, else ``None``.
+
+        If the rows of W0 and every φ0_i lie in span Q (``directions`` >= N: Q spans all of
+        φ0), the head's update -η Σ δ_i φ_iᵀ and the features' -η Q M(·) Qᵀ Wᵀ δ stay in
+        it, and κ_⊥ only ever acts on W - W Q Qᵀ = 0. The state can then be carried as
+        ``φ Q`` ``[N, r]`` and ``W Q`` ``[C, r]``: outputs ``(W Q)(φ Q)ᵀ`` are exact, and a
+        step costs N r instead of N d per sample (NOTE [head-body in span Q]). Decay toward
+        0 also pulls φ toward φ0 - J w0_body, so it needs J w0_body in span Q as well
+        (``decay_to_zero``). ``None`` when r >= d (nothing to gain) or a residual exceeds
+        1e-9 of its norm."""
+        red = self._in_basis
+        if red is None or (decay_to_zero and not red[1]):
+            return None
+        return red[0]
+
+    @cached_property
+    def _in_basis(self) -> tuple[HeadBodyProblem, bool] | None:
+        q = self.basis
+        if self.block is None or q.shape[1] >= q.shape[0]:
+            return None
+
+        def spanned(x: np.ndarray) -> bool:
+            return bool(np.linalg.norm(x - (x @ q) @ q.T) <= 1e-9 * max(np.linalg.norm(x), 1e-300))
+
+        if not (spanned(self.phi0) and spanned(self.weight)):
+            return None
+        jw0 = self.body_jw0
+        red = HeadBodyProblem(
+            phi0=self.phi0 @ q, weight=self.weight @ q, bias=self.bias,
+            basis=np.eye(q.shape[1]), block=self.block, rest=None,
+            body_jw0=None if jw0 is None else jw0 @ q,
+        )  # fmt: skip
+        return red, jw0 is None or spanned(jw0)
+
+
+# NOTE [head-body in span Q]. With Q spanning all of φ0 (compute_head_body_kernel(...,
+# directions >= N)), the model stays in span Q exactly, so head_body_trajectory runs it in
+# Q's r = N + C coordinates instead of d (HeadBodyProblem.in_basis): for EfficientNet-Lite's
+# d = 1280 and N = 128, the [P, N, d] products of every step shrink ~9x. A held-out set
+# (eval_set) keeps the d-dimensional state: its features need not lie in span Q.
+
 
 @dataclass(frozen=True)
 class HeadBodyEval:
@@ -1345,6 +1388,8 @@ def head_body_trajectory(
     Returns a :class:`Trajectory` with one row per path.
     """
     p = problem
+    if eval_set is None:  # NOTE [head-body in span Q]
+        p = p.in_basis(decay_to_zero=bool(weight_decay) and decay_to == "zero") or p
     paths = 1 if batches is None else len(batches)
     st = _HeadBodyState(p, paths, decay_to, eval_set)
     rates = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
@@ -1465,13 +1510,14 @@ class HeadBodyLogitOperator:
     .. math::
         \Theta_0(i, j) = W_0 K(i, j) W_0^T + (φ0_i · φ0_j + 1_{\text{bias}})\, I_C
 
-    the tangent model's NTK (exact: the rows of W0 lie in span Q). Used for λ_max.
+    the tangent model's NTK (exact: the rows of W0 lie in span Q). Used for λ_max; in Q's
+    coordinates when they hold φ0 (NOTE [head-body in span Q]: the same products).
     """
 
     name = "head-body"
 
     def __init__(self, problem: HeadBodyProblem):
-        self.problem = problem
+        self.problem = problem.in_basis() or problem
         self.num_classes = problem.weight.shape[0]
 
     def matvec(self, x: np.ndarray) -> np.ndarray:

@@ -243,7 +243,8 @@ def compute_head_body_kernel(
         the last ``nn.Linear`` whose width is the model's output width.
       params: trainable weights as for :func:`compute_kernel`; must include the head's.
       directions: principal directions of φ0 added to Q (default C, the number of classes;
-        >= N: all of φ0's span, the closest to the exact model, costlier; RESULTS "subspace").
+        >= N: all of φ0's span, the closest to the exact model, costlier; RESULTS "subspace";
+        its forecasts then run in Q's N + C coordinates, NOTE [head-body in span Q]).
       probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
       projection: ``None`` (exact M and κ_⊥) or k (projected, as :func:`compute_kernel`).
       seed: seed of the projection and the probes.

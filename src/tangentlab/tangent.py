@@ -402,7 +402,15 @@ class Tangent:
             )
 
     def _batch_difference(self, xs: Inputs, out: torch.Tensor, m: int, where: str):
-        """Preflight: f0 of sample 0 alone against sample 0 in the batch; (diff, tol)."""
+        """Preflight: f0 of sample 0 alone against sample 0 in the batch; (diff, tol).
+        A probed Tangent checks the model's own outputs: probed ones can vanish at w0
+        (features inside span Q read beside it: round-off only), and the per-sample
+        property is the model's."""
+        if self.output_probes is not None and m >= 2:
+            raw = copy.copy(self)
+            raw.output_probes = None
+            with torch.no_grad():
+                return raw._batch_difference(xs, raw._call(self.w0, xs), m, where)
         tol = torch.finfo(out.dtype).eps ** 0.5
         diff = None
         if m >= 2:
