@@ -637,3 +637,18 @@ def test_pilot_conditions_the_head_exact_intervals(tmp_path):
     assert strict_json(tmp_path / "v" / "validation.json")["info"]["pilot"]["steps"] >= 1
     bad = invoke("forecast", *QUIET, *TANGENT, "--steps", 5, "--pilot", "--out", tmp_path / "t")
     assert bad.exit_code != 0 and "--pilot conditions the head-exact" in bad.output
+
+
+def test_directions_all_keeps_every_feature_direction_exact(tmp_path):
+    """--directions all: Q spans every training feature (r = N + C), recorded in the JSON;
+    --directions with the tangent model, or a bad value, is refused with the fix."""
+    out = tmp_path / "all"
+    ok(invoke("forecast", *QUIET, "--steps", STEPS, "--linearize", "body", "--directions",
+              "all", "--out", out))  # fmt: skip
+    js = strict_json(out / "forecast.json")
+    assert "r = 30," in js["info"]["model_of_training"]  # N = 20 samples + C = 10 classes
+    assert js["forecasts"][0]["method"]["subspace"]["spans_features"] is True
+    res = invoke("forecast", *QUIET, *TANGENT, "--directions", "all", "--out", tmp_path / "t")
+    assert res.exit_code != 0 and "--directions goes with --linearize body" in res.output
+    res = invoke("forecast", *QUIET, "--directions", "most", "--out", tmp_path / "b")
+    assert res.exit_code != 0 and "--directions must be an integer >= 0 or 'all'" in res.output

@@ -781,7 +781,8 @@ def test_an_interval_from_another_subspace_names_it_and_is_not_trusted():
     import dataclasses
 
     net, _, fc, target = _ce_forecast_and_target()
-    assert fc.method["subspace"] == {"directions": None, "probes": 4, "classes": 3}
+    assert fc.method["subspace"] == {"directions": None, "probes": 4, "classes": 3,
+                                     "spans_features": True}  # d = 4: Q is all of R^4
     assert "subspace" not in fc.steps_interval(target).note
     for kw, named in ((dict(directions=3), None), (dict(directions=1), "directions=1, probes=4"),
                       (dict(probes=2), "directions=None, probes=2")):  # fmt: skip
@@ -829,6 +830,10 @@ def test_a_subspace_spanning_the_features_runs_in_its_coordinates_and_stays_exac
     p = hb.problem()
     assert p.basis.shape == (40, 13) and p.in_basis() is not None
     assert p.in_basis().phi0.shape == (10, 13)
+    every = compute_head_body_kernel(net, data, directions="all", probes=2, progress=False)
+    assert every.metadata["directions"] == 10 and torch.equal(every.basis, hb.basis)
+    with pytest.raises(tl.TangentlabError, match="directions must be an integer >= 0 or 'all'"):
+        compute_head_body_kernel(net, data, directions="most", progress=False)
     opt = tl.SGD(0.05, momentum=0.9, weight_decay=0.1, decay_to="w0")
     fc = tl.forecast(hb, opt, 30, loss="ce", batch_size=batch, paths=1)
     run = tl.finetune(net, data, opt, 30, loss="ce", batch_size=batch, log_every=1,
@@ -854,3 +859,45 @@ def test_a_subspace_spanning_the_features_runs_in_its_coordinates_and_stays_exac
     bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
     bent = compute_head_body_kernel(bent, data, directions=10, progress=False).problem()
     assert bent.in_basis() is not None and bent.in_basis(decay_to_zero=True) is None
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+def test_a_convolutional_body_at_the_full_span_gets_the_full_span_calibration():
+    """NOTE [full-span interval]: Q spanning all of φ0 (directions >= N) on a convolutional
+    body reads the interval from STEPS_CALIBRATION_FULL, never trusted, without the
+    other-subspace note at full batch; a minibatch forecast and a pilot get a note; a
+    non-convolutional body at the full span keeps the default calibration and its note."""
+    from conftest import make_cnn
+    from tangentlab.forecast import STEPS_CALIBRATION_FULL, steps_features, steps_quantiles
+
+    assert STEPS_CALIBRATION_FULL  # the calibration exists
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.double)
+    data = (x, torch.randint(0, 3, (12,), generator=g))
+    hb = compute_head_body_kernel(make_cnn(), data, directions=12, progress=False)
+    opt = tl.SGD(tl.stable_lr(hb, fraction=0.3, momentum=0.9, loss="ce"), momentum=0.9)
+    fc = tl.forecast(hb, opt, 300, loss="ce")
+    assert fc.method["subspace"]["spans_features"] and fc.method["conv_body"]
+    target = 0.5 * float(fc.loss[0])
+    t = fc.steps_to(target)
+    iv = fc.steps_interval(target)
+    hit = np.flatnonzero(fc.reference_loss <= target)
+    rho = max(int(hit[0]) if hit.size else 2 * (fc.loss.shape[0] - 1), 1) / max(t, 1)
+    stretch, rho50 = _curve_features_by_hand(fc.loss, fc.reference_loss)
+    xf = steps_features(0.5, momentum=0.9, fraction=fc.stability / 2, rho=rho, steps=t,
+                        stretch=stretch, rho50=rho50, conv=True)  # fmt: skip
+    lo, mid, hi = steps_quantiles(xf, full=True)
+    assert (lo, mid, hi) != steps_quantiles(xf)
+    assert (iv.low, iv.median, iv.high) == (int(np.floor(t * np.exp(lo))), round(t * np.exp(mid)),
+                                            int(np.ceil(t * np.exp(hi))))  # fmt: skip
+    assert iv.note == "" and not iv.trusted
+    mini = tl.forecast(hb, opt, 300, loss="ce", batch_size=4, paths=2)
+    assert "a minibatch forecast at the full span" in mini.steps_interval(target).note
+    pilot = tl.Pilot(feature=0.1, loss="ce", steps=5, forecast_steps=5, lr=0.05, cost=60)
+    assert "a head-body kernel with directions=12" in fc.steps_interval(target, pilot=pilot).note
+    tanh = compute_head_body_kernel(TanhBody().double().eval(), _data(dim=4), directions=10,
+                                    progress=False)  # fmt: skip
+    other = tl.forecast(tanh, tl.SGD(0.3), 200, loss="ce")
+    assert other.method["subspace"]["spans_features"] and not other.method["conv_body"]
+    assert "a head-body kernel with directions=10" in other.steps_interval(
+        0.5 * float(other.loss[0])).note

@@ -136,6 +136,11 @@ def _source_options(fn):
         click.option("--head", default=None, metavar="NAME",
                      help="--linearize body/auto: module name of the final nn.Linear "
                      "(default: the model's last nn.Linear)."),
+        click.option("--directions", default=None, metavar="P|all",
+                     help="--linearize body/auto: principal directions of the features kept "
+                     "exact beside the head's rows (default: C); 'all': every direction "
+                     "the training features span — closer to real runs on convolutional "
+                     "bodies, costlier (N + C read-outs per sample; see README)."),
         click.option("--out", default="runs/tangentlab", show_default=True,
                      help="Output directory for JSON, PNG and HTML."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -479,6 +484,7 @@ def _head_body_kernel(o: dict[str, Any], timer: dict, model, data, params, proj,
     t0 = time.perf_counter()
     hb = tl.compute_head_body_kernel(
         model, data, head=o["head"], params=params, projection=proj, seed=o["seed"],
+        directions=_directions(o.get("directions")),
         memory_budget=o["memory_budget"], device=o["device"],
         cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "head-body",
         progress=not o["no_progress"],
@@ -490,6 +496,18 @@ def _head_body_kernel(o: dict[str, Any], timer: dict, model, data, params, proj,
             "model_of_training": f"head exact ({hb.metadata['head']}), body linear; "
             f"r = {hb.metadata['rank']}, {hb.metadata['probes']} probes"}  # fmt: skip
     return hb, {}, info
+
+
+def _directions(value: str | None) -> int | str | None:
+    """``--directions``: None, 'all' or an integer >= 0."""
+    if value is None or str(value).strip().lower() == "all":
+        return None if value is None else "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise TangentlabError(
+            f"tangentlab: --directions must be an integer >= 0 or 'all', got {value!r}."
+        ) from None
 
 
 def _batch(value: str | int | None) -> int | None:
@@ -729,9 +747,12 @@ def _check_linearize(o: dict[str, Any]) -> None:
     """Refuse --linearize body with options of the tangent model only; resolve
     --linearize auto to all when one is given (else _kernel asks the model)."""
     if o.get("linearize") == "all":
-        if o.get("head") is not None:
-            raise TangentlabError("tangentlab: --head goes with --linearize body (or auto).")
+        for flag in ("head", "directions"):
+            if o.get(flag) is not None:
+                raise TangentlabError(
+                    f"tangentlab: --{flag} goes with --linearize body (or auto).")
         return
+    _directions(o.get("directions"))  # a bad value is refused before any work
     clash = [f for f, v in (("--kernel", o.get("kernel_file")),
                             ("--subsample", o.get("subsample")),
                             ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")),

@@ -1224,15 +1224,18 @@ class HeadBodyProblem:
         return red[0]
 
     @cached_property
+    def spans_features(self) -> bool:
+        """Whether span Q holds every φ0_i and the rows of W0 (to 1e-9 of their norms)."""
+        return self._spanned(self.phi0) and self._spanned(self.weight)
+
+    def _spanned(self, x: np.ndarray) -> bool:
+        q = self.basis
+        return bool(np.linalg.norm(x - (x @ q) @ q.T) <= 1e-9 * max(np.linalg.norm(x), 1e-300))
+
+    @cached_property
     def _in_basis(self) -> tuple[HeadBodyProblem, bool] | None:
         q = self.basis
-        if self.block is None or q.shape[1] >= q.shape[0]:
-            return None
-
-        def spanned(x: np.ndarray) -> bool:
-            return bool(np.linalg.norm(x - (x @ q) @ q.T) <= 1e-9 * max(np.linalg.norm(x), 1e-300))
-
-        if not (spanned(self.phi0) and spanned(self.weight)):
+        if self.block is None or q.shape[1] >= q.shape[0] or not self.spans_features:
             return None
         jw0 = self.body_jw0
         red = HeadBodyProblem(
@@ -1240,7 +1243,7 @@ class HeadBodyProblem:
             basis=np.eye(q.shape[1]), block=self.block, rest=None,
             body_jw0=None if jw0 is None else jw0 @ q,
         )  # fmt: skip
-        return red, jw0 is None or spanned(jw0)
+        return red, jw0 is None or self._spanned(jw0)
 
 
 # NOTE [head-body in span Q]. With Q spanning all of φ0 (compute_head_body_kernel(...,

@@ -224,7 +224,7 @@ def compute_head_body_kernel(
     *,
     head: str | None = None,
     params: ParamSpec = None,
-    directions: int | None = None,
+    directions: int | str | None = None,
     probes: int = 4,
     projection: int | Projection | None = None,
     seed: int = 0,
@@ -243,8 +243,10 @@ def compute_head_body_kernel(
         the last ``nn.Linear`` whose width is the model's output width.
       params: trainable weights as for :func:`compute_kernel`; must include the head's.
       directions: principal directions of φ0 added to Q (default C, the number of classes;
-        >= N: all of φ0's span, the closest to the exact model, costlier; RESULTS "subspace";
-        its forecasts then run in Q's N + C coordinates, NOTE [head-body in span Q]).
+        ``"all"`` (or >= N): all of φ0's span, the closest to the exact model, costlier:
+        RESULTS "subspace"; its forecasts run in Q's N + C coordinates, NOTE [head-body in
+        span Q], and a convolutional body's steps interval has its own calibration, NOTE
+        [full-span interval]).
       probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
       projection: ``None`` (exact M and κ_⊥) or k (projected, as :func:`compute_kernel`).
       seed: seed of the projection and the probes.
@@ -264,9 +266,11 @@ def compute_head_body_kernel(
         >>> hb.features.shape, hb.block.features.shape  # [N, d], [N*r, 2048] (projected: Φ only)
         >>> fc = tl.forecast(hb, tl.SGD(0.01), 300, loss="ce")
     """
-    _check_counts(directions=directions, probes=probes)
     t0 = time.perf_counter()
     x, y = as_arrays(data, where="compute_head_body_kernel")
+    if directions == "all":
+        directions = num_rows(x)
+    _check_counts(directions=directions, probes=probes)
     head_name, lin = find_head(model, head)
     chosen = select_params(model, params)
     body_names = _body_params(chosen, lin, head_name)
@@ -584,8 +588,10 @@ def _check_counts(**counts: Any) -> None:
     for name, value in counts.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 0):  # fmt: skip
+            also = " or 'all'" if name == "directions" else ""
             raise TangentlabError(
-                f"compute_head_body_kernel: {name} must be an integer >= 0, got {value!r}."
+                f"compute_head_body_kernel: {name} must be an integer >= 0{also}, got "
+                f"{value!r}."
             )
 
 
