@@ -392,7 +392,8 @@ SPEED_CELLS = ("mse-full-m0-a0.3", "ce-full-m0.9-a0.1", "ce-B32-m0.9-a0.3")
 def speed(name: str = "graphics-lite1") -> dict:
     """NOTE [head-body in span Q]: the full-span forecast of three stored cells in Q's
     coordinates and in d coordinates (``HeadBodyProblem.in_basis`` switched off), timed in
-    one process, each over the real run's steps; ``speed.json``."""
+    one process after the kernel's cached parts were computed, each over the real run's
+    steps; ``speed.json``."""
     from tangentlab import dynamics as dyn
 
     cells = dh.dev_tasks()[name][0]
@@ -400,6 +401,10 @@ def speed(name: str = "graphics-lite1") -> dict:
         warnings.simplefilter("ignore")
         task = ho.load_task(name)
     hb = kernels(task, ho.TASKS[name])["full"][0]
+    with warnings.catch_warnings():  # the kernel's cached parts (tangent NTK, λ_max) first
+        warnings.simplefilter("ignore")
+        tl.forecast(hb, tl.SGD(1e-6), 1)
+        tl.forecast(hb, tl.SGD(1e-6), 1, loss="ce")
     rows, original = [], dyn.HeadBodyProblem.in_basis
     for key in SPEED_CELLS:
         c = cells[key]
@@ -486,21 +491,69 @@ def report() -> list[str]:
     if fresh:
         w = {k: np.array(v) for k, v in cal["coefficients"].items() if "_no_rho" not in k}
         lines += ["", "Fresh tasks (scored once):", "",
-                  "| task | targets | default subspace (library) | full span, T̂ | full span, "
-                  "refitted | refitted band covers |", "|---|---|---|---|---|---|"]
+                  "| task | targets | default subspace (library) | its band covers | full span, "
+                  "T̂ | full span, refitted | refitted band covers |",
+                  "|---|---|---|---|---|---|---|"]
         pooled = []
         for name, rows in fresh.items():
             pooled += rows
             lines.append(_fresh_line(name, rows, w))
         lines.append(_fresh_line("all", pooled, w))
+        lines += _cost_lines(fresh)
+    return lines + ["", READING]
+
+
+READING = """**Reading.** *Development* (14 image tasks, 428 full-batch targets, left out by task).
+Forecasting with Q spanning all of φ0 and reading the interval from a calibration refitted
+on those forecasts (all nine columns, band level 6%) scores 19% / 58% (6 misses), its band
+covering 80.8% at a median log-width of 0.86; the same forecasts read through the default's
+calibration score 29% / 71% (covering 76%), their T̂ itself 27% / 118%, and the default
+subspace's library estimate 28% / miss (it misses 72 targets within 3x the real steps; on
+the 346 it reaches, 23% / 58% against 18% / 42%). Adopted by the rule
+(``STEPS_CALIBRATION_FULL``, for a convolutional body whose Q spans φ0, without a pilot;
+never `trusted`). *Fresh* (two image tasks, 63 targets, scored once). Pooled, the refitted
+full-span estimate scores 27% / 50% against 32% / 63% for the default subspace's: better in
+median and p90, as on development, and far from issue 13's goals (15% / 35%). On
+matplotlib's images it wins clearly (7% / 34% against 11% / 51%); on OpenCV's stereo
+chessboards both are poor (40% / 53% against 44% / 65%) and there the full span's T̂ itself
+was best (26% / 31%): those real runs were *slower* than the full-span forecast (median
+log(T / T̂) +0.3, where development runs were mostly faster), and the refitted band
+(narrower: median log-width 0.86 on development against 1.44) covered 20% of them (the
+default's 73%). Pooled the new band covered 62%: **below the 80% it was chosen for**, so the
+interval goal is not met by this option on fresh tasks; the default subspace's band covered
+87%. What changes: the full span is an option (``directions="all"``, ``--directions all``)
+with its own calibration, not the default; the default subspace keeps its calibration.
+*Cost*: the full span's kernel took 4-9x the default's here, and its read-out kernel grows
+as N (N + C); in Q's coordinates a forecast step is 1.3-1.7x cheaper than in d (table
+above)."""
+
+
+def _cost_lines(fresh: dict) -> list[str]:
+    """Seconds of the fresh round (other runs beside it on the 2 cores: indicative)."""
+    lines = ["", "Cost on the fresh tasks (seconds; two to four processes shared the two cores, "
+             "so only the ratios within a row mean much): kernels; forecasts, median per "
+             "cell (the full span over 3x the real steps, the default over 10x); the real "
+             "run of a cell (trunk once + the top on cached trunk outputs, median):", "",
+             "| task | kernel: full span / default | forecast per cell: full span / default | "
+             "real run per cell |", "|---|---|---|---|"]
+    for name, rows in fresh.items():
+        lib = json.loads((OUT / "fresh" / f"{name}-library.json").read_text())
+        state = json.loads((OUT / "fresh" / f"{name}.json").read_text())
+        per = {k: float(np.median([r[k]["seconds"] for r in rows])) for k in ("full", "default")}
+        real = float(np.median([c["real_seconds"] for c in state["cells"].values()]))
+        ks = lib["kernel_seconds"]
+        lines.append(f"| {name} | {ks['full']:.1f} / {ks['default']:.1f} | {per['full']:.1f} / "
+                     f"{per['default']:.1f} | {real:.1f} |")
     return lines
 
 
 def _fresh_line(name: str, rows: list[dict], w: dict) -> str:
     est = [estimate(r, w) for r in rows]
     cover = sum(_inside(r, lo, hi) for r, (lo, _, hi) in zip(rows, est)) / max(len(rows), 1)
+    base = sum(_inside(r, r["default"]["low"], r["default"]["high"]) for r in rows) / max(
+        len(rows), 1)  # fmt: skip
     return (f"| {name} | {len(rows)} | {_fmt([_err(r, r['default']['median']) for r in rows])}"
-            f" | {_fmt([_err(r, r['full']['point']) for r in rows])} | "
+            f" | {base:.0%} | {_fmt([_err(r, r['full']['point']) for r in rows])} | "
             f"{_fmt([_err(r, m) for r, (_, m, _) in zip(rows, est)])} | {cover:.0%} |")
 
 

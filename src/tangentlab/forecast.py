@@ -212,7 +212,10 @@ STEPS_CALIBRATION_PILOT = {  # over steps_features + (the pilot's log(T / T̂),)
 # forecasts, 27% / 118% for T̂ itself and 28% / miss for the default subspace's estimate (23%
 # / 58% against 18% / 42% on the 346 targets that one reaches within 3x the real steps);
 # band level 6%, covering 80.8%, median log-width 0.86. Its band is never `trusted`, and a
-# minibatch forecast gets a note (the calibration saw full-batch runs only).
+# minibatch forecast gets a note (the calibration saw full-batch runs only). Reported once
+# on two fresh tasks (RESULTS.md "fullspan", 63 targets): 27% / 50% against 32% / 63% for
+# the default subspace, but the band covered only 62% (one task's real runs were slower
+# than the full-span forecast); the default's band covered 87%.
 STEPS_CALIBRATION_FULL: dict[str, tuple[float, ...]] = {
     "mid": (0.1898, 0.0312, -0.0852, -0.0268, 0.043, 0.0818, -0.0628, -0.039, 0.0429, 0),
     "lo": (-0.0684, -0.436, -0.4856, 0.0669, 0.0723, 0.1272, -0.0724, -0.0627, 0.029, 0),
