@@ -85,7 +85,6 @@ import holdout_features as hf  # noqa: E402
 import holdout_limit as hl  # noqa: E402
 import tangentlab as tl  # noqa: E402
 from _common import machine, write_section  # noqa: E402
-from tangentlab.forecast import curve_features, steps_features  # noqa: E402
 from tangentlab.headbody import compute_head_body_kernel  # noqa: E402
 
 OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
@@ -123,20 +122,12 @@ def kernels(task: dict, cfg: dict) -> dict:
     return out
 
 
-def _x(fc, eps: float, momentum: float) -> list[float]:
+def _x(fc, eps: float) -> list[float]:
     """The ten columns of ``steps_features`` that ``Forecast.steps_interval(eps)`` uses."""
     point = fc.steps_to(eps)
     t_hat = point if point is not None else fc.loss.shape[0]
-    rho = None
-    if fc.reference_loss is not None:
-        hit = np.flatnonzero(fc.reference_loss <= eps)
-        rho = max(int(hit[0]) if hit.size else 2 * (fc.loss.shape[0] - 1), 1) / max(t_hat, 1)
-    fraction = fc.stability / 2.0 if math.isfinite(fc.stability) else 0.3
-    stretch, rho50 = curve_features(fc.loss, fc.reference_loss)
-    drop = 1.0 - eps / float(fc.loss[0])
-    return [float(v) for v in steps_features(
-        drop, momentum=momentum, fraction=fraction, rho=rho, steps=t_hat, stretch=stretch,
-        rho50=rho50, conv=bool(fc.method.get("conv_body")))]  # fmt: skip
+    x, _ = fc._interval_features(eps, 1.0 - eps / float(fc.loss[0]), t_hat)
+    return [float(v) for v in x]
 
 
 def cell_rows(task: str, key: str, c: dict, hbs: dict, curve: str = "hb_loss",
@@ -165,7 +156,7 @@ def cell_rows(task: str, key: str, c: dict, hbs: dict, curve: str = "hb_loss",
                             stabilized=iv.stabilized, diverges=bool(fc.diverges),
                             seconds=secs)  # fmt: skip
             if which == "full":
-                r["x"] = _x(fc, eps, c["momentum"])
+                r["x"] = _x(fc, eps)
     return rows
 
 

@@ -560,6 +560,22 @@ class Forecast:
                 return self._stabilized_interval(target_loss, drop, note)
             return StepsInterval(None, None, None, None, drop, note=note)
         t_hat = point if point is not None else self.loss.shape[0]  # a lower bound
+        x, rho = self._interval_features(target_loss, drop, t_hat)
+        full = self._full_span() and feature is None
+        lo, mid, hi = steps_quantiles(x, with_rho=rho is not None, pilot=feature, full=full)
+        if point is None:
+            return StepsInterval(max(1, math.floor(t_hat * math.exp(lo))), None, None, None,
+                                 drop, note=note, pilot=feature)  # fmt: skip
+        trusted = rho is not None and hi - lo <= STEPS_TRUST_WIDTH and not note and not full
+        return StepsInterval(max(min(point, 1), math.floor(point * math.exp(lo))), point,
+                             math.ceil(point * math.exp(hi)), round(point * math.exp(mid)),
+                             drop, note=note, trusted=trusted, pilot=feature)  # fmt: skip
+
+    def _interval_features(self, target_loss: float, drop: float,
+                           t_hat: int) -> tuple[np.ndarray, float | None]:  # fmt: skip
+        """``(x, ρ)``: the columns of ``steps_features`` at a target of depth ``drop`` that
+        this forecast reaches at T̂ = ``t_hat`` (a lower bound when it does not), ρ =
+        T̂_tangent / T̂ from the reference curve (``None`` without one)."""
         rho = None
         if self.reference_loss is not None:
             t_tan = np.flatnonzero(self.reference_loss <= target_loss)
@@ -570,15 +586,7 @@ class Forecast:
         x = steps_features(drop, momentum=self.hyperparameters.get("momentum", 0.0),
                            fraction=fraction, rho=rho, steps=t_hat, stretch=stretch,
                            rho50=rho50, conv=bool(self.method.get("conv_body")))  # fmt: skip
-        full = self._full_span() and feature is None
-        lo, mid, hi = steps_quantiles(x, with_rho=rho is not None, pilot=feature, full=full)
-        if point is None:
-            return StepsInterval(max(1, math.floor(t_hat * math.exp(lo))), None, None, None,
-                                 drop, note=note, pilot=feature)  # fmt: skip
-        trusted = rho is not None and hi - lo <= STEPS_TRUST_WIDTH and not note and not full
-        return StepsInterval(max(min(point, 1), math.floor(point * math.exp(lo))), point,
-                             math.ceil(point * math.exp(hi)), round(point * math.exp(mid)),
-                             drop, note=note, trusted=trusted, pilot=feature)  # fmt: skip
+        return x, rho
 
     def _pilot_feature(self, pilot: Any) -> float:
         """The pilot's log(T / T̂), checked to be a Pilot of this forecast's loss."""

@@ -268,8 +268,7 @@ def compute_head_body_kernel(
     """
     t0 = time.perf_counter()
     x, y = as_arrays(data, where="compute_head_body_kernel")
-    if directions == "all":
-        directions = num_rows(x)
+    directions = num_rows(x) if directions == "all" else directions
     _check_counts(directions=directions, probes=probes)
     head_name, lin = find_head(model, head)
     chosen = select_params(model, params)
