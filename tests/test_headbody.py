@@ -893,8 +893,23 @@ def test_a_convolutional_body_at_the_full_span_gets_the_full_span_calibration():
     assert iv.note == "" and not iv.trusted
     mini = tl.forecast(hb, opt, 300, loss="ce", batch_size=4, paths=2)
     assert "a minibatch forecast at the full span" in mini.steps_interval(target).note
+    # with a pilot: STEPS_CALIBRATION_FULL_PILOT (round 9), the pilot's log(T / T̂) appended
     pilot = tl.Pilot(feature=0.1, loss="ce", steps=5, forecast_steps=5, lr=0.05, cost=60)
-    assert "a head-body kernel with directions=12" in fc.steps_interval(target, pilot=pilot).note
+    ivp = fc.steps_interval(target, pilot=pilot)
+    lo, mid, hi = steps_quantiles(xf, pilot=0.1, full=True)
+    assert (lo, mid, hi) not in (steps_quantiles(xf, pilot=0.1), steps_quantiles(xf, full=True))
+    assert (ivp.low, ivp.median, ivp.high) == (int(np.floor(t * np.exp(lo))),
+                                               round(t * np.exp(mid)),
+                                               int(np.ceil(t * np.exp(hi))))  # fmt: skip
+    assert ivp.note == "" and not ivp.trusted and ivp.pilot == 0.1
+    assert "a minibatch forecast at the full span" in mini.steps_interval(target,
+                                                                          pilot=pilot).note
+    # a pilot forecast on the default subspace does not condition a full-span forecast
+    default = compute_head_body_kernel(make_cnn(), data, progress=False)
+    other_pilot = tl.Pilot(feature=0.1, loss="ce", steps=5, forecast_steps=5, lr=0.05, cost=60,
+                           forecast=tl.forecast(default, opt, 50, loss="ce"))  # fmt: skip
+    with pytest.raises(tl.TangentlabError, match="pilot was forecast on the default subspace"):
+        fc.steps_interval(target, pilot=other_pilot)
     tanh = compute_head_body_kernel(TanhBody().double().eval(), _data(dim=4), directions=10,
                                     progress=False)  # fmt: skip
     other = tl.forecast(tanh, tl.SGD(0.3), 200, loss="ce")
