@@ -235,7 +235,10 @@ FULL_SPAN_CHOICE = "all nine, band level 6%"
 # of |T̂' − T|/T 13% / 54% (5 misses) against 22% / 61% for the full span without the pilot
 # (refitted left out on the same 346 targets) and 28% / miss for the default subspace's
 # estimate; band level 7%, covering 80.1%, median log-width 0.74. Never `trusted`; a
-# minibatch forecast gets a note.
+# minibatch forecast gets a note. Reported once on two fresh tasks (renders of fonts; RESULTS.md
+# "fullspan-pilot", 43 targets): 38% / miss against 43% / miss for the default subspace with
+# its pilot, but the band covered only 70% (one task's real runs were 1.6x slower than the
+# full-span forecast, which the development tasks hardly showed).
 STEPS_CALIBRATION_FULL_PILOT: dict[str, tuple[float, ...]] = {  # ten columns + the pilot's
     "mid": (0.4142, 0.2172, 0.1118, -0.0483, 0.0331, 0.1156, -0.0992, -0.0639, -0.0185, 0, 1.3091),
     "lo": (0.1383, -0.154, -0.2605, 0.0293, 0.0581, 0.0248, -0.0447, -0.0857, -0.0193, 0, 1.1604),

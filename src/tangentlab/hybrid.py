@@ -32,6 +32,13 @@ without the pilot, the interval covering 95%; with a = 1 without momentum left o
 CE 80% 10% / 24%). On the image tasks 17% / 44% against 21% / 47%: better on MSE, worse on
 CE at the 50% drop (a CE pilot 1.8x faster than its forecast moved the cells too far).
 
+At a convolutional body's full span (``compute_head_body_kernel(..., directions="all")``,
+NOTE [full-span interval] in :mod:`tangentlab.forecast`) the pilot is forecast on that
+kernel, and p conditions ``STEPS_CALIBRATION_FULL_PILOT`` instead (round 9,
+benchmarks/fullspan_pilot.py: left out 13% / 54% against 22% / 61% without the pilot; on two
+fresh tasks 38% / miss, band covering 70%). A pilot forecast on one kind of kernel does not
+condition forecasts of the other (an error says so).
+
 Cost: the pilot's T · N sample-gradients (plus one loss evaluation per step, which a
 full-batch step shares with its forward pass). On the development tasks a median of 2.8%
 of the grid of 24 settings each (MSE/CE x full/B = 32 x m 0/0.9 x a 0.1/0.3/1 of the
