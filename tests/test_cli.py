@@ -648,6 +648,11 @@ def test_directions_all_keeps_every_feature_direction_exact(tmp_path):
     js = strict_json(out / "forecast.json")
     assert "r = 30," in js["info"]["model_of_training"]  # N = 20 samples + C = 10 classes
     assert js["forecasts"][0]["method"]["subspace"]["spans_features"] is True
+    # with a pilot, a convolutional body's full span reads its own calibration (round 9):
+    # no "calibrated with the defaults" note
+    res = ok(invoke("forecast", *QUIET, "--steps", 150, "--linearize", "body", "--directions",
+                    "all", "--pilot", "--loss", "ce", "--out", tmp_path / "p"))  # fmt: skip
+    assert "band with the pilot" in res.stdout and "directions=" not in res.stdout
     res = invoke("forecast", *QUIET, *TANGENT, "--directions", "all", "--out", tmp_path / "t")
     assert res.exit_code != 0 and "--directions goes with --linearize body" in res.output
     res = invoke("forecast", *QUIET, "--directions", "most", "--out", tmp_path / "b")
