@@ -192,13 +192,15 @@ def _y(r: dict) -> float:
     return math.log(r["T"] / r["full"]["point"])
 
 
-def _fit(rows: list[dict], cols: tuple, level: float) -> dict:
+def _fit(rows: list[dict], cols: tuple, level: float, width: int = 10) -> dict:
+    """Quantile regressions (median, ``level``, 1 − ``level``) of log(T / T̂) on the columns
+    ``cols`` of the rows' ``x`` (``width`` columns: 10, or 11 with a pilot's)."""
     ok = [r for r in rows if r["full"]["point"] is not None]
     x = np.array([r["x"] for r in ok])[:, cols]
     y = np.array([_y(r) for r in ok])
     out = {}
     for k, q in (("mid", 0.5), ("lo", level), ("hi", 1.0 - level)):
-        w = np.zeros(10)
+        w = np.zeros(width)
         w[list(cols)] = hf.quantile_fit(x, y, q)
         out[k] = w
     return out
@@ -226,10 +228,10 @@ def _inside(r: dict, lo, hi) -> bool:
     return lo is not None and lo - 1e-9 <= r["T"] and (hi is None or r["T"] <= hi + 1e-9)
 
 
-def loto(rows: list[dict], cols: tuple, level: float) -> list[dict]:
+def loto(rows: list[dict], cols: tuple, level: float, width: int = 10) -> list[dict]:
     out = []
     for r in rows:
-        w = _fit([o for o in rows if o["task"] != r["task"]], cols, level)
+        w = _fit([o for o in rows if o["task"] != r["task"]], cols, level, width)
         lo, mid, hi = estimate(r, w)
         out.append(dict(err=_err(r, mid), inside=_inside(r, lo, hi),
                         width=math.log(hi / lo) if lo and hi else math.inf))  # fmt: skip

@@ -74,7 +74,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fullspan as fs  # noqa: E402
 import holdout as ho  # noqa: E402
-import holdout_features as hf  # noqa: E402
 import tangentlab as tl  # noqa: E402
 from _common import machine, write_section  # noqa: E402
 
@@ -200,31 +199,9 @@ def scored_rows(rows: list[dict]) -> list[dict]:
             if not r["cell"].endswith(PILOT_CELL) and (r["task"], r["loss"]) in pil]
 
 
-def _fit(rows: list[dict], cols: tuple, level: float) -> dict:
-    ok = [r for r in rows if r["full"]["point"] is not None]
-    x = np.array([r["x"] for r in ok])[:, cols]
-    y = np.array([fs._y(r) for r in ok])
-    out = {}
-    for k, q in (("mid", 0.5), ("lo", level), ("hi", 1.0 - level)):
-        w = np.zeros(11)
-        w[list(cols)] = hf.quantile_fit(x, y, q)
-        out[k] = w
-    return out
-
-
-def _loto(rows: list[dict], cols: tuple, level: float) -> list[dict]:
-    out = []
-    for r in rows:
-        w = _fit([o for o in rows if o["task"] != r["task"]], cols, level)
-        lo, mid, hi = fs.estimate(r, w)
-        out.append(dict(err=fs._err(r, mid), inside=fs._inside(r, lo, hi),
-                        width=math.log(hi / lo) if lo and hi else math.inf))  # fmt: skip
-    return out
-
-
 def _candidate(rows: list[dict], name: str, cols: tuple) -> tuple[dict, list[float]]:
     for level in fs.LEVELS:  # 10% first (the narrowest band): the first covering 80%
-        res = _loto(rows, cols, level)
+        res = fs.loto(rows, cols, level, width=11)
         cover = sum(e["inside"] for e in res) / len(res)
         if cover >= 0.8:
             break
@@ -247,9 +224,9 @@ def calibrate() -> dict:
                                           len(c["cols"])))[0]  # fmt: skip
     adopt = chosen["median"] < base["median"] and chosen["p90"] < base["p90"]
     cols = tuple(chosen["cols"])
-    w = _fit(rows, cols, chosen["level"])
+    w = fs._fit(rows, cols, chosen["level"], width=11)
     # without a reference curve (no reliability check) the library drops ρ and ρ50
-    w_no = _fit(rows, tuple(c for c in cols if c not in (5, 8)), chosen["level"])
+    w_no = fs._fit(rows, tuple(c for c in cols if c not in (5, 8)), chosen["level"], width=11)
     coef = {k: [round(float(v), 4) for v in w[k]] for k in w}
     coef.update({k + "_no_rho": [round(float(v), 4) for v in w_no[k]] for k in w_no})
     by_cell = {}
