@@ -902,6 +902,9 @@ def test_a_convolutional_body_at_the_full_span_gets_the_full_span_calibration():
                                                round(t * np.exp(mid)),
                                                int(np.ceil(t * np.exp(hi))))  # fmt: skip
     assert ivp.note == "" and not ivp.trusted and ivp.pilot == 0.1
+    # a pilot beyond the full span's development pilots (PILOT_RANGE["full"]) is noted
+    far = tl.Pilot(feature=0.79, loss="ce", steps=5, forecast_steps=5, lr=0.05, cost=60)
+    assert "a pilot whose real run took 2.20x" in fc.steps_interval(target, pilot=far).note
     assert "a minibatch forecast at the full span" in mini.steps_interval(target,
                                                                           pilot=pilot).note
     # a pilot forecast on the default subspace does not condition a full-span forecast

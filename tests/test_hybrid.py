@@ -1,6 +1,7 @@
 """The pilot-conditioned steps interval (NOTE [pilot feature] in tangentlab.hybrid) and
 ``finetune(stop_below=)``, which runs the pilot."""
 
+import dataclasses
 import math
 import warnings
 
@@ -106,6 +107,26 @@ def test_a_slower_pilot_raises_the_median_estimate():
                        rho50=2.0, conv=True)
     mids = [steps_quantiles(x, pilot=p)[1] for p in (-0.5, 0.0, 0.5)]
     assert mids[0] < mids[1] < mids[2]
+
+
+def test_a_pilot_outside_the_calibrations_range_is_noted():
+    """PILOT_RANGE: a pilot whose log(T / T̂) lies outside the development pilots' range
+    makes the interval an extrapolation: the note says so and nothing is trusted; inside
+    it, no note."""
+    from tangentlab.forecast import PILOT_RANGE
+
+    _, _, hb, pilot = _measured("mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tl.errors.ValidityWarning)
+        fc = tl.forecast(hb, tl.SGD(0.05), 400, loss="mse")
+    target = 0.5 * float(fc.loss[0])
+    low, high = PILOT_RANGE["default"]
+    for p, noted in ((low - 0.1, True), (0.5 * (low + high), False), (high + 0.1, True)):
+        iv = fc.steps_interval(target, pilot=dataclasses.replace(pilot, feature=p))
+        assert ("a pilot whose real run took" in iv.note) is noted
+        if noted:
+            assert f"{math.exp(p):.2f}x its forecast's steps" in iv.note and not iv.trusted
+            assert "not calibrated for a pilot" in str(iv)
 
 
 def test_bad_pilots_are_refused_with_the_fix():

@@ -248,6 +248,13 @@ STEPS_CALIBRATION_FULL_PILOT: dict[str, tuple[float, ...]] = {  # ten columns + 
     "hi_no_rho": (0.8867, 0.9651, 0.9974, -0.1972, -0.1031, 0, -0.2925, 0.357, 0, 0, 1.1182),
 }
 FULL_SPAN_PILOT_CHOICE = "all nine + the pilot, band level 7%"
+# The range of the development pilots' p = log(T / T̂) each pilot table was fitted on
+# (rounded outward): 48 pilots of round 7 (default subspace: benchmarks/holdout_hybrid.py's
+# development cells, m = 0.9, a = 0.1, 50% drop) and 28 of round 9 (full span:
+# results/fullspan_pilot/calibration.json). A pilot outside it makes the interval an
+# extrapolation, and steps_interval says so in its note (added after round 9's fresh tasks,
+# whose full-span pilots reached +0.79, three times any development pilot's).
+PILOT_RANGE = {"default": (-0.80, 0.20), "full": (-0.25, 0.20)}
 # NOTE [stabilized estimate]. A head-exact forecast of plain SGD near the stability limit
 # can blow up (the head x body product raises the model's sharpness past 2/η as it trains)
 # before a target the real network may still reach: it spikes and recovers (edge of
@@ -579,7 +586,7 @@ class Forecast:
         point = self.steps_to(target_loss)
         l0 = float(self.loss[0])
         drop = 1.0 - target_loss / l0 if math.isfinite(l0) and l0 > 0 else 0.5
-        note = self._interval_scope(pilot=feature is not None)
+        note = self._interval_scope(pilot=feature)
         if point is None and (self.divergence_step is not None
                               or not np.isfinite(self.loss).all()):  # fmt: skip
             if self.stabilized is not None:
@@ -587,7 +594,7 @@ class Forecast:
             return StepsInterval(None, None, None, None, drop, note=note)
         t_hat = point if point is not None else self.loss.shape[0]  # a lower bound
         x, rho = self._interval_features(target_loss, drop, t_hat)
-        full = self._full_span() and (feature is None or bool(STEPS_CALIBRATION_FULL_PILOT))
+        full = self._reads_full_span(feature is not None)
         lo, mid, hi = steps_quantiles(x, with_rho=rho is not None, pilot=feature, full=full)
         if point is None:
             return StepsInterval(max(1, math.floor(t_hat * math.exp(lo))), None, None, None,
@@ -656,11 +663,11 @@ class Forecast:
                              math.ceil(base * math.exp(hi)), round(base * math.exp(mid)), drop,
                              note=note, stabilized=c)  # fmt: skip
 
-    def _interval_scope(self, *, pilot: bool = False) -> str:
+    def _interval_scope(self, *, pilot: float | None = None) -> str:
         """The settings of this forecast outside the steps interval's calibration grid
         (benchmarks/holdout.py's: constant SGD rate at 0.1-1 of the stability limit,
         momentum 0 or 0.9, no weight decay, the default subspace or a convolutional body's
-        full span), ``""`` when none."""
+        full span; a ``pilot``'s log(T / T̂) within PILOT_RANGE), ``""`` when none."""
         hp, out = self.hyperparameters, []
         if hp.get("schedule", "Constant()") != "Constant()":
             out.append(f"a learning-rate schedule ({hp['schedule']})")
@@ -673,8 +680,14 @@ class Forecast:
         elif self.stability > 2.0 * (1 + 1e-6):  # a > 1: η̃ λ_max/N beyond GD's limit 2
             out.append(f"a rate beyond the stability limit (η̃·λ_max/N = {self.stability:.3g})")
         sub = self.method.get("subspace")  # absent: saved before it was recorded (defaults)
-        # NOTE [full-span interval]: the full span's calibrations (without, with a pilot)
-        if self._full_span() and (not pilot or STEPS_CALIBRATION_FULL_PILOT):
+        full = self._reads_full_span(pilot is not None)
+        if pilot is not None:
+            low, high = PILOT_RANGE["full" if full else "default"]
+            if not low <= pilot <= high:
+                out.append(f"a pilot whose real run took {math.exp(pilot):.2f}x its "
+                           f"forecast's steps (the calibration's pilots: "
+                           f"{math.exp(low):.2f}-{math.exp(high):.2f}x)")  # fmt: skip
+        if full:
             if hp.get("batch_size") not in (None, hp.get("num_samples")):
                 out.append("a minibatch forecast at the full span (its calibration used "
                            "full-batch runs only)")
@@ -687,6 +700,11 @@ class Forecast:
             out.append("a body of unknown kind (a forecast from before tangentlab recorded "
                        "whether the trained body has convolutions: forecast it again)")
         return ", ".join(out)
+
+    def _reads_full_span(self, with_pilot: bool) -> bool:
+        """Whether the interval reads a full-span calibration (NOTE [full-span interval]):
+        a full-span forecast, and with a pilot only where that table exists."""
+        return self._full_span() and (not with_pilot or bool(STEPS_CALIBRATION_FULL_PILOT))
 
     def _full_span(self) -> bool:
         """A convolutional body's head-exact forecast whose Q spans all of φ0 (NOTE

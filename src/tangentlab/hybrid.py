@@ -37,7 +37,9 @@ NOTE [full-span interval] in :mod:`tangentlab.forecast`) the pilot is forecast o
 kernel, and p conditions ``STEPS_CALIBRATION_FULL_PILOT`` instead (round 9,
 benchmarks/fullspan_pilot.py: left out 13% / 54% against 22% / 61% without the pilot; on two
 fresh tasks 38% / miss, band covering 70%). A pilot forecast on one kind of kernel does not
-condition forecasts of the other (an error says so).
+condition forecasts of the other (an error says so). A pilot outside the range of the
+development pilots its table was fitted on (``PILOT_RANGE`` in :mod:`tangentlab.forecast`)
+makes the interval an extrapolation, and its note says so.
 
 Cost: the pilot's T · N sample-gradients (plus one loss evaluation per step, which a
 full-batch step shares with its forward pass). On the development tasks a median of 2.8%
