@@ -111,8 +111,8 @@ def test_a_slower_pilot_raises_the_median_estimate():
 
 def test_a_pilot_outside_the_calibrations_range_is_noted():
     """PILOT_RANGE: a pilot whose log(T / T̂) lies outside the development pilots' range
-    makes the interval an extrapolation: the note says so and nothing is trusted; inside
-    it, no note."""
+    makes the interval an extrapolation: the note and the pilot's own description say so
+    and nothing is trusted; inside it, no note."""
     from tangentlab.forecast import PILOT_RANGE
 
     _, _, hb, pilot = _measured("mse")
@@ -127,6 +127,9 @@ def test_a_pilot_outside_the_calibrations_range_is_noted():
         if noted:
             assert f"{math.exp(p):.2f}x its forecast's steps" in iv.note and not iv.trusted
             assert "not calibrated for a pilot" in str(iv)
+        # the pilot says so itself (tl.measure_pilot and the CLI print it)
+        said = str(dataclasses.replace(pilot, feature=p))
+        assert ("its intervals extrapolate" in said) is noted
 
 
 def test_bad_pilots_are_refused_with_the_fix():

@@ -255,6 +255,17 @@ FULL_SPAN_PILOT_CHOICE = "all nine + the pilot, band level 7%"
 # extrapolation, and steps_interval says so in its note (added after round 9's fresh tasks,
 # whose full-span pilots reached +0.79, three times any development pilot's).
 PILOT_RANGE = {"default": (-0.80, 0.20), "full": (-0.25, 0.20)}
+
+
+def pilot_range_note(feature: float, *, full: bool) -> str:
+    """``""`` when a pilot's p = log(T / T̂) lies within the range of the development pilots
+    of its table (PILOT_RANGE; ``full``: the full span's), else the note that says it does
+    not."""
+    low, high = PILOT_RANGE["full" if full else "default"]
+    if low <= feature <= high:
+        return ""
+    return (f"a pilot whose real run took {math.exp(feature):.2f}x its forecast's steps (the "
+            f"calibration's pilots: {math.exp(low):.2f}-{math.exp(high):.2f}x)")
 # NOTE [stabilized estimate]. A head-exact forecast of plain SGD near the stability limit
 # can blow up (the head x body product raises the model's sharpness past 2/η as it trains)
 # before a target the real network may still reach: it spikes and recovers (edge of
@@ -681,12 +692,8 @@ class Forecast:
             out.append(f"a rate beyond the stability limit (η̃·λ_max/N = {self.stability:.3g})")
         sub = self.method.get("subspace")  # absent: saved before it was recorded (defaults)
         full = self._reads_full_span(pilot is not None)
-        if pilot is not None:
-            low, high = PILOT_RANGE["full" if full else "default"]
-            if not low <= pilot <= high:
-                out.append(f"a pilot whose real run took {math.exp(pilot):.2f}x its "
-                           f"forecast's steps (the calibration's pilots: "
-                           f"{math.exp(low):.2f}-{math.exp(high):.2f}x)")  # fmt: skip
+        if pilot is not None and pilot_range_note(pilot, full=full):
+            out.append(pilot_range_note(pilot, full=full))
         if full:
             if hp.get("batch_size") not in (None, hp.get("num_samples")):
                 out.append("a minibatch forecast at the full span (its calibration used "

@@ -66,7 +66,7 @@ from torch import nn
 from tangentlab.decisions import stable_lr
 from tangentlab.errors import TangentlabError, ValidityWarning
 from tangentlab.finetune import TrainingRun, finetune
-from tangentlab.forecast import Forecast, forecast
+from tangentlab.forecast import Forecast, forecast, pilot_range_note
 from tangentlab.headbody import HeadBodyKernel
 from tangentlab.tangent import ParamSpec
 from tangentlab.training import SGD, as_loss, is_int
@@ -107,7 +107,11 @@ class Pilot:
     def __str__(self) -> str:
         t_hat = "not reached" if self.forecast_steps is None else str(self.forecast_steps)
         speed = f"real/forecast steps {math.exp(self.feature):.2f}"
-        tail = f"; {self.note}" if self.note else ""
+        notes = [self.note] if self.note else []
+        if self.forecast is not None:  # PILOT_RANGE: the intervals it conditions extrapolate
+            out = pilot_range_note(self.feature, full=self.forecast._reads_full_span(True))
+            notes += [f"{out}: its intervals extrapolate"] if out else []
+        tail = "".join(f"; {n}" for n in notes)
         return (f"pilot ({self.loss.upper()}, lr {self.lr:.3g}, m {PILOT_MOMENTUM:g}, full "
                 f"batch): {PILOT_DROP:.0%} drop at step {self.steps} (forecast {t_hat}; "
                 f"{speed}){tail}")  # fmt: skip
