@@ -403,7 +403,8 @@ def report() -> list[str]:
         lines += ["", "Pilots, log(T / T̂) at the pilot cell's 50% drop: " + "; ".join(
             f"{name} {k} {v['feature']:+.2f}" for name, lib in fresh.items()
             for k, v in lib["pilots"].items()) + "."]  # fmt: skip
-        lines += ["", "Seconds (two processes shared the two cores): " + "; ".join(
+        lines += ["", "Seconds (letters-lite0's library pass shared the two cores with "
+                  "typefaces-lite1's real runs; typefaces-lite1's ran alone): " + "; ".join(
             f"{name}: kernels full span {lib['kernel_seconds']['full']:.1f} / default "
             f"{lib['kernel_seconds']['default']:.1f}, forecast per cell "
             f"{np.median([r['full']['seconds'] for r in lib['rows']]):.1f} / "
