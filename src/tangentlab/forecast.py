@@ -692,8 +692,9 @@ class Forecast:
             out.append(f"a rate beyond the stability limit (η̃·λ_max/N = {self.stability:.3g})")
         sub = self.method.get("subspace")  # absent: saved before it was recorded (defaults)
         full = self._reads_full_span(pilot is not None)
-        if pilot is not None and pilot_range_note(pilot, full=full):
-            out.append(pilot_range_note(pilot, full=full))
+        outside = "" if pilot is None else pilot_range_note(pilot, full=full)
+        if outside:
+            out.append(outside)
         if full:
             if hp.get("batch_size") not in (None, hp.get("num_samples")):
                 out.append("a minibatch forecast at the full span (its calibration used "
