@@ -580,6 +580,48 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
         plain.steps_interval(target)
 
 
+def test_loss_interval_is_read_from_the_steps_intervals_at_every_depth():
+    """NOTE [loss interval]: low_t = the highest target of depth 30-95% whose interval has not
+    begun by t, high_t = the lowest whose interval has ended; checked against the steps
+    intervals one depth at a time; a real curve is covered where it lies in between."""
+    net, hb, fc, _ = _ce_forecast_and_target()
+    band = fc.loss_interval()
+    l0, size = float(fc.loss[0]), fc.loss.shape[0]
+    assert band.low.shape == band.high.shape == (size,) and band.note == ""
+    want_lo, want_hi = np.full(size, np.nan), np.full(size, np.nan)
+    for k in range(66):  # by hand: every depth 0.30, 0.31, ..., 0.95 on its own
+        eps = (1 - (0.3 + 0.01 * k)) * l0
+        iv = fc.steps_interval(eps)
+        for t in range(size):
+            if t < iv.low and not eps <= want_lo[t]:
+                want_lo[t] = eps
+            if iv.high is not None and t >= iv.high and not eps >= want_hi[t]:
+                want_hi[t] = eps
+    np.testing.assert_allclose(band.low, want_lo, rtol=1e-12)  # NaN where unknown, as wanted
+    np.testing.assert_allclose(band.high, want_hi, rtol=1e-12)
+    both = band.two_sided()
+    assert both.any() and np.isnan(band.high[0]) and band.low[0] == pytest.approx(0.7 * l0)
+    assert (band.low[both] <= band.high[both]).all()
+    inside = np.where(both, 0.5 * (band.low + band.high), fc.loss)
+    assert band.covers(inside)[both].all()
+    above = np.where(both, 1.01 * band.high, fc.loss)
+    assert not band.covers(above)[both].any()
+    assert not band.covers(np.full(size, np.nan)).any()  # a run that blew up is not covered
+    assert band.covers(fc.loss[:5]).shape == (5,)
+    at = np.array([0, 10, 10_000])  # a logged run: its steps; those past the band dropped
+    assert band.covers(inside[[0, 10, 10]], steps=at).tolist() == [True, True]
+    with pytest.raises(tl.TangentlabError, match="one step per loss value"):
+        band.covers(fc.loss[:3], steps=[0, 1])
+    # a diverging forecast bounds nothing after its blow-up; the tangent model is refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = tl.forecast(hb, tl.SGD(500.0), 50, loss="mse")
+    assert bad.diverges and not bad.loss_interval().two_sided().any()
+    plain = tl.forecast(tl.compute_kernel(net, _data(dim=4), progress=False), tl.SGD(0.3), 20)
+    with pytest.raises(tl.TangentlabError, match="loss_band"):
+        plain.loss_interval()
+
+
 @pytest.mark.parametrize("batch", [None, 4])
 def test_a_diverging_forecast_is_rerun_at_a_stable_fraction_of_its_rate(batch):
     """NOTE [stabilized estimate]: a head-exact forecast that blows up at the stability limit
@@ -646,9 +688,22 @@ def test_compare_reports_whether_the_real_steps_fall_in_the_interval():
         assert cmp.steps_in_interval is inside, t
         assert cmp.steps_median == iv.median
         assert cmp.steps_median_error == pytest.approx(abs(iv.median - t) / t)
+    # the loss band: the share of the run's logged two-sided steps inside it
+    band = fc.loss_interval()
+    both = np.flatnonzero(band.two_sided())
+    half = 0.5 * (band.low + band.high)
+    run = {"steps": np.arange(0, 201, 2), "loss": np.where(np.arange(0, 201, 2) < 60, l0, 0.0)}
+    run["loss"] = np.where(band.two_sided()[run["steps"]], half[run["steps"]], run["loss"])
+    run["loss"][np.isin(run["steps"], both[:4])] = 10 * l0  # four steps above the band
+    want = 1 - np.isin(run["steps"], both[:4]).sum() / band.two_sided()[run["steps"]].sum()
+    cmp = tl.compare(fc, run, target_loss=eps, check_settings=False)
+    assert 0 < cmp.loss_interval_coverage < 1
+    assert cmp.loss_interval_coverage == pytest.approx(want)
+    assert cmp.summary()["loss_interval_coverage"] == pytest.approx(want)
     plain = tl.forecast(tl.compute_kernel(net, _data(dim=4), progress=False), tl.SGD(0.3), 200)
     cmp = tl.compare(plain, run_reaching_at(5), target_loss=eps, check_settings=False)
     assert cmp.steps_interval is None and cmp.steps_in_interval is None
+    assert cmp.loss_interval_coverage is None
 
 
 @pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")

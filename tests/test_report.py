@@ -21,6 +21,7 @@ from tangentlab.report import (
     label_of,
     plot_forecasts,
     summary_row,
+    write_forecast_report,
     write_json,
     write_sweep_report,
 )
@@ -236,6 +237,22 @@ def test_plot_marks_the_head_exact_interval(tmp_path, spy_axes):
     plain = tl.forecast(tl.compute_kernel(net, (x, y), progress=False), SGD(0.3), 60, loss="ce")
     plot_forecasts([("tangent", plain)], tmp_path / "t.png", target_loss=target)
     assert "median estimate" not in {kw.get("label") for _, kw in spy_axes["plot"]}
+    # the band for the real loss (NOTE [loss interval]): shaded where it has both edges
+    band = fc.loss_interval()
+    fills = [(a, kw) for a, kw in spy_axes["fill_between"]
+             if kw.get("label") == "real loss, band of the 80% steps intervals"]  # fmt: skip
+    if band.two_sided().any():
+        ((args, kw),) = fills
+        np.testing.assert_array_equal(args[1], band.low)
+        np.testing.assert_array_equal(args[2], band.high)
+        np.testing.assert_array_equal(kw["where"], band.two_sided())
+    else:
+        assert not fills
+    assert not [kw for _, kw in spy_axes["fill_between"] if "steps intervals" in
+                str(kw.get("label"))][1:]  # one band, for the one forecast
+    js = strict_json(write_forecast_report(tmp_path / "r", [fc], hb, target_loss=target)["json"])
+    np.testing.assert_allclose(np.array(js["loss_intervals"][0]["low"], dtype=float), band.low)
+    spy_axes["fill_between"].clear()
     # a forecast that blows up at the limit: the rerun at c·lr on its rescaled clock
     torch.manual_seed(4)  # test_headbody's TanhBody, whose CE forecast blows up at a = 1
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),

@@ -32,6 +32,7 @@ from tangentlab.extrapolate import Spectrum, extrapolate
 from tangentlab.finetune import TrainingRun, finetune
 from tangentlab.forecast import (
     Forecast,
+    LossInterval,
     StepsInterval,
     Sweep,
     default_target,
@@ -96,6 +97,7 @@ __all__ = [
     "SignKernel",
     "Spectrum",
     "StepDecay",
+    "LossInterval",
     "StepsInterval",
     "Sweep",
     "Tangent",

@@ -1200,6 +1200,10 @@ def _print_validation(cmp, run, k_cost: float, f_sec: float, pilot: bool = False
         with_pilot = " with the pilot" if pilot else ""
         click.echo(f"real steps to the target vs the forecast's 80% interval{with_pilot} "
                    f"({shown}, {trust}): {where}")  # fmt: skip
+    if cmp.loss_interval_coverage is not None:  # NOTE [loss interval]
+        click.echo(f"real loss inside the forecast's band for it (calibrated) at "
+                   f"{cmp.loss_interval_coverage:.0%} of the steps where the band has both "
+                   "edges")  # fmt: skip
     click.echo(
         f"cost: real run {run.train_seconds:.2f} s training + {run.eval_seconds:.2f} s "
         f"full-loss evaluation; kernel {k_cost:.2f} s + forecast {f_sec:.2f} s; "

@@ -103,6 +103,10 @@ class Comparison:
       steps_median, steps_median_error: the interval's calibrated median estimate of T
         (``StepsInterval.median``) and its error |T̂' - T| / T (``None`` when either is).
       steps_trusted: ``StepsInterval.trusted`` (a narrow band), ``None`` without an interval.
+      loss_interval_coverage: the fraction of the compared steps, among those where the
+        forecast's band for the real loss has both edges (``Forecast.loss_interval``, NOTE
+        [loss interval]; head-exact forecasts), at which the run's loss lies in it; ``None``
+        without such steps.
     """
 
     steps: np.ndarray
@@ -143,6 +147,7 @@ class Comparison:
     steps_median: int | None = None
     steps_median_error: float | None = None
     steps_trusted: bool | None = None
+    loss_interval_coverage: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """The scalar results (no curves), JSON-able."""
@@ -239,6 +244,7 @@ def compare(
         diverges_forecast=bool(fc["diverges"]), diverged_run=bool(rn["diverged"]),
         notes=tuple(notes), eval=_eval_part(fn, fc, rn, keep, steps),
         **_interval_part(forecast, target["target_loss"], target["steps_to_target_run"], pilot),
+        loss_interval_coverage=_loss_interval_coverage(forecast, steps, loss_run, pilot),
     )  # fmt: skip
 
 
@@ -277,6 +283,20 @@ def _interval_part(forecast: Any, eps: float | None, t_run: int | None,
     return dict(steps_interval=(iv.low, iv.high), steps_in_interval=inside,
                 steps_median=iv.median, steps_median_error=err,
                 steps_trusted=iv.trusted)  # fmt: skip
+
+
+def _loss_interval_coverage(forecast: Any, steps: np.ndarray, loss_run: np.ndarray,
+                            pilot: Any = None) -> float | None:  # fmt: skip
+    """Where the head-exact forecast's loss band has both edges: the share of the run's
+    logged steps inside it (NOTE [loss interval] in tangentlab.forecast)."""
+    method = getattr(forecast, "method", None) or {}
+    if method.get("model") != "head-body":
+        return None
+    band = forecast.loss_interval(pilot=pilot)
+    both = band.two_sided()[steps]
+    if not both.any():
+        return None
+    return float(band.covers(loss_run, steps=steps)[both].mean())
 
 
 def _eval_part(fn: str, fc: dict, rn: dict, keep: np.ndarray, steps: np.ndarray) -> dict | None:

@@ -447,6 +447,67 @@ class StepsInterval:
                 f"{self.point}; {self.coverage:.0%} band{with_pilot}, {trust}{tail})")  # fmt: skip
 
 
+# NOTE [loss interval]. Forecast.loss_interval() turns the steps intervals into a band for
+# the real run's training loss at every step. For a target ε = (1 − d) L̂_0 with interval
+# [T_lo, T_hi] for the real first-passage step T(ε): before T(ε) the real loss is above ε by
+# definition, so L_t > ε for every t < T_lo (when T >= T_lo, ~90%); and once t >= T_hi the
+# run has reached ε (~90%), so L_t <= ε if the loss does not climb back. Over the depths d
+# of LOSS_INTERVAL_DROPS (30% to 95% in steps of 1%):
+#     low_t = max{ε(d) : t < T_lo(d)},      high_t = min{ε(d) : t >= T_hi(d)},
+# NaN where no depth bounds that side (high before T_hi(30%): the early steps; low after
+# T_lo(95%): the late ones). Nothing is fitted here: every number comes from the steps
+# interval's calibration, which was fitted at the 50%, 80% and 90% drops (its depth terms
+# are held at their end values outside them: 30-50% and 90-95% extrapolate). The range
+# was chosen on development tasks (benchmarks/loss_interval.py --choose): the one with
+# the most steps bounded on both sides among those whose band held the real loss on at
+# least 80% of such steps (30-95%: 81%, 43% of the steps two-sided; the calibrated 50-90%
+# alone: 76%, 10%). Depths whose interval is unknown (the forecast diverges first) or
+# comes from the stabilized rerun (NOTE [stabilized estimate]: conditional on the real run
+# getting there) bound nothing. The per-step coverage on held-out tasks is in RESULTS.md
+# "loss-interval".
+LOSS_INTERVAL_DROPS = tuple(round(0.3 + 0.01 * k, 2) for k in range(66))
+
+
+@dataclass(frozen=True)
+class LossInterval:
+    """A band for the real run's full-training-set loss at every step (NOTE [loss interval]).
+
+    Attributes:
+      low, high: ``[T+1]`` each, the band's edges; NaN where that side is unknown (``high``
+        before the 30% drop's interval ends, ``low`` once the 95% drop's has begun).
+      drops: the depths 1 − ε / L̂_0 the band spans.
+      note: as ``StepsInterval.note`` (settings outside the calibration), ``""`` when none.
+      pilot: the pilot's log(T / T̂) the intervals were conditioned on, or ``None``.
+    """
+
+    low: np.ndarray
+    high: np.ndarray
+    drops: tuple[float, float] = (LOSS_INTERVAL_DROPS[0], LOSS_INTERVAL_DROPS[-1])
+    note: str = ""
+    pilot: float | None = None
+
+    def covers(self, loss: Any, *, steps: Any = None) -> np.ndarray:
+        """Whether a real run's ``loss`` lies in the band, per entry: ``loss`` at ``steps``
+        (default 0, 1, ...; steps beyond the band's are dropped), ``[n]`` bool; an edge that
+        is unknown counts as covering, a NaN loss (a blown-up run) as not. Read it where
+        ``two_sided()`` for the band's coverage."""
+        arr = np.asarray(loss, dtype=np.float64).reshape(-1)
+        at = np.arange(arr.shape[0]) if steps is None else np.asarray(steps).reshape(-1)
+        if at.shape != arr.shape:
+            raise TangentlabError(
+                f"LossInterval.covers: loss has {arr.shape[0]} entries but steps "
+                f"{at.shape[0]}; pass one step per loss value."
+            )
+        keep = (at >= 0) & (at < self.low.shape[0])
+        v, at = arr[keep], at[keep].astype(np.int64)
+        lo, hi = self.low[at], self.high[at]
+        return (np.isnan(lo) | (v >= lo)) & (np.isnan(hi) | (v <= hi)) & np.isfinite(v)
+
+    def two_sided(self) -> np.ndarray:
+        """``[T+1]``: the steps where both edges are known."""
+        return np.isfinite(self.low) & np.isfinite(self.high)
+
+
 BLOWUP_FACTOR = 1e4  # NOTE [divergence policy] (b): loss above 10^4 x L_0 is a blow-up
 _ACCURACY_FLOPS = 2e11  # full-batch MSE: accuracy GEMM budget (~5 s on 2 cores) before striding
 _DUAL_MEMORY_BYTES = 2 * 1024**3  # auto execution never forms a dense Θ larger than this
@@ -614,6 +675,45 @@ class Forecast:
         return StepsInterval(max(min(point, 1), math.floor(point * math.exp(lo))), point,
                              math.ceil(point * math.exp(hi)), round(point * math.exp(mid)),
                              drop, note=note, trusted=trusted, pilot=feature)  # fmt: skip
+
+    def loss_interval(self, *, pilot: Any = None) -> LossInterval:
+        """A band for the real run's training loss at every step of this head-exact forecast,
+        read from its steps intervals at every depth from 30% to 95% (NOTE [loss interval]):
+        ``low_t`` is the highest target the real run should not have reached by step t,
+        ``high_t`` the lowest it should have. Unlike ``loss_band`` (the spread of SGD's
+        sample paths of this model, which a full-batch forecast does not have) it includes
+        how far real fine-tuning departs from the model. ``pilot`` as in ``steps_interval``.
+
+        Example::
+
+            >>> band = fc.loss_interval()                   # fc: a head-exact forecast
+            >>> band.low.shape, band.high.shape             # ([T+1], [T+1]), NaN where unknown
+            >>> band.covers(run.loss)[band.two_sided()[:len(run.loss)]].mean()  # its coverage
+        """
+        if self.method.get("model") != "head-body":
+            raise TangentlabError(
+                "Forecast.loss_interval: only forecasts of the head-exact model have a "
+                "calibrated band (it is read from steps_interval); forecast "
+                "tl.compute_head_body_kernel(model, data) instead, or read loss_band (the "
+                "SGD noise of the model alone)."
+            )
+        size = self.loss.shape[0]
+        low, high = np.full(size, np.nan), np.full(size, np.nan)
+        l0 = float(self.loss[0])
+        feature = None if pilot is None else self._pilot_feature(pilot)
+        note = self._interval_scope(pilot=feature)
+        if not (math.isfinite(l0) and l0 > 0):
+            return LossInterval(low, high, note=note, pilot=feature)
+        for d in LOSS_INTERVAL_DROPS:
+            eps = (1.0 - d) * l0
+            iv = self.steps_interval(eps, pilot=pilot)
+            if iv.low is None or iv.stabilized is not None:
+                continue  # diverges first, or only the conditional rerun: nothing known
+            stop = min(iv.low, size)  # the real loss is above ε before T(ε) >= low
+            low[:stop] = np.fmax(low[:stop], eps)
+            if iv.high is not None and iv.high < size:  # reached by high: at most ε after
+                high[iv.high:] = np.fmin(high[iv.high:], eps)
+        return LossInterval(low, high, note=note, pilot=feature)
 
     def _interval_features(self, target_loss: float, drop: float,
                            t_hat: int) -> tuple[np.ndarray, float | None]:  # fmt: skip

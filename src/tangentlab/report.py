@@ -53,6 +53,7 @@ def plot_forecasts(
     target_loss: float | None = None,
     title: str = "Forecast of fine-tuning (tangent model, no training)",
     measured: Sequence[tuple] = (),
+    pilot: Any = None,
 ) -> Path:
     """Loss (log scale, with the stochastic band) and accuracy over steps, saved as PNG.
 
@@ -65,6 +66,10 @@ def plot_forecasts(
       target_loss: drawn as a horizontal line with the forecast steps-to-target marked.
       measured: optional real curves ``(label, steps [T], loss [T], accuracy [T] or None)``,
         optionally followed by the held-out ``eval_loss [T]`` and ``eval_accuracy [T]``.
+      pilot: a ``tl.Pilot`` the head-exact forecasts' intervals are conditioned on.
+
+    A head-exact forecast also gets its band for the real loss (``Forecast.loss_interval``)
+    when at most two forecasts are drawn, and its steps interval along the target line.
     """
     plt = _plt()
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -90,7 +95,9 @@ def plot_forecasts(
             t = fc.steps_to(target_loss)
             if t is not None:
                 ax_l.plot([t], [fc.loss[t]], "o", color=col, ms=5)
-            _draw_interval(ax_l, fc, target_loss, col)
+            _draw_interval(ax_l, fc, target_loss, col, pilot)
+        if len(forecasts) <= 2:
+            _draw_loss_interval(ax_l, fc, col, pilot)
     for j, (label, steps, loss, acc, *ev) in enumerate(measured):
         col = colors[(len(forecasts) + j) % len(colors)]
         ax_l.plot(steps, loss, "--", color=col, lw=1.5, label=label)
@@ -119,12 +126,13 @@ def plot_forecasts(
     return save_figure(fig, path)
 
 
-def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str) -> None:
+def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str,
+                   pilot: Any = None) -> None:  # fmt: skip
     """A head-exact forecast's interval for the real steps to the target (NOTE [steps
     interval]): a bar along the target line, its median estimate a diamond."""
     if fc.method.get("model") != "head-body":
         return
-    iv = fc.steps_interval(target_loss)
+    iv = fc.steps_interval(target_loss, pilot=pilot)
     if iv.low is None or iv.high is None:
         return
     label = "real steps to target, 80% interval" + (" (narrow: trusted)" if iv.trusted
@@ -137,6 +145,31 @@ def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str) -> None:
     ax.plot([iv.low, iv.high], [target_loss] * 2, color=col, lw=4, alpha=0.35,
             solid_capstyle="butt", label=label)  # fmt: skip
     ax.plot([iv.median], [target_loss], "D", color=col, ms=5, label="median estimate")
+
+
+def _loss_interval_json(fc: Forecast, pilot: Any = None) -> dict[str, Any] | None:
+    """``Forecast.loss_interval`` as JSON (NaN: that edge unknown), ``None`` off head-exact."""
+    if fc.method.get("model") != "head-body":
+        return None
+    band = fc.loss_interval(pilot=pilot)
+    return {"low": band.low.tolist(), "high": band.high.tolist(), "drops": list(band.drops),
+            "note": band.note}
+
+
+def _draw_loss_interval(ax: Any, fc: Forecast, col: str, pilot: Any = None) -> None:
+    """A head-exact forecast's band for the real loss (NOTE [loss interval]): shaded where
+    both edges are known, an edge alone dashed."""
+    if fc.method.get("model") != "head-body":
+        return
+    band = fc.loss_interval(pilot=pilot)
+    steps, both = fc.steps, band.two_sided()
+    if both.any():
+        ax.fill_between(steps, band.low, band.high, where=both, color=col, alpha=0.12, lw=0,
+                        label="real loss, band of the 80% steps intervals")  # fmt: skip
+    for edge in (band.low, band.high):
+        alone = np.isfinite(edge) & ~both
+        if alone.any():
+            ax.plot(steps, np.where(alone, edge, np.nan), "--", color=col, lw=0.7, alpha=0.6)
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -313,7 +346,7 @@ def write_forecast_report(
     rows = [summary_row(fc, target_loss, pilot=pilot) for fc in forecasts]
     png = plot_forecasts(
         [(label_of(fc), fc) for fc in forecasts], out / "forecast.png",
-        target_loss=target_loss, title=title,
+        target_loss=target_loss, title=title, pilot=pilot,
     )  # fmt: skip
     js = write_json(
         {
@@ -321,6 +354,7 @@ def write_forecast_report(
             "target_loss": target_loss,
             "summary": rows,
             "forecasts": [fc.to_dict() for fc in forecasts],
+            "loss_intervals": [_loss_interval_json(fc, pilot) for fc in forecasts],
             "kernel": kernel.describe(),
             "info": info or {},
         },
@@ -494,7 +528,7 @@ def write_validation_report(
     run_label = f"real run (BN {hp.get('bn', 'frozen')}, seed {hp.get('seed', '?')})"
     png = plot_forecasts(
         [(f"forecast: {label_of(forecast)}", forecast)], out / "validation.png",
-        target_loss=target, title=title,
+        target_loss=target, title=title, pilot=pilot,
         measured=[(run_label, run.steps, run.loss, run.accuracy,
                    getattr(run, "eval_loss", None), getattr(run, "eval_accuracy", None))],
     )  # fmt: skip
