@@ -278,6 +278,11 @@ def _group(cells: list[dict]) -> dict:
     return s
 
 
+def _lib(c: dict) -> dict:
+    """A cell's counts for the library's band, with the fields ``_group`` splits by."""
+    return dict(c["library"], loss=c["loss"], batch_size=c["batch_size"])
+
+
 def report() -> None:
     states = {n: json.loads((OUT / f"{n}.json").read_text()) for n in TASKS
               if (OUT / f"{n}.json").exists()}  # fmt: skip
@@ -285,39 +290,59 @@ def report() -> None:
         raise SystemExit(f"no results in {OUT}: run {COMMAND} first")
     metas = sorted({s["meta"]["machine"] for s in states.values()})
     codes = sorted({s["meta"]["code"] for s in states.values()})
+    choice = json.loads((OUT / "choice.json").read_text())
+    head = ("| scope | cells | two-sided steps | inside | above | below | running min inside | "
+            "per cell: median, >= 80% | log-width | low only: inside | high only: inside | "
+            "minibatch: loss_band inside |")  # fmt: skip
     lines = [
         f"Command: `{COMMAND}` (first and only run on these tasks; code {', '.join(codes)}; "
-        f"{'; '.join(metas)}). Steps 0..T of each real run (T: its 90% drop or horizon), "
-        "counted where `Forecast.loss_interval()` bounds the real loss on both sides, unless "
-        "named; a real loss that is NaN (a blown-up run) counts as outside. Columns: cells "
-        "(cells with any two-sided step); share of steps two-sided; real loss inside the "
-        "band; above it (slower than the band); below it (faster); the running minimum of "
-        "the real loss inside; per cell, the median coverage and how many cells reach 80%; "
-        "the median log-width log(high / low); late steps bounded only from below (covered); "
-        "early steps bounded only from above (covered); minibatch cells: `loss_band` (SGD's "
-        "10-90% paths of the model) on the same two-sided steps.",
+        f"{'; '.join(metas)}). Steps 0..T of each real run (T: its 90% drop), logged at "
+        "every step (full batch) or every second (B = 32), counted where "
+        "`Forecast.loss_interval()` bounds the real loss on both sides unless named. "
+        "Columns: cells (those with any two-sided step); share of steps two-sided; real loss "
+        "inside the band; above it (slower than the band); below it (faster); the running "
+        "minimum of the real loss inside; per cell, the median coverage and how many cells "
+        "reach 80%; the median log-width log(high / low); late steps bounded only from below "
+        "(inside); early steps bounded only from above (inside); minibatch cells: "
+        "`loss_band` (SGD's 10-90% paths of the model) on the same two-sided steps.",
         "",
-        "| scope | cells | two-sided steps | inside | above | below | running min inside | "
-        "per cell: median, >= 80% | log-width | low only: inside | high only: inside | "
-        "minibatch: loss_band inside |",
+        "Held-out: the cells whose real run dropped 90% (the band's depths 30-95%, "
+        "`LOSS_INTERVAL_DROPS`):",
+        "",
+        head,
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    all_cells = [c for s in states.values() for c in s["cells"].values()]
-    for name, s in states.items():
-        lines.append(_row(f"{name} ({s['meta']['round']})", _group(list(s["cells"].values()))))
+    reached = {n: [_lib(c) for c in s["cells"].values() if c["reached"]]
+               for n, s in states.items()}  # fmt: skip
+    pooled = [c for cs in reached.values() for c in cs]
+    for name, cs in reached.items():
+        lines.append(_row(f"{name} ({states[name]['meta']['round']})", _group(cs)))
     for kind, test in (("text (MiniLM)", "minilm"), ("image (EfficientNet-Lite)", "lite")):
-        cs = [c for n, s in states.items() if test in n for c in s["cells"].values()]
-        lines.append(_row(f"{kind}", _group(cs)))
+        lines.append(_row(kind, _group([c for n, cs in reached.items() if test in n
+                                        for c in cs])))  # fmt: skip
     for loss in ("mse", "ce"):
         for b, bl in ((None, "full batch"), (32, "B = 32")):
-            cs = [c for c in all_cells if c["loss"] == loss and (c["batch_size"] or None) == b]
+            cs = [c for c in pooled if c["loss"] == loss and (c["batch_size"] or None) == b]
             lines.append(_row(f"{loss.upper()}, {bl}", _group(cs)))
-    lines.append(_row("**all**", _group(all_cells)))
-    lines += ["", READING]
+    lines.append(_row("**all**", _group(pooled)))
+    rest = [_lib(c) for s in states.values() for c in s["cells"].values() if not c["reached"]]
+    if rest:
+        lines.append(_row("cells whose real run stalled or blew up (not in **all**; T: the "
+                          "horizon)", _group(rest)))  # fmt: skip
+    lines += [
+        "",
+        f"The choice of the depth range (`{COMMAND} --choose`, before the held-out run; "
+        f"{choice['cells']} cells of {len(choice['tasks'])} development tasks whose real run "
+        f"dropped 90%: {', '.join(choice['tasks'])}; chosen: **{choice['choice']}**):",
+        "",
+        *choice["lines"],
+        "",
+        READING,
+    ]
+    _figure(states)
     if (OUT / "examples.png").exists():
         lines += ["", "![loss interval examples](results/loss_interval/examples.png)"]
     write_section("loss-interval", "\n".join(lines))
-    _figure(states)
     print("\n".join(lines))
 
 

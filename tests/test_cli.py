@@ -576,6 +576,8 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     fc = ok(invoke("forecast", *QUIET, "--linearize", "body", "--loss", "ce", "--steps", 15,
                    "--out", tmp_path / "hbf", "--cache", out / "kernel"))  # fmt: skip
     assert "real run, 80% interval:" in fc.stdout and "sooner than the tangent" not in fc.stdout
+    assert re.search(r"real loss at step 15: (unknown|at most \S+|at least \S+|\S+-\S+) \(band",
+                     fc.stdout)  # NOTE [loss interval]
     row = strict_json(tmp_path / "hbf" / "forecast.json")["summary"][0]
     if row["steps_to_target"] is None:  # beyond the horizon: a lower bound only
         assert row["steps_low"] >= 1 and row["steps_median"] is None is row["steps_high"]
@@ -587,6 +589,13 @@ def test_validate_with_the_head_exact_body_linear_model(tmp_path):
     inside = js["comparison"]["steps_in_interval"]
     t = js["comparison"]["steps_to_target_run"]
     assert inside is None if t is None else inside == (lo <= t and (hi is None or t <= hi))
+    # the band for the real loss (NOTE [loss interval]): its coverage, printed when it has
+    # two-sided steps; the forecast's JSON carries the band itself
+    cov = js["comparison"]["loss_interval_coverage"]
+    assert (cov is None) == ("forecast's band for it" not in res.stdout)
+    assert cov is None or f"band for it (calibrated) at {cov:.0%} of the steps" in res.stdout
+    band = strict_json(tmp_path / "hbf" / "forecast.json")["loss_intervals"][0]
+    assert len(band["low"]) == len(band["high"]) == 16 and band["drops"] == [0.3, 0.95]
     assert (out / "kernel" / "head-body" / "block" / "kernel.safetensors").exists()
     again = ok(invoke(*args[:-1], tmp_path / "hb2", "--cache", out / "kernel"))
     assert "reusing cached kernel" in again.stderr

@@ -608,6 +608,12 @@ def test_loss_interval_is_read_from_the_steps_intervals_at_every_depth():
     assert not band.covers(above)[both].any()
     assert not band.covers(np.full(size, np.nan)).any()  # a run that blew up is not covered
     assert band.covers(fc.loss[:5]).shape == (5,)
+    t2 = int(np.flatnonzero(both)[0])
+    assert band.at(t2) == f"{band.low[t2]:.4g}-{band.high[t2]:.4g}"
+    assert band.at(0) == f"at least {band.low[0]:.4g}"  # high unknown at step 0
+    assert np.isnan(band.low[-1]) and band.at(size - 1) == f"at most {band.high[-1]:.4g}"
+    with pytest.raises(tl.TangentlabError, match="outside the forecast"):
+        band.at(size)
     at = np.array([0, 10, 10_000])  # a logged run: its steps; those past the band dropped
     assert band.covers(inside[[0, 10, 10]], steps=at).tolist() == [True, True]
     with pytest.raises(tl.TangentlabError, match="one step per loss value"):

@@ -908,6 +908,9 @@ def forecast(**o: Any) -> None:
     click.echo(f"steps to loss {target:.4g}: {t if t is not None else f'not reached in {steps}'}")
     if fc.method.get("model") == "head-body":  # calibrated: NOTE [steps interval]
         click.echo(f"  real run, 80% interval: {fc.steps_interval(target, pilot=pilot)}")
+        last = fc.loss.shape[0] - 1  # NOTE [loss interval]: the band at the horizon
+        click.echo(f"  real loss at step {last}: "
+                   f"{fc.loss_interval(pilot=pilot).at(last)} (band of the steps intervals)")
     elif o.get("linearize") == "all" and t is not None:
         click.echo("  note: on seven held-out fine-tuning tasks real runs reached their 50-90% "
                    "drops a median 3.9-5.8x sooner than the tangent model forecast (RESULTS.md "

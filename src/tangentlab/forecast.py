@@ -503,6 +503,21 @@ class LossInterval:
         lo, hi = self.low[at], self.high[at]
         return (np.isnan(lo) | (v >= lo)) & (np.isnan(hi) | (v <= hi)) & np.isfinite(v)
 
+    def at(self, step: int) -> str:
+        """The band at ``step`` in words: ``"0.12-0.35"``, ``"at most 0.35"``, ``"at least
+        0.12"`` or ``"unknown"`` (4 significant digits; ``step`` within 0..T)."""
+        last = self.low.shape[0] - 1
+        if not 0 <= step <= last:
+            raise TangentlabError(
+                f"LossInterval.at: step {step} is outside the forecast's 0..{last}."
+            )
+        lo, hi = float(self.low[step]), float(self.high[step])
+        if math.isnan(lo) and math.isnan(hi):
+            return "unknown"
+        if math.isnan(lo):
+            return f"at most {hi:.4g}"
+        return f"at least {lo:.4g}" if math.isnan(hi) else f"{lo:.4g}-{hi:.4g}"
+
     def two_sided(self) -> np.ndarray:
         """``[T+1]``: the steps where both edges are known."""
         return np.isfinite(self.low) & np.isfinite(self.high)
