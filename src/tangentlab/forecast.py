@@ -703,7 +703,8 @@ class Forecast:
 
             >>> band = fc.loss_interval()                   # fc: a head-exact forecast
             >>> band.low.shape, band.high.shape             # ([T+1], [T+1]), NaN where unknown
-            >>> band.covers(run.loss)[band.two_sided()[:len(run.loss)]].mean()  # its coverage
+            >>> band.at(300)                                # e.g. "0.0412-0.1187"
+            >>> tl.compare(fc, run).loss_interval_coverage  # a real run's steps inside it
         """
         if self.method.get("model") != "head-body":
             raise TangentlabError(
