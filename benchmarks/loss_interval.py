@@ -218,10 +218,10 @@ def run_task(name: str, out: Path = OUT) -> dict:
                           momentum=c["momentum"], a=c["lr_factor"], reached=_reached(c),
                           seconds=time.perf_counter() - t0)  # fmt: skip
         if key in EXAMPLE_CELLS.get(name, ()):
+            band = fc.loss_interval()
             cells[key]["curves"] = dict(real=c["run_loss"], real_steps=c["run_steps"],
-                                        forecast=fc.loss.tolist(),
-                                        low=fc.loss_interval().low.tolist(),
-                                        high=fc.loss_interval().high.tolist())  # fmt: skip
+                                        forecast=fc.loss.tolist(), low=band.low.tolist(),
+                                        high=band.high.tolist())  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, allow_nan=True))
