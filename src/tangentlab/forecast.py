@@ -452,20 +452,31 @@ class StepsInterval:
 # [T_lo, T_hi] for the real first-passage step T(ε): before T(ε) the real loss is above ε by
 # definition, so L_t > ε for every t < T_lo (when T >= T_lo, ~90%); and once t >= T_hi the
 # run has reached ε (~90%), so L_t <= ε if the loss does not climb back. Over the depths d
-# of LOSS_INTERVAL_DROPS (30% to 95% in steps of 1%):
+# of LOSS_INTERVAL_DROPS[conv_body] (in steps of 1%):
 #     low_t = max{ε(d) : t < T_lo(d)},      high_t = min{ε(d) : t >= T_hi(d)},
-# NaN where no depth bounds that side (high before T_hi(30%): the early steps; low after
-# T_lo(95%): the late ones). Nothing is fitted here: every number comes from the steps
-# interval's calibration, which was fitted at the 50%, 80% and 90% drops (its depth terms
-# are held at their end values outside them: 30-50% and 90-95% extrapolate). The range
-# was chosen on development tasks (benchmarks/loss_interval.py --choose): the one with
-# the most steps bounded on both sides among those whose band held the real loss on at
-# least 80% of such steps (30-95%: 81%, 43% of the steps two-sided; the calibrated 50-90%
-# alone: 76%, 10%). Depths whose interval is unknown (the forecast diverges first) or
-# comes from the stabilized rerun (NOTE [stabilized estimate]: conditional on the real run
-# getting there) bound nothing. The per-step coverage on held-out tasks is in RESULTS.md
-# "loss-interval".
-LOSS_INTERVAL_DROPS = tuple(round(0.3 + 0.01 * k, 2) for k in range(66))
+# NaN where no depth bounds that side (high before the shallowest depth's interval ends:
+# the early steps; low after the deepest one's begins: the late ones). Nothing is fitted
+# here: every number comes from the steps interval's calibration, which was fitted at the
+# 50%, 80% and 90% drops (its depth terms are held at their end values outside them:
+# shallower than 50% and deeper than 90% extrapolate). The range of depths is chosen on
+# development tasks per kind of body (benchmarks/loss_interval.py --choose-kind): the one
+# with the most steps bounded on both sides among those whose band held the real loss on at
+# least 80% of such steps in at least 80% of resamples of the development tasks. A body
+# without a convolution (MiniLM on ten text tasks): 40-95% (85% of its two-sided steps; the
+# first choice, 30-95%, pooled over both kinds on nine tasks, scored 73% on held-out text
+# tasks, its misses all at depths below 50%, and 77% on all ten). A convolutional body: no
+# range passed on its three development tasks, so it keeps the first choice, 30-95% (88% on
+# four held-out image tasks). Depths whose interval is unknown (the forecast diverges
+# first) or comes from the stabilized rerun (NOTE [stabilized estimate]: conditional on the
+# real run getting there) bound nothing. Per-step coverage on held-out tasks: RESULTS.md
+# "loss-interval" and "loss-interval-kind".
+
+
+def _depths(low: float, high: float) -> tuple[float, ...]:
+    return tuple(round(low + 0.01 * k, 2) for k in range(round((high - low) / 0.01) + 1))
+
+
+LOSS_INTERVAL_DROPS = {True: _depths(0.30, 0.95), False: _depths(0.40, 0.95)}  # by conv_body
 
 
 @dataclass(frozen=True)
@@ -474,15 +485,17 @@ class LossInterval:
 
     Attributes:
       low, high: ``[T+1]`` each, the band's edges; NaN where that side is unknown (``high``
-        before the 30% drop's interval ends, ``low`` once the 95% drop's has begun).
-      drops: the depths 1 − ε / L̂_0 the band spans.
+        before the shallowest drop's interval ends, ``low`` once the deepest drop's has
+        begun).
+      drops: the depths 1 − ε / L̂_0 the band spans (``LOSS_INTERVAL_DROPS``, by kind of
+        body).
       note: as ``StepsInterval.note`` (settings outside the calibration), ``""`` when none.
       pilot: the pilot's log(T / T̂) the intervals were conditioned on, or ``None``.
     """
 
     low: np.ndarray
     high: np.ndarray
-    drops: tuple[float, float] = (LOSS_INTERVAL_DROPS[0], LOSS_INTERVAL_DROPS[-1])
+    drops: tuple[float, float]
     note: str = ""
     pilot: float | None = None
 
@@ -693,7 +706,8 @@ class Forecast:
 
     def loss_interval(self, *, pilot: Any = None) -> LossInterval:
         """A band for the real run's training loss at every step of this head-exact forecast,
-        read from its steps intervals at every depth from 30% to 95% (NOTE [loss interval]):
+        read from its steps intervals at every depth from 40% to 95% (30% to 95% for a
+        convolutional body; NOTE [loss interval]):
         ``low_t`` is the highest target the real run should not have reached by step t,
         ``high_t`` the lowest it should have. Unlike ``loss_band`` (the spread of SGD's
         sample paths of this model, which a full-batch forecast does not have) it includes
@@ -718,9 +732,11 @@ class Forecast:
         l0 = float(self.loss[0])
         feature = None if pilot is None else self._pilot_feature(pilot)
         note = self._interval_scope(pilot=feature)
+        depths = LOSS_INTERVAL_DROPS[bool(self.method.get("conv_body"))]
+        span = (depths[0], depths[-1])
         if not (math.isfinite(l0) and l0 > 0):
-            return LossInterval(low, high, note=note, pilot=feature)
-        for d in LOSS_INTERVAL_DROPS:
+            return LossInterval(low, high, span, note=note, pilot=feature)
+        for d in depths:
             eps = (1.0 - d) * l0
             iv = self.steps_interval(eps, pilot=pilot)
             if iv.low is None or iv.stabilized is not None:
@@ -729,7 +745,7 @@ class Forecast:
             low[:stop] = np.fmax(low[:stop], eps)
             if iv.high is not None and iv.high < size:  # reached by high: at most ε after
                 high[iv.high:] = np.fmin(high[iv.high:], eps)
-        return LossInterval(low, high, note=note, pilot=feature)
+        return LossInterval(low, high, span, note=note, pilot=feature)
 
     def _interval_features(self, target_loss: float, drop: float,
                            t_hat: int) -> tuple[np.ndarray, float | None]:  # fmt: skip
