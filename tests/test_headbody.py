@@ -922,12 +922,79 @@ def test_a_subspace_spanning_the_features_runs_in_its_coordinates_and_stays_exac
         np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-9)
         if batch is not None:
             np.testing.assert_allclose(fast.loss_paths, slow.loss_paths, rtol=1e-9)
-    small = compute_head_body_kernel(wide, data, progress=False)  # directions = C
-    assert small.problem().in_basis() is None
-    # a tanh body: J w0 = (1 - φ0²) ⊙ (A x + a) leaves span Q, so decay toward 0 does too
+    # a tanh body: J w0 = (1 - φ0²) ⊙ (A x + a) leaves span Q, so decay toward 0 adds it
     bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
     bent = compute_head_body_kernel(bent, data, directions=10, progress=False).problem()
-    assert bent.in_basis() is not None and bent.in_basis(decay_to_zero=True) is None
+    assert bent.in_basis().basis.shape == (13, 13) and bent.in_basis().rest is None
+    assert bent.in_basis(decay_to_zero=True).basis.shape == (23, 13)  # + J w0's 10 rows
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+@pytest.mark.parametrize("batch", [None, 4])
+def test_the_head_exact_model_runs_in_the_span_of_q_features_and_head(batch, monkeypatch):
+    """NOTE [head-body in span Q]: with the default Q (r = 2C, κ_⊥ kept) the state never
+    leaves S = span(Q, φ0, W0) (+ J w0_body with decay toward 0), so the forecast runs in
+    S's r' <= r + N + C coordinates; it equals the d-dimensional forecast to round-off for
+    SGD, momentum, decay toward w0 and toward 0, MSE and CE."""
+    data = _data()  # N = 10, C = 3
+    bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
+    hb = compute_head_body_kernel(bent, data, projection=64, progress=False)  # r = 2C = 6
+    p = hb.problem()
+    assert p.basis.shape == (40, 6) and p.rest is not None and not p.spans_features
+    red = p.in_basis()
+    # Q = W0's rows + C principal directions of φ0: S = span(φ0, W0), r' = N + C = 13 < 40
+    assert red.basis.shape == (13, 6) and red.rest is p.rest
+    assert p.in_basis(decay_to_zero=True).basis.shape == (23, 6)  # + J w0's 10 rows
+    opts = (tl.SGD(0.05, momentum=0.9), tl.SGD(0.1, weight_decay=0.1, decay_to="w0"),
+            tl.SGD(0.1, momentum=0.5, weight_decay=0.2))  # decay toward 0 (the default)
+    for opt in opts:
+        for loss in ("mse", "ce"):
+            fast = tl.forecast(hb, opt, 25, loss=loss, batch_size=batch, paths=2, seed=3)
+            with monkeypatch.context() as m:
+                m.setattr(dyn.HeadBodyProblem, "in_basis", lambda self, **kw: None)
+                slow = tl.forecast(hb, opt, 25, loss=loss, batch_size=batch, paths=2, seed=3)
+            np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-9)
+            np.testing.assert_allclose(fast.accuracy, slow.accuracy, rtol=1e-12)
+            if batch is not None:
+                np.testing.assert_allclose(fast.loss_paths, slow.loss_paths, rtol=1e-9)
+    # d <= r + N + C: nothing to gain, the d-dimensional state is kept
+    few = compute_head_body_kernel(nn.Sequential(nn.Linear(5, 12), nn.Tanh(),
+                                                 nn.Linear(12, 3)).double().eval(), data,
+                                   progress=False).problem()  # fmt: skip
+    assert few.in_basis() is None
+
+
+@pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
+@pytest.mark.parametrize("batch", [None, 4])
+def test_a_long_forecast_multiplies_through_the_gram_matrix_of_the_features(batch, monkeypatch):
+    """NOTE [head-body Gram]: a run of at least N r k / (4k - 2 N r) steps multiplies the
+    projected block through Θ = Φ Φᵀ (formed once) instead of Φ (Φᵀ x); the same forecast
+    through Φ agrees to float32 round-off, and a short forecast gives the same numbers
+    before and after a long one has formed Θ (the choice depends on the run alone)."""
+    data = _data()  # N = 10, C = 3: r = 6, N r = 60 <= k = 64
+    bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
+    hb = compute_head_body_kernel(bent, data, projection=64, progress=False)
+    op = hb.problem().block
+    assert isinstance(op, dyn.FeatureKernelOperator) and op.features.shape == (60, 64)
+    assert not op.gram_pays(28) and op.gram_pays(29)  # 60 * 64 / (256 - 120) = 28.2
+    opt = tl.SGD(0.05, momentum=0.9)
+
+    def fc(steps):
+        return tl.forecast(hb, opt, steps, loss="ce", batch_size=batch, paths=3, seed=1)
+
+    short = fc(20)
+    assert "_gram" not in op.__dict__
+    long = fc(30)
+    phi = op.features.astype(np.float64)
+    assert "_gram" in op.__dict__
+    np.testing.assert_allclose(op.gram().theta, phi @ phi.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(fc(20).loss, short.loss)  # not history-dependent
+    with monkeypatch.context() as m:
+        m.setattr(dyn.FeatureKernelOperator, "gram_pays", lambda self, steps: False)
+        through_phi = fc(30)
+    np.testing.assert_allclose(long.loss, through_phi.loss, rtol=1e-5)
+    if batch is not None:
+        np.testing.assert_allclose(long.loss_paths, through_phi.loss_paths, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")

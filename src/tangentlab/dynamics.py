@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -154,7 +154,8 @@ def accuracy_value(f: np.ndarray, targets: np.ndarray) -> np.ndarray:
 class DenseKernelOperator:
     """Dual execution: products with the dense kernel Θ ``[NC, NC]``.
 
-    Memory (NC)^2; a product with b columns costs NC·b.
+    Memory (NC)^2; a product with b columns costs NC·b. A float32 Θ is multiplied in
+    float32; results come back float64.
     """
 
     name = "dual"
@@ -167,19 +168,32 @@ class DenseKernelOperator:
         # are contiguous, so each is read in place (no gather copy).
         self._rows = theta.reshape(nc // num_classes, num_classes, nc)
 
+    def cast(self, x: np.ndarray) -> np.ndarray:
+        """``x`` in Θ's dtype."""
+        return np.asarray(x, dtype=self.theta.dtype)
+
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``Θ x`` for ``x`` ``[NC]`` or ``[NC, p]``."""
-        return self.theta @ x
+        return (self.theta @ self.cast(x)).astype(np.float64, copy=False)
 
     def cols_matvec(self, batch: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``Σ_j Θ[:, batch_j] x_j`` for sample ids ``batch`` ``[b]``, ``x`` ``[b, C]`` -> ``[NC]``.
 
         Repeated ids (sampling with replacement) add up.
         """
+        x = self.cast(x)
         out = x[0] @ self._rows[batch[0]]
         for j in range(1, len(batch)):
             out += x[j] @ self._rows[batch[j]]
-        return out
+        return out.astype(np.float64, copy=False)
+
+    @classmethod
+    def gram(cls, features: np.ndarray, num_classes: int) -> DenseKernelOperator:
+        """Θ = Φ Φ^T of features Φ ``[NC, k]`` in Φ's dtype, made exactly symmetric."""
+        theta = features @ features.T
+        theta += theta.T
+        theta *= 0.5
+        return cls(theta, num_classes)
 
 
 class FeatureKernelOperator:
@@ -211,6 +225,17 @@ class FeatureKernelOperator:
         """``Σ_j Θ[:, batch_j] x_j = Φ Σ_j Φ_{batch_j}^T x_j`` -> ``[NC]``."""
         v = np.einsum("bc,bck->k", self.cast(x), self._rows[batch])
         return (self.features @ v).astype(np.float64, copy=False)
+
+    def gram(self) -> DenseKernelOperator:
+        """Θ = Φ Φ^T as a dense operator in Φ's dtype, formed once and kept."""
+        if "_gram" not in self.__dict__:
+            self.__dict__["_gram"] = DenseKernelOperator.gram(self.features, self.num_classes)
+        return self.__dict__["_gram"]
+
+    def gram_pays(self, steps: int) -> bool:
+        """Whether a run of ``steps`` products should go through Θ (NOTE [head-body Gram])."""
+        nc, k = self.features.shape
+        return nc <= k and steps * (4 * k - 2 * nc) >= nc * k  # the run's length only
 
 
 class TraceKernelOperator:
@@ -1208,20 +1233,27 @@ class HeadBodyProblem:
         return left @ right
 
     def in_basis(self, *, decay_to_zero: bool = False) -> HeadBodyProblem | None:
-        r"""The same model in Q's coordinates when it never leaves span Q, else ``None``.
+        r"""The same model in the coordinates of the subspace it never leaves, else ``None``.
 
-        If the rows of W0 and every φ0_i lie in span Q (``directions`` >= N: Q spans all of
-        φ0), the head's update -η Σ δ_i φ_iᵀ and the features' -η Q M(·) Qᵀ Wᵀ δ stay in
-        it, and κ_⊥ only ever acts on W - W Q Qᵀ = 0. The state can then be carried as
-        ``φ Q`` ``[N, r]`` and ``W Q`` ``[C, r]``: outputs ``(W Q)(φ Q)ᵀ`` are exact, and a
-        step costs N r instead of N d per sample (NOTE [head-body in span Q]). Decay toward
-        0 also pulls φ toward φ0 - J w0_body, so it needs J w0_body in span Q as well
-        (``decay_to_zero``). ``None`` when r >= d (nothing to gain) or a residual exceeds
-        1e-9 of its norm."""
-        red = self._in_basis
-        if red is None or (decay_to_zero and not red[1]):
-            return None
-        return red[0]
+        Let S = span(Q, φ0_1..φ0_N, rows of W0) (NOTE [head-body in span Q]). The head's
+        update -η Σ δ_i φ_iᵀ lies in span(φ_i), the features' -η K Wᵀ δ in
+        Q + (I - Q Qᵀ) span(rows of W), and (I - Q Qᵀ) S ⊂ S because Q ⊂ S: by induction
+        every φ_i and every row of W stay in S, and so do momentum buffers and decay toward
+        W0. With an orthonormal basis B = [Q, Q2] of S (r' = dim S <= r + N + C) the state
+        is carried as ``φ B`` ``[N, r']`` and ``W B`` ``[C, r']``; in B's coordinates the
+        kernel keeps its form, ``E M Eᵀ + κ_⊥ (I - E Eᵀ)`` with E the first r coordinate
+        axes, and outputs ``(W B)(φ B)ᵀ`` are exact. A step costs N r' instead of N d per
+        sample. When Q already spans φ0 and W0 (``directions`` >= N), B = Q and κ_⊥ drops
+        out (it only acts on W - W Q Qᵀ = 0). Decay toward 0 also pulls φ toward
+        φ0 - J w0_body, so ``decay_to_zero`` adds the rows of J w0_body to S. Directions of
+        S below 1e-10 of the largest norm among its generators are dropped. ``None`` when
+        no body weight is trained, or when S fills R^d (r' >= d, or as many generators as
+        the d - r directions beside Q: nothing to gain)."""
+        key = bool(decay_to_zero and self.body_jw0 is not None)
+        cache = self.__dict__.setdefault("_reduced", {})
+        if key not in cache:
+            cache[key] = self._reduce(with_jw0=key)
+        return cache[key]
 
     @cached_property
     def spans_features(self) -> bool:
@@ -1232,25 +1264,51 @@ class HeadBodyProblem:
         q = self.basis
         return bool(np.linalg.norm(x - (x @ q) @ q.T) <= 1e-9 * max(np.linalg.norm(x), 1e-300))
 
-    @cached_property
-    def _in_basis(self) -> tuple[HeadBodyProblem, bool] | None:
+    def _reduce(self, *, with_jw0: bool) -> HeadBodyProblem | None:
         q = self.basis
-        if self.block is None or q.shape[1] >= q.shape[0] or not self.spans_features:
+        d, r = q.shape
+        if self.block is None or r >= d:
             return None
+        gens = [self.phi0, self.weight] + ([self.body_jw0] if with_jw0 else [])
+        if sum(g.shape[0] for g in gens) >= d - r:  # S is (almost surely) all of R^d
+            return None
+        x = np.concatenate(gens, axis=0).T  # [d, m]: S's generators beside Q
+        scale = float(np.linalg.norm(x, axis=0).max(initial=0.0))
+        x = x - q @ (q.T @ x)
+        u, sv, _ = np.linalg.svd(x, full_matrices=False)
+        q2 = u[:, sv > 1e-10 * max(scale, 1e-300)]
+        if r + q2.shape[1] >= d:
+            return None
+        b = np.concatenate([q, q2], axis=1)  # [d, r'], orthonormal, Q first
         jw0 = self.body_jw0
-        red = HeadBodyProblem(
-            phi0=self.phi0 @ q, weight=self.weight @ q, bias=self.bias,
-            basis=np.eye(q.shape[1]), block=self.block, rest=None,
-            body_jw0=None if jw0 is None else jw0 @ q,
+        return HeadBodyProblem(
+            phi0=self.phi0 @ b, weight=self.weight @ b, bias=self.bias,
+            basis=np.eye(b.shape[1], r), block=self.block,
+            rest=self.rest if q2.shape[1] else None,
+            body_jw0=jw0 @ b if with_jw0 else None,
         )  # fmt: skip
-        return red, jw0 is None or self._spanned(jw0)
 
 
-# NOTE [head-body in span Q]. With Q spanning all of φ0 (compute_head_body_kernel(...,
-# directions >= N)), the model stays in span Q exactly, so head_body_trajectory runs it in
-# Q's r = N + C coordinates instead of d (HeadBodyProblem.in_basis): for EfficientNet-Lite's
-# d = 1280 and N = 128, the [P, N, d] products of every step shrink ~9x. A held-out set
-# (eval_set) keeps the d-dimensional state: its features need not lie in span Q.
+# NOTE [head-body Gram]. A projected block is kept as its features Φ [N r, k] (NOTE
+# [head-body features] in tangentlab.headbody): a product through them, Φ (Φᵀ x), reads
+# Φ twice (2 N r k entries); through Θ = Φ Φᵀ (same dtype) it reads (N r)². Forming Θ costs
+# 2 (N r)² k flops. When N r <= k, head_body_trajectory runs through Θ if the run has at
+# least N r k / (4k - 2 N r) steps: 137, 472, 931 and 1954 for N r = 512, 1536, 2560 and
+# 4000 at k = 4096, 1.7-5.5x the break-even measured on this project's 2-core machine
+# (36, 86, 553 and 834 products; RESULTS.md "headbody-speed"), so forming Θ pays for itself
+# with a margin. Θ is kept on the operator for the forecasts after it, but the choice
+# depends only on the run's own length: a forecast gives the same numbers whatever ran
+# before it. Both routes multiply in float32 (round-off ~1e-7, far below the sketch's own
+# error of ~10%).
+
+
+# NOTE [head-body in span Q]. The head-exact model never leaves S = span(Q, φ0, W0) (plus
+# J w0_body with decay toward 0; HeadBodyProblem.in_basis), so head_body_trajectory runs it
+# in S's r' <= r + N + C coordinates instead of d. The default Q (W0's rows and C principal
+# directions of φ0) lies in span(φ0, W0), so r' = N + C: for EfficientNet-Lite's d = 1280,
+# N = 128 and C = 8, r' = 136, and the [P, N, d] products of every step shrink ~9x; with Q
+# spanning φ0 (directions >= N) B = Q and κ_⊥ also drops out. A held-out set (eval_set)
+# keeps the d-dimensional state: its features need not lie in S.
 
 
 @dataclass(frozen=True)
@@ -1332,6 +1390,13 @@ def _cols_paths(op: KernelOperator, batches: np.ndarray | None, x: np.ndarray) -
         return (op.features @ v.T).T.astype(np.float64, copy=False)
     if isinstance(op, TraceKernelOperator):  # K[:, batch_p] X_p for all paths in one call
         return np.matmul(op.k[batches].transpose(0, 2, 1), x).reshape(paths, -1)
+    if isinstance(op, DenseKernelOperator) and 2 * batches.size >= op._rows.shape[0]:
+        # many rows: scatter the paths' batch rows (repeated ids add up) into [P, N c], then
+        # one GEMM reads Θ once for every path
+        dense = np.zeros((paths, op._rows.shape[0], x.shape[2]), dtype=op.theta.dtype)
+        for p in range(paths):
+            np.add.at(dense[p], batches[p], x[p])
+        return (op.theta @ dense.reshape(paths, -1).T).T.astype(np.float64, copy=False)
     return np.stack([op.cols_matvec(batches[p], x[p]) for p in range(paths)])
 
 
@@ -1393,6 +1458,8 @@ def head_body_trajectory(
     p = problem
     if eval_set is None:  # NOTE [head-body in span Q]
         p = p.in_basis(decay_to_zero=bool(weight_decay) and decay_to == "zero") or p
+    if isinstance(p.block, FeatureKernelOperator) and p.block.gram_pays(steps):
+        p = replace(p, block=p.block.gram())  # NOTE [head-body Gram]
     paths = 1 if batches is None else len(batches)
     st = _HeadBodyState(p, paths, decay_to, eval_set)
     rates = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)

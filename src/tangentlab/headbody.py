@@ -147,11 +147,11 @@ class HeadBodyKernel:
 
     def _make_problem(self) -> dyn.HeadBodyProblem:
         # NOTE [head-body features]: a projected block is kept as its features Φ [N r, k]
-        # (compute_head_body_kernel does not form Θ = Φ Φᵀ): a step's product Φ (Φᵀ x) costs
-        # 2 N r k instead of (N r)², and memory N r k instead of (N r)²; float32 features
-        # (the default) are multiplied in float32 (the sketch's own error is ~10%, float32
-        # round-off ~1e-7), the state stays float64. An exact block (projection=None, needed
-        # for held-out curves) stays dense float64.
+        # (compute_head_body_kernel does not form Θ = Φ Φᵀ); float32 features (the default)
+        # are multiplied in float32 (the sketch's own error is ~10%, float32 round-off
+        # ~1e-7), the state stays float64. A long forecast multiplies through Θ instead
+        # (dynamics.head_body_trajectory, NOTE [head-body Gram]). An exact block
+        # (projection=None, needed for held-out curves) stays dense float64.
         block = None
         if self.block is not None:
             r = self.basis.shape[1]
