@@ -935,7 +935,8 @@ def test_the_head_exact_model_runs_in_the_span_of_q_features_and_head(batch, mon
     """NOTE [head-body in span Q]: with the default Q (r = 2C, κ_⊥ kept) the state never
     leaves S = span(Q, φ0, W0) (+ J w0_body with decay toward 0), so the forecast runs in
     S's r' <= r + N + C coordinates; it equals the d-dimensional forecast to round-off for
-    SGD, momentum, decay toward w0 and toward 0, MSE and CE."""
+    SGD, momentum, decay toward w0 and toward 0, MSE and CE, and with a held-out set (whose
+    features join S)."""
     data = _data()  # N = 10, C = 3
     bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
     hb = compute_head_body_kernel(bent, data, projection=64, progress=False)  # r = 2C = 6
@@ -957,6 +958,20 @@ def test_the_head_exact_model_runs_in_the_span_of_q_features_and_head(batch, mon
             np.testing.assert_allclose(fast.accuracy, slow.accuracy, rtol=1e-12)
             if batch is not None:
                 np.testing.assert_allclose(fast.loss_paths, slow.loss_paths, rtol=1e-9)
+    # a held-out set adds its features to S; its curves stay those of the d-dim state
+    hb = compute_head_body_kernel(bent, data, progress=False)  # exact (held-out curves)
+    ev = tl.compute_head_body_cross_kernel(bent, _data(n=7, seed=1), hb, train_data=data)
+    both = hb.problem().with_eval_in_basis(ev.problem())
+    assert both is not None and both[0].basis.shape == (20, 6)  # + the 7 held-out rows
+    opt = tl.SGD(0.1, momentum=0.5, weight_decay=0.2)
+    fast = tl.forecast(hb, opt, 25, loss="ce", eval_data=ev, batch_size=batch, paths=2, seed=3)
+    with monkeypatch.context() as m:
+        m.setattr(dyn.HeadBodyProblem, "with_eval_in_basis", lambda self, ev, **kw: None)
+        slow = tl.forecast(hb, opt, 25, loss="ce", eval_data=ev, batch_size=batch, paths=2,
+                           seed=3)  # fmt: skip
+    np.testing.assert_allclose(fast.eval_loss, slow.eval_loss, rtol=1e-9)
+    np.testing.assert_allclose(fast.eval_accuracy, slow.eval_accuracy, rtol=1e-12)
+    np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-9)
     # d <= r + N + C: nothing to gain, the d-dimensional state is kept
     few = compute_head_body_kernel(nn.Sequential(nn.Linear(5, 12), nn.Tanh(),
                                                  nn.Linear(12, 3)).double().eval(), data,

@@ -1252,8 +1252,26 @@ class HeadBodyProblem:
         key = bool(decay_to_zero and self.body_jw0 is not None)
         cache = self.__dict__.setdefault("_reduced", {})
         if key not in cache:
-            cache[key] = self._reduce(with_jw0=key)
+            red = self._reduce(with_jw0=key)
+            cache[key] = None if red is None else red[0]
         return cache[key]
+
+    def with_eval_in_basis(self, ev: HeadBodyEval, *, decay_to_zero: bool = False,
+                           ) -> tuple[HeadBodyProblem, HeadBodyEval] | None:  # fmt: skip
+        """``in_basis`` with a held-out set moved along: S also holds its features φ0_e (and
+        J_e w0_body with decay toward 0), whose updates K(e, i) Wᵀ δ_i lie in
+        Q + (I - Q Qᵀ) span(W) like the training ones; the pair in S's coordinates, or
+        ``None`` (as ``in_basis``)."""
+        key = bool(decay_to_zero and self.body_jw0 is not None)
+        extra = [ev.phi0] + ([ev.body_jw0] if key and ev.body_jw0 is not None else [])
+        red = self._reduce(with_jw0=key, extra=extra)
+        if red is None:
+            return None
+        p, b = red
+        return p, HeadBodyEval(
+            phi0=ev.phi0 @ b, targets=ev.targets, block=ev.block, rest=ev.rest,
+            body_jw0=ev.body_jw0 @ b if key and ev.body_jw0 is not None else None,
+        )  # fmt: skip
 
     @cached_property
     def spans_features(self) -> bool:
@@ -1264,12 +1282,15 @@ class HeadBodyProblem:
         q = self.basis
         return bool(np.linalg.norm(x - (x @ q) @ q.T) <= 1e-9 * max(np.linalg.norm(x), 1e-300))
 
-    def _reduce(self, *, with_jw0: bool) -> HeadBodyProblem | None:
+    def _reduce(self, *, with_jw0: bool, extra: Sequence[np.ndarray] = (),
+                ) -> tuple[HeadBodyProblem, np.ndarray] | None:  # fmt: skip
+        """The problem in S's coordinates and S's basis B ``[d, r']`` (``in_basis``), S
+        also spanning the rows of ``extra``."""
         q = self.basis
         d, r = q.shape
         if self.block is None or r >= d:
             return None
-        gens = [self.phi0, self.weight] + ([self.body_jw0] if with_jw0 else [])
+        gens = [self.phi0, self.weight, *extra] + ([self.body_jw0] if with_jw0 else [])
         if sum(g.shape[0] for g in gens) >= d - r:  # S is (almost surely) all of R^d
             return None
         x = np.concatenate(gens, axis=0).T  # [d, m]: S's generators beside Q
@@ -1286,7 +1307,7 @@ class HeadBodyProblem:
             basis=np.eye(b.shape[1], r), block=self.block,
             rest=self.rest if q2.shape[1] else None,
             body_jw0=jw0 @ b if with_jw0 else None,
-        )  # fmt: skip
+        ), b  # fmt: skip
 
 
 # NOTE [head-body Gram]. A projected block is kept as its features Φ [N r, k] (NOTE
@@ -1308,7 +1329,7 @@ class HeadBodyProblem:
 # directions of φ0) lies in span(φ0, W0), so r' = N + C: for EfficientNet-Lite's d = 1280,
 # N = 128 and C = 8, r' = 136, and the [P, N, d] products of every step shrink ~9x; with Q
 # spanning φ0 (directions >= N) B = Q and κ_⊥ also drops out. A held-out set (eval_set)
-# keeps the d-dimensional state: its features need not lie in S.
+# adds its features' rows to S (HeadBodyProblem.with_eval_in_basis): r' <= r + N + M + C.
 
 
 @dataclass(frozen=True)
@@ -1456,8 +1477,11 @@ def head_body_trajectory(
     Returns a :class:`Trajectory` with one row per path.
     """
     p = problem
+    to_zero = bool(weight_decay) and decay_to == "zero"
     if eval_set is None:  # NOTE [head-body in span Q]
-        p = p.in_basis(decay_to_zero=bool(weight_decay) and decay_to == "zero") or p
+        p = p.in_basis(decay_to_zero=to_zero) or p
+    else:
+        p, eval_set = p.with_eval_in_basis(eval_set, decay_to_zero=to_zero) or (p, eval_set)
     if isinstance(p.block, FeatureKernelOperator) and p.block.gram_pays(steps):
         p = replace(p, block=p.block.gram())  # NOTE [head-body Gram]
     paths = 1 if batches is None else len(batches)
