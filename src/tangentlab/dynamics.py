@@ -1314,9 +1314,9 @@ class HeadBodyProblem:
 # [head-body features] in tangentlab.headbody): a product through them, Φ (Φᵀ x), reads
 # Φ twice (2 N r k entries); through Θ = Φ Φᵀ (same dtype) it reads (N r)². Forming Θ costs
 # 2 (N r)² k flops. When N r <= k, head_body_trajectory runs through Θ if the run has at
-# least N r k / (4k - 2 N r) steps: 137, 472, 931 and 1954 for N r = 512, 1536, 2560 and
-# 4000 at k = 4096, 1.7-5.5x the break-even measured on this project's 2-core machine
-# (36, 86, 553 and 834 products; RESULTS.md "headbody-speed"), so forming Θ pays for itself
+# least N r k / (4k - 2 N r) steps: 137, 473, 931 and 1954 for N r = 512, 1536, 2560 and
+# 4000 at k = 4096, 2.9-4.6x the break-even measured on this project's 2-core machine
+# (31, 103, 214 and 664 products; RESULTS.md "headbody-speed"), so forming Θ pays for itself
 # with a margin. Θ is kept on the operator for the forecasts after it, but the choice
 # depends only on the run's own length: a forecast gives the same numbers whatever ran
 # before it. Both routes multiply in float32 (round-off ~1e-7, far below the sketch's own

@@ -464,12 +464,13 @@ class StepsInterval:
 # least 80% of such steps in at least 80% of resamples of the development tasks. A body
 # without a convolution (MiniLM on ten text tasks): 40-95% (85% of its two-sided steps; the
 # first choice, 30-95%, pooled over both kinds on nine tasks, scored 73% on held-out text
-# tasks, its misses all at depths below 50%, and 77% on all ten). A convolutional body: no
-# range passed on its three development tasks, so it keeps the first choice, 30-95% (88% on
-# four held-out image tasks). Depths whose interval is unknown (the forecast diverges
-# first) or comes from the stabilized rerun (NOTE [stabilized estimate]: conditional on the
-# real run getting there) bound nothing. Per-step coverage on held-out tasks: RESULTS.md
-# "loss-interval" and "loss-interval-kind".
+# tasks, its misses all at depths below 50%, and 77% on all ten); on three fresh text tasks
+# (round 10) 40-95% held 74% against 66% for 30-95%, still short of 80%, its misses at
+# 40-50%. A convolutional body: no range passed on its three development tasks, so it
+# keeps the first choice, 30-95% (90% on three held-out image tasks). Depths whose
+# interval is unknown (the forecast diverges first) or comes from the stabilized rerun
+# (NOTE [stabilized estimate]: conditional on the real run getting there) bound nothing.
+# Per-step coverage on held-out tasks: RESULTS.md "loss-interval" and "loss-interval-kind".
 
 
 def _depths(low: float, high: float) -> tuple[float, ...]:
