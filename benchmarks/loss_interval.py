@@ -121,6 +121,20 @@ FRESH = {name: dict(kind="text", num_samples=64, seq_len=16, projection=4096,
          for name, files in FRESH_FILES.items()}  # fmt: skip
 ROUNDS["round 10"] = (FRESH_OUT, FRESH)
 FRESH_TASKS = {name: ("round 10", FRESH_OUT) for name in FRESH}
+
+# Round 11: fresh text tasks for the third choice (``--choose-third``: the transformer
+# bodies' range chosen again with round 10 among the development tasks), named before it
+# was made; Debian's fortune files no round used (each with at least 30 fortunes), 64
+# samples, 16 tokens, as round 10. Real runs to FRESH_OUT, the band's scores to
+# OUT / "round11".
+FRESH11_FILES = {"fortunes11-minilm": ("cookie", "tao", "magic"),
+                 "fortunes12-minilm": ("miscellaneous", "debian", "goedel"),
+                 "fortunes13-minilm": ("fortunes", "linuxcookie", "paradoxum")}  # fmt: skip
+FRESH11 = {name: dict(kind="text", num_samples=64, seq_len=16, projection=4096,
+                      num_classes=len(files), texts=_fortunes_of(files))
+           for name, files in FRESH11_FILES.items()}  # fmt: skip
+ROUNDS["round 11"] = (FRESH_OUT, FRESH11)
+FRESH_TASKS.update({name: ("round 11", FRESH_OUT) for name in FRESH11})
 ALL = {**TASKS, **DEV, **FRESH_TASKS}
 
 
@@ -531,6 +545,40 @@ def choose_kind() -> dict:
     return out
 
 
+def choose_third() -> dict:
+    """The third choice, transformer bodies only: ``choose_kind``'s rule (RANGES_KIND, the
+    task as the unit, 1000 resamples) on the ten text development tasks and round 10's
+    three (scored once and reported before this choice, so development tasks now). The
+    convolutional bodies have no new task and keep the second choice. Written to
+    ``OUT / "choice_third.json"``; LOSS_INTERVAL_DROPS[False] is set from it by hand and
+    committed before any round-11 run."""
+    second = json.loads((OUT / "choice_kind.json").read_text())
+    cells = {**_dev_cells("dev"), **_dev_cells("round10")}
+    tasks = {n: v for n, v in cells.items() if KINDS["transformer"](n)}
+    per_task = {n: {f"{a:g}-{b:g}": (lambda s: (s["covered"], s["two_sided"]))(
+        _pool([_range_counts(c, src, a, b) for c, src in v]))
+        for a, b in RANGES_KIND} for n, v in tasks.items()}  # fmt: skip
+    rng = np.random.default_rng(0)
+    fallback = second["kinds"]["transformer"]["choice"]
+    pick, stats = _pick(per_task, RANGES_KIND, rng)
+    loto = {}
+    for n in tasks:
+        p, _ = _pick({m: x for m, x in per_task.items() if m != n}, RANGES_KIND, rng)
+        loto[n] = (p or fallback, *per_task[n][p or fallback])
+    lo_cov, lo_two = sum(v[1] for v in loto.values()), sum(v[2] for v in loto.values())
+    out = dict(date=datetime.date.today().isoformat(), code=_commit(), second=fallback,
+               tasks=sorted(tasks), cells=sum(map(len, tasks.values())),
+               choice=pick or fallback, fallback=pick is None, stats=stats, left_out=loto,
+               left_out_coverage=(lo_cov, lo_two))  # fmt: skip
+    print(f"transformer: {len(tasks)} tasks, {out['cells']} cells; choice {out['choice']}"
+          f"{' (fallback: none passed)' if pick is None else ''}")
+    for k, (c, t, sh) in stats.items():
+        print(f"  {k}: {_pct(c, t)} of {t} two-sided steps; resamples >= 80%: {sh:.0%}")
+    print(f"  left out by task: {_pct(lo_cov, lo_two)}", {n: v[0] for n, v in loto.items()})
+    (OUT / "choice_third.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def report_kind() -> None:
     """The RESULTS.md section "loss-interval-kind": the per-kind choice on the development
     tasks and its first and only scoring on round 10 (with the first choice beside it)."""
@@ -579,6 +627,54 @@ def report_kind() -> None:
     lines += ["", READING_KIND]
     write_section("loss-interval-kind", "\n".join(lines))
     print("\n".join(lines))
+
+
+def report_third() -> None:
+    """The RESULTS.md section "loss-interval-third": the third choice on the thirteen text
+    development tasks and its first and only scoring on round 11 (the second choice and the
+    first beside it)."""
+    ck = json.loads((OUT / "choice_third.json").read_text())
+    states = {n: _with_reached(n, json.loads((OUT / "round11" / f"{n}.json").read_text()))
+              for n in FRESH11 if (OUT / "round11" / f"{n}.json").exists()}  # fmt: skip
+    lo_c, lo_t = ck["left_out_coverage"]
+    lines = [f"Command: `{COMMAND} --choose-third`, then `{COMMAND} --fresh11 NAME` per "
+             f"round-11 task and `{COMMAND} --report-third` (code {ck['code']} for the "
+             "choice). Rules: `choose_third`'s docstring; columns as in \"loss-interval\".",
+             "", f"Development, transformer bodies ({len(ck['tasks'])} tasks: the ten of "
+             f"\"loss-interval-kind\" and round 10's three; {ck['cells']} cells whose real run "
+             f"dropped 90%): choice **{ck['choice']}**"
+             f"{' (fallback to the second choice: no range passed)' if ck['fallback'] else ''}"
+             f"; the rule left out by task held {_pct(lo_c, lo_t)} of the steps.", "",
+             "| depths | inside (two-sided steps) | resamples of the tasks at >= 80% |",
+             "|---|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {_pct(c, t)} | {sh:.0%} |" for k, (c, t, sh) in ck["stats"].items()]
+    lines.append("")
+    if states:
+        first = json.loads((OUT / "choice.json").read_text())["choice"]
+        shown = {ck["choice"]: "library", ck["second"]: "second choice", first: "first choice"}
+        lines += ["Round 11 (fresh text tasks, scored once; the cells whose real run dropped "
+                  "90%):", "", "| task, depths | two-sided steps | inside | above | below | "
+                  "running min inside | per cell: median, >= 80% | log-width | low only: "
+                  "inside | high only: inside | minibatch: loss_band inside |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        src = {n: json.loads((FRESH_OUT / f"{n}.json").read_text())["cells"] for n in states}
+        pooled = {k: [] for k in shown}
+        for name, st in states.items():
+            for k, tag in shown.items():
+                a, b = (float(x) for x in k.split("-"))
+                cs = [dict(_range_counts(c, src[name][key], a, b), loss=c["loss"],
+                           batch_size=c["batch_size"])
+                      for key, c in st["cells"].items() if c["reached"]]  # fmt: skip
+                pooled[k] += cs
+                lines.append(f"| {name}, {k} ({tag}) | {_cols(_group(cs))}")
+        for k, tag in shown.items():
+            lines.append(f"| **all**, {k} ({tag}) | {_cols(_group(pooled[k]))}")
+    lines += ["", READING_THIRD]
+    write_section("loss-interval-third", "\n".join(lines))
+    print("\n".join(lines))
+
+
+READING_THIRD = """**Reading**: not yet written."""
 
 
 READING_KIND = """**Reading** (round 10, scored once, 2026-12-01; all three tasks ran, before the
@@ -650,6 +746,12 @@ def main() -> None:
     ap.add_argument("--fetch", action="store_true", help="print where the rounds' data is")
     ap.add_argument("--fresh", action="append", choices=sorted(FRESH),
                     help="a round-10 task: its real runs, then its band (repeat)")
+    ap.add_argument("--choose-third", action="store_true",
+                    help="the transformer bodies' range again, round 10 among the development")
+    ap.add_argument("--fresh11", action="append", choices=sorted(FRESH11),
+                    help="a round-11 task: its real runs, then its band (repeat)")
+    ap.add_argument("--report-third", action="store_true",
+                    help="RESULTS.md section of the third choice and round 11 only")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.fetch:
@@ -663,6 +765,17 @@ def main() -> None:
         return
     if a.report_kind:
         report_kind()
+        return
+    if a.choose_third:
+        choose_third()
+        return
+    if a.report_third:
+        report_third()
+        return
+    if a.fresh11:
+        for name in a.fresh11:
+            fr.run_tasks(FRESH11, [name], FRESH_OUT)
+            run_task(name, OUT / "round11")
         return
     if a.dev:
         for name in a.dev:

@@ -581,7 +581,7 @@ def test_steps_interval_is_the_calibrated_band_around_the_forecast():
 
 
 def test_loss_interval_is_read_from_the_steps_intervals_at_every_depth():
-    """NOTE [loss interval]: low_t = the highest target of depth 40-95% (a body without a
+    """NOTE [loss interval]: low_t = the highest target of depth 45-95% (a body without a
     convolution) whose interval has not begun by t, high_t = the lowest whose interval has
     ended; checked against the steps intervals one depth at a time; a real curve is covered
     where it lies in between."""
@@ -589,10 +589,10 @@ def test_loss_interval_is_read_from_the_steps_intervals_at_every_depth():
     band = fc.loss_interval()
     l0, size = float(fc.loss[0]), fc.loss.shape[0]
     assert band.low.shape == band.high.shape == (size,) and band.note == ""
-    assert not fc.method["conv_body"] and band.drops == (0.4, 0.95)
+    assert not fc.method["conv_body"] and band.drops == (0.45, 0.95)
     want_lo, want_hi = np.full(size, np.nan), np.full(size, np.nan)
-    for k in range(56):  # by hand: every depth 0.40, 0.41, ..., 0.95 on its own
-        eps = (1 - (0.4 + 0.01 * k)) * l0
+    for k in range(51):  # by hand: every depth 0.45, 0.46, ..., 0.95 on its own
+        eps = (1 - (0.45 + 0.01 * k)) * l0
         iv = fc.steps_interval(eps)
         for t in range(size):
             if t < iv.low and not eps <= want_lo[t]:
@@ -602,7 +602,7 @@ def test_loss_interval_is_read_from_the_steps_intervals_at_every_depth():
     np.testing.assert_allclose(band.low, want_lo, rtol=1e-12)  # NaN where unknown, as wanted
     np.testing.assert_allclose(band.high, want_hi, rtol=1e-12)
     both = band.two_sided()
-    assert both.any() and np.isnan(band.high[0]) and band.low[0] == pytest.approx(0.6 * l0)
+    assert both.any() and np.isnan(band.high[0]) and band.low[0] == pytest.approx(0.55 * l0)
     assert (band.low[both] <= band.high[both]).all()
     inside = np.where(both, 0.5 * (band.low + band.high), fc.loss)
     assert band.covers(inside)[both].all()

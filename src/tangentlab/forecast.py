@@ -462,22 +462,25 @@ class StepsInterval:
 # development tasks per kind of body (benchmarks/loss_interval.py --choose-kind): the one
 # with the most steps bounded on both sides among those whose band held the real loss on at
 # least 80% of such steps in at least 80% of resamples of the development tasks. A body
-# without a convolution (MiniLM on ten text tasks): 40-95% (85% of its two-sided steps; the
-# first choice, 30-95%, pooled over both kinds on nine tasks, scored 73% on held-out text
-# tasks, its misses all at depths below 50%, and 77% on all ten); on three fresh text tasks
-# (round 10) 40-95% held 74% against 66% for 30-95%, still short of 80%, its misses at
-# 40-50%. A convolutional body: no range passed on its three development tasks, so it
+# without a convolution: 45-95%, the third choice (--choose-third, on thirteen MiniLM text
+# tasks: 87% of its two-sided steps, 98% of the resamples; the rule left out by task held
+# 85%). History: the first choice, 30-95%, pooled over both kinds on nine tasks, scored 73%
+# on held-out text tasks, its misses all at depths below 50%; the second, 40-95% on ten
+# text tasks, held 74% on three fresh ones (round 10, which then joined the development
+# tasks), against 66% for 30-95%, its misses at 40-50%. A convolutional body: no range
+# passed on its three development tasks, so it
 # keeps the first choice, 30-95% (90% on three held-out image tasks). Depths whose
 # interval is unknown (the forecast diverges first) or comes from the stabilized rerun
 # (NOTE [stabilized estimate]: conditional on the real run getting there) bound nothing.
-# Per-step coverage on held-out tasks: RESULTS.md "loss-interval" and "loss-interval-kind".
+# Per-step coverage on held-out tasks: RESULTS.md "loss-interval", "loss-interval-kind" and
+# "loss-interval-third".
 
 
 def _depths(low: float, high: float) -> tuple[float, ...]:
     return tuple(round(low + 0.01 * k, 2) for k in range(round((high - low) / 0.01) + 1))
 
 
-LOSS_INTERVAL_DROPS = {True: _depths(0.30, 0.95), False: _depths(0.40, 0.95)}  # by conv_body
+LOSS_INTERVAL_DROPS = {True: _depths(0.30, 0.95), False: _depths(0.45, 0.95)}  # by conv_body
 
 
 @dataclass(frozen=True)
@@ -707,7 +710,7 @@ class Forecast:
 
     def loss_interval(self, *, pilot: Any = None) -> LossInterval:
         """A band for the real run's training loss at every step of this head-exact forecast,
-        read from its steps intervals at every depth from 40% to 95% (30% to 95% for a
+        read from its steps intervals at every depth from 45% to 95% (30% to 95% for a
         convolutional body; NOTE [loss interval]):
         ``low_t`` is the highest target the real run should not have reached by step t,
         ``high_t`` the lowest it should have. Unlike ``loss_band`` (the spread of SGD's
