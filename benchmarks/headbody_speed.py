@@ -3,6 +3,7 @@ matrix, against the d-dimensional state and products through the projected featu
 
     .venv/bin/python benchmarks/headbody_speed.py          # writes RESULTS.md "headbody-speed"
     .venv/bin/python benchmarks/headbody_speed.py --cost   # issue 13's cost goal, the same way
+    .venv/bin/python benchmarks/headbody_speed.py --sweep  # the goal for a whole grid, alone
 
 (needs ``make bench-deps`` and the stored rounds of ``holdout_kind.py`` / ``holdout_hybrid.py``.)
 
@@ -71,7 +72,7 @@ class _Old:
             return new_in_basis(p, **kw) if p.spans_features else None
 
         dyn.HeadBodyProblem.in_basis = in_basis
-        dyn.FeatureKernelOperator.gram_pays = lambda op, steps: False
+        dyn.FeatureKernelOperator.gram_pays = lambda op, products: False
         return self
 
     def __exit__(self, *exc):
@@ -223,6 +224,93 @@ def cost() -> None:
     report()
 
 
+def sweep(threads: int = 2) -> None:
+    """Issue 13's cost goal for a sweep (the product's use: one kernel, many settings), on
+    holdout.py's four tasks, alone: the head-exact kernel once (with the frozen trunk's
+    forward pass, which the kernel is computed on) and ``tl.forecast`` of all 24 stored
+    cells at their horizons (twice the real run's steps), against the plain full-network
+    run of every cell's real steps (seconds per step, measured once per batch size, x steps)
+    and against the trunk-cached real run (trunk once, then the stored cell's steps at the
+    cached run's measured seconds per step). Per cell: the kernel counted in full and shared
+    over the grid. Written to ``OUT["sweep"]``."""
+    import holdout as ho
+
+    torch.set_num_threads(threads)
+    tasks = {}
+    for name in ho.TASKS:
+        state = json.loads((ho.OUT / f"{name}.json").read_text())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            task, _, hb, _, hb_s = ho._kernels(name)
+            data = (task["x"], task["y"])
+            step = {b: ho._plain_step_seconds(task, b) for b in (None, ho.BATCH)}
+            cached = {}
+            for b in (None, ho.BATCH):  # the trunk-cached run's seconds per step
+                run = ho.tl.finetune(task["top"], data, ho.tl.SGD(1e-6), 5, batch_size=b,
+                                     params=task["params"], log_every=5, progress=False)
+                cached[b] = run.train_seconds / 5
+            cells = {}
+            for key, c in state["cells"].items():
+                opt = ho.tl.SGD(c["lr"], momentum=c["momentum"])
+                t0 = time.perf_counter()
+                ho.tl.forecast(hb, opt, c["fc_steps"], loss=c["loss"],
+                               batch_size=c["batch_size"], seed=ho.SEED)  # fmt: skip
+                cells[key] = dict(steps=c["steps"], forecast=time.perf_counter() - t0,
+                                  reached=li._reached(c),
+                                  plain=step[c["batch_size"]] * c["steps"],
+                                  cached=cached[c["batch_size"]] * c["steps"])  # fmt: skip
+                print(f"[{name}] {key}: {cells[key]}", flush=True)
+        tasks[name] = dict(kernel=hb_s, trunk=task["trunk_seconds"], cells=cells,
+                           step={str(b): v for b, v in step.items()},
+                           cached_step={str(b): v for b, v in cached.items()})  # fmt: skip
+    st = json.loads(OUT.read_text()) if OUT.exists() else {}
+    st["sweep"] = dict(tasks=tasks, machine=machine(), threads=threads, code=li._commit(),
+                       date=datetime.date.today().isoformat())  # fmt: skip
+    OUT.write_text(json.dumps(st, indent=1))
+    report()
+
+
+def _sweep_lines(sw: dict) -> list[str]:
+    lines = ["", f"Issue 13's cost goal for a sweep (`{COMMAND} --sweep`, {sw['date']}; "
+             f"{sw['machine']}; {sw['threads']} threads, alone; code {sw['code']}): "
+             "holdout.py's four tasks, all 24 cells each. Forecast = the frozen trunk's "
+             "forward pass + the head-exact kernel, once + `tl.forecast` of every cell "
+             "(horizon twice the real steps); plain = the whole network, seconds per step x "
+             "the cell's real steps; cached = the trunk once + the trunk-cached run's "
+             "seconds per step x steps. *Reached*: only the cells whose real run dropped "
+             "90% (a run that stalls runs to its horizon, 1500 steps, and dominates the sum). "
+             "Per cell: median over the 24 of forecast / plain with the kernel in full, and "
+             "with the kernel shared by the grid.", "",
+             "| task | kernel + trunk s | forecasts s (24) | plain s (24) | cached s (24) | "
+             "sweep: forecast / plain | sweep: forecast / cached | reached: cells, forecast "
+             "/ plain | per cell, kernel in full: median, <= 10% | per cell, kernel shared: "
+             "median, <= 10% |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    tot = dict(fixed=0.0, fc=0.0, plain=0.0, cached=0.0, fc_r=0.0, plain_r=0.0)
+    for name, t in sw["tasks"].items():
+        cs = t["cells"].values()
+        fixed = t["kernel"] + t["trunk"]
+        fc = sum(c["forecast"] for c in cs)
+        plain = sum(c["plain"] for c in cs)
+        cached = t["trunk"] + sum(c["cached"] for c in cs)
+        full = [(fixed + c["forecast"]) / c["plain"] for c in cs]
+        shared = [(fixed / len(cs) + c["forecast"]) / c["plain"] for c in cs]
+        reached = [c for c in cs if c["reached"]]
+        fc_r, plain_r = (sum(c[k] for c in reached) for k in ("forecast", "plain"))
+        for k, v in (("fixed", fixed), ("fc", fc), ("plain", plain), ("cached", cached),
+                     ("fc_r", fc_r), ("plain_r", plain_r)):
+            tot[k] += v
+        lines.append(f"| {name} | {fixed:.1f} | {fc:.1f} | {plain:.0f} | {cached:.0f} | "
+                     f"**{(fixed + fc) / plain:.1%}** | {(fixed + fc) / cached:.1%} | "
+                     f"{len(reached)}, {(fixed + fc_r) / plain_r:.1%} | "
+                     f"{np.median(full):.1%}, {sum(r <= 0.1 for r in full)}/{len(full)} | "
+                     f"{np.median(shared):.1%}, {sum(r <= 0.1 for r in shared)}/{len(shared)} |")
+    lines.append(f"| **all** | {tot['fixed']:.1f} | {tot['fc']:.1f} | {tot['plain']:.0f} | "
+                 f"{tot['cached']:.0f} | **{(tot['fixed'] + tot['fc']) / tot['plain']:.1%}** | "
+                 f"{(tot['fixed'] + tot['fc']) / tot['cached']:.1%} | "
+                 f"{(tot['fixed'] + tot['fc_r']) / tot['plain_r']:.1%} | | |")
+    return lines
+
+
 class _Nothing:
     def __enter__(self):
         return self
@@ -277,6 +365,8 @@ def report() -> None:
         lines += ["", f"Median forecast / plain: old {np.median(ro):.1%}, new {np.median(rn):.1%};"
                   f" at most 10%: old {sum(r <= 0.1 for r in ro)} of {len(ro)}, new "
                   f"{sum(r <= 0.1 for r in rn)} of {len(rn)}."]
+    if "sweep" in st:
+        lines += _sweep_lines(st["sweep"])
     lines += ["", READING]
     write_section("headbody-speed", "\n".join(lines))
     print("\n".join(lines))
@@ -309,6 +399,8 @@ the plain full-network step more than the forecast."""
 if __name__ == "__main__":
     if "--report" in sys.argv:
         report()
+    elif "--sweep" in sys.argv:
+        sweep()
     elif "--cost" in sys.argv:
         torch.set_num_threads(1)
         cost()

@@ -979,13 +979,35 @@ def test_the_head_exact_model_runs_in_the_span_of_q_features_and_head(batch, mon
     assert few.in_basis() is None
 
 
+@pytest.mark.parametrize("paths, b", [(1, 3), (4, 3)])  # 3 < 10 / 2 rows: gathered; 12: scattered
+def test_the_paths_batch_columns_of_the_block_match_a_brute_force_sum(paths, b):
+    """NOTE [head-body Gram]: Σ_j Θ[:, batch_pj] x_pj for every path p, through Φ and
+    through Θ = Φ Φᵀ, gathered (few rows) or scattered (many), against the explicit sum
+    over Θ's columns; a sample drawn twice in a batch counts twice."""
+    rng = np.random.default_rng(0)
+    n, c, k = 10, 2, 16
+    phi = rng.standard_normal((n * c, k))
+    theta = phi @ phi.T
+    batches = rng.integers(0, n, size=(paths, b))
+    batches[:, 1] = batches[:, 0]  # a repeated id
+    x = rng.standard_normal((paths, b, c))
+    want = np.zeros((paths, n * c))
+    for q in range(paths):
+        for j in range(b):
+            i = batches[q, j]
+            want[q] += theta[:, i * c:(i + 1) * c] @ x[q, j]
+    for op in (dyn.FeatureKernelOperator(phi, c), dyn.DenseKernelOperator(theta, c)):
+        np.testing.assert_allclose(dyn._cols_paths(op, batches, x), want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.filterwarnings("ignore::tangentlab.errors.ValidityWarning")
 @pytest.mark.parametrize("batch", [None, 4])
 def test_a_long_forecast_multiplies_through_the_gram_matrix_of_the_features(batch, monkeypatch):
-    """NOTE [head-body Gram]: a run of at least N r k / (4k - 2 N r) steps multiplies the
-    projected block through Θ = Φ Φᵀ (formed once) instead of Φ (Φᵀ x); the same forecast
-    through Φ agrees to float32 round-off, and a short forecast gives the same numbers
-    before and after a long one has formed Θ (the choice depends on the run alone)."""
+    """NOTE [head-body Gram]: a run of at least N r k / (4k - 2 N r) products (steps x
+    paths) multiplies the projected block through Θ = Φ Φᵀ (formed once) instead of Φ (Φᵀ
+    x); the same forecast through Φ agrees to float32 round-off, and a short forecast gives
+    the same numbers before and after a long one has formed Θ (the choice depends on the
+    run alone). Minibatch: three paths of 4 of 10 samples, scattered (3 x 4 >= 10 / 2)."""
     data = _data()  # N = 10, C = 3: r = 6, N r = 60 <= k = 64
     bent = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
     hb = compute_head_body_kernel(bent, data, projection=64, progress=False)
@@ -997,16 +1019,17 @@ def test_a_long_forecast_multiplies_through_the_gram_matrix_of_the_features(batc
     def fc(steps):
         return tl.forecast(hb, opt, steps, loss="ce", batch_size=batch, paths=3, seed=1)
 
-    short = fc(20)
+    n_short, n_long = (20, 30) if batch is None else (9, 10)  # 3 paths: 27 and 30 products
+    short = fc(n_short)
     assert "_gram" not in op.__dict__
-    long = fc(30)
+    long = fc(n_long)
     phi = op.features.astype(np.float64)
     assert "_gram" in op.__dict__
     np.testing.assert_allclose(op.gram().theta, phi @ phi.T, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(fc(20).loss, short.loss)  # not history-dependent
+    np.testing.assert_array_equal(fc(n_short).loss, short.loss)  # not history-dependent
     with monkeypatch.context() as m:
-        m.setattr(dyn.FeatureKernelOperator, "gram_pays", lambda self, steps: False)
-        through_phi = fc(30)
+        m.setattr(dyn.FeatureKernelOperator, "gram_pays", lambda self, products: False)
+        through_phi = fc(n_long)
     np.testing.assert_allclose(long.loss, through_phi.loss, rtol=1e-5)
     if batch is not None:
         np.testing.assert_allclose(long.loss_paths, through_phi.loss_paths, rtol=1e-5)

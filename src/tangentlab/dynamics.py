@@ -232,10 +232,11 @@ class FeatureKernelOperator:
             self.__dict__["_gram"] = DenseKernelOperator.gram(self.features, self.num_classes)
         return self.__dict__["_gram"]
 
-    def gram_pays(self, steps: int) -> bool:
-        """Whether a run of ``steps`` products should go through Θ (NOTE [head-body Gram])."""
+    def gram_pays(self, products: int) -> bool:
+        """Whether a run of ``products`` block products (steps x paths) should go through Θ
+        (NOTE [head-body Gram])."""
         nc, k = self.features.shape
-        return nc <= k and steps * (4 * k - 2 * nc) >= nc * k  # the run's length only
+        return nc <= k and products * (4 * k - 2 * nc) >= nc * k  # the run's length only
 
 
 class TraceKernelOperator:
@@ -1317,10 +1318,13 @@ class HeadBodyProblem:
 # least N r k / (4k - 2 N r) steps: 137, 473, 931 and 1954 for N r = 512, 1536, 2560 and
 # 4000 at k = 4096, 2.9-4.6x the break-even measured on this project's 2-core machine
 # (31, 103, 214 and 664 products; RESULTS.md "headbody-speed"), so forming Θ pays for itself
-# with a margin. Θ is kept on the operator for the forecasts after it, but the choice
-# depends only on the run's own length: a forecast gives the same numbers whatever ran
-# before it. Both routes multiply in float32 (round-off ~1e-7, far below the sketch's own
-# error of ~10%).
+# with a margin. A minibatch forecast of P sample paths counts P products a step (T steps:
+# P T products); when the paths' batches hold many rows (P b >= N/2) a step scatters them
+# into [P, N r] and multiplies every path at once, through Θ or through Φ (two GEMMs: a
+# gather of each path's rows of Φ would copy P b r k entries a step). Θ is kept on the
+# operator for the forecasts after it, but the choice depends only on the run's own length
+# and paths: a forecast gives the same numbers whatever ran before it. Both routes multiply
+# in float32 (round-off ~1e-7, far below the sketch's own error of ~10%).
 
 
 # NOTE [head-body in span Q]. The head-exact model never leaves S = span(Q, φ0, W0) (plus
@@ -1405,20 +1409,33 @@ def _cols_paths(op: KernelOperator, batches: np.ndarray | None, x: np.ndarray) -
     paths = x.shape[0]
     if batches is None:
         return op.matvec(x.reshape(paths, -1).T).T
+    rows = getattr(op, "_rows", None)  # [N, c, .] for the dense and feature operators
+    many = rows is not None and 2 * batches.size >= rows.shape[0]
+    if isinstance(op, FeatureKernelOperator) and many:
+        # many rows: scattered as below, then Φ (Φᵀ X): two GEMMs read Φ for every path
+        # at once (gathering each path's rows of Φ copies P b c k entries per step)
+        return op.matvec(_scatter_rows(batches, x, rows.shape[0], op.features.dtype).T).T
     if isinstance(op, FeatureKernelOperator):  # Φ Σ_j Φ_j^T x_j: one pass over Φ
         xs = op.cast(x)
         v = np.stack([np.einsum("bc,bck->k", xs[p], op._rows[batches[p]]) for p in range(paths)])
         return (op.features @ v.T).T.astype(np.float64, copy=False)
     if isinstance(op, TraceKernelOperator):  # K[:, batch_p] X_p for all paths in one call
         return np.matmul(op.k[batches].transpose(0, 2, 1), x).reshape(paths, -1)
-    if isinstance(op, DenseKernelOperator) and 2 * batches.size >= op._rows.shape[0]:
+    if isinstance(op, DenseKernelOperator) and many:
         # many rows: scatter the paths' batch rows (repeated ids add up) into [P, N c], then
         # one GEMM reads Θ once for every path
-        dense = np.zeros((paths, op._rows.shape[0], x.shape[2]), dtype=op.theta.dtype)
-        for p in range(paths):
-            np.add.at(dense[p], batches[p], x[p])
-        return (op.theta @ dense.reshape(paths, -1).T).T.astype(np.float64, copy=False)
+        dense = _scatter_rows(batches, x, rows.shape[0], op.theta.dtype)
+        return (op.theta @ dense.T).T.astype(np.float64, copy=False)
     return np.stack([op.cols_matvec(batches[p], x[p]) for p in range(paths)])
+
+
+def _scatter_rows(batches: np.ndarray, x: np.ndarray, n: int, dtype) -> np.ndarray:
+    """``x`` ``[P, b, c]`` scattered to its paths' sample rows -> ``[P, n c]`` in ``dtype``
+    (a sample drawn twice in a path's batch adds up)."""
+    paths, b = batches.shape
+    pick = np.zeros((paths, n, b), dtype=dtype)  # pick[p, i, j] = [batch_pj = i]
+    pick[np.arange(paths)[:, None], batches, np.arange(b)] = 1.0
+    return (pick @ x.astype(dtype, copy=False)).reshape(paths, -1)
 
 
 def _delta(f: np.ndarray, y: np.ndarray, loss: str, scale: float) -> np.ndarray:
@@ -1482,9 +1499,9 @@ def head_body_trajectory(
         p = p.in_basis(decay_to_zero=to_zero) or p
     else:
         p, eval_set = p.with_eval_in_basis(eval_set, decay_to_zero=to_zero) or (p, eval_set)
-    if isinstance(p.block, FeatureKernelOperator) and p.block.gram_pays(steps):
-        p = replace(p, block=p.block.gram())  # NOTE [head-body Gram]
     paths = 1 if batches is None else len(batches)
+    if isinstance(p.block, FeatureKernelOperator) and p.block.gram_pays(steps * paths):
+        p = replace(p, block=p.block.gram())  # NOTE [head-body Gram]
     st = _HeadBodyState(p, paths, decay_to, eval_set)
     rates = _step_rates(lr, momentum, heavy_ball, steps, lr_schedule)
     use_buf = heavy_ball and momentum > 0

@@ -196,16 +196,20 @@ def _logit_block(block: Kernel, a: torch.Tensor, n: int) -> torch.Tensor:
     """A M Aᵀ ``[N C, N C]`` float64 from the read-out kernel M ``[N r, N r]`` and A = W0 Q
     ``[C, r]``. A projected block (features Φ ``[N r, k]``) is contracted first, Ψ = (I ⊗ A) Φ
     ``[N C, k]`` and Ψ Ψᵀ, in sample chunks: O(N r k C + (N C)² k) instead of forming M,
-    O((N r)² k) time and (N r)² memory (r = N + C for a full-span Q)."""
+    O((N r)² k) time and (N r)² memory (r = N + C for a full-span Q). Float32 features (a
+    sketch, NOTE [head-body features]) are contracted in float32, as the forecast's own
+    products are (NOTE [head-body Gram]): round-off ~1e-7, far below the sketch's error."""
     c, r = a.shape
     if block.theta is not None:
         m = block.theta.detach().double().cpu().reshape(n, r, n, r)
         return torch.einsum("ca,iajb,db->icjd", a, m, a).reshape(n * c, n * c)
     phi = block.features.detach().cpu()
-    psi = torch.cat([torch.einsum("ca,iak->ick", a, phi[i * r:(i + _CHUNK) * r].double()
+    phi = phi if phi.dtype == torch.float32 else phi.double()
+    a = a.to(phi.dtype)
+    psi = torch.cat([torch.einsum("ca,iak->ick", a, phi[i * r:(i + _CHUNK) * r]
                                   .reshape(-1, r, phi.shape[1])).reshape(-1, phi.shape[1])
                      for i in range(0, n, _CHUNK)])  # fmt: skip
-    return psi @ psi.T
+    return (psi @ psi.T).double()
 
 
 def _np64(t: torch.Tensor) -> np.ndarray:
