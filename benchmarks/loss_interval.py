@@ -772,19 +772,15 @@ def main() -> None:
     if a.report_third:
         report_third()
         return
-    if a.fresh11:
-        for name in a.fresh11:
-            fr.run_tasks(FRESH11, [name], FRESH_OUT)
-            run_task(name, OUT / "round11")
-        return
     if a.dev:
         for name in a.dev:
             run_task(name, OUT / "dev")
         return
-    if a.fresh:
-        for name in a.fresh:
-            fr.run_tasks(FRESH, [name], FRESH_OUT)
-            run_task(name, OUT / "round10")
+    for names, tasks, sub in ((a.fresh, FRESH, "round10"), (a.fresh11, FRESH11, "round11")):
+        for name in names or ():
+            fr.run_tasks(tasks, [name], FRESH_OUT)  # the real runs, then the band's scores
+            run_task(name, OUT / sub)
+    if a.fresh or a.fresh11:
         return
     if not a.report:
         for name in a.task or TASKS:
