@@ -1379,11 +1379,7 @@ class HeadBodyEval:
         if batches is not None and 2 * batches.size < n:  # few columns: gather them per path
             inside = np.stack([self.block.cols_matvec(batches[p], a[p]) for p in range(paths)])
         else:  # one GEMM for all paths (batch rows scattered, repeated ids adding up)
-            dense = a
-            if batches is not None:
-                dense = np.zeros((paths, n, r))
-                for p in range(paths):
-                    np.add.at(dense[p], batches[p], a[p])
+            dense = a if batches is None else _scatter_rows(batches, a, n, np.float64)
             inside = (theta @ dense.reshape(paths, -1).T).T
         out = (np.ascontiguousarray(inside).reshape(-1, r) @ q.T).reshape(paths, m, -1)
         if self.rest is not None:
