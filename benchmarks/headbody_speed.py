@@ -59,13 +59,34 @@ OUT = Path(__file__).resolve().parent / "results" / "headbody_speed.json"
 COMMAND = ".venv/bin/python benchmarks/headbody_speed.py"
 
 
+def _old_cols_paths(op, batches, x):
+    """The block's minibatch products before 9f2fa3d: each path's batch rows of Φ gathered
+    (one einsum a path), Θ's scattered with ``np.add.at``."""
+    paths = x.shape[0]
+    if batches is None:
+        return op.matvec(x.reshape(paths, -1).T).T
+    if isinstance(op, dyn.FeatureKernelOperator):
+        xs = op.cast(x)
+        v = np.stack([np.einsum("bc,bck->k", xs[p], op._rows[batches[p]]) for p in range(paths)])
+        return (op.features @ v.T).T.astype(np.float64, copy=False)
+    if isinstance(op, dyn.TraceKernelOperator):
+        return np.matmul(op.k[batches].transpose(0, 2, 1), x).reshape(paths, -1)
+    if isinstance(op, dyn.DenseKernelOperator) and 2 * batches.size >= op._rows.shape[0]:
+        dense = np.zeros((paths, op._rows.shape[0], x.shape[2]), dtype=op.theta.dtype)
+        for p in range(paths):
+            np.add.at(dense[p], batches[p], x[p])
+        return (op.theta @ dense.reshape(paths, -1).T).T.astype(np.float64, copy=False)
+    return np.stack([op.cols_matvec(batches[p], x[p]) for p in range(paths)])
+
+
 class _Old:
-    """The previous code path: the d-dimensional state unless Q spans φ0, and the block's
-    products through its features Φ."""
+    """The previous code path: the d-dimensional state unless Q spans φ0, the block's
+    products through its features Φ, each path's batch rows gathered."""
 
     def __enter__(self):
         self.in_basis = dyn.HeadBodyProblem.in_basis
         self.pays = dyn.FeatureKernelOperator.gram_pays
+        self.cols = dyn._cols_paths
         new_in_basis = self.in_basis
 
         def in_basis(p, **kw):
@@ -73,11 +94,13 @@ class _Old:
 
         dyn.HeadBodyProblem.in_basis = in_basis
         dyn.FeatureKernelOperator.gram_pays = lambda op, products: False
+        dyn._cols_paths = _old_cols_paths
         return self
 
     def __exit__(self, *exc):
         dyn.HeadBodyProblem.in_basis = self.in_basis
         dyn.FeatureKernelOperator.gram_pays = self.pays
+        dyn._cols_paths = self.cols
 
 
 class _Reference(_Old):
