@@ -465,12 +465,13 @@ class StepsInterval:
 # without a convolution: 45-95%, the third choice (--choose-third, on thirteen MiniLM text
 # tasks: 87% of its two-sided steps, 98% of the resamples; the rule left out by task held
 # 85%); on three fresh text tasks (round 11) it held 88% (by task 77%, 96%, 91%; 24% of the
-# steps two-sided), against 80% for 40-95% and 73% for 30-95%. History: the first choice, 30-95%, pooled over both kinds on nine tasks, scored 73%
-# on held-out text tasks, its misses all at depths below 50%; the second, 40-95% on ten
-# text tasks, held 74% on three fresh ones (round 10, which then joined the development
-# tasks), against 66% for 30-95%, its misses at 40-50%. A convolutional body: no range
-# passed on its three development tasks, so it
-# keeps the first choice, 30-95% (90% on three held-out image tasks). Depths whose
+# steps two-sided), against 80% for 40-95% and 73% for 30-95%. History: the first
+# choice, 30-95%, pooled over both kinds on nine tasks, scored 73% on held-out text tasks,
+# its misses all at depths below 50%; the second, 40-95% on ten text tasks, held 74% on
+# three fresh ones (round 10, which then joined the development tasks), against 66% for
+# 30-95%, its misses at 40-50%. A convolutional body: no range passed on its three
+# development tasks, so it keeps the first choice, 30-95% (90% on three held-out image
+# tasks). Depths whose
 # interval is unknown (the forecast diverges first) or comes from the stabilized rerun
 # (NOTE [stabilized estimate]: conditional on the real run getting there) bound nothing.
 # Per-step coverage on held-out tasks: RESULTS.md "loss-interval", "loss-interval-kind" and
