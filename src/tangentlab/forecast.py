@@ -471,9 +471,9 @@ class StepsInterval:
 # three fresh ones (round 10, which then joined the development tasks), against 66% for
 # 30-95%, its misses at 40-50%. A convolutional body: no range passed on its three
 # development tasks, so it keeps the first choice, 30-95% (90% on three held-out image
-# tasks). Depths whose
-# interval is unknown (the forecast diverges first) or comes from the stabilized rerun
-# (NOTE [stabilized estimate]: conditional on the real run getting there) bound nothing.
+# tasks). Depths whose interval is unknown (the forecast diverges first) or comes from the
+# stabilized rerun (NOTE [stabilized estimate]: conditional on the real run getting there)
+# bound nothing.
 # Per-step coverage on held-out tasks: RESULTS.md "loss-interval", "loss-interval-kind" and
 # "loss-interval-third".
 
