@@ -147,11 +147,11 @@ the 401 (these runs are short: 5% is a handful of steps).
 
 Issue 13's goal cells: **CE met at both drops** (50%: 5% / 20%; 80%: 5% / 14%). MSE's
 medians are within the goal (10%, 8%), but its p90 is not (82% and 62%). Its large
-errors are in the edge-of-stability cells, as on rounds 6 and 7. With a = 1 without momentum left out,
-all four cells meet the goals (MSE 8% / 21% and 8% / 19%, CE 5% / 20% and 5% / 14%). The
-interval was trusted for 283 of the 401 targets, at 7% / 19%. This is the third round of
-held-out text tasks on the same calibration (rounds 6, 7 and now these six), and the first
-with six tasks."""
+errors are in the edge-of-stability cells, as on rounds 6 and 7. With a = 1 without
+momentum left out, all four cells meet the goals (MSE 8% / 21% and 8% / 19%, CE 5% / 20%
+and 5% / 14%). The interval was trusted for 283 of the 401 targets, at 7% / 19%. This is
+the third round of held-out text tasks on the same calibration (rounds 6, 7 and now these
+six), and the first with six tasks."""
 
 
 def main() -> None:
