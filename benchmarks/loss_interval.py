@@ -522,26 +522,31 @@ def choose_kind() -> dict:
     out = dict(date=datetime.date.today().isoformat(), code=_commit(), first=first, kinds={})
     for kind, test in KINDS.items():
         tasks = {n: v for n, v in cells.items() if test(n)}
-        per_task = {n: {f"{a:g}-{b:g}": (lambda s: (s["covered"], s["two_sided"]))(
-            _pool([_range_counts(c, src, a, b) for c, src in v]))
-            for a, b in RANGES_KIND} for n, v in tasks.items()}  # fmt: skip
-        pick, stats = _pick(per_task, RANGES_KIND, rng)
-        loto = {}
-        for n in tasks:
-            p, _ = _pick({m: x for m, x in per_task.items() if m != n}, RANGES_KIND, rng)
-            loto[n] = (p or first, *per_task[n][p or first])
-        lo_cov = sum(v[1] for v in loto.values())
-        lo_two = sum(v[2] for v in loto.values())
-        out["kinds"][kind] = dict(tasks=sorted(tasks), cells=sum(map(len, tasks.values())),
-                                  choice=pick or first, fallback=pick is None, stats=stats,
-                                  left_out=loto, left_out_coverage=(lo_cov, lo_two))  # fmt: skip
-        print(f"{kind}: {len(tasks)} tasks, {out['kinds'][kind]['cells']} cells; choice "
-              f"{pick or first}{' (fallback: none passed)' if pick is None else ''}")
-        for k, (c, t, sh) in stats.items():
-            print(f"  {k}: {_pct(c, t)} of {t} two-sided steps; resamples >= 80%: {sh:.0%}")
-        print(f"  left out by task: {_pct(lo_cov, lo_two)}",
-              {n: v[0] for n, v in loto.items()})
+        out["kinds"][kind] = _choose(kind, tasks, first, rng)
     (OUT / "choice_kind.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _choose(kind: str, tasks: dict, fallback: str, rng) -> dict:
+    """``_pick`` on one kind's development ``tasks`` (``_dev_cells``), and the rule left out
+    by task; ``fallback`` where no range passes. Printed as it goes."""
+    per_task = {n: {f"{a:g}-{b:g}": (lambda s: (s["covered"], s["two_sided"]))(
+        _pool([_range_counts(c, src, a, b) for c, src in v]))
+        for a, b in RANGES_KIND} for n, v in tasks.items()}  # fmt: skip
+    pick, stats = _pick(per_task, RANGES_KIND, rng)
+    loto = {}
+    for n in tasks:
+        p, _ = _pick({m: x for m, x in per_task.items() if m != n}, RANGES_KIND, rng)
+        loto[n] = (p or fallback, *per_task[n][p or fallback])
+    lo_cov, lo_two = sum(v[1] for v in loto.values()), sum(v[2] for v in loto.values())
+    out = dict(tasks=sorted(tasks), cells=sum(map(len, tasks.values())),
+               choice=pick or fallback, fallback=pick is None, stats=stats, left_out=loto,
+               left_out_coverage=(lo_cov, lo_two))  # fmt: skip
+    print(f"{kind}: {len(tasks)} tasks, {out['cells']} cells; choice {out['choice']}"
+          f"{' (fallback: none passed)' if pick is None else ''}")
+    for k, (c, t, sh) in stats.items():
+        print(f"  {k}: {_pct(c, t)} of {t} two-sided steps; resamples >= 80%: {sh:.0%}")
+    print(f"  left out by task: {_pct(lo_cov, lo_two)}", {n: v[0] for n, v in loto.items()})
     return out
 
 
@@ -555,26 +560,9 @@ def choose_third() -> dict:
     second = json.loads((OUT / "choice_kind.json").read_text())
     cells = {**_dev_cells("dev"), **_dev_cells("round10")}
     tasks = {n: v for n, v in cells.items() if KINDS["transformer"](n)}
-    per_task = {n: {f"{a:g}-{b:g}": (lambda s: (s["covered"], s["two_sided"]))(
-        _pool([_range_counts(c, src, a, b) for c, src in v]))
-        for a, b in RANGES_KIND} for n, v in tasks.items()}  # fmt: skip
-    rng = np.random.default_rng(0)
     fallback = second["kinds"]["transformer"]["choice"]
-    pick, stats = _pick(per_task, RANGES_KIND, rng)
-    loto = {}
-    for n in tasks:
-        p, _ = _pick({m: x for m, x in per_task.items() if m != n}, RANGES_KIND, rng)
-        loto[n] = (p or fallback, *per_task[n][p or fallback])
-    lo_cov, lo_two = sum(v[1] for v in loto.values()), sum(v[2] for v in loto.values())
     out = dict(date=datetime.date.today().isoformat(), code=_commit(), second=fallback,
-               tasks=sorted(tasks), cells=sum(map(len, tasks.values())),
-               choice=pick or fallback, fallback=pick is None, stats=stats, left_out=loto,
-               left_out_coverage=(lo_cov, lo_two))  # fmt: skip
-    print(f"transformer: {len(tasks)} tasks, {out['cells']} cells; choice {out['choice']}"
-          f"{' (fallback: none passed)' if pick is None else ''}")
-    for k, (c, t, sh) in stats.items():
-        print(f"  {k}: {_pct(c, t)} of {t} two-sided steps; resamples >= 80%: {sh:.0%}")
-    print(f"  left out by task: {_pct(lo_cov, lo_two)}", {n: v[0] for n, v in loto.items()})
+               **_choose("transformer", tasks, fallback, np.random.default_rng(0)))
     (OUT / "choice_third.json").write_text(json.dumps(out, indent=1))
     return out
 
