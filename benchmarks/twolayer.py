@@ -1,0 +1,482 @@
+"""Does the two-layer exact model survive a subspace? A function-space version of
+``deephead.py``'s "two layers exact" model (issue 13, development only: the stored image
+development tasks, nothing fresh, nothing adopted).
+
+    .venv/bin/python benchmarks/twolayer.py --check             # against weight space, N = 16
+    .venv/bin/python benchmarks/twolayer.py                     # every image development task
+    .venv/bin/python benchmarks/twolayer.py --task NAME --q 64  # one task, one variant
+    .venv/bin/python benchmarks/twolayer.py --report            # RESULTS.md section only
+
+(needs ``deephead.py``'s stored runs, ``benchmarks/results/deephead/``, and the rounds'
+weights and data: ``make bench-deps``.)
+
+**Why.** On the convolutional bodies (EfficientNet-Lite0/1 at 32 px) keeping the head conv
+(1x1, 320 -> 1280, frozen BN, ReLU6), the pooling and the linear head exact, with only the
+last MBConv block linearized, tracked the real runs to 0% / 16% over 151 targets, in weight
+space with autograd (RESULTS.md "deephead"): a diagnostic that costs what training costs.
+The library's head-exact model keeps only the linear head exact and scores 111% / 471%.
+``deephead.py --span`` measured what a function-space version would need: at w0 the
+gradients ∂f_i/∂z_i of z (the block's output, 320-d) need 35-163 directions for 90% of
+their energy. This measures whether its accuracy survives such a subspace, and its cost.
+
+**The model.** z_i = z0_i + J_i Δw (J_i = ∂z(x_i)/∂w_block), logits f_i = g(z_i; θ) with
+g the exact head conv, BN, ReLU6, pooling and linear head and θ their weights. SGD with
+momentum m on the mean loss L, in the variables (θ, Δz_1..Δz_N), is exact in function
+space: with γ_j = ∂L/∂z_j and K(i, j) = J_i J_jᵀ ``[D, D]``,
+
+    u_i ← m u_i + Σ_j K(i, j) γ_j,    Δz_i ← Δz_i − η u_i,    θ ← SGD(θ, ∂L/∂θ)
+
+(u_i = J_i v, v the block's momentum buffer: the same recursion, mapped through J). K is
+kept as the library keeps the head-exact model's feature kernel (NOTE [head exact, body
+linear]): exact inside a q-dimensional subspace Q of z-space, M(i, j) = Qᵀ K(i, j) Q (the
+NTK of the read-out Qᵀ z: ``compute_kernel`` of ``Tangent.probed(Q)``, projected with the
+rounds' k), isotropic outside it (κ_⊥ from 4 probes, ``headbody._rest_kernel``):
+
+    K(i, j) γ ≈ Q M(i, j) Qᵀ γ + κ_⊥(i, j) (I − QQᵀ) γ.
+
+Q: the top ⌈q/2⌉ right singular vectors of the stacked rows ∂f_i/∂z_i at w0 (the
+gradients' directions) and the top ⌊q/2⌋ principal directions of z0 orthogonal to them (the
+head conv's update is a sum of outer products with the z_j, as W's is with φ_j: NOTE [head
+exact, body linear]); q = D keeps all of z (no κ_⊥; only the projection's error).
+
+**Check** (``--check``): with the exact kernel (no projection) and q = D the simulation
+(this script's, with and without ``fast``, and the library's
+``tangentlab.experimental.exact_top``) equals ``deephead.simulate``'s weight-space "two
+layers exact" run on 16 samples of lfw-lite0 to float32 round-off (the script fails
+otherwise).
+
+**Scored** as ``deephead.py``: the same cells (full batch, {mse, ce} x {m 0, a 0.3;
+m 0.9, a 0.1}, the stored learning rates), steps to a 50 / 80 / 90% drop of the real L0,
+|T̂ − T|/T, a miss at 3x the real run's steps counts +∞; *corrected*: T̂ scaled by the median
+T / T̂ of the same cell and drop on the other tasks (left out). Cost: the kernel's seconds
+(Q, M, κ_⊥) and the simulation's, one thread, against the stored real run of the top on
+cached trunk outputs (``deephead.py``, also one thread).
+Results: ``benchmarks/results/twolayer/`` and the "twolayer" section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import deephead as dh  # noqa: E402
+import holdout as ho  # noqa: E402
+import tangentlab as tl  # noqa: E402
+from _common import machine, write_section  # noqa: E402
+from tangentlab.headbody import _rest_kernel  # noqa: E402
+
+OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
+           / "twolayer")  # fmt: skip
+COMMAND = ".venv/bin/python benchmarks/twolayer.py"
+VARIANTS = ("2C", "64", "128", "D")  # q: 2C (the library's default size), 64, 128, all of z
+PROBES = 4
+PRE = "top."
+
+
+def _split(top, params: list[str]) -> tuple[list[str], list[str]]:
+    """(the block's trainable weights, the exact part's) among ``params``."""
+    exact = [n for n in params if n.startswith(dh.exact_names(top, "two layers exact"))]
+    return [n for n in params if n not in exact], exact
+
+
+def z_basis(top, h: torch.Tensor, q: int) -> torch.Tensor:
+    """Q ``[D, q]`` orthonormal, float64: ⌈q/2⌉ gradient directions, ⌊q/2⌋ of z0 (docstring);
+    the identity for q >= D."""
+    body, exact = dh.parts(top, "two layers exact")
+    with torch.no_grad():
+        z = body(h)
+    d = int(z[0].numel())
+    if q >= d:
+        return torch.eye(d, dtype=torch.float64)
+    jac = vmap(jacrev(lambda zi: exact(zi[None])[0]))(z.detach())  # [N, C, *z]
+    rows = jac.reshape(-1, d).double()
+    qg = (q + 1) // 2
+    grad = torch.linalg.svd(rows, full_matrices=False)[2][:qg].T  # [D, qg]
+    z0 = z.reshape(len(z), d).double()
+    z0 = z0 - (z0 @ grad) @ grad.T
+    pca = torch.linalg.svd(z0, full_matrices=False)[2][: q - qg].T
+    basis, _ = torch.linalg.qr(torch.cat([grad, pca], 1))
+    return basis
+
+
+class _Flat(torch.nn.Module):
+    """The block as a module of ``top``'s weights, outputs flattened ``[B, D]``."""
+
+    def __init__(self, top) -> None:
+        super().__init__()
+        self.top = top
+        object.__setattr__(self, "body", dh.parts(top, "two layers exact")[0])  # no 2nd name
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h).flatten(1)
+
+
+def z_kernel(top, h: torch.Tensor, params: list[str], basis: torch.Tensor,
+             projection: int | None) -> dict:
+    """The read-out kernel of Qᵀ z (Φ ``[N q, k]`` projected, or Θ ``[N q, N q]`` exact) and
+    κ_⊥ ``[N, N]`` (None when Q is all of z), with the seconds they cost."""
+    from tangentlab.compute import compute_kernel
+    from tangentlab.tangent import Tangent
+
+    block, _ = _split(top, params)
+    tb = Tangent(_Flat(top), params=[PRE + n for n in block], projection=projection, seed=0)
+    zeros = torch.zeros(len(h), dtype=torch.long)
+    t0 = time.perf_counter()
+    k = compute_kernel(tb.probed(basis.to(tb.dtype)), (h, zeros), progress=False,
+                       keep_theta=None if projection is None else False)  # fmt: skip
+    rest, _ = _rest_kernel(tb, h, zeros, basis, PROBES, 0, dict(progress=False))
+    secs = time.perf_counter() - t0
+    if projection is None:
+        return dict(theta=k.theta.detach().double(), phi=None, rest=rest, seconds=secs)
+    return dict(theta=None, phi=k.features.detach(), rest=rest, seconds=secs)
+
+
+def _matrix_head(top, names: list[str]):
+    """The exact part of a Lite top on a 1 x 1 map as matrices, ``f(z [N, D], θ) -> [N, C]``
+    (the head conv is then a linear map; mkldnn's 1 x 1 convolution backward on a 1 x 1 map
+    is ~10x slower than the same GEMM), or None when it does not apply."""
+    import torch.nn.functional as F
+
+    if hasattr(top, "bert") or top._conv_head.kernel_size != (1, 1):
+        return None
+    bn, conv = top._bn1, top._conv_head
+
+    def fn(z: torch.Tensor, th: dict) -> torch.Tensor:
+        def w(name: str, mod, attr: str):
+            return th.get(name, getattr(mod, attr))
+
+        a = F.linear(z, w("_conv_head.weight", conv, "weight").flatten(1),
+                     w("_conv_head.bias", conv, "bias"))  # fmt: skip
+        a = F.batch_norm(a, bn.running_mean, bn.running_var, w("_bn1.weight", bn, "weight"),
+                         w("_bn1.bias", bn, "bias"), False, 0.0, bn.eps)  # fmt: skip
+        return F.linear(top._swish(a), w("_fc.weight", top._fc, "weight"),
+                        w("_fc.bias", top._fc, "bias"))  # fmt: skip
+
+    return fn
+
+
+def simulate(top, h: torch.Tensor, y: torch.Tensor, params: list[str], basis: torch.Tensor,
+             kern: dict, *, loss: str, lr: float, momentum: float, steps: int,
+             fast: bool = False) -> tuple[list[float], float]:
+    """Full-batch SGD on the function-space two-layer model (docstring); the loss before each
+    step ``[<= steps + 1]`` (stops at a 90% drop or a blow-up) and the seconds. ``fast``:
+    the exact part as matrices on a 1 x 1 map (``_matrix_head``) and M = Φ Φᵀ formed once
+    when N q <= k (the accuracy runs use neither: same model, other round-off)."""
+    fn = tl.training.as_loss(loss, "twolayer")
+    body, exact = dh.parts(top, "two layers exact")
+    _, names = _split(top, params)
+    w0 = dict(top.named_parameters())
+    theta = [w0[n].detach().clone().requires_grad_(True) for n in names]
+    with torch.no_grad():
+        z0 = body(h)
+    shape, n, q = z0.shape, len(z0), basis.shape[1]
+    z0 = z0.reshape(n, -1)
+    dt = z0.dtype
+    qb = basis.to(dt)
+    phi = None if kern["phi"] is None else kern["phi"].to(dt)
+    theta_k = None if kern["theta"] is None else kern["theta"].to(dt)
+    matrix = _matrix_head(top, names) if fast and z0.shape[1] == shape[1] else None
+    if fast and phi is not None and phi.shape[0] <= phi.shape[1]:
+        theta_k, phi = phi @ phi.T, None
+    rest = None if kern["rest"] is None else kern["rest"].to(dt)
+    dz = torch.zeros_like(z0)
+    u = torch.zeros_like(z0)
+    opt = tl.SGD(lr, momentum=momentum).torch_optimizer(theta)
+    curve: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(steps + 1):
+        if matrix is not None:
+            z = (z0 + dz).requires_grad_(True)
+            logits = matrix(z, dict(zip(names, theta)))
+        else:
+            z = (z0 + dz).reshape(shape).requires_grad_(True)
+            logits = functional_call(exact, {PRE + a: t for a, t in zip(names, theta)}, (z,))
+        value = fn.per_sample(logits, y).mean()
+        curve.append(float(value.detach()))
+        if not math.isfinite(curve[-1]) or curve[-1] > dh.BLOWUP * curve[0]:
+            break
+        if curve[-1] <= (1 - max(ho.DROPS)) * curve[0] or len(curve) > steps:
+            break
+        opt.zero_grad()
+        value.backward()
+        with torch.no_grad():
+            g = z.grad.reshape(n, -1)
+            c = (g @ qb).reshape(n * q)
+            kc = theta_k @ c if phi is None else phi @ (phi.T @ c)
+            kg = kc.reshape(n, q) @ qb.T
+            if rest is not None:
+                kg += rest @ (g - (g @ qb) @ qb.T)
+            u.mul_(momentum).add_(kg)
+            dz.sub_(lr * u)
+        opt.step()
+    return curve, time.perf_counter() - t0
+
+
+def check(n: int = 16) -> float:
+    """The exact kernel with q = D against ``deephead.simulate``'s weight-space run: max
+    |ΔL| / L0 over each cell's first 40 steps (lfw-lite0, ``n`` samples)."""
+    dh.dev_tasks()
+    task = ho.load_task("lfw-lite0")
+    top, h, y = task["top"], task["x"][:n], task["y"][:n]
+    for p in top.parameters():
+        p.requires_grad_(False)
+    pat = re.compile(task["params"])
+    params = [a for a, _ in top.named_parameters() if pat.search(a)]
+    basis = z_basis(top, h, 10**9)
+    kern = z_kernel(top, h, params, basis, None)
+    from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
+
+    block, names = _split(top, params)
+    body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
+    etk = compute_exact_top_kernel(body, exact, (h, y), params=[PRE + a for a in block],
+                                   top_params=[PRE + a for a in names], directions="all",
+                                   progress=False)  # fmt: skip
+    worst = 0.0
+    for loss, lr, m in (("mse", 0.002, 0.0), ("mse", 0.001, 0.9), ("ce", 0.01, 0.9)):
+        ref, _ = dh.simulate(top, h, y, params, "two layers exact", loss=loss, lr=lr,
+                             momentum=m, steps=40)  # fmt: skip
+        for fast in (False, True):
+            got, _ = simulate(top, h, y, params, basis, kern, loss=loss, lr=lr, momentum=m,
+                              steps=40, fast=fast)  # fmt: skip
+            k = min(len(ref), len(got))
+            gap = float(np.max(np.abs(np.subtract(ref[:k], got[:k]))) / ref[0])
+            print(f"check {loss} m={m} fast={fast}: {k} steps, max |ΔL|/L0 = {gap:.2e}, "
+                  f"drop {1 - ref[k - 1] / ref[0]:.2f}", flush=True)
+            worst = max(worst, gap)
+        lib = forecast_exact_top(etk, tl.SGD(lr, momentum=m), len(ref) - 1, loss=loss,
+                                 progress=False).loss  # fmt: skip
+        gap = float(np.max(np.abs(lib - np.asarray(ref))) / ref[0])
+        print(f"check {loss} m={m} library: max |ΔL|/L0 = {gap:.2e}", flush=True)
+        worst = max(worst, gap)
+    if worst > 1e-4:
+        raise SystemExit(f"check failed: {worst:.2e}")
+    return worst
+
+
+def _q(variant: str, c: int, d: int) -> int:
+    return {"2C": 2 * c, "D": d}.get(variant) or int(variant)
+
+
+def run_task(name: str, variant: str) -> dict:
+    """Every cell of ``name`` with variant ``variant``: T̂ per drop and the seconds
+    (``<task>-q<variant>.json``, resumable)."""
+    path = OUT / f"{name}-q{variant}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    dh.dev_tasks()
+    stored = json.loads((dh.OUT / f"{name}.json").read_text())
+    task = ho.load_task(name)
+    top, h, y = task["top"], task["x"], task["y"]
+    for p in top.parameters():
+        p.requires_grad_(False)
+    pat = re.compile(task["params"])
+    params = [a for a, _ in top.named_parameters() if pat.search(a)]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        d = int(dh.parts(top, "two layers exact")[0](h[:1])[0].numel())
+    q = _q(variant, ho.TASKS[name]["num_classes"], d)
+    basis = z_basis(top, h, q)
+    basis_s = time.perf_counter() - t0
+    kern = z_kernel(top, h, params, basis, ho.TASKS[name]["projection"])
+    out = dict(task=name, variant=variant, q=int(basis.shape[1]), d=d, machine=machine(),
+               basis_seconds=basis_s, kernel_seconds=kern["seconds"], cells={})
+    for key, c in stored["cells"].items():
+        cap = min(dh.STEP_CAP, 3 * max([t for t in c["real"]["steps"].values() if t]
+                                       or [c["real"]["n"]]))  # fmt: skip
+        cfg = dh.dev_tasks()[name][0][key]
+        curve, secs = simulate(top, h, y, params, basis, kern, loss=cfg["loss"], lr=c["lr"],
+                               momentum=cfg["momentum"], steps=cap)  # fmt: skip
+        out["cells"][key] = dict(steps=dh._steps(curve, c["L0"]), seconds=secs, n=len(curve))
+        print(name, variant, key, "real", c["real"]["steps"], "fs", out["cells"][key]["steps"],
+              f"{secs:.1f}s", flush=True)  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", action="append", help="one image development task (repeatable)")
+    ap.add_argument("--q", action="append", choices=VARIANTS, help="one variant (repeatable)")
+    ap.add_argument("--check", action="store_true", help="against weight space on 16 samples")
+    ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
+    ap.add_argument("--cost", metavar="NAME", action="append",
+                    help="time forecast, real top and plain runs of NAME in one process")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    if args.check:
+        check()
+        return
+    if args.cost:
+        for name in args.cost:
+            for v in args.q or ("2C",):
+                cost(name, v)
+        report()
+        return
+    if not args.report:
+        for name in args.task or dh.image_tasks():
+            for v in args.q or VARIANTS:
+                run_task(name, v)
+    report()
+
+
+COST = OUT / "cost.json"
+
+
+def cost(name: str, variant: str = "2C") -> dict:
+    """Seconds in one process (alone, one thread) on one task: the library's forecast
+    (``tangentlab.experimental.exact_top``: kernel, then each cell to the accuracy runs'
+    horizon or a 90% drop), the same simulations with the exact part as matrices
+    (``simulate(fast=True)``), the real runs of the top on cached trunk outputs
+    (``deephead.simulate``), and the plain full-network run (3 timed steps x the real
+    run's steps: what a user pays without caching the trunk); appended to ``cost.json``."""
+    from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
+
+    dh.dev_tasks()
+    stored = json.loads((dh.OUT / f"{name}.json").read_text())
+    acc = OUT / f"{name}-q{variant}.json"
+    acc = json.loads(acc.read_text())["cells"] if acc.exists() else {}
+    task = ho.load_task(name)
+    top, h, y = task["top"], task["x"], task["y"]
+    for p in top.parameters():
+        p.requires_grad_(False)
+    pat = re.compile(task["params"])
+    params = [a for a, _ in top.named_parameters() if pat.search(a)]
+    block, names = _split(top, params)
+    body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
+    plain_step = ho._plain_step_seconds(task, None)
+    with torch.no_grad():
+        d = int(body(h[:1])[0].numel())
+    t0 = time.perf_counter()
+    etk = compute_exact_top_kernel(body, exact, (h, y), params=[PRE + n for n in block],
+                                   top_params=[PRE + n for n in names],
+                                   directions=_q(variant, ho.TASKS[name]["num_classes"], d),
+                                   projection=ho.TASKS[name]["projection"], progress=False)
+    kernel_s = time.perf_counter() - t0
+    kern = dict(theta=etk.block, phi=etk.features, rest=etk.rest)
+    cells = {}
+    for key, c in stored["cells"].items():
+        cap = min(dh.STEP_CAP, 3 * max([t for t in c["real"]["steps"].values() if t]
+                                       or [c["real"]["n"]]))  # fmt: skip
+        cfg = dh.dev_tasks()[name][0][key]
+        opt = tl.SGD(c["lr"], momentum=cfg["momentum"])
+        fc = forecast_exact_top(etk, opt, cap, loss=cfg["loss"], progress=False,
+                                stop_below=(1 - max(ho.DROPS)) * c["L0"])  # fmt: skip
+        lib = dict(zip(ho.DROPS, [fc.steps_to((1 - dr) * c["L0"]) for dr in ho.DROPS]))
+        kw = dict(loss=cfg["loss"], lr=c["lr"], momentum=cfg["momentum"], steps=cap)
+        curve, fast_s = simulate(top, h, y, params, etk.basis, kern, fast=True, **kw)
+        real, real_s = dh.simulate(top, h, y, params, "real", **kw)
+        cells[key] = dict(library_seconds=fc.seconds, library_steps=len(fc.loss) - 1,
+                          library_targets={f"{k:g}": v for k, v in lib.items()},
+                          accuracy_run_targets=(acc.get(key) or {}).get("steps"),
+                          matrix_seconds=fast_s, matrix_targets=dh._steps(curve, c["L0"]),
+                          real_seconds=real_s, real_steps=len(real) - 1)  # fmt: skip
+        print(name, key, cells[key], flush=True)
+    tot = {k: sum(c[k] for c in cells.values())
+           for k in ("library_seconds", "matrix_seconds", "real_seconds", "real_steps")}
+    out = dict(task=name, variant=variant, q=etk.rank, machine=machine(),
+               threads=torch.get_num_threads(), kernel_seconds=kernel_s,
+               trunk_seconds=task["trunk_seconds"], plain_step_seconds=plain_step,
+               plain_seconds=plain_step * tot["real_steps"], **tot, cells=cells)
+    allc = json.loads(COST.read_text()) if COST.exists() else {}
+    allc[f"{name}-q{variant}"] = out
+    OUT.mkdir(parents=True, exist_ok=True)
+    COST.write_text(json.dumps(allc, indent=1))
+    return out
+
+
+def _rows() -> tuple[list[dict], dict]:
+    """deephead's rows (one per task, cell and drop the real run reaches), each with the
+    variants' T̂ where its task ran; and ``{variant: {task: state}}``."""
+    states = {}
+    for p in sorted(OUT.glob("*-q*.json")):
+        st = json.loads(p.read_text())
+        states.setdefault(st["variant"], {})[st["task"]] = st
+    deep = {p.stem: json.loads(p.read_text()) for p in sorted(dh.OUT.glob("*.json"))
+            if not p.stem.endswith("-library") and any(p.stem in s for s in states.values())}
+    rows = dh._rows(deep)
+    for r in rows:
+        for v, by in states.items():
+            st = by.get(r["task"])
+            r[v] = None if st is None else st["cells"][r["cell"]]["steps"][r["drop"]]
+            r[f"has {v}"] = st is not None
+    return rows, states
+
+
+def report() -> list[str]:
+    from headbody import _fmt
+
+    rows, states = _rows()
+    if not rows:
+        return []
+    names = [v for v in VARIANTS if v in states]
+    done = sorted(set.intersection(*[set(states[v]) for v in names]))
+    rows = [r for r in rows if r["task"] in done]
+    deep = {t: json.loads((dh.OUT / f"{t}.json").read_text()) for t in done}
+    label = {"2C": "q = 2C", "64": "q = 64", "128": "q = 128", "D": "q = D (all of z)"}
+    lines = [f"Command: `{COMMAND}` (development only: the stored image development tasks "
+             f"that ran, {len(done)} of {len(dh.image_tasks())}, {len(rows)} targets; nothing "
+             "fresh, nothing adopted). Full-batch SGD at the stored cells' learning rates; "
+             "entries median / p90 of |T̂ − T|/T (targets, misses), a miss at 3x the real "
+             "run's steps counts +∞; *corrected*: T̂ scaled by the left-out median T / T̂ of "
+             "the same cell and drop. The real runs and the weight-space models are "
+             "``deephead.py``'s. Kernel: Q, M and κ_⊥ (projected, k = 4096, 4 probes); "
+             "seconds are medians over tasks (kernel) and sums over a task's four cells "
+             "(simulation, and the real run of the top on cached trunk outputs), one thread. "
+             f"Machine: {states[names[0]][done[0]]['machine']}.", "",
+             "| model | MSE 50% | MSE 80% | CE 50% | CE 80% | all | all, corrected | "
+             "kernel s | simulation / real run (median over tasks) |",
+             "|" + "---|" * 9]  # fmt: skip
+    groups = (("mse", "0.5"), ("mse", "0.8"), ("ce", "0.5"), ("ce", "0.8"))
+
+    def line(name: str, key: str, kernel: str, ratio: str) -> str:
+        cols = [_fmt(dh._errors([r for r in rows if (r["loss"], r["drop"]) == g], key))
+                for g in groups]  # fmt: skip
+        return (f"| {name} | " + " | ".join(cols) + f" | {_fmt(dh._errors(rows, key))} | "
+                f"{_fmt(dh._errors(rows, key, True))} | {kernel} | {ratio} |")
+
+    lines.append(line("library: head exact, q = 2C (default)", "library", "-", "-"))
+    lines.append(line("head exact, exact kernel (weight space)", "head exact", "-", "-"))
+    lines.append(line("two layers exact, exact kernel (weight space)", "two layers exact", "-",
+                      "-"))  # fmt: skip
+    for v in names:
+        ks = np.median([states[v][t]["kernel_seconds"] + states[v][t]["basis_seconds"]
+                        for t in done])  # fmt: skip
+        ratio = np.median([sum(c["seconds"] for c in states[v][t]["cells"].values())
+                           / sum(c["real"]["seconds"] for c in deep[t]["cells"].values())
+                           for t in done])  # fmt: skip
+        lines.append(line(f"two layers exact, {label[v]}", v, f"{ks:.1f}", f"{ratio:.2f}"))
+    lines += ["", "| task | q = 2C | " + " | ".join(f"log(T / T̂) median: {label[v]}"
+                                                   for v in names) + " |",
+              "|---|---|" + "---|" * len(names)]  # fmt: skip
+    for t in done:
+        meds = []
+        for v in names:
+            logs = [math.log(r["T"] / r[v]) for r in rows if r["task"] == t and r[v]]
+            meds.append(f"{np.median(logs):+.2f}" if logs else "-")
+        q2 = states["2C"][t]["q"] if "2C" in states else "-"
+        lines.append(f"| {t} | {q2} | " + " | ".join(meds) + " |")
+    lines += READING.splitlines()
+    print("\n".join(lines))
+    if len(done) == len(dh.image_tasks()):
+        write_section("twolayer", "\n".join(lines))
+    return lines
+
+
+READING = ""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""Experimental: the top of the network exact, the block below it linear (issue 13).
+
+NOTE [exact top, block linear]
+The head-exact model (NOTE [head exact, body linear] in :mod:`tangentlab.headbody`) keeps
+only the final linear layer exact. On convolutional bodies that is not enough: on the image
+development tasks (EfficientNet-Lite0/1 at 32 px) its per-task error factor spreads over
+[-0.54, +0.23] in log(T / T̂), while keeping the head conv, its BN and ReLU6 exact as well,
+with only the last block linearized, tracks the real runs to 0% / 16% (benchmarks/RESULTS.md,
+"deephead"). This module is the function-space version of that model, for any split of
+the network into a ``body`` (linearized) and a ``top`` (exact) with ``model(x) =
+top(body(x))``:
+
+    f_i = g(z_i; θ),    z_i = z0_i + J_i Δw,    J_i = ∂z(x_i)/∂w_body
+
+(g = ``top``, θ its trained weights, z the body's output flattened to D). SGD with momentum
+m, rate η_t and weight decay λ toward w0, on the mean loss of the batch b, is simulated
+exactly in the variables (θ, Δz_1..Δz_N): with γ_j = ∂ℓ_b/∂z_j and K(i, j) = J_i J_jᵀ
+``[D, D]``, the body's update mapped through J is
+
+    u_i ← m u_i + Σ_{j∈b} K(i, j) γ_j + λ Δz_i,    Δz_i ← Δz_i − η_t u_i
+
+(u_i = J_i v, v the body's momentum buffer), while θ takes torch SGD's step on ∂ℓ_b/∂θ +
+λ (θ − θ0). K is kept as the head-exact model keeps its feature kernel:
+
+- exact inside a q-dimensional subspace Q of z: M(i, j) = Qᵀ K(i, j) Q, the NTK of the
+  read-out Qᵀ z (q backward passes per sample; exact or projected:
+  :func:`tangentlab.compute_kernel`);
+- isotropic outside it: κ_⊥(i, j) from ``probes`` random directions (as
+  ``headbody._rest_kernel``), K(i, j) γ ≈ Q M(i, j) Qᵀ γ + κ_⊥(i, j) (I − QQᵀ) γ.
+
+Q (``directions`` = q, default 2C): the top ⌈q/2⌉ right singular vectors of the stacked
+gradient rows ∂f_i/∂z_i at w0 (where the loss gradients γ lie at the start) and the top
+⌊q/2⌋ principal directions of z0 orthogonal to them (θ's first layer moves by outer
+products with the z_j, as W does with φ_j in the head-exact model). ``"all"``: Q = I (no
+κ_⊥; exact up to the projection). With ``directions="all"`` and no projection the
+simulation equals a weight-space simulation of the same model (tests/test_exact_top.py),
+and for a body linear in its weights and isotropic in z (z = A x) it equals real training
+for any Q.
+
+Cost: every step runs the top forward and backward on its batch (what a real step pays
+for the top) and forwards it on all N for the training loss (``log_every``), plus the
+kernel products, O(|b| q k) or O(N q |b| q); it never runs the body. So it is cheap where
+the body (or the frozen trunk below the trained weights, which a real run forwards at
+every step) dominates a real step.
+
+Measured (development only; benchmarks/RESULTS.md "twolayer", ``benchmarks/twolayer.py``):
+see that section. Not in the top-level API until it wins on held-out tasks; it has no
+steps interval and no reliability check yet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from tangentlab import dynamics as dyn
+from tangentlab.compute import compute_kernel
+from tangentlab.data import as_arrays, num_rows, take
+from tangentlab.errors import ModeSwitchWarning, TangentlabError
+from tangentlab.headbody import _rest_kernel
+from tangentlab.projection import Projection
+from tangentlab.tangent import ParamSpec, Tangent, select_params
+from tangentlab.training import SGD, Loss, as_loss, check_steps
+
+__all__ = ["ExactTopKernel", "ExactTopForecast", "compute_exact_top_kernel",
+           "forecast_exact_top"]  # fmt: skip
+
+_CHUNK = 256  # samples per forward pass of the body at w0
+_ROWS = 1024  # most samples whose gradient rows choose Q
+_BLOWUP = 1e4  # a loss above this many times L0 is a blow-up (NOTE [divergence policy])
+
+
+class _Flat(nn.Module):
+    """``body`` with its output flattened ``[B, D]`` (weights named ``body.<name>``)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.body(x).flatten(1)
+
+
+@dataclass(frozen=True)
+class ExactTopKernel:
+    """The exact-top, block-linear model of fine-tuning ``top(body(x))`` on N samples.
+
+    Attributes:
+      z0: the body's outputs at w0, flattened, ``[N, D]`` (the body's dtype).
+      shape: one sample's output shape of the body (z0's rows are reshaped to it).
+      y: labels ``[N]``.
+      basis: Q ``[D, q]`` float64, orthonormal columns.
+      block: M ``[N q, N q]`` (exact, or Φ Φᵀ when N q <= k), or ``None`` with ``features``.
+      features: Φ ``[N q, k]`` (a projected M = Φ Φᵀ kept factored), or ``None``.
+      rest: κ_⊥ ``[N, N]``, or ``None`` (Q = all of z, or ``probes=0``).
+      top: the exact part (a reference to the caller's module, in eval mode).
+      top_params: names of the top's trained weights θ.
+      metadata: settings and the seconds the kernel cost.
+    """
+
+    z0: torch.Tensor
+    shape: tuple[int, ...]
+    y: torch.Tensor
+    basis: torch.Tensor
+    block: torch.Tensor | None
+    features: torch.Tensor | None
+    rest: torch.Tensor | None
+    top: nn.Module = field(repr=False)
+    top_params: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.z0.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """q, the directions of z kept exact."""
+        return int(self.basis.shape[1])
+
+    def _apply(self, gamma: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Σ_{j∈b} K(i, j) γ_j for every i, ``[N, D]``, from γ ``[|b|, D]`` of the batch's
+        samples ``rows`` (``None``: all N)."""
+        n, q = self.num_samples, self.rank
+        qb = self.basis.to(gamma.dtype)
+        c = gamma @ qb  # [|b|, q]
+        if self.features is not None:
+            phi = self.features.to(gamma.dtype).reshape(n, q, -1)
+            sub = phi if rows is None else phi[rows]
+            v = torch.einsum("baK,ba->K", sub, c)
+            inside = torch.einsum("iaK,K->ia", phi, v)
+        else:
+            m = self.block.to(gamma.dtype).reshape(n, q, n, q)
+            sub = m if rows is None else m[:, :, rows]
+            inside = torch.einsum("iajb,jb->ia", sub, c)
+        out = inside @ qb.T
+        if self.rest is not None:
+            rest = self.rest.to(gamma.dtype)
+            rest = rest if rows is None else rest[:, rows]
+            out = out + rest @ (gamma - c @ qb.T)
+        return out
+
+
+@dataclass(frozen=True)
+class ExactTopForecast:
+    """One forecast path of the exact-top model.
+
+    Attributes:
+      steps: the logged steps ``[K]`` (0, every ``log_every`` and the last).
+      loss: full-training-set loss at ``steps`` ``[K]`` float64; NaN from the blow-up on.
+      accuracy: training accuracy of argmax f at ``steps`` ``[K]``.
+      blowup: the first logged step whose loss was non-finite or above 10^4 x L0, or None.
+      seconds: what the simulation cost.
+      settings: optimizer, loss, batch size, seed, sampling.
+    """
+
+    steps: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+    blowup: int | None
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def steps_to(self, target: float) -> int | None:
+        """The first logged step whose loss is <= ``target``, or ``None`` (not reached)."""
+        hit = np.nonzero(self.loss <= target)[0]
+        return int(self.steps[hit[0]]) if len(hit) else None
+
+    def steps_to_drop(self, drop: float) -> int | None:
+        """The first logged step whose loss is <= (1 − ``drop``) L0, or ``None``."""
+        if not 0.0 < drop < 1.0:
+            raise TangentlabError(f"steps_to_drop: drop must lie in (0, 1), got {drop!r}; "
+                                  "e.g. 0.8 for an 80% drop of the initial loss.")
+        return self.steps_to((1.0 - drop) * float(self.loss[0]))
+
+
+def compute_exact_top_kernel(
+    body: nn.Module,
+    top: nn.Module,
+    data: Any,
+    *,
+    params: ParamSpec = None,
+    top_params: ParamSpec = None,
+    directions: int | str | None = None,
+    probes: int = 4,
+    projection: int | Projection | None = None,
+    seed: int = 0,
+    memory_budget: int | str | None = None,
+    progress: bool = True,
+) -> ExactTopKernel:
+    """The exact-top, block-linear model of fine-tuning ``top(body(x))`` on ``data``
+    (NOTE [exact top, block linear]).
+
+    Args:
+      body: ``nn.Module`` mapping a batch of inputs to z ``[B, ...]``; linearized around its
+        weights (eval mode: batch-norm statistics frozen, dropout off).
+      top: ``nn.Module`` mapping z ``[B, ...]`` to logits ``[B, C]``; kept exact (eval mode).
+      data: ``(X, y)``, a ``Dataset`` or a ``DataLoader``, as for
+        :func:`tangentlab.compute_kernel`; X is the body's input.
+      params: the body's trained weights (as :func:`tangentlab.compute_kernel`'s
+        ``params``; default: those with ``requires_grad``).
+      top_params: the top's trained weights (default: those with ``requires_grad``).
+      directions: q, the directions of z kept exact (default 2C; ``"all"``: all D of them).
+      probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
+      projection: ``None`` (exact M) or k (projected, as :func:`tangentlab.compute_kernel`).
+      seed: seed of the projection and the probes.
+      memory_budget, progress: as for :func:`tangentlab.compute_kernel`.
+
+    Returns:
+      :class:`ExactTopKernel`; forecast it with :func:`forecast_exact_top`.
+
+    Example::
+
+        >>> body, top = nn.Sequential(*blocks[:-1]), nn.Sequential(head_conv, bn, act, pool, fc)
+        >>> etk = compute_exact_top_kernel(body, top, (X, y), projection=4096)
+        >>> etk.z0.shape, etk.basis.shape  # [N, D], [D, 2C]
+        >>> fc = forecast_exact_top(etk, tl.SGD(0.01, momentum=0.9), 300, loss="ce")
+        >>> fc.steps_to_drop(0.8)
+    """
+    fn = "compute_exact_top_kernel"
+    t0 = time.perf_counter()
+    for name, mod in (("body", body), ("top", top)):
+        if not isinstance(mod, nn.Module):
+            raise TangentlabError(f"{fn}: {name} must be an nn.Module, got {type(mod).__name__}.")
+    x, y = as_arrays(data, where=fn)
+    n = num_rows(x)
+    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 0:
+        raise TangentlabError(f"{fn}: probes must be an integer >= 0, got {probes!r}.")
+    names = _chosen(body, params, "body", "params")
+    theta = _chosen(top, top_params, "top", "top_params")
+    if top.training:
+        warnings.warn(f"{fn}: switched top to eval mode (batch-norm statistics frozen, dropout "
+                      "off), as the model requires. Call top.train() afterwards to restore it.",
+                      ModeSwitchWarning, stacklevel=2)  # fmt: skip
+        top.eval()
+    flat = _Flat(body).train(body.training)  # Tangent warns only if the body is training
+    tb = Tangent(flat, params=["body." + a for a in names], projection=projection, seed=seed)
+    with torch.no_grad():
+        outs = [body(take(x, slice(s, s + _CHUNK))) for s in range(0, n, _CHUNK)]
+    shape = tuple(outs[0].shape[1:])
+    z0 = torch.cat([o.reshape(len(o), -1) for o in outs]).detach()
+    f0 = _logits(top, z0, shape, fn)
+    c, d = int(f0.shape[1]), int(z0.shape[1])
+    y = _labels(y, n, c, fn)
+    q = _directions(directions, c, d, fn)
+    basis = _basis(top, z0, shape, q)
+    zeros = torch.zeros(n, dtype=torch.long)  # the read-out kernels use no labels
+    opts = dict(memory_budget=memory_budget, progress=progress)
+    k = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
+                       keep_theta=None if projection is None else False, **opts)  # fmt: skip
+    block = features = None
+    if k.theta is not None:
+        block = k.theta.detach()
+    elif k.features.shape[0] <= k.features.shape[1]:  # N q <= k: M is the smaller form
+        block = (k.features @ k.features.T).detach()
+    else:
+        features = k.features.detach()
+    rest, _ = _rest_kernel(tb, x, zeros, basis, probes, seed, opts)
+    meta = dict(directions=q, feature_dim=d, num_classes=c, probes=int(probes),
+                projection=str(projection), seed=int(seed), body_params=len(names),
+                top_params=len(theta), seconds=time.perf_counter() - t0)  # fmt: skip
+    return ExactTopKernel(z0, shape, y, basis, block, features,
+                          None if rest is None else rest.to(z0.dtype), top, tuple(theta),
+                          meta)  # fmt: skip
+
+
+def forecast_exact_top(
+    kernel: ExactTopKernel,
+    optimizer: SGD,
+    steps: int,
+    *,
+    loss: Loss | str = "mse",
+    batch_size: int | None = None,
+    sampling: str = "epoch",
+    seed: int = 0,
+    log_every: int = 1,
+    stop_below: float | None = None,
+    progress: bool = True,
+) -> ExactTopForecast:
+    """Simulate SGD on the exact-top model ``kernel`` (NOTE [exact top, block linear]).
+
+    Args:
+      kernel: from :func:`compute_exact_top_kernel`.
+      optimizer: ``tl.SGD`` (momentum, a schedule, weight decay toward w0:
+        ``decay_to="w0"``).
+      steps: optimizer steps T.
+      loss: ``"mse"``/``"ce"`` or a loss object, as :func:`tangentlab.forecast`.
+      batch_size: B (``None`` or >= N: full batch). The batches are those of
+        ``tl.finetune(..., seed=seed, sampling=sampling)`` (NOTE [same batches as the
+        forecast] in :mod:`tangentlab.finetune`): one sampled path, not a mean.
+      sampling: ``"epoch"`` or ``"replacement"``.
+      seed: seed of the batch order.
+      log_every: evaluate the full training loss every this many steps (plus 0 and T).
+      stop_below: stop at the first logged step whose loss is <= this (as
+        ``tl.finetune(stop_below=...)``); ``None``: run all T steps.
+      progress: a progress bar over the steps (stderr).
+
+    Returns:
+      :class:`ExactTopForecast` (stops at a blow-up, the rest NaN).
+    """
+    fn = "forecast_exact_top"
+    if not isinstance(kernel, ExactTopKernel):
+        raise TangentlabError(f"{fn}: kernel must come from compute_exact_top_kernel, got "
+                              f"{type(kernel).__name__}.")  # fmt: skip
+    if not isinstance(optimizer, SGD):
+        raise TangentlabError(f"{fn}: only tl.SGD is simulated (momentum, schedules, weight "
+                              f"decay toward w0), got {type(optimizer).__name__}; for AdamW "
+                              "use tl.forecast on a kernel of compute_kernel.")  # fmt: skip
+    if optimizer.weight_decay > 0 and optimizer.decay_to != "w0":
+        raise TangentlabError(f"{fn}: weight decay toward zero needs J w0, which this model "
+                              "does not keep; pass tl.SGD(..., decay_to='w0') or "
+                              "weight_decay=0.")  # fmt: skip
+    steps = check_steps(fn, steps)
+    lossf = as_loss(loss, fn)
+    if sampling not in ("epoch", "replacement"):
+        raise TangentlabError(f"{fn}: sampling must be 'epoch' or 'replacement', got "
+                              f"{sampling!r}.")  # fmt: skip
+    if stop_below is not None and not (isinstance(stop_below, int | float)
+                                       and math.isfinite(stop_below)):  # fmt: skip
+        raise TangentlabError(f"{fn}: stop_below must be a finite number or None, got "
+                              f"{stop_below!r}.")  # fmt: skip
+    if not isinstance(log_every, int) or log_every < 1:
+        raise TangentlabError(f"{fn}: log_every must be an integer >= 1, got {log_every!r}.")
+    n = kernel.num_samples
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise TangentlabError(f"{fn}: batch_size must be an integer >= 1 or None, got "
+                              f"{batch_size!r}.")  # fmt: skip
+    full = batch_size is None or batch_size >= n
+    batches = None if full else dyn.batch_schedule(
+        n, batch_size, steps, sampling=sampling, rng=dyn.path_rngs(seed, 1)[0])
+    rates = optimizer.lr * optimizer.schedule.multipliers(steps)
+    m, lam = float(optimizer.momentum), float(optimizer.weight_decay)
+    top, shape, y = kernel.top, kernel.shape, kernel.y
+    w = dict(top.named_parameters())
+    th0 = [w[a].detach().clone() for a in kernel.top_params]
+    th = [t.clone().requires_grad_(True) for t in th0]
+    buf = [torch.zeros_like(t) for t in th0]
+    z0 = kernel.z0
+    dz, u = torch.zeros_like(z0), torch.zeros_like(z0)
+
+    def logits(z: torch.Tensor) -> torch.Tensor:
+        return functional_call(top, dict(zip(kernel.top_params, th)),
+                               (z.reshape(len(z), *shape),))  # fmt: skip
+
+    logged, losses, accs, blowup = [], [], [], None
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    for t in tqdm(range(steps + 1), desc=fn, unit="step", disable=not progress, delay=2.0,
+                  leave=False):  # fmt: skip
+        rows = None if full else torch.as_tensor(batches[t]) if t < steps else None
+        if t % log_every == 0 or t == steps:
+            with torch.no_grad():
+                f = logits(z0 + dz)
+                value = float(lossf.per_sample(f, y).double().mean())
+            logged.append(t)
+            losses.append(value)
+            accs.append(float((f.argmax(1) == y).double().mean()))
+            if not math.isfinite(value) or value > _BLOWUP * losses[0]:
+                blowup = t
+                losses[-1], accs[-1] = math.nan, math.nan
+                break
+            if stop_below is not None and value <= stop_below:
+                break
+        if t == steps:
+            break
+        zb = (z0 + dz if rows is None else (z0 + dz)[rows]).detach().requires_grad_(True)
+        lb = lossf.per_sample(logits(zb), y if rows is None else y[rows]).mean()
+        grads = torch.autograd.grad(lb, [zb, *th])
+        with torch.no_grad():
+            u.mul_(m).add_(kernel._apply(grads[0], rows))
+            if lam:
+                u.add_(dz, alpha=lam)
+            dz.sub_(u, alpha=float(rates[t]))
+            for p, p0, g, b in zip(th, th0, grads[1:], buf):
+                b.mul_(m).add_(g)
+                if lam:
+                    b.add_(p - p0, alpha=lam)
+                p.sub_(b, alpha=float(rates[t]))
+    settings = dict(optimizer=type(optimizer).__name__, lr=optimizer.lr, momentum=m,
+                    weight_decay=lam, loss=lossf.describe(), batch_size=batch_size, seed=seed,
+                    sampling=sampling, log_every=log_every, steps=steps,
+                    stop_below=stop_below)  # fmt: skip
+    return ExactTopForecast(np.asarray(logged), np.asarray(losses, dtype=np.float64),
+                            np.asarray(accs, dtype=np.float64), blowup,
+                            time.perf_counter() - t0, settings)  # fmt: skip
+
+
+def _chosen(mod: nn.Module, spec: ParamSpec, what: str, arg: str) -> list[str]:
+    try:
+        return select_params(mod, spec)
+    except TangentlabError as exc:
+        raise TangentlabError(f"compute_exact_top_kernel: the {what}'s trained weights ({arg}):"
+                              f" {exc}") from None  # fmt: skip
+
+
+def _logits(top: nn.Module, z0: torch.Tensor, shape: tuple[int, ...], fn: str) -> torch.Tensor:
+    with torch.no_grad():
+        f0 = top(z0[:_CHUNK].reshape(-1, *shape))
+    if not isinstance(f0, torch.Tensor) or f0.ndim != 2:
+        got = tuple(f0.shape) if isinstance(f0, torch.Tensor) else type(f0).__name__
+        raise TangentlabError(f"{fn}: top(body(x)) must be logits [B, C], got {got}; end the "
+                              "top with its linear layer (flatten any pooled map first).")
+    return f0
+
+
+def _directions(directions: Any, c: int, d: int, fn: str) -> int:
+    if directions is None:
+        return min(2 * c, d)
+    if directions == "all":
+        return d
+    if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+        raise TangentlabError(f"{fn}: directions must be an integer >= 1, 'all' or None, got "
+                              f"{directions!r}.")  # fmt: skip
+    return min(int(directions), d)
+
+
+def _basis(top: nn.Module, z0: torch.Tensor, shape: tuple[int, ...], q: int) -> torch.Tensor:
+    """Q ``[D, q]`` float64 (NOTE [exact top, block linear]): ⌈q/2⌉ gradient directions at
+    w0 (rows of ∂f_i/∂z_i, at most ``_ROWS`` samples), ⌊q/2⌋ principal directions of z0
+    orthogonal to them; the identity when q = D."""
+    n, d = z0.shape
+    if q >= d:
+        return torch.eye(d, dtype=torch.float64)
+    pick = torch.linspace(0, n - 1, min(n, _ROWS)).round().long()
+    zs = z0[pick].reshape(-1, *shape)
+    jac = vmap(jacrev(lambda zi: top(zi[None])[0]))(zs).detach()  # [n', C, *shape]
+    grad = torch.linalg.svd(jac.reshape(-1, d).double(), full_matrices=False)[2][: (q + 1) // 2]
+    zz = z0.double() - (z0.double() @ grad.T) @ grad
+    pca = torch.linalg.svd(zz, full_matrices=False)[2][: q - grad.shape[0]]
+    basis, _ = torch.linalg.qr(torch.cat([grad, pca]).T)
+    return basis
+
+
+def _labels(y: Any, n: int, c: int, fn: str) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.ndim != 1 or len(y) != n or y.is_floating_point() or y.is_complex():
+        raise TangentlabError(f"{fn}: labels must be integer class ids [N] = [{n}], got dtype "
+                              f"{y.dtype} and shape {tuple(y.shape)}.")  # fmt: skip
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= c):
+        raise TangentlabError(f"{fn}: labels must lie in [0, {c}) (the top's {c} outputs), got "
+                              f"[{int(y.min())}, {int(y.max())}].")  # fmt: skip
+    return y.long()

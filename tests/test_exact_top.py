@@ -1,0 +1,197 @@
+"""The exact-top, block-linear model (tangentlab.experimental.exact_top), against a
+weight-space simulation of the same model and against real training where it is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+import tangentlab as tl
+from tangentlab.errors import ModeSwitchWarning, TangentlabError
+from tangentlab.experimental.exact_top import (
+    compute_exact_top_kernel,
+    forecast_exact_top,
+)
+
+
+def _net(seed: int = 0, *, linear_body: bool = False) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    body = (nn.Linear(5, 6, bias=False) if linear_body
+            else nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)))  # fmt: skip
+    top = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    return body.double().eval(), top.double().eval()
+
+
+def _data(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.arange(n) % 3
+
+
+def _weight_space(body, top, x, y, opt: tl.SGD, steps: int, *, loss: str,
+                  batch_size: int | None, seed: int) -> np.ndarray:
+    """Autograd on top(z0 + J Δw) in weight space (Δw: the body's, θ: the top's), the
+    updates written out as torch SGD with decay toward w0; the full loss at every step."""
+    fn = tl.training.as_loss(loss, "test")
+    wb = {k: v.detach() for k, v in body.named_parameters()}
+    names = list(wb)
+    delta = [torch.zeros_like(v, requires_grad=True) for v in wb.values()]
+    th0 = [p.detach().clone() for p in top.parameters()]
+    th = [p.clone().requires_grad_(True) for p in th0]
+    tnames = [k for k, _ in top.named_parameters()]
+    params, params0 = delta + th, [torch.zeros_like(d) for d in delta] + th0
+    bufs = [torch.zeros_like(p) for p in params]
+    n = len(y)
+    batches = None if batch_size is None else tl.dynamics.batch_schedule(
+        n, batch_size, steps, sampling="epoch", rng=tl.dynamics.path_rngs(seed, 1)[0])
+    rates = opt.lr * opt.schedule.multipliers(steps)
+
+    def logits(rows):
+        xb = x if rows is None else x[rows]
+        z0, jd = jvp(lambda *v: functional_call(body, dict(zip(names, v)), (xb,)),
+                     tuple(wb.values()), tuple(delta))  # fmt: skip
+        return functional_call(top, dict(zip(tnames, th)), (z0 + jd,))
+
+    out = []
+    for t in range(steps + 1):
+        with torch.no_grad():
+            out.append(float(fn.per_sample(logits(None), y).mean()))
+        if t == steps:
+            break
+        rows = None if batches is None else torch.as_tensor(batches[t])
+        lb = fn.per_sample(logits(rows), y if rows is None else y[rows]).mean()
+        grads = torch.autograd.grad(lb, params)
+        with torch.no_grad():
+            for p, p0, g, b in zip(params, params0, grads, bufs):
+                b.mul_(opt.momentum).add_(g + opt.weight_decay * (p - p0))
+                p.sub_(b, alpha=float(rates[t]))
+    return np.asarray(out)
+
+
+CASES = [
+    ("mse", tl.SGD(0.2), None),
+    ("ce", tl.SGD(0.3, momentum=0.9), None),
+    ("mse", tl.SGD(0.1, momentum=0.5, weight_decay=0.1, decay_to="w0",
+                   schedule=tl.Warmup(5).then(tl.Cosine(25))), 4),  # fmt: skip
+    ("ce", tl.SGD(0.3), 3),
+]
+
+
+@pytest.mark.parametrize("loss,opt,batch", CASES)
+def test_all_directions_equal_a_weight_space_simulation_of_the_model(loss, opt, batch):
+    body, top = _net()
+    x, y = _data()
+    ref = _weight_space(body, top, x, y, opt, 30, loss=loss, batch_size=batch, seed=3)
+    etk = compute_exact_top_kernel(body, top, (x, y), directions="all", progress=False)
+    assert etk.rank == 6 and etk.rest is None
+    fc = forecast_exact_top(etk, opt, 30, loss=loss, batch_size=batch, seed=3, progress=False)
+    assert ref[-1] < 0.9 * ref[0]  # the runs move
+    np.testing.assert_allclose(fc.loss, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss,opt,batch", CASES)
+def test_a_body_linear_and_isotropic_in_z_is_real_training_for_any_subspace(loss, opt, batch):
+    # z = A x: J_i J_jᵀ = (x_i · x_j) I, so M is exact in any Q and κ_⊥ is exact from probes
+    body, top = _net(1, linear_body=True)
+    x, y = _data(12, 1)
+    real = tl.finetune(nn.Sequential(body, top), (x, y), opt, 30, loss=loss, batch_size=batch,
+                       seed=5, log_every=1, progress=False)  # fmt: skip
+    etk = compute_exact_top_kernel(body, top, (x, y), directions=2, progress=False)
+    assert etk.rank == 2 and etk.rest is not None
+    fc = forecast_exact_top(etk, opt, 30, loss=loss, batch_size=batch, seed=5, progress=False)
+    assert real.loss[-1] < 0.9 * real.loss[0]
+    np.testing.assert_allclose(fc.loss, real.loss, rtol=1e-8, atol=1e-12)
+    np.testing.assert_array_equal(fc.accuracy, real.accuracy)
+
+
+def test_default_subspace_is_2c_orthonormal_and_holds_the_gradient_rows():
+    body = nn.Sequential(nn.Linear(5, 20), nn.Tanh()).double().eval()
+    top = nn.Linear(20, 3).double().eval()
+    x, y = _data()
+    etk = compute_exact_top_kernel(body, top, (x, y), progress=False)
+    q = etk.basis
+    assert q.shape == (20, 6)
+    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(6), atol=1e-12)
+    w = top.weight.detach().double()  # a linear top: the gradient rows are W's rows
+    np.testing.assert_allclose((w @ q @ q.T).numpy(), w.numpy(), atol=1e-10)
+
+
+def test_projected_kernel_kept_factored_applies_as_its_gram():
+    body, top = _net()
+    x, y = _data()
+    etk = compute_exact_top_kernel(body, top, (x, y), directions=4, projection=16,
+                                   progress=False)  # fmt: skip
+    assert etk.features is not None and etk.block is None  # N q = 40 > k = 16
+    gram = etk.features @ etk.features.T
+    formed = type(etk)(**{**etk.__dict__, "block": gram, "features": None})
+    g = torch.randn(3, 6, dtype=torch.float64)
+    rows = torch.tensor([1, 4, 7])
+    for r, gamma in ((rows, g), (None, torch.randn(10, 6, dtype=torch.float64))):
+        np.testing.assert_allclose(etk._apply(gamma, r).numpy(), formed._apply(gamma, r).numpy(),
+                                   rtol=1e-10, atol=1e-12)  # fmt: skip
+
+
+def test_steps_to_a_drop_and_blowups():
+    body, top = _net()
+    x, y = _data()
+    etk = compute_exact_top_kernel(body, top, (x, y), progress=False)
+    fc = forecast_exact_top(etk, tl.SGD(0.2), 40, progress=False)
+    t = fc.steps_to_drop(0.5)
+    assert t is not None and fc.loss[t] <= 0.5 * fc.loss[0] < fc.loss[t - 1]
+    assert fc.steps_to(0.0) is None
+    bad = forecast_exact_top(etk, tl.SGD(500.0), 40, progress=False)
+    assert bad.blowup is not None and np.isnan(bad.loss[-1]) and len(bad.loss) <= 41
+    logged = forecast_exact_top(etk, tl.SGD(0.2), 40, log_every=7, progress=False)
+    assert list(logged.steps) == [0, 7, 14, 21, 28, 35, 40]
+    np.testing.assert_allclose(logged.loss, fc.loss[logged.steps], rtol=1e-12)
+    short = forecast_exact_top(etk, tl.SGD(0.2), 40, stop_below=0.5 * fc.loss[0],
+                               progress=False)  # fmt: skip
+    assert short.steps[-1] == t and short.steps_to_drop(0.5) == t
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda e: forecast_exact_top(e, tl.AdamW(1e-3), 5), "only tl.SGD"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1, weight_decay=0.1), 5), "decay_to='w0'"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, batch_size=0), "batch_size"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, sampling="x"), "sampling"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, stop_below="low"), "stop_below"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, loss="hinge"), "loss must be"),
+    (lambda e: forecast_exact_top(object(), tl.SGD(0.1), 5), "compute_exact_top_kernel"),
+    (lambda e: e.steps_to_drop if False else forecast_exact_top(e, tl.SGD(0.1), 2,
+     progress=False).steps_to_drop(80), "drop must lie"),  # fmt: skip
+])
+def test_bad_forecast_requests_are_refused_with_the_fix(call, match):
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    with pytest.raises(TangentlabError, match=match):
+        call(etk)
+
+
+def test_bad_kernel_requests_are_refused_with_the_fix():
+    body, top = _net()
+    x, y = _data()
+    with pytest.raises(TangentlabError, match="top's trained weights"):
+        compute_exact_top_kernel(body, nn.Identity().eval(), (x, y), progress=False)  # no θ
+    flat = nn.Sequential(nn.Linear(6, 12), nn.Unflatten(1, (3, 4))).double().eval()
+    with pytest.raises(TangentlabError, match=r"logits \[B, C\]"):
+        compute_exact_top_kernel(body, flat, (x, y), progress=False)
+    with pytest.raises(TangentlabError, match="directions"):
+        compute_exact_top_kernel(body, top, (x, y), directions=0, progress=False)
+    with pytest.raises(TangentlabError, match=r"lie in \[0, 3\)"):
+        compute_exact_top_kernel(body, top, (x, y + 5), progress=False)
+    with pytest.raises(TangentlabError, match="integer class"):
+        compute_exact_top_kernel(body, top, (x, y + 0.5), progress=False)
+    with pytest.raises(TangentlabError, match="nn.Module"):
+        compute_exact_top_kernel(lambda v: v, top, (x, y), progress=False)
+    with pytest.raises(TangentlabError, match="body's trained weights"):
+        compute_exact_top_kernel(body, top, (x, y), params="nothing-matches", progress=False)
+
+
+def test_a_top_in_training_mode_is_switched_to_eval_with_a_warning():
+    body, top = _net()
+    top.train()
+    with pytest.warns(ModeSwitchWarning, match="top.train"):
+        compute_exact_top_kernel(body, top, _data(), progress=False)
+    assert not top.training
