@@ -421,7 +421,9 @@ def report() -> list[str]:
     rows, states = _rows()
     if not rows:
         return []
-    names = [v for v in VARIANTS if v in states]
+    every = set(dh.image_tasks())
+    partial = {v: len(states[v]) for v in VARIANTS if v in states and set(states[v]) < every}
+    names = [v for v in VARIANTS if v in states and v not in partial] or list(states)
     done = sorted(set.intersection(*[set(states[v]) for v in names]))
     rows = [r for r in rows if r["task"] in done]
     deep = {t: json.loads((dh.OUT / f"{t}.json").read_text()) for t in done}
@@ -468,10 +470,44 @@ def report() -> list[str]:
             meds.append(f"{np.median(logs):+.2f}" if logs else "-")
         q2 = states["2C"][t]["q"] if "2C" in states else "-"
         lines.append(f"| {t} | {q2} | " + " | ".join(meds) + " |")
+    if partial:
+        lines += ["", "Not run on every task in the session's time (left out above; the same "
+                  "command resumes them): " + ", ".join(f"{label[v]} ({k} of {len(every)} "
+                                                       "tasks)" for v, k in partial.items())
+                  + "."]  # fmt: skip
+    lines += _cost_lines()
     lines += READING.splitlines()
     print("\n".join(lines))
     if len(done) == len(dh.image_tasks()):
         write_section("twolayer", "\n".join(lines))
+    return lines
+
+
+def _cost_lines() -> list[str]:
+    if not COST.exists():
+        return []
+    runs = json.loads(COST.read_text())
+    first = next(iter(runs.values()))
+    lines = ["", f"Cost, timed in one process per task (`{COMMAND} --cost NAME`, alone on the "
+             f"machine; {first['machine']}): the library's forecast "
+             "(`tangentlab.experimental.exact_top`, q = 2C, k = 4096) of the four cells, each "
+             "to a 90% drop (or the accuracy runs' horizon), against the real runs of the top "
+             "on cached trunk outputs and the plain full-network run (3 timed full-batch "
+             "steps x the real runs' steps); *matrix*: the same simulations with the exact "
+             "part as matrices on the 1 x 1 map (``simulate(fast=True)``).", "",
+             "| task | q | real steps (4 cells) | kernel s | library simulations s | matrix "
+             "simulations s | real top s | plain run s (est.) | (kernel + library) / real top "
+             "| (kernel + library) / plain | (kernel + matrix) / plain | targets: library = "
+             "accuracy run |", "|" + "---|" * 12]  # fmt: skip
+    for r in runs.values():
+        same = [c["library_targets"] == c["accuracy_run_targets"] for c in r["cells"].values()
+                if c["accuracy_run_targets"] is not None]  # fmt: skip
+        k, lib, mat = r["kernel_seconds"], r["library_seconds"], r["matrix_seconds"]
+        lines.append(f"| {r['task']} | {r['q']} | {r['real_steps']} | {k:.1f} | {lib:.1f} | "
+                     f"{mat:.1f} | {r['real_seconds']:.1f} | {r['plain_seconds']:.0f} | "
+                     f"{(k + lib) / r['real_seconds']:.2f} | {(k + lib) / r['plain_seconds']:.3f}"
+                     f" | {(k + mat) / r['plain_seconds']:.3f} | {sum(same)} of {len(same)} "
+                     "cells |")  # fmt: skip
     return lines
 
 

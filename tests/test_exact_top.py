@@ -195,3 +195,41 @@ def test_a_top_in_training_mode_is_switched_to_eval_with_a_warning():
     with pytest.warns(ModeSwitchWarning, match="top.train"):
         compute_exact_top_kernel(body, top, _data(), progress=False)
     assert not top.training
+
+
+def test_split_lite_is_the_model_and_its_exact_top_model_is_real_training_where_exact():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from tangentlab.examples import split_lite
+
+    torch.manual_seed(0)
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=3, image_size=32)
+    for mod in model.modules():  # running statistics of one batch, so activations are O(1)
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = 1.0
+    with torch.no_grad():
+        model(torch.randn(32, 3, 32, 32))
+    model.eval()
+    body, top = split_lite(model)
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 3
+    with torch.no_grad():
+        torch.testing.assert_close(top(body(x)), model(x))
+    # z is affine in the last block's final BN weights (eval mode), so training them and the
+    # top (head conv, BN, fc) is exactly the exact-top model with all of z kept
+    body_w, top_w = r"^_blocks\.15\._bn2\.", r"^(?:_conv_head\.|_bn1\.|_fc\.)"
+    opt = tl.SGD(0.002, momentum=0.9)
+    real = tl.finetune(model, (x, y), opt, 12, loss="ce", params=f"{body_w}|{top_w}",
+                       log_every=1, progress=False)  # fmt: skip
+    etk = compute_exact_top_kernel(body, top, (x, y), params=body_w, top_params=top_w,
+                                   directions="all", progress=False)  # fmt: skip
+    assert etk.z0.shape == (6, 320) and etk.shape == (320, 1, 1)
+    fc = forecast_exact_top(etk, opt, 12, loss="ce", progress=False)
+    assert real.loss[-1] < 0.5 * real.loss[0]
+    np.testing.assert_allclose(fc.loss, real.loss, rtol=2e-5)
+
+
+def test_split_lite_refuses_other_models():
+    from tangentlab.examples import split_lite
+
+    with pytest.raises(TangentlabError, match="by hand"):
+        split_lite(nn.Linear(3, 2))

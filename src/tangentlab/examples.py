@@ -70,6 +70,7 @@ __all__ = [
     "MINILM_DEFAULT_PARAMS",
     "load_example",
     "read_idx",
+    "split_lite",
 ]
 
 #: One-line description of every built-in example, by name.
@@ -540,6 +541,62 @@ _FASHION_CLASSES = (
     "Bag",
     "Ankle boot",
 )
+
+
+class _LiteBody(nn.Module):
+    """EfficientNet-Lite from its input to its last MBConv block's output z [B, 320, s, s]
+    (the stem and the blocks of ``model``, under the same weight names)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._conv_stem, self._bn0, self._blocks = model._conv_stem, model._bn0, model._blocks
+        self._swish = model._swish
+        self.rate = float(model._global_params.drop_connect_rate or 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._swish(self._bn0(self._conv_stem(x)))
+        n = len(self._blocks)
+        for idx, block in enumerate(self._blocks):  # as EfficientNet.extract_features
+            h = block(h, drop_connect_rate=self.rate * idx / n)
+        return h
+
+
+class _LiteTop(nn.Module):
+    """EfficientNet-Lite from z to the logits: head conv, BN, ReLU6, pooling, dropout, fc."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._conv_head, self._bn1, self._fc = model._conv_head, model._bn1, model._fc
+        self._swish, self._avg_pooling, self._dropout = (model._swish, model._avg_pooling,
+                                                        model._dropout)  # fmt: skip
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self._avg_pooling(self._swish(self._bn1(self._conv_head(z))))
+        return self._fc(self._dropout(h.flatten(1)))
+
+
+def split_lite(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(body, top)`` of an EfficientNet-Lite (``efficientnet-lite-pytorch``) with
+    ``model(x) == top(body(x))``: the body ends at the last MBConv block, the top is the head
+    conv, its BN and ReLU6, pooling and the linear head. Both share ``model``'s modules and
+    weight names (so :data:`LITE0_DEFAULT_PARAMS` selects the trained weights of each), for
+    :func:`tangentlab.experimental.exact_top.compute_exact_top_kernel`.
+
+    Example::
+
+        >>> ex = load_example("fashion-lite0", num_samples=256)
+        >>> body, top = split_lite(ex.model)
+        >>> body(ex.data[0][:2]).shape  # [2, 320, 2, 2] at 64 px
+    """
+    need = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_fc", "_avg_pooling")
+    if not all(hasattr(model, a) for a in need) or getattr(
+            model._global_params, "local_pooling", False):  # fmt: skip
+        raise TangentlabError(
+            f"split_lite: {type(model).__name__} is not an EfficientNet-Lite of "
+            "efficientnet-lite-pytorch (needs _conv_stem, _blocks, _conv_head, _bn1, _fc and "
+            "global pooling); split other models into (body, top) modules by hand."
+        )
+    return _LiteBody(model).train(model.training), _LiteTop(model).train(model.training)
 
 
 def _lite0_model(*, image_size: int, seed: int) -> tuple[nn.Module, str]:

@@ -6,4 +6,8 @@
 - :mod:`tangentlab.experimental.pilot`: a progress-indexed clock measured on a short real
   pilot run on a subset, applied to a forecast of the full job (development examples:
   benchmarks/RESULTS.md, "pilot"; held-out: "holdout-pilot").
+- :mod:`tangentlab.experimental.exact_top`: the top of the network (e.g. a head conv, its
+  BN and activation, pooling and the linear head) exact and the block below it linearized,
+  simulated in function space with the block's kernel of z kept in a subspace
+  (development tasks only: benchmarks/RESULTS.md, "twolayer"; not yet run on held-out tasks).
 """
