@@ -312,12 +312,18 @@ def main() -> None:
     ap.add_argument("--q", action="append", choices=VARIANTS, help="one variant (repeatable)")
     ap.add_argument("--check", action="store_true", help="against weight space on 16 samples")
     ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
+    ap.add_argument("--grid", action="store_true",
+                    help="the library's forecast of every stored cell (the rounds' grid)")
     ap.add_argument("--cost", metavar="NAME", action="append",
                     help="time forecast, real top and plain runs of NAME in one process")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     if args.check:
         check()
+        return
+    if args.grid:
+        for name in args.task or dh.image_tasks():
+            grid_task(name)
         return
     if args.cost:
         for name in args.cost:
@@ -395,6 +401,58 @@ def cost(name: str, variant: str = "2C") -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     COST.write_text(json.dumps(allc, indent=1))
     return out
+
+
+GRID_SEED = 1000  # the forecast's batches: another seed than the real runs' (ho.SEED)
+
+
+def grid_task(name: str, variant: str = "2C") -> dict:
+    """The library's exact-top forecast (``tangentlab.experimental.exact_top``, q = 2C,
+    k = 4096, 4 probes) of every stored cell of ``name`` (the rounds' grid: {mse, ce} x
+    {full, B = 32} x m {0, 0.9} x a {0.1, 0.3, 1}), to the rounds' forecast horizon or a 90%
+    drop; a minibatch forecast is one path with its own batches (seed ``GRID_SEED``, not the
+    real run's), logged every 2 steps as the real run. ``<task>-grid.json``, resumable per
+    cell."""
+    from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
+
+    path = OUT / f"{name}-grid.json"
+    state = json.loads(path.read_text()) if path.exists() else dict(task=name, cells={})
+    cells = dh.dev_tasks()[name][0]
+    todo = [k for k, c in cells.items() if "lr" in c and k not in state["cells"]]
+    if not todo:
+        return state
+    task = ho.load_task(name)
+    top, h, y = task["top"], task["x"], task["y"]
+    for p in top.parameters():
+        p.requires_grad_(False)
+    pat = re.compile(task["params"])
+    params = [a for a, _ in top.named_parameters() if pat.search(a)]
+    block, names = _split(top, params)
+    body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
+    with torch.no_grad():
+        d = int(body(h[:1])[0].numel())
+    t0 = time.perf_counter()
+    etk = compute_exact_top_kernel(body, exact, (h, y), params=[PRE + n for n in block],
+                                   top_params=[PRE + n for n in names],
+                                   directions=_q(variant, ho.TASKS[name]["num_classes"], d),
+                                   projection=ho.TASKS[name]["projection"], progress=False)
+    state.update(q=etk.rank, kernel_seconds=time.perf_counter() - t0, machine=machine(),
+                 threads=torch.get_num_threads())  # fmt: skip
+    for key in todo:
+        c = cells[key]
+        l0 = float(c["run_loss"][0])
+        fc = forecast_exact_top(etk, tl.SGD(c["lr"], momentum=c["momentum"]), c["fc_steps"],
+                                loss=c["loss"], batch_size=c["batch_size"], seed=GRID_SEED,
+                                stop_below=(1 - max(ho.DROPS)) * l0, progress=False,
+                                log_every=1 if c["batch_size"] is None else 2)  # as the run
+        curve = [None] * (int(fc.steps[-1]) + 1)
+        for t, v in zip(fc.steps, fc.loss):
+            curve[int(t)] = float(v) if math.isfinite(v) else None
+        state["cells"][key] = dict(et_loss=curve, seconds=fc.seconds, blowup=fc.blowup)
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state))
+        print(name, key, f"{fc.seconds:.1f}s", len(curve), flush=True)
+    return state
 
 
 def _rows() -> tuple[list[dict], dict]:
@@ -475,11 +533,68 @@ def report() -> list[str]:
                   "command resumes them): " + ", ".join(f"{label[v]} ({k} of {len(every)} "
                                                        "tasks)" for v, k in partial.items())
                   + "."]  # fmt: skip
+    lines += grid_lines()
     lines += _cost_lines()
     lines += READING.splitlines()
     print("\n".join(lines))
     if len(done) == len(dh.image_tasks()):
         write_section("twolayer", "\n".join(lines))
+    return lines
+
+
+def grid_rows() -> list[dict]:
+    """One row per (task, cell, drop) the stored real run reaches, with T, the exact-top T̂
+    (``et``) and the library's stored head-exact T̂ (``hb``), scored as the rounds
+    (``forecast_accuracy._targets``: a forecast that never gets there is a miss)."""
+    from forecast_accuracy import _targets
+
+    dev = dh.dev_tasks()
+    rows = []
+    for p in sorted(OUT.glob("*-grid.json")):
+        st = json.loads(p.read_text())
+        cells = dev[st["task"]][0]
+        for key, g in st["cells"].items():
+            c = dict(cells[key], et_loss=g["et_loss"])
+            et, hb = _targets(c, ho.DROPS, "et_loss"), _targets(c, ho.DROPS, dev[st["task"]][1])
+            for d, t in et.items():
+                if t["status"] == "unreached":
+                    continue
+                rows.append(dict(task=st["task"], cell=key, loss=c["loss"], drop=d, T=t["T"],
+                                 batch="full" if c["batch_size"] is None else "B32",
+                                 a=c["lr_factor"], m=c["momentum"], et=t["T_hat"],
+                                 hb=hb[d]["T_hat"], seconds=g["seconds"]))  # fmt: skip
+    return rows
+
+
+def grid_lines() -> list[str]:
+    from headbody import _fmt
+
+    rows = grid_rows()
+    if not rows:
+        return []
+    tasks = sorted({r["task"] for r in rows})
+    lines = ["", f"The whole grid (`{COMMAND} --grid`): the library's exact-top forecast "
+             "(`tangentlab.experimental.exact_top`, q = 2C, k = 4096, 4 probes) of every "
+             "stored cell of the image development tasks that ran "
+             f"({len(tasks)} of {len(dh.image_tasks())}, {len(rows)} targets), against the "
+             "stored real runs (the rounds' seed) and the library's stored head-exact forecast "
+             "(default Q, uncalibrated) on the same targets; a minibatch forecast is one path "
+             f"with its own batches (seed {GRID_SEED}). Entries median / p90 of |T̂ − T|/T "
+             "(targets, misses).", "",
+             "| loss | batch | drop | exact top (q = 2C) | head exact (library default) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for loss in ho.LOSSES:
+        for batch in ("full", "B32"):
+            for d in ("0.5", "0.8", "0.9"):
+                sub = [r for r in rows if (r["loss"], r["batch"], r["drop"]) == (loss, batch, d)]
+                lines.append(f"| {loss} | {batch} | {float(d):.0%} | "
+                             f"{_fmt(dh._errors(sub, 'et'))} | {_fmt(dh._errors(sub, 'hb'))} |")
+    for a in sorted({r["a"] for r in rows}):
+        sub = [r for r in rows if r["a"] == a]
+        lines.append(f"| all | a = {a:g} | all | {_fmt(dh._errors(sub, 'et'))} | "
+                     f"{_fmt(dh._errors(sub, 'hb'))} |")
+    lines.append(f"| **all** | **all** | **all** | {_fmt(dh._errors(rows, 'et'))} | "
+                 f"{_fmt(dh._errors(rows, 'hb'))} |")
     return lines
 
 

@@ -143,6 +143,8 @@ def test_steps_to_a_drop_and_blowups():
     assert fc.steps_to(0.0) is None
     bad = forecast_exact_top(etk, tl.SGD(500.0), 40, progress=False)
     assert bad.blowup is not None and np.isnan(bad.loss[-1]) and len(bad.loss) <= 41
+    sparse = forecast_exact_top(etk, tl.SGD(500.0), 40, log_every=5, progress=False)
+    assert sparse.blowup == bad.blowup == sparse.steps[-1]  # seen between logged steps too
     logged = forecast_exact_top(etk, tl.SGD(0.2), 40, log_every=7, progress=False)
     assert list(logged.steps) == [0, 7, 14, 21, 28, 35, 40]
     np.testing.assert_allclose(logged.loss, fc.loss[logged.steps], rtol=1e-12)

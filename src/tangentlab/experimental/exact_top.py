@@ -356,24 +356,35 @@ def forecast_exact_top(
 
     for t in tqdm(range(steps + 1), desc=fn, unit="step", disable=not progress, delay=2.0,
                   leave=False):  # fmt: skip
-        rows = None if full else torch.as_tensor(batches[t]) if t < steps else None
-        if t % log_every == 0 or t == steps:
-            with torch.no_grad():
-                f = logits(z0 + dz)
-                value = float(lossf.per_sample(f, y).double().mean())
-            logged.append(t)
-            losses.append(value)
-            accs.append(float((f.argmax(1) == y).double().mean()))
-            if not math.isfinite(value) or value > _BLOWUP * losses[0]:
-                blowup = t
-                losses[-1], accs[-1] = math.nan, math.nan
+        log = t % log_every == 0 or t == steps
+        train = t < steps
+        rows = None if full or not train else torch.as_tensor(batches[t])
+        z = (z0 + dz).detach()
+        grad_all = train and rows is None  # full batch: the logged forward is the step's
+        if log or grad_all:
+            if grad_all:
+                z.requires_grad_(True)
+            with torch.set_grad_enabled(grad_all):
+                f = logits(z)
+                per = lossf.per_sample(f, y)
+            value = float(per.detach().double().mean())
+            if not math.isfinite(value) or (bool(losses) and value > _BLOWUP * losses[0]):
+                blowup = t  # seen on any step whose loss was computed
+                logged.append(t), losses.append(math.nan), accs.append(math.nan)
                 break
-            if stop_below is not None and value <= stop_below:
-                break
-        if t == steps:
+            if log:
+                logged.append(t)
+                losses.append(value)
+                accs.append(float((f.detach().argmax(1) == y).double().mean()))
+                if stop_below is not None and value <= stop_below:
+                    break
+        if not train:
             break
-        zb = (z0 + dz if rows is None else (z0 + dz)[rows]).detach().requires_grad_(True)
-        lb = lossf.per_sample(logits(zb), y if rows is None else y[rows]).mean()
+        if grad_all:
+            zb, lb = z, per.mean()
+        else:
+            zb = z[rows].requires_grad_(True)
+            lb = lossf.per_sample(logits(zb), y[rows]).mean()
         grads = torch.autograd.grad(lb, [zb, *th])
         with torch.no_grad():
             u.mul_(m).add_(kernel._apply(grads[0], rows))
