@@ -441,9 +441,15 @@ def grid_task(name: str, variant: str = "2C") -> dict:
     for key in todo:
         c = cells[key]
         l0 = float(c["run_loss"][0])
+        run = [v for v in c["run_loss"] if v is not None]
+        reached = [d for d in ho.DROPS if min(run) <= (1 - d) * l0]
+        if not reached:  # no target: nothing to score
+            state["cells"][key] = dict(et_loss=[], seconds=0.0, blowup=None, skipped=True)
+            continue
+        # the forecast past the deepest target the real run reaches scores nothing
         fc = forecast_exact_top(etk, tl.SGD(c["lr"], momentum=c["momentum"]), c["fc_steps"],
                                 loss=c["loss"], batch_size=c["batch_size"], seed=GRID_SEED,
-                                stop_below=(1 - max(ho.DROPS)) * l0, progress=False,
+                                stop_below=(1 - max(reached)) * l0, progress=False,
                                 log_every=1 if c["batch_size"] is None else 2)  # as the run
         curve = [None] * (int(fc.steps[-1]) + 1)
         for t, v in zip(fc.steps, fc.loss):
@@ -452,6 +458,7 @@ def grid_task(name: str, variant: str = "2C") -> dict:
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(state))
         print(name, key, f"{fc.seconds:.1f}s", len(curve), flush=True)
+    path.write_text(json.dumps(state))
     return state
 
 
@@ -554,6 +561,8 @@ def grid_rows() -> list[dict]:
         st = json.loads(p.read_text())
         cells = dev[st["task"]][0]
         for key, g in st["cells"].items():
+            if g.get("skipped"):
+                continue
             c = dict(cells[key], et_loss=g["et_loss"])
             et, hb = _targets(c, ho.DROPS, "et_loss"), _targets(c, ho.DROPS, dev[st["task"]][1])
             for d, t in et.items():
@@ -612,21 +621,47 @@ def _cost_lines() -> list[str]:
              "part as matrices on the 1 x 1 map (``simulate(fast=True)``).", "",
              "| task | q | real steps (4 cells) | kernel s | library simulations s | matrix "
              "simulations s | real top s | plain run s (est.) | (kernel + library) / real top "
-             "| (kernel + library) / plain | (kernel + matrix) / plain | targets: library = "
-             "accuracy run |", "|" + "---|" * 12]  # fmt: skip
+             "| (kernel + library) / plain | (kernel + matrix) / plain | library vs accuracy "
+             "run: max abs(ΔT̂) / T̂ |", "|" + "---|" * 12]  # fmt: skip
     for r in runs.values():
-        same = [c["library_targets"] == c["accuracy_run_targets"] for c in r["cells"].values()
-                if c["accuracy_run_targets"] is not None]  # fmt: skip
+        gaps = [abs(c["library_targets"][d] - a) / a for c in r["cells"].values()
+                for d, a in (c["accuracy_run_targets"] or {}).items()
+                if a and c["library_targets"].get(d)]  # fmt: skip
         k, lib, mat = r["kernel_seconds"], r["library_seconds"], r["matrix_seconds"]
         lines.append(f"| {r['task']} | {r['q']} | {r['real_steps']} | {k:.1f} | {lib:.1f} | "
                      f"{mat:.1f} | {r['real_seconds']:.1f} | {r['plain_seconds']:.0f} | "
                      f"{(k + lib) / r['real_seconds']:.2f} | {(k + lib) / r['plain_seconds']:.3f}"
-                     f" | {(k + mat) / r['plain_seconds']:.3f} | {sum(same)} of {len(same)} "
-                     "cells |")  # fmt: skip
+                     f" | {(k + mat) / r['plain_seconds']:.3f} | {max(gaps):.0%} |")
     return lines
 
 
-READING = ""
+READING = """
+**Reading** (development only: the 14 image development tasks; nothing fresh; no default
+changed). *The two-layer model survives a small subspace.* In function space, with z's
+kernel exact only in q = 2C directions (as many read-outs as the library's default
+head-exact kernel), the two-layer-exact model scores 4% / 23% over the 151 full-batch
+targets (2 misses), against 0% / 16% for its exact weight-space version, 20% / 89% for the
+exact head-exact model and 111% / 471% for the library's head-exact forecast; its per-task
+median log(T / T̂) lies in [-0.10, 0] (the head-exact model's in [-0.54, +0.23]). With all
+of z (q = D, on the 4 tasks that ran) it scores 2% / 9% where q = 2C scores 2% / 24%.
+*The whole grid.* On the rounds' 24 cells per task (B = 32 and a = 1 included), the
+library's implementation scores 4% / 33% over 830 targets (18 misses), against 80% / 361%
+(29 misses) for the uncalibrated head-exact forecast. MSE: medians 0-4%, p90 <= 19% at
+every drop, full batch and B = 32. CE full batch: 0-10% / 33-45%. CE with B = 32 is the
+weak part (p90 221% at 50%, 63% at 80%; 5 misses at 50%): the forecast is one path with its
+own batches, the real run another, and the large errors are spread over a = 0.1-1. Against
+issue 13's goals (median <= 15%, p90 <= 35%, at 50% and 80%, per loss) MSE meets them on
+these tasks, CE full batch misses the p90 at 80% (43%), CE with B = 32 misses both p90s.
+*Cost.* The kernel takes 2.8-3.6 s. The forecast of four cells costs 0.56-0.57x the real
+runs of the top on cached trunk outputs (every step runs the exact head conv forward and
+backward, and mkldnn's 1 x 1 convolution on a 1 x 1 map is slow: as matrices the
+simulations run 2.3-2.4x faster), and 6.9% and 13.3% of the plain full-network runs (3.4%
+and 5.9% as matrices). *What changes.* A new experimental model,
+``tangentlab.experimental.exact_top`` (and ``tangentlab.examples.split_lite``): not in the
+top-level API and no default, since it has no calibrated interval and no reliability check
+yet and has met no held-out task. Next for issue 13: its steps interval, calibrated on these
+cells, and a fresh image round frozen before it runs.
+"""
 
 
 if __name__ == "__main__":
