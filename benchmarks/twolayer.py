@@ -5,6 +5,9 @@ development tasks, nothing fresh, nothing adopted).
     .venv/bin/python benchmarks/twolayer.py --check             # against weight space, N = 16
     .venv/bin/python benchmarks/twolayer.py                     # every image development task
     .venv/bin/python benchmarks/twolayer.py --task NAME --q 64  # one task, one variant
+    .venv/bin/python benchmarks/twolayer.py --grid              # the library's, whole grid
+    .venv/bin/python benchmarks/twolayer.py --choose-band       # its steps interval
+    .venv/bin/python benchmarks/twolayer.py --cost NAME         # timed alone, one process
     .venv/bin/python benchmarks/twolayer.py --report            # RESULTS.md section only
 
 (needs ``deephead.py``'s stored runs, ``benchmarks/results/deephead/``, and the rounds'
@@ -314,6 +317,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
     ap.add_argument("--grid", action="store_true",
                     help="the library's forecast of every stored cell (the rounds' grid)")
+    ap.add_argument("--choose-band", action="store_true",
+                    help="the exact-top steps interval chosen on the development grid")
     ap.add_argument("--cost", metavar="NAME", action="append",
                     help="time forecast, real top and plain runs of NAME in one process")
     args = ap.parse_args()
@@ -324,6 +329,11 @@ def main() -> None:
     if args.grid:
         for name in args.task or dh.image_tasks():
             grid_task(name)
+        return
+    if args.choose_band:
+        res = choose_band()
+        print({f"{k[0]}-{k[1]}": (round(v["lo"], 2), round(v["hi"], 2))
+               for k, v in res["candidates"][res["chosen"]]["table"].items()})
         return
     if args.cost:
         for name in args.cost:
@@ -541,6 +551,7 @@ def report() -> list[str]:
                                                        "tasks)" for v, k in partial.items())
                   + "."]  # fmt: skip
     lines += grid_lines()
+    lines += band_lines()
     lines += _cost_lines()
     lines += READING.splitlines()
     print("\n".join(lines))
@@ -607,6 +618,72 @@ def grid_lines() -> list[str]:
     return lines
 
 
+BAND_LEVELS = ((0.1, 0.9), (0.05, 0.95), (0.025, 0.975))  # candidates, narrowest first
+BAND_COVER = 0.85  # the pooled left-out-task coverage each (loss, batch) group must reach
+
+
+_BIG = 1e9  # a miss's residual in the quantiles (+∞ would make them NaN between two misses)
+
+
+def _residual(r: dict) -> float:
+    """log(T / T̂); a miss (the real run reaches the target, the forecast does not): +∞
+    (``_BIG``; a band whose upper end is that large has none)."""
+    return _BIG if r["et"] is None else math.log(r["T"] / r["et"])
+
+
+def choose_band(rows: list[dict] | None = None) -> dict:
+    """The steps interval of the exact-top forecast, T ∈ [T̂ e^lo, T̂ e^hi], per (loss,
+    full/B32): (lo, hi) the (p, 1 − p) quantiles of log(T / T̂) over the development grid's
+    targets (misses +∞), p the largest of ``BAND_LEVELS`` whose pooled left-out-task
+    coverage reaches ``BAND_COVER`` in every group (each task's targets scored on the band of
+    the other tasks)."""
+    rows = rows if rows is not None else grid_rows()
+    tasks = sorted({r["task"] for r in rows})
+    groups = sorted({(r["loss"], r["batch"]) for r in rows})
+    out = {}
+    for levels in BAND_LEVELS:
+        table, ok = {}, True
+        for g in groups:
+            sub = [r for r in rows if (r["loss"], r["batch"]) == g]
+            x = np.array([_residual(r) for r in sub])
+            hit = []
+            for t in tasks:
+                tr = np.array([_residual(r) for r in sub if r["task"] != t])
+                te = np.array([_residual(r) for r in sub if r["task"] == t])
+                lo, hi = np.quantile(tr, levels[0]), np.quantile(tr, levels[1])
+                hit += list((te >= lo) & (te <= hi))
+            lo, hi = np.quantile(x, levels[0]), np.quantile(x, levels[1])
+            hi = math.inf if hi > _BIG / 2 else hi
+            table[g] = dict(lo=float(lo), hi=float(hi), loto=float(np.mean(hit)), n=len(sub))
+            ok &= bool(np.mean(hit) >= BAND_COVER and math.isfinite(hi))
+        out[levels] = dict(table=table, ok=ok)
+    chosen = next((lv for lv in BAND_LEVELS if out[lv]["ok"]), None)
+    return dict(candidates=out, chosen=chosen)
+
+
+def band_lines() -> list[str]:
+    rows = grid_rows()
+    if not rows:
+        return []
+    res = choose_band(rows)
+    lines = ["", f"The steps interval (`{COMMAND} --choose-band`): T ∈ [T̂ e^lo, T̂ e^hi] per "
+             "loss and batch, (lo, hi) the (p, 1 − p) quantiles of log(T / T̂) over the grid's "
+             "targets above (a miss +∞); the rule takes the largest p in "
+             f"{[lv[0] for lv in BAND_LEVELS]} whose coverage with each task left out (scored "
+             f"on the band of the other 13) reaches {BAND_COVER:.0%} in every group. "
+             f"Chosen: p = {res['chosen'][0] if res['chosen'] else '-'} "
+             "(``exact_top.STEPS_BAND``).", "",
+             "| p | loss | batch | targets | band (x T̂) | coverage, task left out |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for lv, cand in res["candidates"].items():
+        for (loss, batch), t in cand["table"].items():
+            band = (f"{math.exp(t['lo']):.2f} - {math.exp(t['hi']):.2f}"
+                    if math.isfinite(t["hi"]) else f"{math.exp(t['lo']):.2f} - ∞")
+            lines.append(f"| {lv[0]:g} | {loss} | {batch} | {t['n']} | {band} | "
+                         f"{t['loto']:.0%} |")
+    return lines
+
+
 def _cost_lines() -> list[str]:
     if not COST.exists():
         return []
@@ -657,10 +734,12 @@ runs of the top on cached trunk outputs (every step runs the exact head conv for
 backward, and mkldnn's 1 x 1 convolution on a 1 x 1 map is slow: as matrices the
 simulations run 2.3-2.4x faster), and 6.9% and 13.3% of the plain full-network runs (3.4%
 and 5.9% as matrices). *What changes.* A new experimental model,
-``tangentlab.experimental.exact_top`` (and ``tangentlab.examples.split_lite``): not in the
-top-level API and no default, since it has no calibrated interval and no reliability check
-yet and has met no held-out task. Next for issue 13: its steps interval, calibrated on these
-cells, and a fresh image round frozen before it runs.
+``tangentlab.experimental.exact_top`` (and ``tangentlab.examples.split_lite``), with a steps
+interval chosen on this grid by the rule above (``STEPS_BAND``, 5% / 95% quantiles; 87-90%
+of a left-out task's targets inside; x0.83-1.24 of T̂ for MSE, x0.52-1.16 for CE full
+batch, x0.56-2.01 for CE with B = 32). Not in the top-level API and no default: it has no
+reliability check yet and has met no held-out task. Next for issue 13: a fresh image round,
+frozen before it runs, scoring its estimate and this interval.
 """
 
 

@@ -29,3 +29,33 @@ def test_left_out_errors_come_back_in_the_order_of_the_targets():
     assert [r["task"] for r in res] == [r["task"] for r in rows]
     assert math.isinf(res[-1]["err"]) and not res[-1]["inside"]
     assert all(math.isfinite(r["err"]) for r in res[:-1])
+
+
+def test_exact_top_band_rule_takes_the_narrowest_level_that_covers_left_out_tasks():
+    import twolayer as tw
+
+    # four tasks; residual log(T / T̂) spread ±0.1 on each, one miss on task "d"
+    rows = []
+    for i, task in enumerate("abcd"):
+        for k in range(20):
+            t_hat = 100 * math.exp(0.1 * ((k % 5) - 2) / 2 + 0.01 * i)
+            rows.append(dict(task=task, loss="mse", batch="full", T=100, et=t_hat))
+    rows.append(dict(task="d", loss="mse", batch="full", T=100, et=None))
+    res = tw.choose_band(rows)
+    assert res["chosen"] in tw.BAND_LEVELS
+    t = res["candidates"][res["chosen"]]["table"][("mse", "full")]
+    assert t["n"] == 81 and t["loto"] >= tw.BAND_COVER and math.isfinite(t["hi"])
+    narrower = [lv for lv in tw.BAND_LEVELS if lv[0] > res["chosen"][0]]
+    assert all(not res["candidates"][lv]["ok"] for lv in narrower)
+
+
+def test_exact_top_steps_band_is_the_rule_on_the_stored_development_grid():
+    import twolayer as tw
+    from tangentlab.experimental.exact_top import STEPS_BAND
+
+    res = tw.choose_band()
+    table = res["candidates"][res["chosen"]]["table"]
+    assert len(table) == len(STEPS_BAND) == 4
+    for (loss, batch), t in table.items():
+        lo, hi = STEPS_BAND[(loss, batch == "full")]
+        assert abs(lo - t["lo"]) <= 0.005 and abs(hi - t["hi"]) <= 0.005

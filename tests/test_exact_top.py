@@ -235,3 +235,20 @@ def test_split_lite_refuses_other_models():
 
     with pytest.raises(TangentlabError, match="by hand"):
         split_lite(nn.Linear(3, 2))
+
+
+def test_steps_interval_is_the_calibrated_band_around_the_estimate():
+    import math
+
+    from tangentlab.experimental.exact_top import STEPS_BAND
+
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    for loss, batch in (("mse", None), ("ce", 4)):
+        fc = forecast_exact_top(etk, tl.SGD(0.2), 60, loss=loss, batch_size=batch,
+                                progress=False)  # fmt: skip
+        t = fc.steps_to_drop(0.5)
+        lo, hi = STEPS_BAND[(loss, batch is None)]
+        assert t is not None
+        assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
+        assert fc.steps_interval(0.999999) is None  # not reached: no interval
