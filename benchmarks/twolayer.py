@@ -7,6 +7,7 @@ development tasks, nothing fresh, nothing adopted).
     .venv/bin/python benchmarks/twolayer.py --task NAME --q 64  # one task, one variant
     .venv/bin/python benchmarks/twolayer.py --grid              # the library's, whole grid
     .venv/bin/python benchmarks/twolayer.py --choose-band       # its steps interval
+    .venv/bin/python benchmarks/twolayer.py --holdout           # rounds 8-9's tasks, once
     .venv/bin/python benchmarks/twolayer.py --cost NAME         # timed alone, one process
     .venv/bin/python benchmarks/twolayer.py --report            # RESULTS.md section only
 
@@ -317,6 +318,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
     ap.add_argument("--grid", action="store_true",
                     help="the library's forecast of every stored cell (the rounds' grid)")
+    ap.add_argument("--holdout", action="store_true",
+                    help="the held-out tasks (rounds 8-9's image tasks), once")
     ap.add_argument("--choose-band", action="store_true",
                     help="the exact-top steps interval chosen on the development grid")
     ap.add_argument("--cost", metavar="NAME", action="append",
@@ -329,6 +332,9 @@ def main() -> None:
     if args.grid:
         for name in args.task or dh.image_tasks():
             grid_task(name)
+        return
+    if args.holdout:
+        run_holdout(args.task or list(HOLDOUT))
         return
     if args.choose_band:
         res = choose_band()
@@ -416,7 +422,8 @@ def cost(name: str, variant: str = "2C") -> dict:
 GRID_SEED = 1000  # the forecast's batches: another seed than the real runs' (ho.SEED)
 
 
-def grid_task(name: str, variant: str = "2C") -> dict:
+def grid_task(name: str, variant: str = "2C", *, cells: dict | None = None,
+              path: Path | None = None) -> dict:
     """The library's exact-top forecast (``tangentlab.experimental.exact_top``, q = 2C,
     k = 4096, 4 probes) of every stored cell of ``name`` (the rounds' grid: {mse, ce} x
     {full, B = 32} x m {0, 0.9} x a {0.1, 0.3, 1}), to the rounds' forecast horizon or a 90%
@@ -425,9 +432,9 @@ def grid_task(name: str, variant: str = "2C") -> dict:
     cell."""
     from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
 
-    path = OUT / f"{name}-grid.json"
+    path = path or OUT / f"{name}-grid.json"
     state = json.loads(path.read_text()) if path.exists() else dict(task=name, cells={})
-    cells = dh.dev_tasks()[name][0]
+    cells = cells if cells is not None else dh.dev_tasks()[name][0]
     todo = [k for k, c in cells.items() if "lr" in c and k not in state["cells"]]
     if not todo:
         return state
@@ -465,7 +472,7 @@ def grid_task(name: str, variant: str = "2C") -> dict:
         for t, v in zip(fc.steps, fc.loss):
             curve[int(t)] = float(v) if math.isfinite(v) else None
         state["cells"][key] = dict(et_loss=curve, seconds=fc.seconds, blowup=fc.blowup)
-        OUT.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(state))
         print(name, key, f"{fc.seconds:.1f}s", len(curve), flush=True)
     path.write_text(json.dumps(state))
@@ -552,6 +559,7 @@ def report() -> list[str]:
                   + "."]  # fmt: skip
     lines += grid_lines()
     lines += band_lines()
+    lines += holdout_lines()
     lines += _cost_lines()
     lines += READING.splitlines()
     print("\n".join(lines))
@@ -560,15 +568,16 @@ def report() -> list[str]:
     return lines
 
 
-def grid_rows() -> list[dict]:
+def grid_rows(held_out: bool = False) -> list[dict]:
     """One row per (task, cell, drop) the stored real run reaches, with T, the exact-top T̂
     (``et``) and the library's stored head-exact T̂ (``hb``), scored as the rounds
-    (``forecast_accuracy._targets``: a forecast that never gets there is a miss)."""
+    (``forecast_accuracy._targets``: a forecast that never gets there is a miss);
+    ``held_out``: the held-out tasks (``HOLDOUT``)."""
     from forecast_accuracy import _targets
 
-    dev = dh.dev_tasks()
+    dev = holdout_tasks() if held_out else dh.dev_tasks()
     rows = []
-    for p in sorted(OUT.glob("*-grid.json")):
+    for p in sorted((HOLDOUT_OUT if held_out else OUT).glob("*-grid.json")):
         st = json.loads(p.read_text())
         cells = dev[st["task"]][0]
         for key, g in st["cells"].items():
@@ -615,6 +624,75 @@ def grid_lines() -> list[str]:
                      f"{_fmt(dh._errors(sub, 'hb'))} |")
     lines.append(f"| **all** | **all** | **all** | {_fmt(dh._errors(rows, 'et'))} | "
                  f"{_fmt(dh._errors(rows, 'hb'))} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# Held out: rounds 8-9's image tasks (benchmarks/fullspan.py, fullspan_pilot.py), which the
+# exact-top model's development never read (its choices: q = 2C, k = 4096, 4 probes, and
+# ``STEPS_BAND``, frozen in the commit that adds this; results/twolayer/holdout/PLAN.md).
+# ---------------------------------------------------------------------------------------
+
+HOLDOUT_OUT = OUT / "holdout"
+HOLDOUT = ("mpl-lite0", "stereo-lite1", "letters-lite0", "typefaces-lite1")
+
+
+def holdout_tasks() -> dict:
+    """``{task: (cells, key of the library's stored forecast, kind, N)}`` of ``HOLDOUT``
+    (their stored full-batch real runs), with their task tables in ``holdout.TASKS``."""
+    import fullspan as fs
+    import fullspan_pilot as fp
+
+    out = {}
+    for mod in (fs, fp):
+        ho.TASKS.update(mod.TASKS)
+        for name, cfg in mod.TASKS.items():
+            st = json.loads((mod.OUT / "fresh" / f"{name}.json").read_text())
+            out[name] = (st["cells"], "hb_loss", cfg["kind"], cfg["num_samples"])
+    return out
+
+
+def run_holdout(names: list[str]) -> None:
+    dev = holdout_tasks()
+    for name in names:
+        grid_task(name, cells=dev[name][0], path=HOLDOUT_OUT / f"{name}-grid.json")
+
+
+def holdout_lines() -> list[str]:
+    """The held-out tasks' scores: the estimate, the library's head-exact forecast, and the
+    steps interval (``STEPS_BAND``: a miss is outside)."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import STEPS_BAND
+
+    rows = grid_rows(held_out=True)
+    if not rows:
+        return []
+    for r in rows:
+        lo, hi = STEPS_BAND[(r["loss"], r["batch"] == "full")]
+        r["inside"] = r["et"] is not None and r["et"] * math.exp(lo) <= r["T"] <= \
+            r["et"] * math.exp(hi)  # fmt: skip
+    tasks = sorted({r["task"] for r in rows})
+    lines = ["", f"**Held out** (`{COMMAND} --holdout`, once, as it came): rounds 8-9's image "
+             f"tasks ({', '.join(tasks)}; {len(rows)} targets; their stored real runs, full "
+             "batch: {mse, ce} x m {0, 0.9} x a {0.1, 0.3, 1}), which the development above "
+             "never read. The method and interval frozen before (q = 2C, k = 4096, "
+             "``STEPS_BAND``; results/twolayer/holdout/PLAN.md). Entries median / p90 of "
+             "|T̂ − T|/T (targets, misses); interval: the share of targets inside (a miss "
+             "is outside).", "",
+             "| loss | drop | exact top | interval | head exact (library default) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    groups = [(loss, d) for loss in ho.LOSSES for d in ("0.5", "0.8", "0.9")]
+    for loss, d in groups + [(None, None)]:
+        sub = [r for r in rows if loss is None or (r["loss"], r["drop"]) == (loss, d)]
+        label = "**all** | **all**" if loss is None else f"{loss} | {float(d):.0%}"
+        inside = np.mean([r["inside"] for r in sub]) if sub else math.nan
+        lines.append(f"| {label} | {_fmt(dh._errors(sub, 'et'))} | {inside:.0%} | "
+                     f"{_fmt(dh._errors(sub, 'hb'))} |")
+    for t in tasks:
+        sub = [r for r in rows if r["task"] == t]
+        lines.append(f"| {t} | all | {_fmt(dh._errors(sub, 'et'))} | "
+                     f"{np.mean([r['inside'] for r in sub]):.0%} | "
+                     f"{_fmt(dh._errors(sub, 'hb'))} |")
     return lines
 
 
