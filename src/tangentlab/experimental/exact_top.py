@@ -284,18 +284,8 @@ def compute_exact_top_kernel(
     y = _labels(y, n, c, fn)
     q = _directions(directions, c, d, fn)
     basis = _basis(top, z0, shape, q)
-    zeros = torch.zeros(n, dtype=torch.long)  # the read-out kernels use no labels
     opts = dict(memory_budget=memory_budget, progress=progress)
-    k = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
-                       keep_theta=None if projection is None else False, **opts)  # fmt: skip
-    block = features = None
-    if k.theta is not None:
-        block = k.theta.detach()
-    elif k.features.shape[0] <= k.features.shape[1]:  # N q <= k: M is the smaller form
-        block = (k.features @ k.features.T).detach()
-    else:
-        features = k.features.detach()
-    rest, _ = _rest_kernel(tb, x, zeros, basis, probes, seed, opts)
+    block, features, rest = _read_outs(tb, x, basis, probes, seed, opts)
     meta = dict(directions=q, feature_dim=d, num_classes=c, probes=int(probes),
                 projection=str(projection), seed=int(seed), body_params=len(names),
                 top_params=len(theta), seconds=time.perf_counter() - t0)  # fmt: skip
@@ -339,37 +329,33 @@ def forecast_exact_top(
       :class:`ExactTopForecast` (stops at a blow-up, the rest NaN).
     """
     fn = "forecast_exact_top"
-    if not isinstance(kernel, ExactTopKernel):
-        raise TangentlabError(f"{fn}: kernel must come from compute_exact_top_kernel, got "
-                              f"{type(kernel).__name__}.")  # fmt: skip
-    if not isinstance(optimizer, SGD):
-        raise TangentlabError(f"{fn}: only tl.SGD is simulated (momentum, schedules, weight "
-                              f"decay toward w0), got {type(optimizer).__name__}; for AdamW "
-                              "use tl.forecast on a kernel of compute_kernel.")  # fmt: skip
-    if optimizer.weight_decay > 0 and optimizer.decay_to != "w0":
-        raise TangentlabError(f"{fn}: weight decay toward zero needs J w0, which this model "
-                              "does not keep; pass tl.SGD(..., decay_to='w0') or "
-                              "weight_decay=0.")  # fmt: skip
-    steps = check_steps(fn, steps)
-    lossf = as_loss(loss, fn)
-    if sampling not in ("epoch", "replacement"):
-        raise TangentlabError(f"{fn}: sampling must be 'epoch' or 'replacement', got "
-                              f"{sampling!r}.")  # fmt: skip
-    if stop_below is not None and not (isinstance(stop_below, int | float)
-                                       and math.isfinite(stop_below)):  # fmt: skip
-        raise TangentlabError(f"{fn}: stop_below must be a finite number or None, got "
-                              f"{stop_below!r}.")  # fmt: skip
-    if not isinstance(log_every, int) or log_every < 1:
-        raise TangentlabError(f"{fn}: log_every must be an integer >= 1, got {log_every!r}.")
+    steps, lossf = _check_forecast(fn, kernel, optimizer, steps, loss, batch_size, sampling,
+                                   log_every, stop_below)  # fmt: skip
     n = kernel.num_samples
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise TangentlabError(f"{fn}: batch_size must be an integer >= 1 or None, got "
-                              f"{batch_size!r}.")  # fmt: skip
     full = batch_size is None or batch_size >= n
     batches = None if full else dyn.batch_schedule(
         n, batch_size, steps, sampling=sampling, rng=dyn.path_rngs(seed, 1)[0])
     rates = optimizer.lr * optimizer.schedule.multipliers(steps)
     m, lam = float(optimizer.momentum), float(optimizer.weight_decay)
+    t0 = time.perf_counter()
+    logged, losses, accs, blowup = _path(kernel, lossf, rates, m, lam, batches, log_every,
+                                         stop_below, progress)  # fmt: skip
+    settings = dict(optimizer=type(optimizer).__name__, lr=optimizer.lr, momentum=m,
+                    weight_decay=lam, loss=lossf.describe(), loss_name=lossf.name,
+                    full_batch=full, batch_size=batch_size, seed=seed,
+                    sampling=sampling, log_every=log_every, steps=steps,
+                    stop_below=stop_below)  # fmt: skip
+    return ExactTopForecast(np.asarray(logged), np.asarray(losses, dtype=np.float64),
+                            np.asarray(accs, dtype=np.float64), blowup,
+                            time.perf_counter() - t0, settings)  # fmt: skip
+
+
+def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam: float,
+          batches: list[np.ndarray] | None, log_every: int, stop_below: float | None,
+          progress: bool) -> tuple[list[int], list[float], list[float], int | None]:
+    """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
+    ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
+    the blow-up step (or None)."""
     top, shape, y = kernel.top, kernel.shape, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -383,14 +369,14 @@ def forecast_exact_top(
                                (z.reshape(len(z), *shape),))  # fmt: skip
 
     logged, losses, accs, blowup = [], [], [], None
-    t0 = time.perf_counter()
+    steps = len(rates)
     from tqdm.auto import tqdm
 
-    for t in tqdm(range(steps + 1), desc=fn, unit="step", disable=not progress, delay=2.0,
-                  leave=False):  # fmt: skip
+    for t in tqdm(range(steps + 1), desc="forecast_exact_top", unit="step",
+                  disable=not progress, delay=2.0, leave=False):  # fmt: skip
         log = t % log_every == 0 or t == steps
         train = t < steps
-        rows = None if full or not train else torch.as_tensor(batches[t])
+        rows = None if batches is None or not train else torch.as_tensor(batches[t])
         z = (z0 + dz).detach()
         grad_all = train and rows is None  # full batch: the logged forward is the step's
         if log or grad_all:
@@ -418,24 +404,61 @@ def forecast_exact_top(
             zb = z[rows].requires_grad_(True)
             lb = lossf.per_sample(logits(zb), y[rows]).mean()
         grads = torch.autograd.grad(lb, [zb, *th])
-        with torch.no_grad():
-            u.mul_(m).add_(kernel._apply(grads[0], rows))
-            if lam:
-                u.add_(dz, alpha=lam)
-            dz.sub_(u, alpha=float(rates[t]))
-            for p, p0, g, b in zip(th, th0, grads[1:], buf):
+        with torch.no_grad():  # torch SGD: buf = m buf + g + λ (w − w0), w -= η_t buf
+            kg = kernel._apply(grads[0], rows)
+            for p, p0, g, b in ((dz, None, kg, u), *zip(th, th0, grads[1:], buf)):
                 b.mul_(m).add_(g)
                 if lam:
-                    b.add_(p - p0, alpha=lam)
+                    b.add_(p if p0 is None else p - p0, alpha=lam)  # Δz = J (w − w0)
                 p.sub_(b, alpha=float(rates[t]))
-    settings = dict(optimizer=type(optimizer).__name__, lr=optimizer.lr, momentum=m,
-                    weight_decay=lam, loss=lossf.describe(), loss_name=lossf.name,
-                    full_batch=full, batch_size=batch_size, seed=seed,
-                    sampling=sampling, log_every=log_every, steps=steps,
-                    stop_below=stop_below)  # fmt: skip
-    return ExactTopForecast(np.asarray(logged), np.asarray(losses, dtype=np.float64),
-                            np.asarray(accs, dtype=np.float64), blowup,
-                            time.perf_counter() - t0, settings)  # fmt: skip
+    return logged, losses, accs, blowup
+
+
+def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
+               opts: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
+    """``(M or None, Φ or None, κ_⊥ or None)`` of the read-out Qᵀ z: M ``[N q, N q]`` exact,
+    or Φ Φᵀ when N q <= k; else Φ ``[N q, k]`` kept factored (``opts``: compute_kernel's)."""
+    zeros = torch.zeros(num_rows(x), dtype=torch.long)  # the read-out kernels use no labels
+    k = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
+                       keep_theta=None if tb.projection is None else False, **opts)  # fmt: skip
+    rest, _ = _rest_kernel(tb, x, zeros, basis, probes, seed, opts)
+    if k.theta is not None:
+        return k.theta.detach(), None, rest
+    if k.features.shape[0] <= k.features.shape[1]:  # N q <= k: M is the smaller form
+        return (k.features @ k.features.T).detach(), None, rest
+    return None, k.features.detach(), rest
+
+
+def _check_forecast(fn: str, kernel: Any, optimizer: Any, steps: Any, loss: Any,
+                    batch_size: Any, sampling: Any, log_every: Any,
+                    stop_below: Any) -> tuple[int, Loss]:
+    """Validate :func:`forecast_exact_top`'s request; ``(steps, loss object)``."""
+    if not isinstance(kernel, ExactTopKernel):
+        raise TangentlabError(f"{fn}: kernel must come from compute_exact_top_kernel, got "
+                              f"{type(kernel).__name__}.")  # fmt: skip
+    if not isinstance(optimizer, SGD):
+        raise TangentlabError(f"{fn}: only tl.SGD is simulated (momentum, schedules, weight "
+                              f"decay toward w0), got {type(optimizer).__name__}; for AdamW "
+                              "use tl.forecast on a kernel of compute_kernel.")  # fmt: skip
+    if optimizer.weight_decay > 0 and optimizer.decay_to != "w0":
+        raise TangentlabError(f"{fn}: weight decay toward zero needs J w0, which this model "
+                              "does not keep; pass tl.SGD(..., decay_to='w0') or "
+                              "weight_decay=0.")  # fmt: skip
+    steps = check_steps(fn, steps)
+    lossf = as_loss(loss, fn)
+    if sampling not in ("epoch", "replacement"):
+        raise TangentlabError(f"{fn}: sampling must be 'epoch' or 'replacement', got "
+                              f"{sampling!r}.")  # fmt: skip
+    if stop_below is not None and not (isinstance(stop_below, int | float)
+                                       and math.isfinite(stop_below)):  # fmt: skip
+        raise TangentlabError(f"{fn}: stop_below must be a finite number or None, got "
+                              f"{stop_below!r}.")  # fmt: skip
+    if not isinstance(log_every, int) or log_every < 1:
+        raise TangentlabError(f"{fn}: log_every must be an integer >= 1, got {log_every!r}.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise TangentlabError(f"{fn}: batch_size must be an integer >= 1 or None, got "
+                              f"{batch_size!r}.")  # fmt: skip
+    return steps, lossf
 
 
 def _chosen(mod: nn.Module, spec: ParamSpec, what: str, arg: str) -> list[str]:
