@@ -269,6 +269,33 @@ def check(n: int = 16) -> float:
     return worst
 
 
+def _task(name: str) -> tuple[dict, torch.nn.Module, torch.Tensor, torch.Tensor, list[str]]:
+    """``(task, top, cached trunk outputs, labels, trained weight names)``, the top's weights
+    frozen (the benchmark chooses what each model trains)."""
+    task = ho.load_task(name)
+    top, h, y = task["top"], task["x"], task["y"]
+    for p in top.parameters():
+        p.requires_grad_(False)
+    pat = re.compile(task["params"])
+    return task, top, h, y, [a for a, _ in top.named_parameters() if pat.search(a)]
+
+
+def _library_kernel(name: str, top, h: torch.Tensor, y: torch.Tensor, params: list[str],
+                    variant: str):
+    """The library's exact-top kernel (``compute_exact_top_kernel``) of the two-layer split,
+    q of ``variant``, the task's projection."""
+    from tangentlab.experimental.exact_top import compute_exact_top_kernel
+
+    block, names = _split(top, params)
+    body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
+    with torch.no_grad():
+        d = int(body(h[:1])[0].numel())
+    return compute_exact_top_kernel(body, exact, (h, y), params=[PRE + n for n in block],
+                                    top_params=[PRE + n for n in names],
+                                    directions=_q(variant, ho.TASKS[name]["num_classes"], d),
+                                    projection=ho.TASKS[name]["projection"], progress=False)
+
+
 def _q(variant: str, c: int, d: int) -> int:
     return {"2C": 2 * c, "D": d}.get(variant) or int(variant)
 
@@ -281,12 +308,7 @@ def run_task(name: str, variant: str) -> dict:
         return json.loads(path.read_text())
     dh.dev_tasks()
     stored = json.loads((dh.OUT / f"{name}.json").read_text())
-    task = ho.load_task(name)
-    top, h, y = task["top"], task["x"], task["y"]
-    for p in top.parameters():
-        p.requires_grad_(False)
-    pat = re.compile(task["params"])
-    params = [a for a, _ in top.named_parameters() if pat.search(a)]
+    task, top, h, y, params = _task(name)
     t0 = time.perf_counter()
     with torch.no_grad():
         d = int(dh.parts(top, "two layers exact")[0](h[:1])[0].numel())
@@ -364,28 +386,16 @@ def cost(name: str, variant: str = "2C") -> dict:
     (``simulate(fast=True)``), the real runs of the top on cached trunk outputs
     (``deephead.simulate``), and the plain full-network run (3 timed steps x the real
     run's steps: what a user pays without caching the trunk); appended to ``cost.json``."""
-    from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
+    from tangentlab.experimental.exact_top import forecast_exact_top
 
     dh.dev_tasks()
     stored = json.loads((dh.OUT / f"{name}.json").read_text())
     acc = OUT / f"{name}-q{variant}.json"
     acc = json.loads(acc.read_text())["cells"] if acc.exists() else {}
-    task = ho.load_task(name)
-    top, h, y = task["top"], task["x"], task["y"]
-    for p in top.parameters():
-        p.requires_grad_(False)
-    pat = re.compile(task["params"])
-    params = [a for a, _ in top.named_parameters() if pat.search(a)]
-    block, names = _split(top, params)
-    body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
+    task, top, h, y, params = _task(name)
     plain_step = ho._plain_step_seconds(task, None)
-    with torch.no_grad():
-        d = int(body(h[:1])[0].numel())
     t0 = time.perf_counter()
-    etk = compute_exact_top_kernel(body, exact, (h, y), params=[PRE + n for n in block],
-                                   top_params=[PRE + n for n in names],
-                                   directions=_q(variant, ho.TASKS[name]["num_classes"], d),
-                                   projection=ho.TASKS[name]["projection"], progress=False)
+    etk = _library_kernel(name, top, h, y, params, variant)
     kernel_s = time.perf_counter() - t0
     kern = dict(theta=etk.block, phi=etk.features, rest=etk.rest)
     cells = {}
@@ -430,7 +440,7 @@ def grid_task(name: str, variant: str = "2C", *, cells: dict | None = None,
     drop; a minibatch forecast is one path with its own batches (seed ``GRID_SEED``, not the
     real run's), logged every 2 steps as the real run. ``<task>-grid.json``, resumable per
     cell."""
-    from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
+    from tangentlab.experimental.exact_top import forecast_exact_top
 
     path = path or OUT / f"{name}-grid.json"
     state = json.loads(path.read_text()) if path.exists() else dict(task=name, cells={})
@@ -438,21 +448,9 @@ def grid_task(name: str, variant: str = "2C", *, cells: dict | None = None,
     todo = [k for k, c in cells.items() if "lr" in c and k not in state["cells"]]
     if not todo:
         return state
-    task = ho.load_task(name)
-    top, h, y = task["top"], task["x"], task["y"]
-    for p in top.parameters():
-        p.requires_grad_(False)
-    pat = re.compile(task["params"])
-    params = [a for a, _ in top.named_parameters() if pat.search(a)]
-    block, names = _split(top, params)
-    body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
-    with torch.no_grad():
-        d = int(body(h[:1])[0].numel())
+    task, top, h, y, params = _task(name)
     t0 = time.perf_counter()
-    etk = compute_exact_top_kernel(body, exact, (h, y), params=[PRE + n for n in block],
-                                   top_params=[PRE + n for n in names],
-                                   directions=_q(variant, ho.TASKS[name]["num_classes"], d),
-                                   projection=ho.TASKS[name]["projection"], progress=False)
+    etk = _library_kernel(name, top, h, y, params, variant)
     state.update(q=etk.rank, kernel_seconds=time.perf_counter() - t0, machine=machine(),
                  threads=torch.get_num_threads())  # fmt: skip
     for key in todo:
