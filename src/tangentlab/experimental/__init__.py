@@ -9,5 +9,5 @@
 - :mod:`tangentlab.experimental.exact_top`: the top of the network (e.g. a head conv, its
   BN and activation, pooling and the linear head) exact and the block below it linearized,
   simulated in function space with the block's kernel of z kept in a subspace
-  (development tasks only: benchmarks/RESULTS.md, "twolayer"; not yet run on held-out tasks).
+  (benchmarks/RESULTS.md, "twolayer": development tasks, and four held-out image tasks once).
 """
