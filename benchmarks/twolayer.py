@@ -7,6 +7,7 @@ development tasks, nothing fresh, nothing adopted).
     .venv/bin/python benchmarks/twolayer.py --task NAME --q 64  # one task, one variant
     .venv/bin/python benchmarks/twolayer.py --grid              # the library's, whole grid
     .venv/bin/python benchmarks/twolayer.py --choose-band       # its steps interval
+    .venv/bin/python benchmarks/twolayer.py --choose-check      # its reliability check
     .venv/bin/python benchmarks/twolayer.py --holdout           # rounds 8-9's tasks, once
     .venv/bin/python benchmarks/twolayer.py --cost NAME         # timed alone, one process
     .venv/bin/python benchmarks/twolayer.py --report            # RESULTS.md section only
@@ -344,6 +345,8 @@ def main() -> None:
                     help="the held-out tasks (rounds 8-9's image tasks), once")
     ap.add_argument("--choose-band", action="store_true",
                     help="the exact-top steps interval chosen on the development grid")
+    ap.add_argument("--choose-check", action="store_true",
+                    help="the reliability check's threshold chosen on the development grid")
     ap.add_argument("--cost", metavar="NAME", action="append",
                     help="time forecast, real top and plain runs of NAME in one process")
     args = ap.parse_args()
@@ -359,9 +362,13 @@ def main() -> None:
         run_holdout(args.task or list(HOLDOUT))
         return
     if args.choose_band:
-        res = choose_band()
-        print({f"{k[0]}-{k[1]}": (round(v["lo"], 2), round(v["hi"], 2))
-               for k, v in res["candidates"][res["chosen"]]["table"].items()})
+        for kind, res in choose_bands().items():
+            print(kind, {f"{k[0]}-{k[1]}": (round(v["lo"], 2), round(v["hi"], 2))
+                         for k, v in res["candidates"][res["chosen"]]["table"].items()})
+        return
+    if args.choose_check:
+        res = choose_check()
+        print("chosen", res["chosen"], "task left out", res["loto"])
         return
     if args.cost:
         for name in args.cost:
@@ -557,6 +564,7 @@ def report() -> list[str]:
                   + "."]  # fmt: skip
     lines += grid_lines()
     lines += band_lines()
+    lines += check_lines()
     lines += holdout_lines()
     lines += _cost_lines()
     lines += READING.splitlines()
@@ -566,30 +574,45 @@ def report() -> list[str]:
     return lines
 
 
-def grid_rows(held_out: bool = False) -> list[dict]:
+def _task_set(which: str) -> tuple[Path, dict]:
+    """``(folder of the grid files, {task: (cells, key of the stored head-exact forecast or
+    None)})`` of ``which``: "dev" (the 14 image development tasks), "holdout" (rounds 8-9's
+    tasks, ``HOLDOUT``) or "fresh" (``twolayer_fresh.py``'s tasks, ``FRESH_OUT``)."""
+    if which == "dev":
+        return OUT, {k: v[:2] for k, v in dh.dev_tasks().items()}
+    if which == "holdout":
+        return HOLDOUT_OUT, {k: v[:2] for k, v in holdout_tasks().items()}
+    if which == "fresh":
+        return FRESH_OUT, {k: (v, None) for k, v in fresh_tasks().items()}
+    raise ValueError(which)
+
+
+def grid_rows(which: str = "dev") -> list[dict]:
     """One row per (task, cell, drop) the stored real run reaches, with T, the exact-top T̂
-    (``et``) and the library's stored head-exact T̂ (``hb``), scored as the rounds
-    (``forecast_accuracy._targets``: a forecast that never gets there is a miss);
-    ``held_out``: the held-out tasks (``HOLDOUT``)."""
+    (``et``) and the library's stored head-exact T̂ (``hb``, None where not stored), scored
+    as the rounds (``forecast_accuracy._targets``: a forecast that never gets there is a
+    miss); ``which``: the task set (``_task_set``)."""
     from forecast_accuracy import _targets
 
-    dev = holdout_tasks() if held_out else dh.dev_tasks()
+    folder, dev = _task_set(which)
     rows = []
-    for p in sorted((HOLDOUT_OUT if held_out else OUT).glob("*-grid.json")):
+    for p in sorted(folder.glob("*-grid.json")):
         st = json.loads(p.read_text())
-        cells = dev[st["task"]][0]
+        cells, hb_key = dev[st["task"]]
         for key, g in st["cells"].items():
             if g.get("skipped"):
                 continue
             c = dict(cells[key], et_loss=g["et_loss"])
-            et, hb = _targets(c, ho.DROPS, "et_loss"), _targets(c, ho.DROPS, dev[st["task"]][1])
+            et = _targets(c, ho.DROPS, "et_loss")
+            hb = _targets(c, ho.DROPS, hb_key) if hb_key else {}
             for d, t in et.items():
                 if t["status"] == "unreached":
                     continue
                 rows.append(dict(task=st["task"], cell=key, loss=c["loss"], drop=d, T=t["T"],
                                  batch="full" if c["batch_size"] is None else "B32",
                                  a=c["lr_factor"], m=c["momentum"], et=t["T_hat"],
-                                 hb=hb[d]["T_hat"], seconds=g["seconds"]))  # fmt: skip
+                                 hb=hb[d]["T_hat"] if hb else None,
+                                 seconds=g["seconds"]))  # fmt: skip
     return rows
 
 
@@ -656,13 +679,38 @@ def run_holdout(names: list[str]) -> None:
         grid_task(name, cells=dev[name][0], path=HOLDOUT_OUT / f"{name}-grid.json")
 
 
+FRESH_OUT = OUT / "fresh"
+
+
+def fresh_tasks() -> dict:
+    """``{task: cells}`` of ``twolayer_fresh.py``'s tasks whose real runs are stored (their
+    task tables registered in ``holdout.TASKS``)."""
+    import twolayer_fresh as tf
+
+    ho.TASKS.update(tf.TASKS)
+    out = {}
+    for name in tf.TASKS:
+        path = FRESH_OUT / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())["cells"]
+    return out
+
+
+def run_fresh(names: list[str]) -> None:
+    """The library's exact-top forecast of every stored cell of the fresh tasks (full batch
+    and B = 32), as ``grid_task``."""
+    dev = fresh_tasks()
+    for name in names:
+        grid_task(name, cells=dev[name], path=FRESH_OUT / f"{name}-grid.json")
+
+
 def holdout_lines() -> list[str]:
     """The held-out tasks' scores: the estimate, the library's head-exact forecast, and the
     steps interval (``STEPS_BAND``: a miss is outside)."""
     from headbody import _fmt
     from tangentlab.experimental.exact_top import STEPS_BAND
 
-    rows = grid_rows(held_out=True)
+    rows = grid_rows("holdout")
     if not rows:
         return []
     for r in rows:
@@ -729,12 +777,12 @@ def _residual(r: dict) -> float:
     return _BIG if r["et"] is None else math.log(r["T"] / r["et"])
 
 
-def choose_band(rows: list[dict] | None = None) -> dict:
+def choose_band(rows: list[dict] | None = None, *, finite: bool = True) -> dict:
     """The steps interval of the exact-top forecast, T ∈ [T̂ e^lo, T̂ e^hi], per (loss,
     full/B32): (lo, hi) the (p, 1 − p) quantiles of log(T / T̂) over the development grid's
     targets (misses +∞), p the largest of ``BAND_LEVELS`` whose pooled left-out-task
     coverage reaches ``BAND_COVER`` in every group (each task's targets scored on the band of
-    the other tasks)."""
+    the other tasks); ``finite``: and whose upper ends are finite."""
     rows = rows if rows is not None else grid_rows()
     tasks = sorted({r["task"] for r in rows})
     groups = sorted({(r["loss"], r["batch"]) for r in rows})
@@ -753,32 +801,145 @@ def choose_band(rows: list[dict] | None = None) -> dict:
             lo, hi = np.quantile(x, levels[0]), np.quantile(x, levels[1])
             hi = math.inf if hi > _BIG / 2 else hi
             table[g] = dict(lo=float(lo), hi=float(hi), loto=float(np.mean(hit)), n=len(sub))
-            ok &= bool(np.mean(hit) >= BAND_COVER and math.isfinite(hi))
+            ok &= bool(np.mean(hit) >= BAND_COVER and (math.isfinite(hi) or not finite))
         out[levels] = dict(table=table, ok=ok)
     chosen = next((lv for lv in BAND_LEVELS if out[lv]["ok"]), None)
     return dict(candidates=out, chosen=chosen)
 
 
+def choose_bands(rows: list[dict] | None = None) -> dict:
+    """NOTE [exact-top steps interval]: the band of the targets the reliability check passes
+    (``REBOUND_MAX``), per (loss, full/B32), and one band pooled over all flagged targets
+    (its upper end may be +∞: the check flags every miss of the development grid)."""
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    rows = rows if rows is not None else check_rows()
+    calm = [r for r in rows if r["R"] <= REBOUND_MAX]
+    flagged = [dict(r, loss="any", batch="any") for r in rows if r["R"] > REBOUND_MAX]
+    return dict(calm=choose_band(calm), flagged=choose_band(flagged, finite=False))
+
+
 def band_lines() -> list[str]:
-    rows = grid_rows()
+    rows = check_rows()
     if not rows:
         return []
-    res = choose_band(rows)
-    lines = ["", f"The steps interval (`{COMMAND} --choose-band`): T ∈ [T̂ e^lo, T̂ e^hi] per "
-             "loss and batch, (lo, hi) the (p, 1 − p) quantiles of log(T / T̂) over the grid's "
-             "targets above (a miss +∞); the rule takes the largest p in "
-             f"{[lv[0] for lv in BAND_LEVELS]} whose coverage with each task left out (scored "
-             f"on the band of the other 13) reaches {BAND_COVER:.0%} in every group. "
-             f"Chosen: p = {res['chosen'][0] if res['chosen'] else '-'} "
-             "(``exact_top.STEPS_BAND``).", "",
-             "| p | loss | batch | targets | band (x T̂) | coverage, task left out |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for lv, cand in res["candidates"].items():
-        for (loss, batch), t in cand["table"].items():
-            band = (f"{math.exp(t['lo']):.2f} - {math.exp(t['hi']):.2f}"
-                    if math.isfinite(t["hi"]) else f"{math.exp(t['lo']):.2f} - ∞")
-            lines.append(f"| {lv[0]:g} | {loss} | {batch} | {t['n']} | {band} | "
-                         f"{t['loto']:.0%} |")
+    res = choose_bands(rows)
+    chosen = {k: (r["chosen"][0] if r["chosen"] else "-") for k, r in res.items()}
+    lines = ["", f"The steps interval (`{COMMAND} --choose-band`; NOTE [exact-top steps "
+             "interval]): T ∈ [T̂ e^lo, T̂ e^hi], (lo, hi) the (p, 1 − p) quantiles of "
+             "log(T / T̂) over the grid's targets above (a miss +∞), per loss and batch for "
+             "the targets the reliability check passes (below), pooled over the ones it flags "
+             "(their upper end may be ∞: it flags every miss); the rule takes the largest p "
+             f"in {[lv[0] for lv in BAND_LEVELS]} whose coverage with each task left out "
+             f"(scored on the band of the other 13) reaches {BAND_COVER:.0%} in every group "
+             "(and, for the passed targets, whose upper ends are finite). Chosen: p = "
+             f"{chosen['calm']} passed, {chosen['flagged']} flagged (``exact_top.STEPS_BAND``, "
+             "``STEPS_BAND_FLAGGED``).", "",
+             "| check | p | loss | batch | targets | band (x T̂) | coverage, task left out |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for kind, r in res.items():
+        for lv, cand in r["candidates"].items():
+            for (loss, batch), t in cand["table"].items():
+                band = (f"{math.exp(t['lo']):.2f} - {math.exp(t['hi']):.2f}"
+                        if math.isfinite(t["hi"]) else f"{math.exp(t['lo']):.2f} - ∞")
+                lines.append(f"| {'passed' if kind == 'calm' else 'flagged'} | {lv[0]:g} | "
+                             f"{loss} | {batch} | {t['n']} | {band} | {t['loto']:.0%} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# The reliability check (NOTE [exact-top reliability check]): R, the forecast's rebound
+# before the target, against |T̂ − T|/T > 25% (a miss counts as bad).
+# ---------------------------------------------------------------------------------------
+
+CHECK_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
+BAD = 0.25  # issue 13: "off by more than 25%"
+
+
+def _stored_forecast(g: dict):
+    """The stored grid cell ``g`` as an ``ExactTopForecast`` (its logged steps and losses)."""
+    from tangentlab.experimental.exact_top import ExactTopForecast
+
+    steps = [t for t, v in enumerate(g["et_loss"]) if v is not None]
+    loss = [g["et_loss"][t] for t in steps]
+    if g.get("blowup") is not None:
+        steps, loss = steps + [g["blowup"]], loss + [math.nan]
+    return ExactTopForecast(np.asarray(steps), np.asarray(loss, dtype=np.float64),
+                            np.full(len(steps), np.nan), g.get("blowup"), g["seconds"])
+
+
+def check_rows(which: str = "dev") -> list[dict]:
+    """``grid_rows(which)`` with the rebound R at each target (the library's
+    ``ExactTopForecast.rebound`` of the stored path) and ``bad`` (|T̂ − T|/T > 25% or a
+    miss)."""
+    rows = grid_rows(which)
+    states = {}
+    for p in _task_set(which)[0].glob("*-grid.json"):
+        st = json.loads(p.read_text())
+        states[st["task"]] = st["cells"]
+    for r in rows:
+        fc = _stored_forecast(states[r["task"]][r["cell"]])
+        assert fc.steps_to_drop(float(r["drop"])) == r["et"], r  # the scored T̂
+        r["R"] = fc.rebound(float(r["drop"]))
+        r["bad"] = r["et"] is None or abs(r["et"] - r["T"]) / r["T"] > BAD
+    return rows
+
+
+def _check_score(rows: list[dict], g: float) -> dict:
+    flagged = [r for r in rows if r["R"] > g]
+    tp, bad = sum(r["bad"] for r in flagged), sum(r["bad"] for r in rows)
+    p = tp / len(flagged) if flagged else 0.0
+    rc = tp / bad if bad else 0.0
+    calm = len(rows) - len(flagged)
+    return dict(n=len(rows), flagged=len(flagged), tp=tp, bad=bad, precision=p, recall=rc,
+                f1=2 * p * rc / (p + rc) if p + rc else 0.0,
+                calm_bad=(bad - tp) / calm if calm else 0.0)  # fmt: skip
+
+
+def choose_check(rows: list[dict] | None = None) -> dict:
+    """The threshold of ``CHECK_GRID`` with the largest F1 on the development grid, and its
+    leave-one-task-out score (each task flagged with the threshold chosen on the others)."""
+    rows = rows if rows is not None else check_rows()
+    best = max(CHECK_GRID, key=lambda g: _check_score(rows, g)["f1"])
+    loto = []
+    for t in sorted({r["task"] for r in rows}):
+        g = max(CHECK_GRID, key=lambda g: _check_score([r for r in rows if r["task"] != t],
+                                                       g)["f1"])  # fmt: skip
+        loto += [dict(r, R=math.inf if r["R"] > g else 0.0) for r in rows if r["task"] == t]
+    return dict(chosen=best, table={g: _check_score(rows, g) for g in CHECK_GRID},
+                loto=_check_score(loto, 0.5))
+
+
+def _check_row(label: str, s: dict) -> str:
+    return (f"| {label} | {s['n']} | {s['bad']} | {s['flagged']} | {s['precision']:.0%} | "
+            f"{s['recall']:.0%} | {s['calm_bad']:.0%} |")
+
+
+def check_lines() -> list[str]:
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    rows = check_rows()
+    if not rows:
+        return []
+    res = choose_check(rows)
+    head = ["| rows | targets | bad (> 25% or miss) | flagged | precision | recall | bad among "
+            "unflagged |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["", f"The reliability check (`{COMMAND} --choose-check`; NOTE [exact-top "
+             "reliability check]): R, the largest rise of the forecast's own loss above its "
+             "running minimum before T̂, in units of L0, flags a target when R > g; *bad*: "
+             f"|T̂ − T|/T > {BAD:.0%} or a miss. The rule takes the g of {list(CHECK_GRID)} "
+             "with the largest F1 on the development grid; chosen: "
+             f"g = {res['chosen']:g} (``exact_top.REBOUND_MAX`` = {REBOUND_MAX:g}).", "",
+             *head]  # fmt: skip
+    for g, s in res["table"].items():
+        lines.append(_check_row(f"development, g = {g:g}", s))
+    lines.append(_check_row("development, task left out (g chosen on the other 13)",
+                            res["loto"]))  # fmt: skip
+    for loss in ho.LOSSES:
+        for batch in ("full", "B32"):
+            sub = [r for r in rows if (r["loss"], r["batch"]) == (loss, batch)]
+            lines.append(_check_row(f"development {loss} {batch}, g = {REBOUND_MAX:g}",
+                                    _check_score(sub, REBOUND_MAX)))  # fmt: skip
     return lines
 
 

@@ -4,6 +4,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -51,11 +53,37 @@ def test_exact_top_band_rule_takes_the_narrowest_level_that_covers_left_out_task
 
 def test_exact_top_steps_band_is_the_rule_on_the_stored_development_grid():
     import twolayer as tw
-    from tangentlab.experimental.exact_top import STEPS_BAND
+    from tangentlab.experimental.exact_top import STEPS_BAND, STEPS_BAND_FLAGGED
 
-    res = tw.choose_band()
-    table = res["candidates"][res["chosen"]]["table"]
+    res = tw.choose_bands()
+    table = res["calm"]["candidates"][res["calm"]["chosen"]]["table"]
     assert len(table) == len(STEPS_BAND) == 4
     for (loss, batch), t in table.items():
         lo, hi = STEPS_BAND[(loss, batch == "full")]
         assert abs(lo - t["lo"]) <= 0.005 and abs(hi - t["hi"]) <= 0.005
+    (t,) = res["flagged"]["candidates"][res["flagged"]["chosen"]]["table"].values()
+    assert abs(STEPS_BAND_FLAGGED[0] - t["lo"]) <= 0.005
+    assert STEPS_BAND_FLAGGED[1] == t["hi"] == math.inf
+
+
+def test_exact_top_reliability_threshold_is_the_rule_on_the_stored_development_grid():
+    import twolayer as tw
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    res = tw.choose_check()
+    assert res["chosen"] == REBOUND_MAX
+    best = res["table"][REBOUND_MAX]["f1"]
+    assert all(s["f1"] <= best for s in res["table"].values())
+
+
+def test_exact_top_check_rule_takes_the_threshold_of_largest_f1():
+    import twolayer as tw
+
+    # bad targets have R in {0.25, 0.4}, good ones R in {0, 0.05, 0.17}: only 0.2 separates them
+    rows = [dict(task=t, R=r, bad=r > 0.2) for t in "abc" for r in (0.0, 0.05, 0.17, 0.25, 0.4)]
+    res = tw.choose_check(rows)
+    assert res["chosen"] == 0.2
+    s = res["table"][0.2]
+    assert (s["flagged"], s["tp"], s["precision"], s["recall"], s["calm_bad"]) == (6, 6, 1, 1, 0)
+    assert res["loto"]["precision"] == 1 and res["loto"]["recall"] == 1
+    assert res["table"][0.01]["precision"] == pytest.approx(6 / 12)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 import tangentlab as tl
-from tangentlab.errors import ModeSwitchWarning, TangentlabError
+from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarning
 from tangentlab.experimental.exact_top import (
     compute_exact_top_kernel,
     forecast_exact_top,
@@ -141,9 +141,12 @@ def test_steps_to_a_drop_and_blowups():
     t = fc.steps_to_drop(0.5)
     assert t is not None and fc.loss[t] <= 0.5 * fc.loss[0] < fc.loss[t - 1]
     assert fc.steps_to(0.0) is None
-    bad = forecast_exact_top(etk, tl.SGD(500.0), 40, progress=False)
+    with pytest.warns(ValidityWarning, match="blows up"):
+        bad = forecast_exact_top(etk, tl.SGD(500.0), 40, progress=False)
     assert bad.blowup is not None and np.isnan(bad.loss[-1]) and len(bad.loss) <= 41
-    sparse = forecast_exact_top(etk, tl.SGD(500.0), 40, log_every=5, progress=False)
+    assert bad.reliability["flagged"]
+    with pytest.warns(ValidityWarning, match="blows up"):
+        sparse = forecast_exact_top(etk, tl.SGD(500.0), 40, log_every=5, progress=False)
     assert sparse.blowup == bad.blowup == sparse.steps[-1]  # seen between logged steps too
     logged = forecast_exact_top(etk, tl.SGD(0.2), 40, log_every=7, progress=False)
     assert list(logged.steps) == [0, 7, 14, 21, 28, 35, 40]
@@ -249,6 +252,60 @@ def test_steps_interval_is_the_calibrated_band_around_the_estimate():
                                 progress=False)  # fmt: skip
         t = fc.steps_to_drop(0.5)
         lo, hi = STEPS_BAND[(loss, batch is None)]
-        assert t is not None
+        assert t is not None and not fc.reliability["flagged"]  # the passed targets' band
         assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
         assert fc.steps_interval(0.999999) is None  # not reached: no interval
+
+
+def test_rebound_is_the_largest_rise_above_the_running_minimum():
+    import math
+
+    from tangentlab.experimental.exact_top import rebound
+
+    assert rebound(np.array([2.0, 1.5, 1.0, 0.5])) == 0.0  # monotone: no rebound
+    # rises: 1.0 -> 1.4 (0.4 above the minimum 1.0), then 0.6 -> 0.9 (0.3): the larger / L0
+    assert rebound(np.array([2.0, 1.0, 1.4, 0.6, 0.9, 0.2])) == pytest.approx(0.4 / 2.0)
+    assert math.isinf(rebound(np.array([2.0, 1.0, np.nan])))  # a blow-up
+    assert rebound(np.array([3.0])) == 0.0
+
+
+def _oscillating(etk, **kw):
+    """SGD past the stability limit of the CE loss at w0: the forecast's loss bounces up to
+    3x L0 and then comes down (50% drop at step 28, 80% at 32)."""
+    return forecast_exact_top(etk, tl.SGD(2.0), 40, loss="ce", progress=False, **kw)
+
+
+def test_reliability_check_flags_a_forecast_whose_loss_climbs_back():
+    import math
+
+    from tangentlab.experimental.exact_top import REBOUND_MAX, STEPS_BAND_FLAGGED
+
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    with pytest.warns(ValidityWarning, match="climbs back"):
+        fc = _oscillating(etk)
+    r = fc.reliability
+    assert r["flagged"] and max(r["rebound"].values()) > REBOUND_MAX
+    # the rebound up to the target, by hand from the logged path
+    for d, v in r["rebound"].items():
+        t = fc.steps_to_drop(float(d))
+        path = fc.loss if t is None else fc.loss[: int(np.nonzero(fc.steps == t)[0][0]) + 1]
+        assert v == pytest.approx(max(path[i] - path[: i + 1].min() for i in range(len(path)))
+                                  / path[0])  # fmt: skip
+    d = next(float(k) for k, v in r["rebound"].items()
+             if v > REBOUND_MAX and fc.steps_to_drop(float(k)) is not None)  # fmt: skip
+    lo, hi = fc.steps_interval(d)
+    assert lo == pytest.approx(fc.steps_to_drop(d) * math.exp(STEPS_BAND_FLAGGED[0]))
+    assert math.isinf(hi)  # flagged targets: no upper end
+
+
+def test_reliability_check_passes_a_smooth_forecast_silently():
+    import warnings
+
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fc = forecast_exact_top(etk, tl.SGD(0.05), 60, loss="ce", progress=False)
+    assert not fc.reliability["flagged"]
+    assert all(v <= 1e-12 for v in fc.reliability["rebound"].values())
