@@ -8,6 +8,7 @@ development tasks, nothing fresh, nothing adopted).
     .venv/bin/python benchmarks/twolayer.py --grid              # the library's, whole grid
     .venv/bin/python benchmarks/twolayer.py --choose-band       # its steps interval
     .venv/bin/python benchmarks/twolayer.py --choose-check      # its reliability check
+    .venv/bin/python benchmarks/twolayer.py --fresh             # twolayer_fresh.py's, once
     .venv/bin/python benchmarks/twolayer.py --holdout           # rounds 8-9's tasks, once
     .venv/bin/python benchmarks/twolayer.py --cost NAME         # timed alone, one process
     .venv/bin/python benchmarks/twolayer.py --report            # RESULTS.md section only
@@ -345,6 +346,8 @@ def main() -> None:
                     help="the held-out tasks (rounds 8-9's image tasks), once")
     ap.add_argument("--choose-band", action="store_true",
                     help="the exact-top steps interval chosen on the development grid")
+    ap.add_argument("--fresh", action="store_true",
+                    help="the fresh tasks of twolayer_fresh.py (their stored real runs), once")
     ap.add_argument("--choose-check", action="store_true",
                     help="the reliability check's threshold chosen on the development grid")
     ap.add_argument("--cost", metavar="NAME", action="append",
@@ -360,6 +363,9 @@ def main() -> None:
         return
     if args.holdout:
         run_holdout(args.task or list(HOLDOUT))
+        return
+    if args.fresh:
+        run_fresh(args.task or list(fresh_tasks()))
         return
     if args.choose_band:
         for kind, res in choose_bands().items():
@@ -565,6 +571,8 @@ def report() -> list[str]:
     lines += grid_lines()
     lines += band_lines()
     lines += check_lines()
+    lines += check_scored_lines("holdout")
+    lines += check_scored_lines("fresh")
     lines += holdout_lines()
     lines += _cost_lines()
     lines += READING.splitlines()
@@ -940,6 +948,70 @@ def check_lines() -> list[str]:
             sub = [r for r in rows if (r["loss"], r["batch"]) == (loss, batch)]
             lines.append(_check_row(f"development {loss} {batch}, g = {REBOUND_MAX:g}",
                                     _check_score(sub, REBOUND_MAX)))  # fmt: skip
+    return lines
+
+
+def _inside(r: dict) -> bool:
+    """The target inside the library's steps interval (NOTE [exact-top steps interval]:
+    the passed targets' band, or the flagged one); a miss is outside."""
+    from tangentlab.experimental.exact_top import REBOUND_MAX, STEPS_BAND, STEPS_BAND_FLAGGED
+
+    if r["et"] is None:
+        return False
+    flagged = r["R"] > REBOUND_MAX
+    lo, hi = STEPS_BAND_FLAGGED if flagged else STEPS_BAND[(r["loss"], r["batch"] == "full")]
+    return r["et"] * math.exp(lo) <= r["T"] <= r["et"] * math.exp(hi)
+
+
+SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)",
+          "fresh": "the fresh tasks of `twolayer_fresh.py` (first look)"}
+
+
+def check_scored_lines(which: str) -> list[str]:
+    """The frozen check and interval (results/twolayer/PLAN-check.md) scored on ``which``:
+    errors, the check's precision and recall, and the interval's coverage, per loss, batch
+    and drop, and per task."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    rows = check_rows(which)
+    if not rows:
+        return []
+    for r in rows:
+        r["inside"] = _inside(r)
+    tasks = sorted({r["task"] for r in rows})
+    lines = ["", f"**Scored: {SCORED[which]}** ({', '.join(tasks)}; {len(rows)} targets), the "
+             f"check (R > {REBOUND_MAX:g}) and the interval as frozen in "
+             "results/twolayer/PLAN-check.md. Entries: errors median / p90 of |T̂ − T|/T "
+             "(targets, misses); bad: > 25% or a miss; precision and recall of the flag for "
+             "bad targets; interval: share of targets inside (a miss is outside), of all, "
+             "of the passed and of the flagged ones.", "",
+             "| loss | batch | drop | exact top | bad | flagged | precision | recall | bad among "
+             "passed | interval: all | passed | flagged |", "|" + "---|" * 12]  # fmt: skip
+
+    def line(label: str, sub: list[dict]) -> str:
+        s = _check_score(sub, REBOUND_MAX)
+        calm = [r["inside"] for r in sub if r["R"] <= REBOUND_MAX]
+        flag = [r["inside"] for r in sub if r["R"] > REBOUND_MAX]
+        pct = lambda v: f"{np.mean(v):.0%} ({len(v)})" if v else "-"  # noqa: E731
+        return (f"| {label} | {_fmt(dh._errors(sub, 'et'))} | {s['bad']} | {s['flagged']} | "
+                f"{s['precision']:.0%} | {s['recall']:.0%} | {s['calm_bad']:.0%} | "
+                f"{pct([r['inside'] for r in sub])} | {pct(calm)} | {pct(flag)} |")
+
+    for loss in ho.LOSSES:
+        for batch in ("full", "B32"):
+            for d in ("0.5", "0.8", "0.9"):
+                sub = [r for r in rows if (r["loss"], r["batch"], r["drop"]) == (loss, batch, d)]
+                if sub:
+                    lines.append(line(f"{loss} | {batch} | {float(d):.0%}", sub))
+    for loss in ho.LOSSES:
+        for d in ("0.5", "0.8"):
+            sub = [r for r in rows if (r["loss"], r["drop"]) == (loss, d)]
+            if sub:
+                lines.append(line(f"{loss} | all | {float(d):.0%}", sub))
+    for t in tasks:
+        lines.append(line(f"{t} | all | all", [r for r in rows if r["task"] == t]))
+    lines.append(line("**all** | **all** | **all**", rows))
     return lines
 
 
