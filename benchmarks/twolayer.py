@@ -963,6 +963,17 @@ def _inside(r: dict) -> bool:
     return r["et"] * math.exp(lo) <= r["T"] <= r["et"] * math.exp(hi)
 
 
+# the one band per (loss, batch) before the check (commit e6a0417), scored beside the
+# conditional interval on the held-out sets (PLAN-check.md)
+BAND_BEFORE = {("mse", True): (-0.13, 0.21), ("mse", False): (-0.18, 0.13),
+               ("ce", True): (-0.66, 0.15), ("ce", False): (-0.58, 0.70)}  # fmt: skip
+
+
+def _inside_before(r: dict) -> bool:
+    lo, hi = BAND_BEFORE[(r["loss"], r["batch"] == "full")]
+    return r["et"] is not None and r["et"] * math.exp(lo) <= r["T"] <= r["et"] * math.exp(hi)
+
+
 SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)",
           "fresh": "the fresh tasks of `twolayer_fresh.py` (first look)"}
 
@@ -985,9 +996,11 @@ def check_scored_lines(which: str) -> list[str]:
              "results/twolayer/PLAN-check.md. Entries: errors median / p90 of |T̂ − T|/T "
              "(targets, misses); bad: > 25% or a miss; precision and recall of the flag for "
              "bad targets; interval: share of targets inside (a miss is outside), of all, "
-             "of the passed and of the flagged ones.", "",
+             "of the passed and of the flagged ones; *before*: the one band per loss and "
+             "batch of commit e6a0417 (``BAND_BEFORE``).", "",
              "| loss | batch | drop | exact top | bad | flagged | precision | recall | bad among "
-             "passed | interval: all | passed | flagged |", "|" + "---|" * 12]  # fmt: skip
+             "passed | interval: all | passed | flagged | before |",
+             "|" + "---|" * 13]  # fmt: skip
 
     def line(label: str, sub: list[dict]) -> str:
         s = _check_score(sub, REBOUND_MAX)
@@ -996,7 +1009,8 @@ def check_scored_lines(which: str) -> list[str]:
         pct = lambda v: f"{np.mean(v):.0%} ({len(v)})" if v else "-"  # noqa: E731
         return (f"| {label} | {_fmt(dh._errors(sub, 'et'))} | {s['bad']} | {s['flagged']} | "
                 f"{s['precision']:.0%} | {s['recall']:.0%} | {s['calm_bad']:.0%} | "
-                f"{pct([r['inside'] for r in sub])} | {pct(calm)} | {pct(flag)} |")
+                f"{pct([r['inside'] for r in sub])} | {pct(calm)} | {pct(flag)} | "
+                f"{pct([_inside_before(r) for r in sub])} |")
 
     for loss in ho.LOSSES:
         for batch in ("full", "B32"):
