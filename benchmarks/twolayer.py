@@ -69,6 +69,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -595,12 +596,18 @@ def _task_set(which: str) -> tuple[Path, dict]:
     raise ValueError(which)
 
 
-def grid_rows(which: str = "dev") -> list[dict]:
+PREFIXES = {"p5": 0.05, "p10": 0.1}  # issue 13's baselines: a power law on the run's prefix
+
+
+def grid_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
     """One row per (task, cell, drop) the stored real run reaches, with T, the exact-top T̂
     (``et``) and the library's stored head-exact T̂ (``hb``, None where not stored), scored
     as the rounds (``forecast_accuracy._targets``: a forecast that never gets there is a
-    miss); ``which``: the task set (``_task_set``)."""
+    miss); ``which``: the task set (``_task_set``); ``prefix``: also the T̂ of issue 13's
+    prefix baselines (``p5``, ``p10``: ``headbody._powerlaw_curve``, a power law fitted to
+    the first 5% / 10% of the real run's steps)."""
     from forecast_accuracy import _targets
+    from headbody import _powerlaw_curve
 
     folder, dev = _task_set(which)
     rows = []
@@ -613,6 +620,12 @@ def grid_rows(which: str = "dev") -> list[dict]:
             c = dict(cells[key], et_loss=g["et_loss"])
             et = _targets(c, ho.DROPS, "et_loss")
             hb = _targets(c, ho.DROPS, hb_key) if hb_key else {}
+            pre = {}
+            for col, frac in PREFIXES.items() if prefix else ():
+                with warnings.catch_warnings():  # scipy: covariance not estimated
+                    warnings.simplefilter("ignore")
+                    c[f"{col}_loss"] = _powerlaw_curve(c, frac)
+                pre[col] = _targets(c, ho.DROPS, f"{col}_loss")
             for d, t in et.items():
                 if t["status"] == "unreached":
                     continue
@@ -620,14 +633,15 @@ def grid_rows(which: str = "dev") -> list[dict]:
                                  batch="full" if c["batch_size"] is None else "B32",
                                  a=c["lr_factor"], m=c["momentum"], et=t["T_hat"],
                                  hb=hb[d]["T_hat"] if hb else None,
-                                 seconds=g["seconds"]))  # fmt: skip
+                                 seconds=g["seconds"],
+                                 **{k: v[d]["T_hat"] for k, v in pre.items()}))  # fmt: skip
     return rows
 
 
 def grid_lines() -> list[str]:
     from headbody import _fmt
 
-    rows = grid_rows()
+    rows = grid_rows(prefix=True)
     if not rows:
         return []
     tasks = sorted({r["task"] for r in rows})
@@ -637,22 +651,23 @@ def grid_lines() -> list[str]:
              f"({len(tasks)} of {len(dh.image_tasks())}, {len(rows)} targets), against the "
              "stored real runs (the rounds' seed) and the library's stored head-exact forecast "
              "(default Q, uncalibrated) on the same targets; a minibatch forecast is one path "
-             f"with its own batches (seed {GRID_SEED}). Entries median / p90 of |T̂ − T|/T "
-             "(targets, misses).", "",
-             "| loss | batch | drop | exact top (q = 2C) | head exact (library default) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             f"with its own batches (seed {GRID_SEED}); *prefix 5% / 10%*: issue 13's "
+             "baselines, a power law fitted to the first 5% / 10% of the real run's steps. "
+             "Entries median / p90 of |T̂ − T|/T (targets, misses).", "",
+             "| loss | batch | drop | exact top (q = 2C) | head exact (library default) | "
+             "prefix 5% | prefix 10% |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def cols(sub: list[dict]) -> str:
+        return " | ".join(_fmt(dh._errors(sub, k)) for k in ("et", "hb", "p5", "p10")) + " |"
+
     for loss in ho.LOSSES:
         for batch in ("full", "B32"):
             for d in ("0.5", "0.8", "0.9"):
                 sub = [r for r in rows if (r["loss"], r["batch"], r["drop"]) == (loss, batch, d)]
-                lines.append(f"| {loss} | {batch} | {float(d):.0%} | "
-                             f"{_fmt(dh._errors(sub, 'et'))} | {_fmt(dh._errors(sub, 'hb'))} |")
+                lines.append(f"| {loss} | {batch} | {float(d):.0%} | {cols(sub)}")
     for a in sorted({r["a"] for r in rows}):
-        sub = [r for r in rows if r["a"] == a]
-        lines.append(f"| all | a = {a:g} | all | {_fmt(dh._errors(sub, 'et'))} | "
-                     f"{_fmt(dh._errors(sub, 'hb'))} |")
-    lines.append(f"| **all** | **all** | **all** | {_fmt(dh._errors(rows, 'et'))} | "
-                 f"{_fmt(dh._errors(rows, 'hb'))} |")
+        lines.append(f"| all | a = {a:g} | all | {cols([r for r in rows if r['a'] == a])}")
+    lines.append(f"| **all** | **all** | **all** | {cols(rows)}")
     return lines
 
 
@@ -876,11 +891,11 @@ def _stored_forecast(g: dict):
                             np.full(len(steps), np.nan), g.get("blowup"), g["seconds"])
 
 
-def check_rows(which: str = "dev") -> list[dict]:
+def check_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
     """``grid_rows(which)`` with the rebound R at each target (the library's
     ``ExactTopForecast.rebound`` of the stored path) and ``bad`` (|T̂ − T|/T > 25% or a
     miss)."""
-    rows = grid_rows(which)
+    rows = grid_rows(which, prefix=prefix)
     states = {}
     for p in _task_set(which)[0].glob("*-grid.json"):
         st = json.loads(p.read_text())
@@ -985,7 +1000,7 @@ def check_scored_lines(which: str) -> list[str]:
     from headbody import _fmt
     from tangentlab.experimental.exact_top import REBOUND_MAX
 
-    rows = check_rows(which)
+    rows = check_rows(which, prefix=True)
     if not rows:
         return []
     for r in rows:
@@ -997,10 +1012,12 @@ def check_scored_lines(which: str) -> list[str]:
              "(targets, misses); bad: > 25% or a miss; precision and recall of the flag for "
              "bad targets; interval: share of targets inside (a miss is outside), of all, "
              "of the passed and of the flagged ones; *before*: the one band per loss and "
-             "batch of commit e6a0417 (``BAND_BEFORE``).", "",
+             "batch of commit e6a0417 (``BAND_BEFORE``); *prefix 5% / 10%*: issue 13's "
+             "baselines, a power law fitted to the first 5% / 10% of the real run's steps "
+             "(``headbody._powerlaw_curve``).", "",
              "| loss | batch | drop | exact top | bad | flagged | precision | recall | bad among "
-             "passed | interval: all | passed | flagged | before |",
-             "|" + "---|" * 13]  # fmt: skip
+             "passed | interval: all | passed | flagged | before | prefix 5% | prefix 10% |",
+             "|" + "---|" * 15]  # fmt: skip
 
     def line(label: str, sub: list[dict]) -> str:
         s = _check_score(sub, REBOUND_MAX)
@@ -1010,7 +1027,8 @@ def check_scored_lines(which: str) -> list[str]:
         return (f"| {label} | {_fmt(dh._errors(sub, 'et'))} | {s['bad']} | {s['flagged']} | "
                 f"{s['precision']:.0%} | {s['recall']:.0%} | {s['calm_bad']:.0%} | "
                 f"{pct([r['inside'] for r in sub])} | {pct(calm)} | {pct(flag)} | "
-                f"{pct([_inside_before(r) for r in sub])} |")
+                f"{pct([_inside_before(r) for r in sub])} | {_fmt(dh._errors(sub, 'p5'))} | "
+                f"{_fmt(dh._errors(sub, 'p10'))} |")
 
     for loss in ho.LOSSES:
         for batch in ("full", "B32"):
