@@ -879,7 +879,7 @@ CHECK_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
 BAD = 0.25  # issue 13: "off by more than 25%"
 
 
-def _stored_forecast(g: dict):
+def _stored_forecast(g: dict, full_batch: bool):
     """The stored grid cell ``g`` as an ``ExactTopForecast`` (its logged steps and losses)."""
     from tangentlab.experimental.exact_top import ExactTopForecast
 
@@ -888,7 +888,8 @@ def _stored_forecast(g: dict):
     if g.get("blowup") is not None:
         steps, loss = steps + [g["blowup"]], loss + [math.nan]
     return ExactTopForecast(np.asarray(steps), np.asarray(loss, dtype=np.float64),
-                            np.full(len(steps), np.nan), g.get("blowup"), g["seconds"])
+                            np.full(len(steps), np.nan), g.get("blowup"), g["seconds"],
+                            dict(full_batch=full_batch))  # fmt: skip
 
 
 def check_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
@@ -901,7 +902,7 @@ def check_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
         st = json.loads(p.read_text())
         states[st["task"]] = st["cells"]
     for r in rows:
-        fc = _stored_forecast(states[r["task"]][r["cell"]])
+        fc = _stored_forecast(states[r["task"]][r["cell"]], r["batch"] == "full")
         assert fc.steps_to_drop(float(r["drop"])) == r["et"], r  # the scored T̂
         r["R"] = fc.rebound(float(r["drop"]))
         r["bad"] = r["et"] is None or abs(r["et"] - r["T"]) / r["T"] > BAD

@@ -144,7 +144,7 @@ def test_steps_to_a_drop_and_blowups():
     with pytest.warns(ValidityWarning, match="blows up"):
         bad = forecast_exact_top(etk, tl.SGD(500.0), 40, progress=False)
     assert bad.blowup is not None and np.isnan(bad.loss[-1]) and len(bad.loss) <= 41
-    assert bad.reliability["flagged"]
+    assert bad.reliability["flagged"] and bad.rebound(0.5) == float("inf")
     with pytest.warns(ValidityWarning, match="blows up"):
         sparse = forecast_exact_top(etk, tl.SGD(500.0), 40, log_every=5, progress=False)
     assert sparse.blowup == bad.blowup == sparse.steps[-1]  # seen between logged steps too
@@ -309,3 +309,17 @@ def test_reliability_check_passes_a_smooth_forecast_silently():
         fc = forecast_exact_top(etk, tl.SGD(0.05), 60, loss="ce", progress=False)
     assert not fc.reliability["flagged"]
     assert all(v <= 1e-12 for v in fc.reliability["rebound"].values())
+
+
+def test_minibatch_check_reads_the_steps_it_was_calibrated_on():
+    """The same path logged every step or every 2 steps gets the same rebound (read on the
+    even steps, as the threshold was chosen)."""
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    kw = dict(loss="ce", batch_size=4, seed=3, progress=False)
+    with pytest.warns(ValidityWarning):
+        every, even = (forecast_exact_top(etk, tl.SGD(2.0), 40, log_every=k, **kw)
+                       for k in (1, 2))  # fmt: skip
+    for d in (0.3, 0.5, 0.8):
+        assert every.rebound(d) == pytest.approx(even.rebound(d), abs=1e-12)
+    assert any(every.rebound(d) > 0 for d in (0.3, 0.5, 0.8))

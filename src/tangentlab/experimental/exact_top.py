@@ -116,9 +116,12 @@ STEPS_BAND_FLAGGED: tuple[float, float] = (-0.75, math.inf)  # the check flags t
 # --choose-check``: the threshold of largest F1 for |T̂ − T|/T > 25%, misses counted bad):
 # there 136 of the 830 targets are flagged, 82 of them bad (precision 60%), 82 of the 104
 # bad ones flagged (recall 79%), leave-one-task-out 60% / 79%; of the unflagged targets 3%
-# are bad. Computed on the logged steps (``log_every``); a minibatch path's rebounds include
-# its SGD noise, which the threshold was chosen with (B = 32, N = 128).
+# are bad. A minibatch path's rebounds include its SGD noise, which the threshold was chosen
+# with (B = 32, N = 128, the loss logged every 2 steps): R is read on the logged steps that
+# are multiples of CHECK_EVERY_MINIBATCH there (every logged step in full batch), so that
+# the default log_every = 1 flags as calibrated; a coarser log_every sees fewer rebounds.
 REBOUND_MAX = 0.15
+CHECK_EVERY_MINIBATCH = 2
 RELIABILITY_DROPS = (0.5, 0.8)
 
 
@@ -225,7 +228,11 @@ class ExactTopForecast:
         in units of L0; +∞ if the path blew up by then (NOTE [exact-top reliability
         check]). R > ``REBOUND_MAX``: the forecast's steps are unreliable."""
         t = self.steps_to_drop(drop)
-        keep = self.steps <= (self.steps[-1] if t is None else t)
+        end = self.steps[-1] if t is None else t
+        if self.blowup is not None and self.blowup <= end:
+            return math.inf
+        every = 1 if self.settings.get("full_batch", True) else CHECK_EVERY_MINIBATCH
+        keep = (self.steps <= end) & (self.steps % every == 0)
         return rebound(self.loss[keep])
 
     def steps_to(self, target: float) -> int | None:
