@@ -323,3 +323,18 @@ def test_minibatch_check_reads_the_steps_it_was_calibrated_on():
     for d in (0.3, 0.5, 0.8):
         assert every.rebound(d) == pytest.approx(even.rebound(d), abs=1e-12)
     assert any(every.rebound(d) > 0 for d in (0.3, 0.5, 0.8))
+
+
+def test_plot_exact_top_draws_flagged_and_passed_forecasts(tmp_path):
+    from tangentlab.report import plot_exact_top
+
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    calm = forecast_exact_top(etk, tl.SGD(0.05), 60, loss="ce", progress=False)
+    with pytest.warns(ValidityWarning):
+        flagged = _oscillating(etk)
+    real = (np.arange(41), flagged.loss * 0.9, None)  # any measured curve
+    out = plot_exact_top([("lr 0.05", calm), ("lr 2", flagged)], tmp_path / "et.png",
+                         drop=0.5, measured=[("real", *real)])  # fmt: skip
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_exact_top([("lr 0.05", calm)], tmp_path / "none.png", drop=None).exists()

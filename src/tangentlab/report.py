@@ -126,6 +126,74 @@ def plot_forecasts(
     return save_figure(fig, path)
 
 
+def plot_exact_top(
+    forecasts: Sequence[tuple[str, Any]],
+    path: str | Path,
+    *,
+    drop: float | None = 0.8,
+    measured: Sequence[tuple] = (),
+    title: str = "Forecast of fine-tuning (exact top, block linear; experimental)",
+) -> Path:
+    """Loss (log scale) and accuracy over steps of exact-top forecasts
+    (:func:`tangentlab.experimental.exact_top.forecast_exact_top`), saved as PNG.
+
+    Args:
+      forecasts: ``(label, ExactTopForecast)`` pairs.
+      drop: a drop of each forecast's L0 (``None``: none): its target line, T̂ marked, and
+        the steps interval (``ExactTopForecast.steps_interval``) as a bar along the line,
+        open to the right when the reliability check flags the target (NOTE [exact-top
+        reliability check]); a flagged forecast's legend says so.
+      measured: optional real curves ``(label, steps [T], loss [T], accuracy [T] or None)``.
+    """
+    plt = _plt()
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    right = max([float(fc.steps[-1]) for _, fc in forecasts]
+                + [float(np.max(m[1])) for m in measured if len(m[1])] + [1.0])  # fmt: skip
+    for i, (label, fc) in enumerate(forecasts):
+        col = colors[i % len(colors)]
+        lbl = label + (" (blows up)" if fc.blowup is not None else "")
+        if drop is not None and fc.rebound(drop) > _rebound_max():
+            lbl += f", check: flagged (R = {fc.rebound(drop):.2g})"
+        ax_l.plot(fc.steps, fc.loss, color=col, lw=1.8, label=lbl)
+        ax_a.plot(fc.steps, fc.accuracy, color=col, lw=1.8, label=lbl)
+        if drop is None:
+            continue
+        target = (1.0 - drop) * float(fc.loss[0])
+        ax_l.axhline(target, color=col, lw=0.8, ls=":")
+        t, iv = fc.steps_to_drop(drop), fc.steps_interval(drop)
+        if t is None or iv is None:
+            continue
+        ax_l.plot([t], [target], "o", color=col, ms=5)
+        hi = min(iv[1], right)
+        ax_l.plot([iv[0], hi], [target] * 2, color=col, lw=4, alpha=0.35,
+                  solid_capstyle="butt", label=f"real steps to a {drop:.0%} drop, interval"
+                  + (" (open above)" if math.isinf(iv[1]) else ""))  # fmt: skip
+        if math.isinf(iv[1]):
+            ax_l.annotate("", xy=(right, target), xytext=(max(iv[0], 0.9 * right), target),
+                          arrowprops=dict(arrowstyle="->", color=col, alpha=0.6))  # fmt: skip
+    for j, (label, steps, loss, acc, *_) in enumerate(measured):
+        col = colors[(len(forecasts) + j) % len(colors)]
+        ax_l.plot(steps, loss, "--", color=col, lw=1.5, label=label)
+        if acc is not None:
+            ax_a.plot(steps, acc, "--", color=col, lw=1.5, label=label)
+    ax_l.set_yscale("log")
+    for ax, what in ((ax_l, "training loss"), (ax_a, "training accuracy")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    ax_a.set_ylim(-0.02, 1.02)
+    ax_l.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def _rebound_max() -> float:
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    return REBOUND_MAX
+
+
 def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str,
                    pilot: Any = None) -> None:  # fmt: skip
     """A head-exact forecast's interval for the real steps to the target (NOTE [steps
