@@ -8,6 +8,7 @@
   benchmarks/RESULTS.md, "pilot"; held-out: "holdout-pilot").
 - :mod:`tangentlab.experimental.exact_top`: the top of the network (e.g. a head conv, its
   BN and activation, pooling and the linear head) exact and the block below it linearized,
-  simulated in function space with the block's kernel of z kept in a subspace
-  (benchmarks/RESULTS.md, "twolayer": development tasks, and four held-out image tasks once).
+  simulated in function space with the block's kernel of z kept in a subspace, with a
+  reliability check and a steps interval conditional on it (benchmarks/RESULTS.md,
+  "twolayer": development tasks, then held-out image tasks once).
 """
