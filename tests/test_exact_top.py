@@ -338,3 +338,54 @@ def test_plot_exact_top_draws_flagged_and_passed_forecasts(tmp_path):
                          drop=0.5, measured=[("real", *real)])  # fmt: skip
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_exact_top([("lr 0.05", calm)], tmp_path / "none.png", drop=None).exists()
+
+
+def _tiny_bert(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=24,
+                                  max_position_embeddings=16, num_labels=3,
+                                  attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (12, 8), generator=g)
+    mask = torch.ones(12, 8, dtype=torch.int64)
+    mask[::3, 6:] = 0  # some padding
+    return model, {"input_ids": ids, "attention_mask": mask,
+                   "token_type_ids": torch.zeros_like(ids)}, torch.arange(12) % 3  # fmt: skip
+
+
+def test_split_minilm_is_the_model_and_keeps_its_weight_names():
+    from tangentlab.examples import MINILM_DEFAULT_PARAMS, split_minilm
+
+    model, x, _ = _tiny_bert()
+    body, top = split_minilm(model)
+    with torch.no_grad():
+        torch.testing.assert_close(top(body(**x)), model(**x).logits, rtol=1e-12, atol=1e-12)
+    last = "bert.encoder.layer.1."  # the tiny model's last layer
+    assert {n for n, _ in body.named_parameters()} <= {n for n, _ in model.named_parameters()}
+    assert any(n.startswith(last) for n, _ in body.named_parameters())
+    assert {n for n, _ in top.named_parameters()} == {
+        n for n, _ in model.named_parameters() if n.startswith(("bert.pooler.", "classifier."))}
+    import re
+
+    assert all(re.search(MINILM_DEFAULT_PARAMS, n) for n, _ in top.named_parameters())
+    with pytest.raises(TangentlabError, match="by hand"):
+        split_minilm(nn.Linear(3, 2))
+
+
+def test_exact_top_on_a_bert_is_real_training_where_the_body_is_affine():
+    """Trained body weights: the last layer's output LayerNorm (z, its [CLS] state, is affine
+    in them), plus the whole top: the exact-top model is then the network itself."""
+    from tangentlab.examples import split_minilm
+
+    model, x, y = _tiny_bert(1)
+    body, top = split_minilm(model)
+    params = r"^(?:bert\.encoder\.layer\.1\.output\.LayerNorm\.|bert\.pooler\.|classifier\.)"
+    etk = compute_exact_top_kernel(body, top, (x, y), params=params, top_params=params,
+                                   directions="all", progress=False)  # fmt: skip
+    opt = tl.SGD(0.2, momentum=0.9)
+    fc = forecast_exact_top(etk, opt, 30, loss="ce", progress=False)
+    real = tl.finetune(model, (x, y), opt, 30, loss="ce", params=params, progress=False)
+    np.testing.assert_allclose(fc.loss, real.loss, rtol=1e-8)

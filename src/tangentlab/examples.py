@@ -71,6 +71,7 @@ __all__ = [
     "load_example",
     "read_idx",
     "split_lite",
+    "split_minilm",
 ]
 
 #: One-line description of every built-in example, by name.
@@ -597,6 +598,73 @@ def split_lite(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             "global pooling); split other models into (body, top) modules by hand."
         )
     return _LiteBody(model).train(model.training), _LiteTop(model).train(model.training)
+
+
+class _BertBody(nn.Module):
+    """A BERT sequence classifier from its inputs to the [CLS] state of its last encoder
+    layer, z ``[B, H]`` (embeddings and encoder of ``model``, under the same weight names)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.embeddings, self.bert.encoder = model.bert.embeddings, model.bert.encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        h = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        ext = None
+        if attention_mask is not None:  # additive [B, 1, 1, L], as BERT builds it
+            if attention_mask.ndim == 2:
+                neg = torch.finfo(h.dtype).min
+                attention_mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * neg
+            ext = attention_mask.to(h.dtype)
+        for layer in self.bert.encoder.layer:
+            out = layer(h, attention_mask=ext)
+            h = out[0] if isinstance(out, tuple) else out
+        return h[:, 0]
+
+
+class _BertTop(nn.Module):
+    """A BERT sequence classifier from the [CLS] state z ``[B, H]``: pooler (dense, tanh),
+    dropout, classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.pooler = model.bert.pooler
+        self.dropout, self.classifier = model.dropout, model.classifier
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.bert.pooler.activation(
+            self.bert.pooler.dense(z))))  # fmt: skip
+
+
+def split_minilm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(body, top)`` of a BERT sequence classifier (``transformers``'
+    ``BertForSequenceClassification``, e.g. MiniLM-L6) with ``model(**x).logits ==
+    top(body(**x))``: the body ends at the [CLS] state of the last encoder layer, the top is
+    the pooler (dense, tanh), dropout and classifier. Both share ``model``'s modules and
+    weight names (so :data:`MINILM_DEFAULT_PARAMS` selects the trained weights of each: the
+    last layer in the body, pooler and classifier in the top), for
+    :func:`tangentlab.experimental.exact_top.compute_exact_top_kernel` (inputs a Mapping of
+    ``input_ids``, ``attention_mask`` [B, L] and optionally ``token_type_ids``).
+
+    Example::
+
+        >>> ex = load_example("rt-minilm", num_samples=64)
+        >>> body, top = split_minilm(ex.model)
+        >>> body(**ex.data[0]).shape  # [64, 384]
+    """
+    bert = getattr(model, "bert", None)
+    need = ("embeddings", "encoder", "pooler")
+    if bert is None or not all(getattr(bert, a, None) is not None for a in need) or not all(
+            hasattr(model, a) for a in ("dropout", "classifier")):  # fmt: skip
+        raise TangentlabError(
+            f"split_minilm: {type(model).__name__} is not a BERT sequence classifier of "
+            "transformers (needs .bert.embeddings, .bert.encoder, .bert.pooler, .dropout and "
+            ".classifier); split other models into (body, top) modules by hand."
+        )
+    return _BertBody(model).train(model.training), _BertTop(model).train(model.training)
 
 
 def _lite0_model(*, image_size: int, seed: int) -> tuple[nn.Module, str]:

@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,8 +140,13 @@ class _Flat(nn.Module):
         super().__init__()
         self.body = body
 
-    def forward(self, x: Any) -> torch.Tensor:
-        return self.body(x).flatten(1)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # a Mapping x: kwargs
+        return self.body(*args, **kwargs).flatten(1)
+
+
+def _run(body: nn.Module, x: Any) -> torch.Tensor:
+    """``body`` on a batch: a Mapping of inputs as keyword arguments (as ``tl.Tangent``)."""
+    return body(**x) if isinstance(x, Mapping) else body(x)
 
 
 @dataclass(frozen=True)
@@ -288,7 +294,9 @@ def compute_exact_top_kernel(
 
     Args:
       body: ``nn.Module`` mapping a batch of inputs to z ``[B, ...]``; linearized around its
-        weights (eval mode: batch-norm statistics frozen, dropout off).
+        weights (eval mode: batch-norm statistics frozen, dropout off). Inputs given as a
+        Mapping (e.g. a tokenizer's ``input_ids`` and ``attention_mask``) are passed as
+        keyword arguments, with the mask as given ``[B, L]``.
       top: ``nn.Module`` mapping z ``[B, ...]`` to logits ``[B, C]``; kept exact (eval mode).
       data: ``(X, y)``, a ``Dataset`` or a ``DataLoader``, as for
         :func:`tangentlab.compute_kernel`; X is the body's input.
@@ -331,7 +339,7 @@ def compute_exact_top_kernel(
     flat = _Flat(body).train(body.training)  # Tangent warns only if the body is training
     tb = Tangent(flat, params=["body." + a for a in names], projection=projection, seed=seed)
     with torch.no_grad():
-        outs = [body(take(x, slice(s, s + _CHUNK))) for s in range(0, n, _CHUNK)]
+        outs = [_run(body, take(x, slice(s, s + _CHUNK))) for s in range(0, n, _CHUNK)]
     shape = tuple(outs[0].shape[1:])
     z0 = torch.cat([o.reshape(len(o), -1) for o in outs]).detach()
     f0 = _logits(top, z0, shape, fn)
