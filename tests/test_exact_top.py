@@ -389,3 +389,20 @@ def test_exact_top_on_a_bert_is_real_training_where_the_body_is_affine():
     fc = forecast_exact_top(etk, opt, 30, loss="ce", progress=False)
     real = tl.finetune(model, (x, y), opt, 30, loss="ce", params=params, progress=False)
     np.testing.assert_allclose(fc.loss, real.loss, rtol=1e-8)
+
+
+def test_top_weights_the_top_does_not_use_get_no_update():
+    """A chosen top weight outside the top's computation (e.g. one shared with the body's
+    module tree) gets no gradient: it stays put, as in torch, instead of an autograd error."""
+    body, top = _net()
+    holder = nn.Module()
+    holder.top, holder.spare = top, nn.Linear(2, 2).double()
+    holder.eval()
+    holder.forward = top.forward  # the spare layer is a weight of holder, not in its output
+    x, y = _data()
+    etk = compute_exact_top_kernel(body, holder, (x, y), progress=False)
+    assert "spare.weight" in etk.top_params
+    fc = forecast_exact_top(etk, tl.SGD(0.2), 20, progress=False)
+    ref = forecast_exact_top(compute_exact_top_kernel(body, top, (x, y), progress=False),
+                             tl.SGD(0.2), 20, progress=False)  # fmt: skip
+    np.testing.assert_allclose(fc.loss, ref.loss, rtol=1e-12)

@@ -504,7 +504,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
         else:
             zb = z[rows].requires_grad_(True)
             lb = lossf.per_sample(logits(zb), y[rows]).mean()
-        grads = torch.autograd.grad(lb, [zb, *th])
+        grads = torch.autograd.grad(lb, [zb, *th], allow_unused=True)  # unused: no gradient
+        grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *th])]
         with torch.no_grad():  # torch SGD: buf = m buf + g + λ (w − w0), w -= η_t buf
             kg = kernel._apply(grads[0], rows)
             for p, p0, g, b in ((dz, None, kg, u), *zip(th, th0, grads[1:], buf)):
