@@ -314,8 +314,9 @@ class _CachedBertBody(torch.nn.Module):
         self.first = top.first_layer
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        neg = torch.finfo(hidden_states.dtype).min
-        ext = (1.0 - attention_mask[:, None, None, :].to(hidden_states.dtype)) * neg
+        from tangentlab.examples import _additive_mask
+
+        ext = _additive_mask(attention_mask, hidden_states.dtype)
         h = hidden_states
         for layer in self.bert.encoder.layer[self.first:]:
             out = layer(h, attention_mask=ext)
@@ -336,8 +337,9 @@ class _CachedBertAttention(torch.nn.Module):
         assert top.first_layer == self.last
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        neg = torch.finfo(hidden_states.dtype).min
-        ext = (1.0 - attention_mask[:, None, None, :].to(hidden_states.dtype)) * neg
+        from tangentlab.examples import _additive_mask
+
+        ext = _additive_mask(attention_mask, hidden_states.dtype)
         out = self.bert.encoder.layer[self.last].attention(hidden_states, ext)
         return (out[0] if isinstance(out, tuple) else out)[:, 0]
 
@@ -689,6 +691,7 @@ def report() -> list[str]:
     lines += CHECK_READING.splitlines()
     lines += grid_lines("text")
     lines += check_scored_lines("text")
+    lines += grid_lines("text-ffn")
     lines += TEXT_READING.splitlines()
     lines += _cost_lines()
     lines += READING.splitlines()
@@ -708,8 +711,9 @@ def _task_set(which: str) -> tuple[Path, dict]:
         return HOLDOUT_OUT, {k: v[:2] for k, v in holdout_tasks().items()}
     if which == "fresh":
         return FRESH_OUT, {k: (v, None) for k, v in fresh_tasks().items()}
-    if which == "text":
-        return TEXT_OUT, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
+    if which in ("text", "text-ffn"):
+        folder = TEXT_OUT if which == "text" else TEXT_OUT / "ffn"
+        return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
     raise ValueError(which)
 
 
@@ -762,10 +766,13 @@ def grid_lines(which: str = "dev") -> list[str]:
     if not rows:
         return []
     tasks = sorted({r["task"] for r in rows})
-    kind = "text" if which == "text" else "image"
-    split = ("; MiniLM: the last encoder layer linearized, pooler and classifier exact, "
-             "``split_minilm``'s split" if kind == "text" else "")  # fmt: skip
-    lines = ["", f"The whole grid (`{COMMAND} --{'text' if kind == 'text' else 'grid'}`): the "
+    kind = "text" if which.startswith("text") else "image"
+    split = {"text": "; MiniLM: the last encoder layer linearized, pooler and classifier "
+                     "exact, ``split_minilm``'s split",
+             "text-ffn": "; MiniLM: only the last layer's attention linearized, its "
+                         "feed-forward part, pooler and classifier exact"}.get(which, "")
+    flag = {"text": "--text", "text-ffn": "--text --text-split ffn"}.get(which, "--grid")
+    lines = ["", f"The whole grid (`{COMMAND} {flag}`): the "
              "library's exact-top forecast (`tangentlab.experimental.exact_top`, q = 2C, "
              f"k = 4096, 4 probes{split}) of every stored cell of the {kind} development "
              f"tasks that ran ({len(tasks)} of {len(dh.image_tasks(kind))}, {len(rows)} "

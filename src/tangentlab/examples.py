@@ -600,6 +600,14 @@ def split_lite(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return _LiteBody(model).train(model.training), _LiteTop(model).train(model.training)
 
 
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, L] attention mask (1 = token) as BERT's additive [B, 1, 1, L] mask; an additive
+    mask as it is."""
+    if mask.ndim != 2:
+        return mask.to(dtype)
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 class _BertBody(nn.Module):
     """A BERT sequence classifier from its inputs to the [CLS] state of its last encoder
     layer, z ``[B, H]`` (embeddings and encoder of ``model``, under the same weight names)."""
@@ -612,12 +620,7 @@ class _BertBody(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         h = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        ext = None
-        if attention_mask is not None:  # additive [B, 1, 1, L], as BERT builds it
-            if attention_mask.ndim == 2:
-                neg = torch.finfo(h.dtype).min
-                attention_mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * neg
-            ext = attention_mask.to(h.dtype)
+        ext = None if attention_mask is None else _additive_mask(attention_mask, h.dtype)
         for layer in self.bert.encoder.layer:
             out = layer(h, attention_mask=ext)
             h = out[0] if isinstance(out, tuple) else out
