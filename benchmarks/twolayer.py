@@ -344,27 +344,6 @@ class _CachedBertAttention(torch.nn.Module):
         return (out[0] if isinstance(out, tuple) else out)[:, 0]
 
 
-class _BertFFNTop(torch.nn.Module):
-    """From the last layer's attention output at [CLS]: its feed-forward part (intermediate,
-    output dense, residual, LayerNorm), the pooler and the classifier, all exact (the FFN
-    acts on each token alone, and only [CLS] reaches the pooler)."""
-
-    def __init__(self, top: torch.nn.Module) -> None:
-        super().__init__()
-        self.bert = torch.nn.Module()
-        self.bert.encoder = torch.nn.Module()
-        self.bert.encoder.layer = top.bert.encoder.layer
-        self.bert.pooler = top.bert.pooler
-        self.dropout, self.classifier = top.dropout, top.classifier
-        self.last = len(top.bert.encoder.layer) - 1
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        layer = self.bert.encoder.layer[self.last]
-        h = layer.output(layer.intermediate(z), z)
-        return self.classifier(self.dropout(self.bert.pooler.activation(
-            self.bert.pooler.dense(h))))  # fmt: skip
-
-
 TEXT_SPLITS = ("layer", "ffn")  # the last layer linear / its attention linear, FFN exact
 TEXT_SPLIT = {"split": "layer"}  # grid_task's text split (``--text-split``)
 
@@ -376,10 +355,10 @@ def _text_kernel(name: str, top, h: dict, y: torch.Tensor, params: str, split: s
     from tangentlab.examples import _BertTop
     from tangentlab.experimental.exact_top import compute_exact_top_kernel
 
-    if split == "layer":
+    if split == "layer":  # split_minilm(exact="pooler") on cached inputs
         body, exact = _CachedBertBody(top).eval(), _BertTop(top).eval()
-    else:
-        body, exact = _CachedBertAttention(top).eval(), _BertFFNTop(top).eval()
+    else:  # split_minilm(exact="ffn")
+        body, exact = _CachedBertAttention(top).eval(), _BertTop(top, "ffn").eval()
     with torch.no_grad():  # the split is the task's top network
         gap = (exact(body(**_take(h, 4))) - top(**_take(h, 4))).abs().max()
     assert float(gap) < 1e-5, float(gap)

@@ -356,36 +356,46 @@ def _tiny_bert(seed: int = 0):
                    "token_type_ids": torch.zeros_like(ids)}, torch.arange(12) % 3  # fmt: skip
 
 
-def test_split_minilm_is_the_model_and_keeps_its_weight_names():
+@pytest.mark.parametrize("exact", ["ffn", "pooler"])
+def test_split_minilm_is_the_model_and_keeps_its_weight_names(exact):
+    import re
+
     from tangentlab.examples import MINILM_DEFAULT_PARAMS, split_minilm
 
     model, x, _ = _tiny_bert()
-    body, top = split_minilm(model)
+    body, top = split_minilm(model, exact=exact)
     with torch.no_grad():
         torch.testing.assert_close(top(body(**x)), model(**x).logits, rtol=1e-12, atol=1e-12)
+    names = {n for n, _ in model.named_parameters()}
+    b, t = ({n for n, _ in m.named_parameters()} for m in (body, top))
+    assert b | t == names and not b & t  # every weight once, under its own name
     last = "bert.encoder.layer.1."  # the tiny model's last layer
-    assert {n for n, _ in body.named_parameters()} <= {n for n, _ in model.named_parameters()}
-    assert any(n.startswith(last) for n, _ in body.named_parameters())
-    assert {n for n, _ in top.named_parameters()} == {
-        n for n, _ in model.named_parameters() if n.startswith(("bert.pooler.", "classifier."))}
-    import re
-
-    assert all(re.search(MINILM_DEFAULT_PARAMS, n) for n, _ in top.named_parameters())
+    ffn = {n for n in names if n.startswith((last + "intermediate.", last + "output."))}
+    assert (ffn <= t) == (exact == "ffn") and (ffn <= b) == (exact == "pooler")
+    tiny = MINILM_DEFAULT_PARAMS.replace(r"layer\.5", r"layer\.1")  # MiniLM's last: 5
+    assert tiny != MINILM_DEFAULT_PARAMS and all(re.search(tiny, n) for n in t)
     with pytest.raises(TangentlabError, match="by hand"):
         split_minilm(nn.Linear(3, 2))
+    with pytest.raises(TangentlabError, match="exact must be one of"):
+        split_minilm(model, exact="head")
 
 
-def test_exact_top_on_a_bert_is_real_training_where_the_body_is_affine():
-    """Trained body weights: the last layer's output LayerNorm (z, its [CLS] state, is affine
+@pytest.mark.parametrize("exact,norm", [("ffn", "attention.output.LayerNorm"),
+                                        ("pooler", "output.LayerNorm")])  # fmt: skip
+def test_exact_top_on_a_bert_is_real_training_where_the_body_is_affine(exact, norm):
+    """Trained body weights: the LayerNorm that ends the body (z, its [CLS] state, is affine
     in them), plus the whole top: the exact-top model is then the network itself."""
     from tangentlab.examples import split_minilm
 
     model, x, y = _tiny_bert(1)
-    body, top = split_minilm(model)
-    params = r"^(?:bert\.encoder\.layer\.1\.output\.LayerNorm\.|bert\.pooler\.|classifier\.)"
+    body, top = split_minilm(model, exact=exact)
+    last = r"bert\.encoder\.layer\.1\."
+    top_part = rf"{last}(?:intermediate|output)\.|" if exact == "ffn" else ""
+    params = rf"^(?:{last}{norm.replace('.', chr(92) + '.')}\.|{top_part}bert\.pooler\.|" \
+        r"classifier\.)"  # fmt: skip
     etk = compute_exact_top_kernel(body, top, (x, y), params=params, top_params=params,
                                    directions="all", progress=False)  # fmt: skip
-    opt = tl.SGD(0.2, momentum=0.9)
+    opt = tl.SGD(0.05, momentum=0.9)
     fc = forecast_exact_top(etk, opt, 30, loss="ce", progress=False)
     real = tl.finetune(model, (x, y), opt, 30, loss="ce", params=params, progress=False)
     np.testing.assert_allclose(fc.loss, real.loss, rtol=1e-8)
