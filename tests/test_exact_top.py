@@ -286,6 +286,7 @@ def test_reliability_check_flags_a_forecast_whose_loss_climbs_back():
         fc = _oscillating(etk)
     r = fc.reliability
     assert r["flagged"] and max(r["rebound"].values()) > REBOUND_MAX
+    assert all(fc.flagged(float(d)) == (v > REBOUND_MAX) for d, v in r["rebound"].items())
     # the rebound up to the target, by hand from the logged path
     for d, v in r["rebound"].items():
         t = fc.steps_to_drop(float(d))

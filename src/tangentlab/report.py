@@ -153,7 +153,7 @@ def plot_exact_top(
     for i, (label, fc) in enumerate(forecasts):
         col = colors[i % len(colors)]
         lbl = label + (" (blows up)" if fc.blowup is not None else "")
-        if drop is not None and fc.rebound(drop) > _rebound_max():
+        if drop is not None and fc.flagged(drop):
             lbl += f", check: flagged (R = {fc.rebound(drop):.2g})"
         ax_l.plot(fc.steps, fc.loss, color=col, lw=1.8, label=lbl)
         ax_a.plot(fc.steps, fc.accuracy, color=col, lw=1.8, label=lbl)
@@ -186,12 +186,6 @@ def plot_exact_top(
     ax_l.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
-
-
-def _rebound_max() -> float:
-    from tangentlab.experimental.exact_top import REBOUND_MAX
-
-    return REBOUND_MAX
 
 
 def _draw_interval(ax: Any, fc: Forecast, target_loss: float, col: str,

@@ -256,6 +256,11 @@ class ExactTopForecast:
         hit = np.nonzero(self.loss <= target)[0]
         return int(self.steps[hit[0]]) if len(hit) else None
 
+    def flagged(self, drop: float) -> bool:
+        """Whether the reliability check flags the target at ``drop``: R(d) > ``REBOUND_MAX``
+        (NOTE [exact-top reliability check])."""
+        return self.rebound(drop) > REBOUND_MAX
+
     def steps_interval(self, drop: float) -> tuple[float, float] | None:
         """The steps interval of the real run's first step at or below (1 − ``drop``) L0,
         ``(T̂ e^lo, T̂ e^hi)`` (NOTE [exact-top steps interval]; ``hi`` = +∞ when the
@@ -264,7 +269,7 @@ class ExactTopForecast:
         t = self.steps_to_drop(drop)
         if t is None:
             return None
-        if self.rebound(drop) > REBOUND_MAX:
+        if self.flagged(drop):
             lo, hi = STEPS_BAND_FLAGGED
         else:
             lo, hi = STEPS_BAND[(self.settings["loss_name"], self.settings["full_batch"])]
