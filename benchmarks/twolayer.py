@@ -432,6 +432,8 @@ def main() -> None:
                     "(ffn: its feed-forward part exact)")
     ap.add_argument("--fresh", action="store_true",
                     help="the fresh tasks of twolayer_fresh.py (their stored real runs), once")
+    ap.add_argument("--text-holdout", action="store_true",
+                    help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
     ap.add_argument("--choose-check", action="store_true",
                     help="the reliability check's threshold chosen on the development grid")
     ap.add_argument("--cost", metavar="NAME", action="append",
@@ -450,6 +452,9 @@ def main() -> None:
         return
     if args.fresh:
         run_fresh(args.task or list(fresh_tasks()))
+        return
+    if args.text_holdout:
+        run_text_holdout(args.task or list(text_holdout_tasks()))
         return
     if args.text:
         dev = dh.dev_tasks()
@@ -693,6 +698,8 @@ def _task_set(which: str) -> tuple[Path, dict]:
     if which in ("text", "text-ffn"):
         folder = TEXT_OUT if which == "text" else TEXT_OUT / "ffn"
         return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
+    if which == "text-holdout":
+        return TEXT_HOLDOUT_OUT, {k: (v, "hb_loss") for k, v in text_holdout_tasks().items()}
     raise ValueError(which)
 
 
@@ -826,6 +833,30 @@ def fresh_tasks() -> dict:
         if path.exists():
             out[name] = json.loads(path.read_text())["cells"]
     return out
+
+
+TEXT_HOLDOUT_OUT = TEXT_OUT / "holdout"  # results/twolayer/PLAN-text.md
+
+
+def text_holdout_tasks() -> dict:
+    """``{task: cells}`` of the held-out text tasks (PLAN-text.md: rounds 10-11's six
+    fortune tasks, ``loss_interval.FRESH`` and ``FRESH11``, their stored real runs), their
+    task tables registered in ``holdout.TASKS``."""
+    import loss_interval as li
+
+    tasks = {**li.FRESH, **li.FRESH11}
+    ho.TASKS.update(tasks)
+    return {name: json.loads((li.FRESH_OUT / f"{name}.json").read_text())["cells"]
+            for name in tasks}  # fmt: skip
+
+
+def run_text_holdout(names: list[str]) -> None:
+    """The exact-top forecast (``split_minilm``'s FFN-exact split) of every stored cell of
+    the held-out text tasks, as ``grid_task``; once (PLAN-text.md)."""
+    cells = text_holdout_tasks()
+    TEXT_SPLIT["split"] = "ffn"
+    for name in names:
+        grid_task(name, cells=cells[name], path=TEXT_HOLDOUT_OUT / f"{name}-grid.json")
 
 
 def run_fresh(names: list[str]) -> None:
