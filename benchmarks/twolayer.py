@@ -676,6 +676,8 @@ def report() -> list[str]:
     lines += grid_lines("text")
     lines += check_scored_lines("text")
     lines += grid_lines("text-ffn")
+    lines += grid_lines("text-holdout")
+    lines += check_scored_lines("text-holdout")
     lines += TEXT_READING.splitlines()
     lines += _cost_lines()
     lines += READING.splitlines()
@@ -759,11 +761,14 @@ def grid_lines(which: str = "dev") -> list[str]:
                          "feed-forward part, pooler and classifier exact, ``split_minilm``'s "
                          "default"}.get(which, "")
     flag = {"text": "--text", "text-ffn": "--text --text-split ffn"}.get(which, "--grid")
+    if which == "text-holdout":
+        split, flag = TEXT_HOLDOUT_SPLIT, "--text-holdout"
     lines = ["", f"The whole grid (`{COMMAND} {flag}`): the "
              "library's exact-top forecast (`tangentlab.experimental.exact_top`, q = 2C, "
-             f"k = 4096, 4 probes{split}) of every stored cell of the {kind} development "
-             f"tasks that ran ({len(tasks)} of {len(dh.image_tasks(kind))}, {len(rows)} "
-             "targets), against the "
+             f"k = 4096, 4 probes{split}) of every stored cell of the {kind} "
+             + ("held-out tasks (PLAN-text.md, scored once" if which == "text-holdout" else
+                f"development tasks that ran ({len(tasks)} of {len(dh.image_tasks(kind))}")
+             + f", {len(rows)} targets), against the "
              "stored real runs (the rounds' seed) and the library's stored head-exact forecast "
              "(default Q, uncalibrated) on the same targets; a minibatch forecast is one path "
              f"with its own batches (seed {GRID_SEED}); *prefix 5% / 10%*: issue 13's "
@@ -836,6 +841,8 @@ def fresh_tasks() -> dict:
 
 
 TEXT_HOLDOUT_OUT = TEXT_OUT / "holdout"  # results/twolayer/PLAN-text.md
+TEXT_HOLDOUT_SPLIT = ("; MiniLM: only the last layer's attention linearized, ``split_minilm``'s "
+                      "default; rounds 10-11's six fortune tasks")
 
 
 def text_holdout_tasks() -> dict:
@@ -1131,7 +1138,10 @@ def _inside_before(r: dict) -> bool:
 SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)",
           "fresh": "the fresh tasks of `twolayer_fresh.py` (first look)",
           "text": "the 14 text development tasks (MiniLM; the check and interval as chosen "
-                  "on the image tasks, never on text)"}
+                  "on the image tasks, never on text)",
+          "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
+                          "split; the check and interval as chosen on the image tasks; first "
+                          "look)"}
 
 
 def check_scored_lines(which: str) -> list[str]:
