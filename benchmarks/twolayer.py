@@ -432,6 +432,8 @@ def main() -> None:
                     "(ffn: its feed-forward part exact)")
     ap.add_argument("--fresh", action="store_true",
                     help="the fresh tasks of twolayer_fresh.py (their stored real runs), once")
+    ap.add_argument("--fresh2", action="store_true",
+                    help="the second fresh round (twolayer_fresh2.py; PLAN-fresh2.md), once")
     ap.add_argument("--text-holdout", action="store_true",
                     help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
     ap.add_argument("--choose-check", action="store_true",
@@ -452,6 +454,9 @@ def main() -> None:
         return
     if args.fresh:
         run_fresh(args.task or list(fresh_tasks()))
+        return
+    if args.fresh2:
+        run_fresh2(args.task or list(fresh2_tasks()))
         return
     if args.text_holdout:
         run_text_holdout(args.task or list(text_holdout_tasks()))
@@ -672,6 +677,7 @@ def report() -> list[str]:
     lines += holdout_lines()
     lines += check_scored_lines("holdout")
     lines += check_scored_lines("fresh")
+    lines += check_scored_lines("fresh2")
     lines += CHECK_READING.splitlines()
     lines += grid_lines("text")
     lines += check_scored_lines("text")
@@ -700,6 +706,8 @@ def _task_set(which: str) -> tuple[Path, dict]:
     if which in ("text", "text-ffn"):
         folder = TEXT_OUT if which == "text" else TEXT_OUT / "ffn"
         return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
+    if which == "fresh2":
+        return FRESH2_OUT, {k: (v, None) for k, v in fresh2_tasks().items()}
     if which == "text-holdout":
         return TEXT_HOLDOUT_OUT, {k: (v, "hb_loss") for k, v in text_holdout_tasks().items()}
     raise ValueError(which)
@@ -838,6 +846,27 @@ def fresh_tasks() -> dict:
         if path.exists():
             out[name] = json.loads(path.read_text())["cells"]
     return out
+
+
+FRESH2_OUT = OUT / "fresh2"  # results/twolayer/PLAN-fresh2.md
+
+
+def fresh2_tasks() -> dict:
+    """``{task: cells}`` of ``twolayer_fresh2.py``'s tasks whose real runs are stored (their
+    task tables registered in ``holdout.TASKS``)."""
+    import twolayer_fresh2 as tf2
+
+    ho.TASKS.update(tf2.TASKS)
+    return {name: json.loads((FRESH2_OUT / f"{name}.json").read_text())["cells"]
+            for name in tf2.TASKS if (FRESH2_OUT / f"{name}.json").exists()}  # fmt: skip
+
+
+def run_fresh2(names: list[str]) -> None:
+    """The library's exact-top forecast of every stored cell of the second fresh round, as
+    ``run_fresh``; once (PLAN-fresh2.md)."""
+    cells = fresh2_tasks()
+    for name in names:
+        grid_task(name, cells=cells[name], path=FRESH2_OUT / f"{name}-grid.json")
 
 
 TEXT_HOLDOUT_OUT = TEXT_OUT / "holdout"  # results/twolayer/PLAN-text.md
@@ -1139,6 +1168,8 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           "fresh": "the fresh tasks of `twolayer_fresh.py` (first look)",
           "text": "the 14 text development tasks (MiniLM; the check and interval as chosen "
                   "on the image tasks, never on text)",
+          "fresh2": "the second fresh round's three image tasks (`twolayer_fresh2.py`, "
+                    "PLAN-fresh2.md; first look)",
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}
