@@ -228,12 +228,15 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 
 
-def real_task(name: str, keys: list[str] | None = None) -> dict:
+def real_task(name: str, keys: list[str] | None = None, tasks: dict | None = None,
+              folder: str = "fresh") -> dict:
     """The real runs of the 24 cells of ``holdout.py``'s grid (``keys``: only those), with
-    ``holdout._cell``'s learning rate and fields and no forecast; resumable per cell."""
-    ho.TASKS.update(TASKS)
-    cfg = TASKS[name]
-    path = OUT / "fresh" / f"{name}.json"
+    ``holdout._cell``'s learning rate and fields and no forecast; resumable per cell.
+    ``tasks`` (default ``TASKS``) and ``folder`` (under ``OUT``): another round's."""
+    tasks = TASKS if tasks is None else tasks
+    ho.TASKS.update(tasks)
+    cfg = tasks[name]
+    path = OUT / folder / f"{name}.json"
     state = _open_state(path)
     state["task"] = name
     with warnings.catch_warnings():

@@ -1,0 +1,205 @@
+"""A second fresh held-out image round for ``benchmarks/twolayer.py``'s exact-top model
+(issue 13): three more image tasks on data no round used, and the real fine-tuning runs of
+``holdout.py``'s whole grid on them (24 cells a task: full batch and B = 32), nothing else.
+Modelled on ``twolayer_fresh.py``, whose helpers and real runs it uses.
+
+    .venv/bin/python benchmarks/twolayer_fresh2.py --fetch              # Debian's packages
+    .venv/bin/python benchmarks/twolayer_fresh2.py --real               # every task, resumable
+    .venv/bin/python benchmarks/twolayer_fresh2.py --real --task NAME   # one task
+
+**Held out.** The tasks were chosen and their real runs made without running or reading
+any forecast of the exact-top model (``tangentlab.experimental.exact_top``,
+``twolayer.py``) or of the library on them: this script runs no forecast at all. They are
+kept for one later scoring.
+
+**Tasks** (N = 128 at 32 px, as the image development tasks; data from Debian packages no
+round used, fetched by ``--fetch`` with apt-get download + dpkg -x, no root needed; every
+picture an RGBA drawing composited on white at a random size, 36-60 px for its longer side,
+and a random offset on a 64-px canvas, then resized to 32 px (``twolayer_fresh._place``; the
+flags, opaque, are composited the same way); classes balanced, each sample a different
+source picture):
+
+- ``animals-lite0``: which kind of animal a drawing of the Open Clip Art Library
+  (``openclipart-png``, ``usr/share/openclipart/png/animals``; the PNGs, black-and-white
+  ``_bw`` variants, links and duplicates dropped) shows: birds, bugs or mammals (3
+  classes; 50, 49 and 110 drawings; a random horizontal flip), EfficientNet-Lite0;
+- ``pingus-lite0``: which theme a ground piece of Pingus (``pingus-data``,
+  ``usr/share/games/pingus/data/images/groundpieces/<kind>/<theme>``, the PNGs of every
+  kind: ground, solid, transparent, ...; pieces whose visible part is under 24 px on its
+  longer side and duplicates dropped) belongs to: desert, foliage, industrial, snow,
+  sweets or xmas (6 classes; 34, 24, 44, 38, 30 and 29 pieces), EfficientNet-Lite0;
+- ``flags-lite1``: the continent group of a Freeciv nation (``freeciv-data``, the nation
+  rulesets ``usr/share/games/freeciv/nation/*.ruleset`` whose ``groups`` name exactly one
+  of African, American, Asian and European) from its flag (``flags/<flag>-large.png``,
+  44x30 or less, opaque; a flag two nations share counted once): African, American, Asian
+  or European (4 classes; 89, 96, 118 and 190 flags), EfficientNet-Lite1.
+
+**Runs** (``--real``): ``holdout.py``'s grid, loss {MSE, CE} x batch {full, B = 32} x
+momentum {0, 0.9} x a {0.1, 0.3, 1}, η = ``tl.stable_lr(kernel, momentum=m, fraction=a,
+loss=loss)`` on the tangent kernel (``projection`` 4,096), the real run to a 90% drop or
+1,500 steps (``holdout._real``), the fields of ``holdout._cell`` without its forecasts
+(``twolayer_fresh.real_task``). Results: ``benchmarks/results/twolayer/fresh2/<task>.json``,
+one cell at a time, resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import twolayer_fresh as tf  # noqa: E402
+from twolayer_fresh import _distinct, _draw, _place, _to_input  # noqa: E402
+
+OUT = tf.OUT
+FOLDER = "fresh2"  # results: OUT / FOLDER / <task>.json
+COMMAND = ".venv/bin/python benchmarks/twolayer_fresh2.py"
+DATA = (Path(os.environ.get("TANGENTLAB_CACHE", Path.home() / ".cache" / "tangentlab"))
+        / "twolayer_fresh2")  # fmt: skip
+ROOT = DATA / "root"
+PACKAGES = ("openclipart-png", "pingus-data", "freeciv-data")
+CLIPART = ROOT / "usr/share/openclipart/png/animals"
+ANIMAL_CLASSES = ("birds", "bugs", "mammals")
+PIECES = ROOT / "usr/share/games/pingus/data/images/groundpieces"
+PIECE_CLASSES = ("desert", "foliage", "industrial", "snow", "sweets", "xmas")
+PIECE_MIN = 24  # px, the visible part's longer side
+FREECIV = ROOT / "usr/share/games/freeciv"
+CONTINENTS = ("African", "American", "Asian", "European")
+
+
+# ---------------------------------------------------------------------------------------
+# The fresh data.
+# ---------------------------------------------------------------------------------------
+
+
+def fetch() -> None:
+    """Download the Debian packages into the cache and unpack them (no root needed)."""
+    if CLIPART.exists() and PIECES.exists() and (FREECIV / "nation").exists():
+        print(f"twolayer_fresh2: data already in {ROOT}")
+        return
+    DATA.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", *PACKAGES], cwd=DATA, check=True)
+    for pkg in PACKAGES:
+        deb = sorted(DATA.glob(f"{pkg}_*.deb"))[-1]
+        subprocess.run(["dpkg", "-x", str(deb), str(ROOT)], check=True)
+    print(f"twolayer_fresh2: unpacked {', '.join(PACKAGES)} into {ROOT}")
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise SystemExit(f"twolayer_fresh2.py: {path} missing; run {COMMAND} --fetch")
+    return path
+
+
+def animal_pools() -> list[list[Path]]:
+    seen: set = set()
+    return [_distinct([p for p in (_need(CLIPART) / c).rglob("*.png")
+                       if not p.is_symlink() and not p.stem.endswith("_bw")], seen)
+            for c in ANIMAL_CLASSES]  # fmt: skip
+
+
+def _visible(path: Path) -> int:
+    """The longer side (px) of a picture's visible (alpha > 0) part."""
+    from PIL import Image
+
+    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
+    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
+
+
+def piece_pools() -> list[list[Path]]:
+    """Each theme's ground pieces, of every kind (ground, solid, transparent, ...)."""
+    seen: set = set()
+    return [_distinct([p for p in _need(PIECES).glob(f"*/{c}/**/*.png")
+                       if not p.is_symlink() and _visible(p) >= PIECE_MIN], seen)
+            for c in PIECE_CLASSES]  # fmt: skip
+
+
+def flag_pools() -> list[list[Path]]:
+    """The large flag of each nation whose ``groups`` name exactly one continent."""
+    files: dict[str, list[Path]] = {c: [] for c in CONTINENTS}
+    for f in sorted((_need(FREECIV) / "nation").glob("*.ruleset")):
+        text = f.read_text(encoding="utf-8")
+        groups = re.search(r"^groups\s*=\s*(.*)$", text, re.M)
+        flag = re.search(r'^flag\s*=\s*"([^"]+)"', text, re.M)
+        if groups is None or flag is None:
+            continue
+        cont = set(re.findall(r'"([^"]*)"', groups.group(1))) & set(CONTINENTS)
+        path = FREECIV / "flags" / f"{flag.group(1)}-large.png"
+        if len(cont) == 1 and path.exists():
+            files[cont.pop()].append(path)
+    seen: set = set()
+    return [_distinct(files[c], seen) for c in CONTINENTS]
+
+
+def _animals(n: int, size: int, seed: int):
+    """Open Clip Art animals (PNG); the label: birds, bugs or mammals."""
+    from PIL import Image
+
+    labels, files, rng = _draw(animal_pools(), n, seed)
+    return _to_input([_place(Image.open(f), rng, flip=True) for f in files], labels, size)
+
+
+def _pieces(n: int, size: int, seed: int):
+    """Pingus ground pieces (PNG); the label: desert, foliage, industrial, snow, sweets or
+    xmas."""
+    from PIL import Image
+
+    labels, files, rng = _draw(piece_pools(), n, seed)
+    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
+
+
+def _flags(n: int, size: int, seed: int):
+    """Freeciv's nation flags (PNG); the label: the nation's continent group."""
+    from PIL import Image
+
+    labels, files, rng = _draw(flag_pools(), n, seed)
+    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
+
+
+TASKS = {
+    "animals-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
+                          projection=4096, num_classes=len(ANIMAL_CLASSES), images=_animals),
+    "pingus-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
+                         projection=4096, num_classes=len(PIECE_CLASSES), images=_pieces),
+    "flags-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
+                        projection=4096, num_classes=len(CONTINENTS), images=_flags),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# The real runs.
+# ---------------------------------------------------------------------------------------
+
+
+def real_task(name: str, keys: list[str] | None = None) -> dict:
+    """``twolayer_fresh.real_task`` on this round's task ``name``: the real runs of the 24
+    cells, no forecast; results in ``OUT / FOLDER``, resumable per cell."""
+    return tf.real_task(name, keys, tasks=TASKS, folder=FOLDER)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fetch", action="store_true", help="download and unpack the data")
+    ap.add_argument("--real", action="store_true", help="the real runs of the whole grid")
+    ap.add_argument("--task", nargs="*", choices=sorted(TASKS), help="only these tasks")
+    ap.add_argument("--cell", nargs="*", help="only these cells (holdout._key)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")),
+                    help="torch threads (default: $THREADS or 1)")  # fmt: skip
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.fetch:
+        fetch()
+    if args.real:
+        for name in args.task or TASKS:
+            real_task(name, args.cell)
+
+
+if __name__ == "__main__":
+    main()
