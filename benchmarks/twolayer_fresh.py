@@ -82,22 +82,29 @@ CANVAS = 64
 # ---------------------------------------------------------------------------------------
 
 
-def fetch() -> None:
-    """Download the Debian packages into the cache and unpack them (no root needed)."""
-    if ICONS.exists() and STAMPS.exists() and EMOJI_FONT.exists() and EMOJI_TEST.exists():
-        print(f"twolayer_fresh: data already in {ROOT}")
+def fetch_debs(packages: tuple[str, ...], data: Path, root: Path, needed: tuple[Path, ...],
+               label: str) -> None:
+    """Download the Debian ``packages`` into ``data`` and unpack them into ``root`` (no root
+    needed), unless every path of ``needed`` is there already."""
+    if all(p.exists() for p in needed):
+        print(f"{label}: data already in {root}")
         return
-    DATA.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", *PACKAGES], cwd=DATA, check=True)
-    for pkg in PACKAGES:
-        deb = sorted(DATA.glob(f"{pkg}_*.deb"))[-1]
-        subprocess.run(["dpkg", "-x", str(deb), str(ROOT)], check=True)
-    print(f"twolayer_fresh: unpacked {', '.join(PACKAGES)} into {ROOT}")
+    data.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", *packages], cwd=data, check=True)
+    for pkg in packages:
+        deb = sorted(data.glob(f"{pkg}_*.deb"))[-1]
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    print(f"{label}: unpacked {', '.join(packages)} into {root}")
 
 
-def _need(path: Path) -> Path:
+def fetch() -> None:
+    """Download this round's Debian packages into the cache and unpack them."""
+    fetch_debs(PACKAGES, DATA, ROOT, (ICONS, STAMPS, EMOJI_FONT, EMOJI_TEST), "twolayer_fresh")
+
+
+def _need(path: Path, script: str = "twolayer_fresh.py", command: str = COMMAND) -> Path:
     if not path.exists():
-        raise SystemExit(f"twolayer_fresh.py: {path} missing; run {COMMAND} --fetch")
+        raise SystemExit(f"{script}: {path} missing; run {command} --fetch")
     return path
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -80,22 +79,13 @@ CONTINENTS = ("African", "American", "Asian", "European")
 
 
 def fetch() -> None:
-    """Download the Debian packages into the cache and unpack them (no root needed)."""
-    if CLIPART.exists() and PIECES.exists() and (FREECIV / "nation").exists():
-        print(f"twolayer_fresh2: data already in {ROOT}")
-        return
-    DATA.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", *PACKAGES], cwd=DATA, check=True)
-    for pkg in PACKAGES:
-        deb = sorted(DATA.glob(f"{pkg}_*.deb"))[-1]
-        subprocess.run(["dpkg", "-x", str(deb), str(ROOT)], check=True)
-    print(f"twolayer_fresh2: unpacked {', '.join(PACKAGES)} into {ROOT}")
+    """Download this round's Debian packages into the cache and unpack them (no root)."""
+    tf.fetch_debs(PACKAGES, DATA, ROOT, (CLIPART, PIECES, FREECIV / "nation"),
+                  "twolayer_fresh2")  # fmt: skip
 
 
 def _need(path: Path) -> Path:
-    if not path.exists():
-        raise SystemExit(f"twolayer_fresh2.py: {path} missing; run {COMMAND} --fetch")
-    return path
+    return tf._need(path, "twolayer_fresh2.py", COMMAND)
 
 
 def animal_pools() -> list[list[Path]]:
