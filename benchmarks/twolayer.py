@@ -434,8 +434,13 @@ def main() -> None:
                     help="the fresh tasks of twolayer_fresh.py (their stored real runs), once")
     ap.add_argument("--fresh2", action="store_true",
                     help="the second fresh round (twolayer_fresh2.py; PLAN-fresh2.md), once")
+    ap.add_argument("--fresh3", action="store_true",
+                    help="the third fresh round (twolayer_fresh3.py; PLAN-fresh3.md), once")
     ap.add_argument("--text-holdout", action="store_true",
                     help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
+    ap.add_argument("--choose-drift", action="store_true",
+                    help="the drift of long runs (NOTE [exact-top drift]) chosen on the "
+                    "development tasks, image and text")
     ap.add_argument("--choose-check", action="store_true",
                     help="the reliability check's threshold chosen on the development grid")
     ap.add_argument("--cost", metavar="NAME", action="append",
@@ -455,9 +460,10 @@ def main() -> None:
     if args.fresh:
         run_fresh(args.task or list(fresh_tasks()))
         return
-    if args.fresh2:
-        run_fresh2(args.task or list(fresh2_tasks()))
-        return
+    for which in ROUNDS:
+        if getattr(args, which):
+            run_round(which, args.task or list(round_tasks(which)))
+            return
     if args.text_holdout:
         run_text_holdout(args.task or list(text_holdout_tasks()))
         return
@@ -472,6 +478,10 @@ def main() -> None:
         for kind, res in choose_bands().items():
             print(kind, {f"{k[0]}-{k[1]}": (round(v["lo"], 2), round(v["hi"], 2))
                          for k, v in res["candidates"][res["chosen"]]["table"].items()})
+        return
+    if args.choose_drift:
+        for loss, res in choose_drift().items():
+            print(loss, res)
         return
     if args.choose_check:
         res = choose_check()
@@ -552,16 +562,21 @@ def grid_task(name: str, variant: str = "2C", *, cells: dict | None = None,
     k = 4096, 4 probes) of every stored cell of ``name`` (the rounds' grid: {mse, ce} x
     {full, B = 32} x m {0, 0.9} x a {0.1, 0.3, 1}), to the rounds' forecast horizon or a 90%
     drop; a minibatch forecast is one path with its own batches (seed ``GRID_SEED``, not the
-    real run's), logged every 2 steps as the real run. ``<task>-grid.json``, resumable per
-    cell."""
-    from tangentlab.experimental.exact_top import forecast_exact_top
+    real run's), logged every 2 steps as the real run; the library's path (with the
+    catapult: the state's ``catapult``; older grids are the fixed kernel's).
+    ``<task>-grid.json``, resumable per cell."""
+    from tangentlab.experimental.exact_top import CATAPULT, forecast_exact_top
 
     path = path or OUT / f"{name}-grid.json"
-    state = json.loads(path.read_text()) if path.exists() else dict(task=name, cells={})
+    state = (json.loads(path.read_text()) if path.exists()
+             else dict(task=name, cells={}, catapult=CATAPULT))  # fmt: skip
     cells = cells if cells is not None else dh.dev_tasks()[name][0]
     todo = [k for k, c in cells.items() if "lr" in c and k not in state["cells"]]
     if not todo:
         return state
+    if state.get("catapult") != CATAPULT:
+        raise SystemExit(f"{path} was made with the fixed kernel (before NOTE [exact-top "
+                         "catapult]): move it away to forecast its cells again.")
     task, top, h, y, params = _task(name)
     t0 = time.perf_counter()
     text = ho.TASKS[name]["kind"] == "text"
@@ -678,6 +693,7 @@ def report() -> list[str]:
     lines += check_scored_lines("holdout")
     lines += check_scored_lines("fresh")
     lines += check_scored_lines("fresh2")
+    lines += check_scored_lines("fresh3")
     lines += CHECK_READING.splitlines()
     lines += grid_lines("text")
     lines += check_scored_lines("text")
@@ -706,8 +722,8 @@ def _task_set(which: str) -> tuple[Path, dict]:
     if which in ("text", "text-ffn"):
         folder = TEXT_OUT if which == "text" else TEXT_OUT / "ffn"
         return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
-    if which == "fresh2":
-        return FRESH2_OUT, {k: (v, None) for k, v in fresh2_tasks().items()}
+    if which in ROUNDS:
+        return ROUNDS[which][1], {k: (v, None) for k, v in round_tasks(which).items()}
     if which == "text-holdout":
         return TEXT_HOLDOUT_OUT, {k: (v, "hb_loss") for k, v in text_holdout_tasks().items()}
     raise ValueError(which)
@@ -716,26 +732,59 @@ def _task_set(which: str) -> tuple[Path, dict]:
 PREFIXES = {"p5": 0.05, "p10": 0.1}  # issue 13's baselines: a power law on the run's prefix
 
 
-def grid_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
+# The sets whose grids predate the catapult (NOTE [exact-top catapult]) and whose flagged
+# cells have its path (β = 0.5): ``twolayer_flagged.py --run catapult --which <set>``.
+CATAPULT_SETS = ("dev", "text-ffn", "holdout", "fresh", "fresh2", "text-holdout")
+
+
+def _catapult_curves(which: str) -> dict[str, dict[str, list]]:
+    """``{task: {cell: per-step loss}}``: the stored catapult paths (β = ``CATAPULT``) of
+    ``which``'s flagged cells (``twolayer_flagged.py``)."""
+    from tangentlab.experimental.exact_top import CATAPULT
+
+    out, head = {}, f"catapult-{which}-"
+    for p in (OUT / "flagged").glob(f"{head}*.json"):
+        st = json.loads(p.read_text())
+        out[p.stem[len(head):]] = {k: v[f"beta{CATAPULT:g}"]["curve"] for k, v in st.items()
+                                   if isinstance(v, dict) and f"beta{CATAPULT:g}" in v}
+    return out
+
+
+def _first_below(curve: list, target: float) -> int | None:
+    return next((t for t, v in enumerate(curve) if v is not None and v <= target), None)
+
+
+def grid_rows(which: str = "dev", *, prefix: bool = False, path: str = "library"
+              ) -> list[dict]:
     """One row per (task, cell, drop) the stored real run reaches, with T, the exact-top T̂
-    (``et``) and the library's stored head-exact T̂ (``hb``, None where not stored), scored
-    as the rounds (``forecast_accuracy._targets``: a forecast that never gets there is a
-    miss); ``which``: the task set (``_task_set``); ``prefix``: also the T̂ of issue 13's
-    prefix baselines (``p5``, ``p10``: ``headbody._powerlaw_curve``, a power law fitted to
-    the first 5% / 10% of the real run's steps)."""
+    (``et``), the rebound ``R`` of its check, and the library's stored head-exact T̂
+    (``hb``, None where not stored), scored as the rounds (``forecast_accuracy._targets``:
+    a forecast that never gets there is a miss); ``which``: the task set (``_task_set``);
+    ``prefix``: also the T̂ of issue 13's prefix baselines (``p5``, ``p10``:
+    ``headbody._powerlaw_curve``, a power law fitted to the first 5% / 10% of the real
+    run's steps). ``et_path`` is the T̂ of the library's exact-top path (``path="library"``:
+    where a grid predates the catapult, a flagged target's T̂ is read from its stored
+    catapult path) or of the fixed kernel as scored (``path="fixed"``); ``et`` the
+    library's estimate, ``ExactTopForecast.steps_estimate`` (NOTE [exact-top drift]; with
+    ``path="fixed"``: ``et_path``); ``et_fixed``: the stored grid's T̂, the fixed kernel's
+    where ``fixed`` (a grid made before the catapult)."""
     from forecast_accuracy import _targets
     from headbody import _powerlaw_curve
+    from tangentlab.experimental.exact_top import REBOUND_MAX, drift_steps
 
     folder, dev = _task_set(which)
+    cat = _catapult_curves(which) if path == "library" and which in CATAPULT_SETS else None
     rows = []
     for p in sorted(folder.glob("*-grid.json")):
         st = json.loads(p.read_text())
         cells, hb_key = dev[st["task"]]
+        made_with = st.get("catapult")  # None: the fixed kernel
         for key, g in st["cells"].items():
             if g.get("skipped"):
                 continue
             c = dict(cells[key], et_loss=g["et_loss"])
             et = _targets(c, ho.DROPS, "et_loss")
+            fc = _stored_forecast(g, c["batch_size"] is None)
             hb = _targets(c, ho.DROPS, hb_key) if hb_key else {}
             pre = {}
             for col, frac in PREFIXES.items() if prefix else ():
@@ -746,9 +795,23 @@ def grid_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
             for d, t in et.items():
                 if t["status"] == "unreached":
                     continue
+                assert fc.steps_to_drop(float(d)) == t["T_hat"], (st["task"], key, d)
+                r = fc.rebound(float(d))
+                est = t["T_hat"]
+                if cat is not None and made_with is None and r > REBOUND_MAX:
+                    curve = cat.get(st["task"], {}).get(key)
+                    if curve is None:
+                        raise SystemExit(f"{which}: {st['task']} {key} is flagged and has no "
+                                         "catapult path; run `.venv/bin/python benchmarks/"
+                                         f"twolayer_flagged.py --run catapult --which {which}`")
+                    est = _first_below(curve, (1 - float(d)) * curve[0])
                 rows.append(dict(task=st["task"], cell=key, loss=c["loss"], drop=d, T=t["T"],
+                                 kind="text" if which.startswith("text") else "image",
                                  batch="full" if c["batch_size"] is None else "B32",
-                                 a=c["lr_factor"], m=c["momentum"], et=t["T_hat"],
+                                 a=c["lr_factor"], m=c["momentum"], et_path=est, R=r,
+                                 et=est if path != "library" or est is None
+                                 else drift_steps(est, c["loss"]),
+                                 et_fixed=t["T_hat"], fixed=made_with is None,
                                  hb=hb[d]["T_hat"] if hb else None,
                                  seconds=g["seconds"],
                                  **{k: v[d]["T_hat"] for k, v in pre.items()}))  # fmt: skip
@@ -851,22 +914,29 @@ def fresh_tasks() -> dict:
 FRESH2_OUT = OUT / "fresh2"  # results/twolayer/PLAN-fresh2.md
 
 
-def fresh2_tasks() -> dict:
-    """``{task: cells}`` of ``twolayer_fresh2.py``'s tasks whose real runs are stored (their
-    task tables registered in ``holdout.TASKS``)."""
-    import twolayer_fresh2 as tf2
-
-    ho.TASKS.update(tf2.TASKS)
-    return {name: json.loads((FRESH2_OUT / f"{name}.json").read_text())["cells"]
-            for name in tf2.TASKS if (FRESH2_OUT / f"{name}.json").exists()}  # fmt: skip
+FRESH3_OUT = OUT / "fresh3"  # results/twolayer/PLAN-fresh3.md
+ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3", FRESH3_OUT)}
 
 
-def run_fresh2(names: list[str]) -> None:
-    """The library's exact-top forecast of every stored cell of the second fresh round, as
-    ``run_fresh``; once (PLAN-fresh2.md)."""
-    cells = fresh2_tasks()
+def round_tasks(which: str) -> dict:
+    """``{task: cells}`` of a fresh round's tasks (``ROUNDS``: the script that made their
+    real runs, and their folder) whose real runs are stored (their task tables registered
+    in ``holdout.TASKS``)."""
+    import importlib
+
+    module, folder = ROUNDS[which]
+    mod = importlib.import_module(module)
+    ho.TASKS.update(mod.TASKS)
+    return {name: json.loads((folder / f"{name}.json").read_text())["cells"]
+            for name in mod.TASKS if (folder / f"{name}.json").exists()}  # fmt: skip
+
+
+def run_round(which: str, names: list[str]) -> None:
+    """The library's exact-top forecast of every stored cell of a fresh round, as
+    ``run_fresh``; once (PLAN-fresh2.md, PLAN-fresh3.md)."""
+    cells = round_tasks(which)
     for name in names:
-        grid_task(name, cells=cells[name], path=FRESH2_OUT / f"{name}-grid.json")
+        grid_task(name, cells=cells[name], path=ROUNDS[which][1] / f"{name}-grid.json")
 
 
 TEXT_HOLDOUT_OUT = TEXT_OUT / "holdout"  # results/twolayer/PLAN-text.md
@@ -908,7 +978,7 @@ def holdout_lines() -> list[str]:
     steps interval (``STEPS_BAND``: a miss is outside)."""
     from headbody import _fmt
 
-    rows = grid_rows("holdout")
+    rows = grid_rows("holdout", path="fixed")
     if not rows:
         return []
     for r in rows:  # the band frozen for this round (``BAND_BEFORE``, then ``STEPS_BAND``)
@@ -975,11 +1045,12 @@ def _residual(r: dict) -> float:
 
 
 def choose_band(rows: list[dict] | None = None, *, finite: bool = True) -> dict:
-    """The steps interval of the exact-top forecast, T ∈ [T̂ e^lo, T̂ e^hi], per (loss,
-    full/B32): (lo, hi) the (p, 1 − p) quantiles of log(T / T̂) over the development grid's
-    targets (misses +∞), p the largest of ``BAND_LEVELS`` whose pooled left-out-task
-    coverage reaches ``BAND_COVER`` in every group (each task's targets scored on the band of
-    the other tasks); ``finite``: and whose upper ends are finite."""
+    """The steps interval of the exact-top forecast, T ∈ [T̃ e^lo, T̃ e^hi], per (loss,
+    full/B32): (lo, hi) the (p, 1 − p) quantiles of log(T / T̃) over the development grid's
+    targets (misses +∞; T̃ the library's estimate, ``et``), p the largest of
+    ``BAND_LEVELS`` whose pooled left-out-task coverage reaches ``BAND_COVER`` in every
+    group, for each kind of task (image, text) separately (each task's targets scored on the
+    band of the other tasks); ``finite``: and whose upper ends are finite."""
     rows = rows if rows is not None else grid_rows()
     tasks = sorted({r["task"] for r in rows})
     groups = sorted({(r["loss"], r["batch"]) for r in rows})
@@ -989,19 +1060,60 @@ def choose_band(rows: list[dict] | None = None, *, finite: bool = True) -> dict:
         for g in groups:
             sub = [r for r in rows if (r["loss"], r["batch"]) == g]
             x = np.array([_residual(r) for r in sub])
-            hit = []
+            hit: dict[str, list[bool]] = {}
             for t in tasks:
                 tr = np.array([_residual(r) for r in sub if r["task"] != t])
-                te = np.array([_residual(r) for r in sub if r["task"] == t])
                 lo, hi = np.quantile(tr, levels[0]), np.quantile(tr, levels[1])
-                hit += list((te >= lo) & (te <= hi))
+                for r in sub:
+                    if r["task"] == t:
+                        hit.setdefault(r.get("kind", "image"), []).append(
+                            bool(lo <= _residual(r) <= hi))
             lo, hi = np.quantile(x, levels[0]), np.quantile(x, levels[1])
             hi = math.inf if hi > _BIG / 2 else hi
-            table[g] = dict(lo=float(lo), hi=float(hi), loto=float(np.mean(hit)), n=len(sub))
-            ok &= bool(np.mean(hit) >= BAND_COVER and (math.isfinite(hi) or not finite))
+            loto = {k: float(np.mean(v)) for k, v in sorted(hit.items())}
+            table[g] = dict(lo=float(lo), hi=float(hi), loto=min(loto.values()), kinds=loto,
+                            n=len(sub))  # fmt: skip
+            ok &= bool(min(loto.values()) >= BAND_COVER and (math.isfinite(hi) or not finite))
         out[levels] = dict(table=table, ok=ok)
     chosen = next((lv for lv in BAND_LEVELS if out[lv]["ok"]), None)
     return dict(candidates=out, chosen=chosen)
+
+
+DEV_SETS = ("dev", "text-ffn")  # the development tasks: 14 image, 14 text (default splits)
+
+
+def dev_rows() -> list[dict]:
+    """``check_rows`` of every development task, image and text (``DEV_SETS``)."""
+    return [r for which in DEV_SETS for r in check_rows(which)]
+
+
+def _drift_line(rows: list[dict]) -> tuple[float, float]:
+    x = np.log([r["et_path"] for r in rows])
+    y = np.log([r["T"] / r["et_path"] for r in rows])
+    a, b = np.linalg.lstsq(np.c_[np.ones_like(x), x], y, rcond=None)[0]
+    return float(a), float(b)
+
+
+def choose_drift(rows: list[dict] | None = None) -> dict:
+    """NOTE [exact-top drift]: per loss, (a, b) the least-squares line of log(T / T̂) on
+    ln T̂ over the passed targets the forecast reaches (T̂ of the path), and the errors of
+    T̂ and of T̃ with each task's (a, b) fitted on the other tasks (``loto``)."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    rows = rows if rows is not None else dev_rows()
+    out = {}
+    for loss in ho.LOSSES:
+        sub = [r for r in rows if r["loss"] == loss and r["R"] <= REBOUND_MAX and r["et_path"]]
+        a, b = _drift_line(sub)
+        left = []
+        for t in sorted({r["task"] for r in sub}):
+            at, bt = _drift_line([r for r in sub if r["task"] != t])
+            left += [dict(r, loto=r["et_path"] * math.exp(min(0.0, at + bt * math.log(
+                r["et_path"])))) for r in sub if r["task"] == t]  # fmt: skip
+        out[loss] = dict(a=a, b=b, n=len(sub), path=_fmt(dh._errors(left, "et_path")),
+                         loto=_fmt(dh._errors(left, "loto")))  # fmt: skip
+    return out
 
 
 def choose_bands(rows: list[dict] | None = None) -> dict:
@@ -1010,14 +1122,14 @@ def choose_bands(rows: list[dict] | None = None) -> dict:
     (its upper end may be +∞: the check flags every miss of the development grid)."""
     from tangentlab.experimental.exact_top import REBOUND_MAX
 
-    rows = rows if rows is not None else check_rows()
+    rows = rows if rows is not None else dev_rows()
     calm = [r for r in rows if r["R"] <= REBOUND_MAX]
     flagged = [dict(r, loss="any", batch="any") for r in rows if r["R"] > REBOUND_MAX]
     return dict(calm=choose_band(calm), flagged=choose_band(flagged, finite=False))
 
 
 def band_lines() -> list[str]:
-    rows = check_rows()
+    rows = dev_rows()
     if not rows:
         return []
     res = choose_bands(rows)
@@ -1066,20 +1178,19 @@ def _stored_forecast(g: dict, full_batch: bool):
                             dict(full_batch=full_batch))  # fmt: skip
 
 
-def check_rows(which: str = "dev", *, prefix: bool = False) -> list[dict]:
-    """``grid_rows(which)`` with the rebound R at each target (the library's
-    ``ExactTopForecast.rebound`` of the stored path) and ``bad`` (|T̂ − T|/T > 25% or a
-    miss)."""
-    rows = grid_rows(which, prefix=prefix)
-    states = {}
-    for p in _task_set(which)[0].glob("*-grid.json"):
-        st = json.loads(p.read_text())
-        states[st["task"]] = st["cells"]
+def _bad(t: int | None, big_t: int) -> bool:
+    return t is None or abs(t - big_t) / big_t > BAD
+
+
+def check_rows(which: str = "dev", *, prefix: bool = False, path: str = "library"
+               ) -> list[dict]:
+    """``grid_rows(which)`` (its rebound R at each target: the library's
+    ``ExactTopForecast.rebound`` of the stored path) with ``bad`` (|T̂ − T|/T > 25% or a
+    miss) and ``bad_fixed`` (the same for the fixed kernel's T̂, None where not stored)."""
+    rows = grid_rows(which, prefix=prefix, path=path)
     for r in rows:
-        fc = _stored_forecast(states[r["task"]][r["cell"]], r["batch"] == "full")
-        assert fc.steps_to_drop(float(r["drop"])) == r["et"], r  # the scored T̂
-        r["R"] = fc.rebound(float(r["drop"]))
-        r["bad"] = r["et"] is None or abs(r["et"] - r["T"]) / r["T"] > BAD
+        r["bad"] = _bad(r["et"], r["T"])
+        r["bad_fixed"] = _bad(r["et_fixed"], r["T"]) if r["fixed"] else None
     return rows
 
 
@@ -1161,15 +1272,20 @@ BAND_BEFORE = {("mse", True): (-0.13, 0.21), ("mse", False): (-0.18, 0.13),
 
 def _inside_before(r: dict) -> bool:
     lo, hi = BAND_BEFORE[(r["loss"], r["batch"] == "full")]
-    return r["et"] is not None and r["et"] * math.exp(lo) <= r["T"] <= r["et"] * math.exp(hi)
+    t = r["et_fixed"] if r["fixed"] else None  # that band was around the fixed kernel's T̂
+    return t is not None and t * math.exp(lo) <= r["T"] <= t * math.exp(hi)
 
 
 SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)",
           "fresh": "the fresh tasks of `twolayer_fresh.py` (first look)",
           "text": "the 14 text development tasks (MiniLM; the check and interval as chosen "
-                  "on the image tasks, never on text)",
+                  "on the image tasks, never on text; the pooler split, not the default: its "
+                  "flagged targets keep the fixed kernel's T̂, no catapult path was run)",
           "fresh2": "the second fresh round's three image tasks (`twolayer_fresh2.py`, "
                     "PLAN-fresh2.md; first look)",
+          "fresh3": "the third fresh round's three image tasks (`twolayer_fresh3.py`, "
+                    "PLAN-fresh3.md; first look, the library with the catapult, drift and "
+                    "bands of PLAN-fresh3.md)",
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}
@@ -1188,25 +1304,31 @@ def check_scored_lines(which: str) -> list[str]:
     for r in rows:
         r["inside"] = _inside(r)
     tasks = sorted({r["task"] for r in rows})
-    lines = ["", f"**Scored: {SCORED[which]}** ({', '.join(tasks)}; {len(rows)} targets), the "
-             f"check (R > {REBOUND_MAX:g}) and the interval as frozen in "
-             "results/twolayer/PLAN-check.md. Entries: errors median / p90 of |T̂ − T|/T "
-             "(targets, misses); bad: > 25% or a miss; precision and recall of the flag for "
+    lines = ["", f"**Scored: {SCORED[which]}** ({', '.join(tasks)}; {len(rows)} targets), "
+             "the library as it is now: its path (NOTE [exact-top catapult]: a flagged "
+             f"target's T̂ from its catapult path), its check (R > {REBOUND_MAX:g}, "
+             "PLAN-check.md) and its interval (``STEPS_BAND`` as frozen in PLAN-check.md, "
+             "``STEPS_BAND_FLAGGED`` chosen again on the development tasks with the catapult). "
+             "Entries: errors median / p90 of |T̂ − T|/T (targets, misses); *fixed kernel*: "
+             "the path without the catapult, as the set was first scored (the passed targets' "
+             "T̂ are the same); bad: > 25% or a miss; precision and recall of the flag for "
              "bad targets; interval: share of targets inside (a miss is outside), of all, "
              "of the passed and of the flagged ones; *before*: the one band per loss and "
              "batch of commit e6a0417 (``BAND_BEFORE``); *prefix 5% / 10%*: issue 13's "
              "baselines, a power law fitted to the first 5% / 10% of the real run's steps "
              "(``headbody._powerlaw_curve``).", "",
-             "| loss | batch | drop | exact top | bad | flagged | precision | recall | bad among "
-             "passed | interval: all | passed | flagged | before | prefix 5% | prefix 10% |",
-             "|" + "---|" * 15]  # fmt: skip
+             "| loss | batch | drop | exact top | fixed kernel | bad | flagged | precision | "
+             "recall | bad among passed | interval: all | passed | flagged | before | "
+             "prefix 5% | prefix 10% |", "|" + "---|" * 16]  # fmt: skip
 
     def line(label: str, sub: list[dict]) -> str:
         s = _check_score(sub, REBOUND_MAX)
         calm = [r["inside"] for r in sub if r["R"] <= REBOUND_MAX]
         flag = [r["inside"] for r in sub if r["R"] > REBOUND_MAX]
         pct = lambda v: f"{np.mean(v):.0%} ({len(v)})" if v else "-"  # noqa: E731
-        return (f"| {label} | {_fmt(dh._errors(sub, 'et'))} | {s['bad']} | {s['flagged']} | "
+        fixed = _fmt(dh._errors(sub, "et_fixed")) if all(r["fixed"] for r in sub) else "-"
+        return (f"| {label} | {_fmt(dh._errors(sub, 'et'))} | {fixed} | {s['bad']} | "
+                f"{s['flagged']} | "
                 f"{s['precision']:.0%} | {s['recall']:.0%} | {s['calm_bad']:.0%} | "
                 f"{pct([r['inside'] for r in sub])} | {pct(calm)} | {pct(flag)} | "
                 f"{pct([_inside_before(r) for r in sub])} | {_fmt(dh._errors(sub, 'p5'))} | "

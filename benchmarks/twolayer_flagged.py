@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,6 +55,7 @@ SUBSTEPS = 4  # flow
 MEMBERS, JITTER = 8, 0.05  # ensemble
 BETAS = (0.5, 0.3)  # catapult
 HELD_OUT_BETA = 0.5  # the one scored on the second fresh round (PLAN-fresh2.md, addendum)
+SCORED_SETS = ("fresh2", "holdout", "fresh", "text-holdout")  # held-out sets: β = 0.5 only
 
 
 def _curve(steps, loss, every: int = 1) -> list[float | None]:
@@ -104,82 +104,16 @@ def ensemble(etk, c: dict, stop_below: float) -> dict:
     return out
 
 
-def catapult_path(kernel, lossf, rates: np.ndarray, m: float, batches, log_every: int,
-                  stop_below: float | None, beta: float,
-                  delta: float = et.REBOUND_MAX) -> tuple[list, int | None]:
-    """``exact_top._path`` (no weight decay) whose block kernel is scaled by s, s ← β s
-    each time the logged loss first rises above its running minimum by more than δ L0
-    (read on the steps the check reads); β = 1 is the library's path."""
-    top, shape, y = kernel.top, kernel.shape, kernel.y
-    w = dict(top.named_parameters())
-    th = [w[a].detach().clone().requires_grad_(True) for a in kernel.top_params]
-    buf = [torch.zeros_like(t) for t in th]
-    z0 = kernel.z0
-    dz, u = torch.zeros_like(z0), torch.zeros_like(z0)
-    every = 1 if batches is None else et.CHECK_EVERY_MINIBATCH
-    s, armed, runmin, l0 = 1.0, True, math.inf, None
-
-    def logits(z: torch.Tensor) -> torch.Tensor:
-        return functional_call(top, dict(zip(kernel.top_params, th)),
-                               (z.reshape(len(z), *shape),))  # fmt: skip
-
-    curve, blowup, steps = {}, None, len(rates)
-    for t in range(steps + 1):
-        train = t < steps
-        rows = None if batches is None or not train else torch.as_tensor(batches[t])
-        z = (z0 + dz).detach()
-        grad_all = train and rows is None
-        if t % log_every == 0 or grad_all or t == steps:
-            if grad_all:
-                z.requires_grad_(True)
-            with torch.set_grad_enabled(grad_all):
-                f = logits(z)
-                per = lossf.per_sample(f, y)
-            value = float(per.detach().double().mean())
-            l0 = value if l0 is None else l0
-            if not math.isfinite(value) or value > et._BLOWUP * l0:
-                blowup = t
-                break
-            if t % log_every == 0:
-                curve[t] = value
-                if stop_below is not None and value <= stop_below:
-                    break
-            if t % every == 0:
-                if value > runmin + delta * l0:
-                    s *= beta if armed else 1.0
-                    armed = False
-                else:
-                    armed = True
-                runmin = min(runmin, value)
-        if not train:
-            break
-        if grad_all:
-            zb, lb = z, per.mean()
-        else:
-            zb = z[rows].requires_grad_(True)
-            lb = lossf.per_sample(logits(zb), y[rows]).mean()
-        grads = torch.autograd.grad(lb, [zb, *th], allow_unused=True)
-        grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *th])]
-        with torch.no_grad():
-            kg = kernel._apply(grads[0], rows) * s
-            for p, g, b in ((dz, kg, u), *zip(th, grads[1:], buf)):
-                b.mul_(m).add_(g)
-                p.sub_(b, alpha=float(rates[t]))
-    out = [None] * (max(curve) + 1)
-    for t, v in curve.items():
-        out[t] = v
-    return out, blowup
-
-
 def catapult(etk, c: dict, stop_below: float, betas: tuple[float, ...] = BETAS) -> dict:
     full = c["batch_size"] is None
     out = {}
     for beta in betas:
-        curve, blowup = catapult_path(etk, et.as_loss(c["loss"], "catapult"),
-                                      np.full(c["fc_steps"], c["lr"]), c["momentum"],
-                                      _batches(etk, c, tw.GRID_SEED), 1 if full else 2,
-                                      stop_below, beta)  # fmt: skip
-        out[f"beta{beta:g}"] = dict(curve=curve, blowup=blowup)
+        steps, losses, _, blowup = et._path(etk, et.as_loss(c["loss"], "catapult"),
+                                            np.full(c["fc_steps"], c["lr"]), c["momentum"],
+                                            0.0, _batches(etk, c, tw.GRID_SEED),
+                                            1 if full else 2, stop_below, False,
+                                            catapult=beta)  # fmt: skip
+        out[f"beta{beta:g}"] = dict(curve=_curve(steps, losses), blowup=blowup)
     return out
 
 
@@ -188,7 +122,7 @@ VARIANTS: dict[str, Callable] = {"flow": flow, "ensemble": ensemble, "catapult":
 
 
 def _flagged(which: str) -> tuple[list[dict], dict]:
-    rows = tw.check_rows(which)
+    rows = tw.check_rows(which, path="fixed")  # et: the fixed kernel's T̂
     cells: dict = {}
     for r in rows:
         if r["R"] > et.REBOUND_MAX:
@@ -220,7 +154,7 @@ def run(variant: str, which: str = "dev") -> None:
             run_ = [v for v in c["run_loss"] if v is not None]
             deepest = max(d for d in ho.DROPS if min(run_) <= (1 - d) * l0)
             t0 = time.perf_counter()
-            extra = dict(betas=(HELD_OUT_BETA,)) if which == "fresh2" else {}
+            extra = dict(betas=(HELD_OUT_BETA,)) if which in SCORED_SETS else {}
             state[key] = dict(VARIANTS[variant](etk, c, (1 - deepest) * l0, **extra),
                               seconds=time.perf_counter() - t0)  # fmt: skip
             OUT.mkdir(parents=True, exist_ok=True)
@@ -337,15 +271,17 @@ round.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", choices=sorted(VARIANTS), help="one variant's paths")
-    ap.add_argument("--which", default="dev", choices=("dev", "text-ffn", "fresh2"),
+    ap.add_argument("--which", default="dev", choices=("dev", "text-ffn", *SCORED_SETS),
                     help="the development tasks, image (dev) or text (text-ffn); fresh2: the "
-                    "second fresh round, catapult only, once (PLAN-fresh2.md)")
+                    "second fresh round, catapult only, once (PLAN-fresh2.md); holdout, "
+                    "fresh, text-holdout: the other held-out sets, catapult β = 0.5 only, "
+                    "to rescore the library's path there once it was adopted (second looks)")
     ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.run:
-        if args.which == "fresh2" and args.run != "catapult":
-            ap.error("fresh2 scores the catapult candidate only (PLAN-fresh2.md)")
+        if args.which in SCORED_SETS and args.run != "catapult":
+            ap.error(f"{args.which} scores the catapult candidate only (PLAN-fresh2.md)")
         run(args.run, args.which)
         return
     lines = report()

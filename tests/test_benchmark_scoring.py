@@ -90,18 +90,20 @@ def test_exact_top_check_rule_takes_the_threshold_of_largest_f1():
 
 
 @pytest.mark.parametrize("batch_size", [None, 4])
-def test_catapult_candidate_is_the_library_path_until_the_check_would_flag(batch_size):
-    """benchmarks/twolayer_flagged.py: with β = 1 the candidate is the library's exact-top
-    path; with β < 1 it leaves it only after the first excursion above 0.15 L0, so every
-    target the check passes keeps its T̂."""
+def test_stored_catapult_paths_are_the_library_forecast(batch_size):
+    """benchmarks/twolayer_flagged.py stores the catapult paths that twolayer.grid_rows reads
+    for grids made before the catapult: per step, the library's forecast with that β, and
+    the T̂ read from them is the forecast's."""
+    import math
+    import warnings
+
     import numpy as np
     import torch
     from torch import nn
 
     import tangentlab as tl
+    import twolayer as tw
     import twolayer_flagged as tfl
-    from tangentlab import dynamics as dyn
-    from tangentlab.errors import ValidityWarning
     from tangentlab.experimental import exact_top as et
 
     torch.manual_seed(0)
@@ -110,20 +112,17 @@ def test_catapult_candidate_is_the_library_path_until_the_check_would_flag(batch
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.arange(10) % 3
     etk = et.compute_exact_top_kernel(body, top, (x, y), progress=False)
-    with pytest.warns(ValidityWarning):  # past CE's stability limit: it climbs back
+    cell = dict(batch_size=batch_size, lr=2.0, momentum=0.0, loss="ce", fc_steps=40)
+    stored = tfl.catapult(etk, cell, stop_below=0.0)[f"beta{et.CATAPULT:g}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         fc = et.forecast_exact_top(etk, tl.SGD(2.0), 40, loss="ce", batch_size=batch_size,
-                                   seed=3, progress=False)  # fmt: skip
-    batches = None if batch_size is None else dyn.batch_schedule(
-        10, batch_size, 40, sampling="epoch", rng=dyn.path_rngs(3, 1)[0])
-    lossf = et.as_loss("ce", "test")
-    same, _ = tfl.catapult_path(etk, lossf, np.full(40, 2.0), 0.0, batches, 1, None, 1.0)
-    np.testing.assert_array_equal(np.array(same, dtype=float), fc.loss)
-    shrunk, _ = tfl.catapult_path(etk, lossf, np.full(40, 2.0), 0.0, batches, 1, None, 0.5)
-    every = 1 if batch_size is None else et.CHECK_EVERY_MINIBATCH
-    read = fc.loss[::every]
-    rise = np.nonzero(read - np.minimum.accumulate(read) > et.REBOUND_MAX * read[0])[0]
-    first = int(rise[0]) * every  # the first step the check would read as an excursion
-    np.testing.assert_array_equal(np.array(shrunk[: first + 1], dtype=float),
-                                  fc.loss[: first + 1])  # fmt: skip
-    assert not np.allclose(np.array(shrunk[first + 2:], dtype=float)[:5],
-                           fc.loss[first + 2: first + 7])  # fmt: skip
+                                   seed=tw.GRID_SEED, log_every=1 if batch_size is None else 2,
+                                   progress=False)  # fmt: skip
+    assert fc.reliability["catapults"]  # the path shrank
+    curve = stored["curve"]
+    np.testing.assert_array_equal([curve[int(t)] for t in fc.steps], fc.loss)
+    assert all(v is None for t, v in enumerate(curve) if t not in set(fc.steps.tolist()))
+    for d in (0.3, 0.5, 0.8):
+        assert tw._first_below(curve, (1 - d) * curve[0]) == fc.steps_to_drop(d)
+    assert not math.isnan(curve[-1])

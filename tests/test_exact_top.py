@@ -13,6 +13,7 @@ import tangentlab as tl
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarning
 from tangentlab.experimental.exact_top import (
     compute_exact_top_kernel,
+    drift_steps,
     forecast_exact_top,
 )
 
@@ -31,9 +32,12 @@ def _data(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _weight_space(body, top, x, y, opt: tl.SGD, steps: int, *, loss: str,
-                  batch_size: int | None, seed: int) -> np.ndarray:
+                  batch_size: int | None, seed: int, catapult: float = 1.0) -> np.ndarray:
     """Autograd on top(z0 + J Δw) in weight space (Δw: the body's, θ: the top's), the
-    updates written out as torch SGD with decay toward w0; the full loss at every step."""
+    updates written out as torch SGD with decay toward w0; the full loss at every step.
+    ``catapult`` β: the body's loss gradient times β at each rise of the full loss (read
+    every step in full batch, every 2nd with minibatches) above its running minimum by
+    more than 0.15 L0, once per rise; K = J Jᵀ times β is the body's gradient times β."""
     fn = tl.training.as_loss(loss, "test")
     wb = {k: v.detach() for k, v in body.named_parameters()}
     names = list(wb)
@@ -54,17 +58,22 @@ def _weight_space(body, top, x, y, opt: tl.SGD, steps: int, *, loss: str,
                      tuple(wb.values()), tuple(delta))  # fmt: skip
         return functional_call(top, dict(zip(tnames, th)), (z0 + jd,))
 
-    out = []
+    out, scale, armed, every = [], 1.0, True, 1 if batch_size is None else 2
     for t in range(steps + 1):
         with torch.no_grad():
             out.append(float(fn.per_sample(logits(None), y).mean()))
+        if t % every == 0:
+            rise = out[-1] > min(out[::every]) + 0.15 * out[0]
+            scale *= catapult if rise and armed else 1.0
+            armed = not rise
         if t == steps:
             break
         rows = None if batches is None else torch.as_tensor(batches[t])
         lb = fn.per_sample(logits(rows), y if rows is None else y[rows]).mean()
         grads = torch.autograd.grad(lb, params)
         with torch.no_grad():
-            for p, p0, g, b in zip(params, params0, grads, bufs):
+            for i, (p, p0, g, b) in enumerate(zip(params, params0, grads, bufs)):
+                g = g * scale if i < len(delta) else g
                 b.mul_(opt.momentum).add_(g + opt.weight_decay * (p - p0))
                 p.sub_(b, alpha=float(rates[t]))
     return np.asarray(out)
@@ -89,6 +98,49 @@ def test_all_directions_equal_a_weight_space_simulation_of_the_model(loss, opt, 
     fc = forecast_exact_top(etk, opt, 30, loss=loss, batch_size=batch, seed=3, progress=False)
     assert ref[-1] < 0.9 * ref[0]  # the runs move
     np.testing.assert_allclose(fc.loss, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch,m", [(None, 0.0), (4, 0.0), (None, 0.5)])
+def test_catapult_is_the_body_rate_times_beta_at_each_excursion_in_weight_space(batch, m):
+    """NOTE [exact-top catapult]: past CE's stability limit the loss climbs back; from each
+    such step on the block's kernel (in weight space: the body's gradient) is times β."""
+    body, top = _net()
+    x, y = _data()
+    opt = tl.SGD(2.0 if m == 0 else 1.0, momentum=m)
+    steps = 25  # the path is chaotic: rounding grows ~10x every 2 steps
+    ref = _weight_space(body, top, x, y, opt, steps, loss="ce", batch_size=batch, seed=3,
+                        catapult=0.5)  # fmt: skip
+    fixed = _weight_space(body, top, x, y, opt, steps, loss="ce", batch_size=batch, seed=3)
+    etk = compute_exact_top_kernel(body, top, (x, y), directions="all", progress=False)
+    with pytest.warns(ValidityWarning):
+        fc = forecast_exact_top(etk, opt, steps, loss="ce", batch_size=batch, seed=3,
+                                progress=False)  # fmt: skip
+    assert fc.settings["catapult"] == 0.5 and fc.reliability["catapults"]
+    assert not np.allclose(ref, fixed, rtol=1e-3)  # it shrank
+    np.testing.assert_allclose(fc.loss, ref, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_catapult_keeps_every_passed_target_and_flags_the_same_ones(batch):
+    """The catapult path is the fixed-kernel path up to its first shrink, which is where the
+    check flags: passed targets keep T̂, and the check flags the same drops."""
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    kw = dict(loss="ce", batch_size=batch, seed=3, progress=False)
+    with pytest.warns(ValidityWarning):
+        fixed = forecast_exact_top(etk, tl.SGD(2.0), 40, catapult=1.0, **kw)
+        shrunk = forecast_exact_top(etk, tl.SGD(2.0), 40, **kw)
+    first = shrunk.reliability["catapults"][0]
+    assert fixed.reliability["catapults"] == []
+    k = int(np.nonzero(fixed.steps == first)[0][0])
+    np.testing.assert_array_equal(shrunk.loss[: k + 1], fixed.loss[: k + 1])
+    assert not np.allclose(shrunk.loss[k + 2: k + 7], fixed.loss[k + 2: k + 7])
+    drops = np.linspace(0.05, 0.95, 19)
+    assert any(fixed.flagged(d) for d in drops) and any(not fixed.flagged(d) for d in drops)
+    for d in drops:
+        assert shrunk.flagged(d) == fixed.flagged(d)
+        if not fixed.flagged(d):
+            assert shrunk.steps_to_drop(d) == fixed.steps_to_drop(d)
 
 
 @pytest.mark.parametrize("loss,opt,batch", CASES)
@@ -164,6 +216,8 @@ def test_steps_to_a_drop_and_blowups():
     (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, stop_below="low"), "stop_below"),
     (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, loss="hinge"), "loss must be"),
     (lambda e: forecast_exact_top(object(), tl.SGD(0.1), 5), "compute_exact_top_kernel"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, catapult=0), r"catapult must be .*\(0, 1\]"),
+    (lambda e: forecast_exact_top(e, tl.SGD(0.1), 5, catapult=2.0), "catapult must be"),
     (lambda e: e.steps_to_drop if False else forecast_exact_top(e, tl.SGD(0.1), 2,
      progress=False).steps_to_drop(80), "drop must lie"),  # fmt: skip
 ])
@@ -250,11 +304,30 @@ def test_steps_interval_is_the_calibrated_band_around_the_estimate():
     for loss, batch in (("mse", None), ("ce", 4)):
         fc = forecast_exact_top(etk, tl.SGD(0.2), 60, loss=loss, batch_size=batch,
                                 progress=False)  # fmt: skip
-        t = fc.steps_to_drop(0.5)
+        t = fc.steps_estimate(0.5)
+        assert t == pytest.approx(drift_steps(fc.steps_to_drop(0.5), loss))
         lo, hi = STEPS_BAND[(loss, batch is None)]
         assert t is not None and not fc.reliability["flagged"]  # the passed targets' band
         assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
         assert fc.steps_interval(0.999999) is None  # not reached: no interval
+        assert fc.steps_estimate(0.999999) is None
+
+
+def test_drift_shortens_long_runs_only_and_keeps_their_order():
+    """NOTE [exact-top drift]: T̃ = T̂ exp(min(0, a + b ln T̂)), T̂ kept below e^(-a/b)."""
+    import math
+
+    from tangentlab.experimental.exact_top import DRIFT
+
+    a, b = DRIFT["ce"]
+    assert b < 0 < a  # long CE runs: the real run is faster
+    short = math.floor(math.exp(-a / b))
+    assert drift_steps(short, "ce") == short and drift_steps(1, "ce") == 1
+    steps = np.arange(1, 5000)
+    est = np.array([drift_steps(t, "ce") for t in steps])
+    assert est[999] == pytest.approx(1000 * math.exp(a + b * math.log(1000)))
+    assert np.all(np.diff(est) > 0) and np.all(est <= steps)  # monotone, never later
+    assert drift_steps(300, "hinge") == 300  # no calibration: T̂
 
 
 def test_rebound_is_the_largest_rise_above_the_running_minimum():
@@ -296,7 +369,7 @@ def test_reliability_check_flags_a_forecast_whose_loss_climbs_back():
     d = next(float(k) for k, v in r["rebound"].items()
              if v > REBOUND_MAX and fc.steps_to_drop(float(k)) is not None)  # fmt: skip
     lo, hi = fc.steps_interval(d)
-    assert lo == pytest.approx(fc.steps_to_drop(d) * math.exp(STEPS_BAND_FLAGGED[0]))
+    assert lo == pytest.approx(fc.steps_estimate(d) * math.exp(STEPS_BAND_FLAGGED[0]))
     assert math.isinf(hi)  # flagged targets: no upper end
 
 

@@ -139,7 +139,8 @@ def plot_exact_top(
 
     Args:
       forecasts: ``(label, ExactTopForecast)`` pairs.
-      drop: a drop of each forecast's L0 (``None``: none): its target line, T̂ marked, and
+      drop: a drop of each forecast's L0 (``None``: none): its target line, the estimate
+        of the real steps (``ExactTopForecast.steps_estimate``) marked, and
         the steps interval (``ExactTopForecast.steps_interval``) as a bar along the line,
         open to the right when the reliability check flags the target (NOTE [exact-top
         reliability check]); a flagged forecast's legend says so.
@@ -161,7 +162,7 @@ def plot_exact_top(
             continue
         target = (1.0 - drop) * float(fc.loss[0])
         ax_l.axhline(target, color=col, lw=0.8, ls=":")
-        t, iv = fc.steps_to_drop(drop), fc.steps_interval(drop)
+        t, iv = fc.steps_estimate(drop), fc.steps_interval(drop)
         if t is None or iv is None:
             continue
         ax_l.plot([t], [target], "o", color=col, ms=5)

@@ -89,32 +89,34 @@ from tangentlab.tangent import ParamSpec, Tangent, select_params
 from tangentlab.training import SGD, Loss, as_loss, check_steps
 
 __all__ = ["ExactTopKernel", "ExactTopForecast", "compute_exact_top_kernel",
-           "forecast_exact_top", "rebound"]  # fmt: skip
+           "forecast_exact_top", "rebound", "drift_steps"]  # fmt: skip
 
 _CHUNK = 256  # samples per forward pass of the body at w0
 _ROWS = 1024  # most samples whose gradient rows choose Q
 _BLOWUP = 1e4  # a loss above this many times L0 is a blow-up (NOTE [divergence policy])
 
 # NOTE [exact-top steps interval]
-# T ∈ [T̂ e^lo, T̂ e^hi] for the steps T̂ to a drop of the forecast's loss. When the
-# reliability check passes (NOTE [exact-top reliability check]), per (loss, full batch or
-# minibatch): (lo, hi) the 5% and 95% quantiles of log(T / T̂) over the passed targets of the
-# 14 image development tasks' whole grid; when it flags the target, one band pooled over all
-# flagged targets, the 10% and 90% quantiles, whose upper end is +∞ (a miss counts +∞, and
-# the check flags every miss there: 18 of its 136 targets). The levels are chosen by the
-# rule of ``benchmarks/twolayer.py --choose-band`` (each group covers >= 85% of a task's
-# targets on the band of the other tasks; measured 88-89% passed, 88% flagged). Calibrated
-# on EfficientNet-Lite0/1 tops at 32 px (N = 128, minibatch B = 32, the minibatch forecast
-# one path with its own batches). Held out: 93% of the three fresh tasks' 198 targets
-# inside (passed 94%, flagged 89%), but 72% of rounds 8-9's four tasks' 116 (passed 69%),
-# where the single band per group it replaced held 84% (92% on the fresh tasks).
+# T ∈ [T̃ e^lo, T̃ e^hi] around the estimate T̃ of a drop (``steps_estimate``: the forecast's
+# steps T̂ with the drift of long runs, NOTE [exact-top drift]). When the reliability check
+# passes (NOTE [exact-top reliability check]), per (loss, full batch or minibatch): (lo, hi)
+# the 2.5% and 97.5% quantiles of log(T / T̃) over the passed targets of the development
+# tasks' whole grid (14 image, 14 text: EfficientNet-Lite0/1 tops at 32 px and MiniLM's
+# last layer, N = 128, minibatch B = 32, the minibatch forecast one path with its own
+# batches); when it flags the target, one band pooled over all flagged targets, the 5% and
+# 95% quantiles, whose upper end is +∞ (a miss counts +∞: 20 of the 264 flagged targets).
+# The levels are chosen by the rule of ``benchmarks/twolayer.py --choose-band``: each group
+# covers >= 85% of a left-out task's targets on the band of the other tasks, for image and
+# text tasks separately (measured 87-94% image, 96-99% text passed; 97% and 91% flagged).
+# Before the drift and the catapult (commit 34cfed5) the bands were chosen on the image
+# tasks alone around T̂; held out, they covered 72-93% of the image sets' targets: the long
+# CE runs, faster than T̂, fell below them.
 STEPS_BAND: dict[tuple[str, bool], tuple[float, float]] = {
-    ("mse", True): (-0.09, 0.08),
-    ("mse", False): (-0.13, 0.11),
-    ("ce", True): (-0.19, 0.0),
-    ("ce", False): (-0.24, 0.22),
+    ("mse", True): (-0.10, 0.11),
+    ("mse", False): (-0.18, 0.14),
+    ("ce", True): (-0.17, 0.06),
+    ("ce", False): (-0.18, 0.22),
 }  # (loss, full batch) -> (lo, hi), the check passed
-STEPS_BAND_FLAGGED: tuple[float, float] = (-0.75, math.inf)  # the check flags the target
+STEPS_BAND_FLAGGED: tuple[float, float] = (-0.89, math.inf)  # the check flags the target
 
 # NOTE [exact-top reliability check]
 # A forecast whose own loss climbs back up is near or past its edge of stability, where the
@@ -132,12 +134,57 @@ STEPS_BAND_FLAGGED: tuple[float, float] = (-0.75, math.inf)  # the check flags t
 # bad ones flagged (recall 79%), leave-one-task-out 60% / 79%; of the unflagged targets 3%
 # are bad. Held out (RESULTS.md "twolayer"): on three fresh tasks precision 62%, recall 89%,
 # 3% of the passed targets bad; on rounds 8-9's four tasks (a second look) 64%, 64%, 14%.
+# These figures are of the fixed kernel. With the catapult (NOTE [exact-top catapult]), which
+# changes only flagged targets, fewer of them are bad: 47% of the 136 (recall 79%) on the
+# image development tasks, 55% of 128 (recall 86%) on the text ones; the threshold of
+# largest F1 is still 0.15.
 # A minibatch path's rebounds include its SGD noise, which the threshold was chosen
 # with (B = 32, N = 128, the loss logged every 2 steps): R is read on the logged steps that
 # are multiples of CHECK_EVERY_MINIBATCH there (every logged step in full batch), so that
 # the default log_every = 1 flags as calibrated; a coarser log_every sees fewer rebounds.
 REBOUND_MAX = 0.15
 CHECK_EVERY_MINIBATCH = 2
+
+# NOTE [exact-top catapult]
+# Past its edge of stability a real network catapults: its loss climbs, its curvature drops,
+# and it comes down at a rate the new curvature allows. The linear block cannot flatten, so
+# the forecast keeps oscillating and arrives late or never. The catapult rule gives the block
+# that one degree of freedom: each time the forecast's loss first rises above its running
+# minimum by more than REBOUND_MAX x L0, on the steps the reliability check reads, the
+# block's kernel K(i, j) is multiplied by CATAPULT (once per excursion: it re-arms when the
+# loss is back within REBOUND_MAX x L0 of its running minimum); the top stays exact. The
+# path is the fixed-kernel path up to the first such step, which is where the check would
+# flag, so every target the check passes keeps its T̂ and the check flags the same targets.
+# β = 0.5 chosen on the 14 image development tasks' flagged targets (0.3 misses more;
+# ``benchmarks/twolayer_flagged.py``), then held out once on the second fresh round's 56
+# flagged targets: 28% / 64% (1 miss) against 56% / miss (16) for the fixed kernel.
+CATAPULT = 0.5
+
+# NOTE [exact-top drift]
+# The block stays linear, while the real block's kernel keeps growing along a long run, so
+# a long forecast lags the real run by a factor that grows with its length. On the passed
+# targets of the development tasks (14 image, 14 text) log(T / T̂) falls with log T̂ (the
+# real runs of a few hundred steps 15-25% faster under CE), the same on every held-out set.
+# The estimate of the real steps is therefore
+#
+#     T̃ = T̂ exp(min(0, a + b ln T̂))
+#
+# per loss, (a, b) the least-squares line of log(T / T̂) on ln T̂ over those targets
+# (``benchmarks/twolayer.py --choose-drift``); T̂ below e^(-a/b) steps is kept. It is a
+# calibration for deep blocks, not the model: a body linear in its weights has no drift
+# (read ``steps_to_drop`` there, the model's own T̂).
+DRIFT: dict[str, tuple[float, float]] = {
+    "mse": (-0.0061, -0.0058),
+    "ce": (0.0676, -0.0367),
+}  # loss name -> (a, b); other losses: none
+
+
+def drift_steps(steps: float, loss: str) -> float:
+    """T̃ = T̂ exp(min(0, a + b ln T̂)), the estimate of the real steps from the forecast's
+    ``steps`` T̂ >= 1 under ``loss`` ("mse", "ce"; any other: T̂), (a, b) = ``DRIFT[loss]``
+    (NOTE [exact-top drift])."""
+    a, b = DRIFT.get(loss, (0.0, 0.0))
+    return float(steps) * math.exp(min(0.0, a + b * math.log(max(float(steps), 1.0))))
 RELIABILITY_DROPS = (0.5, 0.8)
 
 
@@ -266,12 +313,20 @@ class ExactTopForecast:
         (NOTE [exact-top reliability check])."""
         return self.rebound(drop) > REBOUND_MAX
 
+    def steps_estimate(self, drop: float) -> float | None:
+        """The estimate T̃ of the real run's first step at or below (1 − ``drop``) L0: the
+        forecast's T̂ (``steps_to_drop``) with the drift of long runs calibrated on the
+        development tasks (NOTE [exact-top drift]); ``None`` when the forecast does not
+        reach the drop within its steps."""
+        t = self.steps_to_drop(drop)
+        return None if t is None else drift_steps(t, self.settings.get("loss_name", ""))
+
     def steps_interval(self, drop: float) -> tuple[float, float] | None:
         """The steps interval of the real run's first step at or below (1 − ``drop``) L0,
-        ``(T̂ e^lo, T̂ e^hi)`` (NOTE [exact-top steps interval]; ``hi`` = +∞ when the
-        reliability check flags the target), or ``None`` when the forecast does not reach
-        the drop within its steps."""
-        t = self.steps_to_drop(drop)
+        ``(T̃ e^lo, T̃ e^hi)`` around ``steps_estimate`` (NOTE [exact-top steps interval];
+        ``hi`` = +∞ when the reliability check flags the target), or ``None`` when the
+        forecast does not reach the drop within its steps."""
+        t = self.steps_estimate(drop)
         if t is None:
             return None
         if self.flagged(drop):
@@ -381,6 +436,7 @@ def forecast_exact_top(
     seed: int = 0,
     log_every: int = 1,
     stop_below: float | None = None,
+    catapult: float = CATAPULT,
     progress: bool = True,
 ) -> ExactTopForecast:
     """Simulate SGD on the exact-top model ``kernel`` (NOTE [exact top, block linear]).
@@ -399,6 +455,9 @@ def forecast_exact_top(
       log_every: evaluate the full training loss every this many steps (plus 0 and T).
       stop_below: stop at the first logged step whose loss is <= this (as
         ``tl.finetune(stop_below=...)``); ``None``: run all T steps.
+      catapult: β in (0, 1]: the block's kernel is multiplied by β at each excursion of the
+        loss that the reliability check reads (NOTE [exact-top catapult]); 1: a fixed
+        kernel. Only targets the check flags change.
       progress: a progress bar over the steps (stderr).
 
     Returns:
@@ -415,17 +474,24 @@ def forecast_exact_top(
         n, batch_size, steps, sampling=sampling, rng=dyn.path_rngs(seed, 1)[0])
     rates = optimizer.lr * optimizer.schedule.multipliers(steps)
     m, lam = float(optimizer.momentum), float(optimizer.weight_decay)
+    if (not isinstance(catapult, (int, float)) or isinstance(catapult, bool)
+            or not 0.0 < catapult <= 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: catapult must be a number in (0, 1], got {catapult!r}; "
+                              f"e.g. {CATAPULT:g} (the default), or 1 for a fixed kernel.")
     t0 = time.perf_counter()
+    shrunk: list[int] = []
     logged, losses, accs, blowup = _path(kernel, lossf, rates, m, lam, batches, log_every,
-                                         stop_below, progress)  # fmt: skip
+                                         stop_below, progress, float(catapult),
+                                         shrunk)  # fmt: skip
     settings = dict(optimizer=type(optimizer).__name__, lr=optimizer.lr, momentum=m,
                     weight_decay=lam, loss=lossf.describe(), loss_name=lossf.name,
                     full_batch=full, batch_size=batch_size, seed=seed,
                     sampling=sampling, log_every=log_every, steps=steps,
-                    stop_below=stop_below)  # fmt: skip
+                    stop_below=stop_below, catapult=float(catapult))  # fmt: skip
     fc = ExactTopForecast(np.asarray(logged), np.asarray(losses, dtype=np.float64),
                           np.asarray(accs, dtype=np.float64), blowup, time.perf_counter() - t0,
                           settings)  # fmt: skip
+    fc.reliability["catapults"] = shrunk
     _reliability(fc)
     return fc
 
@@ -466,10 +532,13 @@ def _reliability(fc: ExactTopForecast) -> None:
 
 def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam: float,
           batches: list[np.ndarray] | None, log_every: int, stop_below: float | None,
-          progress: bool) -> tuple[list[int], list[float], list[float], int | None]:
+          progress: bool, catapult: float = 1.0, shrunk: list[int] | None = None,
+          ) -> tuple[list[int], list[float], list[float], int | None]:
     """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
     ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
-    the blow-up step (or None)."""
+    the blow-up step (or None). ``catapult`` = β < 1: the block's kernel times β at each
+    excursion the reliability check reads (NOTE [exact-top catapult]), whose steps are
+    appended to ``shrunk``."""
     top, shape, y = kernel.top, kernel.shape, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -484,6 +553,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
 
     logged, losses, accs, blowup = [], [], [], None
     steps = len(rates)
+    every = 1 if batches is None else CHECK_EVERY_MINIBATCH  # the steps the check reads
+    scale, armed, low = 1.0, True, math.inf  # NOTE [exact-top catapult]
     from tqdm.auto import tqdm
 
     for t in tqdm(range(steps + 1), desc="forecast_exact_top", unit="step",
@@ -510,6 +581,13 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
                 accs.append(float((f.detach().argmax(1) == y).double().mean()))
                 if stop_below is not None and value <= stop_below:
                     break
+                if t % every == 0:  # an excursion as rebound() reads it: shrink once
+                    rise = value > low + REBOUND_MAX * losses[0]
+                    if rise and armed and catapult != 1.0:
+                        scale *= catapult
+                        if shrunk is not None:
+                            shrunk.append(t)
+                    armed, low = not rise, min(low, value)
         if not train:
             break
         if grad_all:
@@ -521,6 +599,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
         grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *th])]
         with torch.no_grad():  # torch SGD: buf = m buf + g + λ (w − w0), w -= η_t buf
             kg = kernel._apply(grads[0], rows)
+            if scale != 1.0:
+                kg.mul_(scale)
             for p, p0, g, b in ((dz, None, kg, u), *zip(th, th0, grads[1:], buf)):
                 b.mul_(m).add_(g)
                 if lam:
