@@ -19,7 +19,8 @@ if [ ! -d /usr/share/games/fortunes ]; then
     status=1
   fi
 fi
-for script in holdout holdout_curves holdout_depth fullspan_pilot twolayer_fresh twolayer_fresh2; do
+for script in holdout holdout_curves holdout_depth fullspan_pilot twolayer_fresh twolayer_fresh2 \
+    twolayer_fresh3; do
   "$PY" "benchmarks/$script.py" --fetch || status=1
 done
 [ "$status" = 0 ] || echo "tangentlab: some benchmark data could not be installed (above)." >&2

@@ -1,0 +1,219 @@
+"""A third fresh held-out image round for ``benchmarks/twolayer.py``'s exact-top model
+(issue 13): three more image tasks on data no round used, and the real fine-tuning runs of
+``holdout.py``'s whole grid on them (24 cells a task: full batch and B = 32), nothing else.
+Modelled on ``twolayer_fresh2.py``; uses ``twolayer_fresh.py``'s helpers and real runs.
+
+    .venv/bin/python benchmarks/twolayer_fresh3.py --fetch              # Debian's packages
+    .venv/bin/python benchmarks/twolayer_fresh3.py --real               # every task, resumable
+    .venv/bin/python benchmarks/twolayer_fresh3.py --real --task NAME   # one task
+
+**Held out.** The tasks were chosen and their real runs made without running or reading
+any forecast of the exact-top model (``tangentlab.experimental.exact_top``,
+``twolayer.py``) or of the library on them: this script runs no forecast at all. They are
+kept for one later scoring.
+
+**Tasks** (N = 128 at 32 px, as the image development tasks; data from Debian packages no
+round used, fetched by ``--fetch`` with apt-get download + dpkg -x, no root needed; every
+picture an RGBA drawing composited on white at a random size, 36-60 px for its longer side,
+and a random offset on a 64-px canvas, then resized to 32 px (``twolayer_fresh._place``);
+pictures whose visible part is under 24 px on its longer side, links and duplicates
+dropped; classes balanced, each sample a different source picture):
+
+- ``wesnoth-lite1``: which race a unit sprite of Battle for Wesnoth
+  (``wesnoth-1.16-data``, ``usr/share/games/wesnoth/1.16/data/core/images/units/<folder>``;
+  the poses without a number in their name: standing, weapon, defend, attack, no animation
+  frames and no shadows) shows: elves (``elves-wood``), humans (``human-loyalists``,
+  ``-magi``, ``-outlaws``, ``-peasants``), orcs (``orcs``, ``goblins``) or undead
+  (``undead``, ``undead-necromancers``, ``-skeletal``) (4 classes; 96, 154, 69 and 224
+  sprites), EfficientNet-Lite1;
+- ``mate-lite0``: which folder of the MATE icon theme (``mate-icon-theme``,
+  ``usr/share/icons/mate/48x48/<folder>``, the 48x48 PNGs) an icon comes from: actions,
+  mimetypes or status (3 classes; 111, 66 and 106 icons), EfficientNet-Lite0;
+- ``outfits-lite0``: the kind of an Endless Sky outfit (``endless-sky-data``, its
+  thumbnail ``images/outfit/<name>.png``; the kind from the ``category`` of the outfits in
+  ``data/**/*.txt`` that show it, thumbnails of more than one kind dropped) from its
+  thumbnail: engines (``Engines``), power (``Power``) or weapons (``Guns``, ``Turrets``,
+  ``Secondary Weapons``) (3 classes; 79, 53 and 64 thumbnails), EfficientNet-Lite0.
+
+**Runs** (``--real``): ``holdout.py``'s grid, loss {MSE, CE} x batch {full, B = 32} x
+momentum {0, 0.9} x a {0.1, 0.3, 1}, η = ``tl.stable_lr(kernel, momentum=m, fraction=a,
+loss=loss)`` on the tangent kernel (``projection`` 4,096), the real run to a 90% drop or
+1,500 steps (``holdout._real``), the fields of ``holdout._cell`` without its forecasts
+(``twolayer_fresh.real_task``). Results: ``benchmarks/results/twolayer/fresh3/<task>.json``,
+one cell at a time, resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import twolayer_fresh as tf  # noqa: E402
+from twolayer_fresh import _distinct, _draw, _place, _to_input  # noqa: E402
+
+OUT = tf.OUT
+FOLDER = "fresh3"  # results: OUT / FOLDER / <task>.json
+COMMAND = ".venv/bin/python benchmarks/twolayer_fresh3.py"
+DATA = (Path(os.environ.get("TANGENTLAB_CACHE", Path.home() / ".cache" / "tangentlab"))
+        / "twolayer_fresh3")  # fmt: skip
+ROOT = DATA / "root"
+PACKAGES = ("wesnoth-1.16-data", "mate-icon-theme", "endless-sky-data")
+UNITS = ROOT / "usr/share/games/wesnoth/1.16/data/core/images/units"
+RACES = {"elves": ("elves-wood",),
+         "humans": ("human-loyalists", "human-magi", "human-outlaws", "human-peasants"),
+         "orcs": ("orcs", "goblins"),
+         "undead": ("undead", "undead-necromancers", "undead-skeletal")}  # fmt: skip
+ICONS = ROOT / "usr/share/icons/mate/48x48"
+ICON_CLASSES = ("actions", "mimetypes", "status")
+SKY = ROOT / "usr/share/games/endless-sky"
+KINDS = {"engines": ("Engines",), "power": ("Power",),
+         "weapons": ("Guns", "Turrets", "Secondary Weapons")}  # fmt: skip
+MIN_SIDE = 24  # px, the visible part's longer side
+
+
+# ---------------------------------------------------------------------------------------
+# The fresh data.
+# ---------------------------------------------------------------------------------------
+
+
+def fetch() -> None:
+    """Download this round's Debian packages into the cache and unpack them (no root)."""
+    tf.fetch_debs(PACKAGES, DATA, ROOT, (UNITS, ICONS, SKY / "data", SKY / "images/outfit"),
+                  "twolayer_fresh3")  # fmt: skip
+
+
+def _need(path: Path) -> Path:
+    return tf._need(path, "twolayer_fresh3.py", COMMAND)
+
+
+def _visible(path: Path) -> int:
+    """The longer side (px) of a picture's visible (alpha > 0) part."""
+    from PIL import Image
+
+    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
+    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
+
+
+def _keep(path: Path) -> bool:
+    return not path.is_symlink() and _visible(path) >= MIN_SIDE
+
+
+def unit_pools() -> list[list[Path]]:
+    """Each race's unit sprites: the poses whose name has no number (no animation frames)
+    and no shadow."""
+    seen: set = set()
+    return [_distinct([p for d in dirs for p in (_need(UNITS) / d).rglob("*.png")
+                       if not re.search(r"\d|shadow", p.stem) and _keep(p)], seen)
+            for dirs in RACES.values()]  # fmt: skip
+
+
+def icon_pools() -> list[list[Path]]:
+    seen: set = set()
+    return [_distinct([p for p in (_need(ICONS) / c).glob("*.png") if _keep(p)], seen)
+            for c in ICON_CLASSES]  # fmt: skip
+
+
+def _outfit_categories() -> dict[str, set[str]]:
+    """Each outfit thumbnail (``outfit/<name>``) and the categories of the outfits that show
+    it, from Endless Sky's data files."""
+    found: dict[str, set[str]] = {}
+    for f in sorted((_need(SKY) / "data").rglob("*.txt")):
+        block: dict[str, str] | None = None
+        for line in f.read_text(encoding="utf-8").splitlines() + ["end"]:
+            if not line.strip():
+                continue
+            if line[:1] not in (" ", "\t"):  # a top-level line closes the block
+                if block and "category" in block and "thumbnail" in block:
+                    found.setdefault(block["thumbnail"], set()).add(block["category"])
+                block = {} if re.match(r"outfit\s", line) else None
+            elif block is not None:
+                m = re.match(r'\s+(category|thumbnail)\s+"?([^"]+?)"?\s*$', line)
+                if m and m.group(1) not in block:
+                    block[m.group(1)] = m.group(2)
+    return found
+
+
+def outfit_pools() -> list[list[Path]]:
+    """Each kind's outfit thumbnails; a thumbnail of outfits of more than one kind dropped."""
+    kind_of = {c: k for k, cats in KINDS.items() for c in cats}
+    files: dict[str, list[Path]] = {k: [] for k in KINDS}
+    for thumb, cats in _outfit_categories().items():
+        kinds = {kind_of.get(c) for c in cats}
+        path = SKY / "images" / f"{thumb}.png"
+        if len(kinds) == 1 and None not in kinds and path.exists() and _keep(path):
+            files[kinds.pop()].append(path)
+    seen: set = set()
+    return [_distinct(files[k], seen) for k in KINDS]
+
+
+def _units(n: int, size: int, seed: int):
+    """Wesnoth unit sprites (PNG); the label: elves, humans, orcs or undead."""
+    from PIL import Image
+
+    labels, files, rng = _draw(unit_pools(), n, seed)
+    return _to_input([_place(Image.open(f), rng, flip=True) for f in files], labels, size)
+
+
+def _icons(n: int, size: int, seed: int):
+    """MATE icons (48x48 PNGs); the label: actions, mimetypes or status."""
+    from PIL import Image
+
+    labels, files, rng = _draw(icon_pools(), n, seed)
+    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
+
+
+def _outfits(n: int, size: int, seed: int):
+    """Endless Sky outfit thumbnails (PNG); the label: engines, power or weapons."""
+    from PIL import Image
+
+    labels, files, rng = _draw(outfit_pools(), n, seed)
+    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
+
+
+TASKS = {
+    "wesnoth-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
+                          projection=4096, num_classes=len(RACES), images=_units),
+    "mate-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
+                       projection=4096, num_classes=len(ICON_CLASSES), images=_icons),
+    "outfits-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
+                          projection=4096, num_classes=len(KINDS), images=_outfits),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# The real runs.
+# ---------------------------------------------------------------------------------------
+
+
+def real_task(name: str, keys: list[str] | None = None) -> dict:
+    """``twolayer_fresh.real_task`` on this round's task ``name``: the real runs of the 24
+    cells, no forecast; results in ``OUT / FOLDER``, resumable per cell."""
+    return tf.real_task(name, keys, tasks=TASKS, folder=FOLDER)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fetch", action="store_true", help="download and unpack the data")
+    ap.add_argument("--real", action="store_true", help="the real runs of the whole grid")
+    ap.add_argument("--task", nargs="*", choices=sorted(TASKS), help="only these tasks")
+    ap.add_argument("--cell", nargs="*", help="only these cells (holdout._key)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")),
+                    help="torch threads (default: $THREADS or 1)")  # fmt: skip
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.fetch:
+        fetch()
+    if args.real:
+        for name in args.task or TASKS:
+            real_task(name, args.cell)
+
+
+if __name__ == "__main__":
+    main()
