@@ -697,6 +697,8 @@ def report() -> list[str]:
     lines += check_scored_lines("fresh3")
     lines += CHECK_READING.splitlines()
     lines += ADOPT_READING.splitlines()
+    plot = plot_calibration()
+    lines += ["", f"![exact top, held out]({plot.relative_to(OUT.parent.parent)})", ""]
     lines += grid_lines("text")
     lines += check_scored_lines("text")
     lines += grid_lines("text-ffn")
@@ -1119,6 +1121,51 @@ def choose_drift(rows: list[dict] | None = None) -> dict:
         out[loss] = dict(a=a, b=b, n=len(sub), path=_fmt(dh._errors(left, "et_path")),
                          loto=_fmt(dh._errors(left, "loto")))  # fmt: skip
     return out
+
+
+PLOT_SETS = {"fresh3": "third fresh round (held out once, the library as it is)",
+             "fresh2": "second fresh round (second look)",
+             "fresh": "first fresh round (second look)",
+             "holdout": "rounds 8-9, full batch (second look)",
+             "text-holdout": "text held out (second look)"}
+PLOT = OUT / "calibration.png"
+
+
+def plot_calibration(path: Path = PLOT) -> Path:
+    """One panel per held-out set (``PLOT_SETS``): the real steps T against the library's
+    estimate T̃ of every target (log axes), passed and flagged targets apart, the diagonal
+    and ±25%, a miss (no T̃) drawn at the right edge; saved as PNG."""
+    from tangentlab.report import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(PLOT_SETS), figsize=(4.0 * len(PLOT_SETS), 4.0))
+    for ax, (which, title) in zip(axes, PLOT_SETS.items()):
+        rows = check_rows(which)
+        if not rows:
+            continue
+        top = 2 * max(max(r["T"] for r in rows), max(r["et"] or 1 for r in rows))
+        for flagged, mark, col in ((False, "o", "tab:blue"), (True, "x", "tab:red")):
+            sub = [r for r in rows if (r["R"] > 0.15) == flagged]
+            n_miss = sum(r["et"] is None for r in sub)
+            ax.scatter([r["et"] or top for r in sub], [r["T"] for r in sub], marker=mark, s=14,
+                       color=col, alpha=0.6, label=("flagged" if flagged else "passed")
+                       + f" ({len(sub)}" + (f", {n_miss} miss" if n_miss else "") + ")")
+        lim = [1, top]
+        ax.plot(lim, lim, "k-", lw=0.8)
+        for f in (0.75, 1.25):
+            ax.plot(lim, [f * v for v in lim], "k:", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlim=lim, ylim=lim, title=title,
+               xlabel="estimate T̃ (steps)", ylabel="real steps T")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Exact top: real steps to a 50/80/90% drop against the estimate "
+                 "(dotted: ±25%; a miss at the right edge)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def drift_lines() -> list[str]:
