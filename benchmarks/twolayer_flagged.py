@@ -109,7 +109,8 @@ def ensemble(etk, c: dict, stop_below: float) -> dict:
     return out
 
 
-def catapult(etk, c: dict, stop_below: float, betas: tuple[float, ...] = BETAS) -> dict:
+def catapult(etk, c: dict, stop_below: float, betas: tuple[float, ...] = BETAS,
+             while_rising: bool = False) -> dict:
     full = c["batch_size"] is None
     out = {}
     for beta in betas:
@@ -117,14 +118,23 @@ def catapult(etk, c: dict, stop_below: float, betas: tuple[float, ...] = BETAS) 
                                             np.full(c["fc_steps"], c["lr"]), c["momentum"],
                                             0.0, _batches(etk, c, tw.GRID_SEED),
                                             1 if full else 2, stop_below, False,
-                                            catapult=beta)  # fmt: skip
+                                            catapult=beta,
+                                            while_rising=while_rising)  # fmt: skip
         out[f"beta{beta:g}"] = dict(curve=_curve(steps, losses), blowup=blowup)
     return out
 
 
+def rising(etk, c: dict, stop_below: float) -> dict:
+    """The catapult (β = 0.5) that shrinks again at every read step its loss is still
+    climbing: a larger shrink for a larger excursion, as a real catapult lowers its
+    curvature until it is stable again."""
+    return catapult(etk, c, stop_below, betas=(et.CATAPULT,), while_rising=True)
+
+
 WHICH = {"fresh2": "**fresh2, held out**", "holdout": "rounds 8-9 (second look)",
          "fresh": "fresh (second look)", "text-holdout": "text held out (second look)"}
-VARIANTS: dict[str, Callable] = {"flow": flow, "ensemble": ensemble, "catapult": catapult}
+VARIANTS: dict[str, Callable] = {"flow": flow, "ensemble": ensemble, "catapult": catapult,
+                                 "rising": rising}
 
 
 def _flagged(which: str) -> tuple[list[dict], dict]:

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,20 @@ def _to_input(images: list[np.ndarray], labels: list[int], size: int):
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
                                         align_corners=False)  # fmt: skip
     return ((x - 127.0) / 128.0).contiguous(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def pictures(pools: Callable[[], list[list[Path]]], *, flip: bool = False) -> Callable:
+    """A task's ``images(n, size, seed)``: balanced labels and a different picture of each
+    class's pool (``pools()``: the PNG files of each class; ``_draw``), each placed on white
+    by ``_place`` (with a random horizontal flip if ``flip``)."""
+
+    def images(n: int, size: int, seed: int):
+        from PIL import Image
+
+        labels, files, rng = _draw(pools(), n, seed)
+        return _to_input([_place(Image.open(f), rng, flip=flip) for f in files], labels, size)
+
+    return images
 
 
 def _draw(pools: list[list], n: int, seed: int) -> tuple[list[int], list, np.random.Generator]:
@@ -287,20 +302,28 @@ def real_task(name: str, keys: list[str] | None = None, tasks: dict | None = Non
     return state
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def round_main(doc: str, tasks: dict, folder: str, fetch: Callable[[], None]) -> None:
+    """The command line of a fresh round's script: ``--fetch`` (its data), ``--real`` (the
+    real runs of ``tasks``' whole grid into ``OUT / folder``, ``--task``, ``--cell``),
+    ``--threads``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--fetch", action="store_true", help="download and unpack the data")
     ap.add_argument("--real", action="store_true", help="the real runs of the whole grid")
-    ap.add_argument("--task", nargs="*", choices=sorted(TASKS), help="only these tasks")
+    ap.add_argument("--task", nargs="*", choices=sorted(tasks), help="only these tasks")
     ap.add_argument("--cell", nargs="*", help="only these cells (holdout._key)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")),
+                    help="torch threads (default: $THREADS or 1)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.fetch:
         fetch()
     if args.real:
-        for name in args.task or TASKS:
-            real_task(name, args.cell)
+        for name in args.task or tasks:
+            real_task(name, args.cell, tasks=tasks, folder=folder)
+
+
+def main() -> None:
+    round_main(__doc__, TASKS, "fresh", fetch)
 
 
 if __name__ == "__main__":

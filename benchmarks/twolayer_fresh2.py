@@ -44,18 +44,15 @@ one cell at a time, resumable.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
-from twolayer_fresh import _distinct, _draw, _place, _to_input  # noqa: E402
+from twolayer_fresh import _distinct  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh2"  # results: OUT / FOLDER / <task>.json
@@ -128,38 +125,16 @@ def flag_pools() -> list[list[Path]]:
     return [_distinct(files[c], seen) for c in CONTINENTS]
 
 
-def _animals(n: int, size: int, seed: int):
-    """Open Clip Art animals (PNG); the label: birds, bugs or mammals."""
-    from PIL import Image
-
-    labels, files, rng = _draw(animal_pools(), n, seed)
-    return _to_input([_place(Image.open(f), rng, flip=True) for f in files], labels, size)
-
-
-def _pieces(n: int, size: int, seed: int):
-    """Pingus ground pieces (PNG); the label: desert, foliage, industrial, snow, sweets or
-    xmas."""
-    from PIL import Image
-
-    labels, files, rng = _draw(piece_pools(), n, seed)
-    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
-
-
-def _flags(n: int, size: int, seed: int):
-    """Freeciv's nation flags (PNG); the label: the nation's continent group."""
-    from PIL import Image
-
-    labels, files, rng = _draw(flag_pools(), n, seed)
-    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
-
-
 TASKS = {
     "animals-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
-                          projection=4096, num_classes=len(ANIMAL_CLASSES), images=_animals),
+                          projection=4096, num_classes=len(ANIMAL_CLASSES),
+                          images=tf.pictures(animal_pools, flip=True)),
     "pingus-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
-                         projection=4096, num_classes=len(PIECE_CLASSES), images=_pieces),
+                         projection=4096, num_classes=len(PIECE_CLASSES),
+                         images=tf.pictures(piece_pools)),
     "flags-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
-                        projection=4096, num_classes=len(CONTINENTS), images=_flags),
+                        projection=4096, num_classes=len(CONTINENTS),
+                        images=tf.pictures(flag_pools)),
 }  # fmt: skip
 
 
@@ -168,27 +143,8 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 
 
-def real_task(name: str, keys: list[str] | None = None) -> dict:
-    """``twolayer_fresh.real_task`` on this round's task ``name``: the real runs of the 24
-    cells, no forecast; results in ``OUT / FOLDER``, resumable per cell."""
-    return tf.real_task(name, keys, tasks=TASKS, folder=FOLDER)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fetch", action="store_true", help="download and unpack the data")
-    ap.add_argument("--real", action="store_true", help="the real runs of the whole grid")
-    ap.add_argument("--task", nargs="*", choices=sorted(TASKS), help="only these tasks")
-    ap.add_argument("--cell", nargs="*", help="only these cells (holdout._key)")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")),
-                    help="torch threads (default: $THREADS or 1)")  # fmt: skip
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.fetch:
-        fetch()
-    if args.real:
-        for name in args.task or TASKS:
-            real_task(name, args.cell)
+    tf.round_main(__doc__, TASKS, FOLDER, fetch)
 
 
 if __name__ == "__main__":

@@ -45,18 +45,15 @@ one cell at a time, resumable.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
-from twolayer_fresh import _distinct, _draw, _place, _to_input  # noqa: E402
+from twolayer_fresh import _distinct  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh3"  # results: OUT / FOLDER / <task>.json
@@ -153,37 +150,16 @@ def outfit_pools() -> list[list[Path]]:
     return [_distinct(files[k], seen) for k in KINDS]
 
 
-def _units(n: int, size: int, seed: int):
-    """Wesnoth unit sprites (PNG); the label: elves, humans, orcs or undead."""
-    from PIL import Image
-
-    labels, files, rng = _draw(unit_pools(), n, seed)
-    return _to_input([_place(Image.open(f), rng, flip=True) for f in files], labels, size)
-
-
-def _icons(n: int, size: int, seed: int):
-    """MATE icons (48x48 PNGs); the label: actions, mimetypes or status."""
-    from PIL import Image
-
-    labels, files, rng = _draw(icon_pools(), n, seed)
-    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
-
-
-def _outfits(n: int, size: int, seed: int):
-    """Endless Sky outfit thumbnails (PNG); the label: engines, power or weapons."""
-    from PIL import Image
-
-    labels, files, rng = _draw(outfit_pools(), n, seed)
-    return _to_input([_place(Image.open(f), rng) for f in files], labels, size)
-
-
 TASKS = {
     "wesnoth-lite1": dict(kind="image", net="lite1", num_samples=128, image_size=32,
-                          projection=4096, num_classes=len(RACES), images=_units),
+                          projection=4096, num_classes=len(RACES),
+                          images=tf.pictures(unit_pools, flip=True)),
     "mate-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
-                       projection=4096, num_classes=len(ICON_CLASSES), images=_icons),
+                       projection=4096, num_classes=len(ICON_CLASSES),
+                       images=tf.pictures(icon_pools)),
     "outfits-lite0": dict(kind="image", net="lite0", num_samples=128, image_size=32,
-                          projection=4096, num_classes=len(KINDS), images=_outfits),
+                          projection=4096, num_classes=len(KINDS),
+                          images=tf.pictures(outfit_pools)),
 }  # fmt: skip
 
 
@@ -192,27 +168,8 @@ TASKS = {
 # ---------------------------------------------------------------------------------------
 
 
-def real_task(name: str, keys: list[str] | None = None) -> dict:
-    """``twolayer_fresh.real_task`` on this round's task ``name``: the real runs of the 24
-    cells, no forecast; results in ``OUT / FOLDER``, resumable per cell."""
-    return tf.real_task(name, keys, tasks=TASKS, folder=FOLDER)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fetch", action="store_true", help="download and unpack the data")
-    ap.add_argument("--real", action="store_true", help="the real runs of the whole grid")
-    ap.add_argument("--task", nargs="*", choices=sorted(TASKS), help="only these tasks")
-    ap.add_argument("--cell", nargs="*", help="only these cells (holdout._key)")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "1")),
-                    help="torch threads (default: $THREADS or 1)")  # fmt: skip
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.fetch:
-        fetch()
-    if args.real:
-        for name in args.task or TASKS:
-            real_task(name, args.cell)
+    tf.round_main(__doc__, TASKS, FOLDER, fetch)
 
 
 if __name__ == "__main__":

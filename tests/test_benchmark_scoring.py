@@ -89,6 +89,22 @@ def test_exact_top_check_rule_takes_the_threshold_of_largest_f1():
     assert res["table"][0.01]["precision"] == pytest.approx(6 / 12)
 
 
+def _toy_exact_top():
+    """The exact-top kernel of a small tanh body and top on 10 samples, 3 classes; CE at
+    lr 2-3 runs past its stability limit and climbs back."""
+    import torch
+    from torch import nn
+
+    from tangentlab.experimental import exact_top as et
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).double().eval()
+    top = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.arange(10) % 3
+    return et.compute_exact_top_kernel(body, top, (x, y), progress=False)
+
+
 @pytest.mark.parametrize("batch_size", [None, 4])
 def test_stored_catapult_paths_are_the_library_forecast(batch_size):
     """benchmarks/twolayer_flagged.py stores the catapult paths that twolayer.grid_rows reads
@@ -98,20 +114,13 @@ def test_stored_catapult_paths_are_the_library_forecast(batch_size):
     import warnings
 
     import numpy as np
-    import torch
-    from torch import nn
 
     import tangentlab as tl
     import twolayer as tw
     import twolayer_flagged as tfl
     from tangentlab.experimental import exact_top as et
 
-    torch.manual_seed(0)
-    body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6)).double().eval()
-    top = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.arange(10) % 3
-    etk = et.compute_exact_top_kernel(body, top, (x, y), progress=False)
+    etk = _toy_exact_top()
     cell = dict(batch_size=batch_size, lr=2.0, momentum=0.0, loss="ce", fc_steps=40)
     stored = tfl.catapult(etk, cell, stop_below=0.0)[f"beta{et.CATAPULT:g}"]
     with warnings.catch_warnings():
@@ -126,3 +135,29 @@ def test_stored_catapult_paths_are_the_library_forecast(batch_size):
     for d in (0.3, 0.5, 0.8):
         assert tw._first_below(curve, (1 - d) * curve[0]) == fc.steps_to_drop(d)
     assert not math.isnan(curve[-1])
+
+
+def test_rising_catapult_shrinks_again_while_the_loss_still_climbs():
+    """benchmarks/twolayer_flagged.py's "rising" candidate: the catapult's first shrink is
+    the library's; then it shrinks again at each read step whose loss is above the last."""
+    import numpy as np
+
+    from tangentlab.experimental import exact_top as et
+
+    etk = _toy_exact_top()
+    lossf = et.as_loss("ce", "test")
+    runs = {}
+    for rising in (False, True):
+        shrunk: list[int] = []
+        steps, loss, _, _ = et._path(etk, lossf, np.full(40, 3.0), 0.0, 0.0, None, 1, None,
+                                     False, 0.5, shrunk, while_rising=rising)  # fmt: skip
+        runs[rising] = (np.asarray(loss), shrunk)
+    (once, s_once), (again, s_again) = runs[False], runs[True]
+    first = s_once[0]
+    assert s_again[0] == first
+    np.testing.assert_array_equal(again[: first + 1], once[: first + 1])
+    assert len(s_again) > len(s_once)  # the climb went on past the first shrink
+    for t in s_again[1:]:  # each further shrink: an excursion, still rising or a new one
+        assert again[t] > again[:t].min() + et.REBOUND_MAX * again[0]
+        new = again[t - 1] <= again[: t - 1].min() + et.REBOUND_MAX * again[0]
+        assert again[t] > again[t - 1] or new

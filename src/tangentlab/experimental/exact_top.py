@@ -541,12 +541,15 @@ def _reliability(fc: ExactTopForecast) -> None:
 def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam: float,
           batches: list[np.ndarray] | None, log_every: int, stop_below: float | None,
           progress: bool, catapult: float = 1.0, shrunk: list[int] | None = None,
+          while_rising: bool = False,
           ) -> tuple[list[int], list[float], list[float], int | None]:
     """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
     ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
     the blow-up step (or None). ``catapult`` = β < 1: the block's kernel times β at each
     excursion the reliability check reads (NOTE [exact-top catapult]), whose steps are
-    appended to ``shrunk``."""
+    appended to ``shrunk``; ``while_rising`` (a candidate of
+    ``benchmarks/twolayer_flagged.py``, not the library's rule): also at every read step
+    of an excursion whose loss is still above the last one read."""
     top, shape, y = kernel.top, kernel.shape, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -562,7 +565,7 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     logged, losses, accs, blowup = [], [], [], None
     steps = len(rates)
     every = 1 if batches is None else CHECK_EVERY_MINIBATCH  # the steps the check reads
-    scale, armed, low = 1.0, True, math.inf  # NOTE [exact-top catapult]
+    scale, armed, low, last = 1.0, True, math.inf, math.inf  # NOTE [exact-top catapult]
     from tqdm.auto import tqdm
 
     for t in tqdm(range(steps + 1), desc="forecast_exact_top", unit="step",
@@ -591,11 +594,12 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
                     break
                 if t % every == 0:  # an excursion as rebound() reads it: shrink once
                     rise = value > low + REBOUND_MAX * losses[0]
-                    if rise and armed and catapult != 1.0:
+                    again = while_rising and value > last  # still climbing: shrink again
+                    if rise and (armed or again) and catapult != 1.0:
                         scale *= catapult
                         if shrunk is not None:
                             shrunk.append(t)
-                    armed, low = not rise, min(low, value)
+                    armed, low, last = not rise, min(low, value), value
         if not train:
             break
         if grad_all:
