@@ -23,6 +23,9 @@ targets:
   (``forecast_exact_top(catapult=0.5)``, NOTE [exact-top catapult]); this script runs it
   through the library, and its stored paths stand in for the flagged cells of the grids
   made before (``twolayer.grid_rows``).
+- ``rising``: the catapult (β = 0.5) that also shrinks at every read step where the loss
+  is still climbing, so a larger excursion shrinks the kernel more (a real catapult lowers
+  its curvature until it is stable again). Development only.
 
     .venv/bin/python benchmarks/twolayer_flagged.py --run flow [--which text-ffn]
     .venv/bin/python benchmarks/twolayer_flagged.py --report
@@ -284,7 +287,12 @@ library's path is the catapult's, the flagged band was chosen again on the devel
 tasks (``twolayer.py --choose-band``), and a third fresh round scores the whole
 (PLAN-fresh3.md; RESULTS.md "twolayer"). The other held-out sets' flagged cells were run
 with it afterwards, as second looks (rows above): rounds 8-9, the first fresh round and the
-text held-out tasks, each against the fixed kernel it was first scored with.
+text held-out tasks, each against the fixed kernel it was first scored with. *Rising*
+(development only, after the adoption): shrinking again while the loss still climbs
+misses more than the catapult on both kinds (image: 27% / 300% with 12 misses against
+25% / 76% with 8, over all 136 flagged targets; text: 35% / miss with 16 against 34% /
+350% with 12, 128 targets): a larger shrink for a larger excursion overshoots into a slow
+crawl. Not adopted.
 """
 
 
