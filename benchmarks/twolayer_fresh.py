@@ -61,8 +61,8 @@ from forecast_accuracy import _open_state, _save  # noqa: E402
 OUT = Path(os.environ.get("HOLDOUT_OUT") or Path(__file__).resolve().parent / "results"
            / "twolayer")  # fmt: skip
 COMMAND = ".venv/bin/python benchmarks/twolayer_fresh.py"
-DATA = (Path(os.environ.get("TANGENTLAB_CACHE", Path.home() / ".cache" / "tangentlab"))
-        / "twolayer_fresh")  # fmt: skip
+CACHE = Path(os.environ.get("TANGENTLAB_CACHE", Path.home() / ".cache" / "tangentlab"))
+DATA = CACHE / "twolayer_fresh"  # each round's data: CACHE / <its script's name>
 ROOT = DATA / "root"
 PACKAGES = ("oxygen-icon-theme", "tuxpaint-stamps-default", "fonts-noto-color-emoji",
             "unicode-data")  # fmt: skip

@@ -34,17 +34,13 @@ source picture):
   44x30 or less, opaque; a flag two nations share counted once): African, American, Asian
   or European (4 classes; 89, 96, 118 and 190 flags), EfficientNet-Lite1.
 
-**Runs** (``--real``): ``holdout.py``'s grid, loss {MSE, CE} x batch {full, B = 32} x
-momentum {0, 0.9} x a {0.1, 0.3, 1}, η = ``tl.stable_lr(kernel, momentum=m, fraction=a,
-loss=loss)`` on the tangent kernel (``projection`` 4,096), the real run to a 90% drop or
-1,500 steps (``holdout._real``), the fields of ``holdout._cell`` without its forecasts
-(``twolayer_fresh.real_task``). Results: ``benchmarks/results/twolayer/fresh2/<task>.json``,
-one cell at a time, resumable.
+**Runs** (``--real``): as ``twolayer_fresh.py``'s (``holdout.py``'s whole grid, the real
+run to a 90% drop or 1,500 steps, no forecast; ``twolayer_fresh.real_task``). Results:
+``benchmarks/results/twolayer/fresh2/<task>.json``, one cell at a time, resumable.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -57,8 +53,7 @@ from twolayer_fresh import _distinct  # noqa: E402
 OUT = tf.OUT
 FOLDER = "fresh2"  # results: OUT / FOLDER / <task>.json
 COMMAND = ".venv/bin/python benchmarks/twolayer_fresh2.py"
-DATA = (Path(os.environ.get("TANGENTLAB_CACHE", Path.home() / ".cache" / "tangentlab"))
-        / "twolayer_fresh2")  # fmt: skip
+DATA = tf.CACHE / "twolayer_fresh2"
 ROOT = DATA / "root"
 PACKAGES = ("openclipart-png", "pingus-data", "freeciv-data")
 CLIPART = ROOT / "usr/share/openclipart/png/animals"

@@ -35,17 +35,13 @@ dropped; classes balanced, each sample a different source picture):
   thumbnail: engines (``Engines``), power (``Power``) or weapons (``Guns``, ``Turrets``,
   ``Secondary Weapons``) (3 classes; 79, 53 and 64 thumbnails), EfficientNet-Lite0.
 
-**Runs** (``--real``): ``holdout.py``'s grid, loss {MSE, CE} x batch {full, B = 32} x
-momentum {0, 0.9} x a {0.1, 0.3, 1}, η = ``tl.stable_lr(kernel, momentum=m, fraction=a,
-loss=loss)`` on the tangent kernel (``projection`` 4,096), the real run to a 90% drop or
-1,500 steps (``holdout._real``), the fields of ``holdout._cell`` without its forecasts
-(``twolayer_fresh.real_task``). Results: ``benchmarks/results/twolayer/fresh3/<task>.json``,
-one cell at a time, resumable.
+**Runs** (``--real``): as ``twolayer_fresh.py``'s (``holdout.py``'s whole grid, the real
+run to a 90% drop or 1,500 steps, no forecast; ``twolayer_fresh.real_task``). Results:
+``benchmarks/results/twolayer/fresh3/<task>.json``, one cell at a time, resumable.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -58,8 +54,7 @@ from twolayer_fresh import _distinct  # noqa: E402
 OUT = tf.OUT
 FOLDER = "fresh3"  # results: OUT / FOLDER / <task>.json
 COMMAND = ".venv/bin/python benchmarks/twolayer_fresh3.py"
-DATA = (Path(os.environ.get("TANGENTLAB_CACHE", Path.home() / ".cache" / "tangentlab"))
-        / "twolayer_fresh3")  # fmt: skip
+DATA = tf.CACHE / "twolayer_fresh3"
 ROOT = DATA / "root"
 PACKAGES = ("wesnoth-1.16-data", "mate-icon-theme", "endless-sky-data")
 UNITS = ROOT / "usr/share/games/wesnoth/1.16/data/core/images/units"
