@@ -337,8 +337,9 @@ class _Reached(KeyboardInterrupt):
     path (NOTE [interruption] in tangentlab.finetune) returns the run logged so far."""
 
 
-def _real(task: dict, opt, steps: int, c: dict):
-    """The real run, stopped at the first logged loss <= (1 - max(DROPS)) L_0 or at ``steps``."""
+def _real(task: dict, opt, steps: int, c: dict, *, seed: int = SEED):
+    """The real run, stopped at the first logged loss <= (1 - max(DROPS)) L_0 or at ``steps``
+    (``seed``: its batch order)."""
     ftm = sys.modules["tangentlab.finetune"]  # the module (tl.finetune is the function)
 
     full = c["batch_size"] is None
@@ -356,7 +357,7 @@ def _real(task: dict, opt, steps: int, c: dict):
             warnings.simplefilter("ignore")  # the "interrupted" warning of the early stop
             return tl.finetune(task["top"], (task["x"], task["y"]), opt, steps, loss=c["loss"],
                                batch_size=c["batch_size"], params=task["params"],
-                               log_every=1 if full else 2, seed=SEED, progress=False)  # fmt: skip
+                               log_every=1 if full else 2, seed=seed, progress=False)  # fmt: skip
     finally:
         ftm._Run.log = original
 

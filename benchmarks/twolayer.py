@@ -437,8 +437,7 @@ def main() -> None:
     ap.add_argument("--fresh3", action="store_true",
                     help="the third fresh round (twolayer_fresh3.py; PLAN-fresh3.md), once")
     ap.add_argument("--fresh4", action="store_true",
-                    help="the fourth fresh round (twolayer_fresh4.py), once, after a plan is "
-                    "frozen: no forecast of it has run")
+                    help="the fourth fresh round (twolayer_fresh4.py; PLAN-fresh4.md), once")
     ap.add_argument("--text-holdout", action="store_true",
                     help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
     ap.add_argument("--choose-drift", action="store_true",
@@ -698,6 +697,7 @@ def report() -> list[str]:
     lines += check_scored_lines("fresh")
     lines += check_scored_lines("fresh2")
     lines += check_scored_lines("fresh3")
+    lines += check_scored_lines("fresh4")
     lines += CHECK_READING.splitlines()
     lines += ADOPT_READING.splitlines()
     plot = plot_calibration()
@@ -925,7 +925,7 @@ FRESH2_OUT = OUT / "fresh2"  # results/twolayer/PLAN-fresh2.md
 
 
 FRESH3_OUT = OUT / "fresh3"  # results/twolayer/PLAN-fresh3.md
-FRESH4_OUT = OUT / "fresh4"  # real runs only: kept for a later held-out look
+FRESH4_OUT = OUT / "fresh4"  # results/twolayer/PLAN-fresh4.md
 ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3", FRESH3_OUT),
           "fresh4": ("twolayer_fresh4", FRESH4_OUT)}
 
@@ -1128,7 +1128,8 @@ def choose_drift(rows: list[dict] | None = None) -> dict:
     return out
 
 
-PLOT_SETS = {"fresh3": "third fresh round (held out once, the library as it is)",
+PLOT_SETS = {"fresh4": "fourth fresh round (held out once, the library as it is)",
+             "fresh3": "third fresh round (held out once, the same library)",
              "fresh2": "second fresh round (second look)",
              "fresh": "first fresh round (second look)",
              "holdout": "rounds 8-9, full batch (second look)",
@@ -1366,6 +1367,8 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           "fresh3": "the third fresh round's three image tasks (`twolayer_fresh3.py`, "
                     "PLAN-fresh3.md; first look, the library with the catapult, drift and "
                     "bands of PLAN-fresh3.md)",
+          "fresh4": "the fourth fresh round's three image tasks (`twolayer_fresh4.py`, "
+                    "PLAN-fresh4.md; first look, the library unchanged since PLAN-fresh3.md)",
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}

@@ -62,6 +62,8 @@ COMMAND = ".venv/bin/python benchmarks/twolayer_flagged.py"
 SUBSTEPS = 4  # flow
 MEMBERS, JITTER = 8, 0.05  # ensemble
 BETAS = (0.5, 0.3)  # catapult
+RECOVER = (0.01, 0.03, 0.1)  # recover: ρ, half-lives 69, 23 and 7 steps
+MAX_SECONDS = 30.0  # recover: the cells whose stored catapult path took less (59 of 68)
 HELD_OUT_BETA = 0.5  # the one scored on the second fresh round (PLAN-fresh2.md, addendum)
 SCORED_SETS = ("fresh2", "holdout", "fresh", "text-holdout")  # held-out sets: β = 0.5 only
 
@@ -113,7 +115,7 @@ def ensemble(etk, c: dict, stop_below: float) -> dict:
 
 
 def catapult(etk, c: dict, stop_below: float, betas: tuple[float, ...] = BETAS,
-             while_rising: bool = False) -> dict:
+             while_rising: bool = False, recover: float = 0.0) -> dict:
     full = c["batch_size"] is None
     out = {}
     for beta in betas:
@@ -122,7 +124,8 @@ def catapult(etk, c: dict, stop_below: float, betas: tuple[float, ...] = BETAS,
                                             0.0, _batches(etk, c, tw.GRID_SEED),
                                             1 if full else 2, stop_below, False,
                                             catapult=beta,
-                                            while_rising=while_rising)  # fmt: skip
+                                            while_rising=while_rising,
+                                            recover=recover)  # fmt: skip
         out[f"beta{beta:g}"] = dict(curve=_curve(steps, losses), blowup=blowup)
     return out
 
@@ -134,10 +137,21 @@ def rising(etk, c: dict, stop_below: float) -> dict:
     return catapult(etk, c, stop_below, betas=(et.CATAPULT,), while_rising=True)
 
 
+def recover(etk, c: dict, stop_below: float) -> dict:
+    """The catapult (β = 0.5) whose shrink wears off: ln(scale) relaxes toward 0 by 1 − ρ
+    each step (half-life ln 2 / ρ steps), ρ in ``RECOVER``, so the block sharpens again
+    and can catapult again, as real runs at their edge of stability do."""
+    out = {}
+    for rho in RECOVER:
+        res = catapult(etk, c, stop_below, betas=(et.CATAPULT,), recover=rho)
+        out[f"rho{rho:g}"] = res[f"beta{et.CATAPULT:g}"]
+    return out
+
+
 WHICH = {"fresh2": "**fresh2, held out**", "holdout": "rounds 8-9 (second look)",
          "fresh": "fresh (second look)", "text-holdout": "text held out (second look)"}
 VARIANTS: dict[str, Callable] = {"flow": flow, "ensemble": ensemble, "catapult": catapult,
-                                 "rising": rising}
+                                 "rising": rising, "recover": recover}
 
 
 def _flagged(which: str) -> tuple[list[dict], dict]:
@@ -159,6 +173,10 @@ def run(variant: str, which: str = "dev") -> None:
         path = OUT / f"{variant}-{which}-{name}.json"
         state = json.loads(path.read_text()) if path.exists() else {}
         todo = [k for k in sorted(flagged[name]) if k not in state]
+        if variant == "recover":  # the short cells only (MAX_SECONDS)
+            ref = OUT / f"catapult-{which}-{name}.json"
+            sec = json.loads(ref.read_text()) if ref.exists() else {}
+            todo = [k for k in todo if (sec.get(k, {}).get("seconds") or 0.0) < MAX_SECONDS]
         if not todo:
             continue
         task, top, h, y, params = tw._task(name)

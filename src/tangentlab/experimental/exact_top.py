@@ -541,7 +541,7 @@ def _reliability(fc: ExactTopForecast) -> None:
 def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam: float,
           batches: list[np.ndarray] | None, log_every: int, stop_below: float | None,
           progress: bool, catapult: float = 1.0, shrunk: list[int] | None = None,
-          while_rising: bool = False,
+          while_rising: bool = False, recover: float = 0.0,
           ) -> tuple[list[int], list[float], list[float], int | None]:
     """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
     ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
@@ -549,7 +549,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     excursion the reliability check reads (NOTE [exact-top catapult]), whose steps are
     appended to ``shrunk``; ``while_rising`` (a candidate of
     ``benchmarks/twolayer_flagged.py``, not the library's rule): also at every read step
-    of an excursion whose loss is still above the last one read."""
+    of an excursion whose loss is still above the last one read; ``recover`` = ρ (a candidate
+    too): after a shrink, ln(scale) relaxes toward 0 by the factor 1 − ρ each step."""
     top, shape, y = kernel.top, kernel.shape, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -610,6 +611,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
         grads = torch.autograd.grad(lb, [zb, *th], allow_unused=True)  # unused: no gradient
         grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *th])]
         with torch.no_grad():  # torch SGD: buf = m buf + g + λ (w − w0), w -= η_t buf
+            if recover and scale != 1.0:
+                scale = scale ** (1.0 - recover)
             kg = kernel._apply(grads[0], rows)
             if scale != 1.0:
                 kg.mul_(scale)
