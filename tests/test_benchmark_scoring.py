@@ -161,3 +161,52 @@ def test_rising_catapult_shrinks_again_while_the_loss_still_climbs():
         assert again[t] > again[:t].min() + et.REBOUND_MAX * again[0]
         new = again[t - 1] <= again[: t - 1].min() + et.REBOUND_MAX * again[0]
         assert again[t] > again[t - 1] or new
+
+
+def test_recovering_catapult_is_the_catapult_whose_shrink_wears_off():
+    """benchmarks/twolayer_flagged.py's "recover" candidate: the same path up to the first
+    shrink; after it, ln(scale) relaxes by 1 − ρ a step, so the path lies between the
+    catapult's (ρ = 0) and the fixed kernel's, and ρ = 1 is the fixed kernel itself."""
+    import numpy as np
+
+    from tangentlab.experimental import exact_top as et
+
+    etk = _toy_exact_top()
+    lossf = et.as_loss("ce", "test")
+
+    def path(beta: float, rho: float) -> tuple[np.ndarray, list[int]]:
+        shrunk: list[int] = []
+        _, loss, _, _ = et._path(etk, lossf, np.full(40, 3.0), 0.0, 0.0, None, 1, None,
+                                 False, beta, shrunk, recover=rho)  # fmt: skip
+        return np.asarray(loss), shrunk
+
+    (cat, s_cat), (rec, s_rec) = path(0.5, 0.0), path(0.5, 0.2)
+    fixed, _ = path(1.0, 0.0)
+    first = s_cat[0]
+    assert s_rec[0] == first
+    np.testing.assert_array_equal(rec[: first + 1], cat[: first + 1])
+    assert not np.allclose(rec[first + 2:], cat[first + 2:])  # it wore off
+    np.testing.assert_array_equal(path(0.5, 1.0)[0], fixed)  # scale back to 1 at once
+
+
+def test_noise_floor_scores_a_rerun_like_a_forecast_of_the_stored_run():
+    """benchmarks/twolayer_chaos.py: a perturbed real run, logged every 2 steps and stopped
+    at its own 90% drop, is read as a per-step forecast curve of the stored run; the stored
+    run itself scores T̂ = T at every drop, and a run 2 steps slower scores T + 2."""
+    import holdout as ho
+    import twolayer_chaos as tc
+    from forecast_accuracy import _targets
+
+    steps = list(range(0, 42, 2))
+    loss = [1.0 * 0.9 ** t for t in steps]  # 50% at 8, 80% at 16, 90% at 22
+    c = dict(run_steps=steps, run_loss=loss, batch_size=32)
+    c["same"] = tc._per_step(steps, loss)
+    c["late"] = tc._per_step([s + 2 for s in steps], loss)
+    c["late"][0] = loss[0]
+    same, late = _targets(c, ho.DROPS, "same"), _targets(c, ho.DROPS, "late")
+    assert [same[f"{d:g}"]["T"] for d in ho.DROPS] == [8, 16, 22]
+    assert all(same[k]["T_hat"] == same[k]["T"] for k in same)
+    assert all(late[k]["T_hat"] == late[k]["T"] + 2 for k in late)
+    assert tc._perturbations(c, False) == ["seed", "lr+1%"]
+    assert tc._perturbations(c, True) == ["seed"]
+    assert tc._perturbations(dict(c, batch_size=None), False) == ["lr+1%"]
