@@ -3,6 +3,8 @@ weight-space simulation of the same model and against real training where it is 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from tangentlab.experimental.exact_top import (
     compute_exact_top_kernel,
     drift_steps,
     forecast_exact_top,
+    reliable_lr,
 )
 
 
@@ -490,3 +493,33 @@ def test_top_weights_the_top_does_not_use_get_no_update():
     ref = forecast_exact_top(compute_exact_top_kernel(body, top, (x, y), progress=False),
                              tl.SGD(0.2), 20, progress=False)  # fmt: skip
     np.testing.assert_allclose(fc.loss, ref.loss, rtol=1e-12)
+
+
+def test_reliable_lr_is_the_first_rate_down_the_grid_whose_check_passes():
+    """Past CE's edge of stability the check flags; reliable_lr walks η s^k down to the
+    first rate it passes at, with the horizon η_k T_k kept, and says None when none does."""
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    kw = dict(loss="ce", seed=3)
+    with pytest.warns(ValidityWarning):
+        assert forecast_exact_top(etk, tl.SGD(2.0), 40, progress=False, **kw).flagged(0.5)
+    fc = reliable_lr(etk, tl.SGD(2.0), 40, progress=False, **kw)
+    assert fc is not None and fc.settings["lr"] < 2.0
+    k = round(math.log(fc.settings["lr"] / 2.0) / math.log(0.8))
+    assert fc.settings["lr"] == pytest.approx(2.0 * 0.8**k)
+    assert fc.settings["steps"] == math.ceil(40 / 0.8**k)
+    assert not fc.flagged(0.5) and not fc.flagged(0.8) and fc.blowup is None
+    with pytest.warns(ValidityWarning):  # the rate just above it on the grid is flagged
+        above = forecast_exact_top(etk, tl.SGD(2.0 * 0.8 ** (k - 1)),
+                                   math.ceil(40 / 0.8 ** (k - 1)), progress=False, **kw)
+    assert above.flagged(0.5) or above.flagged(0.8) or above.blowup is not None
+    calm = reliable_lr(etk, tl.SGD(fc.settings["lr"]), 40, progress=False, **kw)
+    assert calm.settings["lr"] == fc.settings["lr"]  # a passing rate is its own answer
+    assert reliable_lr(etk, tl.SGD(2.0), 40, tries=1, progress=False, **kw) is None
+    for bad, match in ((dict(shrink=1.0), "shrink"), (dict(tries=0), "tries"),
+                       (dict(drops=(0.5, 1.5)), "drops"), (dict(momentum=0.9), "unknown"),
+                       (dict(steps_="x"), "unknown")):  # fmt: skip
+        with pytest.raises(TangentlabError, match=match):
+            reliable_lr(etk, tl.SGD(2.0), 40, progress=False, **bad)
+    with pytest.raises(TangentlabError, match="steps"):
+        reliable_lr(etk, tl.SGD(2.0), -1, progress=False)

@@ -49,7 +49,9 @@ with a reliability check that needs no training (NOTE [exact-top reliability che
 ``ExactTopForecast.reliability``, a ValidityWarning when it flags); where it flags, the
 path's block catapults (NOTE [exact-top catapult]); the estimate of the real steps
 ``steps_estimate`` corrects the drift of long runs (NOTE [exact-top drift]) and
-``steps_interval`` is calibrated around it (NOTE [exact-top steps interval]).
+``steps_interval`` is calibrated around it (NOTE [exact-top steps interval]). Where the
+check flags, :func:`reliable_lr` walks the learning rate down a grid to the first rate
+whose forecast passes.
 
 - Development (the choices were made here): 14 image tasks (EfficientNet-Lite0/1 at
   32 px, the last block linear, q = 2C) 4% / 25% over 830 targets (8 misses), against 80% /
@@ -79,7 +81,9 @@ path's block catapults (NOTE [exact-top catapult]); the estimate of the real ste
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -101,7 +105,7 @@ from tangentlab.tangent import ParamSpec, Tangent, select_params
 from tangentlab.training import SGD, Loss, as_loss, check_steps
 
 __all__ = ["ExactTopKernel", "ExactTopForecast", "compute_exact_top_kernel",
-           "forecast_exact_top", "rebound", "drift_steps"]  # fmt: skip
+           "forecast_exact_top", "reliable_lr", "rebound", "drift_steps"]  # fmt: skip
 
 _CHUNK = 256  # samples per forward pass of the body at w0
 _ROWS = 1024  # most samples whose gradient rows choose Q
@@ -516,6 +520,82 @@ def forecast_exact_top(
     return fc
 
 
+def reliable_lr(
+    kernel: ExactTopKernel,
+    optimizer: SGD,
+    steps: int,
+    *,
+    drops: tuple[float, ...] = RELIABILITY_DROPS,
+    shrink: float = 0.8,
+    tries: int = 10,
+    progress: bool = True,
+    **forecast_kwargs: Any,
+) -> ExactTopForecast | None:
+    """The forecast at the largest learning rate η s^k (s = ``shrink``, k = 0, 1, ...,
+    ``tries`` − 1) whose reliability check passes at every drop in ``drops`` (NOTE
+    [exact-top reliability check]): where the forecast at η is flagged, the rate at which
+    its steps can be trusted (within the passed band, ``fc.steps_interval``).
+
+    Each try runs ``forecast_exact_top(kernel, optimizer with lr η s^k, ceil(steps /
+    s^k), **forecast_kwargs)``: the horizon grows as the rate shrinks, so that η_k T_k
+    stays ``optimizer.lr * steps``. The rate is read off the result
+    (``fc.settings["lr"]``). The check is not monotone in η near the edge of stability (a
+    real run is chaotic there too: RESULTS.md "twolayer-chaos"), so this is the first rate
+    on the grid from η down that passes, not a threshold.
+
+    Args:
+      kernel, optimizer, steps: as :func:`forecast_exact_top`.
+      drops: the drops whose targets must pass (default 50% and 80%).
+      shrink: s in (0, 1), the ratio between successive rates.
+      tries: the most rates tried, η down to η s^(tries − 1).
+      progress: one line per try (stderr).
+      **forecast_kwargs: ``loss``, ``batch_size``, ``sampling``, ``seed``, ``log_every``,
+        ``catapult`` of :func:`forecast_exact_top`.
+
+    Returns:
+      the first forecast that passes, or ``None`` when none of the ``tries`` rates does.
+
+    Example::
+
+        fc = reliable_lr(etk, tl.SGD(0.05), 100, loss="ce", batch_size=32)
+        fc.settings["lr"], fc.steps_estimate(0.8), fc.steps_interval(0.8)
+    """
+    fn = "reliable_lr"
+    if (not isinstance(shrink, (int, float)) or isinstance(shrink, bool)
+            or not 0.0 < shrink < 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: shrink must be a number in (0, 1), got {shrink!r}; e.g. "
+                              "0.8 (each rate 80% of the one before).")
+    if not isinstance(tries, int) or isinstance(tries, bool) or tries < 1:
+        raise TangentlabError(f"{fn}: tries must be a positive integer, got {tries!r}.")
+    bad = [d for d in drops if not isinstance(d, (int, float)) or not 0.0 < d < 1.0]
+    if not drops or bad:
+        raise TangentlabError(f"{fn}: drops must be fractions of L0 in (0, 1), got {drops!r}; "
+                              "e.g. (0.5, 0.8).")
+    unknown = set(forecast_kwargs) - {"loss", "batch_size", "sampling", "seed", "log_every",
+                                      "catapult"}  # fmt: skip
+    if unknown:
+        raise TangentlabError(f"{fn}: unknown option(s) {sorted(unknown)}; it passes loss, "
+                              "batch_size, sampling, seed, log_every and catapult on to "
+                              "forecast_exact_top.")
+    if not isinstance(optimizer, SGD):
+        raise TangentlabError(f"{fn}: optimizer must be tl.SGD, got {type(optimizer).__name__}.")
+    steps = check_steps(fn, steps)
+    for k in range(tries):
+        lr = optimizer.lr * shrink**k
+        opt = dataclasses.replace(optimizer, lr=lr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ValidityWarning)
+            fc = forecast_exact_top(kernel, opt, math.ceil(steps / shrink**k), progress=False,
+                                    **forecast_kwargs)  # fmt: skip
+        ok = fc.blowup is None and not any(fc.flagged(d) for d in drops)
+        if progress:
+            print(f"{fn}: lr {lr:.4g} ({shrink:g}^{k} x {optimizer.lr:.4g}): "
+                  f"{'passes' if ok else 'flagged'}", file=sys.stderr, flush=True)
+        if ok:
+            return fc
+    return None
+
+
 def rebound(loss: np.ndarray) -> float:
     """max_t (L_t − min_{s<=t} L_s) / L_0 of the logged losses ``[K]`` (+∞ if any is not
     finite; NOTE [exact-top reliability check])."""
@@ -548,7 +628,8 @@ def _reliability(fc: ExactTopForecast) -> None:
             "learning rate 1% higher, was off by as much on 19-39% / 10-21% of them "
             "('twolayer-chaos'). "
             "Treat its steps as uncertain (fc.steps_interval is open above), or lower the "
-            "learning rate.",
+            "learning rate (exact_top.reliable_lr finds the largest rate, on a grid below "
+            "this one, whose forecast passes the check).",
             ValidityWarning,
             stacklevel=3,
         )
