@@ -197,9 +197,10 @@ PLAN-fresh4.md before the fourth fresh round's reruns holds for the passed targe
 (p90 26% and 29%, within issue 13's p90 goal), while the forecast is off by that much on
 47% and 35% of the same targets. So the chaos where the check flags is real but smaller
 than the forecast's error there, most of which is the model's. The text development tasks
-point the same way on their flagged targets (one perturbation per cell, ``--primary``; no
-control cell ran in the session's time): another batch order moves 23% of 83 targets by
-more than 25%, a learning rate 1% higher 20% of 46, against 48% and 54% for the forecast.
+point the same way (one perturbation per cell, ``--primary``): where the check flags,
+another batch order moves 23% of 86 targets by more than 25% and a learning rate 1% higher
+26% of 50, against 50% and 58% for the forecast; where it passes, 0% of 99 and of 113 (the
+forecast 0% and 0%).
 """
 
 
