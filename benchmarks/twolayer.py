@@ -439,8 +439,7 @@ def main() -> None:
     ap.add_argument("--fresh4", action="store_true",
                     help="the fourth fresh round (twolayer_fresh4.py; PLAN-fresh4.md), once")
     ap.add_argument("--fresh5", action="store_true",
-                    help="the fifth fresh round (twolayer_fresh5.py), once, after a plan is "
-                    "frozen: no forecast of it has run")
+                    help="the fifth fresh round (twolayer_fresh5.py; PLAN-fresh5.md), once")
     ap.add_argument("--text-holdout", action="store_true",
                     help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
     ap.add_argument("--choose-drift", action="store_true",
@@ -929,7 +928,7 @@ FRESH2_OUT = OUT / "fresh2"  # results/twolayer/PLAN-fresh2.md
 
 FRESH3_OUT = OUT / "fresh3"  # results/twolayer/PLAN-fresh3.md
 FRESH4_OUT = OUT / "fresh4"  # results/twolayer/PLAN-fresh4.md
-FRESH5_OUT = OUT / "fresh5"  # real runs only: kept for a later held-out look
+FRESH5_OUT = OUT / "fresh5"  # results/twolayer/PLAN-fresh5.md
 ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3", FRESH3_OUT),
           "fresh4": ("twolayer_fresh4", FRESH4_OUT), "fresh5": ("twolayer_fresh5", FRESH5_OUT)}
 

@@ -48,7 +48,7 @@ from tangentlab.experimental import exact_top as et  # noqa: E402
 
 OUT = tw.OUT / "chaos"
 COMMAND = ".venv/bin/python benchmarks/twolayer_chaos.py"
-WHICH = ("dev", "text-ffn", "fresh4")  # fresh4: held out once (PLAN-fresh4.md)
+WHICH = ("dev", "text-ffn", "fresh4", "fresh5")  # fresh4, fresh5: held out once (PLANs)
 CONTROL_SEED = 37
 PERTURB = {"seed": dict(seed=ho.SEED + 1, lr=1.0), "lr+1%": dict(seed=ho.SEED, lr=1.01)}
 

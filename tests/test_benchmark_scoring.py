@@ -210,3 +210,75 @@ def test_noise_floor_scores_a_rerun_like_a_forecast_of_the_stored_run():
     assert tc._perturbations(c, False) == ["seed", "lr+1%"]
     assert tc._perturbations(c, True) == ["seed"]
     assert tc._perturbations(dict(c, batch_size=None), False) == ["lr+1%"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_sharpness_is_the_top_gauss_newton_eigenvalue_in_weight_space(loss):
+    """exact_top._Sharpness (benchmarks/twolayer_flagged.py's "pin" candidate): the power
+    iteration in (z, θ) gives the top eigenvalue of the Gauss-Newton matrix Aᵀ H_f A of the
+    network in its weights (A = ∂f/∂(w_body, θ) by autograd, H_f the mean loss's Hessian in
+    the logits), and its block share S_b is s dS/ds, the block's columns of A scaled by √s."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.func import functional_call, jacrev
+
+    from tangentlab.experimental import exact_top as et
+
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double().eval()
+    top = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.arange(9) % 3
+    etk = et.compute_exact_top_kernel(body, top, (x, y), directions="all", progress=False)
+    lossf = et.as_loss(loss, "test")
+    bp, tp = dict(body.named_parameters()), dict(top.named_parameters())
+
+    def net(b: dict, t: dict) -> torch.Tensor:
+        return functional_call(top, t, (functional_call(body, b, (x,)),))
+
+    jb, jt = jacrev(net, argnums=(0, 1))(bp, tp)
+    flat = lambda j: torch.cat([v.reshape(27, -1) for v in j.values()], 1)  # noqa: E731
+    a_b, a_t = flat(jb).detach(), flat(jt).detach()
+    f0 = net(bp, tp).detach()
+    h_f = torch.func.hessian(lambda f: lossf.per_sample(f.reshape(9, 3), y).mean())(
+        f0.reshape(-1))  # [27, 27]
+
+    def top_eig(s: float) -> float:
+        a = torch.cat([a_b * s**0.5, a_t], 1)
+        return float(torch.linalg.eigvalsh(a.T @ h_f @ a)[-1])
+
+    for s in (1.0, 0.3):
+        sharp = et._Sharpness(etk, lossf, [tp[k].detach() for k in etk.top_params], warm=300)
+        s_all, s_block = sharp.step(etk.z0, s)
+        np.testing.assert_allclose(s_all, top_eig(s), rtol=1e-6)
+        eps = 1e-5
+        np.testing.assert_allclose(s_block, s * (top_eig(s + eps) - top_eig(s - eps)) / (2 * eps),
+                                   rtol=1e-4)  # fmt: skip
+        assert 0.0 < s_block < s_all
+
+
+def test_pinned_catapult_holds_the_sharpness_below_its_share_of_the_limit():
+    """benchmarks/twolayer_flagged.py's "pin" candidate: the catapult's path up to its first
+    shrink; from there the block's scale is at most the catapult's, and lowered wherever
+    the sharpness read at a step exceeds c x 2(1 + m)/η and the block can bring it down."""
+    import numpy as np
+
+    from tangentlab.experimental import exact_top as et
+
+    etk = _toy_exact_top()
+    lossf = et.as_loss("ce", "test")
+    shrunk: list[int] = []
+    _, cat, _, _ = et._path(etk, lossf, np.full(40, 3.0), 0.0, 0.0, None, 1, None, False,
+                            0.5, shrunk)  # fmt: skip
+    trace: list[tuple[int, float, float]] = []
+    _, pin, _, _ = et._path(etk, lossf, np.full(40, 3.0), 0.0, 0.0, None, 1, None, False,
+                            0.5, [], pin=0.5, sharpness=trace)  # fmt: skip
+    first = shrunk[0]
+    np.testing.assert_array_equal(pin[: first + 1], cat[: first + 1])
+    assert trace[0][0] == first
+    limit = 0.5 * 2.0 / 3.0
+    assert all(s <= 0.5 + 1e-12 for _, _, s in trace)  # at most the catapult's 0.5 (or less)
+    shrank = [i for i in range(1, len(trace)) if trace[i][2] < trace[i - 1][2]]
+    assert shrank and all(trace[i][1] > limit for i in shrank)  # only where S was above
+    assert not np.allclose(pin[first + 2:], cat[first + 2: len(pin)])

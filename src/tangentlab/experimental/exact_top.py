@@ -638,7 +638,8 @@ def _reliability(fc: ExactTopForecast) -> None:
 def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam: float,
           batches: list[np.ndarray] | None, log_every: int, stop_below: float | None,
           progress: bool, catapult: float = 1.0, shrunk: list[int] | None = None,
-          while_rising: bool = False, recover: float = 0.0,
+          while_rising: bool = False, recover: float = 0.0, pin: float = 0.0,
+          pin_always: bool = False, sharpness: list[tuple[int, float, float]] | None = None,
           ) -> tuple[list[int], list[float], list[float], int | None]:
     """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
     ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
@@ -647,7 +648,12 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     appended to ``shrunk``; ``while_rising`` (a candidate of
     ``benchmarks/twolayer_flagged.py``, not the library's rule): also at every read step
     of an excursion whose loss is still above the last one read; ``recover`` = ρ (a candidate
-    too): after a shrink, ln(scale) relaxes toward 0 by the factor 1 − ρ each step."""
+    too): after a shrink, ln(scale) relaxes toward 0 by the factor 1 − ρ each step; ``pin``
+    = c > 0 (a candidate too, ``_Sharpness``): from the first catapult on (from step 0 with
+    ``pin_always``), the block's scale is further multiplied by a factor h <= 1 set every
+    step so that the top eigenvalue S of the model's Gauss-Newton matrix in its weights
+    stays at most c · 2(1 + m)/η_t (h grows back toward 1 below it); (step, S, scale · h)
+    appended to ``sharpness``."""
     top, shape, y = kernel.top, kernel.shape, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -664,6 +670,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     steps = len(rates)
     every = 1 if batches is None else CHECK_EVERY_MINIBATCH  # the steps the check reads
     scale, armed, low, last = 1.0, True, math.inf, math.inf  # NOTE [exact-top catapult]
+    sharp = _Sharpness(kernel, lossf, th) if pin else None
+    pinned, held = pin_always, 1.0  # held: the pin's factor on top of the catapult's scale
     from tqdm.auto import tqdm
 
     for t in tqdm(range(steps + 1), desc="forecast_exact_top", unit="step",
@@ -694,6 +702,7 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
                     rise = value > low + REBOUND_MAX * losses[0]
                     again = while_rising and value > last  # still climbing: shrink again
                     if rise and (armed or again) and catapult != 1.0:
+                        pinned = pinned or bool(pin)
                         scale *= catapult
                         if shrunk is not None:
                             shrunk.append(t)
@@ -707,18 +716,82 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
             lb = lossf.per_sample(logits(zb), y[rows]).mean()
         grads = torch.autograd.grad(lb, [zb, *th], allow_unused=True)  # unused: no gradient
         grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *th])]
+        if pinned:  # the block's scale that keeps the sharpness at most c x its limit
+            s_all, s_block = sharp.step(z, scale * held)
+            want = pin * 2.0 * (1.0 + m) / float(rates[t])
+            if s_block > 0 and want > s_all - s_block:  # else the top alone is past it
+                ratio = (want - (s_all - s_block)) / s_block  # S(s') ≈ S_θ + S_b s'/s
+                held = min(1.0, held * min(max(ratio, 0.5), 2.0))
+            if sharpness is not None:
+                sharpness.append((t, s_all, scale * held))
         with torch.no_grad():  # torch SGD: buf = m buf + g + λ (w − w0), w -= η_t buf
             if recover and scale != 1.0:
                 scale = scale ** (1.0 - recover)
             kg = kernel._apply(grads[0], rows)
-            if scale != 1.0:
-                kg.mul_(scale)
+            if scale * held != 1.0:
+                kg.mul_(scale * held)
             for p, p0, g, b in ((dz, None, kg, u), *zip(th, th0, grads[1:], buf)):
                 b.mul_(m).add_(g)
                 if lam:
                     b.add_(p if p0 is None else p - p0, alpha=lam)  # Δz = J (w − w0)
                 p.sub_(b, alpha=float(rates[t]))
     return logged, losses, accs, blowup
+
+
+class _Sharpness:
+    """Warm-started power iteration for the top eigenvalue S of the exact-top model's
+    Gauss-Newton matrix in its weights (w_body, θ), a candidate of
+    ``benchmarks/twolayer_flagged.py``.
+
+    With G = diag(J, I) the weights' map to (z, θ) and A = ∂f/∂(z, θ), the Gauss-Newton
+    matrix Gᵀ Aᵀ H_f A G (H_f the Hessian of the mean training loss in the logits, PSD for
+    MSE and CE) has the nonzero eigenvalues of Aᵀ H_f A P, P = G Gᵀ = diag(s K, I) (s the
+    block's scale). One product per ``step`` (a JVP and a VJP through the top on all N, and
+    one ``kernel._apply``): S = ⟨P v, Aᵀ H_f A P v⟩ / ⟨v, P v⟩, returned with the block's
+    share S_b (its terms in z: s dS/ds)."""
+
+    def __init__(self, kernel: ExactTopKernel, lossf: Loss, th: list[torch.Tensor],
+                 warm: int = 20) -> None:
+        self.kernel, self.lossf, self.th = kernel, lossf, th
+        g = torch.Generator().manual_seed(0)
+        self.v = [torch.randn(kernel.z0.shape, generator=g, dtype=kernel.z0.dtype),
+                  *(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in th)]
+        self.warm = warm
+
+    def step(self, z: torch.Tensor, scale: float) -> tuple[float, float]:
+        for _ in range(self.warm):
+            self._iterate(z, scale)
+        self.warm = 0
+        return self._iterate(z, scale)
+
+    def _iterate(self, z: torch.Tensor, scale: float) -> tuple[float, float]:
+        from torch.func import jvp, vjp
+
+        k, v = self.kernel, self.v
+        names = k.top_params
+
+        def f(zz: torch.Tensor, *ths: torch.Tensor) -> torch.Tensor:
+            return functional_call(k.top, dict(zip(names, ths)), (zz.reshape(len(zz), *k.shape),))
+
+        with torch.no_grad():
+            pv = [k._apply(v[0], None) * scale, *v[1:]]
+        prim = [z.detach(), *(t.detach() for t in self.th)]
+        logits, af = jvp(f, tuple(prim), tuple(pv))
+        fl = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gf,) = torch.autograd.grad(self.lossf.per_sample(fl, k.y).mean(), fl,
+                                        create_graph=True)  # fmt: skip
+            (hf,) = torch.autograd.grad(gf, fl, grad_outputs=af.detach())
+        _, back = vjp(f, *prim)
+        out = [a.detach() for a in back(hf)]
+        den = sum(float((a * b).double().sum()) for a, b in zip(v, pv))
+        parts = [float((a * b).double().sum()) for a, b in zip(pv, out)]
+        norm = math.sqrt(sum(float(h.double().pow(2).sum()) for h in out))
+        if norm > 0 and math.isfinite(norm):
+            self.v = [h / norm for h in out]
+        if den <= 0:
+            return 0.0, 0.0
+        return sum(parts) / den, parts[0] / den
 
 
 def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
