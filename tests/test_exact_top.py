@@ -516,6 +516,10 @@ def test_reliable_lr_is_the_first_rate_down_the_grid_whose_check_passes():
     calm = reliable_lr(etk, tl.SGD(fc.settings["lr"]), 40, progress=False, **kw)
     assert calm.settings["lr"] == fc.settings["lr"]  # a passing rate is its own answer
     assert reliable_lr(etk, tl.SGD(2.0), 40, tries=1, progress=False, **kw) is None
+    l0 = float(fc.loss[0])  # stopping past the deepest checked drop: the same rate, faster
+    short = reliable_lr(etk, tl.SGD(2.0), 40, progress=False, stop_below=0.19 * l0, **kw)
+    assert short.settings["lr"] == fc.settings["lr"] and short.steps[-1] <= fc.steps[-1]
+    assert short.steps_to_drop(0.8) == fc.steps_to_drop(0.8)
     for bad, match in ((dict(shrink=1.0), "shrink"), (dict(tries=0), "tries"),
                        (dict(drops=(0.5, 1.5)), "drops"), (dict(momentum=0.9), "unknown"),
                        (dict(steps_="x"), "unknown")):  # fmt: skip
