@@ -42,7 +42,7 @@ from tangentlab.experimental import exact_top as et  # noqa: E402
 
 OUT = tw.OUT / "reliable"
 COMMAND = ".venv/bin/python benchmarks/twolayer_reliable.py"
-WHICH = ("dev", "fresh5")  # fresh5: held out once (PLAN-fresh5.md, addendum)
+WHICH = ("dev", "fresh5", "fresh6")  # held out once each: PLAN-fresh5.md's addendum, PLAN-fresh6
 STOP = 0.19  # each try stops just below the 80% drop's target: the check reads no further
 MAX_CAP = 4000  # the real run's cap at the lower rate: H_CAP / 0.8^k, at most this
 
@@ -91,12 +91,48 @@ def run(which: str, only: list[str] | None = None) -> None:
                            estimate={f"{d:g}": fc.steps_estimate(d) for d in ho.DROPS},
                            interval={f"{d:g}": fc.steps_interval(d) for d in ho.DROPS},
                            flagged={f"{d:g}": fc.flagged(d) for d in ho.DROPS},
+                           rebound={f"{d:g}": fc.rebound(d) for d in ho.DROPS},
                            fc_steps=int(fc.settings["steps"]))  # fmt: skip
             state[key] = out
             OUT.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(state))
             print(which, name, key, "lr", out["lr"], f"{fc_seconds:.1f}s",
                   f"{out.get('real_seconds', 0):.1f}s", flush=True)
+
+
+def backfill(which: str) -> None:
+    """Add the rebound R (``fc.rebound``) at each drop to the stored cells that predate it:
+    the forecast at the stored rate rerun as ``reliable_lr`` ran it (the same horizon and
+    options; its estimates checked against the stored ones)."""
+    _, tasks = tw._task_set(which)
+    for path in sorted(OUT.glob(f"{which}-*.json")):
+        state = json.loads(path.read_text())
+        todo = [k for k, v in state.items() if v["lr"] is not None and "rebound" not in v]
+        if not todo:
+            continue
+        name = path.stem[len(which) + 1:]
+        _, top, h, y, params = tw._task(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            etk = tw._library_kernel(name, top, h, y, params, "2C")
+        for key in todo:
+            c, st = tasks[name][0][key], state[key]
+            full = c["batch_size"] is None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fc = et.forecast_exact_top(
+                    etk, tl.SGD(st["lr"], momentum=c["momentum"]), st["fc_steps"],
+                    loss=c["loss"], batch_size=c["batch_size"], seed=tw.GRID_SEED,
+                    log_every=1 if full else 2, progress=False,
+                    stop_below=STOP * float(c["run_loss"][0]))  # fmt: skip
+            for d in ho.DROPS:
+                if fc.steps_estimate(d) != st["estimate"][f"{d:g}"]:
+                    raise SystemExit(f"{which} {name} {key}: the rerun forecast differs at "
+                                     f"drop {d:g} ({fc.steps_estimate(d)} against "
+                                     f"{st['estimate'][f'{d:g}']})")
+            st["rebound"] = {f"{d:g}": fc.rebound(d) for d in ho.DROPS}
+            path.write_text(json.dumps(state))
+            print(which, name, key, st["rebound"], flush=True)
 
 
 def _first(steps: list[int], loss: list, target: float) -> int | None:
@@ -122,12 +158,43 @@ def scored(which: str) -> list[dict]:
             loss = st["run_loss"]
             t_new = _first(st["run_steps"], loss, (1 - float(r["drop"])) * loss[0])
             lo_hi = st["interval"][d]
+            est = st["estimate"][d]
+            lo, hi = et.STEPS_BAND_FLAGGED if st["flagged"][d] else et.STEPS_BAND_ADVISED
             row.update(lr_ratio=st["lr"] / tw._task_set(which)[1][r["task"]][0][r["cell"]]["lr"],
-                       T_new=t_new, et_new=st["estimate"][d], flagged_new=st["flagged"][d],
+                       T_new=t_new, et_new=est, flagged_new=st["flagged"][d],
                        inside=(t_new is not None and lo_hi is not None
-                               and lo_hi[0] <= t_new <= lo_hi[1]))  # fmt: skip
+                               and lo_hi[0] <= t_new <= lo_hi[1]),
+                       inside_now=(t_new is not None and est is not None
+                                   and est * math.exp(lo) <= t_new <= est * math.exp(hi)),
+                       )  # fmt: skip
         out.append(row)
     return out
+
+
+def choose_advised_band(which: str = "dev") -> dict:
+    """NOTE [exact-top steps interval], ``STEPS_BAND_ADVISED``: the band of the targets of a
+    forecast at the rate ``reliable_lr`` lowered to, one band pooled over the losses and
+    batch sizes (76 development targets are too few to split), T ∈ [T̃' e^lo, T̃' e^hi]:
+    (lo, hi) the (p, 1 − p) quantiles of log(T' / T̃') over ``which``'s targets that the new
+    run reaches, p the largest of ``twolayer.BAND_LEVELS`` whose left-out-task coverage (each
+    task scored on the band of the others) reaches ``twolayer.BAND_COVER``, as the grid's
+    bands are chosen (``twolayer.choose_band``)."""
+    rows = [r for r in scored(which) if r["T_new"] is not None]
+    res = {id(r): (math.log(r["T_new"] / r["et_new"]) if r["et_new"] else None) for r in rows}
+    tasks = sorted({r["task"] for r in rows})
+    out = {}
+    for levels in tw.BAND_LEVELS:
+        hit = []
+        for t in tasks:
+            x = [res[id(r)] for r in rows if r["task"] != t and res[id(r)] is not None]
+            lo, hi = np.quantile(x, levels[0]), np.quantile(x, levels[1])
+            hit += [res[id(r)] is not None and lo <= res[id(r)] <= hi
+                    for r in rows if r["task"] == t]  # fmt: skip
+        x = [v for v in res.values() if v is not None]
+        out[levels] = dict(lo=float(np.quantile(x, levels[0])),
+                           hi=float(np.quantile(x, levels[1])), loto=float(np.mean(hit)))
+    chosen = next((lv for lv in tw.BAND_LEVELS if out[lv]["loto"] >= tw.BAND_COVER), None)
+    return dict(candidates=out, chosen=chosen, n=len(rows), tasks=len(tasks))
 
 
 def _err(t: float | None, big_t: int | None) -> float:
@@ -147,8 +214,8 @@ def _fmt(errs: list[float]) -> str:
 
 
 def report() -> list[str]:
-    lines = [f"Command: `{COMMAND} --run --which dev`, `--run --which fresh5`, then "
-             f"`--report`. Machine: {machine()}.", "",
+    lines = [f"Command: `{COMMAND} --run --which dev`, `--run --which fresh5`, `--run "
+             f"--which fresh6`, then `--report`. Machine: {machine()}.", "",
              "The advice of the exact-top ValidityWarning, tested against real runs (see the "
              "module docstring): on every image cell with a target the check flags at the "
              "50% or 80% drop, `exact_top.reliable_lr` picks a lower rate whose forecast "
@@ -157,11 +224,15 @@ def report() -> list[str]:
              "(targets, misses). *At its own rate*: the flagged targets as scored in the "
              "grid; *at the lower rate*: the new run's targets at the same drops (a target "
              "the new run does not reach within its cap is left out, counted apart); "
-             "*interval*: the new run's T inside the forecast's ``steps_interval``; "
+             "*interval*: the new run's T inside the forecast's ``steps_interval`` as it "
+             "was run (stored; before PLAN-fresh6.md the grid's passed band); *advised "
+             "band*: inside the band of a lowered rate, ``STEPS_BAND_ADVISED`` (x0.83 to "
+             "x1.21 of T̃, chosen on the development rows, PLAN-fresh6.md); "
              "*rate*, *steps*: median ratio of the lower rate to the cell's and of the new "
              "run's T to the old.", "",
              "| tasks | loss | targets | no rate found | at its own rate | at the lower rate "
-             "| interval | rate | steps |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| interval | advised band | rate | steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for which in WHICH:
         rows = scored(which)
         if not rows:
@@ -175,11 +246,12 @@ def report() -> list[str]:
             old = _fmt([_err(r["et"], r["T"]) for r in sub])
             new = _fmt([_err(r["et_new"], r["T_new"]) for r in reached])
             inside = f"{np.mean([r['inside'] for r in reached]):.0%}" if reached else "-"
+            now = f"{np.mean([r['inside_now'] for r in reached]):.0%}" if reached else "-"
             rate = f"{np.median([r['lr_ratio'] for r in found]):.2f}" if found else "-"
             slow = (f"{np.median([r['T_new'] / r['T'] for r in reached]):.2f}" if reached
                     else "-")  # fmt: skip
             lines.append(f"| {which} | {loss} | {len(sub)} ({len(found) - len(reached)} not "
-                         f"reached) | {len(sub) - len(found)} | {old} | {new} | {inside} | "
+                         f"reached) | {len(sub) - len(found)} | {old} | {new} | {inside} | {now} | "
                          f"{rate} | {slow} |")
     return lines + READING.splitlines()
 
@@ -206,11 +278,25 @@ def main() -> None:
     ap.add_argument("--run", action="store_true", help="reliable_lr and the real runs")
     ap.add_argument("--which", default="dev", choices=WHICH)
     ap.add_argument("--task", action="append", help="with --run: only this task (repeat)")
+    ap.add_argument("--choose-band", action="store_true",
+                    help="the band of a lowered rate, chosen on the development rows")
+    ap.add_argument("--backfill", action="store_true",
+                    help="add the rebound R of the stored forecasts at the lower rate")
     ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.run:
         run(args.which, args.task)
+        return
+    if args.choose_band:
+        res = choose_advised_band()
+        for lv, c in res["candidates"].items():
+            print(f"p = {lv[0]:g}: x{math.exp(c['lo']):.2f} to x{math.exp(c['hi']):.2f} "
+                  f"(log {c['lo']:+.4f}, {c['hi']:+.4f}), left-out coverage {c['loto']:.0%}")
+        print(f"chosen: p = {res['chosen'][0]:g} ({res['n']} targets, {res['tasks']} tasks)")
+        return
+    if args.backfill:
+        backfill(args.which)
         return
     lines = report()
     print("\n".join(lines))

@@ -14,6 +14,8 @@ from torch.func import functional_call, jvp
 import tangentlab as tl
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarning
 from tangentlab.experimental.exact_top import (
+    STEPS_BAND,
+    STEPS_BAND_ADVISED,
     compute_exact_top_kernel,
     drift_steps,
     forecast_exact_top,
@@ -373,7 +375,8 @@ def test_reliability_check_flags_a_forecast_whose_loss_climbs_back():
              if v > REBOUND_MAX and fc.steps_to_drop(float(k)) is not None)  # fmt: skip
     lo, hi = fc.steps_interval(d)
     assert lo == pytest.approx(fc.steps_estimate(d) * math.exp(STEPS_BAND_FLAGGED[0]))
-    assert math.isinf(hi)  # flagged targets: no upper end
+    assert hi == pytest.approx(fc.steps_estimate(d) * math.exp(STEPS_BAND_FLAGGED[1]))
+    assert STEPS_BAND_FLAGGED[0] < 0 < STEPS_BAND_FLAGGED[1] < math.inf  # wide, finite
 
 
 def test_reliability_check_passes_a_smooth_forecast_silently():
@@ -509,12 +512,22 @@ def test_reliable_lr_is_the_first_rate_down_the_grid_whose_check_passes():
     assert fc.settings["lr"] == pytest.approx(2.0 * 0.8**k)
     assert fc.settings["steps"] == math.ceil(40 / 0.8**k)
     assert not fc.flagged(0.5) and not fc.flagged(0.8) and fc.blowup is None
+    assert fc.settings["advised"] == k >= 1  # a lowered rate carries its own band
+    t = fc.steps_estimate(0.5)
+    lo, hi = STEPS_BAND_ADVISED
+    assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
+    calm_lo, calm_hi = STEPS_BAND[("ce", True)]
+    assert lo < calm_lo and hi > calm_hi  # wider than the grid's passed CE full-batch band
     with pytest.warns(ValidityWarning):  # the rate just above it on the grid is flagged
         above = forecast_exact_top(etk, tl.SGD(2.0 * 0.8 ** (k - 1)),
                                    math.ceil(40 / 0.8 ** (k - 1)), progress=False, **kw)
     assert above.flagged(0.5) or above.flagged(0.8) or above.blowup is not None
     calm = reliable_lr(etk, tl.SGD(fc.settings["lr"]), 40, progress=False, **kw)
     assert calm.settings["lr"] == fc.settings["lr"]  # a passing rate is its own answer
+    assert "advised" not in calm.settings  # not lowered: the grid's passed band
+    lo, hi = STEPS_BAND[("ce", True)]
+    t = calm.steps_estimate(0.5)
+    assert calm.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
     assert reliable_lr(etk, tl.SGD(2.0), 40, tries=1, progress=False, **kw) is None
     l0 = float(fc.loss[0])  # stopping past the deepest checked drop: the same rate, faster
     short = reliable_lr(etk, tl.SGD(2.0), 40, progress=False, stop_below=0.19 * l0, **kw)
