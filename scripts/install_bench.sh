@@ -20,7 +20,7 @@ if [ ! -d /usr/share/games/fortunes ]; then
   fi
 fi
 for script in holdout holdout_curves holdout_depth fullspan_pilot twolayer_fresh twolayer_fresh2 \
-    twolayer_fresh3 twolayer_fresh4 twolayer_fresh5; do
+    twolayer_fresh3 twolayer_fresh4 twolayer_fresh5 twolayer_fresh6; do
   "$PY" "benchmarks/$script.py" --fetch || status=1
 done
 [ "$status" = 0 ] || echo "tangentlab: some benchmark data could not be installed (above)." >&2
