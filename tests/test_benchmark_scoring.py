@@ -63,7 +63,25 @@ def test_exact_top_steps_band_is_the_rule_on_the_stored_development_grid():
         assert abs(lo - t["lo"]) <= 0.005 and abs(hi - t["hi"]) <= 0.005
     (t,) = res["flagged"]["candidates"][res["flagged"]["chosen"]]["table"].values()
     assert abs(STEPS_BAND_FLAGGED[0] - t["lo"]) <= 0.005
-    assert STEPS_BAND_FLAGGED[1] == t["hi"] == math.inf
+    assert abs(STEPS_BAND_FLAGGED[1] - t["hi"]) <= 0.005 and math.isfinite(t["hi"])
+    assert min(t["kinds"].values()) >= tw.BAND_COVER  # misses counted outside
+
+
+def test_exact_top_advised_band_is_the_rule_on_the_stored_reliable_runs():
+    """STEPS_BAND_ADVISED: the band rule on the development targets at reliable_lr's rate;
+    a narrower level misses the coverage the rule asks for."""
+    import twolayer as tw
+    import twolayer_reliable as tr
+    from tangentlab.experimental.exact_top import STEPS_BAND_ADVISED
+
+    res = tr.choose_advised_band()
+    assert res["n"] >= 70 and res["chosen"] is not None
+    c = res["candidates"][res["chosen"]]
+    assert abs(STEPS_BAND_ADVISED[0] - c["lo"]) <= 0.005
+    assert abs(STEPS_BAND_ADVISED[1] - c["hi"]) <= 0.005
+    assert c["loto"] >= tw.BAND_COVER
+    narrower = [lv for lv in tw.BAND_LEVELS if lv[0] > res["chosen"][0]]
+    assert all(res["candidates"][lv]["loto"] < tw.BAND_COVER for lv in narrower)
 
 
 def test_exact_top_reliability_threshold_is_the_rule_on_the_stored_development_grid():

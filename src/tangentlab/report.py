@@ -141,9 +141,10 @@ def plot_exact_top(
       forecasts: ``(label, ExactTopForecast)`` pairs.
       drop: a drop of each forecast's L0 (``None``: none): its target line, the estimate
         of the real steps (``ExactTopForecast.steps_estimate``) marked, and
-        the steps interval (``ExactTopForecast.steps_interval``) as a bar along the line,
-        open to the right when the reliability check flags the target (NOTE [exact-top
-        reliability check]); a flagged forecast's legend says so.
+        the steps interval (``ExactTopForecast.steps_interval``) as a bar along the line
+        (wide where the reliability check flags the target, NOTE [exact-top reliability
+        check]; an arrow where it runs past the plot's last step); a flagged forecast's
+        legend says so.
       measured: optional real curves ``(label, steps [T], loss [T], accuracy [T] or None)``.
     """
     plt = _plt()
@@ -169,8 +170,8 @@ def plot_exact_top(
         hi = min(iv[1], right)
         ax_l.plot([iv[0], hi], [target] * 2, color=col, lw=4, alpha=0.35,
                   solid_capstyle="butt", label=f"real steps to a {drop:.0%} drop, interval"
-                  + (" (open above)" if math.isinf(iv[1]) else ""))  # fmt: skip
-        if math.isinf(iv[1]):
+                  + (" (past the plot)" if iv[1] > right else ""))  # fmt: skip
+        if iv[1] > right:
             ax_l.annotate("", xy=(right, target), xytext=(max(iv[0], 0.9 * right), target),
                           arrowprops=dict(arrowstyle="->", color=col, alpha=0.6))  # fmt: skip
     for j, (label, steps, loss, acc, *_) in enumerate(measured):
