@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,23 +121,21 @@ def _keep(path: Path) -> bool:
     return not path.is_symlink() and _visible(path) >= MIN_SIDE
 
 
-def furniture_pools() -> list[list[Path]]:
-    seen: set = set()
-    return [_distinct([p for p in (_need(FURNITURE) / c).glob("*.png") if _keep(p)], seen)
-            for c in FURNITURE_CLASSES]  # fmt: skip
+def _pools(root: Path, classes: tuple[str, ...], sub: str = "") -> Callable:
+    """The pools of a task: per class, the distinct pictures kept (``_keep``) of the PNGs in
+    ``root / <class> / sub``, each picture in one class only."""
+
+    def pools() -> list[list[Path]]:
+        seen: set = set()
+        return [_distinct([p for p in (_need(root) / c / sub).glob("*.png") if _keep(p)], seen)
+                for c in classes]  # fmt: skip
+
+    return pools
 
 
-def elementary_pools() -> list[list[Path]]:
-    seen: set = set()
-    return [_distinct([p for p in (_need(ELEMENTARY) / c / "48").glob("*.png") if _keep(p)],
-                      seen)
-            for c in ELEMENTARY_CLASSES]  # fmt: skip
-
-
-def ukui_pools() -> list[list[Path]]:
-    seen: set = set()
-    return [_distinct([p for p in (_need(UKUI) / c).glob("*.png") if _keep(p)], seen)
-            for c in UKUI_CLASSES]  # fmt: skip
+furniture_pools = _pools(FURNITURE, FURNITURE_CLASSES)
+elementary_pools = _pools(ELEMENTARY, ELEMENTARY_CLASSES, "48")
+ukui_pools = _pools(UKUI, UKUI_CLASSES)
 
 
 TASKS = {
