@@ -16,8 +16,8 @@ Each perturbed run is scored as a forecast of the stored real run (``twolayer.gr
 targets: 50%, 80%, 90% of L0, a run that never gets there is a miss), separately on the
 targets the check flags and on a control sample of cells it passes (as many cells as are
 flagged, drawn with a fixed seed). Measured on the development tasks, image (``dev``) and
-text (``text-ffn``), then once on the fourth and fifth fresh rounds (``fresh4``, ``fresh5``:
-PLAN-fresh4.md, PLAN-fresh5.md).
+text (``text-ffn``), then once on the fourth, fifth and sixth fresh rounds (``fresh4``,
+``fresh5``, ``fresh6``: PLAN-fresh4.md, PLAN-fresh5.md, PLAN-fresh6.md's addendum).
 
     .venv/bin/python benchmarks/twolayer_chaos.py --run --which dev
     .venv/bin/python benchmarks/twolayer_chaos.py --report
@@ -49,7 +49,7 @@ from tangentlab.experimental import exact_top as et  # noqa: E402
 
 OUT = tw.OUT / "chaos"
 COMMAND = ".venv/bin/python benchmarks/twolayer_chaos.py"
-WHICH = ("dev", "text-ffn", "fresh4", "fresh5")  # fresh4, fresh5: held out once (PLANs)
+WHICH = ("dev", "text-ffn", "fresh4", "fresh5", "fresh6")  # fresh4-6: held out once (PLANs)
 CONTROL_SEED = 37
 PERTURB = {"seed": dict(seed=ho.SEED + 1, lr=1.0), "lr+1%": dict(seed=ho.SEED, lr=1.01)}
 
@@ -154,10 +154,12 @@ def _fmt(errs: list[float]) -> str:
 
 def report() -> list[str]:
     lines = [f"Command: `{COMMAND} --run --which dev`, `--run --which text-ffn --primary`, "
-             f"`--run --which fresh4`, `--run --which fresh5`, then `--report`. "
+             f"`--run --which fresh4`, `--run --which fresh5`, `--run --which fresh6`, then "
+             "`--report`. "
              f"Machine: {machine()}.", "",
-             "The noise floor of the targets (the development tasks, then the fourth and "
-             "fifth fresh rounds once each, PLAN-fresh4.md, PLAN-fresh5.md; see the module "
+             "The noise floor of the targets (the development tasks, then the fourth, "
+             "fifth and sixth fresh rounds once each, PLAN-fresh4.md, PLAN-fresh5.md, "
+             "PLAN-fresh6.md; see the module "
              "docstring): another real run, "
              "perturbed in a way no forecast can know, scored as a forecast of the stored "
              "real run, on the targets the exact-top check flags and on a control sample of "
