@@ -213,6 +213,11 @@ flagged targets another batch order moved 0% of 31 (p90 13%) and a learning rate
 8% of 61 (p90 20%, 1 miss), against 45% and 46% for the forecast. Two held-out rounds now
 agree that the flagged targets are far more predictable from another real run than from the
 forecast: the chaos of the development tasks (21% and 39%) was not typical of fresh tasks.
+On the sixth fresh round (PLAN-fresh6.md's addendum, once; the same claim written before
+its reruns) both parts held again: 0% of the 35 and 70 control targets moved by more than
+25%; on the flagged targets another batch order moved 0% of 29 (p90 17%) and a learning
+rate 1% higher 17% of 60 (p90 29%), against 28% and 38% for the forecast. Three held-out
+rounds agree.
 """
 
 

@@ -183,8 +183,9 @@ STEPS_BAND_ADVISED: tuple[float, float] = (-0.19, 0.19)  # passed at reliable_lr
 # the 136 flagged targets (p90 44%), and one with another batch order on 39% of the 61
 # minibatch ones, against 1% and 4% of the passed targets; held out on the fourth fresh
 # round, 10% and 19% of the flagged targets (p90 26%, 29%), on the fifth 8% and 0% (p90
-# 20%, 13%), 0% of the passed on both. The forecast is off by that much on 35-47% of the
-# flagged targets: most of its error there is the model's, not the chaos's.
+# 20%, 13%), on the sixth 17% and 0% (p90 29%, 17%), 0% of the passed on all three. The
+# forecast is off by that much on 28-47% of the flagged targets: most of its error there is
+# the model's, not the chaos's.
 # A minibatch path's rebounds include its SGD noise, which the threshold was chosen
 # with (B = 32, N = 128, the loss logged every 2 steps): R is read on the logged steps that
 # are multiples of CHECK_EVERY_MINIBATCH there (every logged step in full batch), so that
@@ -656,7 +657,7 @@ def _reliability(fc: ExactTopForecast) -> None:
         warnings.warn(
             f"forecast_exact_top: the forecast's loss climbs back by more than {REBOUND_MAX:g} "
             f"x L0 before the target ({shown}): it runs near its edge of stability, where "
-            "39-79% of such targets were off by more than 25% on the development and "
+            "38-79% of such targets were off by more than 25% on the development and "
             "held-out tasks, even with the catapult (benchmarks/RESULTS.md 'twolayer'); the "
             "real runs are partly chaotic there: a rerun with another batch order, or a "
             "learning rate 1% higher, was off by as much on 0-39% / 8-26% of them "
