@@ -56,6 +56,14 @@ def cells(which: str) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
+def _options(c: dict) -> dict:
+    """The forecast options of grid cell ``c``, as the grid's forecast (its loss, batch size
+    and batches, logged as the check reads it), stopped just past the 80% drop."""
+    return dict(loss=c["loss"], batch_size=c["batch_size"], seed=tw.GRID_SEED,
+                log_every=1 if c["batch_size"] is None else 2, progress=False,
+                stop_below=STOP * float(c["run_loss"][0]))
+
+
 def run(which: str, only: list[str] | None = None) -> None:
     _, tasks = tw._task_set(which)
     for name, keys in cells(which).items():
@@ -73,12 +81,9 @@ def run(which: str, only: list[str] | None = None) -> None:
             real_task = ho.load_task(name)
         for key in todo:
             c = tasks[name][0][key]
-            full = c["batch_size"] is None
             t0 = time.perf_counter()
             fc = et.reliable_lr(etk, tl.SGD(c["lr"], momentum=c["momentum"]), c["fc_steps"],
-                                loss=c["loss"], batch_size=c["batch_size"], seed=tw.GRID_SEED,
-                                log_every=1 if full else 2, progress=False,
-                                stop_below=STOP * float(c["run_loss"][0]))  # fmt: skip
+                                **_options(c))  # fmt: skip
             fc_seconds = time.perf_counter() - t0
             out: dict = dict(fc_seconds=fc_seconds, lr=None)
             if fc is not None:
@@ -117,14 +122,10 @@ def backfill(which: str) -> None:
             etk = tw._library_kernel(name, top, h, y, params, "2C")
         for key in todo:
             c, st = tasks[name][0][key], state[key]
-            full = c["batch_size"] is None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fc = et.forecast_exact_top(
-                    etk, tl.SGD(st["lr"], momentum=c["momentum"]), st["fc_steps"],
-                    loss=c["loss"], batch_size=c["batch_size"], seed=tw.GRID_SEED,
-                    log_every=1 if full else 2, progress=False,
-                    stop_below=STOP * float(c["run_loss"][0]))  # fmt: skip
+                fc = et.forecast_exact_top(etk, tl.SGD(st["lr"], momentum=c["momentum"]),
+                                           st["fc_steps"], **_options(c))  # fmt: skip
             for d in ho.DROPS:
                 if fc.steps_estimate(d) != st["estimate"][f"{d:g}"]:
                     raise SystemExit(f"{which} {name} {key}: the rerun forecast differs at "
