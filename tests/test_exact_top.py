@@ -540,3 +540,53 @@ def test_reliable_lr_is_the_first_rate_down_the_grid_whose_check_passes():
             reliable_lr(etk, tl.SGD(2.0), 40, progress=False, **bad)
     with pytest.raises(TangentlabError, match="steps"):
         reliable_lr(etk, tl.SGD(2.0), -1, progress=False)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_sharpness_is_the_top_eigenvalue_of_the_explicit_gauss_newton_matrix(loss):
+    """exact_top.sharpness against λ_max(Jᵀ H_f J) of the network top(body(x)) in all its
+    trained weights, by autograd (the model is exact there: every direction of z, no
+    projection); stable_lr is half the limit 2/S, rounded down to 3 digits."""
+    from torch.func import jacrev
+
+    from tangentlab.experimental.exact_top import sharpness, stable_lr
+
+    body, top = _net()
+    x, y = _data()
+    etk = compute_exact_top_kernel(body, top, (x, y), directions="all", progress=False)
+    named = {**{"b." + k: v.detach() for k, v in body.named_parameters()},
+             **{"t." + k: v.detach() for k, v in top.named_parameters()}}  # fmt: skip
+
+    def logits(*ws):
+        d = dict(zip(named, ws))
+        z = functional_call(body, {k[2:]: v for k, v in d.items() if k[:2] == "b."}, (x,))
+        return functional_call(top, {k[2:]: v for k, v in d.items() if k[:2] == "t."}, (z,))
+
+    jac = jacrev(logits, argnums=tuple(range(len(named))))(*named.values())
+    j = torch.cat([a.reshape(len(y) * 3, -1) for a in jac], dim=1)  # [N C, P]
+    fn = tl.training.as_loss(loss, "test")
+    f0 = logits(*named.values()).detach()
+    h = torch.autograd.functional.hessian(
+        lambda f: fn.per_sample(f.reshape(len(y), 3), y).mean(), f0.reshape(-1))
+    want = float(torch.linalg.eigvalsh(j.T @ h @ j).max())
+    got = sharpness(etk, loss=loss)
+    assert got == pytest.approx(want, rel=1e-4)
+    lr = stable_lr(etk, loss=loss, momentum=0.5)
+    assert 0.99 * 0.5 / want <= lr <= 0.5 / want  # 0.5 x 2 (1 - m) / S, rounded down
+    with pytest.raises(TangentlabError, match="momentum must lie in"):
+        stable_lr(etk, momentum=1.0)
+
+
+def test_split_model_says_how_to_split_an_unknown_model_and_mismatch_is_measured():
+    from tangentlab.examples import split_model
+    from tangentlab.experimental.exact_top import split_mismatch
+
+    with pytest.raises(TangentlabError, match="--split 'pkg.module:function'"):
+        split_model(nn.Linear(3, 2))
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    body, top = net[:2], net[2:]
+    x = _data()[0].float()
+    assert split_mismatch(net, body, top, x) < 1e-6  # eval mode: dropout off in both
+    assert split_mismatch(net, net[:1], top, x) > 0.01  # the Tanh dropped
+    assert split_mismatch(net, body, nn.Linear(6, 4), x) == math.inf  # another shape
+    assert all(m.training for m in net.modules())  # every module's own mode restored

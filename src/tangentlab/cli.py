@@ -126,13 +126,21 @@ def _source_options(fn):
                      help="Kernel cache directory (default: OUT/kernel); resumable."),
         click.option("--kernel", "kernel_file", default=None, metavar="FILE",
                      help="Use a saved kernel (.safetensors) instead of computing one."),
-        click.option("--linearize", type=click.Choice(["auto", "all", "body"]),
+        click.option("--linearize", type=click.Choice(["auto", "all", "body", "top"]),
                      default="auto", show_default=True,
                      help="body: keep the final linear head exact and linearize only the "
                      "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
                      "the tangent model (the whole network linearized). auto: body where "
                      "it applies, else all, saying why (tl.choose_linearization; see "
-                     "README). information and influence use the tangent model."),
+                     "README). top (forecast, validate; experimental): the top of the network "
+                     "exact, the last block linear (exact_top; the most accurate on held-out "
+                     "tasks, with a reliability check; see README 'Exact top'). information "
+                     "and influence use the tangent model."),
+        click.option("--split", "split_spec", default=None, metavar="SPEC",
+                     help="--linearize top: 'pkg.module:function' or 'file.py:function' "
+                     "(imports and runs that code) returning (body, top) of the model, "
+                     "model(x) == top(body(x)) (default: EfficientNet-Lite and BERT "
+                     "classifiers are split by tangentlab.examples.split_model)."),
         click.option("--head", default=None, metavar="NAME",
                      help="--linearize body/auto: module name of the final nn.Linear "
                      "(default: the model's last nn.Linear)."),
@@ -746,6 +754,11 @@ def _schedules(o: dict[str, Any], steps: int, *, lists: bool) -> list:
 def _check_linearize(o: dict[str, Any]) -> None:
     """Refuse --linearize body with options of the tangent model only; resolve
     --linearize auto to all when one is given (else _kernel asks the model)."""
+    if o.get("linearize") == "top":
+        _check_top(o)
+        return
+    if o.get("split_spec") is not None:
+        raise TangentlabError("tangentlab: --split goes with --linearize top.")
     if o.get("linearize") == "all":
         for flag in ("head", "directions"):
             if o.get(flag) is not None:
@@ -774,6 +787,42 @@ def _check_linearize(o: dict[str, Any]) -> None:
             f"tangentlab: --linearize body computes its own kernels; it cannot be combined "
             f"with {', '.join(clash)} (those are for the tangent model, --linearize all)."
         )
+
+
+def _check_top(o: dict[str, Any]) -> None:
+    """``--linearize top``: forecast only, SGD, and none of the other models' options."""
+    command = click.get_current_context().info_name
+    if command not in ("forecast", "validate"):
+        raise TangentlabError(
+            f"tangentlab {command}: --linearize top (the exact-top model) is available for "
+            "forecast and validate; use --linearize body or all here, or the Python API "
+            "(tangentlab.experimental.exact_top)."
+        )
+    clash = [f for f, v in (("--kernel", o.get("kernel_file")),
+                            ("--subsample", o.get("subsample")),
+                            ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")),
+                            ("--head", o.get("head")),
+                            ("--optimizer adamw", o.get("optimizer_name") == "adamw"),
+                            ("--pilot", o.get("pilot")),
+                            ("--weight-decay", bool(o.get("weight_decay"))),
+                            ("held-out curves (--eval-data/--eval-samples)",
+                             o.get("eval_spec") is not None or o.get("eval_samples") is not None))
+             if v]  # fmt: skip
+    if clash:
+        raise TangentlabError(
+            f"tangentlab: --linearize top computes its own kernel and simulates SGD without "
+            f"weight decay; it cannot be combined with {', '.join(clash)} (use --linearize "
+            "body or all for those)."
+        )
+    _directions(o.get("directions"))
+    if str(o.get("projection", "auto")).strip().lower() not in ("auto", "exact"):
+        try:
+            int(o["projection"])
+        except ValueError:
+            raise TangentlabError(
+                f"tangentlab: --projection must be 'exact', 'auto' or an integer k, got "
+                f"{o['projection']!r}."
+            ) from None
 
 
 def _check_subsample(o: dict[str, Any], sizes: list) -> None:
@@ -871,6 +920,9 @@ def forecast(**o: Any) -> None:
 
     start, timer = time.perf_counter(), {}
     optimizer = _check_hyper(o, lists=False)[0]
+    if o.get("linearize") == "top":
+        _forecast_top(o, optimizer, start, timer)
+        return
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     lr = _lr(o, kernel, o["momentum"], timer)
@@ -923,6 +975,223 @@ def forecast(**o: Any) -> None:
                    f"accuracy {fc.eval_accuracy[-1]:.1%}")  # fmt: skip
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+def _split(o: dict[str, Any], model) -> tuple[Any, Any, str]:
+    """(body, top, how) of ``--linearize top``: ``--split`` (user code), else
+    tangentlab.examples.split_model; refused unless top(body(x)) is the model's output."""
+    from tangentlab.examples import split_model
+    from tangentlab.specs import load_split_spec
+
+    if o.get("split_spec") is not None:
+        _echo(f"tangentlab: --split {o['split_spec']}: importing and running that code.")
+        body, top = load_split_spec(o["split_spec"], model)
+        return body.eval(), top.eval(), f"--split {o['split_spec']}"  # as the model (_resolve)
+    try:
+        return split_model(model)
+    except TangentlabError as exc:
+        raise TangentlabError(
+            "tangentlab: --linearize top needs the model split into a linearized body and an "
+            "exact top; " + str(exc).replace("split_model: ", "", 1)
+        ) from None
+
+
+def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) -> dict[str, Any]:
+    """``--linearize top``: split, kernel, learning rate and the exact-top forecast
+    (tangentlab.experimental.exact_top), with reliable_lr's advice where the check flags
+    (``advise``); returns what forecast and validate report."""
+    import warnings
+
+    from tangentlab.data import as_arrays, take
+    from tangentlab.errors import ValidityWarning
+    from tangentlab.experimental import exact_top as et
+
+    t0 = time.perf_counter()
+    model, data, _, params, name, defaults = _resolve(o)
+    if params == "all":
+        params = None
+    body, top, how = _split(o, model)
+    x, _ = as_arrays(data, where="tangentlab")
+    gap = et.split_mismatch(model, body, top, take(x, slice(0, 4)))
+    if not gap <= 1e-4:
+        raise TangentlabError(
+            f"tangentlab: --linearize top: top(body(x)) differs from the model's output by "
+            f"{gap:.3g} (relative) on the first samples ({how}); the split must compose to the "
+            "model, the top ending at its logits."
+        )
+    timer["model and data"] = time.perf_counter() - t0
+    _echo(f"tangentlab: --linearize top (experimental): {how}; the body's trained weights "
+          "linearized (README 'Exact top, last block linear').")
+    spec = str(o["projection"]).strip().lower()
+    k = None if spec == "exact" else 4096 if spec == "auto" else int(spec)
+    t0 = time.perf_counter()
+    etk = et.compute_exact_top_kernel(
+        body, top, data, params=params, top_params=params, projection=k, seed=o["seed"],
+        directions=_directions(o.get("directions")), memory_budget=o["memory_budget"],
+        progress=not o["no_progress"])  # fmt: skip
+    timer["kernel (exact top, block linear)"] = time.perf_counter() - t0
+    loss, batch = _loss(o), _batch(o["batch_size"])
+    lr = o["lr"]
+    if lr is None:
+        t0 = time.perf_counter()
+        lr = et.stable_lr(etk, loss=loss, momentum=o["momentum"])
+        timer["learning rate"] = time.perf_counter() - t0
+        _echo(f"tangentlab: --lr not given: using lr = {lr:.4g} (exact_top.stable_lr: half "
+              f"the exact-top model's stability limit at w0 for {loss.name}, momentum "
+              f"{o['momentum']:g}).")  # fmt: skip
+    steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
+    optimizer = optimizer.replace(lr=float(lr), schedule=_schedules(o, steps, lists=False)[0])
+    kw = dict(loss=loss, batch_size=batch, seed=o["seed"])
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ValidityWarning)
+        fc = et.forecast_exact_top(etk, optimizer, steps, progress=not o["no_progress"], **kw)
+    timer["forecast"] = time.perf_counter() - t0
+    l0 = float(fc.loss[0])
+    if o["target_loss"] is not None:
+        drop = 1.0 - float(o["target_loss"]) / l0
+        if not 0.0 < drop < 1.0:
+            raise TangentlabError(
+                f"tangentlab: --target-loss {o['target_loss']:g} must lie between 0 and the "
+                f"initial loss {l0:.4g} (--linearize top reads its targets as drops of L0)."
+            )
+    else:
+        drop = float(o["target_drop"])
+    forecasts = [(f"lr {fc.settings['lr']:.4g}", fc)]
+    flagged = fc.blowup is not None or fc.flagged(drop) or bool(fc.reliability.get("flagged"))
+    for w in caught:
+        _echo(f"tangentlab: warning: {w.message}")
+    if flagged and advise:
+        t0 = time.perf_counter()
+        _echo("tangentlab: the check flags this forecast; exact_top.reliable_lr looks for "
+              "the largest rate (x0.8 each try) whose forecast passes ...")
+        deep = max(*et.RELIABILITY_DROPS, drop)
+        safe = et.reliable_lr(etk, optimizer, steps, drops=tuple(sorted({0.5, 0.8, drop})),
+                              stop_below=(1.0 - deep) * l0, progress=not o["no_progress"],
+                              **kw)  # fmt: skip
+        timer["reliable_lr"] = time.perf_counter() - t0
+        if safe is not None and safe is not fc:
+            forecasts.append((f"advised: lr {safe.settings['lr']:.4g}", safe))
+    info = {"source": name, "params": str(params), "model_of_training":
+            f"exact top, block linear (experimental): {how}", "projection": str(k),
+            "directions": etk.rank, "kernel_seconds": round(etk.metadata["seconds"], 2),
+            "num_samples": etk.num_samples, "num_classes": etk.metadata["num_classes"],
+            "lr_choice": "given (--lr)" if o["lr"] is not None else
+            "exact_top.stable_lr: half the model's stability limit",
+            "target_definition": f"a drop of {drop:.0%} from the initial loss",
+            "minibatch": "one path, the batches of tl.finetune(seed=--seed)"
+            if batch is not None else "full batch"}  # fmt: skip
+    return dict(kernel=etk, fc=fc, forecasts=forecasts, drop=drop, flagged=flagged, info=info,
+                optimizer=optimizer, steps=steps, params=params, name=name, train=kw)
+
+
+def _forecast_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
+    """``forecast --linearize top``: the exact-top forecast, its estimate, interval and
+    reliability check, and reliable_lr's advice where the check flags."""
+    from tangentlab.report import exact_top_row, format_table, write_exact_top_report
+
+    r = _top_forecast(o, optimizer, timer, advise=True)
+    forecasts, drop = r["forecasts"], r["drop"]
+    paths = write_exact_top_report(o["out"], forecasts, r["kernel"], drop=drop, info=r["info"],
+                                   title=f"tangentlab forecast (exact top): {r['name']}")
+    click.echo(format_table([exact_top_row(lb, f, drop) for lb, f in forecasts]))
+    _print_top(r["fc"], drop, forecasts[1][1] if len(forecasts) > 1 else None, r["flagged"])
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
+    """``validate --linearize top``: the exact-top forecast, then the real run of the same
+    settings (tl.finetune on a fresh copy, the same batches), and how they compare."""
+    import numpy as np
+
+    import tangentlab as tl
+    from tangentlab.report import write_exact_top_report
+
+    if o["bn"] != "frozen":
+        raise TangentlabError("tangentlab: --linearize top models a network whose batch-norm "
+                              "statistics are frozen; drop --bn train (or use --linearize "
+                              "all).")  # fmt: skip
+    r = _top_forecast(o, optimizer, timer, advise=False)
+    fc, drop, steps, opt = r["fc"], r["drop"], r["steps"], r["optimizer"]
+    model, data, _, params, _, _ = _resolve(o, quiet=True)  # a fresh copy: w0 again
+    if params == "all":
+        params = None
+    _echo(f"tangentlab: fine-tuning for real: {steps} steps of {opt.describe()} (BN frozen) ...")
+    t0 = time.perf_counter()
+    run = tl.finetune(model, data, opt, steps, params=params, log_every=o["log_every"],
+                      bn="frozen", device=o["device"], progress=not o["no_progress"],
+                      **r["train"])  # fmt: skip
+    timer["real fine-tuning"] = time.perf_counter() - t0
+    if run.steps.size == 0:  # interrupted before the initial loss: nothing to compare
+        raise KeyboardInterrupt
+    target = (1.0 - drop) * float(run.loss[0])
+    real_t, est, iv = run.steps_to(target), fc.steps_estimate(drop), fc.steps_interval(drop)
+    common = np.intersect1d(run.steps, fc.steps)
+    lr_ = np.interp(common, run.steps, run.loss)
+    lf = np.interp(common, fc.steps, fc.loss)
+    ok = np.isfinite(lr_) & np.isfinite(lf)
+    curve = float(np.mean(np.abs(lf[ok] - lr_[ok])) / run.loss[0]) if ok.any() else float("nan")
+    err = (None if real_t is None or est is None or real_t == 0
+           else abs(est - real_t) / real_t)  # fmt: skip
+    inside = None if real_t is None else (iv is not None and iv[0] <= real_t <= iv[1])
+    cost = float(r["kernel"].metadata["seconds"]) + float(fc.seconds)
+    comparison = dict(target_loss=target, drop=drop, real_steps=real_t,
+                      forecast_steps=fc.steps_to_drop(drop), estimate=est,
+                      interval=None if iv is None else list(iv), inside=inside,
+                      steps_error=err, curve_error=curve, check="flagged" if r["flagged"]
+                      else "passed", real_train_seconds=run.train_seconds,
+                      forecast_seconds=cost,
+                      cost_ratio=run.train_seconds / cost if cost > 0 else None)  # fmt: skip
+    info = dict(r["info"], comparison=comparison, bn="frozen",
+                log_every=run.hyperparameters["log_every"])  # fmt: skip
+    paths = write_exact_top_report(
+        o["out"], r["forecasts"], r["kernel"], drop=drop, info=info, stem="validation",
+        measured=[("real run", run.steps, run.loss, run.accuracy)],
+        title=f"tangentlab validate (exact top): {r['name']}")  # fmt: skip
+    shown = "not reached" if real_t is None else real_t
+    click.echo(f"steps to loss {target:.4g} (a {drop:.0%} drop of the run's initial loss): "
+               f"real run {shown}, forecast {fc.steps_to_drop(drop)}, estimate "
+               f"{'-' if est is None else f'{est:.0f}'}")
+    if err is not None:
+        click.echo(f"steps-to-target error |T̃−T|/T: {err:.3g}")
+    if inside is not None:
+        band = "-" if iv is None else f"{iv[0]:.0f}-{iv[1]:.0f}"
+        click.echo(f"real steps vs the interval ({band}, check {comparison['check']}): "
+                   f"{'inside' if inside else 'OUTSIDE'}")
+    click.echo(f"curve error mean|L̂−L|/L0: {curve:.3g} over {int(ok.sum())} logged steps")
+    click.echo(f"cost: real run {run.train_seconds:.2f} s training; kernel + forecast "
+               f"{cost:.2f} s; ratio real/forecast {run.train_seconds / cost:.2f}x")
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+def _print_top(fc, drop: float, safe, flagged: bool) -> None:
+    """The exact-top forecast's answer in words: steps, estimate, interval, check, advice."""
+    target = (1.0 - drop) * float(fc.loss[0])
+    t, est, iv = fc.steps_to_drop(drop), fc.steps_estimate(drop), fc.steps_interval(drop)
+    if fc.blowup is not None:
+        click.echo(f"DIVERGES: the exact-top forecast blows up at step {fc.blowup}; lower the "
+                   "learning rate.")  # fmt: skip
+    click.echo(f"steps to loss {target:.4g} (a {drop:.0%} drop): "
+               f"{t if t is not None else 'not reached in ' + str(fc.settings['steps'])}")
+    if iv is not None:
+        click.echo(f"  real run: estimate {est:.0f} steps, interval {iv[0]:.0f}-{iv[1]:.0f} "
+                   f"({'wide: the check flags it' if fc.flagged(drop) else 'check passed'}, "
+                   f"R = {fc.rebound(drop):.3g}; NOTE [exact-top steps interval])")
+    if not flagged:
+        return
+    if safe is None:
+        click.echo("  advice: no rate down to 0.8^9 x lr passes the check; read the steps as "
+                   "uncertain, or validate with a real run.")
+        return
+    st = safe.steps_estimate(drop)
+    siv = safe.steps_interval(drop)
+    got = ("not reached" if siv is None else
+           f"estimate {st:.0f} steps, interval {siv[0]:.0f}-{siv[1]:.0f}")  # fmt: skip
+    ratio = safe.settings["lr"] / fc.settings["lr"]
+    click.echo(f"  advice: at lr {safe.settings['lr']:.4g} ({ratio:.2g}x) the check passes: "
+               f"{got} (exact_top.reliable_lr).")
 
 
 def _print_divergence(fc) -> None:
@@ -1101,6 +1370,9 @@ def validate(**o: Any) -> None:
         raise TangentlabError(
             f"tangentlab: --log-every must be a positive integer, got {o['log_every']!r}."
         )
+    if o.get("linearize") == "top":
+        _validate_top(o, optimizer, start, timer)
+        return
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
@@ -1281,8 +1553,10 @@ def _samples_setup(o: dict[str, Any], timer: dict):
     from tangentlab.errors import ModeSwitchWarning
 
     clash = [f for f, v in (("--kernel", o["kernel_file"]), ("--trace", o["trace_kernel"]),
-                            ("--probes", o["probes"]), ("--linearize body",
-                                                        o["linearize"] == "body")) if v]
+                            ("--probes", o["probes"]),
+                            ("--linearize body", o["linearize"] == "body"),
+                            ("--linearize top", o["linearize"] == "top"),
+                            ("--split", o.get("split_spec"))) if v]  # fmt: skip
     if clash:
         raise TangentlabError(
             f"tangentlab: {', '.join(clash)} cannot be used here: per-sample scores need the "

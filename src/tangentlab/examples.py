@@ -72,6 +72,7 @@ __all__ = [
     "read_idx",
     "split_lite",
     "split_minilm",
+    "split_model",
 ]
 
 #: One-line description of every built-in example, by name.
@@ -711,6 +712,38 @@ def split_minilm(model: nn.Module, *, exact: str = "ffn") -> tuple[nn.Module, nn
         )
     body, top = _BertBody(model, exact), _BertTop(model, exact)
     return body.train(model.training), top.train(model.training)
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+    """``(body, top, how)`` of a model whose split into a linearized body and an exact top
+    tangentlab knows, for :func:`tangentlab.experimental.exact_top.compute_exact_top_kernel`
+    (the command line's ``--linearize top``): an EfficientNet-Lite (:func:`split_lite`: the
+    last MBConv block's output is z) or a BERT sequence classifier (:func:`split_minilm`,
+    its default split: the last layer's attention in the body). ``how`` says which, in
+    words. Any other model raises a ``TangentlabError`` that says how to split it by hand.
+
+    Example::
+
+        >>> body, top, how = split_model(load_example("fashion-lite0").model)
+        >>> how  # 'split_lite: the last MBConv block linear; head conv, BN, ...'
+    """
+    if all(hasattr(model, a) for a in ("_conv_stem", "_blocks", "_conv_head", "_fc")):
+        body, top = split_lite(model)
+        return body, top, ("split_lite: z = the last MBConv block's output; the head conv, its "
+                           "BN and ReLU6, pooling and the linear head exact")  # fmt: skip
+    if getattr(model, "bert", None) is not None:
+        body, top = split_minilm(model)
+        return body, top, ("split_minilm: z = the [CLS] state after the last layer's "
+                           "attention; its feed-forward part, the pooler and the classifier "
+                           "exact")  # fmt: skip
+    raise TangentlabError(
+        f"split_model: no known split of a {type(model).__name__} into a body and an exact top "
+        "(known: EfficientNet-Lite of efficientnet-lite-pytorch, BERT sequence classifiers of "
+        "transformers). Split it by hand into modules with model(x) == top(body(x)), the top "
+        "ending at the logits: in Python pass them to compute_exact_top_kernel; on the "
+        "command line, --split 'pkg.module:function' (a function of the model returning "
+        "(body, top))."
+    )
 
 
 def _lite0_model(*, image_size: int, seed: int) -> tuple[nn.Module, str]:

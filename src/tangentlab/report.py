@@ -439,6 +439,68 @@ def write_forecast_report(
     return {"json": js, "png": png, "html": page}
 
 
+def exact_top_row(label: str, fc: Any, drop: float) -> dict[str, Any]:
+    """One summary row of an exact-top forecast at a ``drop`` of its L0: the forecast's T̂,
+    the estimate of the real run's steps T̃ and its interval, and the reliability check."""
+    t, est, iv = fc.steps_to_drop(drop), fc.steps_estimate(drop), fc.steps_interval(drop)
+    r = fc.rebound(drop)
+    return {
+        "setting": label,
+        "lr": f"{fc.settings['lr']:.4g}",
+        "target loss": f"{(1.0 - drop) * float(fc.loss[0]):.4g}",
+        "steps (forecast)": t if t is not None else f"not reached in {fc.settings['steps']}",
+        "real run: estimate": None if est is None else round(est, 1),
+        "real run: interval": None if iv is None else f"{iv[0]:.0f}-{iv[1]:.0f}",
+        "check": ("blows up" if fc.blowup is not None else
+                  f"{'flagged' if fc.flagged(drop) else 'passed'} (R = {r:.3g})"),
+        "final loss": f"{float(fc.loss[-1]):.4g}",
+        "final accuracy": f"{float(fc.accuracy[-1]):.3f}",
+    }  # fmt: skip
+
+
+def write_exact_top_report(
+    out_dir: str | Path,
+    forecasts: Sequence[tuple[str, Any]],
+    kernel: Any,
+    *,
+    drop: float,
+    title: str = "tangentlab forecast (exact top, block linear)",
+    info: dict[str, Any] | None = None,
+    measured: Sequence[tuple] = (),
+    stem: str = "forecast",
+) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.png`` and an HTML page (``report.html``, or
+    ``<stem>.html`` for another stem) into ``out_dir`` for exact-top forecasts (``(label,
+    ExactTopForecast)``, the first the one asked for; the others e.g. ``reliable_lr``'s
+    advice) at a ``drop`` of their initial loss, with real curves ``measured`` as
+    :func:`plot_exact_top` draws them (``validate``: stem "validation").
+
+    Returns the paths written, by kind.
+    """
+    out = Path(out_dir)
+    rows = [exact_top_row(label, fc, drop) for label, fc in forecasts]
+    png = plot_exact_top(forecasts, out / f"{stem}.png", drop=drop, title=title,
+                         measured=measured)  # fmt: skip
+    meta = dict(getattr(kernel, "metadata", {}))
+    drops = tuple(sorted({0.5, 0.8, float(drop)}))
+    js = write_json({"title": title, "drop": drop, "summary": rows,
+                     "forecasts": [dict(label=lb, **fc.to_dict(drops)) for lb, fc in forecasts],
+                     "measured": [dict(label=m[0], steps=np.asarray(m[1]).tolist(),
+                                       loss=np.asarray(m[2], dtype=float).tolist(),
+                                       accuracy=None if m[3] is None else
+                                       np.asarray(m[3], dtype=float).tolist())
+                                  for m in measured],
+                     "kernel": meta, "info": info or {}}, out / f"{stem}.json")  # fmt: skip
+    info_rows = [{"quantity": k, "value": v} for k, v in (info or {}).items()]
+    html_name = "report.html" if stem == "forecast" else f"{stem}.html"
+    page = write_html(out / html_name, title=title, images=[png], sections=[
+        ("Summary", _html_table(rows)),
+        ("Details: run settings", _html_table(info_rows)),
+        ("Details: kernel", _html_table([{"quantity": k, "value": v} for k, v in meta.items()])),
+    ])  # fmt: skip
+    return {"json": js, "png": png, "html": page}
+
+
 def what_rows(fc: Forecast, target_loss: float | None,
               info: dict[str, Any] | None) -> list[dict[str, Any]]:  # fmt: skip
     """What a reader needs first: optimizer and lr (and how it was chosen), loss, batch,

@@ -45,6 +45,7 @@ __all__ = [
     "MODEL_SPEC_HELP",
     "load_data_spec",
     "load_model_spec",
+    "load_split_spec",
     "load_weights",
 ]
 
@@ -188,6 +189,43 @@ def _load_entry_point(spec: str, num_classes: int | None) -> nn.Module:
             "torch.nn.Module; make it return the model itself (not a tuple, path or state dict)."
         )
     return model
+
+
+def load_split_spec(spec: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(body, top)`` from a user's split function, ``spec`` = 'pkg.module:function' or
+    'path/to/file.py:function' (imports and runs that code): ``function(model)`` must
+    return two ``nn.Module`` with ``model(x) == top(body(x))``, the top ending at the logits
+    (for :func:`tangentlab.experimental.exact_top.compute_exact_top_kernel`; the command
+    line's ``--split``). Checking that the two compose to the model is the caller's
+    (``exact_top.split_mismatch``)."""
+    fn = "load_split_spec"
+    module_name, _, attr_path = str(spec).rpartition(":")
+    if not module_name or not attr_path or not all(a.isidentifier() for a in attr_path.split(".")):
+        raise TangentlabError(
+            f"{fn}: --split {spec!r} should read 'pkg.module:function' or "
+            "'path/to/file.py:function' (a function of the model returning (body, top))."
+        )
+    obj: Any = _import_user_module(module_name, spec)
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise TangentlabError(f"{fn}: {module_name!r} has no attribute {attr_path!r} (spec "
+                                  f"{spec!r}); fix the name after ':'.")  # fmt: skip
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TangentlabError(f"{fn}: {spec!r} names a {type(obj).__name__}, not a function of "
+                              "the model returning (body, top).")  # fmt: skip
+    try:
+        out = obj(model)
+    except Exception as err:
+        err.add_note(f"tangentlab: raised by the split function {spec!r} (user code).")
+        raise
+    if (not isinstance(out, tuple | list) or len(out) != 2
+            or not all(isinstance(m, nn.Module) for m in out)):  # fmt: skip
+        raise TangentlabError(
+            f"{fn}: {spec!r} returned {type(out).__name__}, expected a pair (body, top) of "
+            "torch.nn.Module with model(x) == top(body(x))."
+        )
+    return out[0], out[1]
 
 
 def _import_user_module(module_name: str, spec: str) -> Any:

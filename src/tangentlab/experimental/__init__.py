@@ -10,5 +10,6 @@
   BN and activation, pooling and the linear head) exact and the block below it linearized,
   simulated in function space with the block's kernel of z kept in a subspace, with a
   reliability check and a steps interval conditional on it (benchmarks/RESULTS.md,
-  "twolayer": development tasks, then held-out image tasks once).
+  "twolayer": development tasks, then held-out image tasks once). On the command line:
+  ``tangentlab forecast|validate --linearize top`` (opt-in; README "Exact top").
 """

@@ -114,7 +114,8 @@ from tangentlab.tangent import ParamSpec, Tangent, select_params
 from tangentlab.training import SGD, Loss, as_loss, check_steps
 
 __all__ = ["ExactTopKernel", "ExactTopForecast", "compute_exact_top_kernel",
-           "forecast_exact_top", "reliable_lr", "rebound", "drift_steps"]  # fmt: skip
+           "forecast_exact_top", "reliable_lr", "rebound", "drift_steps", "sharpness",
+           "stable_lr", "split_mismatch"]  # fmt: skip
 
 _CHUNK = 256  # samples per forward pass of the body at w0
 _ROWS = 1024  # most samples whose gradient rows choose Q
@@ -252,6 +253,30 @@ def _run(body: nn.Module, x: Any) -> torch.Tensor:
     return body(**x) if isinstance(x, Mapping) else body(x)
 
 
+def split_mismatch(model: nn.Module, body: nn.Module, top: nn.Module, x: Any) -> float:
+    """max |model(x) − top(body(x))| / max(|model(x)|, 1e-12) on the batch ``x`` (a Mapping:
+    keyword inputs; a model output with ``.logits``, as transformers', is read there), in
+    eval mode as the kernel is: a split whose parts do not compose to the model gives a
+    forecast of another network, so callers refuse a mismatch (the command line above
+    1e-4)."""
+    modes = {id(m): (m, m.training) for root in (model, body, top) for m in root.modules()}
+    try:
+        for m, _ in modes.values():
+            m.training = False
+        with torch.no_grad():
+            want = _run(model, x)
+            want = getattr(want, "logits", want)
+            got = top(_run(body, x))
+    finally:
+        for m, was in modes.values():  # each module's own flag (the parts share modules)
+            m.training = was
+    if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor) or (
+            got.shape != want.shape):  # fmt: skip
+        return math.inf
+    scale = max(float(want.abs().max()), 1e-12)
+    return float((got.double() - want.double()).abs().max()) / scale
+
+
 @dataclass(frozen=True)
 class ExactTopKernel:
     """The exact-top, block-linear model of fine-tuning ``top(body(x))`` on N samples.
@@ -295,15 +320,15 @@ class ExactTopKernel:
         n, q = self.num_samples, self.rank
         qb = self.basis.to(gamma.dtype)
         c = gamma @ qb  # [|b|, q]
-        if self.features is not None:
-            phi = self.features.to(gamma.dtype).reshape(n, q, -1)
-            sub = phi if rows is None else phi[rows]
-            v = torch.einsum("baK,ba->K", sub, c)
-            inside = torch.einsum("iaK,K->ia", phi, v)
+        if self.features is not None:  # two matrix-vector products (BLAS; einsum was 8x slower)
+            phi = self.features.to(gamma.dtype)  # [N q, k]
+            sub = phi if rows is None else phi.reshape(n, q, -1)[rows].reshape(-1, phi.shape[1])
+            v = c.reshape(-1) @ sub  # [k]
+            inside = (phi @ v).reshape(n, q)
         else:
-            m = self.block.to(gamma.dtype).reshape(n, q, n, q)
-            sub = m if rows is None else m[:, :, rows]
-            inside = torch.einsum("iajb,jb->ia", sub, c)
+            m = self.block.to(gamma.dtype)  # [N q, N q]
+            sub = m if rows is None else m.reshape(n * q, n, q)[:, rows].reshape(n * q, -1)
+            inside = (sub @ c.reshape(-1)).reshape(n, q)
         out = inside @ qb.T
         if self.rest is not None:
             rest = self.rest.to(gamma.dtype)
@@ -337,6 +362,21 @@ class ExactTopForecast:
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
     reliability: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, drops: tuple[float, ...] = RELIABILITY_DROPS) -> dict[str, Any]:
+        """JSON-ready: the path, settings, reliability check, and per drop in ``drops`` the
+        forecast's T̂, the estimate T̃, the interval and the rebound R."""
+        at = {}
+        for d in drops:
+            t, iv = self.steps_to_drop(d), self.steps_interval(d)
+            at[f"{d:g}"] = dict(steps=t, estimate=self.steps_estimate(d),
+                                interval=None if iv is None else list(iv),
+                                rebound=self.rebound(d), flagged=self.flagged(d))  # fmt: skip
+        return dict(model="exact top, block linear", steps=self.steps.tolist(),
+                    loss=[v if math.isfinite(v) else None for v in self.loss.tolist()],
+                    accuracy=[v if math.isfinite(v) else None for v in self.accuracy.tolist()],
+                    blowup=self.blowup, seconds=self.seconds, settings=dict(self.settings),
+                    reliability=dict(self.reliability), drops=at)  # fmt: skip
 
     def rebound(self, drop: float) -> float:
         """R(d), the largest rise of the logged loss above its running minimum up to the
@@ -629,6 +669,83 @@ def reliable_lr(
                 fc.settings["advised"] = k
             return fc
     return None
+
+
+def sharpness(kernel: ExactTopKernel, *, loss: Loss | str = "mse", tol: float = 1e-5,
+              max_iter: int = 300) -> float:
+    """S, the top eigenvalue of the exact-top model's Gauss-Newton matrix of the mean
+    training loss in its weights (w_body, θ) at w0: the curvature that sets full-batch GD's
+    stability limit on the model, η S < 2 (m = 0).
+
+    With G = diag(J, I) the weights' map to (z, θ), A = ∂f/∂(z, θ) at w0 and H_f the
+    Hessian of the mean loss in the logits (PSD for MSE and CE: for a fresh head CE's is
+    about 1/C of MSE's), S = λ_max(Gᵀ Aᵀ H_f A G), the nonzero spectrum of Aᵀ H_f A P with
+    P = G Gᵀ = diag(K, I), K the block's kernel as the model keeps it. Power iteration on
+    that product, one JVP and one VJP through the top on all N samples and one kernel
+    product per iteration, until the Rayleigh quotient moves by less than ``tol``
+    (relative), at most ``max_iter`` iterations. It is the sharpness λ_max/N of
+    :func:`tangentlab.stable_lr` for the network's weights that the model trains, up to
+    the model's approximation of K (exact with ``directions="all"`` and no projection:
+    tests/test_exact_top.py checks it against the explicit matrix).
+
+    Example::
+
+        >>> s = sharpness(etk, loss="ce")
+        >>> stable_lr(etk, loss="ce")  # 0.5 x 2 / s, rounded down
+    """
+    fn = "sharpness"
+    if not isinstance(kernel, ExactTopKernel):
+        raise TangentlabError(f"{fn}: kernel must come from compute_exact_top_kernel, got "
+                              f"{type(kernel).__name__}.")  # fmt: skip
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise TangentlabError(f"{fn}: max_iter must be a positive integer, got {max_iter!r}.")
+    if not isinstance(tol, (int, float)) or not tol > 0:
+        raise TangentlabError(f"{fn}: tol must be a positive number, got {tol!r}.")
+    lossf = as_loss(loss, fn)
+    w = dict(kernel.top.named_parameters())
+    power = _Sharpness(kernel, lossf, [w[a].detach() for a in kernel.top_params], warm=0)
+    z0, last = kernel.z0.detach(), None
+    for _ in range(max_iter):
+        s, _ = power.step(z0, 1.0)
+        if last is not None and abs(s - last) <= tol * abs(s):
+            break
+        last = s
+    return float(s)
+
+
+def stable_lr(kernel: ExactTopKernel, *, loss: Loss | str = "mse", momentum: float = 0.0,
+              fraction: float = 0.5) -> float:
+    """The learning rate at ``fraction`` of the exact-top model's stability limit at w0,
+
+        η = fraction · 2 (1 − m) / S,
+
+    S = :func:`sharpness` (the convention of :func:`tangentlab.stable_lr`: the effective
+    rate η/(1 − m) at the full-batch GD limit), rounded down to 3 significant digits. The
+    default, half the limit, is the command line's learning rate when none is given; the
+    held-out rounds of issue 13 ran a = 0.1, 0.3 and 1 of the limit, and their a = 1 cells
+    hold most of the targets the reliability check flags (benchmarks/RESULTS.md
+    "twolayer").
+
+    Example::
+
+        >>> tl.SGD(stable_lr(etk, loss="ce", momentum=0.9), momentum=0.9)
+    """
+    fn = "stable_lr"
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not (
+            0.0 <= momentum < 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: momentum must lie in [0, 1), got {momentum!r}.")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not (
+            0.0 < fraction <= 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: fraction must lie in (0, 1], got {fraction!r}.")
+    s = sharpness(kernel, loss=loss)
+    if not s > 0 or not math.isfinite(s):
+        raise TangentlabError(f"{fn}: the model's curvature at w0 is {s!r}: the trained weights "
+                              "do not move the loss, so no learning rate trains them. Check "
+                              "params and top_params.")  # fmt: skip
+    lr = fraction * 2.0 * (1.0 - momentum) / s
+    digits = 2 - math.floor(math.log10(lr))
+    lr = math.floor(lr * 10**digits) / 10**digits  # 3 digits, rounded down
+    return float(f"{lr:.3g}")
 
 
 def rebound(loss: np.ndarray) -> float:

@@ -1,0 +1,193 @@
+"""``tangentlab forecast --linearize top``: the exact-top model from the command line
+(tangentlab.experimental.exact_top), on a user's model and split and on the image example."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from test_cli import assert_png, assert_self_contained_html, invoke, ok, strict_json
+
+NET = '''
+import torch
+from torch import nn
+
+
+def make(num_classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, num_classes)).eval()
+
+
+def split(model):
+    return model[:2], model[2:]
+
+
+def wrong(model):
+    return model[:2], model[3:]
+
+
+def single(model):
+    return model
+'''
+
+
+@pytest.fixture()
+def user(tmp_path):
+    """(module file, data file) of a small user model with a split function."""
+    mod = tmp_path / "mynet.py"
+    mod.write_text(NET)
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "train.npz"
+    np.savez(npz, X=rng.standard_normal((24, 6)).astype(np.float32),
+             y=np.arange(24, dtype=np.int64) % 3)  # fmt: skip
+    return mod, npz
+
+
+def _args(user, *more):
+    mod, npz = user
+    return ("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+            "--linearize", "top", "--split", f"{mod}:split", "--no-progress", *more)
+
+
+def test_forecast_top_is_the_python_api_and_writes_its_reports(user, tmp_path):
+    from tangentlab.experimental.exact_top import compute_exact_top_kernel, forecast_exact_top
+    from tangentlab.specs import load_data_spec, load_model_spec
+
+    out = tmp_path / "top"
+    res = ok(invoke(*_args(user, "--lr", 0.4, "--steps", 200, "--out", out)))
+    assert "importing and running that code" in res.stderr  # user code: said so
+    js = strict_json(out / "forecast.json")
+    assert len(js["forecasts"]) == 1 and js["drop"] == 0.8
+    got = js["forecasts"][0]
+    # the same forecast from Python: the split, kernel (k = 4096, as --projection auto) and path
+    mod, npz = user
+    model = load_model_spec(f"{mod}:make", num_classes=3).eval()
+    body, top = model[:2], model[2:]
+    data = load_data_spec(str(npz))
+    etk = compute_exact_top_kernel(body, top, data, projection=4096, progress=False)
+    import tangentlab as tl
+
+    fc = forecast_exact_top(etk, tl.SGD(0.4), 200, progress=False)
+    np.testing.assert_allclose(got["loss"], fc.loss, rtol=1e-6)
+    est = fc.steps_estimate(0.8)
+    assert est is not None and got["drops"]["0.8"]["estimate"] == pytest.approx(est)
+    assert got["drops"]["0.8"]["interval"] == pytest.approx(list(fc.steps_interval(0.8)))
+    assert f"real run: estimate {est:.0f} steps" in res.stdout
+    assert "check passed" in res.stdout and "advice" not in res.stdout
+    assert_png(out / "forecast.png")
+    assert_self_contained_html(out / "report.html", out / "forecast.png")
+    assert js["info"]["model_of_training"].startswith("exact top, block linear")
+
+
+def test_forecast_top_default_lr_is_half_the_models_limit(user, tmp_path):
+    from tangentlab.experimental import exact_top as et
+    from tangentlab.specs import load_data_spec, load_model_spec
+
+    out = tmp_path / "lr"
+    res = ok(invoke(*_args(user, "--momentum", 0.5, "--steps", 10, "--out", out)))
+    mod, npz = user
+    model = load_model_spec(f"{mod}:make", num_classes=3).eval()
+    etk = et.compute_exact_top_kernel(model[:2], model[2:], load_data_spec(str(npz)),
+                                      projection=4096, progress=False)  # fmt: skip
+    lr = et.stable_lr(etk, loss="mse", momentum=0.5)
+    assert f"using lr = {lr:.4g} (exact_top.stable_lr" in res.stderr
+    assert strict_json(out / "forecast.json")["forecasts"][0]["settings"]["lr"] == lr
+
+
+def test_forecast_top_flagged_gets_the_advice_of_reliable_lr(user, tmp_path):
+    out = tmp_path / "hot"
+    res = ok(invoke(*_args(user, "--loss", "ce", "--lr", 2.5, "--steps", 100, "--out", out)))
+    js = strict_json(out / "forecast.json")
+    first = js["forecasts"][0]
+    assert first["reliability"]["flagged"] or first["blowup"] is not None
+    assert "warning:" in res.stderr and "reliable_lr" in res.stderr
+    assert "advice:" in res.stdout
+    if len(js["forecasts"]) == 2:  # a rate passed: its forecast is in the report
+        safe = js["forecasts"][1]
+        assert safe["settings"]["lr"] < 2.5 and not safe["reliability"]["flagged"]
+        assert safe["label"].startswith("advised: lr")
+        assert f"{safe['settings']['lr']:.4g}" in res.stdout
+
+
+def test_validate_top_compares_the_forecast_with_the_real_run(user, tmp_path):
+    import tangentlab as tl
+    from tangentlab.specs import load_data_spec, load_model_spec
+
+    mod, npz = user
+    out = tmp_path / "val"
+    res = ok(invoke("validate", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                    "--linearize", "top", "--split", f"{mod}:split", "--lr", 0.4, "--steps", 200,
+                    "--no-progress", "--out", out))  # fmt: skip
+    js = strict_json(out / "validation.json")
+    cmp = js["info"]["comparison"]
+    # the real run, independently: the same model, data and SGD in torch
+    run = tl.finetune(load_model_spec(f"{mod}:make", num_classes=3).eval(),
+                      load_data_spec(str(npz)), tl.SGD(0.4), 200, progress=False)  # fmt: skip
+    want = run.steps_to(0.2 * float(run.loss[0]))
+    assert want is not None and cmp["real_steps"] == want
+    np.testing.assert_allclose(js["measured"][0]["loss"], run.loss, rtol=1e-6)
+    est, (lo, hi) = cmp["estimate"], cmp["interval"]
+    assert cmp["steps_error"] == pytest.approx(abs(est - want) / want)
+    assert cmp["inside"] == (lo <= want <= hi)
+    assert f"real run {want}," in res.stdout and "curve error" in res.stdout
+    assert_png(out / "validation.png")
+    assert_self_contained_html(out / "validation.html", out / "validation.png")
+    res = invoke("validate", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--linearize", "top", "--split", f"{mod}:split", "--bn", "train", "--lr", 0.4,
+                 "--steps", 5, "--no-progress", "--out", tmp_path / "bn")  # fmt: skip
+    assert res.exit_code != 0 and "drop --bn train" in res.output
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--split", "{mod}:wrong"), "differs from the model's output"),
+    (("--split", "{mod}:single"), "expected a pair (body, top)"),
+    (("--split", "{mod}:nope"), "has no attribute 'nope'"),
+    (("--weight-decay", "0.1"), "cannot be combined with --weight-decay"),
+    (("--head", "4"), "cannot be combined with --head"),
+    (("--target-loss", "1e9"), "must lie between 0 and the initial loss"),
+])
+def test_forecast_top_refuses_bad_input_with_the_fix(user, tmp_path, extra, message):
+    mod, _ = user
+    args = list(_args(user, "--steps", 5, "--lr", 0.1, "--out", tmp_path / "x"))
+    if extra[0] == "--split":
+        args[args.index("--split") + 1] = extra[1].format(mod=mod)
+    else:
+        args += list(extra)
+    res = invoke(*args)
+    assert res.exit_code != 0
+    assert message in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_linearize_top_is_for_forecast_and_needs_a_known_split(user, tmp_path):
+    mod, npz = user
+    res = invoke("sweep", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--linearize", "top", "--lr", "0.1", "--steps", 5, "--no-progress")
+    assert res.exit_code != 0 and "available for forecast and validate" in res.output
+    res = invoke("kernel", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--linearize", "top", "--no-progress", "--out", tmp_path / "k")
+    assert res.exit_code != 0 and "tangentlab kernel: --linearize top" in res.output
+    res = invoke("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--split", f"{mod}:split", "--lr", 0.1, "--steps", 5, "--no-progress")
+    assert res.exit_code != 0 and "--split goes with --linearize top" in res.output
+    res = invoke("forecast", "--example", "digits-cnn", "--samples", 20, "--linearize", "top",
+                 "--lr", 0.1, "--steps", 5, "--no-progress", "--out", tmp_path / "d")
+    assert res.exit_code != 0
+    assert "--split 'pkg.module:function'" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_forecast_top_on_the_image_example(tmp_path):
+    """fashion-lite0 split by split_lite, the default rate; the estimate within its interval."""
+    out = tmp_path / "lite"
+    res = ok(invoke("forecast", "--example", "fashion-lite0", "--samples", 32, "--linearize",
+                    "top", "--steps", 30, "--out", out, "--no-progress"))  # fmt: skip
+    assert "split_lite" in res.stderr and "exact_top.stable_lr" in res.stderr
+    js = strict_json(out / "forecast.json")
+    d = js["forecasts"][0]["drops"]["0.8"]
+    assert d["steps"] is not None and d["interval"][0] <= d["estimate"] <= d["interval"][1]
+    assert js["kernel"]["directions"] == 20 and js["info"]["num_samples"] == 32
+    assert math.isfinite(js["forecasts"][0]["loss"][-1])
