@@ -15,13 +15,19 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    the head-exact kernel (``tl.stable_lr``'s): both the curvature of the same network's
    trained weights at w0.
 
-    .venv/bin/python benchmarks/exact_top_speed.py
+4. ``--part directions`` (development: the default example): the real run of the default
+   example's first 40 steps (``tl.finetune``, the command's rate) against the exact-top
+   forecast with q = 20 (2C, the default before), 64, 80 (2C per position of the 2 x 2 map
+   of z, the default since) and 128 directions of z kept exact, k = 4096, 4 probes.
 
-Results: section "exact-top-speed" of RESULTS.md.
+    .venv/bin/python benchmarks/exact_top_speed.py [--part directions]
+
+Results: sections "exact-top-speed" and "exact-top-directions" of RESULTS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -144,5 +150,60 @@ def main() -> None:
     print("\n".join(text))
 
 
+def directions(qs: tuple[int, ...] = (20, 64, 80, 128), steps: int = 40) -> None:
+    """Part 4: the forecast's steps and curve against one real run, per q."""
+    import numpy as np
+
+    warnings.simplefilter("ignore")
+    ex = load_example("fashion-lite0", num_samples=N)
+    model = ex.model.eval()
+    body, top, _ = split_model(model)
+    lr = 0.000426  # the command's default rate (exact_top.stable_lr; tl.stable_lr: the same)
+    t0 = time.perf_counter()
+    run = tl.finetune(load_example("fashion-lite0", num_samples=N).model.eval(), ex.data,
+                      tl.SGD(lr), steps, params=LITE0_DEFAULT_PARAMS, progress=False)
+    real_s = time.perf_counter() - t0
+    real = np.asarray(run.loss, dtype=np.float64)
+    big_t = run.steps_to(0.2 * float(real[0]))
+    rows = []
+    for q in qs:
+        t0 = time.perf_counter()
+        etk = et.compute_exact_top_kernel(body, top, ex.data, params=LITE0_DEFAULT_PARAMS,
+                                          top_params=LITE0_DEFAULT_PARAMS, projection=4096,
+                                          directions=q, progress=False)  # fmt: skip
+        ks = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fc = et.forecast_exact_top(etk, tl.SGD(lr), steps, progress=False)
+        fs = time.perf_counter() - t0
+        est, iv = fc.steps_estimate(0.8), fc.steps_interval(0.8)
+        inside = iv is not None and iv[0] <= big_t <= iv[1]
+        curve = float(np.mean(np.abs(fc.loss - real)) / real[0])
+        rows.append(f"| {q} | {fc.steps_to_drop(0.8)} | {est:.1f} | {iv[0]:.1f}-{iv[1]:.1f} "
+                    f"| {'yes' if inside else 'no'} | {abs(est - big_t) / big_t:.0%} | "
+                    f"{curve:.4f} | {ks:.0f} | {fs:.1f} |")
+    text = [
+        f"Command: `{COMMAND} --part directions` (development: the default example, "
+        f"fashion-lite0, N = {N}, 64 px, z = [320, 2, 2], D = 1,280; MSE, full batch, "
+        f"lr = {lr}). Machine: {machine()}.",
+        "",
+        f"The real run (`tl.finetune`, {steps} steps, {real_s:.0f} s) reaches an 80% drop at "
+        f"step **T = {big_t}**. The exact-top forecast per q (the directions of z kept "
+        "exact; k = 4096, 4 probes); *curve*: mean |L̂ − L| / L0 over the steps; seconds of "
+        "the kernel and of the forecast.",
+        "",
+        "| q | T̂ | estimate T̃ | interval | T inside | abs(T̃ − T) / T | curve | kernel s | "
+        "forecast s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    write_section("exact-top-directions", "\n".join(text))
+    print("\n".join(text))
+
+
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["speed", "directions"], default="speed")
+    if ap.parse_args().part == "directions":
+        directions()
+    else:
+        main()

@@ -590,3 +590,16 @@ def test_split_model_says_how_to_split_an_unknown_model_and_mismatch_is_measured
     assert split_mismatch(net, net[:1], top, x) > 0.01  # the Tanh dropped
     assert split_mismatch(net, body, nn.Linear(6, 4), x) == math.inf  # another shape
     assert all(m.training for m in net.modules())  # every module's own mode restored
+
+
+def test_default_subspace_is_2c_per_position_of_a_map():
+    """z [channels, h, w] (a conv map): q = 2C h w by default (2C for a vector z, above)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh()).double().eval()
+    top = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))
+    top = top.double().eval()
+    x = torch.randn(20, 1, 2, 2, dtype=torch.float64)
+    etk = compute_exact_top_kernel(body, top, (x, torch.arange(20) % 2), progress=False)
+    assert etk.shape == (8, 2, 2) and etk.rank == 2 * 2 * 4
+    assert compute_exact_top_kernel(body, top, (x, torch.arange(20) % 2), directions=3,
+                                    progress=False).rank == 3  # fmt: skip

@@ -148,7 +148,9 @@ def _source_options(fn):
                      help="--linearize body/auto: principal directions of the features kept "
                      "exact beside the head's rows (default: C); 'all': every direction "
                      "the training features span — closer to real runs on convolutional "
-                     "bodies, costlier (N + C read-outs per sample; see README)."),
+                     "bodies, costlier (N + C read-outs per sample; see README). "
+                     "--linearize top: the directions of z kept exact (default 2C per "
+                     "position of z's map)."),
         click.option("--out", default="runs/tangentlab", show_default=True,
                      help="Output directory for JSON, PNG and HTML."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -996,14 +998,10 @@ def _split(o: dict[str, Any], model) -> tuple[Any, Any, str]:
         ) from None
 
 
-def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) -> dict[str, Any]:
-    """``--linearize top``: split, kernel, learning rate and the exact-top forecast
-    (tangentlab.experimental.exact_top), with reliable_lr's advice where the check flags
-    (``advise``); returns what forecast and validate report."""
-    import warnings
-
+def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
+    """``--linearize top``: the model split (checked to compose to it) and the exact-top
+    kernel (tangentlab.experimental.exact_top.compute_exact_top_kernel)."""
     from tangentlab.data import as_arrays, take
-    from tangentlab.errors import ValidityWarning
     from tangentlab.experimental import exact_top as et
 
     t0 = time.perf_counter()
@@ -1030,6 +1028,21 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
         directions=_directions(o.get("directions")), memory_budget=o["memory_budget"],
         progress=not o["no_progress"])  # fmt: skip
     timer["kernel (exact top, block linear)"] = time.perf_counter() - t0
+    return dict(kernel=etk, name=name, params=params, how=how, defaults=defaults, k=k)
+
+
+def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) -> dict[str, Any]:
+    """``--linearize top``: split, kernel, learning rate and the exact-top forecast
+    (tangentlab.experimental.exact_top), with reliable_lr's advice where the check flags
+    (``advise``); returns what forecast and validate report."""
+    import warnings
+
+    from tangentlab.errors import ValidityWarning
+    from tangentlab.experimental import exact_top as et
+
+    src = _top_kernel(o, timer)
+    etk, name, params, how, defaults, k = (src[a] for a in ("kernel", "name", "params", "how",
+                                                            "defaults", "k"))  # fmt: skip
     loss, batch = _loss(o), _batch(o["batch_size"])
     lr = o["lr"]
     if lr is None:

@@ -28,11 +28,16 @@ exactly in the variables (θ, Δz_1..Δz_N): with γ_j = ∂ℓ_b/∂z_j and K(i
 - isotropic outside it: κ_⊥(i, j) from ``probes`` random directions (as
   ``headbody._rest_kernel``), K(i, j) γ ≈ Q M(i, j) Qᵀ γ + κ_⊥(i, j) (I − QQᵀ) γ.
 
-Q (``directions`` = q, default 2C): the top ⌈q/2⌉ right singular vectors of the stacked
+Q (``directions`` = q, default 2C per position of z: 2C for a vector, 2C h w for a map
+``[channels, h, w]``): the top ⌈q/2⌉ right singular vectors of the stacked
 gradient rows ∂f_i/∂z_i at w0 (where the loss gradients γ lie at the start) and the top
 ⌊q/2⌋ principal directions of z0 orthogonal to them (θ's first layer moves by outer
 products with the z_j, as W does with φ_j in the head-exact model). ``"all"``: Q = I (no
-κ_⊥; exact up to the projection). With ``directions="all"`` and no projection the
+κ_⊥; exact up to the projection). Every choice of the development and held-out rounds had
+one position (z of 320 numbers at 32 px, MiniLM's [CLS] state), where the default is 2C; on
+the default example at 64 px (z = [320, 2, 2]) 2C = 20 directions left the forecast 25%
+slow, and 2C per position (80) came within 4% of the real run (benchmarks/RESULTS.md
+"exact-top-directions", development only). With ``directions="all"`` and no projection the
 simulation equals a weight-space simulation of the same model (tests/test_exact_top.py),
 and for a body linear in its weights and isotropic in z (z = A x) it equals real training
 for any Q.
@@ -463,7 +468,8 @@ def compute_exact_top_kernel(
       params: the body's trained weights (as :func:`tangentlab.compute_kernel`'s
         ``params``; default: those with ``requires_grad``).
       top_params: the top's trained weights (default: those with ``requires_grad``).
-      directions: q, the directions of z kept exact (default 2C; ``"all"``: all D of them).
+      directions: q, the directions of z kept exact (default 2C per position of z: 2C for
+        a vector z, 2C h w for a map ``[channels, h, w]``; ``"all"``: all D of them).
       probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
       projection: ``None`` (exact M) or k (projected, as :func:`tangentlab.compute_kernel`).
       seed: seed of the projection and the probes.
@@ -505,7 +511,8 @@ def compute_exact_top_kernel(
     f0 = _logits(top, z0, shape, fn)
     c, d = int(f0.shape[1]), int(z0.shape[1])
     y = _labels(y, n, c, fn)
-    q = _directions(directions, c, d, fn)
+    positions = shape[1] * shape[2] if len(shape) == 3 else 1  # a map [channels, h, w]
+    q = _directions(directions, c, d, fn, positions)
     basis = _basis(top, z0, shape, q)
     opts = dict(memory_budget=memory_budget, progress=progress)
     block, features, rest = _read_outs(tb, x, basis, probes, seed, opts)
@@ -1012,9 +1019,11 @@ def _logits(top: nn.Module, z0: torch.Tensor, shape: tuple[int, ...], fn: str) -
     return f0
 
 
-def _directions(directions: Any, c: int, d: int, fn: str) -> int:
+def _directions(directions: Any, c: int, d: int, fn: str, positions: int = 1) -> int:
+    """q: ``directions``, or the default 2C per position of z's map (NOTE [exact top, block
+    linear])."""
     if directions is None:
-        return min(2 * c, d)
+        return min(2 * c * positions, d)
     if directions == "all":
         return d
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
