@@ -73,6 +73,37 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def _linearize_options() -> list:
+    """``--linearize`` and the options of its models (part of :func:`_source_options`)."""
+    return [
+        click.option("--linearize", type=click.Choice(["auto", "all", "body", "top"]),
+                     default="auto", show_default=True,
+                     help="body: keep the final linear head exact and linearize only the "
+                     "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
+                     "the tangent model (the whole network linearized). auto: body where "
+                     "it applies, else all, saying why (tl.choose_linearization; see "
+                     "README). top (forecast, validate; experimental): the top of the network "
+                     "exact, the last block linear (exact_top; the most accurate on held-out "
+                     "tasks, with a reliability check; see README 'Exact top'). information "
+                     "and influence use the tangent model."),
+        click.option("--split", "split_spec", default=None, metavar="SPEC",
+                     help="--linearize top: 'pkg.module:function' or 'file.py:function' "
+                     "(imports and runs that code) returning (body, top) of the model, "
+                     "model(x) == top(body(x)) (default: EfficientNet-Lite and BERT "
+                     "classifiers are split by tangentlab.examples.split_model)."),
+        click.option("--head", default=None, metavar="NAME",
+                     help="--linearize body/auto: module name of the final nn.Linear "
+                     "(default: the model's last nn.Linear)."),
+        click.option("--directions", default=None, metavar="P|all",
+                     help="--linearize body/auto: principal directions of the features kept "
+                     "exact beside the head's rows (default: C); 'all': every direction "
+                     "the training features span — closer to real runs on convolutional "
+                     "bodies, costlier (N + C read-outs per sample; see README). "
+                     "--linearize top: the directions of z kept exact (default 2C per "
+                     "position of z's map)."),
+    ]
+
+
 def _source_options(fn):
     """Model, data and kernel options shared by every command (one block, not copies)."""
     opts = [
@@ -126,31 +157,7 @@ def _source_options(fn):
                      help="Kernel cache directory (default: OUT/kernel); resumable."),
         click.option("--kernel", "kernel_file", default=None, metavar="FILE",
                      help="Use a saved kernel (.safetensors) instead of computing one."),
-        click.option("--linearize", type=click.Choice(["auto", "all", "body", "top"]),
-                     default="auto", show_default=True,
-                     help="body: keep the final linear head exact and linearize only the "
-                     "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
-                     "the tangent model (the whole network linearized). auto: body where "
-                     "it applies, else all, saying why (tl.choose_linearization; see "
-                     "README). top (forecast, validate; experimental): the top of the network "
-                     "exact, the last block linear (exact_top; the most accurate on held-out "
-                     "tasks, with a reliability check; see README 'Exact top'). information "
-                     "and influence use the tangent model."),
-        click.option("--split", "split_spec", default=None, metavar="SPEC",
-                     help="--linearize top: 'pkg.module:function' or 'file.py:function' "
-                     "(imports and runs that code) returning (body, top) of the model, "
-                     "model(x) == top(body(x)) (default: EfficientNet-Lite and BERT "
-                     "classifiers are split by tangentlab.examples.split_model)."),
-        click.option("--head", default=None, metavar="NAME",
-                     help="--linearize body/auto: module name of the final nn.Linear "
-                     "(default: the model's last nn.Linear)."),
-        click.option("--directions", default=None, metavar="P|all",
-                     help="--linearize body/auto: principal directions of the features kept "
-                     "exact beside the head's rows (default: C); 'all': every direction "
-                     "the training features span — closer to real runs on convolutional "
-                     "bodies, costlier (N + C read-outs per sample; see README). "
-                     "--linearize top: the directions of z kept exact (default 2C per "
-                     "position of z's map)."),
+        *_linearize_options(),
         click.option("--out", default="runs/tangentlab", show_default=True,
                      help="Output directory for JSON, PNG and HTML."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
