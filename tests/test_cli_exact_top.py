@@ -141,6 +141,21 @@ def test_validate_top_compares_the_forecast_with_the_real_run(user, tmp_path):
     assert res.exit_code != 0 and "drop --bn train" in res.output
 
 
+def test_forecast_top_flagged_with_a_decaying_schedule_says_to_lower_the_rate(user, tmp_path):
+    from tangentlab.errors import TangentlabError
+    from tangentlab.experimental import exact_top as et
+
+    res = ok(invoke(*_args(user, "--loss", "ce", "--lr", 2.5, "--steps", 100, "--schedule",
+                           "warmup-cosine", "--out", tmp_path / "cos")))  # fmt: skip
+    assert "needs a schedule that ends at the full rate" in res.stderr
+    assert "advice: lower --lr" in res.stdout
+    assert len(strict_json(tmp_path / "cos" / "forecast.json")["forecasts"]) == 1
+    with pytest.raises(TangentlabError, match="decays"):  # the library says the same
+        import tangentlab as tl
+
+        et.reliable_lr(None, tl.SGD(1.0, schedule=tl.Cosine(10)), 10)
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--split", "{mod}:wrong"), "differs from the model's output"),
     (("--split", "{mod}:single"), "expected a pair (body, top)"),

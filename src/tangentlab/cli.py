@@ -1081,7 +1081,12 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
     flagged = fc.blowup is not None or fc.flagged(drop) or bool(fc.reliability.get("flagged"))
     for w in caught:
         _echo(f"tangentlab: warning: {w.message}")
-    if flagged and advise:
+    skipped = flagged and advise and et.schedule_decays(optimizer.schedule)
+    if skipped:
+        _echo(f"tangentlab: the check flags this forecast; reliable_lr's advice needs a schedule "
+              f"that ends at the full rate (got {optimizer.schedule.describe()}): lower --lr "
+              "and forecast again.")
+    elif flagged and advise:
         t0 = time.perf_counter()
         _echo("tangentlab: the check flags this forecast; exact_top.reliable_lr looks for "
               "the largest rate (x0.8 each try) whose forecast passes ...")
@@ -1102,7 +1107,8 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
             "minibatch": "one path, the batches of tl.finetune(seed=--seed)"
             if batch is not None else "full batch"}  # fmt: skip
     return dict(kernel=etk, fc=fc, forecasts=forecasts, drop=drop, flagged=flagged, info=info,
-                optimizer=optimizer, steps=steps, params=params, name=name, train=kw)
+                optimizer=optimizer, steps=steps, params=params, name=name, train=kw,
+                skipped=skipped)  # fmt: skip
 
 
 def _forecast_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
@@ -1115,7 +1121,8 @@ def _forecast_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
     paths = write_exact_top_report(o["out"], forecasts, r["kernel"], drop=drop, info=r["info"],
                                    title=f"tangentlab forecast (exact top): {r['name']}")
     click.echo(format_table([exact_top_row(lb, f, drop) for lb, f in forecasts]))
-    _print_top(r["fc"], drop, forecasts[1][1] if len(forecasts) > 1 else None, r["flagged"])
+    _print_top(r["fc"], drop, forecasts[1][1] if len(forecasts) > 1 else None, r["flagged"],
+               skipped=r["skipped"])  # fmt: skip
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
@@ -1186,7 +1193,7 @@ def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
 
-def _print_top(fc, drop: float, safe, flagged: bool) -> None:
+def _print_top(fc, drop: float, safe, flagged: bool, *, skipped: bool = False) -> None:
     """The exact-top forecast's answer in words: steps, estimate, interval, check, advice."""
     target = (1.0 - drop) * float(fc.loss[0])
     t, est, iv = fc.steps_to_drop(drop), fc.steps_estimate(drop), fc.steps_interval(drop)
@@ -1200,6 +1207,10 @@ def _print_top(fc, drop: float, safe, flagged: bool) -> None:
                    f"({'wide: the check flags it' if fc.flagged(drop) else 'check passed'}, "
                    f"R = {fc.rebound(drop):.3g}; NOTE [exact-top steps interval])")
     if not flagged:
+        return
+    if skipped:
+        click.echo("  advice: lower --lr and forecast again (the schedule decays, so "
+                   "reliable_lr cannot stretch it over a lower rate's longer horizon).")
         return
     if safe is None:
         click.echo("  advice: no rate down to 0.8^9 x lr passes the check; read the steps as "

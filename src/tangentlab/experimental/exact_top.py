@@ -619,7 +619,9 @@ def reliable_lr(
     on the grid from η down that passes, not a threshold.
 
     Args:
-      kernel, optimizer, steps: as :func:`forecast_exact_top`.
+      kernel, optimizer, steps: as :func:`forecast_exact_top`; a schedule that decays
+        (``final`` < 1: cosine, linear or step decay) is refused, since the longer horizons
+        would run past its end (a warmup, which ends at the full rate, is kept).
       drops: the drops whose targets must pass (default 50% and 80%).
       shrink: s in (0, 1), the ratio between successive rates.
       tries: the most rates tried, η down to η s^(tries − 1).
@@ -659,6 +661,12 @@ def reliable_lr(
                               "stop_below on to forecast_exact_top.")
     if not isinstance(optimizer, SGD):
         raise TangentlabError(f"{fn}: optimizer must be tl.SGD, got {type(optimizer).__name__}.")
+    if schedule_decays(optimizer.schedule):
+        raise TangentlabError(
+            f"{fn}: the schedule {optimizer.schedule.describe()} decays, and a lower rate runs "
+            "longer than it (ceil(steps / shrink^k) steps), so its forecast would train on the "
+            "schedule's tail. Pass a schedule that ends at the full rate (constant, or a "
+            "warmup), or lower the rate yourself and forecast again.")
     steps = check_steps(fn, steps)
     for k in range(tries):
         lr = optimizer.lr * shrink**k
@@ -676,6 +684,13 @@ def reliable_lr(
                 fc.settings["advised"] = k
             return fc
     return None
+
+
+def schedule_decays(schedule: Any) -> bool:
+    """Whether a learning-rate schedule ends below the full rate (``final`` < 1, e.g. a
+    cosine or step decay): :func:`reliable_lr` cannot stretch such a schedule over its
+    longer horizons."""
+    return not schedule.is_constant and float(schedule.final) != 1.0
 
 
 def sharpness(kernel: ExactTopKernel, *, loss: Loss | str = "mse", tol: float = 1e-5,
