@@ -468,8 +468,7 @@ def compute_exact_top_kernel(
       params: the body's trained weights (as :func:`tangentlab.compute_kernel`'s
         ``params``; default: those with ``requires_grad``).
       top_params: the top's trained weights (default: those with ``requires_grad``).
-      directions: q, the directions of z kept exact (default 2C per position of z: 2C for
-        a vector z, 2C h w for a map ``[channels, h, w]``; ``"all"``: all D of them).
+      directions: q, the directions of z kept exact (default 2C per position of z; "all": D).
       probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
       projection: ``None`` (exact M) or k (projected, as :func:`tangentlab.compute_kernel`).
       seed: seed of the projection and the probes.
@@ -511,8 +510,7 @@ def compute_exact_top_kernel(
     f0 = _logits(top, z0, shape, fn)
     c, d = int(f0.shape[1]), int(z0.shape[1])
     y = _labels(y, n, c, fn)
-    positions = shape[1] * shape[2] if len(shape) == 3 else 1  # a map [channels, h, w]
-    q = _directions(directions, c, d, fn, positions)
+    q = _directions(directions, c, d, fn, shape)
     basis = _basis(top, z0, shape, q)
     opts = dict(memory_budget=memory_budget, progress=progress)
     block, features, rest = _read_outs(tb, x, basis, probes, seed, opts)
@@ -643,6 +641,30 @@ def reliable_lr(
         fc.settings["lr"], fc.steps_estimate(0.8), fc.steps_interval(0.8)
     """
     fn = "reliable_lr"
+    _check_reliable(fn, optimizer, drops, shrink, tries, forecast_kwargs)
+    steps = check_steps(fn, steps)
+    for k in range(tries):
+        lr = optimizer.lr * shrink**k
+        opt = dataclasses.replace(optimizer, lr=lr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ValidityWarning)
+            fc = forecast_exact_top(kernel, opt, math.ceil(steps / shrink**k), progress=False,
+                                    **forecast_kwargs)  # fmt: skip
+        ok = fc.blowup is None and not any(fc.flagged(d) for d in drops)
+        if progress:
+            print(f"{fn}: lr {lr:.4g} ({shrink:g}^{k} x {optimizer.lr:.4g}): "
+                  f"{'passes' if ok else 'flagged'}", file=sys.stderr, flush=True)
+        if ok:
+            if k:  # NOTE [exact-top steps interval]: the band of a lowered rate
+                fc.settings["advised"] = k
+            return fc
+    return None
+
+
+def _check_reliable(fn: str, optimizer: Any, drops: Any, shrink: Any, tries: Any,
+                    forecast_kwargs: dict[str, Any]) -> None:
+    """Validate :func:`reliable_lr`'s request (its own options; the forecast checks the
+    rest)."""
     if (not isinstance(shrink, (int, float)) or isinstance(shrink, bool)
             or not 0.0 < shrink < 1.0):  # fmt: skip
         raise TangentlabError(f"{fn}: shrink must be a number in (0, 1), got {shrink!r}; e.g. "
@@ -667,23 +689,6 @@ def reliable_lr(
             "longer than it (ceil(steps / shrink^k) steps), so its forecast would train on the "
             "schedule's tail. Pass a schedule that ends at the full rate (constant, or a "
             "warmup), or lower the rate yourself and forecast again.")
-    steps = check_steps(fn, steps)
-    for k in range(tries):
-        lr = optimizer.lr * shrink**k
-        opt = dataclasses.replace(optimizer, lr=lr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ValidityWarning)
-            fc = forecast_exact_top(kernel, opt, math.ceil(steps / shrink**k), progress=False,
-                                    **forecast_kwargs)  # fmt: skip
-        ok = fc.blowup is None and not any(fc.flagged(d) for d in drops)
-        if progress:
-            print(f"{fn}: lr {lr:.4g} ({shrink:g}^{k} x {optimizer.lr:.4g}): "
-                  f"{'passes' if ok else 'flagged'}", file=sys.stderr, flush=True)
-        if ok:
-            if k:  # NOTE [exact-top steps interval]: the band of a lowered rate
-                fc.settings["advised"] = k
-            return fc
-    return None
 
 
 def schedule_decays(schedule: Any) -> bool:
@@ -1034,11 +1039,11 @@ def _logits(top: nn.Module, z0: torch.Tensor, shape: tuple[int, ...], fn: str) -
     return f0
 
 
-def _directions(directions: Any, c: int, d: int, fn: str, positions: int = 1) -> int:
+def _directions(directions: Any, c: int, d: int, fn: str, shape: tuple[int, ...] = ()) -> int:
     """q: ``directions``, or the default 2C per position of z's map (NOTE [exact top, block
-    linear])."""
+    linear]): 2C h w for z of ``shape`` [channels, h, w], else 2C."""
     if directions is None:
-        return min(2 * c * positions, d)
+        return min(2 * c * (shape[1] * shape[2] if len(shape) == 3 else 1), d)
     if directions == "all":
         return d
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
