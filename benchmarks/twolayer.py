@@ -376,7 +376,11 @@ def _take(x: dict, n: int) -> dict:
     return {k: v[:n] for k, v in x.items()}
 
 
-def _q(variant: str, c: int, d: int) -> int:
+def _q(variant: str, c: int, d: int) -> int | None:
+    """The directions of z kept exact: "2C", "D" (all of z), "default" (None: the
+    library's own, 2C per position of a map-shaped z) or a number."""
+    if variant == "default":
+        return None
     return {"2C": 2 * c, "D": d}.get(variant) or int(variant)
 
 
@@ -442,6 +446,11 @@ def main() -> None:
                     help="the fifth fresh round (twolayer_fresh5.py; PLAN-fresh5.md), once")
     ap.add_argument("--fresh6", action="store_true",
                     help="the sixth fresh round (twolayer_fresh6.py; PLAN-fresh6.md), once")
+    ap.add_argument("--fresh7", action="store_true",
+                    help="the seventh fresh round, 64 px (twolayer_fresh7.py; PLAN-fresh7.md), "
+                         "the library's default q, once")
+    ap.add_argument("--fresh7-q2C", action="store_true",
+                    help="the seventh fresh round with q = 2C (PLAN-fresh7.md), once")
     ap.add_argument("--text-holdout", action="store_true",
                     help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
     ap.add_argument("--choose-drift", action="store_true",
@@ -588,8 +597,8 @@ def grid_task(name: str, variant: str = "2C", *, cells: dict | None = None,
     text = ho.TASKS[name]["kind"] == "text"
     etk = (_text_kernel(name, top, h, y, task["params"], TEXT_SPLIT["split"]) if text
            else _library_kernel(name, top, h, y, params, variant))  # fmt: skip
-    state.update(q=etk.rank, kernel_seconds=time.perf_counter() - t0, machine=machine(),
-                 threads=torch.get_num_threads())  # fmt: skip
+    state.update(q=etk.rank, variant=variant, kernel_seconds=time.perf_counter() - t0,
+                 machine=machine(), threads=torch.get_num_threads())  # fmt: skip
     for key in todo:
         c = cells[key]
         l0 = float(c["run_loss"][0])
@@ -704,6 +713,8 @@ def report() -> list[str]:
     lines += check_scored_lines("fresh4")
     lines += check_scored_lines("fresh5")
     lines += check_scored_lines("fresh6")
+    lines += check_scored_lines("fresh7")
+    lines += check_scored_lines("fresh7_q2C")
     lines += CHECK_READING.splitlines()
     lines += ADOPT_READING.splitlines()
     plot = plot_calibration()
@@ -736,7 +747,8 @@ def _task_set(which: str) -> tuple[Path, dict]:
         folder = TEXT_OUT if which == "text" else TEXT_OUT / "ffn"
         return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
     if which in ROUNDS:
-        return ROUNDS[which][1], {k: (v, None) for k, v in round_tasks(which).items()}
+        return (ROUND_GRIDS.get(which, ROUNDS[which][1]),
+                {k: (v, None) for k, v in round_tasks(which).items()})
     if which == "text-holdout":
         return TEXT_HOLDOUT_OUT, {k: (v, "hb_loss") for k, v in text_holdout_tasks().items()}
     raise ValueError(which)
@@ -934,9 +946,15 @@ FRESH3_OUT = OUT / "fresh3"  # results/twolayer/PLAN-fresh3.md
 FRESH4_OUT = OUT / "fresh4"  # results/twolayer/PLAN-fresh4.md
 FRESH5_OUT = OUT / "fresh5"  # results/twolayer/PLAN-fresh5.md
 FRESH6_OUT = OUT / "fresh6"  # results/twolayer/PLAN-fresh6.md
+FRESH7_OUT = OUT / "fresh7"  # results/twolayer/PLAN-fresh7.md (64 px: z a 2 x 2 map)
 ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3", FRESH3_OUT),
           "fresh4": ("twolayer_fresh4", FRESH4_OUT), "fresh5": ("twolayer_fresh5", FRESH5_OUT),
-          "fresh6": ("twolayer_fresh6", FRESH6_OUT)}
+          "fresh6": ("twolayer_fresh6", FRESH6_OUT), "fresh7": ("twolayer_fresh7", FRESH7_OUT),
+          "fresh7_q2C": ("twolayer_fresh7", FRESH7_OUT)}
+# A round's q (``_q``; "2C" where not named) and the folder of its grids where it is not the
+# real runs' (PLAN-fresh7.md: the library's default q, and q = 2C beside it, reported)
+ROUND_Q = {"fresh7": "default"}
+ROUND_GRIDS = {"fresh7_q2C": FRESH7_OUT / "q2C"}
 
 
 def round_tasks(which: str) -> dict:
@@ -956,8 +974,10 @@ def run_round(which: str, names: list[str]) -> None:
     """The library's exact-top forecast of every stored cell of a fresh round, as
     ``run_fresh``; once (PLAN-fresh2.md, PLAN-fresh3.md)."""
     cells = round_tasks(which)
+    folder = ROUND_GRIDS.get(which, ROUNDS[which][1])
     for name in names:
-        grid_task(name, cells=cells[name], path=ROUNDS[which][1] / f"{name}-grid.json")
+        grid_task(name, ROUND_Q.get(which, "2C"), cells=cells[name],
+                  path=folder / f"{name}-grid.json")
 
 
 TEXT_HOLDOUT_OUT = TEXT_OUT / "holdout"  # results/twolayer/PLAN-text.md
@@ -1141,7 +1161,8 @@ def choose_drift(rows: list[dict] | None = None) -> dict:
     return out
 
 
-PLOT_SETS = {"fresh6": "sixth fresh round (held out once, the library as it is)",
+PLOT_SETS = {"fresh7": "seventh fresh round, 64 px (held out once, the library as it is)",
+             "fresh6": "sixth fresh round (held out once, the library as it is)",
              "fresh5": "fifth fresh round (held out once, the same model)",
              "fresh4": "fourth fresh round (held out once, the same library)",
              "fresh3": "third fresh round (held out once, the same library)",
@@ -1405,6 +1426,11 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           "fresh6": "the sixth fresh round's three image tasks (`twolayer_fresh6.py`, "
                     "PLAN-fresh6.md; first look, the model unchanged since PLAN-fresh3.md, "
                     "the flagged band of PLAN-fresh6.md)",
+          "fresh7": "the seventh fresh round's three image tasks, the first at 64 px (z a "
+                    "2 x 2 map; `twolayer_fresh7.py`, PLAN-fresh7.md; first look, the "
+                    "library as it is: q = 2C per position of z, 8C)",
+          "fresh7_q2C": "the seventh fresh round's three image tasks at q = 2C, the "
+                        "default before it (PLAN-fresh7.md; reported beside it)",
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}
