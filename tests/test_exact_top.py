@@ -577,6 +577,42 @@ def test_sharpness_is_the_top_eigenvalue_of_the_explicit_gauss_newton_matrix(los
         stable_lr(etk, momentum=1.0)
 
 
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_sharpness_lanczos_agrees_with_a_long_power_iteration_on_a_projected_block(loss):
+    """With the block projected (k < the body's weights, so P = diag(K, I) is rank
+    deficient) and q < D, sharpness's Lanczos gives the top eigenvalue that a power
+    iteration of the same product reaches after many more iterations (independent of the
+    Lanczos code: exact_top._Sharpness), and it stops long before ``max_iter``."""
+    from tangentlab.experimental.exact_top import _gn_apply, _Sharpness, sharpness
+
+    body, top = _net(1)
+    x, y = _data(24, seed=1)
+    etk = compute_exact_top_kernel(body, top, (x, y), directions=2, projection=16,
+                                   progress=False)  # fmt: skip
+    assert etk.features is not None  # N q = 48 > k: P is rank deficient
+    fn = tl.training.as_loss(loss, "test")
+    w = dict(etk.top.named_parameters())
+    th = [w[a].detach() for a in etk.top_params]
+    power = _Sharpness(etk, fn, th, warm=300)
+    want, _ = power.step(etk.z0.detach(), 1.0)
+    calls = {"n": 0}
+    real = _gn_apply
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    import tangentlab.experimental.exact_top as mod
+
+    mod._gn_apply = counted
+    try:
+        got = sharpness(etk, loss=loss, tol=1e-9)
+    finally:
+        mod._gn_apply = real
+    assert got == pytest.approx(want, rel=1e-7)
+    assert calls["n"] < 60
+
+
 def test_split_model_says_how_to_split_an_unknown_model_and_mismatch_is_measured():
     from tangentlab.examples import split_model
     from tangentlab.experimental.exact_top import split_mismatch

@@ -1054,8 +1054,8 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
     lr = o["lr"]
     if lr is None:
         t0 = time.perf_counter()
-        _echo("tangentlab: --lr not given: the exact-top model's stability limit at w0 (power "
-              "iteration on its Gauss-Newton matrix) ...")
+        _echo("tangentlab: --lr not given: the exact-top model's stability limit at w0 (Lanczos on "
+              "its Gauss-Newton matrix) ...")
         lr = et.stable_lr(etk, loss=loss, momentum=o["momentum"])
         timer["learning rate"] = time.perf_counter() - t0
         _echo(f"tangentlab: --lr not given: using lr = {lr:.4g} (exact_top.stable_lr: half "

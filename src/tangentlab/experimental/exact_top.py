@@ -100,7 +100,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -707,9 +707,11 @@ def sharpness(kernel: ExactTopKernel, *, loss: Loss | str = "mse", tol: float = 
     With G = diag(J, I) the weights' map to (z, θ), A = ∂f/∂(z, θ) at w0 and H_f the
     Hessian of the mean loss in the logits (PSD for MSE and CE: for a fresh head CE's is
     about 1/C of MSE's), S = λ_max(Gᵀ Aᵀ H_f A G), the nonzero spectrum of Aᵀ H_f A P with
-    P = G Gᵀ = diag(K, I), K the block's kernel as the model keeps it. Power iteration on
-    that product, one JVP and one VJP through the top on all N samples and one kernel
-    product per iteration, until the Rayleigh quotient moves by less than ``tol``
+    P = G Gᵀ = diag(K, I), K the block's kernel as the model keeps it. That product is
+    self-adjoint in the inner product ⟨u, v⟩_P = uᵀ P v, so Lanczos in that inner product
+    (fully reorthogonalized) finds S: one JVP and one VJP through the top on all N samples
+    and one kernel product per iteration, as a power iteration, in a fraction of its
+    iterations; it stops when the top Ritz value's residual bound falls below ``tol``
     (relative), at most ``max_iter`` iterations. It is the sharpness λ_max/N of
     :func:`tangentlab.stable_lr` for the network's weights that the model trains, up to
     the model's approximation of K (exact with ``directions="all"`` and no projection:
@@ -730,14 +732,86 @@ def sharpness(kernel: ExactTopKernel, *, loss: Loss | str = "mse", tol: float = 
         raise TangentlabError(f"{fn}: tol must be a positive number, got {tol!r}.")
     lossf = as_loss(loss, fn)
     w = dict(kernel.top.named_parameters())
-    power = _Sharpness(kernel, lossf, [w[a].detach() for a in kernel.top_params], warm=0)
-    z0, last = kernel.z0.detach(), None
+    th = [w[a].detach() for a in kernel.top_params]
+    return _lanczos_top(kernel, lambda pv: _gn_apply(kernel, lossf, th, kernel.z0.detach(), pv),
+                        tol=tol, max_iter=max_iter)
+
+
+def _p_apply(kernel: ExactTopKernel, v: list[torch.Tensor]) -> list[torch.Tensor]:
+    """P v = (K v_z, v_θ): the weights' metric in (z, θ) (NOTE [exact top, block linear])."""
+    with torch.no_grad():
+        return [kernel._apply(v[0], None), *v[1:]]
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum(float((x * y).double().sum()) for x, y in zip(a, b))
+
+
+def _lanczos_top(kernel: ExactTopKernel, apply_b: Callable, *, tol: float, max_iter: int
+                 ) -> float:
+    """The top eigenvalue of B = Aᵀ H_f A P (``apply_b(p)`` = Aᵀ H_f A p for p = P v) by
+    Lanczos in the P inner product, fully reorthogonalized: vectors v_j kept with their
+    images p_j = P v_j, so each iteration costs one ``apply_b`` and one ``_p_apply``. Stops
+    when β_j |s_j| <= tol θ (θ the top Ritz value, s_j the last entry of its Ritz vector)
+    or at an invariant subspace (β_j = 0)."""
+    g = torch.Generator().manual_seed(0)
+    v = [torch.randn(kernel.z0.shape, generator=g, dtype=kernel.z0.dtype),
+         *(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in
+           (dict(kernel.top.named_parameters())[a] for a in kernel.top_params))]
+    p = _p_apply(kernel, v)
+    norm = math.sqrt(max(_dot(v, p), 0.0))
+    if not norm > 0:
+        return 0.0
+    vs, ps = [[a / norm for a in v]], [[a / norm for a in p]]
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = 0.0
     for _ in range(max_iter):
-        s, _ = power.step(z0, 1.0)
-        if last is not None and abs(s - last) <= tol * abs(s):
+        w = [a.detach() for a in apply_b(ps[-1])]
+        alphas.append(_dot(ps[-1], w))
+        for _pass in range(2):  # full reorthogonalization, twice for safety
+            for vi, pi in zip(vs, ps):
+                c = _dot(pi, w)
+                w = [a - c * b for a, b in zip(w, vi)]
+        pw = _p_apply(kernel, w)
+        beta = math.sqrt(max(_dot(w, pw), 0.0))
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(t)
+        theta = float(evals[-1])
+        if not math.isfinite(theta):
+            return theta
+        if beta * abs(float(evecs[-1, -1])) <= tol * abs(theta):  # also β = 0: invariant
             break
-        last = s
-    return float(s)
+        betas.append(beta)
+        vs.append([a / beta for a in w])
+        ps.append([a / beta for a in pw])
+    return theta
+
+
+def _gn_apply(kernel: ExactTopKernel, lossf: Loss, th: list[torch.Tensor], z: torch.Tensor,
+              pv: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Aᵀ H_f A pv: a JVP and a VJP through the top at (z, θ) on all N samples, H_f the
+    Hessian of the mean loss in the logits (``_Sharpness``)."""
+    from torch.func import jvp, vjp
+
+    names = kernel.top_params
+
+    def f(zz: torch.Tensor, *ths: torch.Tensor) -> torch.Tensor:
+        return functional_call(kernel.top, dict(zip(names, ths)),
+                               (zz.reshape(len(zz), *kernel.shape),))  # fmt: skip
+
+    prim = [z.detach(), *(t.detach() for t in th)]
+    logits, af = jvp(f, tuple(prim), tuple(pv))
+    fl = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gf,) = torch.autograd.grad(lossf.per_sample(fl, kernel.y).mean(), fl,
+                                    create_graph=True)  # fmt: skip
+        (hf,) = torch.autograd.grad(gf, fl, grad_outputs=af.detach())
+    _, back = vjp(f, *prim)
+    return [a.detach() for a in back(hf)]
 
 
 def stable_lr(kernel: ExactTopKernel, *, loss: Loss | str = "mse", momentum: float = 0.0,
@@ -945,25 +1019,10 @@ class _Sharpness:
         return self._iterate(z, scale)
 
     def _iterate(self, z: torch.Tensor, scale: float) -> tuple[float, float]:
-        from torch.func import jvp, vjp
-
         k, v = self.kernel, self.v
-        names = k.top_params
-
-        def f(zz: torch.Tensor, *ths: torch.Tensor) -> torch.Tensor:
-            return functional_call(k.top, dict(zip(names, ths)), (zz.reshape(len(zz), *k.shape),))
-
         with torch.no_grad():
             pv = [k._apply(v[0], None) * scale, *v[1:]]
-        prim = [z.detach(), *(t.detach() for t in self.th)]
-        logits, af = jvp(f, tuple(prim), tuple(pv))
-        fl = logits.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (gf,) = torch.autograd.grad(self.lossf.per_sample(fl, k.y).mean(), fl,
-                                        create_graph=True)  # fmt: skip
-            (hf,) = torch.autograd.grad(gf, fl, grad_outputs=af.detach())
-        _, back = vjp(f, *prim)
-        out = [a.detach() for a in back(hf)]
+        out = _gn_apply(k, self.lossf, self.th, z, pv)
         den = sum(float((a * b).double().sum()) for a, b in zip(v, pv))
         parts = [float((a * b).double().sum()) for a, b in zip(pv, out)]
         norm = math.sqrt(sum(float(h.double().pow(2).sum()) for h in out))
