@@ -699,7 +699,7 @@ def schedule_decays(schedule: Any) -> bool:
 
 
 def sharpness(kernel: ExactTopKernel, *, loss: Loss | str = "mse", tol: float = 1e-5,
-              max_iter: int = 300) -> float:
+              max_iter: int = 100) -> float:
     """S, the top eigenvalue of the exact-top model's Gauss-Newton matrix of the mean
     training loss in its weights (w_body, θ) at w0: the curvature that sets full-batch GD's
     stability limit on the model, η S < 2 (m = 0).
@@ -712,10 +712,11 @@ def sharpness(kernel: ExactTopKernel, *, loss: Loss | str = "mse", tol: float = 
     (fully reorthogonalized) finds S: one JVP and one VJP through the top on all N samples
     and one kernel product per iteration, as a power iteration, in a fraction of its
     iterations; it stops when the top Ritz value's residual bound falls below ``tol``
-    (relative), at most ``max_iter`` iterations. It is the sharpness λ_max/N of
-    :func:`tangentlab.stable_lr` for the network's weights that the model trains, up to
-    the model's approximation of K (exact with ``directions="all"`` and no projection:
-    tests/test_exact_top.py checks it against the explicit matrix).
+    (relative), at most ``max_iter`` iterations (it keeps every iterate: memory grows as
+    2 x iterations x (z's and θ's size); 16 iterations on the default example, N = 500). It
+    is the sharpness λ_max/N of :func:`tangentlab.stable_lr` for the network's weights that
+    the model trains, up to the model's approximation of K (exact with ``directions="all"``
+    and no projection: tests/test_exact_top.py checks it against the explicit matrix).
 
     Example::
 
