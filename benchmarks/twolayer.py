@@ -1581,7 +1581,7 @@ whole grid 7-9% / 32-49%; where the check passes, MSE 4-6% / 9-15% and CE 4-8% /
 Widelands buildings by tribe, GNOME icons by folder, Moka icons by folder; 204 targets),
 where the body's output z is a 2 x 2 map, every earlier round's a single position. The
 library as it is, whose q (2C per position of z, 8C) was chosen on one development example
-at 64 px: the estimate scores 8% / 15% with no miss, the best fresh round so far, and meets
+at 64 px: the estimate scores 8% / 15% with no miss, the lowest p90 of any fresh round, and meets
 issue 13's goals in every (loss, drop) group (MSE 3% / 10% at 50%, 12% / 16% at 80%; CE 5%
 / 11% and 6% / 11%). The check flags only 6 targets (3%; the four rounds before, 31-44%), 5 of
 them bad, and finds 5 of the 6 bad ones; 1% of the passed targets are bad. The interval
