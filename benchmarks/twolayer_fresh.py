@@ -120,6 +120,22 @@ def _distinct(files: list[Path], seen: set) -> list[Path]:
     return out
 
 
+MIN_SIDE = 24  # px: the rounds' smallest visible part kept (``keep``)
+
+
+def visible(path: Path) -> int:
+    """The longer side (px) of a picture's visible (alpha > 0) part."""
+    from PIL import Image
+
+    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
+    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
+
+
+def keep(path: Path) -> bool:
+    """A picture file the rounds keep: not a link, its visible part >= ``MIN_SIDE`` px."""
+    return not path.is_symlink() and visible(path) >= MIN_SIDE
+
+
 def _place(img, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
     """An RGBA picture (PIL) cropped to its visible part, scaled to a random 36-60 px longer
     side, composited on white at a random offset of a 64-px canvas: [64, 64, 3] 0..255."""

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
 from twolayer_fresh import _distinct  # noqa: E402
+from twolayer_fresh import visible as _visible  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh2"  # results: OUT / FOLDER / <task>.json
@@ -85,14 +86,6 @@ def animal_pools() -> list[list[Path]]:
     return [_distinct([p for p in (_need(CLIPART) / c).rglob("*.png")
                        if not p.is_symlink() and not p.stem.endswith("_bw")], seen)
             for c in ANIMAL_CLASSES]  # fmt: skip
-
-
-def _visible(path: Path) -> int:
-    """The longer side (px) of a picture's visible (alpha > 0) part."""
-    from PIL import Image
-
-    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
-    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
 
 
 def piece_pools() -> list[list[Path]]:

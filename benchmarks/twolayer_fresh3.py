@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
 from twolayer_fresh import _distinct  # noqa: E402
+from twolayer_fresh import keep as _keep  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh3"  # results: OUT / FOLDER / <task>.json
@@ -67,7 +68,6 @@ ICON_CLASSES = ("actions", "mimetypes", "status")
 SKY = ROOT / "usr/share/games/endless-sky"
 KINDS = {"engines": ("Engines",), "power": ("Power",),
          "weapons": ("Guns", "Turrets", "Secondary Weapons")}  # fmt: skip
-MIN_SIDE = 24  # px, the visible part's longer side
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,18 +83,6 @@ def fetch() -> None:
 
 def _need(path: Path) -> Path:
     return tf._need(path, "twolayer_fresh3.py", COMMAND)
-
-
-def _visible(path: Path) -> int:
-    """The longer side (px) of a picture's visible (alpha > 0) part."""
-    from PIL import Image
-
-    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
-    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
-
-
-def _keep(path: Path) -> bool:
-    return not path.is_symlink() and _visible(path) >= MIN_SIDE
 
 
 def unit_pools() -> list[list[Path]]:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
 from twolayer_fresh import _distinct  # noqa: E402
+from twolayer_fresh import keep as _keep  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh4"  # results: OUT / FOLDER / <task>.json
@@ -63,7 +64,6 @@ PAPER = ROOT / "usr/share/icons/Paper/48x48"
 PAPER_CLASSES = ("apps", "mimetypes", "places", "status")
 ORION = ROOT / "usr/share/games/freeorion/default/data/art/icons"
 ORION_CLASSES = ("ship_parts", "building", "ship_hulls", "monsters")
-MIN_SIDE = 24  # px, the visible part's longer side
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,18 +78,6 @@ def fetch() -> None:
 
 def _need(path: Path) -> Path:
     return tf._need(path, "twolayer_fresh4.py", COMMAND)
-
-
-def _visible(path: Path) -> int:
-    """The longer side (px) of a picture's visible (alpha > 0) part."""
-    from PIL import Image
-
-    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
-    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
-
-
-def _keep(path: Path) -> bool:
-    return not path.is_symlink() and _visible(path) >= MIN_SIDE
 
 
 def sprite_pools() -> list[list[Path]]:

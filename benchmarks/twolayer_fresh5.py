@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
 from twolayer_fresh import _distinct  # noqa: E402
+from twolayer_fresh import keep as _keep  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh5"  # results: OUT / FOLDER / <task>.json
@@ -62,7 +63,6 @@ FAENZA = ROOT / "usr/share/icons/Faenza"
 FAENZA_CLASSES = ("actions", "apps", "devices", "mimetypes", "status")
 ART = ROOT / "usr/share/games/pysiogame/res/images/art4apps"
 ART_CLASSES = ("animals", "clothes_n_accessories", "food", "jobs")
-MIN_SIDE = 24  # px, the visible part's longer side
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,18 +77,6 @@ def fetch() -> None:
 
 def _need(path: Path) -> Path:
     return tf._need(path, "twolayer_fresh5.py", COMMAND)
-
-
-def _visible(path: Path) -> int:
-    """The longer side (px) of a picture's visible (alpha > 0) part."""
-    from PIL import Image
-
-    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
-    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
-
-
-def _keep(path: Path) -> bool:
-    return not path.is_symlink() and _visible(path) >= MIN_SIDE
 
 
 def costume_pools() -> list[list[Path]]:

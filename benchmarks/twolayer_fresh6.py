@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
 from twolayer_fresh import _distinct  # noqa: E402
+from twolayer_fresh import keep as _keep  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh6"  # results: OUT / FOLDER / <task>.json
@@ -65,7 +66,6 @@ ELEMENTARY = ROOT / "usr/share/icons/elementary-xfce"
 ELEMENTARY_CLASSES = ("actions", "apps", "categories", "devices", "mimes")
 UKUI = ROOT / "usr/share/icons/ukui-classical/48x48"
 UKUI_CLASSES = ("apps", "devices", "mimetypes", "places")
-MIN_SIDE = 24  # px, the visible part's longer side
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,18 +107,6 @@ def _extract_furniture() -> None:
 
 def _need(path: Path) -> Path:
     return tf._need(path, "twolayer_fresh6.py", COMMAND)
-
-
-def _visible(path: Path) -> int:
-    """The longer side (px) of a picture's visible (alpha > 0) part."""
-    from PIL import Image
-
-    box = Image.open(path).convert("RGBA").getchannel("A").getbbox()
-    return 0 if box is None else max(box[2] - box[0], box[3] - box[1])
-
-
-def _keep(path: Path) -> bool:
-    return not path.is_symlink() and _visible(path) >= MIN_SIDE
 
 
 def _pools(root: Path, classes: tuple[str, ...], sub: str = "") -> Callable:
