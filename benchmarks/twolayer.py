@@ -378,9 +378,11 @@ def _take(x: dict, n: int) -> dict:
 
 def _q(variant: str, c: int, d: int) -> int | None:
     """The directions of z kept exact: "2C", "D" (all of z), "default" (None: the
-    library's own, 2C per position of a map-shaped z) or a number."""
+    library's own, 2C per position of a map-shaped z), "<k>C" (k C) or a number."""
     if variant == "default":
         return None
+    if variant.endswith("C") and variant[:-1].isdigit():
+        return min(d, int(variant[:-1]) * c)
     return {"2C": 2 * c, "D": d}.get(variant) or int(variant)
 
 
@@ -448,9 +450,21 @@ def main() -> None:
                     help="the sixth fresh round (twolayer_fresh6.py; PLAN-fresh6.md), once")
     ap.add_argument("--fresh7", action="store_true",
                     help="the seventh fresh round, 64 px (twolayer_fresh7.py; PLAN-fresh7.md), "
-                         "the library's default q, once")
+                         "q = 8C (the library's default then), once")
     ap.add_argument("--fresh7-q2C", action="store_true",
                     help="the seventh fresh round with q = 2C (PLAN-fresh7.md), once")
+    ap.add_argument("--fresh8", action="store_true",
+                    help="the eighth fresh round, 64 px (twolayer_fresh8.py; PLAN-fresh8.md), "
+                         "once")
+    ap.add_argument("--fresh8-q8C", action="store_true",
+                    help="the eighth fresh round with q = 8C, the default before (PLAN-fresh8.md), "
+                         "once")
+    ap.add_argument("--head-exact", metavar="ROUND", choices=sorted(ROUNDS),
+                    help="the command line's default forecast (head exact) of a fresh "
+                         "round's cells, for the comparison its plan names")
+    ap.add_argument("--dev64", choices=DEV64_VARIANTS, action="append",
+                    help="the 64-px development tasks (twolayer_dev64.py) at this q "
+                         "(repeatable)")
     ap.add_argument("--text-holdout", action="store_true",
                     help="the held-out text tasks (PLAN-text.md; FFN-exact split), once")
     ap.add_argument("--choose-drift", action="store_true",
@@ -475,8 +489,16 @@ def main() -> None:
     if args.fresh:
         run_fresh(args.task or list(fresh_tasks()))
         return
+    if args.head_exact:
+        head_exact_round(args.head_exact,
+                         args.task or list(round_tasks(args.head_exact)))
+        return
+    if args.dev64:
+        for v in args.dev64:
+            run_round(f"dev64_q{v}", args.task or list(round_tasks(f"dev64_q{v}")))
+        return
     for which in ROUNDS:
-        if getattr(args, which):
+        if getattr(args, which, False):
             run_round(which, args.task or list(round_tasks(which)))
             return
     if args.text_holdout:
@@ -705,6 +727,7 @@ def report() -> list[str]:
     lines += drift_lines()
     lines += band_lines()
     lines += check_lines()
+    lines += dev64_lines()
     lines += holdout_lines()
     lines += check_scored_lines("holdout")
     lines += check_scored_lines("fresh")
@@ -748,7 +771,8 @@ def _task_set(which: str) -> tuple[Path, dict]:
         return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
     if which in ROUNDS:
         return (ROUND_GRIDS.get(which, ROUNDS[which][1]),
-                {k: (v, None) for k, v in round_tasks(which).items()})
+                {k: (v, "hb_loss" if all("hb_loss" in c for c in v.values() if "lr" in c)
+                     else None) for k, v in round_tasks(which).items()})  # fmt: skip
     if which == "text-holdout":
         return TEXT_HOLDOUT_OUT, {k: (v, "hb_loss") for k, v in text_holdout_tasks().items()}
     raise ValueError(which)
@@ -947,14 +971,27 @@ FRESH4_OUT = OUT / "fresh4"  # results/twolayer/PLAN-fresh4.md
 FRESH5_OUT = OUT / "fresh5"  # results/twolayer/PLAN-fresh5.md
 FRESH6_OUT = OUT / "fresh6"  # results/twolayer/PLAN-fresh6.md
 FRESH7_OUT = OUT / "fresh7"  # results/twolayer/PLAN-fresh7.md (64 px: z a 2 x 2 map)
+FRESH8_OUT = OUT / "fresh8"  # results/twolayer/PLAN-fresh8.md (64 px)
 ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3", FRESH3_OUT),
           "fresh4": ("twolayer_fresh4", FRESH4_OUT), "fresh5": ("twolayer_fresh5", FRESH5_OUT),
           "fresh6": ("twolayer_fresh6", FRESH6_OUT), "fresh7": ("twolayer_fresh7", FRESH7_OUT),
-          "fresh7_q2C": ("twolayer_fresh7", FRESH7_OUT)}
+          "fresh7_q2C": ("twolayer_fresh7", FRESH7_OUT), "fresh8": ("twolayer_fresh8", FRESH8_OUT),
+          "fresh8_q8C": ("twolayer_fresh8", FRESH8_OUT)}
 # A round's q (``_q``; "2C" where not named) and the folder of its grids where it is not the
 # real runs' (PLAN-fresh7.md: the library's default q, and q = 2C beside it, reported)
-ROUND_Q = {"fresh7": "default"}
-ROUND_GRIDS = {"fresh7_q2C": FRESH7_OUT / "q2C"}
+# (fresh7: the library's default of its plan, 2C per position = 8C; fresh8: the default
+# since, 2C P² = 32C at 64 px)
+ROUND_Q = {"fresh7": "8C", "fresh8": "default", "fresh8_q8C": "8C"}
+ROUND_GRIDS = {"fresh7_q2C": FRESH7_OUT / "q2C", "fresh8_q8C": FRESH8_OUT / "q8C"}
+# Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
+# 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
+# ``dev64/q<variant>``; q chosen here, never on fresh7.
+DEV64_OUT = OUT / "dev64"
+DEV64_VARIANTS = ("8C", "16C", "32C")  # at 64 px z = [320, 2, 2]: 8C = 2C per position
+for _v in DEV64_VARIANTS:
+    ROUNDS[f"dev64_q{_v}"] = ("twolayer_dev64", DEV64_OUT)
+    ROUND_Q[f"dev64_q{_v}"] = _v
+    ROUND_GRIDS[f"dev64_q{_v}"] = DEV64_OUT / f"q{_v}"
 
 
 def round_tasks(which: str) -> dict:
@@ -966,8 +1003,54 @@ def round_tasks(which: str) -> dict:
     module, folder = ROUNDS[which]
     mod = importlib.import_module(module)
     ho.TASKS.update(mod.TASKS)
-    return {name: json.loads((folder / f"{name}.json").read_text())["cells"]
-            for name in mod.TASKS if (folder / f"{name}.json").exists()}  # fmt: skip
+    out = {name: json.loads((folder / f"{name}.json").read_text())["cells"]
+           for name in mod.TASKS if (folder / f"{name}.json").exists()}  # fmt: skip
+    for name, cells in out.items():  # the head-exact forecasts, where made (head_exact_round)
+        hb = folder / f"{name}-hb.json"
+        for key, g in (json.loads(hb.read_text())["cells"] if hb.exists() else {}).items():
+            cells[key]["hb_loss"] = g["hb_loss"]
+    return out
+
+
+def head_exact_round(which: str, names: list[str]) -> None:
+    """The command line's default forecast (head exact, body linear: ``tl.forecast`` of
+    ``compute_head_body_kernel``, the task's projection) of every stored cell of a round, as
+    ``holdout.py``'s ``hb_loss`` (the real run's batch seed ``holdout.SEED``, the rounds'
+    horizon): ``<folder>/<task>-hb.json``, resumable per cell."""
+    from tangentlab.headbody import compute_head_body_kernel
+
+    cells = round_tasks(which)
+    folder = ROUNDS[which][1]
+    for name in names:
+        path = folder / f"{name}-hb.json"
+        state = json.loads(path.read_text()) if path.exists() else dict(task=name, cells={})
+        todo = [k for k, c in cells[name].items() if "lr" in c and k not in state["cells"]]
+        if not todo:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            task = ho.load_task(name)
+        t0 = time.perf_counter()
+        hb = compute_head_body_kernel(task["top"], (task["x"], task["y"]),
+                                      params=task["params"],
+                                      projection=ho.TASKS[name]["projection"], progress=False)
+        hb.problem()
+        state.update(kernel_seconds=time.perf_counter() - t0, machine=machine(),
+                     threads=torch.get_num_threads())  # fmt: skip
+        for key in todo:
+            c = cells[name][key]
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fc = tl.forecast(hb, tl.SGD(c["lr"], momentum=c["momentum"]), c["fc_steps"],
+                                 loss=c["loss"], batch_size=c["batch_size"], seed=ho.SEED)
+            curve = ho._curve(fc.loss)
+            if abs(curve[0] - c["run_loss"][0]) > 1e-3 * abs(c["run_loss"][0]):
+                raise SystemExit(f"{name}/{key}: the forecast's initial loss differs from the "
+                                 "run's")
+            state["cells"][key] = dict(hb_loss=curve, seconds=time.perf_counter() - t0)
+            path.write_text(json.dumps(state))
+            print(name, key, "head exact", f"{state['cells'][key]['seconds']:.1f}s", flush=True)
 
 
 def run_round(which: str, names: list[str]) -> None:
@@ -1504,6 +1587,64 @@ def check_scored_lines(which: str) -> list[str]:
             if sub:
                 lines.append(line(f"{name}: {loss} | all | all", sub))
     lines.append(line("**all** | **all** | **all**", rows))
+    return lines
+
+
+def dev64_lines() -> list[str]:
+    """The 64-px development tasks (``twolayer_dev64.py``) at each q that ran: the
+    estimate's errors, bias, check and interval, and the forecast's seconds."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    runs = {v: check_rows(f"dev64_q{v}") for v in DEV64_VARIANTS
+            if list((DEV64_OUT / f"q{v}").glob("*-grid.json"))}  # fmt: skip
+    if not runs:
+        return []
+    tasks = sorted({r["task"] for rows in runs.values() for r in rows})
+    lines = ["", "**Development at 64 px** (`.venv/bin/python benchmarks/twolayer_dev64.py "
+             f"--real`, then `{COMMAND} --dev64 VARIANT`; {', '.join(tasks)}: three image "
+             "development tasks made again at 64 px, z = [320, 2, 2]; the whole grid; "
+             "development data, nothing held out). The library's estimate T̃ at each q "
+             "(8C: 2C per position of z, the default before; 32C: 2C P², the default since), "
+             "and the command line's default forecast (head exact, body linear: "
+             "``--head-exact dev64_q8C``, uncalibrated) on the same targets; entries "
+             "median / p90 of |T̃ − T|/T "
+             "(targets, misses); *T̃/T*: median ratio (in brackets the path's T̂/T, without "
+             "the drift of long runs), and the share of targets where the "
+             "estimate is slow (T̃ > T); interval: share of targets inside the library's "
+             "steps interval; seconds: the forecasts' simulation summed over the grid, and "
+             "the kernels', one thread.", "",
+             "| q | tasks | MSE 50% | MSE 80% | CE 50% | CE 80% | all | T̃/T | slow | flagged "
+             "| interval | interval, passed | seconds (kernel) |", "|" + "---|" * 13]
+    groups = (("mse", "0.5"), ("mse", "0.8"), ("ce", "0.5"), ("ce", "0.8"))
+    for v, rows in runs.items():
+        states = [json.loads(p.read_text())
+                  for p in sorted((DEV64_OUT / f"q{v}").glob("*-grid.json"))]  # fmt: skip
+        ratios = [r["et"] / r["T"] for r in rows if r["et"] is not None]
+        path = [r["et_path"] / r["T"] for r in rows if r["et_path"] is not None]
+        passed = [r for r in rows if r["R"] <= REBOUND_MAX]
+        cols = [_fmt(dh._errors([r for r in rows if (r["loss"], r["drop"]) == g], "et"))
+                for g in groups]  # fmt: skip
+        secs = sum(c.get("seconds", 0.0) for st in states for c in st["cells"].values())
+        ks = sum(st["kernel_seconds"] for st in states)
+        qs = "/".join(str(st["q"]) for st in states)
+        lines.append(f"| {v} ({qs}) | {len(states)} | " + " | ".join(cols)
+                     + f" | {_fmt(dh._errors(rows, 'et'))} | {np.median(ratios):.2f} "
+                     f"({np.median(path):.2f}) | "
+                     f"{np.mean([x > 1 for x in ratios]):.0%} | "
+                     f"{sum(r['R'] > REBOUND_MAX for r in rows)} | "
+                     f"{np.mean([_inside(r) for r in rows]):.0%} | "
+                     f"{np.mean([_inside(r) for r in passed]) if passed else 0:.0%} | "
+                     f"{secs:.0f} ({ks:.0f}) |")
+    rows = next(iter(runs.values()))
+    if any(r["hb"] is not None for r in rows):  # the head-exact forecasts were made
+        cols = [_fmt(dh._errors([r for r in rows if (r["loss"], r["drop"]) == g], "hb"))
+                for g in groups]  # fmt: skip
+        ratios = [r["hb"] / r["T"] for r in rows if r["hb"] is not None]
+        lines.append("| head exact (CLI default) | " + f"{len({r['task'] for r in rows})} | "
+                     + " | ".join(cols) + f" | {_fmt(dh._errors(rows, 'hb'))} | "
+                     f"{np.median(ratios):.2f} | {np.mean([x > 1 for x in ratios]):.0%} | "
+                     "- | - | - | - |")
     return lines
 
 

@@ -628,14 +628,20 @@ def test_split_model_says_how_to_split_an_unknown_model_and_mismatch_is_measured
     assert all(m.training for m in net.modules())  # every module's own mode restored
 
 
-def test_default_subspace_is_2c_per_position_of_a_map():
-    """z [channels, h, w] (a conv map): q = 2C h w by default (2C for a vector z, above)."""
+def test_default_subspace_is_2c_p_squared_for_a_map():
+    """z [channels, h, w] (a conv map of P = h w positions): q = 2C P² by default, at most D
+    (2C for a vector z, above)."""
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh()).double().eval()
-    top = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))
+    body = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.Tanh()).double().eval()
+    top = nn.Sequential(nn.Conv2d(24, 4, 1), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))
     top = top.double().eval()
-    x = torch.randn(20, 1, 2, 2, dtype=torch.float64)
-    etk = compute_exact_top_kernel(body, top, (x, torch.arange(20) % 2), progress=False)
-    assert etk.shape == (8, 2, 2) and etk.rank == 2 * 2 * 4
-    assert compute_exact_top_kernel(body, top, (x, torch.arange(20) % 2), directions=3,
+    x = torch.randn(40, 1, 2, 2, dtype=torch.float64)  # N >= q/2: z0's 32 principal directions
+    etk = compute_exact_top_kernel(body, top, (x, torch.arange(40) % 2), progress=False)
+    assert etk.shape == (24, 2, 2) and etk.rank == 2 * 2 * 4 * 4 and etk.rest is not None
+    small = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh()).double().eval()
+    top8 = nn.Sequential(nn.Conv2d(8, 4, 1), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))
+    etk = compute_exact_top_kernel(small, top8.double().eval(), (x, torch.arange(40) % 2),
+                                   progress=False)  # fmt: skip
+    assert etk.rank == 8 * 4 and etk.rest is None  # 2C P² = 64 > D = 32: all of z
+    assert compute_exact_top_kernel(body, top, (x, torch.arange(40) % 2), directions=3,
                                     progress=False).rank == 3  # fmt: skip

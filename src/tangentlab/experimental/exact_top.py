@@ -28,16 +28,20 @@ exactly in the variables (θ, Δz_1..Δz_N): with γ_j = ∂ℓ_b/∂z_j and K(i
 - isotropic outside it: κ_⊥(i, j) from ``probes`` random directions (as
   ``headbody._rest_kernel``), K(i, j) γ ≈ Q M(i, j) Qᵀ γ + κ_⊥(i, j) (I − QQᵀ) γ.
 
-Q (``directions`` = q, default 2C per position of z: 2C for a vector, 2C h w for a map
-``[channels, h, w]``): the top ⌈q/2⌉ right singular vectors of the stacked
+Q (``directions`` = q, default 2C P² for z a map ``[channels, h, w]`` of P = h w
+positions, 2C for a vector; at most D): the top ⌈q/2⌉ right singular vectors of the stacked
 gradient rows ∂f_i/∂z_i at w0 (where the loss gradients γ lie at the start) and the top
 ⌊q/2⌋ principal directions of z0 orthogonal to them (θ's first layer moves by outer
 products with the z_j, as W does with φ_j in the head-exact model). ``"all"``: Q = I (no
 κ_⊥; exact up to the projection). Every choice of the development and held-out rounds had
-one position (z of 320 numbers at 32 px, MiniLM's [CLS] state), where the default is 2C; on
-the default example at 64 px (z = [320, 2, 2]) 2C = 20 directions left the forecast 25%
-slow, and 2C per position (80) came within 4% of the real run (benchmarks/RESULTS.md
-"exact-top-directions", development only). With ``directions="all"`` and no projection the
+one position (z of 320 numbers at 32 px, MiniLM's [CLS] state), where the default is 2C.
+At 64 px (z = [320, 2, 2], P = 4) fewer directions leave the forecast slow: on three
+development tasks made at 64 px (benchmarks/RESULTS.md "twolayer", ``twolayer.py
+--dev64``) 2C per position (8C) was 9% slow along its path and its interval held 56% of
+the MSE full-batch targets; 2C P² (32C) was 3% slow and held 94% (all targets: 95%, against
+84%), at 2.3x the simulation's and 5x the kernel's seconds. A reading, not a proof: the
+gradient directions at each of P positions, carried by the body's kernel to every
+position, span up to P times 2C P directions. With ``directions="all"`` and no projection the
 simulation equals a weight-space simulation of the same model (tests/test_exact_top.py),
 and for a body linear in its weights and isotropic in z (z = A x) it equals real training
 for any Q.
@@ -468,7 +472,8 @@ def compute_exact_top_kernel(
       params: the body's trained weights (as :func:`tangentlab.compute_kernel`'s
         ``params``; default: those with ``requires_grad``).
       top_params: the top's trained weights (default: those with ``requires_grad``).
-      directions: q, the directions of z kept exact (default 2C per position of z; "all": D).
+      directions: q, the directions of z kept exact (default 2C P² for z a map of P
+        positions, 2C for a vector; "all": D).
       probes: random directions estimating κ_⊥ (0: the body does not move outside Q).
       projection: ``None`` (exact M) or k (projected, as :func:`tangentlab.compute_kernel`).
       seed: seed of the projection and the probes.
@@ -1100,10 +1105,11 @@ def _logits(top: nn.Module, z0: torch.Tensor, shape: tuple[int, ...], fn: str) -
 
 
 def _directions(directions: Any, c: int, d: int, fn: str, shape: tuple[int, ...] = ()) -> int:
-    """q: ``directions``, or the default 2C per position of z's map (NOTE [exact top, block
-    linear]): 2C h w for z of ``shape`` [channels, h, w], else 2C."""
+    """q: ``directions``, or the default (NOTE [exact top, block linear]): 2C P² for z of
+    ``shape`` [channels, h, w] (P = h w positions), else 2C; at most D."""
     if directions is None:
-        return min(2 * c * (shape[1] * shape[2] if len(shape) == 3 else 1), d)
+        p = shape[1] * shape[2] if len(shape) == 3 else 1
+        return min(2 * c * p * p, d)
     if directions == "all":
         return d
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
