@@ -8,8 +8,8 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    reference, ``_apply_einsum``); the two agree to float32 rounding. Full batch and a
    minibatch of 32 rows.
 2. The default example's forecast as ``tangentlab forecast --example fashion-lite0
-   --linearize top`` runs it (N = 500, 64 px, k = 4096, q = 2C per position of z's
-   2 x 2 map = 80): seconds of the kernel, of the default learning rate
+   --linearize top`` runs it (N = 500, 64 px, k = 4096, q = 2C P² for z's 2 x 2 map =
+   320; 80 before, 2C per position): seconds of the kernel, of the default learning rate
    (``exact_top.stable_lr``: Lanczos) and of 300 steps, against the head-exact default's
    kernel and forecast on the same model and data.
 3. The sharpness S of the exact-top model (``exact_top.sharpness``) against λ_max/N of
@@ -19,8 +19,9 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
 
 4. ``--part directions`` (development: the default example): the real run of the default
    example's first 40 steps (``tl.finetune``, the command's rate) against the exact-top
-   forecast with q = 20 (2C, the default before), 64, 80 (2C per position of the 2 x 2 map
-   of z, the default since) and 128 directions of z kept exact, k = 4096, 4 probes.
+   forecast with q = 20 (2C, the first default), 64, 80 (2C per position of the 2 x 2 map
+   of z, the default after it) and 128 directions of z kept exact, k = 4096, 4 probes
+   (the default is now 2C P² = 320, chosen on ``twolayer.py --dev64``).
 
     .venv/bin/python benchmarks/exact_top_speed.py [--part directions]
 
@@ -156,7 +157,7 @@ def main() -> None:
         "",
         f"The block product Σ_j K(i, j) γ_j of the exact-top model, projected block Φ "
         f"[N q, k] = [{N * etk.rank}, {etk.features.shape[1]}] (fashion-lite0, N = {N}, "
-        f"64 px, q = {etk.rank}: 2C per position of z's 2 x 2 map), milliseconds (median of "
+        f"64 px, q = {etk.rank}: the default 2C P² of z's 2 x 2 map), milliseconds (median of "
         f"{REPEATS} interleaved repeats); *error*: max |new − einsum| / max |einsum|.",
         "",
         "| batch | einsum (before) | two matrix-vector products (now) | speed-up | error |",

@@ -204,5 +204,5 @@ def test_forecast_top_on_the_image_example(tmp_path):
     js = strict_json(out / "forecast.json")
     d = js["forecasts"][0]["drops"]["0.8"]
     assert d["steps"] is not None and d["interval"][0] <= d["estimate"] <= d["interval"][1]
-    assert js["kernel"]["directions"] == 80 and js["info"]["num_samples"] == 32  # 2C x 2 x 2
+    assert js["kernel"]["directions"] == 320 and js["info"]["num_samples"] == 32  # 2C x (2 x 2)²
     assert math.isfinite(js["forecasts"][0]["loss"][-1])
