@@ -136,6 +136,20 @@ def keep(path: Path) -> bool:
     return not path.is_symlink() and visible(path) >= MIN_SIDE
 
 
+def folder_pools(root: Path, classes: tuple[str, ...], need: Callable[[Path], Path]
+                 ) -> Callable[[], list[list[Path]]]:
+    """A round's pools where each class is a folder: per class, the distinct pictures kept
+    (``keep``) of the PNGs in ``root / <class>``, each picture in one class only; ``need``
+    returns ``root`` or stops with the command that fetches it."""
+
+    def pools() -> list[list[Path]]:
+        seen: set = set()
+        return [_distinct([p for p in (need(root) / c).glob("*.png") if keep(p)], seen)
+                for c in classes]  # fmt: skip
+
+    return pools
+
+
 def _place(img, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
     """An RGBA picture (PIL) cropped to its visible part, scaled to a random 36-60 px longer
     side, composited on white at a random offset of a 64-px canvas: [64, 64, 3] 0..255."""

@@ -46,14 +46,11 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
-from twolayer_fresh import _distinct  # noqa: E402
-from twolayer_fresh import keep as _keep  # noqa: E402
 
 OUT = tf.OUT
 FOLDER = "fresh7"  # results: OUT / FOLDER / <task>.json
@@ -132,21 +129,9 @@ def _need(path: Path) -> Path:
     return tf._need(path, "twolayer_fresh7.py", COMMAND)
 
 
-def _pools(root: Path, classes: tuple[str, ...]) -> Callable:
-    """The pools of a task: per class, the distinct pictures kept (``_keep``) of the PNGs in
-    ``root / <class>``, each picture in one class only."""
-
-    def pools() -> list[list[Path]]:
-        seen: set = set()
-        return [_distinct([p for p in (_need(root) / c).glob("*.png") if _keep(p)], seen)
-                for c in classes]  # fmt: skip
-
-    return pools
-
-
-building_pools = _pools(BUILDINGS, TRIBES)
-gnome_pools = _pools(GNOME, GNOME_CLASSES)
-moka_pools = _pools(MOKA, MOKA_CLASSES)
+building_pools = tf.folder_pools(BUILDINGS, TRIBES, _need)
+gnome_pools = tf.folder_pools(GNOME, GNOME_CLASSES, _need)
+moka_pools = tf.folder_pools(MOKA, MOKA_CLASSES, _need)
 
 
 TASKS = {

@@ -43,7 +43,6 @@ run to a 90% drop or 1,500 steps, no forecast; ``twolayer_fresh.real_task``). Re
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,16 +94,7 @@ def item_pools() -> list[list[Path]]:
             _distinct([p for p in every if not p.is_relative_to(weapons)], seen)]
 
 
-def _folder_pools(root: Path, classes: tuple[str, ...]) -> Callable:
-    def pools() -> list[list[Path]]:
-        seen: set = set()
-        return [_distinct([p for p in (_need(root) / c).glob("*.png") if _keep(p)], seen)
-                for c in classes]  # fmt: skip
-
-    return pools
-
-
-tango_pools = _folder_pools(TANGO, TANGO_CLASSES)
+tango_pools = tf.folder_pools(TANGO, TANGO_CLASSES, _need)
 
 
 TASKS = {
