@@ -23,9 +23,15 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    of z, the default after it) and 128 directions of z kept exact, k = 4096, 4 probes
    (the default is now 2C P² = 320, chosen on ``twolayer.py --dev64``).
 
-    .venv/bin/python benchmarks/exact_top_speed.py [--part directions]
+5. ``--part plan``: the exact-top kernel (default example, N = 100) with its read-outs'
+   chunks planned one output at a time (the plan now) against the plan before, which
+   counted every sample's [C, P] Jacobian and (C + 2) x 2 activations: chunks of 3 samples
+   at q = 200-320 (NOTE [memory model]).
 
-Results: sections "exact-top-speed" and "exact-top-directions" of RESULTS.md.
+    .venv/bin/python benchmarks/exact_top_speed.py [--part directions|plan]
+
+Results: sections "exact-top-speed", "exact-top-directions" and "exact-top-plan" of
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -151,6 +157,13 @@ def main() -> None:
     t0 = time.perf_counter()
     hfc = tl.forecast(hb, tl.SGD(hb_lr), STEPS)
     hb_fc_s = time.perf_counter() - t0
+    # the real run's price on this machine, in the same process: 3 timed full-batch steps of
+    # the whole network (tl.finetune, the command's rate), as holdout.py's plain runs
+    real = tl.finetune(load_example("fashion-lite0", num_samples=N).model.eval(), ex.data,
+                       tl.SGD(lr), 3, params=LITE0_DEFAULT_PARAMS, log_every=3,
+                       progress=False)  # fmt: skip
+    step_s = real.train_seconds / 3
+    total = kernel_s + sharp_s + fc_s
     drop = 0.8
     text = [
         f"Command: `{COMMAND}`. Machine: {machine()}.",
@@ -179,6 +192,14 @@ def main() -> None:
         f"lr = {hb_lr:.4g}) | {hb_fc_s:.1f} | {hb_kernel_s + hb_fc_s:.1f} | "
         f"{hfc.steps_to((1 - drop) * float(hfc.loss[0]))} "
         f"({hfc.steps_interval((1 - drop) * float(hfc.loss[0]))}) |",
+        "",
+        f"The real run, timed in the same process (3 full-batch steps of the whole network, "
+        f"`tl.finetune`): {step_s:.2f} s a step, so {STEPS} steps take about "
+        f"{STEPS * step_s:.0f} s. The exact-top forecast (kernel, rate, {STEPS} steps) costs "
+        f"**{total / (STEPS * step_s):.0%}** of that run; once its kernel is computed, each "
+        f"further setting of a sweep costs its simulation: {fc_s / (STEPS * step_s):.1%} of a "
+        f"{STEPS}-step run. The head-exact default costs "
+        f"{(hb_kernel_s + hb_fc_s) / (STEPS * step_s):.1%}.",
         "",
         "The two curvatures are of the same network's trained weights at w0 "
         f"and agree to {abs(s / lam - 1):.1%}. The exact top's forecast simulates the top "
@@ -252,10 +273,74 @@ def directions(qs: tuple[int, ...] = (20, 64, 80, 128), steps: int = 40) -> None
     print("\n".join(text))
 
 
+def plan_part(n: int = 100, repeats: int = 2) -> None:
+    """Part 5: the read-out kernel's chunks planned one output at a time (``by_output``,
+    NOTE [memory model]) against the plan before, which counted (C + 2) x 2 activations per
+    sample; interleaved repeats in one process, the same features."""
+    import tangentlab.compute as tc
+    from tangentlab.tangent import Tangent
+
+    warnings.simplefilter("ignore")
+    ex = load_example("fashion-lite0", num_samples=n)
+    body, top, _ = split_model(ex.model.eval())
+    real_by, real_plan = Tangent.by_output, tc.plan
+    chunks: dict[bool, set] = {True: set(), False: set()}
+
+    def kernel(by_output: bool) -> tuple[float, et.ExactTopKernel]:
+        def planned(**kw):
+            mp = real_plan(**kw)
+            if kw["c"] > 4:  # the read-outs (q outputs), not the rest kernel's 4 probes
+                chunks[by_output].add(mp.chunk)
+            return mp
+
+        Tangent.by_output = real_by if by_output else (lambda self, x: False)
+        tc.plan = planned
+        try:
+            t0 = time.perf_counter()
+            etk = et.compute_exact_top_kernel(body, top, ex.data, params=LITE0_DEFAULT_PARAMS,
+                                              top_params=LITE0_DEFAULT_PARAMS, projection=4096,
+                                              progress=False)  # fmt: skip
+            return time.perf_counter() - t0, etk
+        finally:
+            Tangent.by_output, tc.plan = real_by, real_plan
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    feats = {}
+    for _ in range(repeats):
+        for by in (False, True):
+            sec, etk = kernel(by)
+            times[by].append(sec)
+            feats[by] = etk.features if etk.features is not None else etk.block
+    old, new = statistics.median(times[False]), statistics.median(times[True])
+    err = float((feats[True] - feats[False]).abs().max() / feats[False].abs().max())
+    text = [
+        f"Command: `{COMMAND} --part plan`. Machine: {machine()}.",
+        "",
+        f"The exact-top kernel of the default example at N = {n} (64 px, the default q, "
+        f"k = 4096), seconds (median of {repeats} interleaved repeats), with the read-outs' "
+        "chunks planned as before (every sample's Jacobian [C, P] and (C + 2) x 2 "
+        "activations) and one output at a time (`by_output`, NOTE [memory model] in "
+        "memory.py: structured_projected back-propagates the q outputs one after the other "
+        "through one graph); *error*: max |Δ features| / max |features|.",
+        "",
+        "| plan | chunk (samples) | kernel s |",
+        "|---|---|---|",
+        f"| before: [b, C, P] Jacobians | {sorted(chunks[False])} | {old:.1f} |",
+        f"| one output at a time (now) | {sorted(chunks[True])} | {new:.1f} |",
+        "",
+        f"Speed-up **{old / new:.1f}x**, the same features (error {err:.1e}).",
+    ]
+    write_section("exact-top-plan", "\n".join(text))
+    print("\n".join(text))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["speed", "directions"], default="speed")
-    if ap.parse_args().part == "directions":
+    ap.add_argument("--part", choices=["speed", "directions", "plan"], default="speed")
+    part = ap.parse_args().part
+    if part == "directions":
         directions()
+    elif part == "plan":
+        plan_part()
     else:
         main()

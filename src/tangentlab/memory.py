@@ -12,6 +12,20 @@ NOTE [memory model]. Bytes held while computing one chunk of b samples:
 
 with ``item`` the dtype size and ``A`` the activation elements of one forward pass (doubled
 because hooks only see module outputs, not the intermediates inside functional ops).
+
+One output at a time (``by_output=True``: the structured tensor-sketch path,
+tangentlab.structured.structured_projected, which back-propagates the C outputs one after
+the other through one retained graph and never forms [b, C, P]):
+
+    b * item * (6 P + 3 A + C k)              one output's held per-sample gradients and
+                                              spectra with their temporaries (P:
+                                              Tangent.materialized_params), the graph and
+                                              one output's gradients, the chunk's
+                                              projected rows [b, C, k]
+    + fixed
+
+and a chunk is capped where one output's pass moves ~512 MiB (b item (P + A)), not where
+[b, C, P] would: the per-output passes are what a chunk amortizes (exact_top_speed.py).
 For a trace kernel (``trace=True``) C is the number of probed outputs S (the Jacobians are
 ``[b, S, P]``), Theta is ``K`` ``[N, N]`` instead of ``[NC, NC]`` and Phi is ``[N, S k]``.
 """
@@ -143,17 +157,24 @@ def plan(
     keep_theta: bool | None = None,
     trace: bool = False,
     dense_piece_entries: int = 1 << 24,
+    by_output: bool = False,
 ) -> MemoryPlan:
     """Plan chunk sizes for N samples, C outputs, P weights (and projection k); see NOTE.
 
     ``trace=True``: a trace kernel (``c`` = probes S; the kernel is ``[N, N]``, NOTE
     [trace kernel] in tangentlab.compute). ``dense_piece_entries``: the largest piece of R
     a dense projection forms at once (0 for the sparse and tensor sketches, which never do).
+    ``by_output=True``: the Jacobian rows are formed one output at a time (projected
+    kernels only; NOTE [memory model]).
     Raises MemoryBudgetError when even one sample at a time does not fit, naming the size.
     """
     nc = n * c
     rows = n if trace else nc  # rows of the kernel matrix
-    per_sample = itemsize * (3 * c * p + (c + 2) * 2 * act)
+    by_output = by_output and k is not None
+    if by_output:
+        per_sample = itemsize * (6 * p + 3 * act + c * k)
+    else:
+        per_sample = itemsize * (3 * c * p + (c + 2) * 2 * act)
     theta_bytes = rows * rows * itemsize
     if k is not None:
         phi = nc * k * itemsize
@@ -190,7 +211,9 @@ def plan(
     # Chunks whose Jacobians exceed ~512 MiB are slower, not faster: the work is bound by
     # memory traffic, and fresh multi-GiB buffers cost page faults (measured on
     # EfficientNet-Lite0: 8 samples/chunk 21 samples/s, 32 samples/chunk 14 samples/s).
-    chunk = min(chunk, max(1, _CHUNK_JACOBIAN_BYTES // (itemsize * c * p)))
+    # One output at a time, a pass over a chunk moves its held gradients and activations.
+    moved = itemsize * ((p + act) if by_output else c * p)
+    chunk = min(chunk, max(1, _CHUNK_JACOBIAN_BYTES // moved))
     if batch_size is not None:
         if batch_size * per_sample > room:
             raise MemoryBudgetError(

@@ -684,16 +684,10 @@ class Tangent:
         only the weights outside factorized linear/conv layers (biases, norms, grouped
         convolutions) are materialized. ``x``: one sample, to trace the model.
         """
-        modes = (JacobianMode.AUTO, JacobianMode.STRUCTURED, JacobianMode.GRAM)
-        if not self._fast_projection() or self.jacobian_mode not in modes:
+        captured = self._sketch_calls(x)
+        if captured is None:
             return self.num_params
-        try:
-            with torch.enable_grad():
-                _, calls, roles = capture_calls(
-                    self._call, self.w0, self.param_names, to_device(x, self.device)
-                )
-        except Unsupported:
-            return self.num_params
+        calls, roles = captured
         sketched, spectra = set(), 0
         k = self.projector.k
         for (kind, a, out), r in zip(calls, roles):
@@ -707,6 +701,26 @@ class Tangent:
         held = sum(self.numels[n] for n in self.param_names if n not in sketched)
         # the memory plan counts 3*C copies of each held weight per sample
         return held + spectra // 3 + 1
+
+    def by_output(self, x: Inputs) -> bool:
+        """Whether a projected chunk is formed one output at a time (the structured
+        tensor-sketch path, :func:`tangentlab.structured.structured_projected`): the memory
+        plan's ``by_output`` (NOTE [memory model]). ``x``: one sample, to trace the model."""
+        return self._sketch_calls(x) is not None
+
+    def _sketch_calls(self, x: Inputs) -> tuple[list, list] | None:
+        """``(calls, roles)`` of the structured tensor-sketch path, or None where it won't run."""
+        modes = (JacobianMode.AUTO, JacobianMode.STRUCTURED, JacobianMode.GRAM)
+        if not self._fast_projection() or self.jacobian_mode not in modes:
+            return None
+        try:
+            with torch.enable_grad():
+                _, calls, roles = capture_calls(
+                    self._call, self.w0, self.param_names, to_device(x, self.device)
+                )
+        except Unsupported:
+            return None
+        return calls, roles
 
     def _fast_projection(self) -> bool:
         return self.projector is not None and self.projector.projection.kind == "tensor"
