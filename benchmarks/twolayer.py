@@ -295,10 +295,12 @@ def _library_kernel(name: str, top, h: torch.Tensor, y: torch.Tensor, params: li
     body, exact = (m.eval() for m in dh.parts(top, "two layers exact"))
     with torch.no_grad():
         d = int(body(h[:1])[0].numel())
+    task = ho.TASKS[name]
     return compute_exact_top_kernel(body, exact, (h, y), params=[PRE + n for n in block],
                                     top_params=[PRE + n for n in names],
-                                    directions=_q(variant, ho.TASKS[name]["num_classes"], d),
-                                    projection=ho.TASKS[name]["projection"], progress=False)
+                                    directions=_q(variant, task["num_classes"], d),
+                                    projection=_projection_of(variant, task["projection"]),
+                                    progress=False)  # fmt: skip
 
 
 class _CachedBertBody(torch.nn.Module):
@@ -376,9 +378,16 @@ def _take(x: dict, n: int) -> dict:
     return {k: v[:n] for k, v in x.items()}
 
 
+def _projection_of(variant: str, k: int) -> int:
+    """The projection of ``variant`` ("<q>-k<k>", e.g. "32C-k1024"), else the task's ``k``."""
+    return int(variant.split("-k")[1]) if "-k" in variant else k
+
+
 def _q(variant: str, c: int, d: int) -> int | None:
     """The directions of z kept exact: "2C", "D" (all of z), "default" (None: the
-    library's own, 2C per position of a map-shaped z), "<k>C" (k C) or a number."""
+    library's own, 2C per position of a map-shaped z), "<k>C" (k C) or a number; a suffix
+    "-k<k>" names the projection (:func:`_projection_of`)."""
+    variant = variant.split("-k")[0]
     if variant == "default":
         return None
     if variant.endswith("C") and variant[:-1].isdigit():
@@ -459,6 +468,12 @@ def main() -> None:
     ap.add_argument("--fresh8-q8C", action="store_true",
                     help="the eighth fresh round with q = 8C, the default before (PLAN-fresh8.md), "
                          "once")
+    ap.add_argument("--fresh9", action="store_true",
+                    help="the ninth fresh round, 64 px (twolayer_fresh9.py; PLAN-fresh9.md), "
+                         "once")
+    for _k in FRESH9_K:
+        ap.add_argument(f"--fresh9-k{_k}", action="store_true",
+                        help=f"the ninth fresh round with k = {_k} (PLAN-fresh9.md), once")
     ap.add_argument("--head-exact", metavar="ROUND", choices=sorted(ROUNDS),
                     help="the command line's default forecast (head exact) of a fresh "
                          "round's cells, for the comparison its plan names")
@@ -741,6 +756,10 @@ def report() -> list[str]:
     lines += check_scored_lines("fresh8")
     lines += head_exact_lines("fresh8", ("fresh8_q8C",))
     lines += check_scored_lines("fresh8_q8C")
+    lines += check_scored_lines("fresh9")
+    lines += head_exact_lines("fresh9", tuple(f"fresh9_k{k}" for k in FRESH9_K))
+    for k in FRESH9_K:
+        lines += check_scored_lines(f"fresh9_k{k}")
     lines += CHECK_READING.splitlines()
     lines += ADOPT_READING.splitlines()
     plot = plot_calibration()
@@ -986,11 +1005,23 @@ ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3
 # since, 2C P² = 32C at 64 px)
 ROUND_Q = {"fresh7": "8C", "fresh8": "default", "fresh8_q8C": "8C"}
 ROUND_GRIDS = {"fresh7_q2C": FRESH7_OUT / "q2C", "fresh8_q8C": FRESH8_OUT / "q8C"}
+# the ninth (64 px): the default q and k = 4096, and q = 32C (the default there) with the
+# smaller projections chosen on dev64 (``DEV64_VARIANTS``), results/twolayer/PLAN-fresh9.md
+FRESH9_OUT = OUT / "fresh9"
+FRESH9_K = (1024,)
+ROUNDS["fresh9"] = ("twolayer_fresh9", FRESH9_OUT)
+ROUND_Q["fresh9"] = "default"
+for _k in FRESH9_K:
+    ROUNDS[f"fresh9_k{_k}"] = ("twolayer_fresh9", FRESH9_OUT)
+    ROUND_Q[f"fresh9_k{_k}"] = f"32C-k{_k}"
+    ROUND_GRIDS[f"fresh9_k{_k}"] = FRESH9_OUT / f"k{_k}"
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
 DEV64_OUT = OUT / "dev64"
-DEV64_VARIANTS = ("8C", "16C", "32C")  # at 64 px z = [320, 2, 2]: 8C = 2C per position
+# at 64 px z = [320, 2, 2]: 8C = 2C per position; "-k<k>": a smaller projection than the
+# tasks' k = 4096 (the simulation's steps read Φ [N q, k] twice: their cost is N q k)
+DEV64_VARIANTS = ("8C", "16C", "32C", "32C-k2048", "32C-k1024", "32C-k512", "32C-k256")
 for _v in DEV64_VARIANTS:
     ROUNDS[f"dev64_q{_v}"] = ("twolayer_dev64", DEV64_OUT)
     ROUND_Q[f"dev64_q{_v}"] = _v
@@ -1247,7 +1278,8 @@ def choose_drift(rows: list[dict] | None = None) -> dict:
     return out
 
 
-PLOT_SETS = {"fresh8": "eighth fresh round, 64 px (held out once, q = 2C P²)",
+PLOT_SETS = {"fresh9": "ninth fresh round, 64 px (held out once, q = 2C P²)",
+             "fresh8": "eighth fresh round, 64 px (held out once, q = 2C P²)",
              "fresh7": "seventh fresh round, 64 px (held out once, q = 8C)",
              "fresh6": "sixth fresh round (held out once, the library as it is)",
              "fresh5": "fifth fresh round (held out once, the same model)",
@@ -1523,6 +1555,11 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
                     "is: q = 2C P², 32C)",
           "fresh8_q8C": "the eighth fresh round's three image tasks at q = 8C, the default "
                         "before it (PLAN-fresh8.md; reported beside it)",
+          "fresh9": "the ninth fresh round's two image tasks, the third at 64 px "
+                    "(`twolayer_fresh9.py`, PLAN-fresh9.md; first look, the library as it "
+                    "is: q = 2C P², 32C, k = 4096)",
+          **{f"fresh9_k{_k}": f"the ninth fresh round's two image tasks at k = {_k} (q = "
+                              "32C; PLAN-fresh9.md, reported beside it)" for _k in FRESH9_K},
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}

@@ -20,7 +20,9 @@ not used to make them.
 **Runs** (``--real``): as ``twolayer_fresh.py``'s (``holdout.py``'s whole grid, 24 cells
 a task, the real run to a 90% drop or 1,500 steps, no forecast;
 ``twolayer_fresh.real_task``). Results: ``benchmarks/results/twolayer/dev64/<task>.json``,
-one cell at a time, resumable. The forecasts: ``twolayer.py --dev64 VARIANT`` (8C, 16C, 32C).
+one cell at a time, resumable. The forecasts: ``twolayer.py --dev64 VARIANT`` (8C, 16C, 32C;
+32C-k2048, 32C-k1024, 32C-k512 and 32C-k256: q = 32C with a smaller projection than
+k = 4096).
 """
 
 from __future__ import annotations
