@@ -1824,6 +1824,21 @@ within the goals, the interval holds 94% (92% of full batch, 96% of MSE full bat
 flagged targets); q = 8C beside it 5% / 14%, interval 87%, MSE full batch 59%. Every claim
 of the plan held. The head-exact default scores 4% / 14% on the same targets with no miss:
 the exact top is better, but at 64 px the head-exact model is far closer than at 32 px.
+*A smaller projection, then the ninth fresh round* (PLAN-fresh9.md). Each simulated step
+reads Φ [N q, k] twice. On the 64-px development tasks q = 32C with k = 2048, 1024, 512
+and 256 scored 3% / 8%, 3% / 8%, 3% / 9% and 5% / 12% (k = 4096: 3% / 8%; intervals 95%,
+95%, 94%, 87% against 95%); k = 1024 was chosen, its simulations 405 s against 1,508 s for
+k = 4096, a ratio across sessions, not one run. Held out once on the ninth fresh round (two
+tasks: Dungeon Crawl tiles by sheet, Yaru icons by folder; 144 targets): the default (k =
+4096) scores 3% / 7% with no miss, every (loss, drop) group within the goals (MSE 2% / 3%
+and 2% / 5%, CE 3% / 7% and 3% / 5%), the interval holds 96% (94% of full batch), no
+target flagged; k = 1024 beside it 3% / 7%, no miss, interval 97% (97% of full batch): as
+accurate. Its simulations took 851 s against 1,344 s (0.63x; kernels 24 s against 33 s)
+in the same session's runs: the plan's claim 3 asked at most half and **failed** on cost,
+so the default k stays 4096 (``--projection 1024`` is the measured cheaper option). At
+N = 120 and q = 96 the top's own forward and backward at every step weigh more than Φ's
+reads. The head-exact default scores 6% / 24% with no miss (CE at 80%: 13% / 24%, at 90%
+25% / 32%): the exact top is better again. Claims 1, 2 and 4 held.
 *The flagged band with an upper end, second looks* (the sets scored before, all seen before
 the choice): the flagged targets inside 88% (rounds 8-9), 98%, 96%, 88%, 98% and 100%
 (fresh to fresh5) and 94% (text held out), against 88%, 100%, 96%, 91%, 100%, 100% and 91%
