@@ -48,9 +48,15 @@ for any Q.
 
 Cost: every step runs the top forward and backward on its batch (what a real step pays
 for the top) and forwards it on all N for the training loss (``log_every``), plus the
-kernel products, O(|b| q k) or O(N q |b| q); it never runs the body. So it is cheap where
-the body (or the frozen trunk below the trained weights, which a real run forwards at
-every step) dominates a real step.
+kernel products, which move every sample's z: O(N q k) with a projected block Φ
+``[N q, k]`` (read twice a step) or O(N q |b| q) with M; it never runs the body. So it is
+cheap where the body (or the frozen trunk below the trained weights, which a real run
+forwards at every step) dominates a real step. The kernel costs q backward passes through
+the body per sample, one output at a time (NOTE [memory model] in tangentlab.memory).
+Measured (benchmarks/RESULTS.md "exact-top-speed"): on the default example (N = 500,
+64 px, q = 320, k = 4096) the forecast of 300 steps costs about a quarter of the real
+run, each further setting of a sweep about a tenth; k = 1024 is as accurate on the 64-px
+rounds (``twolayer.py --fresh9-k1024``) at about 0.6x the simulation's seconds there.
 
 Measured (benchmarks/RESULTS.md "twolayer", ``benchmarks/twolayer.py``; median / p90 of
 |T̃ − T|/T over the rounds' whole grid, a miss counted as a failure). Every forecast comes
