@@ -760,6 +760,7 @@ def report() -> list[str]:
     lines += head_exact_lines("fresh9", tuple(f"fresh9_k{k}" for k in FRESH9_K))
     for k in FRESH9_K:
         lines += check_scored_lines(f"fresh9_k{k}")
+    lines += round_cost_lines(("fresh8", "fresh9", *(f"fresh9_k{k}" for k in FRESH9_K)))
     lines += CHECK_READING.splitlines()
     lines += ADOPT_READING.splitlines()
     plot = plot_calibration()
@@ -1594,6 +1595,32 @@ def head_exact_lines(which: str, beside: tuple[str, ...] = ()) -> list[str]:
                      f"{np.mean([_inside(r) for r in full]):.0%} of the {len(full)} full-batch "
                      f"targets ({np.mean([_inside(r) for r in mse]):.0%} of the {len(mse)} MSE "
                      "ones).")
+    return lines
+
+
+def round_cost_lines(rounds: tuple[str, ...]) -> list[str]:
+    """What the forecasts of a round's grid cost against its real runs, per task: the
+    kernel and the simulations' seconds (``<task>-grid.json``) against the real runs'
+    (``<task>.json``: the trained weights on cached trunk outputs, each cell with the
+    trunk's forward added, one thread), in the same session's conditions."""
+    lines = ["", "**Cost of the 64-px rounds' forecasts** (seconds, one thread, two jobs at a "
+             "time; the whole grid of a task, 24 cells): the exact top's kernel and "
+             "simulations (each to the deepest target its real run reaches) against the real "
+             "runs of the same cells (the trained weights on cached trunk outputs, the "
+             "trunk's forward added to each cell: a real run without the frozen trunk's "
+             "cost, cheaper than the plain full-network run a user pays).", "",
+             "| round | task | q | k | kernel s | simulations s | real runs s | "
+             "(kernel + simulations) / real |", "|---|---|---|---|---|---|---|---|"]
+    for which in rounds:
+        folder = ROUND_GRIDS.get(which, ROUNDS[which][1])
+        for grid in sorted(folder.glob("*-grid.json")):
+            g = json.loads(grid.read_text())
+            real = json.loads((ROUNDS[which][1] / f"{g['task']}.json").read_text())
+            sim = sum(c.get("seconds", 0.0) for c in g["cells"].values())
+            rs = sum(c["real_seconds"] for c in real["cells"].values())
+            k = _projection_of(g["variant"], ho.TASKS[g["task"]]["projection"])
+            lines.append(f"| {which} | {g['task']} | {g['q']} | {k} | {g['kernel_seconds']:.1f}"
+                         f" | {sim:.0f} | {rs:.0f} | {(g['kernel_seconds'] + sim) / rs:.2f} |")
     return lines
 
 
