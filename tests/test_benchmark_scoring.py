@@ -300,3 +300,15 @@ def test_pinned_catapult_holds_the_sharpness_below_its_share_of_the_limit():
     shrank = [i for i in range(1, len(trace)) if trace[i][2] < trace[i - 1][2]]
     assert shrank and all(trace[i][1] > limit for i in shrank)  # only where S was above
     assert not np.allclose(pin[first + 2:], cat[first + 2: len(pin)])
+
+
+def test_twolayer_variant_names_their_q_and_projection():
+    """twolayer.py's variants: "<m>C" keeps m C directions of z, "-k<k>" names the
+    projection (the 64-px k study, PLAN-fresh9.md), "default" leaves both to the library."""
+    import twolayer as tw
+
+    assert tw._q("32C-k1024", 3, 1280) == 96 and tw._projection_of("32C-k1024", 4096) == 1024
+    assert tw._q("32C", 3, 1280) == 96 and tw._projection_of("32C", 4096) == 4096
+    assert tw._q("default", 3, 1280) is None and tw._projection_of("default", 4096) == 4096
+    assert tw._q("32C", 6, 100) == 100  # never more than z's D numbers
+    assert tw.ROUND_Q["fresh9_k1024"] == "32C-k1024"
