@@ -28,10 +28,13 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    counted every sample's [C, P] Jacobian and (C + 2) x 2 activations: chunks of 3 samples
    at q = 200-320 (NOTE [memory model]).
 
-    .venv/bin/python benchmarks/exact_top_speed.py [--part directions|plan]
+6. ``--part k``: the default example's forecast at k = 4096 and 1024 in one run, against the
+   real run's seconds a step timed in the same process.
 
-Results: sections "exact-top-speed", "exact-top-directions" and "exact-top-plan" of
-RESULTS.md.
+    .venv/bin/python benchmarks/exact_top_speed.py [--part directions|plan|k]
+
+Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan" and
+"exact-top-k" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -334,13 +337,60 @@ def plan_part(n: int = 100, repeats: int = 2) -> None:
     print("\n".join(text))
 
 
+def k_part(ks: tuple[int, ...] = (4096, 1024)) -> None:
+    """Part 6: the default example's forecast (as part 2) at each projection k, in one
+    run, against the real run's seconds a step timed in the same process."""
+    warnings.simplefilter("ignore")
+    ex = load_example("fashion-lite0", num_samples=N)
+    body, top, _ = split_model(ex.model.eval())
+    rows = []
+    for k in ks:
+        t0 = time.perf_counter()
+        etk = et.compute_exact_top_kernel(body, top, ex.data, params=LITE0_DEFAULT_PARAMS,
+                                          top_params=LITE0_DEFAULT_PARAMS, projection=k,
+                                          progress=False)  # fmt: skip
+        ks_ = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lr = et.stable_lr(etk, loss="mse")
+        lr_s = time.perf_counter() - t0
+        fc = et.forecast_exact_top(etk, tl.SGD(lr), STEPS, progress=False)
+        rows.append((k, ks_, lr_s, fc.seconds, lr, fc.steps_to_drop(0.8),
+                     fc.steps_estimate(0.8), fc.steps_interval(0.8)))
+        del etk
+    real = tl.finetune(load_example("fashion-lite0", num_samples=N).model.eval(), ex.data,
+                       tl.SGD(rows[0][4]), 3, params=LITE0_DEFAULT_PARAMS, log_every=3,
+                       progress=False)  # fmt: skip
+    run_s = STEPS * real.train_seconds / 3
+    lines = [f"| {k} | {a:.1f} | {b:.1f} | {c:.1f} | {a + b + c:.1f} | "
+             f"{(a + b + c) / run_s:.0%} | {c / run_s:.1%} | {lr:.4g} | {t} ({e:.1f}, "
+             f"{iv[0]:.0f}-{iv[1]:.0f}) |" for k, a, b, c, lr, t, e, iv in rows]
+    text = [
+        f"Command: `{COMMAND} --part k`. Machine: {machine()}.",
+        "",
+        f"The default example's exact-top forecast (N = {N}, 64 px, the default q, "
+        f"{STEPS} steps, full batch, MSE, the default rate) at each projection k, seconds, "
+        f"in one run; the real run timed in the same process: {real.train_seconds / 3:.2f} s "
+        f"a full-batch step of the whole network, {run_s:.0f} s for {STEPS} steps. *sweep*: "
+        "a further setting's simulation against that run.",
+        "",
+        "| k | kernel | rate | simulation | total | total / real run | sweep | lr | steps to "
+        "an 80% drop: T̂ (estimate, interval) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+    write_section("exact-top-k", "\n".join(text))
+    print("\n".join(text))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["speed", "directions", "plan"], default="speed")
+    ap.add_argument("--part", choices=["speed", "directions", "plan", "k"], default="speed")
     part = ap.parse_args().part
     if part == "directions":
         directions()
     elif part == "plan":
         plan_part()
+    elif part == "k":
+        k_part()
     else:
         main()
