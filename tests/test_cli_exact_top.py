@@ -186,23 +186,89 @@ def test_linearize_top_is_for_forecast_and_needs_a_known_split(user, tmp_path):
                  "--linearize", "top", "--no-progress", "--out", tmp_path / "k")
     assert res.exit_code != 0 and "tangentlab kernel: --linearize top" in res.output
     res = invoke("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
-                 "--split", f"{mod}:split", "--lr", 0.1, "--steps", 5, "--no-progress")
-    assert res.exit_code != 0 and "--split goes with --linearize top" in res.output
+                 "--split", f"{mod}:split", "--linearize", "all", "--lr", 0.1, "--steps", 5,
+                 "--no-progress")  # fmt: skip
+    assert res.exit_code != 0 and "--split goes with --linearize top (or auto)" in res.output
     res = invoke("forecast", "--example", "digits-cnn", "--samples", 20, "--linearize", "top",
                  "--lr", 0.1, "--steps", 5, "--no-progress", "--out", tmp_path / "d")
     assert res.exit_code != 0
     assert "--split 'pkg.module:function'" in res.output and "Traceback" not in res.output
 
 
+def test_auto_takes_the_exact_top_for_a_split_and_says_why(user, tmp_path):
+    """--linearize auto (the default) with --split: the exact top, the same forecast as
+    --linearize top, and the reason in the report."""
+    mod, npz = user
+    base = ("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+            "--split", f"{mod}:split", "--lr", 0.4, "--steps", 50, "--no-progress")
+    res = ok(invoke(*base, "--out", tmp_path / "auto"))
+    top = ok(invoke(*base, "--linearize", "top", "--out", tmp_path / "top"))
+    a, t = (strict_json(tmp_path / d / "forecast.json") for d in ("auto", "top"))
+    assert a["info"]["linearize"] == "auto: the exact top, for --split"
+    assert "linearize" not in t["info"] and "split" in res.stderr and "split" in top.stderr
+    np.testing.assert_allclose(a["forecasts"][0]["loss"], t["forecasts"][0]["loss"], rtol=1e-12)
+
+
+def test_auto_falls_back_where_the_model_has_no_known_split(user, tmp_path):
+    """--linearize auto on a model split_model does not know: not the exact top, saying why
+    and how to get it, then the usual choice (head exact here)."""
+    mod, npz = user
+    out = tmp_path / "fb"
+    res = ok(invoke("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                    "--lr", 0.4, "--steps", 20, "--no-progress", "--out", out))
+    assert "not the exact top (no known split of a Sequential" in res.stderr
+    assert "--linearize top --split" in res.stderr
+    assert strict_json(out / "forecast.json")["info"]["linearize"].startswith(
+        "auto: the head '4' kept exact")
+
+
+@pytest.mark.parametrize("extra, why", [
+    (("--optimizer", "adamw", "--lr", "1e-3"), "adamw"),
+    (("--weight-decay", "0.01"), "weight decay"),
+    (("--head", "_fc"), "--head"),
+    (("--directions", "4"), "--directions"),
+])
+def test_auto_keeps_the_other_models_for_their_options(extra, why):
+    """Options of the other models keep --linearize auto off the exact top, with no model
+    loaded to decide (cli._auto_top)."""
+    from tangentlab.cli import _auto_top
+
+    o = {"linearize": "auto", "model_spec": None, "data_spec": None, "example": None,
+         "optimizer_name": "adamw" if "adamw" in extra else "sgd",
+         "weight_decay": 0.01 if why == "weight decay" else None,
+         "head": "_fc" if why == "--head" else None,
+         "directions": "4" if why == "--directions" else None}
+    assert not _auto_top(o) and o["linearize"] == "auto"
+    clean = {**o, "optimizer_name": "sgd", "weight_decay": None, "head": None,
+             "directions": None}
+    assert _auto_top(dict(clean))  # the default example splits
+    assert not _auto_top({**clean, "example": "digits-cnn"})  # a plain CNN: no known split
+    assert not _auto_top({**clean, "bn": "train"})
+
+
 @pytest.mark.slow
 def test_forecast_top_on_the_image_example(tmp_path):
-    """fashion-lite0 split by split_lite, the default rate; the estimate within its interval."""
+    """fashion-lite0 by default (--linearize auto): split by split_lite, the default rate; the
+    estimate within its interval."""
     out = tmp_path / "lite"
-    res = ok(invoke("forecast", "--example", "fashion-lite0", "--samples", 32, "--linearize",
-                    "top", "--steps", 30, "--out", out, "--no-progress"))  # fmt: skip
+    res = ok(invoke("forecast", "--example", "fashion-lite0", "--samples", 32, "--steps", 30,
+                    "--out", out, "--no-progress"))  # fmt: skip
     assert "split_lite" in res.stderr and "exact_top.stable_lr" in res.stderr
     js = strict_json(out / "forecast.json")
+    assert js["info"]["linearize"].startswith("auto: the exact top (split_lite")
     d = js["forecasts"][0]["drops"]["0.8"]
     assert d["steps"] is not None and d["interval"][0] <= d["estimate"] <= d["interval"][1]
     assert js["kernel"]["directions"] == 320 and js["info"]["num_samples"] == 32  # 2C x (2 x 2)²
     assert math.isfinite(js["forecasts"][0]["loss"][-1])
+
+
+@pytest.mark.slow
+def test_auto_takes_the_exact_top_on_the_text_example(tmp_path):
+    """rt-minilm by default (--linearize auto): split by split_minilm, tokenized inputs."""
+    out = tmp_path / "text"
+    res = ok(invoke("forecast", "--example", "rt-minilm", "--samples", 16, "--steps", 10,
+                    "--out", out, "--no-progress"))  # fmt: skip
+    assert "split_minilm" in res.stderr
+    js = strict_json(out / "forecast.json")
+    assert js["info"]["linearize"].startswith("auto: the exact top (split_minilm")
+    assert js["info"]["num_samples"] == 16 and math.isfinite(js["forecasts"][0]["loss"][-1])

@@ -292,6 +292,56 @@ def test_split_lite_is_the_model_and_its_exact_top_model_is_real_training_where_
     np.testing.assert_allclose(fc.loss, real.loss, rtol=2e-5)
 
 
+def test_choose_linearization_offers_the_exact_top_where_it_applies():
+    """choose_linearization(exact_top=True), the command line's --linearize auto of forecast
+    and validate: "top" for a network split_model knows whose body has trained weights, SGD
+    without weight decay; the usual choice otherwise (and always without exact_top)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from tangentlab.examples import LITE0_DEFAULT_PARAMS
+
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=3, image_size=32).eval()
+    p = LITE0_DEFAULT_PARAMS
+    choice = tl.choose_linearization(model, params=p, exact_top=True)
+    assert (choice.model, choice.head) == ("top", None) and "split_lite" in choice.reason
+    assert tl.choose_linearization(model, params=p, exact_top=True,
+                                   optimizer=tl.SGD(0.1, momentum=0.9)).model == "top"
+    assert tl.choose_linearization(model, params=p).model == "body"  # exact_top=False
+    for opt in (tl.SGD(0.1, weight_decay=0.01), tl.AdamW(1e-3)):
+        assert tl.choose_linearization(model, params=p, exact_top=True,
+                                       optimizer=opt).model != "top"
+    assert tl.choose_linearization(model, params=p, exact_top=True, head="_fc").model == "body"
+    head_only = tl.choose_linearization(model, params=r"^_fc\.", exact_top=True)
+    assert head_only.model == "all" and "only the head" in head_only.reason  # linear probing
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    assert tl.choose_linearization(plain, exact_top=True).model == "body"
+
+
+def test_kernel_cache_restores_the_same_kernel_and_its_cost(tmp_path):
+    """cache=DIR: the read-out kernels in DIR/block and DIR/rest (compute_kernel's cache),
+    restored the same by a second call, which counts their cost when computed; a request
+    that differs is refused, not reused."""
+    from tangentlab.errors import CacheMismatchError
+
+    body, top = _net()
+    data = _data(n=12)
+    a = compute_exact_top_kernel(body, top, data, directions=4, projection=16,
+                                 cache=tmp_path / "c", progress=False)  # fmt: skip
+    assert (tmp_path / "c" / "block" / "kernel.safetensors").exists()
+    assert (tmp_path / "c" / "rest" / "kernel.safetensors").exists()
+    b = compute_exact_top_kernel(body, top, data, directions=4, projection=16,
+                                 cache=tmp_path / "c", progress=False)  # fmt: skip
+    assert a.features is not None
+    for u, v in ((a.features, b.features), (a.rest, b.rest), (a.basis, b.basis)):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    then = sum(float(tl.load_kernel(tmp_path / "c" / part / "kernel.safetensors")
+                     .metadata["seconds"]) for part in ("block", "rest"))  # fmt: skip
+    assert then > 0 and b.metadata["seconds"] >= then  # what the parts cost, not ~0
+    with pytest.raises(CacheMismatchError):
+        compute_exact_top_kernel(body, top, data, directions=4, projection=32,
+                                 cache=tmp_path / "c", progress=False)  # fmt: skip
+
+
 def test_split_lite_refuses_other_models():
     from tangentlab.examples import split_lite
 

@@ -80,11 +80,13 @@ def _linearize_options() -> list:
                      default="auto", show_default=True,
                      help="body: keep the final linear head exact and linearize only the "
                      "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
-                     "the tangent model (the whole network linearized). auto: body where "
-                     "it applies, else all, saying why (tl.choose_linearization; see "
-                     "README). top (forecast, validate; experimental): the top of the network "
-                     "exact, the last block linear (exact_top; the most accurate on held-out "
-                     "tasks, with a reliability check; see README 'Exact top'). information "
+                     "the tangent model (the whole network linearized). top (forecast, "
+                     "validate): the top of the network exact, the last block linear "
+                     "(exact_top; the most accurate on held-out tasks, with a reliability "
+                     "check, ~13x body's cost; see README 'Exact top'). auto: forecast and "
+                     "validate take top where the network splits (EfficientNet-Lite, BERT "
+                     "classifiers, or --split) and the options allow it; else body where it "
+                     "applies, else all, saying why (tl.choose_linearization). information "
                      "and influence use the tangent model."),
         click.option("--split", "split_spec", default=None, metavar="SPEC",
                      help="--linearize top: 'pkg.module:function' or 'file.py:function' "
@@ -768,7 +770,11 @@ def _check_linearize(o: dict[str, Any]) -> None:
         _check_top(o)
         return
     if o.get("split_spec") is not None:
-        raise TangentlabError("tangentlab: --split goes with --linearize top.")
+        if o.get("linearize") != "auto":
+            raise TangentlabError("tangentlab: --split goes with --linearize top (or auto).")
+        o["linearize"], o["linearize_reason"] = "top", "auto: the exact top, for --split"
+        _check_top(o)
+        return
     if o.get("linearize") == "all":
         for flag in ("head", "directions"):
             if o.get(flag) is not None:
@@ -799,6 +805,45 @@ def _check_linearize(o: dict[str, Any]) -> None:
         )
 
 
+def _top_clash(o: dict[str, Any]) -> list[str]:
+    """The options given that ``--linearize top`` cannot take (the other models' options)."""
+    return [f for f, v in (("--kernel", o.get("kernel_file")),
+                           ("--subsample", o.get("subsample")),
+                           ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")),
+                           ("--head", o.get("head")),
+                           ("--optimizer adamw", o.get("optimizer_name") == "adamw"),
+                           ("--pilot", o.get("pilot")),
+                           ("--weight-decay", bool(o.get("weight_decay"))),
+                           ("held-out curves (--eval-data/--eval-samples)",
+                            o.get("eval_spec") is not None or o.get("eval_samples") is not None))
+            if v]  # fmt: skip
+
+
+# Built-in examples whose network tangentlab.examples.split_model splits (digits-cnn: none).
+_TOP_EXAMPLES = ("fashion-lite0", "rt-minilm")
+
+
+class _NoTop(Exception):
+    """--linearize auto tried the exact top on a model it does not apply to: fall back."""
+
+
+def _auto_top(o: dict[str, Any]) -> bool:
+    """``--linearize auto`` of forecast/validate: try the exact top (``o["linearize"]`` set
+    to ``"top"``, ``o["auto_top"]``) where the options allow it: none of the other models'
+    options (:func:`_top_clash`), no ``--directions`` (the head-exact model's meaning), BN
+    frozen, and a model that may split (a built-in example that does, or a ``--model``:
+    asked once loaded, :func:`_top_kernel`; else :class:`_NoTop` and the usual choice)."""
+    if o.get("linearize") != "auto" or _top_clash(o) or o.get("directions") is not None:
+        return False
+    if o.get("bn", "frozen") != "frozen" or o.get("split_spec") is not None:
+        return False
+    if o["model_spec"] is None and o["data_spec"] is None:
+        if (o["example"] or "fashion-lite0") not in _TOP_EXAMPLES:
+            return False
+    o["linearize"], o["auto_top"] = "top", True
+    return True
+
+
 def _check_top(o: dict[str, Any]) -> None:
     """``--linearize top``: forecast only, SGD, and none of the other models' options."""
     command = click.get_current_context().info_name
@@ -808,16 +853,7 @@ def _check_top(o: dict[str, Any]) -> None:
             "forecast and validate; use --linearize body or all here, or the Python API "
             "(tangentlab.experimental.exact_top)."
         )
-    clash = [f for f, v in (("--kernel", o.get("kernel_file")),
-                            ("--subsample", o.get("subsample")),
-                            ("--trace", o.get("trace_kernel")), ("--probes", o.get("probes")),
-                            ("--head", o.get("head")),
-                            ("--optimizer adamw", o.get("optimizer_name") == "adamw"),
-                            ("--pilot", o.get("pilot")),
-                            ("--weight-decay", bool(o.get("weight_decay"))),
-                            ("held-out curves (--eval-data/--eval-samples)",
-                             o.get("eval_spec") is not None or o.get("eval_samples") is not None))
-             if v]  # fmt: skip
+    clash = _top_clash(o)
     if clash:
         raise TangentlabError(
             f"tangentlab: --linearize top computes its own kernel and simulates SGD without "
@@ -930,9 +966,12 @@ def forecast(**o: Any) -> None:
 
     start, timer = time.perf_counter(), {}
     optimizer = _check_hyper(o, lists=False)[0]
-    if o.get("linearize") == "top":
-        _forecast_top(o, optimizer, start, timer)
-        return
+    if o.get("linearize") == "top" or _auto_top(o):
+        try:
+            _forecast_top(o, optimizer, start, timer)
+            return
+        except _NoTop as why:
+            _no_top(o, why)
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     lr = _lr(o, kernel, o["momentum"], timer)
@@ -1016,6 +1055,20 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
     model, data, _, params, name, defaults = _resolve(o)
     if params == "all":
         params = None
+    if o.get("auto_top"):
+        import tangentlab as tl
+        from tangentlab.examples import split_model
+
+        choice = tl.choose_linearization(model, params=params, exact_top=True)
+        if choice.model != "top":
+            try:
+                split_model(model)
+            except TangentlabError:
+                raise _NoTop(f"no known split of a {type(model).__name__} into a linearized "
+                             "body and an exact top") from None
+            raise _NoTop(choice.reason)
+        o["linearize_reason"] = f"auto: {choice.reason}"
+        _echo(f"tangentlab: --linearize auto: {choice.reason}.")
     body, top, how = _split(o, model)
     x, _ = as_arrays(data, where="tangentlab")
     gap = et.split_mismatch(model, body, top, take(x, slice(0, 4)))
@@ -1026,14 +1079,15 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
             "model, the top ending at its logits."
         )
     timer["model and data"] = time.perf_counter() - t0
-    _echo(f"tangentlab: --linearize top (experimental): {how}; the body's trained weights "
-          "linearized (README 'Exact top, last block linear').")
+    _echo(f"tangentlab: --linearize top: {how}; the body's trained weights linearized "
+          "(README 'Exact top, last block linear').")
     spec = str(o["projection"]).strip().lower()
     k = None if spec == "exact" else 4096 if spec == "auto" else int(spec)
     t0 = time.perf_counter()
     etk = et.compute_exact_top_kernel(
         body, top, data, params=params, top_params=params, projection=k, seed=o["seed"],
         directions=_directions(o.get("directions")), memory_budget=o["memory_budget"],
+        cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "exact-top",
         progress=not o["no_progress"])  # fmt: skip
     timer["kernel (exact top, block linear)"] = time.perf_counter() - t0
     return dict(kernel=etk, name=name, params=params, how=how, defaults=defaults, k=k)
@@ -1101,7 +1155,7 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
         if safe is not None and safe is not fc:
             forecasts.append((f"advised: lr {safe.settings['lr']:.4g}", safe))
     info = {"source": name, "params": str(params), "model_of_training":
-            f"exact top, block linear (experimental): {how}", "projection": str(k),
+            f"exact top, block linear: {how}", "projection": str(k),
             "directions": etk.rank, "kernel_seconds": round(etk.metadata["seconds"], 2),
             "num_samples": etk.num_samples, "num_classes": etk.metadata["num_classes"],
             "lr_choice": "given (--lr)" if o["lr"] is not None else
@@ -1109,9 +1163,19 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
             "target_definition": f"a drop of {drop:.0%} from the initial loss",
             "minibatch": "one path, the batches of tl.finetune(seed=--seed)"
             if batch is not None else "full batch"}  # fmt: skip
+    if o.get("linearize_reason"):
+        info["linearize"] = o["linearize_reason"]
     return dict(kernel=etk, fc=fc, forecasts=forecasts, drop=drop, flagged=flagged, info=info,
                 optimizer=optimizer, steps=steps, params=params, name=name, train=kw,
                 skipped=skipped)  # fmt: skip
+
+
+def _no_top(o: dict[str, Any], why: _NoTop) -> None:
+    """--linearize auto: the exact top does not apply to this model; back to the usual choice
+    (head exact, else the tangent model), saying why."""
+    o["linearize"], o["auto_top"] = "auto", False
+    _echo(f"tangentlab: --linearize auto: not the exact top ({why}; a model of your own "
+          "takes --linearize top --split).")
 
 
 def _forecast_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
@@ -1404,9 +1468,12 @@ def validate(**o: Any) -> None:
         raise TangentlabError(
             f"tangentlab: --log-every must be a positive integer, got {o['log_every']!r}."
         )
-    if o.get("linearize") == "top":
-        _validate_top(o, optimizer, start, timer)
-        return
+    if o.get("linearize") == "top" or _auto_top(o):
+        try:
+            _validate_top(o, optimizer, start, timer)
+            return
+        except _NoTop as why:
+            _no_top(o, why)
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)

@@ -112,6 +112,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -462,6 +463,7 @@ def compute_exact_top_kernel(
     projection: int | Projection | None = None,
     seed: int = 0,
     memory_budget: int | str | None = None,
+    cache: str | Path | None = None,
     progress: bool = True,
 ) -> ExactTopKernel:
     """The exact-top, block-linear model of fine-tuning ``top(body(x))`` on ``data``
@@ -484,6 +486,12 @@ def compute_exact_top_kernel(
       projection: ``None`` (exact M) or k (projected, as :func:`tangentlab.compute_kernel`).
       seed: seed of the projection and the probes.
       memory_budget, progress: as for :func:`tangentlab.compute_kernel`.
+      cache: a directory; the read-out kernels (M or Φ, and κ_⊥) are cached in its ``block``
+        and ``rest`` subdirectories exactly as :func:`tangentlab.compute_kernel` caches
+        (resumable, checksummed; a directory holding another request's kernel is refused
+        with the fields that differ). z0 and Q are recomputed (one forward pass and the
+        top's Jacobians). ``metadata["seconds"]`` counts what restored parts cost when
+        they were computed.
 
     Returns:
       :class:`ExactTopKernel`; forecast it with :func:`forecast_exact_top`.
@@ -524,10 +532,14 @@ def compute_exact_top_kernel(
     q = _directions(directions, c, d, fn, shape)
     basis = _basis(top, z0, shape, q)
     opts = dict(memory_budget=memory_budget, progress=progress)
-    block, features, rest = _read_outs(tb, x, basis, probes, seed, opts)
+    t1 = time.perf_counter()
+    block, features, rest, cost = _read_outs(tb, x, basis, probes, seed, opts,
+                                             None if cache is None else Path(cache))
+    # seconds: the parts restored from the cache count what they cost when computed
+    seconds = time.perf_counter() - t0 - (time.perf_counter() - t1) + cost
     meta = dict(directions=q, feature_dim=d, num_classes=c, probes=int(probes),
                 projection=str(projection), seed=int(seed), body_params=len(names),
-                top_params=len(theta), seconds=time.perf_counter() - t0)  # fmt: skip
+                top_params=len(theta), seconds=seconds)  # fmt: skip
     return ExactTopKernel(z0, shape, y, basis, block, features,
                           None if rest is None else rest.to(z0.dtype), top, tuple(theta),
                           meta)  # fmt: skip
@@ -1046,18 +1058,25 @@ class _Sharpness:
 
 
 def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
-               opts: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
-    """``(M or None, Φ or None, κ_⊥ or None)`` of the read-out Qᵀ z: M ``[N q, N q]`` exact,
-    or Φ Φᵀ when N q <= k; else Φ ``[N q, k]`` kept factored (``opts``: compute_kernel's)."""
+               opts: dict, cache: Path | None) -> tuple[Any, Any, Any, float]:
+    """``(M or None, Φ or None, κ_⊥ or None, seconds they cost)`` of the read-out Qᵀ z: M
+    ``[N q, N q]`` exact, or Φ Φᵀ when N q <= k; else Φ ``[N q, k]`` kept factored
+    (``opts``: compute_kernel's; ``cache``: its ``block`` and ``rest`` subdirectories)."""
     zeros = torch.zeros(num_rows(x), dtype=torch.long)  # the read-out kernels use no labels
+
+    def where(part: str) -> dict:
+        return dict(opts, cache=None if cache is None else cache / part)
+
     k = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
-                       keep_theta=None if tb.projection is None else False, **opts)  # fmt: skip
-    rest, _ = _rest_kernel(tb, x, zeros, basis, probes, seed, opts)
+                       keep_theta=None if tb.projection is None else False,
+                       **where("block"))  # fmt: skip
+    rest, rest_s = _rest_kernel(tb, x, zeros, basis, probes, seed, where("rest"))
+    cost = float(k.metadata.get("seconds", 0.0) or 0.0) + rest_s
     if k.theta is not None:
-        return k.theta.detach(), None, rest
+        return k.theta.detach(), None, rest, cost
     if k.features.shape[0] <= k.features.shape[1]:  # N q <= k: M is the smaller form
-        return (k.features @ k.features.T).detach(), None, rest
-    return None, k.features.detach(), rest
+        return (k.features @ k.features.T).detach(), None, rest, cost
+    return None, k.features.detach(), rest, cost
 
 
 def _check_forecast(fn: str, kernel: Any, optimizer: Any, steps: Any, loss: Any,
