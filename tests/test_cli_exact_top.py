@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from tangentlab.cli import TOP_PROJECTION
 from test_cli import assert_png, assert_self_contained_html, invoke, ok, strict_json
 
 NET = '''
@@ -62,12 +63,12 @@ def test_forecast_top_is_the_python_api_and_writes_its_reports(user, tmp_path):
     js = strict_json(out / "forecast.json")
     assert len(js["forecasts"]) == 1 and js["drop"] == 0.8
     got = js["forecasts"][0]
-    # the same forecast from Python: the split, kernel (k = 4096, as --projection auto) and path
+    # the same forecast from Python: the split, kernel (k = 1024, as --projection auto) and path
     mod, npz = user
     model = load_model_spec(f"{mod}:make", num_classes=3).eval()
     body, top = model[:2], model[2:]
     data = load_data_spec(str(npz))
-    etk = compute_exact_top_kernel(body, top, data, projection=4096, progress=False)
+    etk = compute_exact_top_kernel(body, top, data, projection=TOP_PROJECTION, progress=False)
     import tangentlab as tl
 
     fc = forecast_exact_top(etk, tl.SGD(0.4), 200, progress=False)
@@ -91,7 +92,7 @@ def test_forecast_top_default_lr_is_half_the_models_limit(user, tmp_path):
     mod, npz = user
     model = load_model_spec(f"{mod}:make", num_classes=3).eval()
     etk = et.compute_exact_top_kernel(model[:2], model[2:], load_data_spec(str(npz)),
-                                      projection=4096, progress=False)  # fmt: skip
+                                      projection=TOP_PROJECTION, progress=False)  # fmt: skip
     lr = et.stable_lr(etk, loss="mse", momentum=0.5)
     assert f"using lr = {lr:.4g} (exact_top.stable_lr" in res.stderr
     assert strict_json(out / "forecast.json")["forecasts"][0]["settings"]["lr"] == lr
@@ -193,6 +194,11 @@ def test_linearize_top_is_for_forecast_and_needs_a_known_split(user, tmp_path):
                  "--lr", 0.1, "--steps", 5, "--no-progress", "--out", tmp_path / "d")
     assert res.exit_code != 0
     assert "--split 'pkg.module:function'" in res.output and "Traceback" not in res.output
+
+
+def test_top_projection_is_1024():
+    """--projection auto of the exact top (PLAN-fresh10.md: k = 1024 as accurate as 4096)."""
+    assert TOP_PROJECTION == 1024
 
 
 def test_auto_takes_the_exact_top_for_a_split_and_says_why(user, tmp_path):

@@ -137,8 +137,9 @@ def _source_options(fn):
                      "(default: the example's choice, else all)."),
         click.option("--projection", default="auto", show_default=True,
                      help="'exact', a dimension k (e.g. 2048), or 'auto' (exact when all "
-                     "Jacobians fit in memory, else k=4096; --linearize top: k=4096, and "
-                     "1024 was as accurate on its 64-px rounds at ~0.6x the cost)."),
+                     "Jacobians fit in memory, else k=4096; the exact top, --linearize "
+                     "top or auto's choice: k=1024, as accurate as 4096 on its held-out "
+                     "64-px rounds at about half the simulations' cost)."),
         click.option("--trace", "trace_kernel", is_flag=True,
                      help="Trace kernel Θ ≈ K ⊗ I_C, K = tr(Θ_ij)/C: N×N memory instead of "
                      "(NC)×(NC), ignores cross-class structure (see README)."),
@@ -220,7 +221,9 @@ def _hyper_options(*, lists: bool):
             click.option("--target-scale", type=float, default=1.0, show_default=True,
                          help="s, the MSE target scale."),
             click.option("--paths", type=int, default=10, show_default=True,
-                         help="Sample paths of a minibatch forecast."),
+                         help="Sample paths of a minibatch forecast (the exact top, "
+                         "--linearize top or auto's choice, simulates one: the batches of "
+                         "the real run, tl.finetune(seed=--seed))."),
             click.option("--target-loss", type=float, default=None,
                          help="ε of steps-to-target (default: (1 − target-drop)·L0)."),
             click.option("--target-drop", type=float, default=0.8, show_default=True,
@@ -819,6 +822,9 @@ def _top_clash(o: dict[str, Any]) -> list[str]:
             if v]  # fmt: skip
 
 
+# --projection auto of the exact top: k = 1024, as accurate as 4096 on two held-out 64-px
+# rounds at about half the simulations' seconds (PLAN-fresh10.md; README "Exact top").
+TOP_PROJECTION = 1024
 # Built-in examples whose network tangentlab.examples.split_model splits (digits-cnn: none).
 _TOP_EXAMPLES = ("fashion-lite0", "rt-minilm")
 
@@ -1082,7 +1088,7 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
     _echo(f"tangentlab: --linearize top: {how}; the body's trained weights linearized "
           "(README 'Exact top, last block linear').")
     spec = str(o["projection"]).strip().lower()
-    k = None if spec == "exact" else 4096 if spec == "auto" else int(spec)
+    k = None if spec == "exact" else TOP_PROJECTION if spec == "auto" else int(spec)
     t0 = time.perf_counter()
     etk = et.compute_exact_top_kernel(
         body, top, data, params=params, top_params=params, projection=k, seed=o["seed"],

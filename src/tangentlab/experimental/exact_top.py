@@ -55,8 +55,10 @@ forwards at every step) dominates a real step. The kernel costs q backward passe
 the body per sample, one output at a time (NOTE [memory model] in tangentlab.memory).
 Measured (benchmarks/RESULTS.md "exact-top-speed"): on the default example (N = 500,
 64 px, q = 320, k = 4096) the forecast of 300 steps costs about a quarter of the real
-run, each further setting of a sweep about a tenth; k = 1024 is as accurate on the 64-px
-rounds (``twolayer.py --fresh9-k1024``) at about 0.6x the simulation's seconds there.
+run, each further setting of a sweep about a tenth; k = 1024 was as accurate on the ninth
+and tenth 64-px rounds (``twolayer.py --fresh9-k1024``, ``--fresh10-k1024``) at 0.63x and
+0.49x the simulations' seconds there, and is the command line's k since (a fifth of the
+real run on the default example, ``exact_top_speed.py --part k``).
 
 Measured (benchmarks/RESULTS.md "twolayer", ``benchmarks/twolayer.py``; median / p90 of
 |T̃ − T|/T over the rounds' whole grid, a miss counted as a failure). Every forecast comes
