@@ -1028,22 +1028,26 @@ ROUND_GRIDS = {"fresh7_q2C": FRESH7_OUT / "q2C", "fresh8_q8C": FRESH8_OUT / "q8C
 # smaller projections chosen on dev64 (``DEV64_VARIANTS``), results/twolayer/PLAN-fresh9.md
 FRESH9_OUT = OUT / "fresh9"
 FRESH9_K = (1024,)
-ROUNDS["fresh9"] = ("twolayer_fresh9", FRESH9_OUT)
-ROUND_Q["fresh9"] = "default"
-for _k in FRESH9_K:
-    ROUNDS[f"fresh9_k{_k}"] = ("twolayer_fresh9", FRESH9_OUT)
-    ROUND_Q[f"fresh9_k{_k}"] = f"32C-k{_k}"
-    ROUND_GRIDS[f"fresh9_k{_k}"] = FRESH9_OUT / f"k{_k}"
+
+
+def _round_with_projections(name: str, module: str, out: Path, ks: tuple[int, ...]) -> None:
+    """Register round ``name`` (``module``'s tasks, results in ``out``; the default q and
+    k) and its variants at q = 32C with each smaller projection of ``ks`` (``<name>_k<k>``,
+    grids in ``out / k<k>``)."""
+    ROUNDS[name] = (module, out)
+    ROUND_Q[name] = "default"
+    for k in ks:
+        ROUNDS[f"{name}_k{k}"] = (module, out)
+        ROUND_Q[f"{name}_k{k}"] = f"32C-k{k}"
+        ROUND_GRIDS[f"{name}_k{k}"] = out / f"k{k}"
+
+
+_round_with_projections("fresh9", "twolayer_fresh9", FRESH9_OUT, FRESH9_K)
 # the tenth (64 px): the default (q = 32C, k = 4096) and k = 1024 again, each task's two
 # grids back to back in one worker (results/twolayer/PLAN-fresh10.md)
 FRESH10_OUT = OUT / "fresh10"
 FRESH10_K = (1024,)
-ROUNDS["fresh10"] = ("twolayer_fresh10", FRESH10_OUT)
-ROUND_Q["fresh10"] = "default"
-for _k in FRESH10_K:
-    ROUNDS[f"fresh10_k{_k}"] = ("twolayer_fresh10", FRESH10_OUT)
-    ROUND_Q[f"fresh10_k{_k}"] = f"32C-k{_k}"
-    ROUND_GRIDS[f"fresh10_k{_k}"] = FRESH10_OUT / f"k{_k}"
+_round_with_projections("fresh10", "twolayer_fresh10", FRESH10_OUT, FRESH10_K)
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.

@@ -228,6 +228,16 @@ def test_auto_falls_back_where_the_model_has_no_known_split(user, tmp_path):
         "auto: the head '4' kept exact")
 
 
+def test_top_out_of_memory_names_the_cheaper_options(user, tmp_path):
+    """Φ [N q, k] over the memory budget: one line naming a smaller projection and the
+    head-exact model, no traceback."""
+    res = invoke(*_args(user, "--lr", 0.4, "--steps", 5, "--memory-budget", "100000",
+                        "--out", tmp_path / "m"))
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "memory budget" in res.output and "--linearize body" in res.output
+    assert "--projection 256" in res.output
+
+
 @pytest.mark.parametrize("extra, why", [
     (("--optimizer", "adamw", "--lr", "1e-3"), "adamw"),
     (("--weight-decay", "0.01"), "weight decay"),

@@ -24,12 +24,13 @@ import sys
 import time
 import tomllib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from tangentlab.errors import TangentlabError
+from tangentlab.errors import MemoryBudgetError, TangentlabError
 from tangentlab.forecast import STABILIZED_REACHED
 from tangentlab.projection import DEFAULT_KIND
 from tangentlab.schedules import SCHEDULE_KINDS
@@ -972,12 +973,8 @@ def forecast(**o: Any) -> None:
 
     start, timer = time.perf_counter(), {}
     optimizer = _check_hyper(o, lists=False)[0]
-    if o.get("linearize") == "top" or _auto_top(o):
-        try:
-            _forecast_top(o, optimizer, start, timer)
-            return
-        except _NoTop as why:
-            _no_top(o, why)
+    if _top_or_fallback(o, _forecast_top, optimizer, start, timer):
+        return
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     lr = _lr(o, kernel, o["momentum"], timer)
@@ -1090,11 +1087,18 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
     spec = str(o["projection"]).strip().lower()
     k = None if spec == "exact" else TOP_PROJECTION if spec == "auto" else int(spec)
     t0 = time.perf_counter()
-    etk = et.compute_exact_top_kernel(
-        body, top, data, params=params, top_params=params, projection=k, seed=o["seed"],
-        directions=_directions(o.get("directions")), memory_budget=o["memory_budget"],
-        cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "exact-top",
-        progress=not o["no_progress"])  # fmt: skip
+    try:
+        etk = et.compute_exact_top_kernel(
+            body, top, data, params=params, top_params=params, projection=k, seed=o["seed"],
+            directions=_directions(o.get("directions")), memory_budget=o["memory_budget"],
+            cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "exact-top",
+            progress=not o["no_progress"])  # fmt: skip
+    except MemoryBudgetError as exc:
+        raise MemoryBudgetError(
+            f"{exc} The exact top keeps Φ [N q, k] in memory (q directions of z per sample; "
+            f"{'--linearize auto chose it' if o.get('auto_top') else '--linearize top'}): "
+            "--projection 256 or --linearize body (the head-exact model) need far less."
+        ) from None
     timer["kernel (exact top, block linear)"] = time.perf_counter() - t0
     return dict(kernel=etk, name=name, params=params, how=how, defaults=defaults, k=k)
 
@@ -1174,6 +1178,21 @@ def _top_forecast(o: dict[str, Any], optimizer, timer: dict, *, advise: bool) ->
     return dict(kernel=etk, fc=fc, forecasts=forecasts, drop=drop, flagged=flagged, info=info,
                 optimizer=optimizer, steps=steps, params=params, name=name, train=kw,
                 skipped=skipped)  # fmt: skip
+
+
+def _top_or_fallback(o: dict[str, Any], run: Callable, optimizer, start: float,
+                     timer: dict) -> bool:
+    """``run`` (:func:`_forecast_top` or :func:`_validate_top`) where ``--linearize top``,
+    or auto's choice, asks for the exact top: True once done; False where it is not asked
+    for or does not apply to the model (auto's usual choice then follows, :func:`_no_top`)."""
+    if o.get("linearize") != "top" and not _auto_top(o):
+        return False
+    try:
+        run(o, optimizer, start, timer)
+        return True
+    except _NoTop as why:
+        _no_top(o, why)
+        return False
 
 
 def _no_top(o: dict[str, Any], why: _NoTop) -> None:
@@ -1474,12 +1493,8 @@ def validate(**o: Any) -> None:
         raise TangentlabError(
             f"tangentlab: --log-every must be a positive integer, got {o['log_every']!r}."
         )
-    if o.get("linearize") == "top" or _auto_top(o):
-        try:
-            _validate_top(o, optimizer, start, timer)
-            return
-        except _NoTop as why:
-            _no_top(o, why)
+    if _top_or_fallback(o, _validate_top, optimizer, start, timer):
+        return
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
