@@ -462,24 +462,22 @@ def main() -> None:
                          "q = 8C (the library's default then), once")
     ap.add_argument("--fresh7-q2C", action="store_true",
                     help="the seventh fresh round with q = 2C (PLAN-fresh7.md), once")
+    ap.add_argument("--fresh7-now", action="store_true",
+                    help="the seventh fresh round with the command line's exact top as it is "
+                         "now (q = 32C, k = 1024; a second look)")
     ap.add_argument("--fresh8", action="store_true",
                     help="the eighth fresh round, 64 px (twolayer_fresh8.py; PLAN-fresh8.md), "
                          "once")
     ap.add_argument("--fresh8-q8C", action="store_true",
                     help="the eighth fresh round with q = 8C, the default before (PLAN-fresh8.md), "
                          "once")
-    ap.add_argument("--fresh9", action="store_true",
-                    help="the ninth fresh round, 64 px (twolayer_fresh9.py; PLAN-fresh9.md), "
-                         "once")
-    for _k in FRESH9_K:
-        ap.add_argument(f"--fresh9-k{_k}", action="store_true",
-                        help=f"the ninth fresh round with k = {_k} (PLAN-fresh9.md), once")
-    ap.add_argument("--fresh10", action="store_true",
-                    help="the tenth fresh round, 64 px (twolayer_fresh10.py; PLAN-fresh10.md), "
-                         "once")
-    for _k in FRESH10_K:
-        ap.add_argument(f"--fresh10-k{_k}", action="store_true",
-                        help=f"the tenth fresh round with k = {_k} (PLAN-fresh10.md), once")
+    for name, nth, ks in (("fresh9", "ninth", FRESH9_K), ("fresh10", "tenth", FRESH10_K)):
+        ap.add_argument(f"--{name}", action="store_true",
+                        help=f"the {nth} fresh round, 64 px (twolayer_{name}.py; "
+                             f"PLAN-{name}.md), once")
+        for k in ks:
+            ap.add_argument(f"--{name}-k{k}", action="store_true",
+                            help=f"the {nth} fresh round with k = {k} (PLAN-{name}.md), once")
     ap.add_argument("--head-exact", metavar="ROUND", choices=sorted(ROUNDS),
                     help="the command line's default forecast (head exact) of a fresh "
                          "round's cells, for the comparison its plan names")
@@ -765,6 +763,7 @@ def report() -> list[str]:
     lines += check_scored_lines("fresh7")
     lines += head_exact_lines("fresh7")
     lines += check_scored_lines("fresh7_q2C")
+    lines += check_scored_lines("fresh7_now")
     lines += check_scored_lines("fresh8")
     lines += head_exact_lines("fresh8", ("fresh8_q8C",))
     lines += check_scored_lines("fresh8_q8C")
@@ -1024,6 +1023,11 @@ ROUNDS = {"fresh2": ("twolayer_fresh2", FRESH2_OUT), "fresh3": ("twolayer_fresh3
 # since, 2C P² = 32C at 64 px)
 ROUND_Q = {"fresh7": "8C", "fresh8": "default", "fresh8_q8C": "8C"}
 ROUND_GRIDS = {"fresh7_q2C": FRESH7_OUT / "q2C", "fresh8_q8C": FRESH8_OUT / "q8C"}
+# the seventh round again with the command line's exact top as it is now (q = 2C P² = 32C,
+# k = 1024): a second look (q and k were chosen after it), for the default's table
+ROUNDS["fresh7_now"] = ("twolayer_fresh7", FRESH7_OUT)
+ROUND_Q["fresh7_now"] = "32C-k1024"
+ROUND_GRIDS["fresh7_now"] = FRESH7_OUT / "q32C-k1024"
 # the ninth (64 px): the default q and k = 4096, and q = 32C (the default there) with the
 # smaller projections chosen on dev64 (``DEV64_VARIANTS``), results/twolayer/PLAN-fresh9.md
 FRESH9_OUT = OUT / "fresh9"
@@ -1582,6 +1586,9 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           "fresh7": "the seventh fresh round's three image tasks, the first at 64 px (z a "
                     "2 x 2 map; `twolayer_fresh7.py`, PLAN-fresh7.md; first look, the "
                     "library as it is: q = 2C per position of z, 8C)",
+          "fresh7_now": "the seventh fresh round's three image tasks with the command "
+                        "line's exact top as it is now (q = 32C, k = 1024; a second look: "
+                        "both were chosen after this round)",
           "fresh7_q2C": "the seventh fresh round's three image tasks at q = 2C, the "
                         "default before it (PLAN-fresh7.md; reported beside it)",
           "fresh8": "the eighth fresh round's three image tasks, the second at 64 px "
@@ -1610,6 +1617,7 @@ DEFAULT_SETS = (("fresh2", "32", "second look (the drift came after it)"),
                 ("fresh3", "32", "first look"), ("fresh4", "32", "first look"),
                 ("fresh5", "32", "first look"), ("fresh6", "32", "first look"),
                 ("fresh7", "64", "first look; q = 8C, the default then"),
+                ("fresh7_now", "64", "second look; q = 32C, k = 1024 (the default now)"),
                 ("fresh8", "64", "first look"),
                 ("fresh9", "64", "first look"), ("fresh10", "64", "first look"),
                 ("text-holdout", "text", "second look (the drift came after it)"))

@@ -84,7 +84,7 @@ def _linearize_options() -> list:
                      "the tangent model (the whole network linearized). top (forecast, "
                      "validate): the top of the network exact, the last block linear "
                      "(exact_top; the most accurate on held-out tasks, with a reliability "
-                     "check, ~13x body's cost; see README 'Exact top'). auto: forecast and "
+                     "check, ~7x body's cost; see README 'Exact top'). auto: forecast and "
                      "validate take top where the network splits (EfficientNet-Lite, BERT "
                      "classifiers, or --split) and the options allow it; else body where it "
                      "applies, else all, saying why (tl.choose_linearization). information "

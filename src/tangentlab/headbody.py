@@ -361,17 +361,8 @@ def choose_linearization(
       given, whose output is the model's output (checked on up to 4 samples: two small
       forward passes).
 
-    With ``exact_top=True`` (what the command line's ``forecast`` and ``validate`` ask) the
-    exact top, body linear (``"top"``) comes first, wherever none of the above rules the
-    head-exact model out, ``optimizer`` (if given) is SGD without weight decay, no
-    held-out curves are wanted, :func:`tangentlab.examples.split_model` knows the network
-    (EfficientNet-Lite, BERT classifiers) and ``params`` trains weights of its body. On
-    the held-out rounds it was several times more accurate than the head-exact model at
-    32 px and on text (7-9% against 65-86% median |T̃ − T|/T) and as good or better at 64
-    px (3% / 7-8% against 4-6% / 14-24% on the two rounds since its q was chosen; README
-    "Exact top, last block linear"), at about 7x the head-exact forecast's cost (a fifth of
-    a real 300-step run on the default example, at the command line's k = 1024); the
-    head-exact model stays the cheap choice.
+    With ``exact_top=True`` (the command line's ``forecast`` and ``validate``) the exact
+    top, body linear (``"top"``) comes first where it applies (:func:`_exact_top_choice`).
 
     Example::
 
@@ -421,8 +412,17 @@ def choose_linearization(
 def _exact_top_choice(model: nn.Module, params: ParamSpec,
                       optimizer: Any) -> Linearization | None:
     """:func:`choose_linearization`'s ``"top"``, or ``None`` where the exact top does not
-    apply (an optimizer other than SGD without weight decay, no known split, or no trained
-    weight in the body)."""
+    apply: it applies where none of the head-exact model's rules chose the tangent model,
+    ``optimizer`` (if given) is SGD without weight decay,
+    :func:`tangentlab.examples.split_model` knows the network (EfficientNet-Lite, BERT
+    classifiers) and ``params`` trains weights of its body.
+
+    On the held-out rounds the exact top was several times more accurate than the
+    head-exact model at 32 px and on text (7-9% against 65-86% median |T̃ − T|/T) and as
+    good or better at 64 px (3% / 7-8% against 4-6% / 13-24% on the three rounds since its
+    q was chosen; README "Exact top, last block linear"), at about 7x the head-exact
+    forecast's cost (a fifth of a real 300-step run on the default example, at the command
+    line's k = 1024); the head-exact model stays the cheap choice."""
     from tangentlab.examples import split_model
     from tangentlab.training import SGD
 
