@@ -1974,8 +1974,10 @@ reads. The head-exact default scores 6% / 24% with no miss (CE at 80%: 13% / 24%
 *The command line's default, then the tenth fresh round* (PLAN-fresh10.md). On 2026-12-03
 the exact top became the command line's default for forecast and validate where the
 network splits (the table "The command line's default" below: several times more accurate
-than the head-exact model at 32 px and on text, as good or better at 64 px, round 7's
-q = 8C aside). The tenth round was frozen after that choice, with k = 1024 put again:
+than the head-exact model at 32 px and on text, as good or better at 64 px: round 7 at
+its q of then, 8C, lost (8% / 15% against 4% / 9%); rescored with the exact top as it is
+now, q = 32C and k = 1024 (``--fresh7-now``, a second look), 4% / 9%, a tie, interval 97%).
+The tenth round was frozen after that choice, with k = 1024 put again:
 held out once (two tasks from the Crossfire game: items by folder, map tiles by folder;
 144 targets), the default (k = 4096) scores 3% / 7% with no miss, every (loss, drop) group
 within the goals (MSE 2% / 26% and 3% / 6%, CE 3% / 6% and 3% / 5%), the interval holds 96%
