@@ -843,8 +843,8 @@ def _first_below(curve: list, target: float) -> int | None:
     return next((t for t, v in enumerate(curve) if v is not None and v <= target), None)
 
 
-def grid_rows(which: str = "dev", *, prefix: bool = False, path: str = "library"
-              ) -> list[dict]:
+def grid_rows(which: str = "dev", *, prefix: bool = False, path: str = "library",
+              unreached: bool = False) -> list[dict]:
     """One row per (task, cell, drop) the stored real run reaches, with T, the exact-top T̂
     (``et``), the rebound ``R`` of its check, and the library's stored head-exact T̂
     (``hb``, None where not stored), scored as the rounds (``forecast_accuracy._targets``:
@@ -856,7 +856,8 @@ def grid_rows(which: str = "dev", *, prefix: bool = False, path: str = "library"
     catapult path) or of the fixed kernel as scored (``path="fixed"``); ``et`` the
     library's estimate, ``ExactTopForecast.steps_estimate`` (NOTE [exact-top drift]; with
     ``path="fixed"``: ``et_path``); ``et_fixed``: the stored grid's T̂, the fixed kernel's
-    where ``fixed`` (a grid made before the catapult)."""
+    where ``fixed`` (a grid made before the catapult). ``unreached``: also the targets the
+    real run does not reach (``T`` None; ``twolayer_sweep.py``: a sweep may pick them)."""
     from forecast_accuracy import _targets
     from headbody import _powerlaw_curve
     from tangentlab.experimental.exact_top import REBOUND_MAX, drift_steps
@@ -882,13 +883,15 @@ def grid_rows(which: str = "dev", *, prefix: bool = False, path: str = "library"
                     c[f"{col}_loss"] = _powerlaw_curve(c, frac)
                 pre[col] = _targets(c, ho.DROPS, f"{col}_loss")
             for d, t in et.items():
-                if t["status"] == "unreached":
+                if t["status"] == "unreached" and not unreached:
                     continue
                 assert fc.steps_to_drop(float(d)) == t["T_hat"], (st["task"], key, d)
                 r = fc.rebound(float(d))
                 est = t["T_hat"]
                 if cat is not None and made_with is None and r > REBOUND_MAX:
                     curve = cat.get(st["task"], {}).get(key)
+                    if curve is None and t["status"] == "unreached":
+                        curve = g["et_loss"]  # not run for these: the fixed kernel's path
                     if curve is None:
                         raise SystemExit(f"{which}: {st['task']} {key} is flagged and has no "
                                          "catapult path; run `.venv/bin/python benchmarks/"

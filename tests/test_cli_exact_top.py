@@ -178,14 +178,12 @@ def test_forecast_top_refuses_bad_input_with_the_fix(user, tmp_path, extra, mess
     assert "Traceback" not in res.output
 
 
-def test_linearize_top_is_for_forecast_and_needs_a_known_split(user, tmp_path):
+def test_linearize_top_is_for_forecast_validate_sweep_and_needs_a_known_split(user, tmp_path):
     mod, npz = user
-    res = invoke("sweep", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
-                 "--linearize", "top", "--lr", "0.1", "--steps", 5, "--no-progress")
-    assert res.exit_code != 0 and "available for forecast and validate" in res.output
     res = invoke("kernel", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
                  "--linearize", "top", "--no-progress", "--out", tmp_path / "k")
     assert res.exit_code != 0 and "tangentlab kernel: --linearize top" in res.output
+    assert "available for forecast, validate and sweep" in res.output
     res = invoke("forecast", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
                  "--split", f"{mod}:split", "--linearize", "all", "--lr", 0.1, "--steps", 5,
                  "--no-progress")  # fmt: skip
@@ -288,3 +286,101 @@ def test_auto_takes_the_exact_top_on_the_text_example(tmp_path):
     js = strict_json(out / "forecast.json")
     assert js["info"]["linearize"].startswith("auto: the exact top (split_minilm")
     assert js["info"]["num_samples"] == 16 and math.isfinite(js["forecasts"][0]["loss"][-1])
+
+
+def _sweep(user, out, *more):
+    mod, npz = user
+    return ok(invoke("sweep", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                     "--split", f"{mod}:split", "--no-progress", "--out", out, *more))
+
+
+def test_sweep_auto_takes_the_exact_top_and_ranks_like_the_python_api(user, tmp_path):
+    """sweep with --split (auto): the exact top's sweep, every row the Python API's, ranked
+    by the estimate; its reports written; a rerun restores every setting from the cache."""
+    import tangentlab as tl
+    from tangentlab.experimental.exact_top import compute_exact_top_kernel, sweep_exact_top
+    from tangentlab.specs import load_data_spec, load_model_spec
+
+    out = tmp_path / "sw"
+    res = _sweep(user, out, "--lr", "0.1,0.4", "--momentum", "0,0.9", "--batch-size", "8,full",
+                 "--steps", 150, "--target-drop", 0.5)  # fmt: skip
+    js = strict_json(out / "sweep.json")
+    assert js["info"]["linearize"] == "auto: the exact top, for --split" and js["drop"] == 0.5
+    rows = js["table"]
+    assert len(rows) == 8 and [r["rank"] for r in rows] == list(range(1, 9))
+    mod, npz = user
+    model = load_model_spec(f"{mod}:make", num_classes=3).eval()
+    etk = compute_exact_top_kernel(model[:2].eval(), model[2:].eval(), load_data_spec(str(npz)),
+                                   projection=TOP_PROJECTION, progress=False)  # fmt: skip
+    ref = sweep_exact_top(etk, tl.SGD.grid(lr=[0.1, 0.4], momentum=[0, 0.9]), 150,
+                          batch_sizes=[8, None], drop=0.5, progress=False)  # fmt: skip
+    for got, (_, want) in zip(rows, ref.table.iterrows()):
+        assert (got["lr"], got["momentum"]) == (want["lr"], want["momentum"])
+        assert got["estimate"] == pytest.approx(want["estimate"], nan_ok=True) or (
+            got["estimate"] is None and want["estimate"] != want["estimate"])
+        assert got["check"] == want["check"]
+    assert "ranked by the estimated real steps" in res.stdout
+    for name in ("sweep.csv", "report.html"):
+        assert (out / name).exists()
+    assert_png(out / "sweep.png") and assert_png(out / "sweep-ranking.png")
+    assert_self_contained_html(out / "report.html", out / "sweep-ranking.png")  # the first
+    again = _sweep(user, out, "--lr", "0.1,0.4", "--momentum", "0,0.9", "--batch-size",
+                   "8,full", "--steps", 150, "--target-drop", 0.5)  # fmt: skip
+    assert strict_json(out / "sweep.json")["info"]["restored_settings"] == 8
+    assert again.stdout.splitlines()[:9] == res.stdout.splitlines()[:9]  # the same table
+
+
+def test_sweep_top_default_rates_are_fractions_of_the_limit_at_each_momentum(user, tmp_path):
+    from tangentlab.cli import TOP_SWEEP_FRACTIONS
+
+    out = tmp_path / "d"
+    res = _sweep(user, out, "--momentum", "0,0.9", "--steps", 40)
+    assert "of the exact-top model's stability limit 2(1 - m)/S" in res.stderr
+    rows = strict_json(out / "sweep.json")["table"]
+    assert len(rows) == 2 * len(TOP_SWEEP_FRACTIONS)
+    by_m = {m: sorted(r["lr"] for r in rows if r["momentum"] == m) for m in (0.0, 0.9)}
+    ratios = np.array(by_m[0.0]) / by_m[0.0][-1]
+    np.testing.assert_allclose(ratios, np.array(TOP_SWEEP_FRACTIONS) / TOP_SWEEP_FRACTIONS[-1],
+                               rtol=2e-2)  # fmt: skip
+    np.testing.assert_allclose(np.array(by_m[0.9]) / np.array(by_m[0.0]), 0.1, rtol=2e-2)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--weight-decay", "0,0.1"), "cannot be combined with --weight-decay"),
+    (("--target-loss", "1e9"), "must lie between 0 and the initial loss"),
+])
+def test_sweep_top_refuses_bad_input_with_the_fix(user, tmp_path, extra, message):
+    mod, npz = user
+    res = invoke("sweep", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--split", f"{mod}:split", "--linearize", "top", "--lr", "0.1", "--steps", 5,
+                 "--no-progress", "--out", tmp_path / "x", *extra)  # fmt: skip
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_sweep_top_names_the_safer_pick_when_the_first_is_flagged(user, tmp_path):
+    out = tmp_path / "f"
+    res = _sweep(user, out, "--lr", "0.446,0.668", "--steps", 200)
+    rows = strict_json(out / "sweep.json")["table"]
+    assert rows[0]["lr"] == 0.668 and rows[0]["check"] == "flagged"
+    assert "the first is flagged; the fastest whose check passes is rank 2" in res.stdout
+    assert strict_json(out / "sweep.json")["best_passed"] == 2
+
+
+def test_sweep_weight_decay_zero_keeps_auto_on_the_exact_top():
+    from tangentlab.cli import _decays
+
+    assert not _decays(None) and not _decays("0") and not _decays("0,0.0") and not _decays(0.0)
+    assert _decays("0,0.01") and _decays(0.1)
+
+
+@pytest.mark.slow
+def test_sweep_takes_the_exact_top_on_the_image_example(tmp_path):
+    """fashion-lite0 by default: sweep --linearize auto is the exact top's sweep."""
+    out = tmp_path / "lite-sweep"
+    res = ok(invoke("sweep", "--example", "fashion-lite0", "--samples", 32, "--steps", 20,
+                    "--momentum", "0.9", "--out", out, "--no-progress"))  # fmt: skip
+    assert "split_lite" in res.stderr and "ranked by the estimated real steps" in res.stdout
+    js = strict_json(out / "sweep.json")
+    assert js["info"]["linearize"].startswith("auto: the exact top (split_lite")
+    assert len(js["table"]) == 4 and js["kernel"]["directions"] == 320

@@ -817,10 +817,18 @@ def _top_clash(o: dict[str, Any]) -> list[str]:
                            ("--head", o.get("head")),
                            ("--optimizer adamw", o.get("optimizer_name") == "adamw"),
                            ("--pilot", o.get("pilot")),
-                           ("--weight-decay", bool(o.get("weight_decay"))),
+                           ("--weight-decay", _decays(o.get("weight_decay"))),
                            ("held-out curves (--eval-data/--eval-samples)",
                             o.get("eval_spec") is not None or o.get("eval_samples") is not None))
             if v]  # fmt: skip
+
+
+def _decays(value: Any) -> bool:
+    """Whether ``--weight-decay`` (a number, or sweep's comma-separated list) asks for any."""
+    try:
+        return value is not None and any(float(v) != 0 for v in str(value).split(","))
+    except ValueError:
+        return True  # not numbers: refused where the option is parsed
 
 
 # --projection auto of the exact top: k = 1024, as accurate as 4096 on two held-out 64-px
@@ -835,7 +843,7 @@ class _NoTop(Exception):
 
 
 def _auto_top(o: dict[str, Any]) -> bool:
-    """``--linearize auto`` of forecast/validate: try the exact top (``o["linearize"]`` set
+    """``--linearize auto`` of forecast/validate/sweep: try the exact top (``o["linearize"]`` set
     to ``"top"``, ``o["auto_top"]``) where the options allow it: none of the other models'
     options (:func:`_top_clash`), no ``--directions`` (the head-exact model's meaning), BN
     frozen, and a model that may split (a built-in example that does, or a ``--model``:
@@ -854,11 +862,11 @@ def _auto_top(o: dict[str, Any]) -> bool:
 def _check_top(o: dict[str, Any]) -> None:
     """``--linearize top``: forecast only, SGD, and none of the other models' options."""
     command = click.get_current_context().info_name
-    if command not in ("forecast", "validate"):
+    if command not in ("forecast", "validate", "sweep"):
         raise TangentlabError(
             f"tangentlab {command}: --linearize top (the exact-top model) is available for "
-            "forecast and validate; use --linearize body or all here, or the Python API "
-            "(tangentlab.experimental.exact_top)."
+            "forecast, validate and sweep; use --linearize body or all here, or the Python "
+            "API (tangentlab.experimental.exact_top)."
         )
     clash = _top_clash(o)
     if clash:
@@ -1219,6 +1227,111 @@ def _forecast_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
 
 
+# --lr not given for sweep --linearize top: these fractions of the exact-top model's
+# stability limit at w0 at each momentum (as the head-exact sweep's 0.1, 0.3, 1 and 1.5 x
+# half its limit)
+TOP_SWEEP_FRACTIONS = (0.05, 0.15, 0.5, 0.75)
+
+
+def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -> None:
+    """``sweep --linearize top``: one exact-top kernel, every setting's forecast
+    (tangentlab.experimental.exact_top.sweep_exact_top, cached per setting in
+    ``OUT/kernel/exact-top-sweep``), ranked by the estimated real steps to the target."""
+    import tangentlab as tl
+    from tangentlab.experimental import exact_top as et
+    from tangentlab.report import write_exact_top_sweep_report
+
+    r = _top_kernel(o, timer)
+    etk, loss = r["kernel"], _loss(o)
+    steps = o["steps"] if o["steps"] is not None else r["defaults"].get("steps", 300)
+    if o["lr"] is None:
+        t0 = time.perf_counter()
+        _echo("tangentlab: --lr not given: the exact-top model's stability limit at w0 "
+              "(Lanczos on its Gauss-Newton matrix) ...")
+        limit = et.stable_lr(etk, loss=loss, fraction=1.0)  # 2 / S at momentum 0
+        timer["learning rate"] = time.perf_counter() - t0
+        moms = _floats(o["momentum"], "momentum")
+        optimizers = [tl.SGD(float(f"{f * limit * (1.0 - m):.3g}"), momentum=m)
+                      for m in moms for f in TOP_SWEEP_FRACTIONS]  # fmt: skip
+        _echo(f"tangentlab: --lr not given: at each momentum m, "
+              f"{', '.join(f'{f:g}' for f in TOP_SWEEP_FRACTIONS)} of the exact-top model's "
+              f"stability limit 2(1 - m)/S at w0 (2/S = {limit:.4g} for {loss.name}).")
+    optimizers = [opt.replace(schedule=sched) for opt in optimizers
+                  for sched in _schedules(o, steps, lists=True)]  # fmt: skip
+    sizes = [_batch(b) for b in str(o["batch_size"]).split(",")]
+    if o["target_loss"] is not None:
+        l0 = etk.initial_loss(loss)
+        drop = 1.0 - float(o["target_loss"]) / l0
+        if not 0.0 < drop < 1.0:
+            raise TangentlabError(
+                f"tangentlab: --target-loss {o['target_loss']:g} must lie between 0 and the "
+                f"initial loss {l0:.4g} (--linearize top reads its targets as drops of L0)."
+            )
+    else:
+        drop = float(o["target_drop"])
+    n_settings = len(optimizers) * len(sizes)
+    _echo(f"tangentlab: forecasting {n_settings} settings on the exact-top kernel (each "
+          "stops at its target; finished settings are kept in the cache, so an interrupted "
+          "sweep resumes) ...")
+    t0 = time.perf_counter()
+    result = et.sweep_exact_top(
+        etk, optimizers, steps, loss=loss, batch_sizes=sizes, drop=drop, seed=o["seed"],
+        cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "exact-top-sweep",
+        progress=not o["no_progress"])  # fmt: skip
+    timer["sweep"] = time.perf_counter() - t0
+    table = result.table
+    info = {"source": r["name"], "params": str(r["params"]),
+            "model_of_training": f"exact top, block linear: {r['how']}",
+            "projection": str(r["k"]), "directions": etk.rank,
+            "kernel_seconds": round(etk.metadata["seconds"], 2),
+            "num_samples": etk.num_samples, "settings": len(table),
+            "sweep_seconds": round(timer["sweep"], 3),
+            "restored_settings": int(table["cached"].sum()),
+            "target_definition": f"a drop of {drop:.0%} from the initial loss",
+            "ranking": "the estimate of the real steps (NOTE [exact-top sweep ranking]: "
+            "benchmarks/RESULTS.md 'twolayer-sweep')",
+            "lr_choice": "given (--lr)" if o["lr"] is not None else
+            f"{TOP_SWEEP_FRACTIONS} of the exact-top model's stability limit per momentum",
+            "minibatch": "one path each, the batches of tl.finetune(seed=--seed)"}  # fmt: skip
+    if o.get("linearize_reason"):
+        info["linearize"] = o["linearize_reason"]
+    paths = write_exact_top_sweep_report(
+        o["out"], result, etk, info=info,
+        title=f"tangentlab sweep (exact top): {r['name']}")  # fmt: skip
+    shown = table[["rank", "lr", "momentum", "batch_size", "schedule", "estimate",
+                   "interval_low", "interval_high", "check", "steps_to_target"]].copy()
+    shown["batch_size"] = ["full" if v is None or v != v else int(v)
+                           for v in table["batch_size"]]  # fmt: skip
+    shown["interval"] = [("-" if lo is None or lo != lo else f"{lo:.0f}-{hi:.0f}")
+                         for lo, hi in zip(table["interval_low"], table["interval_high"])]
+    shown["estimate"] = ["not reached" if v is None or v != v else f"{v:.0f}"
+                         for v in table["estimate"]]  # fmt: skip
+    shown["steps_to_target"] = ["-" if v is None or v != v else int(v)
+                                for v in table["steps_to_target"]]  # fmt: skip
+    shown = shown.drop(columns=["interval_low", "interval_high"]
+                       + (["schedule"] if len(set(table["schedule"])) == 1 else []))
+    with _pd_display():
+        click.echo(shown.to_string(index=False))
+    flagged = int((table["check"] != "passed").sum())
+    click.echo(f"target: a {drop:.0%} drop of L0; {len(table)} settings from one exact-top "
+               "kernel, ranked by the estimated real steps (column 'estimate'; 'interval': "
+               "where the real run's steps should fall)"
+               + (f"; {flagged} flagged by the reliability check: near their edge of "
+                  "stability, their steps are uncertain (wide intervals)" if flagged else ""))
+    first, safe = table.iloc[0], result.best_passed
+    if first["check"] != "passed" and safe is not None:
+        row = table.iloc[safe - 1]
+        b = "full" if row["batch_size"] is None or row["batch_size"] != row["batch_size"] else (
+            int(row["batch_size"]))
+        click.echo(f"the first is flagged; the fastest whose check passes is rank {safe}: "
+                   f"{row['optimizer']}, batch {b}, estimate {row['estimate']:.0f} steps "
+                   f"(interval {row['interval_low']:.0f}-{row['interval_high']:.0f}), the "
+                   "safer pick (RESULTS.md 'twolayer-sweep').")
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['ranking']}, {paths['png']}, "
+               f"{paths['html']}")
+
+
 def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
     """``validate --linearize top``: the exact-top forecast, then the real run of the same
     settings (tl.finetune on a fresh copy, the same batches), and how they compare."""
@@ -1368,6 +1481,8 @@ def sweep(**o: Any) -> None:
 
     start, timer = time.perf_counter(), {}
     optimizers = _check_hyper(o, lists=True)
+    if _top_or_fallback(o, _sweep_top, optimizers, start, timer):
+        return
     _check_held_out(o)
     if o["rank_by"] not in (None, "steps") and o["eval_spec"] is None and (
         o["eval_samples"] is None

@@ -10,6 +10,8 @@
   BN and activation, pooling and the linear head) exact and the block below it linearized,
   simulated in function space with the block's kernel of z kept in a subspace, with a
   reliability check and a steps interval conditional on it (benchmarks/RESULTS.md,
-  "twolayer": development tasks, then held-out image tasks once). On the command line:
-  ``tangentlab forecast|validate --linearize top`` (opt-in; README "Exact top").
+  "twolayer": development tasks, then held-out image tasks once), and a sweep of many
+  settings from one kernel ranked by the estimated real steps ("twolayer-sweep"). On the
+  command line it is the default of ``tangentlab forecast|validate|sweep`` where the
+  network splits (``--linearize auto``; ``--linearize top`` insists; README "Exact top").
 """
