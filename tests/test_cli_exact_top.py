@@ -384,3 +384,22 @@ def test_sweep_takes_the_exact_top_on_the_image_example(tmp_path):
     js = strict_json(out / "sweep.json")
     assert js["info"]["linearize"].startswith("auto: the exact top (split_lite")
     assert len(js["table"]) == 4 and js["kernel"]["directions"] == 320
+
+
+def test_sweep_top_ranks_by_samples_and_refuses_it_elsewhere(user, tmp_path):
+    out = tmp_path / "s"
+    res = _sweep(user, out, "--lr", "0.0668", "--momentum", "0.9", "--batch-size", "8,full",
+                 "--steps", 200, "--rank-by", "samples")  # fmt: skip
+    rows = strict_json(out / "sweep.json")["table"]
+    assert [r["batch_size"] for r in rows] == [8, None]  # 8 x T̃(8) < 24 x T̃(full)
+    assert rows[0]["samples_to_target"] < rows[1]["samples_to_target"]
+    assert "ranked by the estimated sample-gradients" in res.stdout
+    mod, npz = user
+    base = ("sweep", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3, "--lr",
+            "0.4", "--steps", 5, "--no-progress", "--out", tmp_path / "x")  # fmt: skip
+    res = invoke(*base, "--linearize", "body", "--rank-by", "samples")
+    assert res.exit_code != 0 and "--rank-by samples ranks the exact top's sweep" in res.output
+    res = invoke(*base, "--linearize", "top", "--split", f"{mod}:split", "--rank-by",
+                 "eval_accuracy")  # fmt: skip
+    assert res.exit_code != 0 and "which the exact top does not forecast" in res.output
+    assert "Traceback" not in res.output

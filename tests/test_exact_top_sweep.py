@@ -136,3 +136,22 @@ def test_bad_sweep_requests_are_refused_with_the_fix(etk, call, match):
 def test_initial_loss_is_every_forecasts_first_loss(etk, loss):
     fc = _alone(etk, tl.SGD(0.1), 3, loss=loss)
     assert etk.initial_loss(loss) == pytest.approx(float(fc.loss[0]), rel=1e-12)
+
+
+def test_rank_by_samples_orders_by_estimate_times_batch(etk):
+    opts = tl.SGD.grid(lr=[0.1, 0.5])
+    kw = dict(loss="ce", batch_sizes=[3, None], drop=0.5, progress=False)
+    by_steps = sweep_exact_top(etk, opts, 80, **kw)
+    by_samples = sweep_exact_top(etk, opts, 80, rank_by="samples", **kw)
+    t = by_samples.table
+    for _, row in t.iterrows():
+        b = 12 if _value(row["batch_size"]) is None else int(row["batch_size"])
+        if _value(row["estimate"]) is not None:
+            assert row["samples_to_target"] == pytest.approx(row["estimate"] * b)
+    reached = t["samples_to_target"].dropna().to_numpy()
+    assert np.all(np.diff(reached) >= 0)
+    assert sorted(map(tuple, by_steps.table[["lr", "batch_size"]].fillna(-1).values)) == sorted(
+        map(tuple, t[["lr", "batch_size"]].fillna(-1).values))  # the same rows, reordered
+    assert by_samples.to_dict()["rank_by"].startswith("estimate x batch size")
+    with pytest.raises(TangentlabError, match="rank_by must be 'steps' or 'samples'"):
+        sweep_exact_top(etk, opts, 10, rank_by="eval_accuracy", progress=False)

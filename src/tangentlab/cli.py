@@ -82,10 +82,11 @@ def _linearize_options() -> list:
                      help="body: keep the final linear head exact and linearize only the "
                      "body (tl.compute_head_body_kernel; a calibrated steps interval). all: "
                      "the tangent model (the whole network linearized). top (forecast, "
-                     "validate): the top of the network exact, the last block linear "
+                     "validate, sweep): the top of the network exact, the last block linear "
                      "(exact_top; the most accurate on held-out tasks, with a reliability "
-                     "check, ~7x body's cost; see README 'Exact top'). auto: forecast and "
-                     "validate take top where the network splits (EfficientNet-Lite, BERT "
+                     "check, ~7x body's cost for one forecast; see README 'Exact top'). auto: "
+                     "forecast, validate and sweep take top where the network splits "
+                     "(EfficientNet-Lite, BERT "
                      "classifiers, or --split) and the options allow it; else body where it "
                      "applies, else all, saying why (tl.choose_linearization). information "
                      "and influence use the tangent model."),
@@ -1237,28 +1238,25 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
     """``sweep --linearize top``: one exact-top kernel, every setting's forecast
     (tangentlab.experimental.exact_top.sweep_exact_top, cached per setting in
     ``OUT/kernel/exact-top-sweep``), ranked by the estimated real steps to the target."""
-    import tangentlab as tl
     from tangentlab.experimental import exact_top as et
     from tangentlab.report import write_exact_top_sweep_report
 
+    rank_by = o["rank_by"] or "steps"
+    if rank_by not in ("steps", "samples"):
+        raise TangentlabError(
+            f"tangentlab: --rank-by {rank_by} ranks by held-out curves, which the exact top "
+            "does not forecast; use --rank-by steps or samples, or --linearize body or all "
+            "with --eval-samples/--eval-data."
+        )
     r = _top_kernel(o, timer)
     etk, loss = r["kernel"], _loss(o)
     steps = o["steps"] if o["steps"] is not None else r["defaults"].get("steps", 300)
     if o["lr"] is None:
-        t0 = time.perf_counter()
-        _echo("tangentlab: --lr not given: the exact-top model's stability limit at w0 "
-              "(Lanczos on its Gauss-Newton matrix) ...")
-        limit = et.stable_lr(etk, loss=loss, fraction=1.0)  # 2 / S at momentum 0
-        timer["learning rate"] = time.perf_counter() - t0
-        moms = _floats(o["momentum"], "momentum")
-        optimizers = [tl.SGD(float(f"{f * limit * (1.0 - m):.3g}"), momentum=m)
-                      for m in moms for f in TOP_SWEEP_FRACTIONS]  # fmt: skip
-        _echo(f"tangentlab: --lr not given: at each momentum m, "
-              f"{', '.join(f'{f:g}' for f in TOP_SWEEP_FRACTIONS)} of the exact-top model's "
-              f"stability limit 2(1 - m)/S at w0 (2/S = {limit:.4g} for {loss.name}).")
+        optimizers = _top_sweep_rates(o, etk, loss, timer)
     optimizers = [opt.replace(schedule=sched) for opt in optimizers
                   for sched in _schedules(o, steps, lists=True)]  # fmt: skip
     sizes = [_batch(b) for b in str(o["batch_size"]).split(",")]
+    drop = float(o["target_drop"])
     if o["target_loss"] is not None:
         l0 = etk.initial_loss(loss)
         drop = 1.0 - float(o["target_loss"]) / l0
@@ -1267,15 +1265,14 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
                 f"tangentlab: --target-loss {o['target_loss']:g} must lie between 0 and the "
                 f"initial loss {l0:.4g} (--linearize top reads its targets as drops of L0)."
             )
-    else:
-        drop = float(o["target_drop"])
     n_settings = len(optimizers) * len(sizes)
     _echo(f"tangentlab: forecasting {n_settings} settings on the exact-top kernel (each "
           "stops at its target; finished settings are kept in the cache, so an interrupted "
           "sweep resumes) ...")
     t0 = time.perf_counter()
     result = et.sweep_exact_top(
-        etk, optimizers, steps, loss=loss, batch_sizes=sizes, drop=drop, seed=o["seed"],
+        etk, optimizers, steps, loss=loss, batch_sizes=sizes, drop=drop, rank_by=rank_by,
+        seed=o["seed"],
         cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "exact-top-sweep",
         progress=not o["no_progress"])  # fmt: skip
     timer["sweep"] = time.perf_counter() - t0
@@ -1288,8 +1285,9 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
             "sweep_seconds": round(timer["sweep"], 3),
             "restored_settings": int(table["cached"].sum()),
             "target_definition": f"a drop of {drop:.0%} from the initial loss",
-            "ranking": "the estimate of the real steps (NOTE [exact-top sweep ranking]: "
-            "benchmarks/RESULTS.md 'twolayer-sweep')",
+            "ranking": ("the estimate of the real steps" if rank_by == "steps" else
+                        "the estimate x the batch size (sample-gradients)")
+            + " (NOTE [exact-top sweep ranking]: benchmarks/RESULTS.md 'twolayer-sweep')",
             "lr_choice": "given (--lr)" if o["lr"] is not None else
             f"{TOP_SWEEP_FRACTIONS} of the exact-top model's stability limit per momentum",
             "minibatch": "one path each, the batches of tl.finetune(seed=--seed)"}  # fmt: skip
@@ -1298,8 +1296,39 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
     paths = write_exact_top_sweep_report(
         o["out"], result, etk, info=info,
         title=f"tangentlab sweep (exact top): {r['name']}")  # fmt: skip
+    _print_top_sweep(result, rank_by, len(sizes))
+    click.echo(f"time: {_timings(timer, start)}")
+    click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['ranking']}, {paths['png']}, "
+               f"{paths['html']}")
+
+
+def _top_sweep_rates(o: dict[str, Any], etk, loss, timer: dict) -> list:
+    """``sweep --linearize top`` without ``--lr``: ``TOP_SWEEP_FRACTIONS`` of the exact-top
+    model's stability limit 2(1 − m)/S at each ``--momentum`` m."""
+    import tangentlab as tl
+    from tangentlab.experimental import exact_top as et
+
+    t0 = time.perf_counter()
+    _echo("tangentlab: --lr not given: the exact-top model's stability limit at w0 "
+          "(Lanczos on its Gauss-Newton matrix) ...")
+    limit = et.stable_lr(etk, loss=loss, fraction=1.0)  # 2 / S at momentum 0
+    timer["learning rate"] = time.perf_counter() - t0
+    _echo(f"tangentlab: --lr not given: at each momentum m, "
+          f"{', '.join(f'{f:g}' for f in TOP_SWEEP_FRACTIONS)} of the exact-top model's "
+          f"stability limit 2(1 - m)/S at w0 (2/S = {limit:.4g} for {loss.name}).")
+    return [tl.SGD(float(f"{f * limit * (1.0 - m):.3g}"), momentum=m)
+            for m in _floats(o["momentum"], "momentum") for f in TOP_SWEEP_FRACTIONS]
+
+
+def _print_top_sweep(result, rank_by: str, n_sizes: int) -> None:
+    """The exact-top sweep's table and its reading in words (the safer pick where the first
+    is flagged)."""
+    table = result.table
     shown = table[["rank", "lr", "momentum", "batch_size", "schedule", "estimate",
-                   "interval_low", "interval_high", "check", "steps_to_target"]].copy()
+                   "interval_low", "interval_high", "check", "steps_to_target",
+                   "samples_to_target"]].copy()
+    shown["samples_to_target"] = ["-" if v is None or v != v else f"{v:.3g}"
+                                  for v in table["samples_to_target"]]  # fmt: skip
     shown["batch_size"] = ["full" if v is None or v != v else int(v)
                            for v in table["batch_size"]]  # fmt: skip
     shown["interval"] = [("-" if lo is None or lo != lo else f"{lo:.0f}-{hi:.0f}")
@@ -1309,13 +1338,16 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
     shown["steps_to_target"] = ["-" if v is None or v != v else int(v)
                                 for v in table["steps_to_target"]]  # fmt: skip
     shown = shown.drop(columns=["interval_low", "interval_high"]
-                       + (["schedule"] if len(set(table["schedule"])) == 1 else []))
+                       + (["schedule"] if len(set(table["schedule"])) == 1 else [])
+                       + (["samples_to_target"] if rank_by == "steps" and n_sizes == 1
+                          else []))  # fmt: skip
     with _pd_display():
         click.echo(shown.to_string(index=False))
     flagged = int((table["check"] != "passed").sum())
-    click.echo(f"target: a {drop:.0%} drop of L0; {len(table)} settings from one exact-top "
-               "kernel, ranked by the estimated real steps (column 'estimate'; 'interval': "
-               "where the real run's steps should fall)"
+    by = ("the estimated real steps (column 'estimate'" if rank_by == "steps" else
+          "the estimated sample-gradients, steps x batch size (column 'samples_to_target'")
+    click.echo(f"target: a {result.drop:.0%} drop of L0; {len(table)} settings from one exact-top "
+               f"kernel, ranked by {by}; 'interval': where the real run's steps should fall)"
                + (f"; {flagged} flagged by the reliability check: near their edge of "
                   "stability, their steps are uncertain (wide intervals)" if flagged else ""))
     first, safe = table.iloc[0], result.best_passed
@@ -1327,9 +1359,6 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
                    f"{row['optimizer']}, batch {b}, estimate {row['estimate']:.0f} steps "
                    f"(interval {row['interval_low']:.0f}-{row['interval_high']:.0f}), the "
                    "safer pick (RESULTS.md 'twolayer-sweep').")
-    click.echo(f"time: {_timings(timer, start)}")
-    click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['ranking']}, {paths['png']}, "
-               f"{paths['html']}")
 
 
 def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
@@ -1458,11 +1487,14 @@ def _print_divergence(fc) -> None:
 @_hyper_options(lists=True)
 @_subsample_option
 @_eval_options
-@click.option("--rank-by", type=click.Choice(["steps", "eval_accuracy", "best_eval_accuracy",
-                                              "eval_loss"]), default=None,
-              help="Ranking: steps to the target loss (default), or with --eval-data/"
-              "--eval-samples the held-out accuracy at the last step (default then), the best "
-              "held-out accuracy along the run, or the final held-out loss.")  # fmt: skip
+@click.option("--rank-by", type=click.Choice(["steps", "samples", "eval_accuracy",
+                                              "best_eval_accuracy", "eval_loss"]),
+              default=None,
+              help="Ranking: steps to the target loss (default); samples: steps x batch size "
+              "(the exact top's sweep: the sample-gradients, i.e. compute, to the target); or "
+              "with --eval-data/--eval-samples the held-out accuracy at the last step "
+              "(default then), the best held-out accuracy along the run, or the final "
+              "held-out loss.")  # fmt: skip
 @_pilot_option
 @_errors_as_usage
 def sweep(**o: Any) -> None:
@@ -1483,6 +1515,12 @@ def sweep(**o: Any) -> None:
     optimizers = _check_hyper(o, lists=True)
     if _top_or_fallback(o, _sweep_top, optimizers, start, timer):
         return
+    if o["rank_by"] == "samples":
+        raise TangentlabError(
+            "tangentlab: --rank-by samples ranks the exact top's sweep (steps x batch size), "
+            "and this sweep does not use it: --linearize auto takes it on a network that "
+            "splits, --linearize top --split on any other."
+        )
     _check_held_out(o)
     if o["rank_by"] not in (None, "steps") and o["eval_spec"] is None and (
         o["eval_samples"] is None

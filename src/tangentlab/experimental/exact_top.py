@@ -640,7 +640,9 @@ def forecast_exact_top(
 # A sweep ranks its settings by the estimate T̃ of the real steps to the target
 # (``steps_estimate``), least first; a setting whose forecast does not reach the target
 # ranks after them, by its final loss, and one that blows up before it last; ties go to
-# the smaller rebound R.
+# the smaller rebound R. ``rank_by="samples"`` ranks by T̃ B instead (B = N for full batch:
+# the sample-gradients the real run computes to get there, the compute it costs, where a
+# step's cost grows with B), under the same rules.
 # The reliability check does not demote a setting: it is shown (column ``check``) and
 # widens the interval. Chosen on the development sets (``benchmarks/twolayer_sweep.py
 # --choose``: 14 image and 14 text tasks, per task and loss the 12 settings of batch size,
@@ -659,16 +661,19 @@ class ExactTopSweep:
       table: one row per setting, best first: ``rank``, ``lr``, ``momentum``,
         ``batch_size`` (None: full batch), ``schedule``, ``steps_to_target`` (the forecast's
         T̂), ``estimate`` (T̃ of the real run), ``interval_low``/``interval_high``,
+        ``samples_to_target`` (T̃ B, B = N for full batch: the real run's sample-gradients),
         ``check`` ("passed", "flagged" or "blow-up"), ``rebound`` R at the target,
         ``final_loss``, ``seconds`` (the simulation's), ``cached`` (restored from
         ``cache``) and ``optimizer`` (the setting's label).
       forecasts: the :class:`ExactTopForecast` of every row, in the table's order.
       drop: the target, a drop of this fraction of L0.
+      rank_by: ``"steps"`` (T̃) or ``"samples"`` (T̃ B).
     """
 
     table: pd.DataFrame
     forecasts: tuple[ExactTopForecast, ...]
     drop: float
+    rank_by: str = "steps"
 
     @property
     def best(self) -> ExactTopForecast:
@@ -688,7 +693,8 @@ class ExactTopSweep:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the drop, the ranking rule and the table's rows."""
         rows = self.table.astype(object).where(self.table.notna(), None).to_dict("records")
-        return dict(drop=self.drop, rank_by="estimate (NOTE [exact-top sweep ranking])",
+        by = "estimate" if self.rank_by == "steps" else "estimate x batch size"
+        return dict(drop=self.drop, rank_by=f"{by} (NOTE [exact-top sweep ranking])",
                     best_passed=self.best_passed, rows=rows)  # fmt: skip
 
 
@@ -700,6 +706,7 @@ def sweep_exact_top(
     loss: Loss | str = "mse",
     batch_sizes: Sequence[int | None] = (None,),
     drop: float = 0.8,
+    rank_by: str = "steps",
     sampling: str = "epoch",
     seed: int = 0,
     log_every: int = 1,
@@ -726,6 +733,8 @@ def sweep_exact_top(
       batch_sizes: batch sizes to cross with the optimizers (``None``: full batch).
       drop: the target, a fraction of L0 in (0, 1) (the same L0 for every setting: the
         model at w0).
+      rank_by: ``"steps"``: by the estimated real steps T̃; ``"samples"``: by T̃ B, the
+        sample-gradients to the target (B = N for full batch), where batch sizes differ.
       sampling, seed, log_every, catapult: as :func:`forecast_exact_top`.
       stop_at_target: stop each path once its loss is at or below (1 − d) L0, d the deeper
         of ``drop`` and the check's 80% (what the ranking and the check read); the
@@ -759,6 +768,9 @@ def sweep_exact_top(
     if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0.0 < drop < 1.0:
         raise TangentlabError(f"{fn}: drop must be a fraction of L0 in (0, 1), got {drop!r}; "
                               "e.g. 0.8 for an 80% drop.")  # fmt: skip
+    if rank_by not in ("steps", "samples"):
+        raise TangentlabError(f"{fn}: rank_by must be 'steps' or 'samples' (steps x batch "
+                              f"size), got {rank_by!r}.")  # fmt: skip
     for opt in opts:  # every request checked before the first simulation
         for b in sizes:
             _check_forecast(fn, kernel, opt, steps, loss, b, sampling, log_every, None)
@@ -786,11 +798,11 @@ def sweep_exact_top(
                   f"{'full' if b is None else b}: estimate "
                   f"{'not reached' if t is None else f'{t:.0f} steps'}", file=sys.stderr,
                   flush=True)  # fmt: skip
-    return _rank(runs, settings, drop)
+    return _rank(runs, settings, drop, rank_by, kernel.num_samples)
 
 
 def _rank(runs: list[ExactTopForecast], settings: list[tuple[SGD, int | None]],
-          drop: float) -> ExactTopSweep:
+          drop: float, rank_by: str, n: int) -> ExactTopSweep:
     """The sweep's table, ranked (NOTE [exact-top sweep ranking])."""
     rows = []
     for fc, (opt, b) in zip(runs, settings):
@@ -801,17 +813,20 @@ def _rank(runs: list[ExactTopForecast], settings: list[tuple[SGD, int | None]],
                          schedule=opt.schedule.describe(), steps_to_target=t, estimate=est,
                          interval_low=None if iv is None else iv[0],
                          interval_high=None if iv is None else iv[1],
+                         samples_to_target=None if est is None
+                         else est * (n if b is None else min(b, n)),
                          check="blow-up" if fc.blowup is not None and t is None
                          else "flagged" if r > REBOUND_MAX else "passed",
                          rebound=r, final_loss=float(last[-1]) if len(last) else math.nan,
                          seconds=fc.seconds, cached=bool(fc.settings.get("restored")),
                          optimizer=opt.describe()))  # fmt: skip
+    col = "estimate" if rank_by == "steps" else "samples_to_target"
     order = sorted(range(len(rows)), key=lambda i: (
-        rows[i]["estimate"] is None, rows[i]["check"] == "blow-up", rows[i]["estimate"] or 0.0,
+        rows[i]["estimate"] is None, rows[i]["check"] == "blow-up", rows[i][col] or 0.0,
         rows[i]["final_loss"] if rows[i]["estimate"] is None else 0.0, rows[i]["rebound"]))
     table = pd.DataFrame([rows[i] for i in order])
     table.insert(0, "rank", np.arange(1, len(order) + 1))
-    return ExactTopSweep(table, tuple(runs[i] for i in order), float(drop))
+    return ExactTopSweep(table, tuple(runs[i] for i in order), float(drop), rank_by)
 
 
 def _kernel_id(kernel: ExactTopKernel) -> str:
