@@ -756,6 +756,34 @@ def sweep_exact_top(
         >>> sw.table[["rank", "lr", "momentum", "batch_size", "estimate", "check"]]
     """
     fn = "sweep_exact_top"
+    opts, sizes, lossf = _check_sweep(fn, kernel, optimizers, steps, loss, batch_sizes, drop,
+                                      rank_by, sampling, log_every)  # fmt: skip
+    stop = ((1.0 - max(drop, *RELIABILITY_DROPS)) * kernel.initial_loss(lossf)
+            if stop_at_target else None)  # fmt: skip
+    folder = None if cache is None else Path(cache)
+    ident = _kernel_id(kernel) if folder is not None else ""
+    runs = []
+    settings = [(opt, b) for opt in opts for b in sizes]
+    for i, (opt, b) in enumerate(settings):
+        kw = dict(loss=lossf, batch_size=b, sampling=sampling, seed=seed, log_every=log_every,
+                  stop_below=stop, catapult=catapult)  # fmt: skip
+        path = None if folder is None else folder / f"{_setting_id(ident, opt, steps, kw)}.json"
+        fc = _load_forecast(path) or _stored(path, kernel, opt, steps, kw, progress)
+        runs.append(fc)
+        if progress:
+            t = fc.steps_estimate(drop)
+            print(f"{fn}: {i + 1}/{len(settings)} {opt.describe()}, batch "
+                  f"{'full' if b is None else b}: estimate "
+                  f"{'not reached' if t is None else f'{t:.0f} steps'}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+    return _rank(runs, settings, drop, rank_by, kernel.num_samples)
+
+
+def _check_sweep(fn: str, kernel: Any, optimizers: Any, steps: Any, loss: Any,
+                 batch_sizes: Any, drop: Any, rank_by: Any, sampling: Any,
+                 log_every: Any) -> tuple[list[SGD], list[int | None], Loss]:
+    """Validate :func:`sweep_exact_top`'s request, every setting before the first
+    simulation; ``(optimizers, batch sizes, loss object)``."""
     opts = list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
     if not opts or not all(isinstance(o, SGD) for o in opts):
         got = sorted({type(o).__name__ for o in opts}) or "nothing"
@@ -771,34 +799,10 @@ def sweep_exact_top(
     if rank_by not in ("steps", "samples"):
         raise TangentlabError(f"{fn}: rank_by must be 'steps' or 'samples' (steps x batch "
                               f"size), got {rank_by!r}.")  # fmt: skip
-    for opt in opts:  # every request checked before the first simulation
+    for opt in opts:
         for b in sizes:
             _check_forecast(fn, kernel, opt, steps, loss, b, sampling, log_every, None)
-    lossf = as_loss(loss, fn)
-    stop = ((1.0 - max(drop, *RELIABILITY_DROPS)) * kernel.initial_loss(lossf)
-            if stop_at_target else None)  # fmt: skip
-    folder = None if cache is None else Path(cache)
-    ident = _kernel_id(kernel) if folder is not None else ""
-    runs = []
-    settings = [(opt, b) for opt in opts for b in sizes]
-    for i, (opt, b) in enumerate(settings):
-        kw = dict(loss=lossf, batch_size=b, sampling=sampling, seed=seed, log_every=log_every,
-                  stop_below=stop, catapult=catapult)  # fmt: skip
-        path = None if folder is None else folder / f"{_setting_id(ident, opt, steps, kw)}.json"
-        fc = _load_forecast(path)
-        if fc is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ValidityWarning)
-                fc = forecast_exact_top(kernel, opt, steps, progress=progress, **kw)
-            _store_forecast(path, fc)
-        runs.append(fc)
-        if progress:
-            t = fc.steps_estimate(drop)
-            print(f"{fn}: {i + 1}/{len(settings)} {opt.describe()}, batch "
-                  f"{'full' if b is None else b}: estimate "
-                  f"{'not reached' if t is None else f'{t:.0f} steps'}", file=sys.stderr,
-                  flush=True)  # fmt: skip
-    return _rank(runs, settings, drop, rank_by, kernel.num_samples)
+    return opts, sizes, as_loss(loss, fn)
 
 
 def _rank(runs: list[ExactTopForecast], settings: list[tuple[SGD, int | None]],
@@ -844,6 +848,17 @@ def _setting_id(ident: str, opt: SGD, steps: int, kw: dict[str, Any]) -> str:
     req = dict(kw, loss=kw["loss"].describe(), optimizer=opt.to_dict(), steps=steps)
     return hashlib.sha256((ident + json.dumps(req, sort_keys=True, default=str)).encode()
                           ).hexdigest()[:24]  # fmt: skip
+
+
+def _stored(path: Path | None, kernel: ExactTopKernel, opt: SGD, steps: int,
+            kw: dict[str, Any], progress: bool) -> ExactTopForecast:
+    """The forecast of one setting of a sweep (its check in the table, not a warning),
+    stored at ``path``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ValidityWarning)
+        fc = forecast_exact_top(kernel, opt, steps, progress=progress, **kw)
+    _store_forecast(path, fc)
+    return fc
 
 
 def _store_forecast(path: Path | None, fc: ExactTopForecast) -> None:
