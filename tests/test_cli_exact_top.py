@@ -403,3 +403,29 @@ def test_sweep_top_ranks_by_samples_and_refuses_it_elsewhere(user, tmp_path):
                  "eval_accuracy")  # fmt: skip
     assert res.exit_code != 0 and "which the exact top does not forecast" in res.output
     assert "Traceback" not in res.output
+
+
+def test_an_interrupted_sweep_resumes_from_its_finished_settings(user, tmp_path, monkeypatch):
+    """Ctrl-C in the second setting: exit 130, the first setting kept; the rerun restores
+    it and computes the rest."""
+    from tangentlab.experimental import exact_top as et
+
+    real, calls = et.forecast_exact_top, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(et, "forecast_exact_top", interrupted)
+    out = tmp_path / "i"
+    args = ("--lr", "0.1,0.4", "--steps", 60)
+    mod, npz = user
+    res = invoke("sweep", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--split", f"{mod}:split", "--no-progress", "--out", out, *args)
+    assert res.exit_code == 130 and "a sweep's settings" in res.output
+    assert len(list((out / "kernel" / "exact-top-sweep").glob("*.json"))) == 1
+    monkeypatch.setattr(et, "forecast_exact_top", real)
+    _sweep(user, out, *args)
+    assert strict_json(out / "sweep.json")["info"]["restored_settings"] == 1

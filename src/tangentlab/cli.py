@@ -332,8 +332,8 @@ def _errors_as_usage(fn):
             raise _Fault(f"tangentlab: {type(exc).__name__}: {msg} (does the model accept "
                          "this data? --debug shows the traceback).") from None  # fmt: skip
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; finished kernel chunks are kept in the cache and "
-                       "the next run resumes from them.", err=True)
+            click.echo("\ninterrupted; what was finished (kernel chunks, a sweep's settings) "
+                       "is kept in the cache and the next run resumes from it.", err=True)
             sys.exit(130)
 
     return wrapper
