@@ -320,6 +320,10 @@ def test_sweep_auto_takes_the_exact_top_and_ranks_like_the_python_api(user, tmp_
             got["estimate"] is None and want["estimate"] != want["estimate"])
         assert got["check"] == want["check"]
     assert "ranked by the estimated real steps" in res.stdout
+    top = rows[0]
+    b = "full" if top["batch_size"] is None else top["batch_size"]
+    assert (f"tangentlab validate (the same model and data options) --lr {top['lr']:g} "
+            f"--momentum {top['momentum']:g} --batch-size {b}") in res.stdout
     for name in ("sweep.csv", "report.html"):
         assert (out / name).exists()
     assert_png(out / "sweep.png") and assert_png(out / "sweep-ranking.png")

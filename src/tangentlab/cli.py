@@ -1320,6 +1320,11 @@ def _top_sweep_rates(o: dict[str, Any], etk, loss, timer: dict) -> list:
             for m in _floats(o["momentum"], "momentum") for f in TOP_SWEEP_FRACTIONS]
 
 
+def _batch_label(value: Any) -> str | int:
+    """A sweep table's batch size as shown: "full" (None, or NaN in a numeric column)."""
+    return "full" if value is None or value != value else int(value)
+
+
 def _print_top_sweep(result, rank_by: str, n_sizes: int) -> None:
     """The exact-top sweep's table and its reading in words (the safer pick where the first
     is flagged)."""
@@ -1329,8 +1334,7 @@ def _print_top_sweep(result, rank_by: str, n_sizes: int) -> None:
                    "samples_to_target"]].copy()
     shown["samples_to_target"] = ["-" if v is None or v != v else f"{v:.3g}"
                                   for v in table["samples_to_target"]]  # fmt: skip
-    shown["batch_size"] = ["full" if v is None or v != v else int(v)
-                           for v in table["batch_size"]]  # fmt: skip
+    shown["batch_size"] = [_batch_label(v) for v in table["batch_size"]]
     shown["interval"] = [("-" if lo is None or lo != lo else f"{lo:.0f}-{hi:.0f}")
                          for lo, hi in zip(table["interval_low"], table["interval_high"])]
     shown["estimate"] = ["not reached" if v is None or v != v else f"{v:.0f}"
@@ -1353,12 +1357,19 @@ def _print_top_sweep(result, rank_by: str, n_sizes: int) -> None:
     first, safe = table.iloc[0], result.best_passed
     if first["check"] != "passed" and safe is not None:
         row = table.iloc[safe - 1]
-        b = "full" if row["batch_size"] is None or row["batch_size"] != row["batch_size"] else (
-            int(row["batch_size"]))
+        b = _batch_label(row["batch_size"])
         click.echo(f"the first is flagged; the fastest whose check passes is rank {safe}: "
                    f"{row['optimizer']}, batch {b}, estimate {row['estimate']:.0f} steps "
                    f"(interval {row['interval_low']:.0f}-{row['interval_high']:.0f}), the "
                    "safer pick (RESULTS.md 'twolayer-sweep').")
+    if first["estimate"] == first["estimate"] and first["estimate"] is not None:
+        b = _batch_label(first["batch_size"])
+        steps = math.ceil(first["interval_high"]) + 1
+        click.echo(f"to check the pick with a real run: tangentlab validate (the same model and "
+                   f"data options) --lr {first['lr']:g} --momentum {first['momentum']:g} "
+                   f"--batch-size {b} --steps {steps}"
+                   + ("" if first["schedule"] == "Constant()" else
+                      f", with its schedule {first['schedule']}"))
 
 
 def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> None:
