@@ -60,7 +60,7 @@ and tenth 64-px rounds (``twolayer.py --fresh9-k1024``, ``--fresh10-k1024``) at 
 0.49x the simulations' seconds there, and is the command line's k since (a fifth of the
 real run on the default example, ``exact_top_speed.py --part k``). A sweep
 (:func:`sweep_exact_top`) shares the kernel and stops each setting at its target: 16
-settings of the default example in 290 s, the head-exact model's sweep of them 341 s
+settings of the default example in 247 s, the head-exact model's sweep of them 323 s
 (``exact_top_speed.py --part sweep``).
 
 Measured (benchmarks/RESULTS.md "twolayer", ``benchmarks/twolayer.py``; median / p90 of
@@ -720,8 +720,8 @@ def sweep_exact_top(
 
     Each setting is one :func:`forecast_exact_top` path (the minibatch ones with the
     batches of ``tl.finetune(seed=seed)``); the kernel is shared, so a setting costs one
-    simulation, stopped at its target (the README's sweep of the default example: 10 s a
-    setting on average, 1.4% of one real 300-step run; benchmarks/RESULTS.md
+    simulation, stopped at its target (the README's sweep of the default example: 9 s a
+    setting on average, 1.3% of one real 300-step run; benchmarks/RESULTS.md
     "exact-top-sweep").
 
     Args:
