@@ -49,7 +49,9 @@ for any Q.
 Cost: every step runs the top forward and backward on its batch (what a real step pays
 for the top) and forwards it on all N for the training loss (``log_every``), plus the
 kernel products, which move every sample's z: O(N q k) with a projected block Φ
-``[N q, k]`` (read twice a step) or O(N q |b| q) with M; it never runs the body. So it is
+``[N q, k]`` (read twice a full-batch step; a minibatch step reads its batch's rows and the
+logged steps' z come from one product with Φ per chunk of steps, NOTE [exact-top minibatch
+path]) or O(N q |b| q) with M; it never runs the body. So it is
 cheap where the body (or the frozen trunk below the trained weights, which a real run
 forwards at every step) dominates a real step. The kernel costs q backward passes through
 the body per sample, one output at a time (NOTE [memory model] in tangentlab.memory).
@@ -57,11 +59,11 @@ Measured (benchmarks/RESULTS.md "exact-top-speed"): on the default example (N = 
 64 px, q = 320, k = 4096) the forecast of 300 steps costs about a quarter of the real
 run, each further setting of a sweep about a tenth; k = 1024 was as accurate on the ninth
 and tenth 64-px rounds (``twolayer.py --fresh9-k1024``, ``--fresh10-k1024``) at 0.63x and
-0.49x the simulations' seconds there, and is the command line's k since (a fifth of the
-real run on the default example, ``exact_top_speed.py --part k``). A sweep
+0.49x the simulations' seconds there, and is the command line's k since (15% of the real
+run on the default example, ``exact_top_speed.py --part k``). A sweep
 (:func:`sweep_exact_top`) shares the kernel and stops each setting at its target: 16
-settings of the default example in 247 s, the head-exact model's sweep of them 323 s
-(``exact_top_speed.py --part sweep``).
+settings of the default example in 292 s, the head-exact model's sweep of them 511 s, 14%
+of training every setting to its estimated steps (``exact_top_speed.py --part sweep``).
 
 Measured (benchmarks/RESULTS.md "twolayer", ``benchmarks/twolayer.py``; median / p90 of
 |T̃ − T|/T over the rounds' whole grid, a miss counted as a failure). Every forecast comes
@@ -1191,7 +1193,7 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
           progress: bool, catapult: float = 1.0, shrunk: list[int] | None = None,
           while_rising: bool = False, recover: float = 0.0, pin: float = 0.0,
           pin_always: bool = False, sharpness: list[tuple[int, float, float]] | None = None,
-          ) -> tuple[list[int], list[float], list[float], int | None]:
+          reference: bool = False) -> tuple[list[int], list[float], list[float], int | None]:
     """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
     ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
     the blow-up step (or None). ``catapult`` = β < 1: the block's kernel times β at each
@@ -1204,7 +1206,13 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     ``pin_always``), the block's scale is further multiplied by a factor h <= 1 set every
     step so that the top eigenvalue S of the model's Gauss-Newton matrix in its weights
     stays at most c · 2(1 + m)/η_t (h grows back toward 1 below it); (step, S, scale · h)
-    appended to ``sharpness``."""
+    appended to ``sharpness``. A minibatch path with a projected block takes
+    :func:`_minibatch_path` (NOTE [exact-top minibatch path]) unless ``reference`` (tests and
+    benchmarks: this step-by-step path in z) or a candidate's option is set."""
+    if (batches is not None and kernel.features is not None and not reference
+            and not (while_rising or recover or pin)):  # fmt: skip
+        return _minibatch_path(kernel, lossf, rates, m, lam, batches, log_every, stop_below,
+                               progress, catapult, shrunk)  # fmt: skip
     top, shape, y = kernel.top, kernel.shape, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -1287,6 +1295,149 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
                     b.add_(p if p0 is None else p - p0, alpha=lam)  # Δz = J (w − w0)
                 p.sub_(b, alpha=float(rates[t]))
     return logged, losses, accs, blowup
+
+
+# NOTE [exact-top minibatch path]
+# A minibatch step moves every sample's z (the block's kernel couples them), but only the
+# batch's z enter the next step; the others are read on the logged steps. Inside Q the move
+# is Φ applied to the k-vector s that the body's projected weights have moved by
+# (Δz_i = Qᵀ-rows (Φ s)_i Qᵀ, momentum and weight decay acting on s as on w), so the path
+# keeps s and forms the batch's rows Φ_b s alone at each step; the logged steps' z come from
+# one product Φ [s_t1 .. s_tL] per chunk of MINIBATCH_CHUNK logged steps, which reads Φ
+# [N q, k] once a chunk instead of twice a step (the step-by-step path's cost, memory-bound
+# on the default example). Outside Q (κ_⊥ [N, N]) Δz is kept as before. The steps of a chunk
+# are taken before its losses are read; where a read step starts a catapult (NOTE
+# [exact-top catapult]), the chunk is replayed from its start up to that step (the same
+# operations, the same numbers) and goes on with the new scale; a blow-up or ``stop_below``
+# ends the path at its step as before. The path equals ``_path(reference=True)`` up to
+# float32 rounding (tests/test_exact_top_minibatch.py); on the default example a step costs
+# about 2.5x fewer seconds (benchmarks/RESULTS.md "exact-top-minibatch").
+MINIBATCH_CHUNK = 16
+_CHUNK_BYTES = 256 * 2**20  # at most this much memory for a chunk's stored z and weights
+
+
+class _MiniState:
+    """The minibatch path's state: s and its momentum ``[k]``, Δz outside Q and its momentum
+    ``[N, D]`` (zero without κ_⊥), the top's weights θ and their momentum."""
+
+    def __init__(self, k: int, z0: torch.Tensor, th: list[torch.Tensor]) -> None:
+        self.s = torch.zeros(k, dtype=z0.dtype)
+        self.bs = torch.zeros_like(self.s)
+        self.dzr, self.ur = torch.zeros_like(z0), torch.zeros_like(z0)
+        self.th = [t.clone().requires_grad_(True) for t in th]
+        self.buf = [torch.zeros_like(t) for t in th]
+
+    def copy(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in (self.s, self.bs, self.dzr, self.ur, *self.th,
+                                             *self.buf)]  # fmt: skip
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, v in zip((self.s, self.bs, self.dzr, self.ur, *self.th, *self.buf), saved):
+                t.copy_(v)
+
+
+def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float,
+                    lam: float, batches: list[np.ndarray], log_every: int,
+                    stop_below: float | None, progress: bool, catapult: float,
+                    shrunk: list[int] | None) -> tuple[list[int], list[float], list[float],
+                                                       int | None]:  # fmt: skip
+    """``_path`` of a minibatch run on a projected block (NOTE [exact-top minibatch path])."""
+    top, shape, y, z0, names = kernel.top, kernel.shape, kernel.y, kernel.z0, kernel.top_params
+    n, q = kernel.num_samples, kernel.rank
+    phi = kernel.features.to(z0.dtype)  # [N q, k]
+    phi3, qb = phi.reshape(n, q, -1), kernel.basis.to(z0.dtype)
+    rest = None if kernel.rest is None else kernel.rest.to(z0.dtype)
+    w = dict(top.named_parameters())
+    th0 = [w[a].detach().clone() for a in names]
+    st = _MiniState(phi.shape[1], z0, th0)
+    per_log = 4 * (z0.numel() + sum(t.numel() for t in th0)) + phi.shape[0] * 4
+    chunk = max(1, min(MINIBATCH_CHUNK, _CHUNK_BYTES // max(per_log, 1)))
+
+    def logits(z: torch.Tensor, th: list[torch.Tensor]) -> torch.Tensor:
+        return functional_call(top, dict(zip(names, th)), (z.reshape(len(z), *shape),))
+
+    def train(t: int, scale: float) -> None:  # one SGD step on batch t (as _path's)
+        rows = torch.as_tensor(batches[t])
+        pb = [phi3[i] for i in rows.tolist()]  # views [q, k] (a gathered copy costs 4x more)
+        with torch.no_grad():
+            zb = z0[rows] + torch.stack([p @ st.s for p in pb]) @ qb.T + st.dzr[rows]
+        zb.requires_grad_(True)
+        lb = lossf.per_sample(logits(zb, st.th), y[rows]).mean()
+        grads = torch.autograd.grad(lb, [zb, *st.th], allow_unused=True)
+        grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *st.th])]
+        eta = float(rates[t])
+        with torch.no_grad():
+            c = grads[0] @ qb  # [B, q]
+            v = torch.zeros_like(st.s)  # Φ_bᵀ c [k]
+            for p, cj in zip(pb, c):
+                v.addmv_(p.T, cj)
+            st.bs.mul_(m).add_(v, alpha=scale)
+            if lam:
+                st.bs.add_(st.s, alpha=lam)
+            st.s.sub_(st.bs, alpha=eta)
+            if rest is not None:
+                st.ur.mul_(m).add_(rest[:, rows] @ (grads[0] - c @ qb.T), alpha=scale)
+                if lam:
+                    st.ur.add_(st.dzr, alpha=lam)
+                st.dzr.sub_(st.ur, alpha=eta)
+            for p, p0, g, b in zip(st.th, th0, grads[1:], st.buf):
+                b.mul_(m).add_(g)
+                if lam:
+                    b.add_(p - p0, alpha=lam)
+                p.sub_(b, alpha=eta)
+
+    logged, losses, accs = [], [], []
+    steps = len(rates)
+    scale, armed, low = 1.0, True, math.inf  # NOTE [exact-top catapult]
+    t, seen = 0, -1  # seen: the last step whose loss was read
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="forecast_exact_top", unit="step", disable=not progress,
+               delay=2.0, leave=False)  # fmt: skip
+    with bar:
+        while True:
+            start, saved, reads = t, st.copy(), []
+            while True:  # take the chunk's steps, keeping each logged step's state
+                if (t % log_every == 0 or t == steps) and t > seen:
+                    reads.append((t, st.s.clone(), st.dzr.clone(),
+                                  [p.detach().clone() for p in st.th]))  # fmt: skip
+                if t == steps or len(reads) == chunk:
+                    break
+                train(t, scale)
+                t += 1
+                bar.update(max(0, t - bar.n))  # a replayed step is not counted twice
+            inside = phi @ torch.stack([r[1] for r in reads], 1)  # [N q, L]: Φ read once
+            event = None
+            for j, (tt, _, dzr, th) in enumerate(reads):
+                with torch.no_grad():
+                    f = logits(z0 + inside[:, j].reshape(n, q) @ qb.T + dzr, th)
+                    value = float(lossf.per_sample(f, y).double().mean())
+                if not math.isfinite(value) or (bool(losses) and value > _BLOWUP * losses[0]):
+                    logged.append(tt), losses.append(math.nan), accs.append(math.nan)
+                    return logged, losses, accs, tt
+                logged.append(tt)
+                losses.append(value)
+                accs.append(float((f.argmax(1) == y).double().mean()))
+                if stop_below is not None and value <= stop_below:
+                    return logged, losses, accs, None
+                if tt % CHECK_EVERY_MINIBATCH == 0:  # an excursion as rebound() reads it
+                    rise = value > low + REBOUND_MAX * losses[0]
+                    fire = rise and armed and catapult != 1.0
+                    armed, low = not rise, min(low, value)
+                    if fire:
+                        event = tt
+                        break
+            seen = reads[j][0]
+            if event is None and t == steps:
+                return logged, losses, accs, None
+            if event is not None:  # replay up to the catapult's step, then shrink
+                st.restore(saved)
+                for tt in range(start, event):
+                    train(tt, scale)
+                t, scale = event, scale * catapult
+                if shrunk is not None:
+                    shrunk.append(event)
 
 
 class _Sharpness:
