@@ -35,6 +35,9 @@ the real L0.
 - ``head exact``: the least uncalibrated T̂ of the head-exact model (where stored);
 - ``a = 1``: always the largest rate (the rates groups only; the naive choice).
 A setting the forecast does not reach ranks last. Ties go to the smaller rebound.
+**In samples** (``rank_by="samples"``): the settings groups ranked by T̃ B (B = N for full
+batch) and scored by the real runs' T B, against the steps ranking's pick and the
+head-exact model's T̂ B scored the same way (a fixed rule: nothing chosen).
 
 **Held out.** The rule was chosen on the development sets (``--choose``: the 14 image
 tasks at 32 px and the 14 text tasks) and then read once on the held-out rounds, whose
@@ -54,6 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import holdout as ho  # noqa: E402
 import twolayer as tw  # noqa: E402
 from _common import write_section  # noqa: E402
 
@@ -98,18 +102,41 @@ def groups(rows: list[dict], by: str) -> list[list[dict]]:
     return [g for g in out.values() if any(r["T"] is not None for r in g)]
 
 
-def regret(group: list[dict], chosen: dict) -> float:
-    best = min(r["T"] for r in group if r["T"] is not None)
-    return math.inf if chosen["T"] is None else chosen["T"] / best
+def samples(r: dict, steps: float | None) -> float | None:
+    """``steps`` x B, the sample-gradients a run of ``r``'s setting computes in them (B = N
+    for full batch; ``rank_by="samples"``'s unit)."""
+    if steps is None:
+        return None
+    n = int(ho.TASKS[r["task"]]["num_samples"])
+    return float(steps) * (n if r["batch"] == "full" else min(32, n))
 
 
-def score(gs: list[list[dict]], rule: str) -> dict | None:
+def pick_samples(group: list[dict], rule: str) -> dict | None:
+    """The row a sweep ranked first in samples: ``rule`` "estimate" (the least T̃ B,
+    ``rank_by="samples"``), "steps" (the least T̃: the default ranking's pick, scored in
+    samples) or "head exact" (the least T̂ B of the head-exact model)."""
+    if rule == "steps":
+        return pick(group, "estimate")
+    col = {"estimate": "et", "head exact": "hb"}[rule]
+    if col == "hb" and any(r["hb"] is None and r["hb_stored"] is False for r in group):
+        return None
+    return min(group, key=lambda r: (math.inf if r[col] is None else samples(r, r[col]),
+                                     r["R"]))  # fmt: skip
+
+
+def regret(group: list[dict], chosen: dict, unit: str = "steps") -> float:
+    cost = (lambda r: r["T"]) if unit == "steps" else (lambda r: samples(r, r["T"]))
+    best = min(cost(r) for r in group if r["T"] is not None)
+    return math.inf if chosen["T"] is None else cost(chosen) / best
+
+
+def score(gs: list[list[dict]], rule: str, unit: str = "steps") -> dict | None:
     regrets = []
     for g in gs:
-        c = pick(g, rule)
+        c = pick(g, rule) if unit == "steps" else pick_samples(g, rule)
         if c is None:
             return None
-        regrets.append(regret(g, c))
+        regrets.append(regret(g, c, unit))
     r = np.array(regrets)
     return dict(n=len(r), hit=float(np.mean(r <= 1.0)), within=float(np.mean(r <= 1.25)),
                 median=float(np.median(r)), p90=float(np.quantile(r, 0.9)),
@@ -148,6 +175,24 @@ def table(sets: tuple[str, ...], by: str) -> list[str]:
     return lines
 
 
+SAMPLE_RULES = ("estimate", "steps", "head exact")
+
+
+def samples_table(sets: tuple[str, ...]) -> list[str]:
+    """The settings groups ranked and scored in samples (T B): ``rank_by="samples"``."""
+    lines = ["| set (settings, in samples) | groups | by T̃ B (rank_by samples) | by T̃ "
+             "(rank_by steps) | head exact (T̂ B) |", "|---|---|---|---|---|"]
+    pooled: list[list[dict]] = []
+    for which in sets:
+        gs = groups(rows_of(which), "settings")
+        pooled += gs
+        lines.append(f"| {which} | {len(gs)} | "
+                     + " | ".join(_fmt(score(gs, r, "samples")) for r in SAMPLE_RULES) + " |")
+    lines.append(f"| **all** | {len(pooled)} | "
+                 + " | ".join(_fmt(score(pooled, r, "samples")) for r in SAMPLE_RULES) + " |")
+    return lines
+
+
 def report() -> list[str]:
     lines = [f"Command: `{COMMAND}`. No new run: the stored real runs and exact-top forecasts "
              "of `twolayer.py`'s sets. Per group the rule's pick and its regret T(pick) / "
@@ -163,6 +208,12 @@ def report() -> list[str]:
     lines += ["Held out:", ""]
     for by in ("settings", "rates"):
         lines += table(HELD_OUT, by) + [""]
+    lines += ["**Ranked by samples** (`rank_by=\"samples\"`, `--rank-by samples`: the least "
+              "T̃ B, B = N for full batch; a fixed rule, not chosen on these sets). The "
+              "settings groups scored in samples: regret (T B)(pick) / min T B over the "
+              "group's real runs. A first look at both the development and the held-out "
+              "sets.", "", "Development:", "", *samples_table(DEV), "", "Held out:", "",
+              *samples_table(HELD_OUT)]
     return lines
 
 
