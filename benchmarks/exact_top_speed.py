@@ -37,10 +37,23 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    the head-exact model's ``tl.sweep`` of the same 16 settings (300 steps each), and the
    real run's seconds a step at each batch size, timed in the same process.
 
-    .venv/bin/python benchmarks/exact_top_speed.py [--part directions|plan|k|sweep]
+8. ``--part minibatch``: minibatch forecasts (B = 32) of the default example at k = 1024
+   along the step-by-step path in z (``_path(reference=True)``, the library's before) and
+   along the minibatch path (NOTE [exact-top minibatch path]), interleaved, against the
+   real run's seconds a step at B = 32 timed in the same process; the two paths' losses
+   and steps to the 50% and 80% drops compared.
+
+9. ``--part capture``: the exact-top kernel (default example, N = 200, k = 1024) with the
+   capture's eval-mode batch norm as an affine map (``structured._eval_batch_norm``, now)
+   and as ``F.batch_norm`` (before), interleaved; the features' largest difference per
+   sample (NOTE [float32 and activation kinks] in structured.py).
+
+    .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
+    #                                                   minibatch, capture
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
-"exact-top-k" and "exact-top-sweep" of RESULTS.md.
+"exact-top-k", "exact-top-sweep", "exact-top-minibatch" and "exact-top-capture" of
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -465,9 +479,132 @@ def sweep_part() -> None:
     print("\n".join(text))
 
 
+def minibatch_part(steps: int = 150, repeats: int = 2) -> None:
+    """Part 8: the minibatch path against the step-by-step path, and the real step."""
+    from tangentlab import dynamics as dyn
+    from tangentlab.cli import TOP_PROJECTION
+
+    warnings.simplefilter("ignore")
+    ex = load_example("fashion-lite0", num_samples=N)
+    body, top, _ = split_model(ex.model.eval())
+    etk = et.compute_exact_top_kernel(body, top, ex.data, params=LITE0_DEFAULT_PARAMS,
+                                      top_params=LITE0_DEFAULT_PARAMS,
+                                      projection=TOP_PROJECTION, progress=False)  # fmt: skip
+    rows = []
+    for loss in ("mse", "ce"):
+        lossf = tl.training.as_loss(loss, "exact_top_speed")
+        limit = et.stable_lr(etk, loss=loss, fraction=1.0)
+        l0 = etk.initial_loss(loss)
+        for frac, m in ((0.15, 0.0), (0.5, 0.0), (0.15, 0.9)):
+            lr = float(f"{frac * limit * (1 - m):.3g}")
+            rates = np.full(steps, lr)
+            batches = dyn.batch_schedule(N, 32, steps, sampling="epoch",
+                                         rng=dyn.path_rngs(0, 1)[0])  # fmt: skip
+            secs: dict[bool, list[float]] = {True: [], False: []}
+            out = {}
+            for _ in range(repeats):
+                for ref in (True, False):
+                    t0 = time.perf_counter()
+                    out[ref] = et._path(etk, lossf, rates, m, 0.0, batches, 1, None, False,
+                                        et.CATAPULT, [], reference=ref)  # fmt: skip
+                    secs[ref].append(time.perf_counter() - t0)
+            a, b = np.asarray(out[True][1]), np.asarray(out[False][1])
+            hits = []
+            for d in (0.5, 0.8):
+                hit = [next((int(t) for t, v in zip(o[0], o[1]) if v <= (1 - d) * l0), None)
+                       for o in (out[True], out[False])]  # fmt: skip
+                hits.append("/".join("-" if h is None else str(h) for h in hit))
+            ref_s, new_s = statistics.median(secs[True]), statistics.median(secs[False])
+            rows.append(f"| {loss.upper()} | {frac:g} | {m:g} | {lr:.3g} | "
+                        f"{1e3 * ref_s / steps:.0f} | {1e3 * new_s / steps:.0f} | "
+                        f"{ref_s / new_s:.2f}x | {np.max(np.abs(a - b) / np.abs(a)):.1e} | "
+                        f"{hits[0]} | {hits[1]} |")
+
+    real = tl.finetune(load_example("fashion-lite0", num_samples=N).model.eval(), ex.data,
+                       tl.SGD(1e-4), 20, params=LITE0_DEFAULT_PARAMS, batch_size=32,
+                       log_every=20, progress=False)  # fmt: skip
+    real_ms = 1e3 * real.train_seconds / 20
+    text = [
+        f"Command: `{COMMAND} --part minibatch`. Machine: {machine()}.",
+        "",
+        f"Minibatch forecasts of the default example (N = {N}, 64 px, the default q = 320, "
+        f"k = {TOP_PROJECTION}, B = 32, {steps} steps, the loss read at every step, the "
+        "catapult on): the step-by-step path in z (``_path(reference=True)``, the library's "
+        "before) against the minibatch path (NOTE [exact-top minibatch path]: Φ read once a "
+        f"chunk of {et.MINIBATCH_CHUNK} steps), milliseconds a step (median of {repeats} "
+        "interleaved runs); *a*: fraction of the exact top's stability limit of that loss "
+        "(the rate a (1 − m) limit, as the sweep's); *differ*: the largest relative "
+        "difference of the two paths' losses; steps to a 50% and an 80% drop of L0 along "
+        "each (before/now).",
+        "",
+        "| loss | a | m | lr | ms a step before | now | speed-up | differ | 50% | 80% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"A real step at B = 32 (`tl.finetune` of the whole network, timed in the same "
+        f"process): {real_ms:.0f} ms.",
+    ]
+    write_section("exact-top-minibatch", "\n".join(text))
+    print("\n".join(text))
+
+
+def capture_part(n: int = 200, repeats: int = 3) -> None:
+    """Part 9: the kernel with the capture's batch norm as an affine map, and as before."""
+    from tangentlab import structured
+    from tangentlab.cli import TOP_PROJECTION
+
+    warnings.simplefilter("ignore")
+    ex = load_example("fashion-lite0", num_samples=n)
+    body, top, _ = split_model(ex.model.eval())
+    affine = structured._eval_batch_norm
+    secs: dict[bool, list[float]] = {True: [], False: []}
+    feats = {}
+    for _ in range(repeats):
+        for now in (True, False):
+            structured._eval_batch_norm = affine if now else (lambda a, kw: None)
+            try:
+                t0 = time.perf_counter()
+                etk = et.compute_exact_top_kernel(body, top, ex.data,
+                                                  params=LITE0_DEFAULT_PARAMS,
+                                                  top_params=LITE0_DEFAULT_PARAMS,
+                                                  projection=TOP_PROJECTION, progress=False)
+                secs[now].append(time.perf_counter() - t0)
+            finally:
+                structured._eval_batch_norm = affine
+            feats[now] = etk.features
+    d = ((feats[True] - feats[False]).reshape(n, -1).abs().amax(1)
+         / feats[False].abs().max()).sort(descending=True).values
+    now_s, before_s = statistics.median(secs[True]), statistics.median(secs[False])
+    text = [
+        f"Command: `{COMMAND} --part capture`. Machine: {machine()}.",
+        "",
+        f"The exact-top kernel of the default example at N = {n} (64 px, the default q, "
+        f"k = {TOP_PROJECTION}), seconds (median of {repeats} interleaved runs), with the "
+        "capture's eval-mode batch norm computed as the affine map it is, x s + (b − μ s) "
+        "(`structured._eval_batch_norm`: its backward is one product) and as `F.batch_norm` "
+        "(before: `native_batch_norm_backward` took about half of each reverse pass through "
+        "the block):",
+        "",
+        "| batch norm | kernel s |",
+        "|---|---|",
+        f"| `F.batch_norm` (before) | {before_s:.1f} |",
+        f"| affine map (now) | {now_s:.1f} |",
+        "",
+        f"Speed-up **{before_s / now_s:.2f}x**. The features' largest difference per sample, "
+        f"relative to the largest feature: the largest {float(d[0]):.1e}, the next "
+        f"{float(d[1]):.1e}, the median {float(d[len(d) // 2]):.1e}; "
+        f"{int((d > 1e-4).sum())} of {n} samples above 1e-4 (a pre-activation within "
+        "float32 rounding of a ReLU6 kink takes the other one-sided derivative: NOTE "
+        "[float32 and activation kinks] in structured.py).",
+    ]
+    write_section("exact-top-capture", "\n".join(text))
+    print("\n".join(text))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep"],
+    ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
+                                       "capture"],
                     default="speed")
     part = ap.parse_args().part
     if part == "directions":
@@ -478,5 +615,9 @@ if __name__ == "__main__":
         k_part()
     elif part == "sweep":
         sweep_part()
+    elif part == "minibatch":
+        minibatch_part()
+    elif part == "capture":
+        capture_part()
     else:
         main()
