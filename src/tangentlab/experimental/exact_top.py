@@ -1317,24 +1317,73 @@ _CHUNK_BYTES = 256 * 2**20  # at most this much memory for a chunk's stored z an
 
 
 class _MiniState:
-    """The minibatch path's state: s and its momentum ``[k]``, Δz outside Q and its momentum
-    ``[N, D]`` (zero without κ_⊥), the top's weights θ and their momentum."""
+    """The minibatch path's state and its SGD step: s and its momentum ``[k]``, Δz outside Q
+    and its momentum ``[N, D]`` (zero without κ_⊥), the top's weights θ and their momentum
+    (NOTE [exact-top minibatch path])."""
 
-    def __init__(self, k: int, z0: torch.Tensor, th: list[torch.Tensor]) -> None:
-        self.s = torch.zeros(k, dtype=z0.dtype)
+    def __init__(self, kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float,
+                 lam: float, batches: list[np.ndarray]) -> None:
+        z0, n, q = kernel.z0, kernel.num_samples, kernel.rank
+        self.kernel, self.lossf, self.rates, self.m, self.lam = kernel, lossf, rates, m, lam
+        self.batches = batches
+        self.phi = kernel.features.to(z0.dtype)  # [N q, k]
+        self.phi3, self.qb = self.phi.reshape(n, q, -1), kernel.basis.to(z0.dtype)
+        self.rest = None if kernel.rest is None else kernel.rest.to(z0.dtype)
+        w = dict(kernel.top.named_parameters())
+        self.th0 = [w[a].detach().clone() for a in kernel.top_params]
+        self.s = torch.zeros(self.phi.shape[1], dtype=z0.dtype)
         self.bs = torch.zeros_like(self.s)
         self.dzr, self.ur = torch.zeros_like(z0), torch.zeros_like(z0)
-        self.th = [t.clone().requires_grad_(True) for t in th]
-        self.buf = [torch.zeros_like(t) for t in th]
+        self.th = [t.clone().requires_grad_(True) for t in self.th0]
+        self.buf = [torch.zeros_like(t) for t in self.th0]
+
+    def _parts(self) -> tuple[torch.Tensor, ...]:
+        return (self.s, self.bs, self.dzr, self.ur, *self.th, *self.buf)
 
     def copy(self) -> list[torch.Tensor]:
-        return [t.detach().clone() for t in (self.s, self.bs, self.dzr, self.ur, *self.th,
-                                             *self.buf)]  # fmt: skip
+        return [t.detach().clone() for t in self._parts()]
 
     def restore(self, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for t, v in zip((self.s, self.bs, self.dzr, self.ur, *self.th, *self.buf), saved):
+            for t, v in zip(self._parts(), saved):
                 t.copy_(v)
+
+    def logits(self, z: torch.Tensor, th: list[torch.Tensor]) -> torch.Tensor:
+        k = self.kernel
+        return functional_call(k.top, dict(zip(k.top_params, th)),
+                               (z.reshape(len(z), *k.shape),))  # fmt: skip
+
+    def step(self, t: int, scale: float) -> None:
+        """One SGD step on batch t, as ``_path``'s (torch SGD, decay toward w0)."""
+        k, m, lam, qb = self.kernel, self.m, self.lam, self.qb
+        rows = torch.as_tensor(self.batches[t])
+        pb = [self.phi3[i] for i in rows.tolist()]  # views [q, k]: a gathered copy costs 4x
+        with torch.no_grad():
+            zb = k.z0[rows] + torch.stack([p @ self.s for p in pb]) @ qb.T + self.dzr[rows]
+        zb.requires_grad_(True)
+        lb = self.lossf.per_sample(self.logits(zb, self.th), k.y[rows]).mean()
+        grads = torch.autograd.grad(lb, [zb, *self.th], allow_unused=True)
+        grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *self.th])]
+        eta = float(self.rates[t])
+        with torch.no_grad():
+            c = grads[0] @ qb  # [B, q]
+            v = torch.zeros_like(self.s)  # Φ_bᵀ c [k]
+            for p, cj in zip(pb, c):
+                v.addmv_(p.T, cj)
+            self.bs.mul_(m).add_(v, alpha=scale)
+            if lam:
+                self.bs.add_(self.s, alpha=lam)
+            self.s.sub_(self.bs, alpha=eta)
+            if self.rest is not None:
+                self.ur.mul_(m).add_(self.rest[:, rows] @ (grads[0] - c @ qb.T), alpha=scale)
+                if lam:
+                    self.ur.add_(self.dzr, alpha=lam)
+                self.dzr.sub_(self.ur, alpha=eta)
+            for p, p0, g, b in zip(self.th, self.th0, grads[1:], self.buf):
+                b.mul_(m).add_(g)
+                if lam:
+                    b.add_(p - p0, alpha=lam)
+                p.sub_(b, alpha=eta)
 
 
 def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float,
@@ -1343,50 +1392,10 @@ def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: f
                     shrunk: list[int] | None) -> tuple[list[int], list[float], list[float],
                                                        int | None]:  # fmt: skip
     """``_path`` of a minibatch run on a projected block (NOTE [exact-top minibatch path])."""
-    top, shape, y, z0, names = kernel.top, kernel.shape, kernel.y, kernel.z0, kernel.top_params
-    n, q = kernel.num_samples, kernel.rank
-    phi = kernel.features.to(z0.dtype)  # [N q, k]
-    phi3, qb = phi.reshape(n, q, -1), kernel.basis.to(z0.dtype)
-    rest = None if kernel.rest is None else kernel.rest.to(z0.dtype)
-    w = dict(top.named_parameters())
-    th0 = [w[a].detach().clone() for a in names]
-    st = _MiniState(phi.shape[1], z0, th0)
-    per_log = 4 * (z0.numel() + sum(t.numel() for t in th0)) + phi.shape[0] * 4
+    y, z0, n, q = kernel.y, kernel.z0, kernel.num_samples, kernel.rank
+    st = _MiniState(kernel, lossf, rates, m, lam, batches)
+    per_log = 4 * (z0.numel() + sum(t.numel() for t in st.th0) + st.phi.shape[0])
     chunk = max(1, min(MINIBATCH_CHUNK, _CHUNK_BYTES // max(per_log, 1)))
-
-    def logits(z: torch.Tensor, th: list[torch.Tensor]) -> torch.Tensor:
-        return functional_call(top, dict(zip(names, th)), (z.reshape(len(z), *shape),))
-
-    def train(t: int, scale: float) -> None:  # one SGD step on batch t (as _path's)
-        rows = torch.as_tensor(batches[t])
-        pb = [phi3[i] for i in rows.tolist()]  # views [q, k] (a gathered copy costs 4x more)
-        with torch.no_grad():
-            zb = z0[rows] + torch.stack([p @ st.s for p in pb]) @ qb.T + st.dzr[rows]
-        zb.requires_grad_(True)
-        lb = lossf.per_sample(logits(zb, st.th), y[rows]).mean()
-        grads = torch.autograd.grad(lb, [zb, *st.th], allow_unused=True)
-        grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, [zb, *st.th])]
-        eta = float(rates[t])
-        with torch.no_grad():
-            c = grads[0] @ qb  # [B, q]
-            v = torch.zeros_like(st.s)  # Φ_bᵀ c [k]
-            for p, cj in zip(pb, c):
-                v.addmv_(p.T, cj)
-            st.bs.mul_(m).add_(v, alpha=scale)
-            if lam:
-                st.bs.add_(st.s, alpha=lam)
-            st.s.sub_(st.bs, alpha=eta)
-            if rest is not None:
-                st.ur.mul_(m).add_(rest[:, rows] @ (grads[0] - c @ qb.T), alpha=scale)
-                if lam:
-                    st.ur.add_(st.dzr, alpha=lam)
-                st.dzr.sub_(st.ur, alpha=eta)
-            for p, p0, g, b in zip(st.th, th0, grads[1:], st.buf):
-                b.mul_(m).add_(g)
-                if lam:
-                    b.add_(p - p0, alpha=lam)
-                p.sub_(b, alpha=eta)
-
     logged, losses, accs = [], [], []
     steps = len(rates)
     scale, armed, low = 1.0, True, math.inf  # NOTE [exact-top catapult]
@@ -1404,14 +1413,14 @@ def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: f
                                   [p.detach().clone() for p in st.th]))  # fmt: skip
                 if t == steps or len(reads) == chunk:
                     break
-                train(t, scale)
+                st.step(t, scale)
                 t += 1
                 bar.update(max(0, t - bar.n))  # a replayed step is not counted twice
-            inside = phi @ torch.stack([r[1] for r in reads], 1)  # [N q, L]: Φ read once
+            inside = st.phi @ torch.stack([r[1] for r in reads], 1)  # [N q, L]: Φ once
             event = None
             for j, (tt, _, dzr, th) in enumerate(reads):
                 with torch.no_grad():
-                    f = logits(z0 + inside[:, j].reshape(n, q) @ qb.T + dzr, th)
+                    f = st.logits(z0 + inside[:, j].reshape(n, q) @ st.qb.T + dzr, th)
                     value = float(lossf.per_sample(f, y).double().mean())
                 if not math.isfinite(value) or (bool(losses) and value > _BLOWUP * losses[0]):
                     logged.append(tt), losses.append(math.nan), accs.append(math.nan)
@@ -1434,7 +1443,7 @@ def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: f
             if event is not None:  # replay up to the catapult's step, then shrink
                 st.restore(saved)
                 for tt in range(start, event):
-                    train(tt, scale)
+                    st.step(tt, scale)
                 t, scale = event, scale * catapult
                 if shrunk is not None:
                     shrunk.append(event)
