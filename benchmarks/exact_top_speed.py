@@ -479,14 +479,21 @@ def sweep_part() -> None:
     print("\n".join(text))
 
 
+def _example(n: int):
+    """``(example, body, top)``: the default example's N = n samples, split as the command
+    line splits it; warnings off (the parts time, they do not advise)."""
+    warnings.simplefilter("ignore")
+    ex = load_example("fashion-lite0", num_samples=n)
+    body, top, _ = split_model(ex.model.eval())
+    return ex, body, top
+
+
 def minibatch_part(steps: int = 150, repeats: int = 2) -> None:
     """Part 8: the minibatch path against the step-by-step path, and the real step."""
     from tangentlab import dynamics as dyn
     from tangentlab.cli import TOP_PROJECTION
 
-    warnings.simplefilter("ignore")
-    ex = load_example("fashion-lite0", num_samples=N)
-    body, top, _ = split_model(ex.model.eval())
+    ex, body, top = _example(N)
     etk = et.compute_exact_top_kernel(body, top, ex.data, params=LITE0_DEFAULT_PARAMS,
                                       top_params=LITE0_DEFAULT_PARAMS,
                                       projection=TOP_PROJECTION, progress=False)  # fmt: skip
@@ -553,9 +560,7 @@ def capture_part(n: int = 200, repeats: int = 3) -> None:
     from tangentlab import structured
     from tangentlab.cli import TOP_PROJECTION
 
-    warnings.simplefilter("ignore")
-    ex = load_example("fashion-lite0", num_samples=n)
-    body, top, _ = split_model(ex.model.eval())
+    ex, body, top = _example(n)
     affine = structured._eval_batch_norm
     secs: dict[bool, list[float]] = {True: [], False: []}
     feats = {}
