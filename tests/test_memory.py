@@ -63,7 +63,9 @@ act = activation_elements(model, lambda: t.f0(x1))
 p_held = t.num_params if proj is None else t.materialized_params(x1)
 mp = plan(n=n, c=10, p=p_held, k=None if proj is None else proj.k, itemsize=4, act=act,
           budget=budget, dense_piece_entries=(1 << 24) if kind in ("gaussian", "rademacher")
-          else 0, by_output=proj is not None and t.by_output(x1))  # as compute_kernel plans it
+          else 0, by_output=proj is not None and t.by_output(x1),
+          moved_act=t.reached_activations(x1) if proj is not None and t.by_output(x1)
+          else None)  # as compute_kernel plans it
 gc.collect()
 before = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as fh:
@@ -194,14 +196,62 @@ def test_plan_one_output_at_a_time_counts_the_graph_once():
     by_jacobian, by_output = plan(**kw), plan(**kw, by_output=True)
     assert by_jacobian.chunk == 3
     assert by_output.per_sample == 4 * (6 * 37_473 + 3 * 1_910_723 + 200 * 4096)
-    # capped where one output's pass moves 512 MiB: b * 4 * (p + act)
-    assert by_output.chunk == (512 << 20) // (4 * (37_473 + 1_910_723)) == 68
+    # capped where one output's pass moves 512 MiB: b * 4 * (p + act) = 68 samples, then
+    # cut into chunks of equal size: 100 = 50 + 50
+    assert (512 << 20) // (4 * (37_473 + 1_910_723)) == 68
+    assert by_output.chunk == 50
     assert by_output.estimate <= kw["budget"]
     # the budget still binds, and exact kernels (no k) have no by-output path
     tight = plan(**{**kw, "budget": by_output.fixed + 10 * by_output.per_sample}, by_output=True)
     assert tight.chunk == 10
     exact = dict(kw, n=4, c=2, k=None)
     assert plan(**exact, by_output=True) == plan(**exact)
+
+
+def test_plan_caps_a_chunk_by_the_activations_its_passes_reach():
+    """One output at a time, a chunk is capped where a pass moves 512 MiB of held gradients
+    and *reached* activations (moved_act): the exact top's block reaches 42,752 of a Lite0
+    forward's 1.9M (the frozen prefix's are freed in the forward pass). The budget still
+    counts every activation."""
+    from tangentlab.memory import plan
+
+    kw = dict(n=1000, c=320, p=21_089, k=1024, itemsize=4, act=1_910_723, budget=12 << 30,
+              by_output=True)  # fmt: skip
+    before, now = plan(**kw), plan(**kw, moved_act=42_752)
+    assert (512 << 20) // (4 * (21_089 + 1_910_723)) == 69
+    assert before.chunk == 67  # 1000 samples in 15 chunks of 67 or fewer
+    assert now.per_sample == before.per_sample  # the budget's count is unchanged
+    room = (kw["budget"] - now.fixed) // now.per_sample
+    assert room < (512 << 20) // (4 * (21_089 + 42_752))  # here the budget binds
+    # ... and the passes go over chunks of equal size: 1000 = 334 + 334 + 332, not 462 x 2 + 76
+    assert room == 462 and now.chunk == 334 > before.chunk
+    assert now.estimate <= kw["budget"]
+    assert plan(**{**kw, "by_output": False}, moved_act=42_752) == plan(**{**kw,
+                                                                          "by_output": False})
+
+
+def test_reached_activations_leave_out_a_frozen_prefix():
+    """Tangent.reached_activations counts the leaf modules' outputs that depend on a
+    trainable weight (one sample): here the last Linear's 3, not the frozen prefix's 8 + 8."""
+    import torch
+    from torch import nn
+
+    import tangentlab as tl
+    from tangentlab.memory import activation_elements
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x1 = torch.randn(1, 6)
+    last = tl.Tangent(model, params=["2.weight", "2.bias"], projection=tl.Projection(64,
+                                                                                    kind="tensor"))
+    assert last.reached_activations(x1) == 3
+    every = tl.Tangent(model, projection=tl.Projection(64, kind="tensor"))
+    assert every.reached_activations(x1) == 8 + 8 + 3
+    assert activation_elements(model, lambda: model(x1)) == 8 + 8 + 3
+    # the activations counted live run with grad enabled, and leave it as it was
+    with torch.no_grad():
+        assert last.reached_activations(x1) == 3
+        assert not torch.is_grad_enabled()
 
 
 def test_compute_kernel_plans_by_output_on_the_tensor_sketch_path_only():

@@ -24,8 +24,12 @@ the other through one retained graph and never forms [b, C, P]):
                                               projected rows [b, C, k]
     + fixed
 
-and a chunk is capped where one output's pass moves ~512 MiB (b item (P + A)), not where
+and a chunk is capped where one output's pass moves ~512 MiB (b item (P + A')), not where
 [b, C, P] would: the per-output passes are what a chunk amortizes (exact_top_speed.py).
+A' counts only the activations downstream of a trained weight, which the passes reach (a
+frozen prefix's are freed in the forward pass): on the default example's exact top 44 K of
+A = 1.9 M, and the chunk goes from 68 samples to what the budget allows (RESULTS.md
+"exact-top-chunk").
 For a trace kernel (``trace=True``) C is the number of probed outputs S (the Jacobians are
 ``[b, S, P]``), Theta is ``K`` ``[N, N]`` instead of ``[NC, NC]`` and Phi is ``[N, S k]``.
 """
@@ -98,13 +102,17 @@ def gib(n: float) -> str:
     return f"{n / (1 << 10):.1f} KiB"
 
 
-def activation_elements(model: torch.nn.Module, call) -> int:
-    """Elements of all leaf-module outputs in one forward pass of ``call()`` (one sample)."""
+def activation_elements(model: torch.nn.Module, call, *, live: bool = False) -> int:
+    """Elements of all leaf-module outputs in one forward pass of ``call()`` (one sample).
+
+    ``live``: only the outputs that depend on a weight ``call`` lets require grad (the
+    activations a reverse pass to those weights reaches; ``call`` runs with grad enabled):
+    a frozen prefix's are not counted."""
     total = 0
 
     def count(obj) -> int:
         if isinstance(obj, torch.Tensor):
-            return obj.numel()
+            return obj.numel() if obj.requires_grad or not live else 0
         if isinstance(obj, Mapping):
             return sum(count(v) for v in obj.values())
         if isinstance(obj, list | tuple):
@@ -117,7 +125,7 @@ def activation_elements(model: torch.nn.Module, call) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(live):
             call()
     finally:
         for h in handles:
@@ -158,6 +166,7 @@ def plan(
     trace: bool = False,
     dense_piece_entries: int = 1 << 24,
     by_output: bool = False,
+    moved_act: int | None = None,
 ) -> MemoryPlan:
     """Plan chunk sizes for N samples, C outputs, P weights (and projection k); see NOTE.
 
@@ -165,7 +174,8 @@ def plan(
     [trace kernel] in tangentlab.compute). ``dense_piece_entries``: the largest piece of R
     a dense projection forms at once (0 for the sparse and tensor sketches, which never do).
     ``by_output=True``: the Jacobian rows are formed one output at a time (projected
-    kernels only; NOTE [memory model]).
+    kernels only; NOTE [memory model]); ``moved_act``: the activation elements of one
+    sample that each of its passes reaches (default ``act``).
     Raises MemoryBudgetError when even one sample at a time does not fit, naming the size.
     """
     nc = n * c
@@ -212,8 +222,10 @@ def plan(
     # memory traffic, and fresh multi-GiB buffers cost page faults (measured on
     # EfficientNet-Lite0: 8 samples/chunk 21 samples/s, 32 samples/chunk 14 samples/s).
     # One output at a time, a pass over a chunk moves its held gradients and activations.
-    moved = itemsize * ((p + act) if by_output else c * p)
+    moved = itemsize * ((p + (act if moved_act is None else moved_act)) if by_output else c * p)
     chunk = min(chunk, max(1, _CHUNK_JACOBIAN_BYTES // moved))
+    if by_output:  # as many passes, over chunks of equal size (500 samples: 250 + 250, not
+        chunk = -(-n // -(-n // chunk))  # 455 + 45: a pass's cost is mostly per sample)
     if batch_size is not None:
         if batch_size * per_sample > room:
             raise MemoryBudgetError(

@@ -45,6 +45,8 @@ accumulation in float64 removes the jump — only a float64 forward pass
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -116,8 +118,35 @@ def _eval_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     shift = -mean * scale
     if a.get("bias") is not None:
         shift = a["bias"] + shift
-    view = (1, -1) + (1,) * (x.ndim - 2)
-    return torch.addcmul(shift.reshape(view), x, scale.reshape(view))
+    if x.ndim == 2:
+        return torch.addcmul(shift, x, scale)
+    # [B, C, *S] as [B, C S] with the per-channel factors repeated over S: the backward to
+    # trained factors is then a sum over the batch's rows, where the broadcast form's sum
+    # over (0, 2, 3) took 3x longer (a [500, 1280, 2, 2] map: 12 against 35 ms)
+    n, c, rep = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    scale, shift = (v[:, None].expand(c, rep).reshape(1, -1) for v in (scale, shift))
+    return torch.addcmul(shift, x.reshape(n, c * rep), scale).reshape(x.shape)
+
+
+class AffineBatchNorm(TorchFunctionMode):
+    """Runs every eval-mode ``F.batch_norm`` call as the affine map it is
+    (:func:`_eval_batch_norm`); every other call as it is.
+
+    For functions that back-propagate through a frozen network many times (the exact top's
+    steps, ``experimental.exact_top``): the same numbers to float rounding, and the backward
+    is one product instead of ``native_batch_norm_backward`` (on the default example 40 of
+    245 ms of a full-batch step of the exact top).
+
+    Example::
+
+        >>> with AffineBatchNorm():
+        ...     logits = top(z)  # [B, C]; top.eval()
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
+        return func(*args, **kwargs) if out is None else out
 
 
 def _bind(kind: str, args: tuple, kwargs: dict) -> dict:
@@ -348,13 +377,16 @@ def _detached(a: dict) -> dict:
     return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
 
 
-def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) -> dict:
+def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x, *,
+                        outputs: int | None = None) -> dict:
     """``{name: [B, C, numel]}`` for the trainable weights ``names`` (see module docstring).
 
     Args:
       call: ``call(w, x) -> logits [B, C]`` (the functional model).
       w0: the weights, by name.
       names: trainable weight names (all must be covered).
+      outputs: only the first this many outputs (``[B, outputs, numel]``; e.g. 1 to check
+        that the mode covers a model, which does not depend on the output).
 
     Raises:
       Unsupported: a trainable weight is used by an uncovered op, or more than once.
@@ -363,6 +395,7 @@ def structured_jacobian(call, w0: dict[str, torch.Tensor], names: list[str], x) 
         logits, calls, roles = capture_calls(call, w0, names, x)
         outs = [out for _, _, out in calls]
         b, c = logits.shape
+        c = c if outputs is None else min(c, outputs)
         # Filled class by class (no list of C copies to stack: half the peak memory).
         result = {
             n: torch.empty(b, c, w0[n].numel(), dtype=logits.dtype, device=logits.device)

@@ -65,6 +65,7 @@ from tangentlab.errors import (
     VmapFallbackWarning,
 )
 from tangentlab.gram import Factors, factor_elements, gram_factors
+from tangentlab.memory import activation_elements
 from tangentlab.projection import Projection, Projector, as_projection
 from tangentlab.structured import (
     Unsupported,
@@ -537,8 +538,9 @@ class Tangent:
         m = min(num_rows(x), 4)
         xs = take(x, slice(0, m))
         best, best_t = JacobianMode.LOOP_VJP, float("inf")
-        try:
-            self._jacobian_structured(take(x, slice(0, 1)))
+        try:  # whether the mode covers the model: one sample, one output
+            structured_jacobian(self._call, self.w0, self.param_names, take(x, slice(0, 1)),
+                                outputs=1)
             candidates = [(JacobianMode.STRUCTURED, self._jacobian_structured)]
         except Unsupported:
             candidates = []
@@ -707,6 +709,14 @@ class Tangent:
         tensor-sketch path, :func:`tangentlab.structured.structured_projected`): the memory
         plan's ``by_output`` (NOTE [memory model]). ``x``: one sample, to trace the model."""
         return self._sketch_calls(x) is not None
+
+    def reached_activations(self, x: Inputs) -> int:
+        """Activation elements of one forward pass of ``x`` (one sample) that depend on the
+        trainable weights: what a reverse pass to them reaches (a frozen prefix's are not
+        counted; NOTE [memory model])."""
+        w = {a: self.w0[a].detach().requires_grad_(True) for a in self.param_names}
+        return activation_elements(self.model, lambda: self._call(w, to_device(x, self.device)),
+                                   live=True)  # fmt: skip
 
     def _sketch_calls(self, x: Inputs) -> tuple[list, list] | None:
         """``(calls, roles)`` of the structured tensor-sketch path, or None where it won't run."""

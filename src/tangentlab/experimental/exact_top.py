@@ -137,6 +137,7 @@ from tangentlab.data import as_arrays, num_rows, take
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarning
 from tangentlab.headbody import _rest_kernel
 from tangentlab.projection import Projection
+from tangentlab.structured import AffineBatchNorm
 from tangentlab.tangent import ParamSpec, Tangent, select_params
 from tangentlab.training import SGD, Loss, as_loss, check_steps
 
@@ -1090,17 +1091,24 @@ def _lanczos_top(kernel: ExactTopKernel, apply_b: Callable, *, tol: float, max_i
     return theta
 
 
+def _top_logits(kernel: ExactTopKernel, th: Sequence[torch.Tensor], z: torch.Tensor
+                ) -> torch.Tensor:
+    """The top's logits ``[B, C]`` at weights θ = ``th`` from z ``[B, D]``, its eval-mode
+    batch norms run as their affine maps (``structured.AffineBatchNorm``: the same numbers to
+    float rounding, a cheaper backward at every step)."""
+    with AffineBatchNorm():
+        return functional_call(kernel.top, dict(zip(kernel.top_params, th)),
+                               (z.reshape(len(z), *kernel.shape),))  # fmt: skip
+
+
 def _gn_apply(kernel: ExactTopKernel, lossf: Loss, th: list[torch.Tensor], z: torch.Tensor,
               pv: list[torch.Tensor]) -> list[torch.Tensor]:
     """Aᵀ H_f A pv: a JVP and a VJP through the top at (z, θ) on all N samples, H_f the
     Hessian of the mean loss in the logits (``_Sharpness``)."""
     from torch.func import jvp, vjp
 
-    names = kernel.top_params
-
     def f(zz: torch.Tensor, *ths: torch.Tensor) -> torch.Tensor:
-        return functional_call(kernel.top, dict(zip(names, ths)),
-                               (zz.reshape(len(zz), *kernel.shape),))  # fmt: skip
+        return _top_logits(kernel, ths, zz)
 
     prim = [z.detach(), *(t.detach() for t in th)]
     logits, af = jvp(f, tuple(prim), tuple(pv))
@@ -1213,7 +1221,7 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
             and not (while_rising or recover or pin)):  # fmt: skip
         return _minibatch_path(kernel, lossf, rates, m, lam, batches, log_every, stop_below,
                                progress, catapult, shrunk)  # fmt: skip
-    top, shape, y = kernel.top, kernel.shape, kernel.y
+    top, y = kernel.top, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
     th = [t.clone().requires_grad_(True) for t in th0]
@@ -1222,8 +1230,7 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     dz, u = torch.zeros_like(z0), torch.zeros_like(z0)
 
     def logits(z: torch.Tensor) -> torch.Tensor:
-        return functional_call(top, dict(zip(kernel.top_params, th)),
-                               (z.reshape(len(z), *shape),))  # fmt: skip
+        return _top_logits(kernel, th, z)
 
     logged, losses, accs, blowup = [], [], [], None
     steps = len(rates)
@@ -1349,9 +1356,7 @@ class _MiniState:
                 t.copy_(v)
 
     def logits(self, z: torch.Tensor, th: list[torch.Tensor]) -> torch.Tensor:
-        k = self.kernel
-        return functional_call(k.top, dict(zip(k.top_params, th)),
-                               (z.reshape(len(z), *k.shape),))  # fmt: skip
+        return _top_logits(self.kernel, th, z)
 
     def step(self, t: int, scale: float) -> None:
         """One SGD step on batch t, as ``_path``'s (torch SGD, decay toward w0)."""
