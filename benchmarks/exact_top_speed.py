@@ -48,12 +48,20 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    and as ``F.batch_norm`` (before), interleaved; the features' largest difference per
    sample (NOTE [float32 and activation kinks] in structured.py).
 
+10. ``--part chunk``: the exact-top kernel (default example, N = 500, k = 1024) with its
+   chunks planned as before (the 512 MiB cap of a pass counting all 1.9M activations of a
+   forward pass: 69 samples) and now (counting the 43K a pass reaches, chunks of equal
+   size: 2 x 250), interleaved, the features compared; then on that kernel the default
+   rate (Lanczos) and 60 full-batch steps with the top's eval-mode batch norm run as
+   ``F.batch_norm`` (before) and as its affine map (``structured.AffineBatchNorm``, now),
+   interleaved, the losses compared.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
-    #                                                   minibatch, capture
+    #                                                   minibatch, capture, chunk
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
-"exact-top-k", "exact-top-sweep", "exact-top-minibatch" and "exact-top-capture" of
-RESULTS.md.
+"exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture" and
+"exact-top-chunk" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -606,10 +614,125 @@ def capture_part(n: int = 200, repeats: int = 3) -> None:
     print("\n".join(text))
 
 
+def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
+    """Part 10: the kernel's chunks as planned before and now; the top's batch norm in the
+    rate and the steps as ``F.batch_norm`` and as its affine map."""
+    import contextlib
+    import dataclasses
+
+    from tangentlab import compute
+    from tangentlab.cli import TOP_PROJECTION
+    from tangentlab.data import take
+    from tangentlab.memory import _CHUNK_JACOBIAN_BYTES
+
+    ex, body, top = _example(n)
+    plan, chunks = compute.plan, {}
+
+    def planned_before(**kw):  # the cap counting every activation, chunks not evened out
+        got = plan(**kw)
+        if not kw.get("by_output") or kw.get("moved_act") is None:
+            return got
+        cap = _CHUNK_JACOBIAN_BYTES // (kw["itemsize"] * (kw["p"] + kw["act"]))
+        room = (got.budget - got.fixed) // got.per_sample
+        return dataclasses.replace(got, chunk=int(max(1, min(kw["n"], room, cap))))
+
+    et.compute_exact_top_kernel(body, top, tuple(take(a, slice(0, 8)) for a in ex.data),
+                                progress=False,
+                                params=LITE0_DEFAULT_PARAMS, top_params=LITE0_DEFAULT_PARAMS,
+                                projection=TOP_PROJECTION)  # warm-up: neither run pays it
+    secs: dict[bool, list[float]] = {True: [], False: []}
+    feats = {}
+    for _ in range(repeats):
+        for now in (True, False):
+            seen: list[int] = []
+
+            def spy(now=now, seen=seen, **kw):
+                got = plan(**kw) if now else planned_before(**kw)
+                seen.append(got.chunk)
+                return got
+
+            compute.plan = spy
+            try:
+                t0 = time.perf_counter()
+                etk = et.compute_exact_top_kernel(body, top, ex.data,
+                                                  params=LITE0_DEFAULT_PARAMS,
+                                                  top_params=LITE0_DEFAULT_PARAMS,
+                                                  projection=TOP_PROJECTION, progress=False)
+                secs[now].append(time.perf_counter() - t0)
+            finally:
+                compute.plan = plan
+            feats[now], chunks[now] = etk.features, seen[0]
+    d = float((feats[True] - feats[False]).abs().max() / feats[False].abs().max())
+    rows = ((feats[True] - feats[False]).abs().amax(1) / feats[False].abs().max()).reshape(n, -1)
+    off = int((rows.amax(1) > 1e-4).sum())
+    del feats
+    affine = et.AffineBatchNorm
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    curves = {}
+    for _ in range(repeats):
+        for now in (True, False):
+            et.AffineBatchNorm = affine if now else contextlib.nullcontext
+            try:
+                t0 = time.perf_counter()
+                lr = et.stable_lr(etk, loss="mse")
+                t1 = time.perf_counter()
+                fc = et.forecast_exact_top(etk, tl.SGD(lr), steps, progress=False)
+                runs[now].append((t1 - t0, time.perf_counter() - t1))
+            finally:
+                et.AffineBatchNorm = affine
+            curves[now] = (lr, fc)
+    med = {k: [statistics.median(a) for a in zip(*v)] for k, v in runs.items()}
+    (lr1, f1), (lr0, f0) = curves[True], curves[False]
+    rel = float(np.nanmax(np.abs(f1.loss - f0.loss) / f0.loss))
+    same = all(f1.steps_to_drop(a) == f0.steps_to_drop(a) for a in (0.5, 0.8, 0.9))
+    now_s, before_s = statistics.median(secs[True]), statistics.median(secs[False])
+    text = [
+        f"Command: `{COMMAND} --part chunk`. Machine: {machine()}.",
+        "",
+        f"The exact-top kernel of the default example (N = {n}, 64 px, the default q, "
+        f"k = {TOP_PROJECTION}), seconds (median of {repeats} interleaved runs), its read-outs' "
+        "chunks planned as before (a pass capped at 512 MiB counting every activation of a "
+        "forward pass, 1.9M a sample, most of them in the frozen layers below the block) and "
+        "now (counting the activations a pass reaches, `Tangent.reached_activations`, and "
+        "chunks of equal size; NOTE [memory model]):",
+        "",
+        "| plan | chunk (samples) | kernel s |",
+        "|---|---|---|",
+        f"| before | {chunks[False]} | {before_s:.1f} |",
+        f"| now | {chunks[True]} | {now_s:.1f} |",
+        "",
+        f"Speed-up **{before_s / now_s:.2f}x** (runs: before "
+        f"{', '.join(f'{a:.1f}' for a in secs[False])}; now "
+        f"{', '.join(f'{a:.1f}' for a in secs[True])}). The features' largest difference "
+        f"{d:.1e} of the largest feature; {off} of {n} samples above 1e-4 (a batch of another "
+        "size rounds its convolutions differently: NOTE [float32 and activation kinks]).",
+        "",
+        f"On that kernel, the default rate (`stable_lr`, Lanczos) and {steps} full-batch steps "
+        "(MSE) with the top's eval-mode batch norm as `F.batch_norm` (before) and as its affine "
+        "map (`structured.AffineBatchNorm`, now: its backward to the trained scale and shift "
+        f"is a sum over rows), seconds (median of {repeats} interleaved runs):",
+        "",
+        f"| top's batch norm | rate s | {steps} steps s | a step ms |",
+        "|---|---|---|---|",
+        f"| `F.batch_norm` (before) | {med[False][0]:.1f} | {med[False][1]:.1f} | "
+        f"{1e3 * med[False][1] / steps:.0f} |",
+        f"| affine map (now) | {med[True][0]:.1f} | {med[True][1]:.1f} | "
+        f"{1e3 * med[True][1] / steps:.0f} |",
+        "",
+        f"The steps **{med[False][1] / med[True][1]:.2f}x**, the rate "
+        f"{med[False][0] / med[True][0]:.2f}x faster; the rates {lr0:.4g} and {lr1:.4g}, the "
+        f"losses within {rel:.1e} (relative), the steps to the 50, 80 and 90% drops "
+        f"{'the same' if same else 'different'} ({f1.steps_to_drop(0.5)}, "
+        f"{f1.steps_to_drop(0.8)}, {f1.steps_to_drop(0.9)}).",
+    ]
+    write_section("exact-top-chunk", "\n".join(text))
+    print("\n".join(text))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
-                                       "capture"],
+                                       "capture", "chunk"],
                     default="speed")
     part = ap.parse_args().part
     if part == "directions":
@@ -624,5 +747,7 @@ if __name__ == "__main__":
         minibatch_part()
     elif part == "capture":
         capture_part()
+    elif part == "chunk":
+        chunk_part()
     else:
         main()
