@@ -87,6 +87,12 @@ COMMAND = ".venv/bin/python benchmarks/exact_top_speed.py"
 N, STEPS, REPEATS = 500, 300, 7
 
 
+def _report(section: str, text: list[str]) -> None:
+    """Writes ``text`` (lines) to RESULTS.md's ``section`` and prints it."""
+    write_section(section, "\n".join(text))
+    print("\n".join(text))
+
+
 def _apply_einsum(kernel: et.ExactTopKernel, gamma: torch.Tensor,
                   rows: torch.Tensor | None) -> torch.Tensor:
     """The block product as the library wrote it before (einsum), the rest as now."""
@@ -250,8 +256,7 @@ def main() -> None:
         f"{abs(s / s_power - 1):.1e} (relative; Lanczos's Ritz value approaches S from below, "
         "so the larger is the closer).",
     ]
-    write_section("exact-top-speed", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-speed", text)
 
 
 def directions(qs: tuple[int, ...] = (20, 64, 80, 128), steps: int = 40) -> None:
@@ -300,8 +305,7 @@ def directions(qs: tuple[int, ...] = (20, 64, 80, 128), steps: int = 40) -> None
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    write_section("exact-top-directions", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-directions", text)
 
 
 def plan_part(n: int = 100, repeats: int = 2) -> None:
@@ -361,8 +365,7 @@ def plan_part(n: int = 100, repeats: int = 2) -> None:
         "",
         f"Speed-up **{old / new:.1f}x**, the same features (error {err:.1e}).",
     ]
-    write_section("exact-top-plan", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-plan", text)
 
 
 def k_part(ks: tuple[int, ...] = (4096, 1024)) -> None:
@@ -406,8 +409,7 @@ def k_part(ks: tuple[int, ...] = (4096, 1024)) -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *lines,
     ]
-    write_section("exact-top-k", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-k", text)
 
 
 def sweep_part() -> None:
@@ -483,8 +485,7 @@ def sweep_part() -> None:
         f"estimate {best['estimate']:.0f} steps (interval {best['interval_low']:.0f}-"
         f"{best['interval_high']:.0f}, check {best['check']}).",
     ]
-    write_section("exact-top-sweep", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-sweep", text)
 
 
 def _example(n: int):
@@ -494,6 +495,18 @@ def _example(n: int):
     ex = load_example("fashion-lite0", num_samples=n)
     body, top, _ = split_model(ex.model.eval())
     return ex, body, top
+
+
+def _kernel(data, body, top) -> tuple[float, et.ExactTopKernel]:
+    """``(seconds, kernel)``: the default example's exact-top kernel of ``data`` as the
+    command line computes it (k = ``cli.TOP_PROJECTION``)."""
+    from tangentlab.cli import TOP_PROJECTION
+
+    t0 = time.perf_counter()
+    etk = et.compute_exact_top_kernel(body, top, data, params=LITE0_DEFAULT_PARAMS,
+                                      top_params=LITE0_DEFAULT_PARAMS, projection=TOP_PROJECTION,
+                                      progress=False)  # fmt: skip
+    return time.perf_counter() - t0, etk
 
 
 def minibatch_part(steps: int = 150, repeats: int = 2) -> None:
@@ -559,8 +572,7 @@ def minibatch_part(steps: int = 150, repeats: int = 2) -> None:
         f"A real step at B = 32 (`tl.finetune` of the whole network, timed in the same "
         f"process): {real_ms:.0f} ms.",
     ]
-    write_section("exact-top-minibatch", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-minibatch", text)
 
 
 def capture_part(n: int = 200, repeats: int = 3) -> None:
@@ -576,12 +588,8 @@ def capture_part(n: int = 200, repeats: int = 3) -> None:
         for now in (True, False):
             structured._eval_batch_norm = affine if now else (lambda a, kw: None)
             try:
-                t0 = time.perf_counter()
-                etk = et.compute_exact_top_kernel(body, top, ex.data,
-                                                  params=LITE0_DEFAULT_PARAMS,
-                                                  top_params=LITE0_DEFAULT_PARAMS,
-                                                  projection=TOP_PROJECTION, progress=False)
-                secs[now].append(time.perf_counter() - t0)
+                seconds, etk = _kernel(ex.data, body, top)
+                secs[now].append(seconds)
             finally:
                 structured._eval_batch_norm = affine
             feats[now] = etk.features
@@ -610,8 +618,7 @@ def capture_part(n: int = 200, repeats: int = 3) -> None:
         "float32 rounding of a ReLU6 kink takes the other one-sided derivative: NOTE "
         "[float32 and activation kinks] in structured.py).",
     ]
-    write_section("exact-top-capture", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-capture", text)
 
 
 def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
@@ -636,10 +643,7 @@ def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
         room = (got.budget - got.fixed) // got.per_sample
         return dataclasses.replace(got, chunk=int(max(1, min(kw["n"], room, cap))))
 
-    et.compute_exact_top_kernel(body, top, tuple(take(a, slice(0, 8)) for a in ex.data),
-                                progress=False,
-                                params=LITE0_DEFAULT_PARAMS, top_params=LITE0_DEFAULT_PARAMS,
-                                projection=TOP_PROJECTION)  # warm-up: neither run pays it
+    _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top)  # warm-up: no run pays it
     secs: dict[bool, list[float]] = {True: [], False: []}
     feats = {}
     for _ in range(repeats):
@@ -653,12 +657,8 @@ def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
 
             compute.plan = spy
             try:
-                t0 = time.perf_counter()
-                etk = et.compute_exact_top_kernel(body, top, ex.data,
-                                                  params=LITE0_DEFAULT_PARAMS,
-                                                  top_params=LITE0_DEFAULT_PARAMS,
-                                                  projection=TOP_PROJECTION, progress=False)
-                secs[now].append(time.perf_counter() - t0)
+                seconds, etk = _kernel(ex.data, body, top)
+                secs[now].append(seconds)
             finally:
                 compute.plan = plan
             feats[now], chunks[now] = etk.features, seen[0]
@@ -666,6 +666,7 @@ def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
     rows = ((feats[True] - feats[False]).abs().amax(1) / feats[False].abs().max()).reshape(n, -1)
     off = int((rows.amax(1) > 1e-4).sum())
     del feats
+    now_s, before_s = statistics.median(secs[True]), statistics.median(secs[False])
     affine = et.AffineBatchNorm
     runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     curves = {}
@@ -685,7 +686,6 @@ def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
     (lr1, f1), (lr0, f0) = curves[True], curves[False]
     rel = float(np.nanmax(np.abs(f1.loss - f0.loss) / f0.loss))
     same = all(f1.steps_to_drop(a) == f0.steps_to_drop(a) for a in (0.5, 0.8, 0.9))
-    now_s, before_s = statistics.median(secs[True]), statistics.median(secs[False])
     text = [
         f"Command: `{COMMAND} --part chunk`. Machine: {machine()}.",
         "",
@@ -725,8 +725,7 @@ def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
         f"{'the same' if same else 'different'} ({f1.steps_to_drop(0.5)}, "
         f"{f1.steps_to_drop(0.8)}, {f1.steps_to_drop(0.9)}).",
     ]
-    write_section("exact-top-chunk", "\n".join(text))
-    print("\n".join(text))
+    _report("exact-top-chunk", text)
 
 
 if __name__ == "__main__":
