@@ -289,8 +289,6 @@ def _prepare(
     # Weights whose per-sample gradients a chunk holds (fewer with the tensor-sketch path).
     p_held = jt.num_params if k is None else jt.materialized_params(x1)
     by_output = k is not None and jt.by_output(x1)  # one output at a time: NOTE [memory model]
-    # what each output's pass reaches: the activations after a trained weight
-    moved_act = jt.reached_activations(x1) if by_output else None
     gram, split = False, None
     if k is None and jt.jacobian_mode in (JacobianMode.AUTO, JacobianMode.GRAM):
         # NOTE [jacobian modes]: exact kernels of covered models skip the Jacobians; a
@@ -323,7 +321,7 @@ def _prepare(
         n=n, c=outs, p=p_held, k=k, itemsize=tangent.dtype.itemsize, act=act, budget=budget,
         batch_size=batch_size, keep_theta=keep_theta, trace=trace_desc is not None,
         dense_piece_entries=(1 << 24) if dense else 0, by_output=by_output,
-        moved_act=moved_act,
+        moved_act=jt.reached_activations(x1) if by_output else None,  # what a pass reaches
     )  # fmt: skip
     request = _request(tangent, x, y, c, f_probe, trace_desc)
     if shard is not None:
