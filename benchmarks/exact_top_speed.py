@@ -56,12 +56,19 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    ``F.batch_norm`` (before) and as its affine map (``structured.AffineBatchNorm``, now),
    interleaved, the losses compared.
 
+11. ``--part layout``: the exact-top kernel (default example, N = 500, k = 1024) with the
+   capture's depthwise convolution as before (NCHW input, per-sample einsum), with its
+   back-propagated input in channels-last layout (NOTE [depthwise channels-last] in
+   structured.py), with also the signed unfold (now: NOTE [depthwise sketch]) and with
+   every convolution's input channels-last (a variant); each run a fresh process (in one
+   process the layout's gain was smaller: 1.00-1.08x), interleaved, the features compared.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
-    #                                                   minibatch, capture, chunk
+    #                                                   minibatch, capture, chunk, layout
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
-"exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture" and
-"exact-top-chunk" of RESULTS.md.
+"exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture",
+"exact-top-chunk" and "exact-top-layout" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -728,13 +735,106 @@ def chunk_part(n: int = 500, repeats: int = 3, steps: int = 60) -> None:
     _report("exact-top-chunk", text)
 
 
+_LAYOUTS = ("NCHW, per-sample einsum (before)", "depthwise input channels-last, einsum",
+            "depthwise input channels-last, signed unfold (now)",
+            "every convolution's input channels-last, signed unfold")
+
+
+def _set_layout(name: str) -> None:
+    """Set the capture's hooks for a layout of part 11: ``structured._depthwise_channels_last``
+    and ``structured.DEPTHWISE_SKETCH_POSITIONS`` (0: the per-sample einsum)."""
+    from tangentlab import structured
+
+    def every(args, kwargs):  # the variant: every back-propagated 4-D input
+        u = args[0] if args else kwargs.get("input")
+        if not (isinstance(u, torch.Tensor) and u.ndim == 4 and u.requires_grad):
+            return args, kwargs
+        u = u.contiguous(memory_format=torch.channels_last)
+        return ((u, *args[1:]), kwargs) if args else (args, {**kwargs, "input": u})
+
+    i = _LAYOUTS.index(name)
+    if i == 0:
+        structured._depthwise_channels_last = lambda args, kwargs: (args, kwargs)
+    elif i == 3:
+        structured._depthwise_channels_last = every
+    if i < 2:
+        structured.DEPTHWISE_SKETCH_POSITIONS = 0
+
+
+def layout_child(name: str, n: int, out: str) -> None:
+    """One kernel of part 11 in this process (a fresh one, as a command-line run): its
+    seconds printed, its features saved to ``out``."""
+    from tangentlab.data import take
+
+    ex, body, top = _example(n)
+    _set_layout(name)
+    _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top)  # warm-up
+    seconds, etk = _kernel(ex.data, body, top)
+    torch.save(etk.features, out)
+    print(f"SECONDS {seconds}")
+
+
+def layout_part(n: int = 500, repeats: int = 3) -> None:
+    """Part 11: the kernel with the capture's depthwise convolution as before (NCHW input,
+    per-sample einsum), with its input in channels-last layout, with also the signed
+    unfold (now), and with every convolution's input channels-last (a variant): each run
+    a fresh process, interleaved."""
+    import subprocess
+    import tempfile
+
+    from tangentlab.cli import TOP_PROJECTION
+
+    secs: dict[str, list[float]] = {a: [] for a in _LAYOUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for i, name in enumerate(_LAYOUTS):
+                got = subprocess.run([sys.executable, __file__, "--layout-child", str(i),
+                                      str(n), f"{tmp}/{i}.pt"], capture_output=True, text=True,
+                                     check=True)  # fmt: skip
+                secs[name].append(float(got.stdout.split("SECONDS")[-1]))
+        feats = [torch.load(f"{tmp}/{i}.pt", weights_only=True) for i in range(len(_LAYOUTS))]
+    scale, base = feats[0].abs().max(), statistics.median(secs[_LAYOUTS[0]])
+    rows = []
+    for name, f in zip(_LAYOUTS, feats):
+        med = statistics.median(secs[name])
+        rows.append(f"| {name} | {med:.1f} | {', '.join(f'{a:.1f}' for a in secs[name])} | "
+                    f"{base / med:.2f}x | {float((f - feats[0]).abs().max() / scale):.1e} |")
+    text = [
+        f"Command: `{COMMAND} --part layout`. Machine: {machine()}.",
+        "",
+        f"The exact-top kernel of the default example (N = {n}, 64 px, the default q, "
+        f"k = {TOP_PROJECTION}), seconds (median of {repeats} runs, each in a fresh process "
+        "as a command-line run is, the variants interleaved). The capture's depthwise "
+        "convolution (the block's 3 x 3, stride 2, on a 2 x 2 output map) as before: its "
+        "input NCHW and its weight's per-sample gradient an einsum over B C tiny matrices, "
+        "then multiplied by the sketch's signs and scattered; with its back-propagated input "
+        "in channels-last layout (NOTE [depthwise channels-last] in structured.py: on CPU the "
+        "NCHW backward of a depthwise convolution takes a slow path); with also the signs "
+        "folded into its unfolded input once a chunk, stored position-major, so that a "
+        "pass forms the signed gradient as L = 4 fused multiply-adds (NOTE [depthwise "
+        "sketch]); and a variant with every back-propagated convolution input in "
+        "channels-last layout. The features' largest difference from before, relative to "
+        "the largest feature:",
+        "",
+        "| layout | kernel s | runs | speed-up | features' difference |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+    _report("exact-top-layout", text)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
-                                       "capture", "chunk"],
+                                       "capture", "chunk", "layout"],
                     default="speed")
-    part = ap.parse_args().part
-    if part == "directions":
+    ap.add_argument("--layout-child", nargs=3, help=argparse.SUPPRESS)  # part 11's runs
+    cli = ap.parse_args()
+    part = "layout-child" if cli.layout_child else cli.part
+    if part == "layout-child":
+        i, n_, out = cli.layout_child
+        layout_child(_LAYOUTS[int(i)], int(n_), out)
+    elif part == "directions":
         directions()
     elif part == "plan":
         plan_part()
@@ -748,5 +848,7 @@ if __name__ == "__main__":
         capture_part()
     elif part == "chunk":
         chunk_part()
+    elif part == "layout":
+        layout_part()
     else:
         main()

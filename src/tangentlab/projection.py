@@ -172,6 +172,13 @@ class Projector:
         buckets, signs = self._sparse[key]
         return buckets, signs.to(dtype)
 
+    def sparse_block(self, name: str, device: torch.device, dtype: torch.dtype):
+        """``(buckets [numel], signs [numel])`` of ``name``'s count sketch (``out[:, h] +=
+        s x``, as :meth:`project_block` applies it), or None for a dense projection."""
+        if self.projection.kind not in (ProjectionKind.SPARSE, ProjectionKind.TENSOR):
+            return None
+        return self._sparse_block(name, device, dtype)
+
     def _dense_piece(self, name: str, piece: int, rows: int, dtype, device) -> torch.Tensor:
         g = torch.Generator().manual_seed(_block_seed(self.projection.seed, name, piece))
         k = self.k

@@ -79,6 +79,8 @@ class _Capture(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.conv2d or func is torch.conv2d:
+            args, kwargs = _depthwise_channels_last(args, kwargs)
         out = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
         out = func(*args, **kwargs) if out is None else out
         kind = _COVERED.get(func)
@@ -99,6 +101,31 @@ class _Capture(TorchFunctionMode):
             return out
         self.calls.append((kind, _bind(kind, args, kwargs), out))
         return out
+
+
+# NOTE [depthwise channels-last]
+# On CPU, the backward to the input of a depthwise convolution (groups = input channels)
+# stored NCHW takes a slow path: 9.6 ms against 2.4 ms for the same call in channels-last
+# layout (a [100, 1152, 4, 4] map, 3x3 kernel, stride 2: the last block of EfficientNet-
+# Lite0 at 64 px). A kernel's reverse passes run it once per output and chunk, so the
+# capture hands a depthwise convolution whose input will be back-propagated its input in
+# channels-last layout. The same numbers (features bit-identical on the default example);
+# the layers after it see the same values in another layout. Only there: other
+# convolutions were slower in channels-last (benchmarks/RESULTS.md "exact-top-layout").
+def _depthwise_channels_last(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a ``conv2d`` call, with its input in channels-last layout where
+    it is a CPU depthwise convolution that a backward pass will go through (NOTE
+    [depthwise channels-last]); otherwise unchanged."""
+    a = _bind("conv2d", args, kwargs)
+    u, w = a.get("input"), a.get("weight")
+    if not (isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor) and u.ndim == 4
+            and u.device.type == "cpu" and u.requires_grad and torch.is_grad_enabled()
+            and int(a.get("groups", 1)) == u.shape[1] > 1 and w.shape[1] == 1):  # fmt: skip
+        return args, kwargs
+    u = u.contiguous(memory_format=torch.channels_last)
+    if args:
+        return (u, *args[1:]), kwargs
+    return args, {**kwargs, "input": u}
 
 
 def _eval_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -484,8 +511,14 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                 rest = dict(r)
                 wname = r.get("weight")
                 if j not in inputs:  # e.g. unfold a convolution's input once, not C times
-                    inputs[j] = shared_inputs(kind, a, r)
+                    dw = _signed_depthwise_unfold(kind, a, r, projector)
+                    inputs[j] = shared_inputs(kind, a, {} if dw else r)
+                    if dw:
+                        inputs[j]["signed_unfolded"], inputs[j]["buckets"] = dw
                 a = {**a, **inputs[j]}
+                if "signed_unfolded" in a:  # NOTE [depthwise sketch]
+                    acc.index_add_(1, a["buckets"], _depthwise_sketch_values(a, g))
+                    del rest["weight"]
                 if wname is not None and projector.factored(wname):
                     uf = _outer_inputs(kind, a)
                     if uf is not None:
@@ -517,6 +550,51 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                         projector.project_block(name, ps[role].reshape(b, -1), acc)
             phi[:, cls] = acc
     return phi, logits.detach(), jw0
+
+
+# NOTE [depthwise sketch]
+# A depthwise convolution's weight (groups = input channels, [C, 1, kh, kw]) has per-sample
+# gradient gw[c, t] = sum_l g[c, l] U[c, t, l] (U its unfolded input, t a tap, l an output
+# position), which is not an outer product, so it is count-sketched entry by entry:
+# out[h(c, t)] += s(c, t) gw[c, t]. Where the map is small (L <= DEPTHWISE_SKETCH_POSITIONS,
+# e.g. the 2 x 2 map of EfficientNet-Lite0's last block at 64 px), the signs s are folded into
+# U once per chunk, stored [B, L, C K], and each output's pass forms s * gw as L fused
+# multiply-adds over [B, C K] and scatters it: no einsum over B C tiny matrices and no
+# multiplication by the signs per pass (benchmarks/RESULTS.md "exact-top-layout"). The same
+# sum in another order (float rounding); larger maps keep the einsum.
+DEPTHWISE_SKETCH_POSITIONS = 16
+
+
+def _signed_depthwise_unfold(kind: str, a: dict, roles: dict, projector):
+    """``(s ∘ U [B, L, C K], buckets [C K])`` for a depthwise convolution whose weight is
+    trained and count-sketched, on a map of at most DEPTHWISE_SKETCH_POSITIONS positions;
+    else None (NOTE [depthwise sketch])."""
+    wname, w = roles.get("weight"), a.get("weight")
+    if (kind != "conv2d" or wname is None or not isinstance(w, torch.Tensor)
+            or w.shape[1] != 1 or int(a.get("groups", 1)) != w.shape[0]
+            or not hasattr(projector, "sparse_block")):  # fmt: skip
+        return None
+    unf = unfolded(kind, a)  # [B, C K, L]
+    if unf is None or unf.shape[-1] > DEPTHWISE_SKETCH_POSITIONS:
+        return None
+    got = projector.sparse_block(wname, unf.device, unf.dtype)
+    if got is None:
+        return None
+    buckets, signs = got
+    return (unf * signs[:, None]).transpose(1, 2).contiguous(), buckets
+
+
+def _depthwise_sketch_values(a: dict, g: torch.Tensor) -> torch.Tensor:
+    """``s ∘ gw`` ``[B, C K]`` of a depthwise convolution from its output gradient ``g``
+    ``[B, C, *map]`` (NOTE [depthwise sketch])."""
+    su = a["signed_unfolded"]  # [B, L, C K]
+    b, ell, ck = su.shape
+    gl = g.reshape(b, g.shape[1], ell).transpose(1, 2)  # [B, L, C] (a view if channels-last)
+    taps = ck // g.shape[1]
+    out = su[:, 0].reshape(b, -1, taps) * gl[:, 0, :, None]
+    for pos in range(1, ell):
+        out.addcmul_(su[:, pos].reshape(b, -1, taps), gl[:, pos, :, None])
+    return out.reshape(b, ck)
 
 
 def _bias_shape(kind: str, out: torch.Tensor, bias: torch.Tensor) -> tuple[int, ...]:
