@@ -511,10 +511,7 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                 rest = dict(r)
                 wname = r.get("weight")
                 if j not in inputs:  # e.g. unfold a convolution's input once, not C times
-                    dw = _signed_depthwise_unfold(kind, a, r, projector)
-                    inputs[j] = shared_inputs(kind, a, {} if dw else r)
-                    if dw:
-                        inputs[j]["signed_unfolded"], inputs[j]["buckets"] = dw
+                    inputs[j] = _chunk_inputs(kind, a, r, projector)
                 a = {**a, **inputs[j]}
                 if "signed_unfolded" in a:  # NOTE [depthwise sketch]
                     acc.index_add_(1, a["buckets"], _depthwise_sketch_values(a, g))
@@ -563,6 +560,16 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
 # multiplication by the signs per pass (benchmarks/RESULTS.md "exact-top-layout"). The same
 # sum in another order (float rounding); larger maps keep the einsum.
 DEPTHWISE_SKETCH_POSITIONS = 16
+
+
+def _chunk_inputs(kind: str, a: dict, roles: dict, projector) -> dict[str, torch.Tensor]:
+    """What a call's projected per-sample terms derive from its input alone, once a chunk:
+    a depthwise convolution's signed unfold and buckets (NOTE [depthwise sketch]), else
+    :func:`shared_inputs`."""
+    dw = _signed_depthwise_unfold(kind, a, roles, projector)
+    if dw is None:
+        return shared_inputs(kind, a, roles)
+    return {"signed_unfolded": dw[0], "buckets": dw[1]}
 
 
 def _signed_depthwise_unfold(kind: str, a: dict, roles: dict, projector):
