@@ -110,8 +110,9 @@ class _Capture(TorchFunctionMode):
 # Lite0 at 64 px). A kernel's reverse passes run it once per output and chunk, so the
 # capture hands a depthwise convolution whose input will be back-propagated its input in
 # channels-last layout. The same numbers (features bit-identical on the default example);
-# the layers after it see the same values in another layout. Only there: other
-# convolutions were slower in channels-last (benchmarks/RESULTS.md "exact-top-layout").
+# the layers after it see the same values in another layout. Only there: moving every
+# convolution's input was not clearly faster (1.04x more in fresh processes, 0.87-0.93x in
+# one process) and has no such slow path to avoid (benchmarks/RESULTS.md "exact-top-layout").
 def _depthwise_channels_last(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a ``conv2d`` call, with its input in channels-last layout where
     it is a CPU depthwise convolution that a backward pass will go through (NOTE
@@ -578,8 +579,7 @@ def _signed_depthwise_unfold(kind: str, a: dict, roles: dict, projector):
     else None (NOTE [depthwise sketch])."""
     wname, w = roles.get("weight"), a.get("weight")
     if (kind != "conv2d" or wname is None or not isinstance(w, torch.Tensor)
-            or w.shape[1] != 1 or int(a.get("groups", 1)) != w.shape[0]
-            or not hasattr(projector, "sparse_block")):  # fmt: skip
+            or w.shape[1] != 1 or int(a.get("groups", 1)) != w.shape[0]):  # fmt: skip
         return None
     unf = unfolded(kind, a)  # [B, C K, L]
     if unf is None or unf.shape[-1] > DEPTHWISE_SKETCH_POSITIONS:
