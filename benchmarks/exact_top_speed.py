@@ -63,12 +63,19 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    every convolution's input channels-last (a variant); each run a fresh process (in one
    process the layout's gain was smaller: 1.00-1.08x), interleaved, the features compared.
 
+12. ``--part pointwise``: the default example's whole forecast (N = 500, k = 1024: the
+   kernel, the default rate and 300 full-batch steps, MSE) with 1 x 1 convolutions run as
+   convolutions and J w0 computed (before), with 1 x 1 convolutions as matrix products (NOTE
+   [pointwise convolution] in structured.py), and with also the read-out kernel's J w0 not
+   computed (now: ``Tangent.without_jw0``); each run a fresh process, interleaved; the
+   features and the losses compared; the real run's seconds a step timed in this process.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
-    #                                                   minibatch, capture, chunk, layout
+    #                                         minibatch, capture, chunk, layout, pointwise
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
 "exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture",
-"exact-top-chunk" and "exact-top-layout" of RESULTS.md.
+"exact-top-chunk", "exact-top-layout" and "exact-top-pointwise" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -823,17 +830,120 @@ def layout_part(n: int = 500, repeats: int = 3) -> None:
     _report("exact-top-layout", text)
 
 
+_POINTWISE = ("1 x 1 convolutions as convolutions, J w0 computed (before)",
+              "1 x 1 convolutions as matrix products, J w0 computed",
+              "1 x 1 convolutions as matrix products, J w0 not computed (now)")
+
+
+def _set_pointwise(i: int) -> None:
+    """Part 12's variant ``i`` (``_POINTWISE``): ``structured._pointwise_conv`` off below 1,
+    ``Tangent.without_jw0`` a no-op below 2."""
+    from tangentlab import structured
+    from tangentlab.tangent import Tangent
+
+    if i < 1:
+        structured._pointwise_conv = lambda args, kwargs: None
+    if i < 2:
+        Tangent.without_jw0 = lambda self: self
+
+
+def pointwise_child(i: int, n: int, out: str) -> None:
+    """One whole forecast of part 12 in this process (a fresh one, as a command-line run):
+    the seconds of its kernel, rate and simulation printed; its features and losses saved
+    to ``out``."""
+    from tangentlab.data import take
+
+    ex, body, top = _example(n)
+    _set_pointwise(i)
+    _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top)  # warm-up
+    kernel_s, etk = _kernel(ex.data, body, top)
+    t0 = time.perf_counter()
+    lr = et.stable_lr(etk, loss="mse")
+    rate_s = time.perf_counter() - t0
+    fc = et.forecast_exact_top(etk, tl.SGD(lr), STEPS, progress=False)
+    torch.save({"features": etk.features, "loss": torch.as_tensor(fc.loss),
+                "lr": torch.tensor(lr)}, out)  # fmt: skip
+    print(f"SECONDS {kernel_s} {rate_s} {fc.seconds} {fc.steps_to_drop(0.8)}")
+
+
+def pointwise_part(n: int = N, repeats: int = 3) -> None:
+    """Part 12: the whole forecast before, with 1 x 1 convolutions as matrix products, and
+    with also J w0 not computed (now), each run a fresh process, interleaved; the real
+    run's seconds a step timed here."""
+    import subprocess
+    import tempfile
+
+    from tangentlab.cli import TOP_PROJECTION
+
+    secs: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(_POINTWISE))}
+    steps: dict[int, set] = {i: set() for i in range(len(_POINTWISE))}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for i in range(len(_POINTWISE)):
+                got = subprocess.run([sys.executable, __file__, "--pointwise-child", str(i),
+                                      str(n), f"{tmp}/{i}.pt"], capture_output=True, text=True,
+                                     check=True)  # fmt: skip
+                *parts, t80 = got.stdout.split("SECONDS")[-1].split()
+                secs[i].append(tuple(float(a) for a in parts))
+                steps[i].add(t80)
+        runs = [torch.load(f"{tmp}/{i}.pt", weights_only=True) for i in range(len(_POINTWISE))]
+    ex, _, _ = _example(n)
+    real = tl.finetune(load_example("fashion-lite0", num_samples=n).model.eval(), ex.data,
+                       tl.SGD(float(runs[0]["lr"])), 3, params=LITE0_DEFAULT_PARAMS,
+                       log_every=3, progress=False)  # fmt: skip
+    run_s = STEPS * real.train_seconds / 3
+    f0, l0 = runs[0]["features"], runs[0]["loss"]
+    total0 = statistics.median(sum(t) for t in secs[0])
+    rows = []
+    for i, name in enumerate(_POINTWISE):
+        med = [statistics.median(t[j] for t in secs[i]) for j in range(3)]
+        total = statistics.median(sum(t) for t in secs[i])
+        feat = float((runs[i]["features"] - f0).abs().max() / f0.abs().max())
+        loss = float(((runs[i]["loss"] - l0).abs() / l0.abs()).max())
+        rows.append(f"| {name} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {total:.1f} | "
+                    f"{', '.join(f'{sum(t):.1f}' for t in secs[i])} | {total0 / total:.2f}x | "
+                    f"{total / run_s:.1%} | {feat:.1e} | {loss:.1e} | "
+                    f"{', '.join(sorted(steps[i]))} |")
+    text = [
+        f"Command: `{COMMAND} --part pointwise`. Machine: {machine()}.",
+        "",
+        f"The default example's whole exact-top forecast (N = {n}, 64 px, the default q, "
+        f"k = {TOP_PROJECTION}: the kernel, the default rate (Lanczos) and {STEPS} full-batch "
+        f"steps, MSE), seconds (median of {repeats} runs, each in a fresh process as a "
+        "command-line run is, the variants interleaved): 1 x 1 convolutions (the block's "
+        "expansion and projection in the kernel's capture, the top's head convolution at "
+        "every step) run as convolutions or as one matrix product over positions (NOTE "
+        "[pointwise convolution] in structured.py), and the read-out kernel's J w0, which the "
+        "exact top never uses, computed or not (`Tangent.without_jw0`). The real run timed "
+        f"in this process after them: {real.train_seconds / 3:.2f} s a full-batch step of the "
+        f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
+        "largest differences from before (relative to the largest feature; to each step's "
+        "loss), and the steps to an 80% drop in every run:",
+        "",
+        "| variant | kernel | rate | simulation | total | runs (total) | speed-up | "
+        "/ real run | features' difference | losses' difference | T̂ (80%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    _report("exact-top-pointwise", text)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
-                                       "capture", "chunk", "layout"],
+                                       "capture", "chunk", "layout", "pointwise"],
                     default="speed")
     ap.add_argument("--layout-child", nargs=3, help=argparse.SUPPRESS)  # part 11's runs
+    ap.add_argument("--pointwise-child", nargs=3, help=argparse.SUPPRESS)  # part 12's runs
     cli = ap.parse_args()
     part = "layout-child" if cli.layout_child else cli.part
+    part = "pointwise-child" if cli.pointwise_child else part
     if part == "layout-child":
         i, n_, out = cli.layout_child
         layout_child(_LAYOUTS[int(i)], int(n_), out)
+    elif part == "pointwise-child":
+        i, n_, out = cli.pointwise_child
+        pointwise_child(int(i), int(n_), out)
     elif part == "directions":
         directions()
     elif part == "plan":
@@ -850,5 +960,7 @@ if __name__ == "__main__":
         chunk_part()
     elif part == "layout":
         layout_part()
+    elif part == "pointwise":
+        pointwise_part()
     else:
         main()

@@ -398,7 +398,7 @@ def _compute(job: _Job, store: _Cache | None) -> Kernel:
         targets=job.y,
         theta=out.get("theta"),
         features=out.get("features"),
-        jw0=out["jw0"],
+        jw0=None if request.get("jw0") == "not computed" else out["jw0"],
         metadata={
             **{key: str(v) for key, v in request.items() if key not in _NOT_IN_METADATA},
             "request_sha": request_sha(request),
@@ -589,6 +589,8 @@ def _request(tangent: Tangent, x, y, c: int, f_probe: torch.Tensor, trace_desc) 
     }
     if trace_desc is not None:  # only then: caches of full kernels keep the same key
         request["trace"] = trace_desc
+    if not getattr(tangent, "needs_jw0", True):  # Tangent.without_jw0: J w0 left NaN
+        request["jw0"] = "not computed"
     return request
 
 
@@ -684,6 +686,10 @@ def _request_diff(stored: dict[str, Any], asked: dict[str, Any]) -> dict[str, st
             gap = _probe_gap(a, b, str(asked.get("dtype")))
             if gap is not None:
                 diff[key] = gap
+        elif key == "jw0" and a is None:
+            continue  # a kernel with J w0 serves a request that does not need it
+        elif key == "jw0" and b is None:
+            diff[key] = "cached without J w0 (Tangent.without_jw0), which this request needs"
         elif a != b:
             diff[key] = f"cached {a!r} vs requested {b!r}"
     return diff

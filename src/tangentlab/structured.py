@@ -79,9 +79,12 @@ class _Capture(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = None
         if func is F.conv2d or func is torch.conv2d:
             args, kwargs = _depthwise_channels_last(args, kwargs)
-        out = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
+            out = _pointwise_conv(args, kwargs)
+        elif func is F.batch_norm:
+            out = _eval_batch_norm(args, kwargs)
         out = func(*args, **kwargs) if out is None else out
         kind = _COVERED.get(func)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -129,6 +132,39 @@ def _depthwise_channels_last(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, {**kwargs, "input": u}
 
 
+# NOTE [pointwise convolution]
+# A 1 x 1 convolution (stride 1, no padding, one group) is a matrix product over positions:
+# out[b, :, p] = W u[b, :, p] (+ bias). On CPU, torch runs it as a convolution whose forward
+# and backward took about twice as long as the same product as one matrix multiplication of
+# [B h w, C_in] rows (the exact top's head convolution, 320 -> 1280 on a [500, 320, 2, 2]
+# map: 94-96 ms against 42-43 ms forward and backward in one run; benchmarks/RESULTS.md
+# "exact-top-pointwise"). So the capture and AffineBatchNorm compute it as that product,
+# returned as a contiguous [B, C_out, h, w] tensor (the layout a convolution gives, so that a
+# caller's ``.view`` still works; a channels-last view would save a tenth); the capture still
+# records it as the convolution it is. The top's forward and backward on the default example
+# came out bit-identical; elsewhere they may differ by float rounding. CPU only (a GPU's
+# convolution is left as it is).
+def _pointwise_conv(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.conv2d(*args, **kwargs)`` as a matrix product where it is a CPU 1 x 1 convolution
+    of a batched input (NOTE [pointwise convolution]); otherwise ``None``."""
+    a = _bind("conv2d", args, kwargs)
+    u, w, b = a.get("input"), a.get("weight"), a.get("bias")
+    if not (isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor) and u.ndim == 4
+            and w.ndim == 4 and tuple(w.shape[2:]) == (1, 1) and u.device.type == "cpu"
+            and w.shape[1] == u.shape[1] and int(a.get("groups", 1)) == 1
+            and _pair(a.get("stride", 1), 2) == (1, 1)
+            and (b is None or isinstance(b, torch.Tensor))):  # fmt: skip
+        return None
+    pad = a.get("padding", 0)
+    if not (pad in ("valid", "same") or _pair(pad, 2) == (0, 0)):
+        return None
+    n, _, h, wd = u.shape
+    rows = u.permute(0, 2, 3, 1).reshape(n * h * wd, u.shape[1])  # a view if channels-last
+    w2 = w.reshape(w.shape[0], w.shape[1]).T
+    out = rows @ w2 if b is None else torch.addmm(b, rows, w2)
+    return out.reshape(n, h, wd, w.shape[0]).permute(0, 3, 1, 2).contiguous()
+
+
 def _eval_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.batch_norm`` in eval mode as the per-channel affine map it is, x s + (b − μ s)
     with s = γ / sqrt(σ² + ε) (``None`` in training mode or without running statistics).
@@ -158,12 +194,14 @@ def _eval_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 class AffineBatchNorm(TorchFunctionMode):
     """Runs every eval-mode ``F.batch_norm`` call as the affine map it is
-    (:func:`_eval_batch_norm`); every other call as it is.
+    (:func:`_eval_batch_norm`) and every CPU 1 x 1 convolution as a matrix product
+    (:func:`_pointwise_conv`, NOTE [pointwise convolution]); every other call as it is.
 
     For functions that back-propagate through a frozen network many times (the exact top's
     steps, ``experimental.exact_top``): the same numbers to float rounding, and the backward
     is one product instead of ``native_batch_norm_backward`` (on the default example 40 of
-    245 ms of a full-batch step of the exact top).
+    245 ms of a full-batch step of the exact top), and a matrix product instead of a
+    convolution's.
 
     Example::
 
@@ -173,7 +211,11 @@ class AffineBatchNorm(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = _eval_batch_norm(args, kwargs) if func is F.batch_norm else None
+        out = None
+        if func is F.batch_norm:
+            out = _eval_batch_norm(args, kwargs)
+        elif func is F.conv2d or func is torch.conv2d:
+            out = _pointwise_conv(args, kwargs)
         return func(*args, **kwargs) if out is None else out
 
 
@@ -479,14 +521,17 @@ def _count_sketch(v: torch.Tensor, h: torch.Tensor, s: torch.Tensor, k: int) -> 
     return out.index_add_(-1, h, v * s.to(v.dtype))
 
 
-def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x, projector):
+def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x, projector,
+                         *, jw0: bool = True):
     """Projected per-sample Jacobians ``J(x_i) R`` ``[B, C, k]`` without forming ``J``.
 
     Weights of linear layers and ungrouped convolutions with a factorized (tensor sketch)
     hash are sketched from the layer input and output gradient by FFT (NOTE [tensor
     sketch] in projection.py); every other weight from its per-sample gradient. Returns
-    ``(phi [B, C, k], logits [B, C], jw0 [B, C])`` with ``jw0 = J(x_i) w0``.
+    ``(phi [B, C, k], logits [B, C], jw0 [B, C])`` with ``jw0 = J(x_i) w0`` (NaN with
+    ``jw0=False``: not computed).
     """
+    want_jw0 = jw0
     k = projector.k
     with torch.enable_grad():
         logits, calls, roles = capture_calls(call, w0, names, x)
@@ -508,7 +553,8 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                     continue
                 g = torch.zeros_like(out) if g is None else g.detach()
                 a = _detached(a)
-                jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
+                if want_jw0:
+                    jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
                 rest = dict(r)
                 wname = r.get("weight")
                 if j not in inputs:  # e.g. unfold a convolution's input once, not C times
@@ -547,6 +593,8 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                     for role, name in rest.items():
                         projector.project_block(name, ps[role].reshape(b, -1), acc)
             phi[:, cls] = acc
+    if not want_jw0:
+        jw0.fill_(math.nan)
     return phi, logits.detach(), jw0
 
 

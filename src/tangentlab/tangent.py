@@ -220,6 +220,7 @@ class Tangent:
         self.use_forward_ad = True
         self.params_spec = params
         self.output_probes: torch.Tensor | None = None  # see probed()
+        self.needs_jw0 = True  # False: projected chunks skip J w0 (NaN), see without_jw0()
         config = getattr(model, "config", None)
         self._hf_encoder = bool(
             config is not None
@@ -305,6 +306,15 @@ class Tangent:
                 )
             probes = self.output_probes @ probes.to(self.output_probes)
         out.output_probes = probes
+        return out
+
+    def without_jw0(self) -> Tangent:
+        """A shallow copy (as :meth:`probed`) whose projected chunks do not compute
+        ``J w0``: its :meth:`projected_chunk` returns it as NaN. For callers that never use
+        it, e.g. the exact top's read-out kernels, where it cost about a tenth of each
+        reverse pass (benchmarks/RESULTS.md "exact-top-pointwise")."""
+        out = copy.copy(self)
+        out.needs_jw0 = False
         return out
 
     def _call_one(self, w: dict[str, torch.Tensor], x: Inputs) -> torch.Tensor:
@@ -739,7 +749,8 @@ class Tangent:
         return structured_projected(self._call, self.w0, self.param_names, x, self.projector)[0]
 
     def projected_chunk(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(J R [B, C, k], f0 [B, C], J w0 [B, C])`` for one chunk of samples.
+        """``(J R [B, C, k], f0 [B, C], J w0 [B, C])`` for one chunk of samples (``J w0``
+        NaN after :meth:`without_jw0`).
 
         With ``jacobian_mode="structured"`` and a tensor-sketch projection the Jacobians
         are never formed (tangentlab.structured.structured_projected), nor is ``J w0``.
@@ -753,13 +764,16 @@ class Tangent:
         if structured and self._fast_projection():
             try:
                 phi, f0, jw0 = structured_projected(
-                    self._call, self.w0, self.param_names, x, self.projector
+                    self._call, self.w0, self.param_names, x, self.projector,
+                    jw0=self.needs_jw0,
                 )
                 return phi, f0, jw0
             except Unsupported:
                 pass  # jacobian_blocks below falls back and warns
         blocks = self.jacobian_blocks(x)
-        return self.project(blocks), self.f0(x), self.jw0(blocks)
+        f0 = self.f0(x)
+        jw0 = self.jw0(blocks) if self.needs_jw0 else torch.full_like(f0, math.nan)
+        return self.project(blocks), f0, jw0
 
     def jw0(self, blocks: dict[str, torch.Tensor]) -> torch.Tensor:
         """``J(x_i) w0`` from Jacobian blocks -> ``[B, C]`` (the coupled weight-decay constant)."""

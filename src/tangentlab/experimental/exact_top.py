@@ -1505,7 +1505,10 @@ def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
     def where(part: str) -> dict:
         return dict(opts, cache=None if cache is None else cache / part)
 
-    k = compute_kernel(tb.probed(basis.to(tb.dtype)), (x, zeros),
+    read = tb.probed(basis.to(tb.dtype))
+    if tb.projection is not None:  # Φ's J w0 is never used: not computed
+        read = read.without_jw0()
+    k = compute_kernel(read, (x, zeros),
                        keep_theta=None if tb.projection is None else False,
                        **where("block"))  # fmt: skip
     rest, rest_s = _rest_kernel(tb, x, zeros, basis, probes, seed, where("rest"))
