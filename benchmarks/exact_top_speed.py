@@ -66,9 +66,11 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
 12. ``--part pointwise``: the default example's whole forecast (N = 500, k = 1024: the
    kernel, the default rate and 300 full-batch steps, MSE) with 1 x 1 convolutions run as
    convolutions and J w0 computed (before), with 1 x 1 convolutions as matrix products (NOTE
-   [pointwise convolution] in structured.py), and with also the read-out kernel's J w0 not
-   computed (now: ``Tangent.without_jw0``); each run a fresh process, interleaved; the
-   features and the losses compared; the real run's seconds a step timed in this process.
+   [pointwise convolution] in structured.py), with also the read-out kernel's J w0 not
+   computed (``Tangent.without_jw0``), and with also a channels-last map's batch norm on
+   its rows (now: ``structured._channels_last_affine``); each run a fresh process,
+   interleaved; the features and the losses compared; the real run's seconds a step timed
+   in this process.
 
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
     #                                         minibatch, capture, chunk, layout, pointwise
@@ -832,12 +834,14 @@ def layout_part(n: int = 500, repeats: int = 3) -> None:
 
 _POINTWISE = ("1 x 1 convolutions as convolutions, J w0 computed (before)",
               "1 x 1 convolutions as matrix products, J w0 computed",
-              "1 x 1 convolutions as matrix products, J w0 not computed (now)")
+              "1 x 1 convolutions as matrix products, J w0 not computed",
+              "also a channels-last map's batch norm on its rows (now)")
 
 
 def _set_pointwise(i: int) -> None:
     """Part 12's variant ``i`` (``_POINTWISE``): ``structured._pointwise_conv`` off below 1,
-    ``Tangent.without_jw0`` a no-op below 2."""
+    ``Tangent.without_jw0`` a no-op below 2, ``structured._channels_last_affine`` off
+    below 3."""
     from tangentlab import structured
     from tangentlab.tangent import Tangent
 
@@ -845,6 +849,8 @@ def _set_pointwise(i: int) -> None:
         structured._pointwise_conv = lambda args, kwargs: None
     if i < 2:
         Tangent.without_jw0 = lambda self: self
+    if i < 3:
+        structured._channels_last_affine = lambda x, scale, shift: None
 
 
 def pointwise_child(i: int, n: int, out: str) -> None:
@@ -913,8 +919,11 @@ def pointwise_part(n: int = N, repeats: int = 3) -> None:
         "command-line run is, the variants interleaved): 1 x 1 convolutions (the block's "
         "expansion and projection in the kernel's capture, the top's head convolution at "
         "every step) run as convolutions or as one matrix product over positions (NOTE "
-        "[pointwise convolution] in structured.py), and the read-out kernel's J w0, which the "
-        "exact top never uses, computed or not (`Tangent.without_jw0`). The real run timed "
+        "[pointwise convolution] in structured.py), the read-out kernel's J w0, which the "
+        "exact top never uses, computed or not (`Tangent.without_jw0`), and the capture's "
+        "eval-mode batch norm of a channels-last map (after the depthwise convolution) "
+        "computed on the map's [B h w, C] rows or on a copy in NCHW layout "
+        "(`structured._channels_last_affine`). The real run timed "
         f"in this process after them: {real.train_seconds / 3:.2f} s a full-batch step of the "
         f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
         "largest differences from before (relative to the largest feature; to each step's "

@@ -143,3 +143,24 @@ def test_kernel_without_jw0_and_its_cache(tmp_path):
     with pytest.raises(CacheMismatchError, match="jw0: cached without J w0"):
         tl.compute_kernel(t, (x, y), cache=tmp_path / "without", progress=False)
     assert math.isnan(float(t.without_jw0().projected_chunk(x)[2][0, 0]))
+
+
+def test_batch_norm_of_a_channels_last_map_on_its_rows():
+    """structured._channels_last_affine: the same map and gradients as the NCHW form, in the
+    input's layout; not taken for an NCHW map."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 2, 3, generator=gen, dtype=torch.float64)
+    xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight, bias = (torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
+                    for _ in range(2))  # fmt: skip
+    mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    assert structured._channels_last_affine(x, weight, bias) is None
+    with AffineBatchNorm():
+        got = F.batch_norm(xcl, mean, var, weight, bias, False, 0.1, 1e-3)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    want = F.batch_norm(xcl, mean, var, weight, bias, False, 0.1, 1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    cot = torch.randn_like(want)
+    for g, h in zip(torch.autograd.grad(got, [xcl, weight, bias], cot),
+                    torch.autograd.grad(want, [xcl, weight, bias], cot)):  # fmt: skip
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)

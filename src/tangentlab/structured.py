@@ -136,14 +136,14 @@ def _depthwise_channels_last(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 # A 1 x 1 convolution (stride 1, no padding, one group) is a matrix product over positions:
 # out[b, :, p] = W u[b, :, p] (+ bias). On CPU, torch runs it as a convolution whose forward
 # and backward took about twice as long as the same product as one matrix multiplication of
-# [B h w, C_in] rows (the exact top's head convolution, 320 -> 1280 on a [500, 320, 2, 2]
-# map: 94-96 ms against 42-43 ms forward and backward in one run; benchmarks/RESULTS.md
-# "exact-top-pointwise"). So the capture and AffineBatchNorm compute it as that product,
-# returned as a contiguous [B, C_out, h, w] tensor (the layout a convolution gives, so that a
-# caller's ``.view`` still works; a channels-last view would save a tenth); the capture still
-# records it as the convolution it is. The top's forward and backward on the default example
-# came out bit-identical; elsewhere they may differ by float rounding. CPU only (a GPU's
-# convolution is left as it is).
+# [B h w, C_in] rows (timed alone: the exact top's head convolution, 320 -> 1280 on a
+# [500, 320, 2, 2] map, 94-96 ms against 42-43 ms). So the capture and AffineBatchNorm
+# compute it as that product, returned as a contiguous [B, C_out, h, w] tensor (the layout a
+# convolution gives, so that a caller's ``.view`` still works; a channels-last view saved
+# another tenth); the capture still records it as the convolution it is. On the default
+# example the exact top's kernel and steps got about 1.1x and 1.2x faster (benchmarks/RESULTS.md
+# "exact-top-pointwise"); the top's forward and backward came out bit-identical, the
+# kernel's features moved by rounding (1e-6). CPU only (a GPU's convolution is left as it is).
 def _pointwise_conv(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.conv2d(*args, **kwargs)`` as a matrix product where it is a CPU 1 x 1 convolution
     of a batched input (NOTE [pointwise convolution]); otherwise ``None``."""
@@ -165,6 +165,22 @@ def _pointwise_conv(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return out.reshape(n, h, wd, w.shape[0]).permute(0, 3, 1, 2).contiguous()
 
 
+def _channels_last_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+                          ) -> torch.Tensor | None:
+    """x s + t per channel for a map ``x`` ``[B, C, h, w]`` stored channels-last (e.g. after
+    the capture's depthwise convolution, NOTE [depthwise channels-last]), computed on its
+    ``[B h w, C]`` rows, a view, and returned in the same layout; ``None`` for any other
+    ``x``. The reshape of the NCHW form would copy the map forward and its gradient back
+    at every reverse pass (two of the four copies of a [250, 1152, 2, 2] map a pass on the
+    default example; benchmarks/RESULTS.md "exact-top-pointwise")."""
+    if not (x.ndim == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        return None
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    return torch.addcmul(shift, rows, scale).reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def _eval_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.batch_norm`` in eval mode as the per-channel affine map it is, x s + (b − μ s)
     with s = γ / sqrt(σ² + ε) (``None`` in training mode or without running statistics).
@@ -184,6 +200,9 @@ def _eval_batch_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
         shift = a["bias"] + shift
     if x.ndim == 2:
         return torch.addcmul(shift, x, scale)
+    out = _channels_last_affine(x, scale, shift)
+    if out is not None:
+        return out
     # [B, C, *S] as [B, C S] with the per-channel factors repeated over S: the backward to
     # trained factors is then a sum over the batch's rows, where the broadcast form's sum
     # over (0, 2, 3) took 3x longer (a [500, 1280, 2, 2] map: 12 against 35 ms)

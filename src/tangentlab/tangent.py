@@ -311,8 +311,8 @@ class Tangent:
     def without_jw0(self) -> Tangent:
         """A shallow copy (as :meth:`probed`) whose projected chunks do not compute
         ``J w0``: its :meth:`projected_chunk` returns it as NaN. For callers that never use
-        it, e.g. the exact top's read-out kernels, where it cost about a tenth of each
-        reverse pass (benchmarks/RESULTS.md "exact-top-pointwise")."""
+        it, e.g. the exact top's read-out kernels, where it cost a tenth to a fifth of the
+        kernel's seconds (benchmarks/RESULTS.md "exact-top-pointwise")."""
         out = copy.copy(self)
         out.needs_jw0 = False
         return out
