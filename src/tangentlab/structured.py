@@ -550,14 +550,13 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
     ``(phi [B, C, k], logits [B, C], jw0 [B, C])`` with ``jw0 = J(x_i) w0`` (NaN with
     ``jw0=False``: not computed).
     """
-    want_jw0 = jw0
     k = projector.k
     with torch.enable_grad():
         logits, calls, roles = capture_calls(call, w0, names, x)
         outs = [out for _, _, out in calls]
         b, c = logits.shape
         phi = torch.zeros(b, c, k, dtype=logits.dtype, device=logits.device)
-        jw0 = torch.zeros(b, c, dtype=logits.dtype, device=logits.device)
+        dots = torch.zeros(b, c, dtype=logits.dtype, device=logits.device)  # J w0
         # (positions, rfft of their input sketch) per layer, shared by the classes; likewise
         # the layers' (unfolded) inputs
         u_hat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -572,8 +571,8 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                     continue
                 g = torch.zeros_like(out) if g is None else g.detach()
                 a = _detached(a)
-                if want_jw0:
-                    jw0[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
+                if jw0:
+                    dots[:, cls] += _dot_w0(kind, a, out.detach(), g, r)
                 rest = dict(r)
                 wname = r.get("weight")
                 if j not in inputs:  # e.g. unfold a convolution's input once, not C times
@@ -612,9 +611,9 @@ def structured_projected(call, w0: dict[str, torch.Tensor], names: list[str], x,
                     for role, name in rest.items():
                         projector.project_block(name, ps[role].reshape(b, -1), acc)
             phi[:, cls] = acc
-    if not want_jw0:
-        jw0.fill_(math.nan)
-    return phi, logits.detach(), jw0
+    if not jw0:
+        dots.fill_(math.nan)
+    return phi, logits.detach(), dots
 
 
 # NOTE [depthwise sketch]
