@@ -268,8 +268,11 @@ def test_forecast_top_on_the_image_example(tmp_path):
     res = ok(invoke("forecast", "--example", "fashion-lite0", "--samples", 32, "--steps", 30,
                     "--out", out, "--no-progress"))  # fmt: skip
     assert "split_lite" in res.stderr and "exact_top.stable_lr" in res.stderr
+    assert "the frozen layers below them run once (split_trunk)" in res.stderr
+    assert (out / "kernel" / "exact-top" / "after-trunk" / "block" / "kernel.safetensors").exists()
     js = strict_json(out / "forecast.json")
     assert js["info"]["linearize"].startswith("auto: the exact top (split_lite")
+    assert js["kernel"]["trunk"] == "_LiteTrunk"  # NOTE [frozen trunk]
     d = js["forecasts"][0]["drops"]["0.8"]
     assert d["steps"] is not None and d["interval"][0] <= d["estimate"] <= d["interval"][1]
     assert js["kernel"]["directions"] == 320 and js["info"]["num_samples"] == 32  # 2C x (2 x 2)²
@@ -282,9 +285,10 @@ def test_auto_takes_the_exact_top_on_the_text_example(tmp_path):
     out = tmp_path / "text"
     res = ok(invoke("forecast", "--example", "rt-minilm", "--samples", 16, "--steps", 10,
                     "--out", out, "--no-progress"))  # fmt: skip
-    assert "split_minilm" in res.stderr
+    assert "split_minilm" in res.stderr and "run once (split_trunk)" in res.stderr
     js = strict_json(out / "forecast.json")
     assert js["info"]["linearize"].startswith("auto: the exact top (split_minilm")
+    assert js["kernel"]["trunk"] == "_BertTrunk"  # NOTE [frozen trunk]
     assert js["info"]["num_samples"] == 16 and math.isfinite(js["forecasts"][0]["loss"][-1])
 
 

@@ -1061,6 +1061,7 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
     """``--linearize top``: the model split (checked to compose to it) and the exact-top
     kernel (tangentlab.experimental.exact_top.compute_exact_top_kernel)."""
     from tangentlab.data import as_arrays, take
+    from tangentlab.examples import split_trunk
     from tangentlab.experimental import exact_top as et
 
     t0 = time.perf_counter()
@@ -1082,8 +1083,9 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
         o["linearize_reason"] = f"auto: {choice.reason}"
         _echo(f"tangentlab: --linearize auto: {choice.reason}.")
     body, top, how = _split(o, model)
+    trunk, body = split_trunk(body, params)  # NOTE [frozen trunk]: (None, body) if unknown
     x, _ = as_arrays(data, where="tangentlab")
-    gap = et.split_mismatch(model, body, top, take(x, slice(0, 4)))
+    gap = et.split_mismatch(model, body, top, take(x, slice(0, 4)), trunk=trunk)
     if not gap <= 1e-4:
         raise TangentlabError(
             f"tangentlab: --linearize top: top(body(x)) differs from the model's output by "
@@ -1092,7 +1094,8 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
         )
     timer["model and data"] = time.perf_counter() - t0
     _echo(f"tangentlab: --linearize top: {how}; the body's trained weights linearized "
-          "(README 'Exact top, last block linear').")
+          "(README 'Exact top, last block linear')"
+          + ("; the frozen layers below them run once (split_trunk)." if trunk else "."))
     spec = str(o["projection"]).strip().lower()
     k = None if spec == "exact" else TOP_PROJECTION if spec == "auto" else int(spec)
     t0 = time.perf_counter()
@@ -1101,7 +1104,7 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
             body, top, data, params=params, top_params=params, projection=k, seed=o["seed"],
             directions=_directions(o.get("directions")), memory_budget=o["memory_budget"],
             cache=Path(o["cache"] or Path(o["out"]) / "kernel") / "exact-top",
-            progress=not o["no_progress"])  # fmt: skip
+            progress=not o["no_progress"], trunk=trunk)  # fmt: skip
     except MemoryBudgetError as exc:
         raise MemoryBudgetError(
             f"{exc} The exact top keeps Φ [N q, k] in memory (q directions of z per sample; "

@@ -73,6 +73,7 @@ __all__ = [
     "split_lite",
     "split_minilm",
     "split_model",
+    "split_trunk",
 ]
 
 #: One-line description of every built-in example, by name.
@@ -744,6 +745,120 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
         "command line, --split 'pkg.module:function' (a function of the model returning "
         "(body, top))."
     )
+
+
+class _LiteTrunk(nn.Module):
+    """An EfficientNet-Lite body's stem and first ``cut`` blocks (``split_trunk``)."""
+
+    def __init__(self, body: _LiteBody, cut: int) -> None:
+        super().__init__()
+        self._conv_stem, self._bn0, self._swish = body._conv_stem, body._bn0, body._swish
+        self._blocks = nn.ModuleList(body._blocks[:cut])
+        self.rate, self.n = body.rate, len(body._blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._swish(self._bn0(self._conv_stem(x)))
+        for idx, block in enumerate(self._blocks):
+            h = block(h, drop_connect_rate=self.rate * idx / self.n)
+        return h
+
+
+class _LiteRest(nn.Module):
+    """An EfficientNet-Lite body's blocks from ``cut`` on, under the body's weight names
+    ``_blocks.<i>`` (``split_trunk``)."""
+
+    def __init__(self, body: _LiteBody, cut: int) -> None:
+        super().__init__()
+        self._blocks = nn.Module()
+        for idx in range(cut, len(body._blocks)):
+            self._blocks.add_module(str(idx), body._blocks[idx])
+        self.rate, self.n = body.rate, len(body._blocks)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for idx, block in self._blocks.named_children():  # as _LiteBody, from block cut on
+            h = block(h, drop_connect_rate=self.rate * int(idx) / self.n)
+        return h
+
+
+class _BertTrunk(nn.Module):
+    """A ``_BertBody``'s embeddings and first ``cut`` layers: ``{"hidden_states": [B, L, H]}``
+    and the ``attention_mask`` when given (``split_trunk``)."""
+
+    def __init__(self, body: _BertBody, cut: int) -> None:
+        super().__init__()
+        self.embeddings = body.bert.embeddings
+        self.layer = nn.ModuleList(list(body.bert.encoder.layer.children())[:cut])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        ext = None if attention_mask is None else _additive_mask(attention_mask, h.dtype)
+        for layer in self.layer:
+            h = layer(h, attention_mask=ext)
+            h = h[0] if isinstance(h, tuple) else h
+        return {"hidden_states": h} if attention_mask is None else {
+            "hidden_states": h, "attention_mask": attention_mask}  # fmt: skip
+
+
+class _BertRest(nn.Module):
+    """A ``_BertBody``'s layers from ``cut`` on, under the body's weight names, from the
+    hidden states of ``_BertTrunk`` to z, the [CLS] state (``split_trunk``)."""
+
+    def __init__(self, body: _BertBody, cut: int) -> None:
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.Module()
+        for idx, layer in list(body.bert.encoder.layer.named_children())[cut:]:
+            self.bert.encoder.layer.add_module(idx, layer)
+
+    def forward(self, hidden_states: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        h = hidden_states
+        ext = None if attention_mask is None else _additive_mask(attention_mask, h.dtype)
+        for layer in self.bert.encoder.layer.children():  # as _BertBody
+            out = (layer(h, attention_mask=ext) if hasattr(layer, "intermediate")
+                   else layer.attention(h, ext))  # fmt: skip
+            h = out[0] if isinstance(out, tuple) else out
+        return h[:, 0]
+
+
+def split_trunk(body: nn.Module, params: Any = None) -> tuple[nn.Module | None, nn.Module]:
+    """``(trunk, rest)`` of a body of :func:`split_model`, with ``body(x) == rest(trunk(x))``:
+    the trunk is the body's layers below its first trained weight (``params``, as
+    :func:`tangentlab.experimental.exact_top.compute_exact_top_kernel`'s: a regex, names or
+    ``None`` for those with ``requires_grad``), which fine-tuning never moves; the rest keeps
+    the body's weight names, so ``params`` selects the same weights in it. Pass both to
+    ``compute_exact_top_kernel(rest, top, data, trunk=trunk)``, which runs the trunk once
+    (NOTE [frozen trunk] in exact_top.py). ``(None, body)`` when there is nothing to cut: the
+    first layer is trained, no weight is, or the body is not one of :func:`split_model`'s.
+
+    Example::
+
+        >>> body, top, _ = split_model(ex.model)  # EfficientNet-Lite0
+        >>> trunk, rest = split_trunk(body, LITE0_DEFAULT_PARAMS)  # stem + blocks 0-14, block 15
+        >>> rest(trunk(x)).shape == body(x).shape  # [B, 320, 2, 2]
+    """
+    from tangentlab.tangent import select_params
+
+    try:
+        names = select_params(body, params) if any(True for _ in body.parameters()) else []
+    except TangentlabError as exc:
+        raise TangentlabError(str(exc).replace("Tangent:", "split_trunk:", 1)) from None
+    if isinstance(body, _LiteBody):
+        stages = [0 if not a.startswith("_blocks.") else int(a.split(".")[1]) + 1
+                  for a in names]  # fmt: skip
+        cut = min(stages, default=0) - 1  # the first block with a trained weight
+        return (None, body) if cut < 0 else (_LiteTrunk(body, cut).train(body.training),
+                                             _LiteRest(body, cut).train(body.training))
+    if isinstance(body, _BertBody):
+        pre = "bert.encoder.layer."
+        stages = [int(a[len(pre):].split(".")[0]) + 1 if a.startswith(pre) else 0
+                  for a in names]  # fmt: skip
+        cut = min(stages, default=0) - 1  # the first layer with a trained weight
+        return (None, body) if cut < 0 else (_BertTrunk(body, cut).train(body.training),
+                                             _BertRest(body, cut).train(body.training))
+    return None, body
 
 
 def _lite0_model(*, image_size: int, seed: int) -> tuple[nn.Module, str]:

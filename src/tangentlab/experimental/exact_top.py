@@ -54,7 +54,10 @@ logged steps' z come from one product with Φ per chunk of steps, NOTE [exact-to
 path]) or O(N q |b| q) with M; it never runs the body. So it is
 cheap where the body (or the frozen trunk below the trained weights, which a real run
 forwards at every step) dominates a real step. The kernel costs q backward passes through
-the body per sample, one output at a time (NOTE [memory model] in tangentlab.memory).
+the body per sample, one output at a time (NOTE [memory model] in tangentlab.memory), and
+forward passes of the body: with a ``trunk`` (:func:`tangentlab.examples.split_trunk`, the
+command line's choice) the frozen layers below the trained weights run once, not at each
+of the kernel's three forward passes (NOTE [frozen trunk]).
 Measured (benchmarks/RESULTS.md "exact-top-speed"): on the default example (N = 500,
 64 px, q = 320, k = 4096) the forecast of 300 steps costs about a quarter of the real
 run, each further setting of a sweep about a tenth; k = 1024 was as accurate on the ninth
@@ -281,20 +284,22 @@ def _run(body: nn.Module, x: Any) -> torch.Tensor:
     return body(**x) if isinstance(x, Mapping) else body(x)
 
 
-def split_mismatch(model: nn.Module, body: nn.Module, top: nn.Module, x: Any) -> float:
+def split_mismatch(model: nn.Module, body: nn.Module, top: nn.Module, x: Any, *,
+                   trunk: nn.Module | None = None) -> float:
     """max |model(x) − top(body(x))| / max(|model(x)|, 1e-12) on the batch ``x`` (a Mapping:
     keyword inputs; a model output with ``.logits``, as transformers', is read there), in
     eval mode as the kernel is: a split whose parts do not compose to the model gives a
     forecast of another network, so callers refuse a mismatch (the command line above
-    1e-4)."""
-    modes = {id(m): (m, m.training) for root in (model, body, top) for m in root.modules()}
+    1e-4). With a ``trunk`` (as :func:`compute_exact_top_kernel`'s), top(body(trunk(x)))."""
+    roots = (model, body, top) if trunk is None else (model, trunk, body, top)
+    modes = {id(m): (m, m.training) for root in roots for m in root.modules()}
     try:
         for m, _ in modes.values():
             m.training = False
         with torch.no_grad():
             want = _run(model, x)
             want = getattr(want, "logits", want)
-            got = top(_run(body, x))
+            got = top(_run(body, x if trunk is None else _run(trunk, x)))
     finally:
         for m, was in modes.values():  # each module's own flag (the parts share modules)
             m.training = was
@@ -488,6 +493,7 @@ def compute_exact_top_kernel(
     memory_budget: int | str | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
+    trunk: nn.Module | None = None,
 ) -> ExactTopKernel:
     """The exact-top, block-linear model of fine-tuning ``top(body(x))`` on ``data``
     (NOTE [exact top, block linear]).
@@ -510,11 +516,18 @@ def compute_exact_top_kernel(
       seed: seed of the projection and the probes.
       memory_budget, progress: as for :func:`tangentlab.compute_kernel`.
       cache: a directory; the read-out kernels (M or Φ, and κ_⊥) are cached in its ``block``
-        and ``rest`` subdirectories exactly as :func:`tangentlab.compute_kernel` caches
-        (resumable, checksummed; a directory holding another request's kernel is refused
-        with the fields that differ). z0 and Q are recomputed (one forward pass and the
-        top's Jacobians). ``metadata["seconds"]`` counts what restored parts cost when
-        they were computed.
+        and ``rest`` subdirectories (``after-trunk/block`` and ``after-trunk/rest`` with a
+        ``trunk``) exactly as :func:`tangentlab.compute_kernel` caches (resumable,
+        checksummed; a directory holding another request's kernel is refused with the
+        fields that differ). z0 and Q are recomputed (one forward pass and the top's
+        Jacobians). ``metadata["seconds"]`` counts what restored parts cost when they were
+        computed.
+      trunk: an ``nn.Module`` run before the body, holding none of its trained weights (the
+        model is ``top(body(trunk(x)))``; :func:`tangentlab.examples.split_trunk` cuts one
+        off a known body): run once on ``data`` without gradients, and the kernel's
+        forward passes start at its output (NOTE [frozen trunk]). It returns a tensor
+        ``[B, ...]`` or a Mapping of such tensors (the body's keyword inputs). ``None``:
+        the body runs from ``data`` itself.
 
     Returns:
       :class:`ExactTopKernel`; forecast it with :func:`forecast_exact_top`.
@@ -538,6 +551,9 @@ def compute_exact_top_kernel(
         raise TangentlabError(f"{fn}: probes must be an integer >= 0, got {probes!r}.")
     names = _chosen(body, params, "body", "params")
     theta = _chosen(top, top_params, "top", "top_params")
+    if trunk is not None:  # NOTE [frozen trunk]
+        x = _trunk_outputs(trunk, body, names, x, n, fn)
+        cache = None if cache is None else Path(cache) / "after-trunk"
     if top.training:
         warnings.warn(f"{fn}: switched top to eval mode (batch-norm statistics frozen, dropout "
                       "off), as the model requires. Call top.train() afterwards to restore it.",
@@ -563,6 +579,8 @@ def compute_exact_top_kernel(
     meta = dict(directions=q, feature_dim=d, num_classes=c, probes=int(probes),
                 projection=str(projection), seed=int(seed), body_params=len(names),
                 top_params=len(theta), seconds=seconds)  # fmt: skip
+    if trunk is not None:
+        meta["trunk"] = type(trunk).__name__
     return ExactTopKernel(z0, shape, y, basis, block, features,
                           None if rest is None else rest.to(z0.dtype), top, tuple(theta),
                           meta)  # fmt: skip
@@ -1493,6 +1511,54 @@ class _Sharpness:
         if den <= 0:
             return 0.0, 0.0
         return sum(parts) / den, parts[0] / den
+
+
+# NOTE [frozen trunk]
+# The body's layers below its first trained weight (EfficientNet-Lite0's stem and first 15
+# blocks; MiniLM's embeddings and first five layers) do not move in fine-tuning, and their
+# output is all that the rest of the body sees of x. Without a trunk the kernel's parts run
+# them three times (z0, the block's read-out kernel, the rest's trace kernel): on the
+# default example 2.5 s a pass over N = 500, a third of the kernel's seconds. With a
+# ``trunk`` they run once, in chunks and without gradients, and the body (the layers above)
+# starts from their output: the same numbers up to float rounding (the trunk's convolutions
+# on chunks of another size). Its output is kept in memory ([500, 192, 2, 2] floats on the
+# default example; MiniLM's [N, L, 384] hidden states and mask), and the cache key is the
+# body's and this output's, hence the caches' own subdirectory.
+def _trunk_outputs(trunk: Any, body: nn.Module, names: list[str], x: Any, n: int, fn: str
+                   ) -> Any:
+    """The trunk's outputs on all N inputs ``x`` (a tensor ``[N, ...]`` or a dict of them),
+    computed in chunks without gradients (NOTE [frozen trunk])."""
+    if not isinstance(trunk, nn.Module):
+        raise TangentlabError(f"{fn}: trunk must be an nn.Module (or None), got "
+                              f"{type(trunk).__name__}.")  # fmt: skip
+    chosen = set(names)
+    trained = {id(p): a for a, p in body.named_parameters() if a in chosen}
+    shared = [trained[id(p)] for p in trunk.parameters() if id(p) in trained]
+    if shared:
+        raise TangentlabError(f"{fn}: the trunk holds the body's trained weight {shared[0]!r}; "
+                              "a trunk runs once, frozen: cut it below the first trained "
+                              "weight (examples.split_trunk does).")  # fmt: skip
+    if trunk.training:
+        warnings.warn(f"{fn}: switched trunk to eval mode (batch-norm statistics frozen, "
+                      "dropout off), as the model requires. Call trunk.train() afterwards "
+                      "to restore it.", ModeSwitchWarning, stacklevel=3)  # fmt: skip
+        trunk.eval()
+    outs = []
+    with torch.no_grad():
+        for s in range(0, n, _CHUNK):
+            h = _run(trunk, take(x, slice(s, s + _CHUNK)))
+            rows = min(_CHUNK, n - s)
+            parts = h.values() if isinstance(h, Mapping) else [h]
+            if not parts or not all(isinstance(t, torch.Tensor) and t.ndim >= 1
+                                    and t.shape[0] == rows for t in parts):  # fmt: skip
+                raise TangentlabError(
+                    f"{fn}: the trunk must return a tensor [B, ...] or a Mapping of such "
+                    f"tensors (the body's keyword inputs) for a batch of B = {rows}, got "
+                    f"{type(h).__name__}.")  # fmt: skip
+            outs.append(h)
+    if isinstance(outs[0], Mapping):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)
 
 
 def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
