@@ -72,12 +72,22 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    interleaved; the features and the losses compared; the real run's seconds a step timed
    in this process.
 
+13. ``--part trunk``: the default example's whole forecast (as part 12) with the body run
+   from the images at each of the kernel's forward passes (before) and with its frozen
+   trunk (the stem and blocks 0-14, ``examples.split_trunk``) run once (now: NOTE [frozen
+   trunk] in exact_top.py); each run a fresh process, interleaved; the features and the
+   losses compared; the real run's seconds a step timed in this process.
+
+   ``--part trunk-text``: the same two kernels on the text example (rt-minilm, N = 128),
+   in one process, interleaved, and a forecast on each.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
-    #                                         minibatch, capture, chunk, layout, pointwise
+    #                      minibatch, capture, chunk, layout, pointwise, trunk, trunk-text
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
 "exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture",
-"exact-top-chunk", "exact-top-layout" and "exact-top-pointwise" of RESULTS.md.
+"exact-top-chunk", "exact-top-layout", "exact-top-pointwise", "exact-top-trunk" and
+"exact-top-trunk-text" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -513,15 +523,16 @@ def _example(n: int):
     return ex, body, top
 
 
-def _kernel(data, body, top) -> tuple[float, et.ExactTopKernel]:
+def _kernel(data, body, top, trunk=None) -> tuple[float, et.ExactTopKernel]:
     """``(seconds, kernel)``: the default example's exact-top kernel of ``data`` as the
-    command line computes it (k = ``cli.TOP_PROJECTION``)."""
+    command line computes it (k = ``cli.TOP_PROJECTION``; ``trunk``: as
+    ``compute_exact_top_kernel``'s, with ``body`` the rest above it)."""
     from tangentlab.cli import TOP_PROJECTION
 
     t0 = time.perf_counter()
     etk = et.compute_exact_top_kernel(body, top, data, params=LITE0_DEFAULT_PARAMS,
                                       top_params=LITE0_DEFAULT_PARAMS, projection=TOP_PROJECTION,
-                                      progress=False)  # fmt: skip
+                                      progress=False, trunk=trunk)  # fmt: skip
     return time.perf_counter() - t0, etk
 
 
@@ -937,22 +948,228 @@ def pointwise_part(n: int = N, repeats: int = 3) -> None:
     _report("exact-top-pointwise", text)
 
 
+_TRUNK = ("the body run from the images at each forward pass (before)",
+          "its frozen trunk run once (now)")
+
+
+def trunk_child(i: int, n: int, out: str) -> None:
+    """One whole forecast of part 13 in this process (a fresh one, as a command-line run):
+    variant ``i`` of ``_TRUNK``; the seconds of its kernel, rate and simulation printed; its
+    features and losses saved to ``out``."""
+    from tangentlab import headbody, structured
+    from tangentlab.data import take
+    from tangentlab.examples import split_trunk
+
+    ex, body, top = _example(n)
+    trunk = None
+    if i == 1:
+        trunk, body = split_trunk(body, LITE0_DEFAULT_PARAMS)
+    _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top, trunk)  # warm-up
+    parts: dict[str, float] = {}
+    inside = ["other"]  # the read-out kernel whose capture runs: "block" or "rest"
+
+    def timer(f, key: str):
+        def timed(*a, **k):
+            name = f"capture ({inside[-1]})" if key == "capture" else key
+            if key in ("block", "rest"):
+                inside.append(key)
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                parts[name] = parts.get(name, 0.0) + time.perf_counter() - t0
+                if key in ("block", "rest"):
+                    inside.pop()
+        return timed
+
+    for mod, name, key in ((et, "_trunk_outputs", "trunk"),
+                           (structured, "capture_calls", "capture"),
+                           (et, "compute_kernel", "block"),
+                           (headbody, "compute_kernel", "rest")):  # fmt: skip
+        setattr(mod, name, timer(getattr(mod, name), key))
+    kernel_s, etk = _kernel(ex.data, body, top, trunk)
+    t0 = time.perf_counter()
+    lr = et.stable_lr(etk, loss="mse")
+    rate_s = time.perf_counter() - t0
+    fc = et.forecast_exact_top(etk, tl.SGD(lr), STEPS, progress=False)
+    torch.save({"features": etk.features, "loss": torch.as_tensor(fc.loss),
+                "lr": torch.tensor(lr)}, out)  # fmt: skip
+    cap = parts.get("capture (block)", 0.0)
+    print(f"PARTS {parts.get('trunk', 0.0)} {cap} {parts.get('block', 0.0) - cap} "
+          f"{parts.get('rest', 0.0)}")  # fmt: skip
+    print(f"SECONDS {kernel_s} {rate_s} {fc.seconds} {fc.steps_to_drop(0.8)}")
+
+
+def trunk_part(n: int = N, repeats: int = 5) -> None:
+    """Part 13: the whole forecast with the body run from the images (before) and with its
+    frozen trunk run once (now), each run a fresh process, interleaved; the real run's
+    seconds a step timed here."""
+    import subprocess
+    import tempfile
+
+    from tangentlab.cli import TOP_PROJECTION
+
+    secs: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(_TRUNK))}
+    kparts: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(_TRUNK))}
+    steps: dict[int, set] = {i: set() for i in range(len(_TRUNK))}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for i in range(len(_TRUNK)):
+                got = subprocess.run([sys.executable, __file__, "--trunk-child", str(i),
+                                      str(n), f"{tmp}/{i}.pt"], capture_output=True, text=True,
+                                     check=True)  # fmt: skip
+                *parts, t80 = got.stdout.split("SECONDS")[-1].split()
+                secs[i].append(tuple(float(a) for a in parts))
+                kparts[i].append(tuple(float(a) for a in
+                                       got.stdout.split("PARTS")[-1].split("\n")[0].split()))
+                steps[i].add(t80)
+        runs = [torch.load(f"{tmp}/{i}.pt", weights_only=True) for i in range(len(_TRUNK))]
+    ex, _, _ = _example(n)
+    real = tl.finetune(load_example("fashion-lite0", num_samples=n).model.eval(), ex.data,
+                       tl.SGD(float(runs[0]["lr"])), 3, params=LITE0_DEFAULT_PARAMS,
+                       log_every=3, progress=False)  # fmt: skip
+    run_s = STEPS * real.train_seconds / 3
+    f0, l0 = runs[0]["features"], runs[0]["loss"]
+    total0 = statistics.median(sum(t) for t in secs[0])
+    rows = []
+    for i, name in enumerate(_TRUNK):
+        med = [statistics.median(t[j] for t in secs[i]) for j in range(3)]
+        total = statistics.median(sum(t) for t in secs[i])
+        feat = float((runs[i]["features"] - f0).abs().max() / f0.abs().max())
+        loss = float(((runs[i]["loss"] - l0).abs() / l0.abs()).max())
+        rows.append(f"| {name} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {total:.1f} | "
+                    f"{', '.join(f'{sum(t):.1f}' for t in secs[i])} | {total0 / total:.2f}x | "
+                    f"{total / run_s:.1%} | {feat:.1e} | {loss:.1e} | "
+                    f"{', '.join(sorted(steps[i]))} |")
+    text = [
+        f"Command: `{COMMAND} --part trunk`. Machine: {machine()}.",
+        "",
+        f"The default example's whole exact-top forecast (N = {n}, 64 px, the default q, "
+        f"k = {TOP_PROJECTION}: the kernel, the default rate (Lanczos) and {STEPS} full-batch "
+        f"steps, MSE), seconds (median of {repeats} runs, each in a fresh process as a "
+        "command-line run is, the variants interleaved): the body (the stem and all 16 "
+        "blocks) run from the images at each of the kernel's three forward passes (z0, the "
+        "block's read-out kernel, the rest's trace kernel), or its frozen trunk (the stem "
+        "and blocks 0-14, below the first trained weight: `examples.split_trunk`) run once "
+        "and block 15 from its output (NOTE [frozen trunk] in exact_top.py), as the "
+        "command line now does. The real run timed "
+        f"in this process after them: {real.train_seconds / 3:.2f} s a full-batch step of the "
+        f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
+        "largest differences from before (relative to the largest feature; to each step's "
+        "loss), and the steps to an 80% drop in every run:",
+        "",
+        "| variant | kernel | rate | simulation | total | runs (total) | speed-up | "
+        "/ real run | features' difference | losses' difference | T̂ (80%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "The kernel's parts (medians, seconds): the trunk run once; the block's read-out "
+        "kernel's forward passes under the capture (one a chunk: through the whole body, or "
+        "block 15 alone); its reverse passes (the read-out kernel's seconds less those "
+        "forwards: q = 320 passes a chunk); the rest's trace kernel (its own forward passes "
+        "and 4 reverse passes a sample):",
+        "",
+        "| variant | trunk | block's forwards | block's reverse passes | rest kernel |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | " + " | ".join(f"{statistics.median(t[j] for t in kparts[i]):.1f}"
+                                      for j in range(4)) + " |"
+          for i, name in enumerate(_TRUNK)),
+    ]
+    _report("exact-top-trunk", text)
+
+
+def trunk_text_part(n: int = 128, repeats: int = 3) -> None:
+    """Part 13 on the text example: the exact-top kernel of rt-minilm (MiniLM-L6, N = n) with
+    the body run from the tokens (before) and with its frozen trunk (the embeddings and
+    layers 0-4) run once (now), in this process, interleaved; then one forecast of 300
+    full-batch steps on each kernel and the real run's seconds a step."""
+    import os
+
+    from tangentlab.cli import TOP_PROJECTION
+    from tangentlab.data import take
+    from tangentlab.examples import MINILM_DEFAULT_PARAMS, split_trunk
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.simplefilter("ignore")
+    ex = load_example("rt-minilm", num_samples=n)
+    body, top, _ = split_model(ex.model.eval())
+    trunk, rest = split_trunk(body, MINILM_DEFAULT_PARAMS)
+    kw = dict(params=MINILM_DEFAULT_PARAMS, top_params=MINILM_DEFAULT_PARAMS,
+              projection=TOP_PROJECTION, progress=False)  # fmt: skip
+    variants = (("the body run from the tokens (before)", body, {}),
+                ("its frozen trunk run once (now)", rest, {"trunk": trunk}))  # fmt: skip
+    small = tuple(take(a, slice(0, 4)) for a in ex.data)
+    for _, b, extra in variants:  # warm-up
+        et.compute_exact_top_kernel(b, top, small, **kw, **extra)
+    secs: list[list[float]] = [[], []]
+    kernels = [None, None]
+    for _ in range(repeats):
+        for i, (_, b, extra) in enumerate(variants):
+            t0 = time.perf_counter()
+            kernels[i] = et.compute_exact_top_kernel(b, top, ex.data, **kw, **extra)
+            secs[i].append(time.perf_counter() - t0)
+    lr = et.stable_lr(kernels[0], loss="mse")
+    fcs = [et.forecast_exact_top(k, tl.SGD(lr), STEPS, progress=False) for k in kernels]
+    real = tl.finetune(load_example("rt-minilm", num_samples=n).model.eval(), ex.data,
+                       tl.SGD(lr), 3, params=MINILM_DEFAULT_PARAMS, log_every=3,
+                       progress=False)  # fmt: skip
+    run_s = STEPS * real.train_seconds / 3
+    def block(k):  # Φ, or M where N q <= k
+        return k.block if k.features is None else k.features
+
+    f0, l0 = block(kernels[0]), torch.as_tensor(fcs[0].loss)
+    rows = []
+    for i, (name, _, _) in enumerate(variants):
+        med = statistics.median(secs[i])
+        feat = float((block(kernels[i]) - f0).abs().max() / f0.abs().max())
+        loss = float(((torch.as_tensor(fcs[i].loss) - l0).abs() / l0.abs()).max())
+        rows.append(f"| {name} | {med:.1f} | {', '.join(f'{t:.1f}' for t in secs[i])} | "
+                    f"{statistics.median(secs[0]) / med:.2f}x | {fcs[i].seconds:.1f} | "
+                    f"{(med + fcs[i].seconds) / run_s:.1%} | {feat:.1e} | {loss:.1e} | "
+                    f"{fcs[i].steps_to_drop(0.8)} |")
+    text = [
+        f"Command: `{COMMAND} --part trunk-text`. Machine: {machine()}.",
+        "",
+        f"The text example's exact-top kernel (rt-minilm: MiniLM-L6, N = {n}, 64 tokens, "
+        f"the default q = 2C, k = {TOP_PROJECTION}), seconds ({repeats} runs in one process, "
+        "the variants interleaved, after a warm-up): the body (embeddings and all six "
+        "layers, the last one's attention) run from the tokens at each of the kernel's "
+        "forward passes, or its frozen trunk (the embeddings and layers 0-4: "
+        "`examples.split_trunk`) run once. Then on each kernel one forecast of "
+        f"{STEPS} full-batch steps (MSE, the default rate {lr:.3g}) and the real run timed "
+        f"here: {real.train_seconds / 3:.2f} s a full-batch step, {run_s:.0f} s for {STEPS} "
+        "steps. '/ real run': kernel and forecast (without the rate) against it:",
+        "",
+        "| variant | kernel | runs | speed-up | forecast | / real run | block's difference "
+        "| losses' difference | T̂ (80%) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    _report("exact-top-trunk-text", text)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
-                                       "capture", "chunk", "layout", "pointwise"],
+                                       "capture", "chunk", "layout", "pointwise",
+                                       "trunk", "trunk-text"],
                     default="speed")
     ap.add_argument("--layout-child", nargs=3, help=argparse.SUPPRESS)  # part 11's runs
     ap.add_argument("--pointwise-child", nargs=3, help=argparse.SUPPRESS)  # part 12's runs
+    ap.add_argument("--trunk-child", nargs=3, help=argparse.SUPPRESS)  # part 13's runs
     cli = ap.parse_args()
     part = "layout-child" if cli.layout_child else cli.part
     part = "pointwise-child" if cli.pointwise_child else part
+    part = "trunk-child" if cli.trunk_child else part
     if part == "layout-child":
         i, n_, out = cli.layout_child
         layout_child(_LAYOUTS[int(i)], int(n_), out)
     elif part == "pointwise-child":
         i, n_, out = cli.pointwise_child
         pointwise_child(int(i), int(n_), out)
+    elif part == "trunk-child":
+        i, n_, out = cli.trunk_child
+        trunk_child(int(i), int(n_), out)
     elif part == "directions":
         directions()
     elif part == "plan":
@@ -971,5 +1188,9 @@ if __name__ == "__main__":
         layout_part()
     elif part == "pointwise":
         pointwise_part()
+    elif part == "trunk":
+        trunk_part()
+    elif part == "trunk-text":
+        trunk_text_part()
     else:
         main()
