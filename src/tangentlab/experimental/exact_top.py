@@ -1517,13 +1517,16 @@ class _Sharpness:
 # The body's layers below its first trained weight (EfficientNet-Lite0's stem and first 15
 # blocks; MiniLM's embeddings and first five layers) do not move in fine-tuning, and their
 # output is all that the rest of the body sees of x. Without a trunk the kernel's parts run
-# them three times (z0, the block's read-out kernel, the rest's trace kernel): on the
-# default example 2.5 s a pass over N = 500, a third of the kernel's seconds. With a
-# ``trunk`` they run once, in chunks and without gradients, and the body (the layers above)
-# starts from their output: the same numbers up to float rounding (the trunk's convolutions
-# on chunks of another size). Its output is kept in memory ([500, 192, 2, 2] floats on the
-# default example; MiniLM's [N, L, 384] hidden states and mask), and the cache key is the
-# body's and this output's, hence the caches' own subdirectory.
+# them three times (z0, the block's read-out kernel, the rest's trace kernel; the last two in
+# grad mode). With a ``trunk`` they run once, in chunks and without gradients, and the body
+# (the layers above) starts from their output: the same numbers up to float rounding (the
+# trunk's convolutions on chunks of another size). Measured (benchmarks/RESULTS.md
+# "exact-top-trunk", "exact-top-trunk-text"): the text example's kernel 2.57x faster; on the
+# image example the forwards saved (about 5 s of 30) were eaten by slower reverse passes
+# (0.97-1.06x overall; the allocator's state is suspected). Its output is kept in memory
+# ([500, 192, 2, 2] floats on the default example; MiniLM's [N, L, 384] hidden states and
+# mask), and the cache key is the body's and this output's, hence the caches' own
+# subdirectory.
 def _trunk_outputs(trunk: Any, body: nn.Module, names: list[str], x: Any, n: int, fn: str
                    ) -> Any:
     """The trunk's outputs on all N inputs ``x`` (a tensor ``[N, ...]`` or a dict of them),
