@@ -883,27 +883,29 @@ def pointwise_child(i: int, n: int, out: str) -> None:
     print(f"SECONDS {kernel_s} {rate_s} {fc.seconds} {fc.steps_to_drop(0.8)}")
 
 
-def pointwise_part(n: int = N, repeats: int = 3) -> None:
-    """Part 12: the whole forecast before, with 1 x 1 convolutions as matrix products, and
-    with also J w0 not computed (now), each run a fresh process, interleaved; the real
-    run's seconds a step timed here."""
+def _whole_forecasts(flag: str, names: tuple[str, ...], n: int, repeats: int
+                     ) -> tuple[list[str], float, float, dict[int, list[str]]]:
+    """Parts 12 and 13: each variant's whole forecast in a fresh process (its child,
+    ``flag``), ``repeats`` rounds interleaved, then the real run timed here: ``(the table's
+    rows, seconds a real step, seconds of the real run, each variant's children's
+    outputs)``."""
     import subprocess
     import tempfile
 
-    from tangentlab.cli import TOP_PROJECTION
-
-    secs: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(_POINTWISE))}
-    steps: dict[int, set] = {i: set() for i in range(len(_POINTWISE))}
+    secs: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(names))}
+    steps: dict[int, set] = {i: set() for i in range(len(names))}
+    outs: dict[int, list[str]] = {i: [] for i in range(len(names))}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
-            for i in range(len(_POINTWISE)):
-                got = subprocess.run([sys.executable, __file__, "--pointwise-child", str(i),
-                                      str(n), f"{tmp}/{i}.pt"], capture_output=True, text=True,
+            for i in range(len(names)):
+                got = subprocess.run([sys.executable, __file__, flag, str(i), str(n),
+                                      f"{tmp}/{i}.pt"], capture_output=True, text=True,
                                      check=True)  # fmt: skip
+                outs[i].append(got.stdout)
                 *parts, t80 = got.stdout.split("SECONDS")[-1].split()
                 secs[i].append(tuple(float(a) for a in parts))
                 steps[i].add(t80)
-        runs = [torch.load(f"{tmp}/{i}.pt", weights_only=True) for i in range(len(_POINTWISE))]
+        runs = [torch.load(f"{tmp}/{i}.pt", weights_only=True) for i in range(len(names))]
     ex, _, _ = _example(n)
     real = tl.finetune(load_example("fashion-lite0", num_samples=n).model.eval(), ex.data,
                        tl.SGD(float(runs[0]["lr"])), 3, params=LITE0_DEFAULT_PARAMS,
@@ -912,7 +914,7 @@ def pointwise_part(n: int = N, repeats: int = 3) -> None:
     f0, l0 = runs[0]["features"], runs[0]["loss"]
     total0 = statistics.median(sum(t) for t in secs[0])
     rows = []
-    for i, name in enumerate(_POINTWISE):
+    for i, name in enumerate(names):
         med = [statistics.median(t[j] for t in secs[i]) for j in range(3)]
         total = statistics.median(sum(t) for t in secs[i])
         feat = float((runs[i]["features"] - f0).abs().max() / f0.abs().max())
@@ -921,6 +923,16 @@ def pointwise_part(n: int = N, repeats: int = 3) -> None:
                     f"{', '.join(f'{sum(t):.1f}' for t in secs[i])} | {total0 / total:.2f}x | "
                     f"{total / run_s:.1%} | {feat:.1e} | {loss:.1e} | "
                     f"{', '.join(sorted(steps[i]))} |")
+    return rows, real.train_seconds / 3, run_s, outs
+
+
+def pointwise_part(n: int = N, repeats: int = 3) -> None:
+    """Part 12: the whole forecast before, with 1 x 1 convolutions as matrix products, and
+    with also J w0 not computed (now), each run a fresh process, interleaved; the real
+    run's seconds a step timed here."""
+    from tangentlab.cli import TOP_PROJECTION
+
+    rows, step_s, run_s, _ = _whole_forecasts("--pointwise-child", _POINTWISE, n, repeats)
     text = [
         f"Command: `{COMMAND} --part pointwise`. Machine: {machine()}.",
         "",
@@ -935,7 +947,7 @@ def pointwise_part(n: int = N, repeats: int = 3) -> None:
         "eval-mode batch norm of a channels-last map (after the depthwise convolution) "
         "computed on the map's [B h w, C] rows or on a copy in NCHW layout "
         "(`structured._channels_last_affine`). The real run timed "
-        f"in this process after them: {real.train_seconds / 3:.2f} s a full-batch step of the "
+        f"in this process after them: {step_s:.2f} s a full-batch step of the "
         f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
         "largest differences from before (relative to the largest feature; to each step's "
         "loss), and the steps to an 80% drop in every run:",
@@ -1004,43 +1016,11 @@ def trunk_part(n: int = N, repeats: int = 5) -> None:
     """Part 13: the whole forecast with the body run from the images (before) and with its
     frozen trunk run once (now), each run a fresh process, interleaved; the real run's
     seconds a step timed here."""
-    import subprocess
-    import tempfile
-
     from tangentlab.cli import TOP_PROJECTION
 
-    secs: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(_TRUNK))}
-    kparts: dict[int, list[tuple[float, ...]]] = {i: [] for i in range(len(_TRUNK))}
-    steps: dict[int, set] = {i: set() for i in range(len(_TRUNK))}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):
-            for i in range(len(_TRUNK)):
-                got = subprocess.run([sys.executable, __file__, "--trunk-child", str(i),
-                                      str(n), f"{tmp}/{i}.pt"], capture_output=True, text=True,
-                                     check=True)  # fmt: skip
-                *parts, t80 = got.stdout.split("SECONDS")[-1].split()
-                secs[i].append(tuple(float(a) for a in parts))
-                kparts[i].append(tuple(float(a) for a in
-                                       got.stdout.split("PARTS")[-1].split("\n")[0].split()))
-                steps[i].add(t80)
-        runs = [torch.load(f"{tmp}/{i}.pt", weights_only=True) for i in range(len(_TRUNK))]
-    ex, _, _ = _example(n)
-    real = tl.finetune(load_example("fashion-lite0", num_samples=n).model.eval(), ex.data,
-                       tl.SGD(float(runs[0]["lr"])), 3, params=LITE0_DEFAULT_PARAMS,
-                       log_every=3, progress=False)  # fmt: skip
-    run_s = STEPS * real.train_seconds / 3
-    f0, l0 = runs[0]["features"], runs[0]["loss"]
-    total0 = statistics.median(sum(t) for t in secs[0])
-    rows = []
-    for i, name in enumerate(_TRUNK):
-        med = [statistics.median(t[j] for t in secs[i]) for j in range(3)]
-        total = statistics.median(sum(t) for t in secs[i])
-        feat = float((runs[i]["features"] - f0).abs().max() / f0.abs().max())
-        loss = float(((runs[i]["loss"] - l0).abs() / l0.abs()).max())
-        rows.append(f"| {name} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {total:.1f} | "
-                    f"{', '.join(f'{sum(t):.1f}' for t in secs[i])} | {total0 / total:.2f}x | "
-                    f"{total / run_s:.1%} | {feat:.1e} | {loss:.1e} | "
-                    f"{', '.join(sorted(steps[i]))} |")
+    rows, step_s, run_s, outs = _whole_forecasts("--trunk-child", _TRUNK, n, repeats)
+    kparts = {i: [tuple(float(a) for a in out.split("PARTS")[-1].split("\n")[0].split())
+                  for out in outs[i]] for i in outs}  # fmt: skip
     text = [
         f"Command: `{COMMAND} --part trunk`. Machine: {machine()}.",
         "",
@@ -1053,7 +1033,7 @@ def trunk_part(n: int = N, repeats: int = 5) -> None:
         "and blocks 0-14, below the first trained weight: `examples.split_trunk`) run once "
         "and block 15 from its output (NOTE [frozen trunk] in exact_top.py), as the "
         "command line now does. The real run timed "
-        f"in this process after them: {real.train_seconds / 3:.2f} s a full-batch step of the "
+        f"in this process after them: {step_s:.2f} s a full-batch step of the "
         f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
         "largest differences from before (relative to the largest feature; to each step's "
         "loss), and the steps to an 80% drop in every run:",
