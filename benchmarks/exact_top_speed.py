@@ -864,6 +864,19 @@ def _set_pointwise(i: int) -> None:
         structured._channels_last_affine = lambda x, scale, shift: None
 
 
+def _rate_and_forecast(etk: et.ExactTopKernel, kernel_s: float, out: str) -> str:
+    """A child of parts 12 and 13 after its kernel: the default rate and the forecast, the
+    features and losses saved to ``out``; the ``SECONDS`` line its parent reads (print it
+    last)."""
+    t0 = time.perf_counter()
+    lr = et.stable_lr(etk, loss="mse")
+    rate_s = time.perf_counter() - t0
+    fc = et.forecast_exact_top(etk, tl.SGD(lr), STEPS, progress=False)
+    torch.save({"features": etk.features, "loss": torch.as_tensor(fc.loss),
+                "lr": torch.tensor(lr)}, out)  # fmt: skip
+    return f"SECONDS {kernel_s} {rate_s} {fc.seconds} {fc.steps_to_drop(0.8)}"
+
+
 def pointwise_child(i: int, n: int, out: str) -> None:
     """One whole forecast of part 12 in this process (a fresh one, as a command-line run):
     the seconds of its kernel, rate and simulation printed; its features and losses saved
@@ -874,13 +887,7 @@ def pointwise_child(i: int, n: int, out: str) -> None:
     _set_pointwise(i)
     _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top)  # warm-up
     kernel_s, etk = _kernel(ex.data, body, top)
-    t0 = time.perf_counter()
-    lr = et.stable_lr(etk, loss="mse")
-    rate_s = time.perf_counter() - t0
-    fc = et.forecast_exact_top(etk, tl.SGD(lr), STEPS, progress=False)
-    torch.save({"features": etk.features, "loss": torch.as_tensor(fc.loss),
-                "lr": torch.tensor(lr)}, out)  # fmt: skip
-    print(f"SECONDS {kernel_s} {rate_s} {fc.seconds} {fc.steps_to_drop(0.8)}")
+    print(_rate_and_forecast(etk, kernel_s, out))
 
 
 def _whole_forecasts(flag: str, names: tuple[str, ...], n: int, repeats: int
@@ -926,6 +933,21 @@ def _whole_forecasts(flag: str, names: tuple[str, ...], n: int, repeats: int
     return rows, real.train_seconds / 3, run_s, outs
 
 
+def _whole_table(step_s: float, run_s: float, rows: list[str]) -> list[str]:
+    """The end of parts 12 and 13's text: the real run's sentence, then the table."""
+    return [
+        f"The real run timed in this process after them: {step_s:.2f} s a full-batch step "
+        f"of the whole network, {run_s:.0f} s for {STEPS} steps. The features' and the "
+        "losses' largest differences from before (relative to the largest feature; to each "
+        "step's loss), and the steps to an 80% drop in every run:",
+        "",
+        "| variant | kernel | rate | simulation | total | runs (total) | speed-up | "
+        "/ real run | features' difference | losses' difference | T̂ (80%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def pointwise_part(n: int = N, repeats: int = 3) -> None:
     """Part 12: the whole forecast before, with 1 x 1 convolutions as matrix products, and
     with also J w0 not computed (now), each run a fresh process, interleaved; the real
@@ -946,16 +968,8 @@ def pointwise_part(n: int = N, repeats: int = 3) -> None:
         "exact top never uses, computed or not (`Tangent.without_jw0`), and the capture's "
         "eval-mode batch norm of a channels-last map (after the depthwise convolution) "
         "computed on the map's [B h w, C] rows or on a copy in NCHW layout "
-        "(`structured._channels_last_affine`). The real run timed "
-        f"in this process after them: {step_s:.2f} s a full-batch step of the "
-        f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
-        "largest differences from before (relative to the largest feature; to each step's "
-        "loss), and the steps to an 80% drop in every run:",
-        "",
-        "| variant | kernel | rate | simulation | total | runs (total) | speed-up | "
-        "/ real run | features' difference | losses' difference | T̂ (80%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        "(`structured._channels_last_affine`). " + _whole_table(step_s, run_s, rows)[0],
+        *_whole_table(step_s, run_s, rows)[1:],
     ]
     _report("exact-top-pointwise", text)
 
@@ -1000,16 +1014,11 @@ def trunk_child(i: int, n: int, out: str) -> None:
                            (headbody, "compute_kernel", "rest")):  # fmt: skip
         setattr(mod, name, timer(getattr(mod, name), key))
     kernel_s, etk = _kernel(ex.data, body, top, trunk)
-    t0 = time.perf_counter()
-    lr = et.stable_lr(etk, loss="mse")
-    rate_s = time.perf_counter() - t0
-    fc = et.forecast_exact_top(etk, tl.SGD(lr), STEPS, progress=False)
-    torch.save({"features": etk.features, "loss": torch.as_tensor(fc.loss),
-                "lr": torch.tensor(lr)}, out)  # fmt: skip
+    seconds = _rate_and_forecast(etk, kernel_s, out)
     cap = parts.get("capture (block)", 0.0)
     print(f"PARTS {parts.get('trunk', 0.0)} {cap} {parts.get('block', 0.0) - cap} "
           f"{parts.get('rest', 0.0)}")  # fmt: skip
-    print(f"SECONDS {kernel_s} {rate_s} {fc.seconds} {fc.steps_to_drop(0.8)}")
+    print(seconds)
 
 
 def trunk_part(n: int = N, repeats: int = 5) -> None:
@@ -1032,16 +1041,8 @@ def trunk_part(n: int = N, repeats: int = 5) -> None:
         "block's read-out kernel, the rest's trace kernel), or its frozen trunk (the stem "
         "and blocks 0-14, below the first trained weight: `examples.split_trunk`) run once "
         "and block 15 from its output (NOTE [frozen trunk] in exact_top.py), as the "
-        "command line now does. The real run timed "
-        f"in this process after them: {step_s:.2f} s a full-batch step of the "
-        f"whole network, {run_s:.0f} s for {STEPS} steps. The features' and the losses' "
-        "largest differences from before (relative to the largest feature; to each step's "
-        "loss), and the steps to an 80% drop in every run:",
-        "",
-        "| variant | kernel | rate | simulation | total | runs (total) | speed-up | "
-        "/ real run | features' difference | losses' difference | T̂ (80%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        "command line now does. " + _whole_table(step_s, run_s, rows)[0],
+        *_whole_table(step_s, run_s, rows)[1:],
         "",
         "The kernel's parts (medians, seconds): the trunk run once; the block's read-out "
         "kernel's forward passes under the capture (one a chunk: through the whole body, or "
