@@ -842,9 +842,9 @@ def split_trunk(body: nn.Module, params: Any = None) -> tuple[nn.Module | None, 
     from tangentlab.tangent import select_params
 
     try:
-        names = select_params(body, params) if any(True for _ in body.parameters()) else []
-    except TangentlabError as exc:
-        raise TangentlabError(str(exc).replace("Tangent:", "split_trunk:", 1)) from None
+        names = select_params(body, params)
+    except TangentlabError:  # no trained weight in the body: its users say so (nothing to cut)
+        return None, body
     if isinstance(body, _LiteBody):
         stages = [0 if not a.startswith("_blocks.") else int(a.split(".")[1]) + 1
                   for a in names]  # fmt: skip
