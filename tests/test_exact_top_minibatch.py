@@ -65,8 +65,10 @@ def test_a_catapult_inside_a_chunk_replays_it_to_that_step(chunk, monkeypatch):
     cats = fast.reliability["catapults"]
     assert cats and cats == ref.reliability["catapults"]
     assert any(c % chunk for c in cats) or chunk == 1  # not only at a chunk's last step
-    # a chaotic path: rounding grows ~10x every 2 steps (test_exact_top.py's catapult test)
-    np.testing.assert_allclose(fast.loss[:22], ref.loss[:22], rtol=1e-8)
+    # a chaotic path: rounding grows ~10x every 2 steps (test_exact_top.py's catapult test),
+    # and by how much depends on the machine's BLAS: on an AMD EPYC the two paths stood 1e-11
+    # apart at step 19 and 1e-8 at step 20 (an Intel Xeon's held 1e-8 to step 21)
+    np.testing.assert_allclose(fast.loss[:20], ref.loss[:20], rtol=1e-9)
     np.testing.assert_allclose(fast.loss, ref.loss, rtol=1e-3)
 
 
