@@ -81,13 +81,20 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    ``--part trunk-text``: the same two kernels on the text example (rt-minilm, N = 128),
    in one process, interleaved, and a forecast on each.
 
+14. ``--part split``: the default example's whole forecast (as part 13, with the trunk) with
+   the simulation's and the rate's products of Φ and a vector as one BLAS call each (before)
+   and as a batched product over blocks of Φ's rows (now: NOTE [split matrix-vector
+   products] in linalg.py); each run a fresh process, interleaved; the two products alone
+   timed on the kernel's Φ in each child.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
-    #                      minibatch, capture, chunk, layout, pointwise, trunk, trunk-text
+    #                      minibatch, capture, chunk, layout, pointwise, trunk, trunk-text,
+    #                      split
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
 "exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture",
-"exact-top-chunk", "exact-top-layout", "exact-top-pointwise", "exact-top-trunk" and
-"exact-top-trunk-text" of RESULTS.md.
+"exact-top-chunk", "exact-top-layout", "exact-top-pointwise", "exact-top-trunk",
+"exact-top-trunk-text" and "exact-top-split" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -1129,19 +1136,90 @@ def trunk_text_part(n: int = 128, repeats: int = 3) -> None:
     _report("exact-top-trunk-text", text)
 
 
+_SPLIT = ("Φ's products with a vector as one BLAS call each (before)",
+          "as a batched product over blocks of Φ's rows (now)")
+
+
+def split_child(i: int, n: int, out: str) -> None:
+    """One whole forecast of part 14 in this process (a fresh one, as a command-line run):
+    variant ``i`` of ``_SPLIT``; the two products alone timed on the kernel's Φ (``PRODUCTS``
+    line, milliseconds: a @ v and v @ a, plain then split); the seconds of the kernel, rate
+    and simulation printed; its features and losses saved to ``out``."""
+    from tangentlab.data import take
+    from tangentlab.examples import split_trunk
+    from tangentlab.linalg import split_mv, split_vm
+
+    if i == 0:
+        et.split_mv, et.split_vm = (lambda a, v: a @ v), (lambda v, a: v @ a)
+    ex, body, top = _example(n)
+    trunk, body = split_trunk(body, LITE0_DEFAULT_PARAMS)
+    _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top, trunk)  # warm-up
+    kernel_s, etk = _kernel(ex.data, body, top, trunk)
+    phi = etk.features
+    gen = torch.Generator().manual_seed(0)
+    v, w = torch.randn(phi.shape[1], generator=gen), torch.randn(phi.shape[0], generator=gen)
+    ms = []
+    for f in (lambda: phi @ v, lambda: w @ phi, lambda: split_mv(phi, v),
+              lambda: split_vm(w, phi)):  # fmt: skip
+        f()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            f()
+            times.append(1e3 * (time.perf_counter() - t0))
+        ms.append(statistics.median(times))
+    print(f"PHI [{phi.shape[0]}, {phi.shape[1]}]")
+    print("PRODUCTS " + " ".join(f"{t:.2f}" for t in ms))
+    print(_rate_and_forecast(etk, kernel_s, out))
+
+
+def split_part(n: int = N, repeats: int = 5) -> None:
+    """Part 14: the whole forecast with Φ's products with a vector as one BLAS call each
+    (before) and split over blocks of rows (now), each run a fresh process, interleaved; the
+    real run's seconds a step timed here."""
+    from tangentlab.cli import TOP_PROJECTION
+
+    rows, step_s, run_s, outs = _whole_forecasts("--split-child", _SPLIT, n, repeats)
+    prods = [tuple(float(a) for a in out.split("PRODUCTS")[-1].split("\n")[0].split())
+             for i in outs for out in outs[i]]  # fmt: skip
+    med = [statistics.median(p[j] for p in prods) for j in range(4)]
+    shape = outs[0][0].split("PHI")[-1].split("\n")[0].strip()
+    text = [
+        f"Command: `{COMMAND} --part split`. Machine: {machine()}.",
+        "",
+        f"The default example's whole exact-top forecast (N = {n}, 64 px, the default q, "
+        f"k = {TOP_PROJECTION}, the frozen trunk: the kernel, the default rate (Lanczos) and "
+        f"{STEPS} full-batch steps, MSE), seconds (median of {repeats} runs, each in a fresh "
+        "process as a command-line run is, the variants interleaved): the products of the "
+        "block's Φ [N q, k] with a vector (two a step and two a Lanczos iteration: "
+        "`ExactTopKernel._apply`) as one BLAS call each (`phi @ v`, `w @ phi`) or as a "
+        "batched product over as many blocks of Φ's rows as torch has threads (NOTE [split "
+        "matrix-vector products] in linalg.py). " + _whole_table(step_s, run_s, rows)[0],
+        *_whole_table(step_s, run_s, rows)[1:],
+        "",
+        f"The two products alone on the kernel's Φ {shape}, milliseconds (median "
+        f"of 10 calls in each child, then over the {len(prods)} children): Φ v "
+        f"{med[0]:.1f} as one call, {med[2]:.1f} split ({med[0] / med[2]:.2f}x); wᵀ Φ "
+        f"{med[1]:.1f} as one call, {med[3]:.1f} split ({med[1] / med[3]:.2f}x).",
+    ]
+    _report("exact-top-split", text)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
                                        "capture", "chunk", "layout", "pointwise",
-                                       "trunk", "trunk-text"],
+                                       "trunk", "trunk-text", "split"],
                     default="speed")
     ap.add_argument("--layout-child", nargs=3, help=argparse.SUPPRESS)  # part 11's runs
     ap.add_argument("--pointwise-child", nargs=3, help=argparse.SUPPRESS)  # part 12's runs
     ap.add_argument("--trunk-child", nargs=3, help=argparse.SUPPRESS)  # part 13's runs
+    ap.add_argument("--split-child", nargs=3, help=argparse.SUPPRESS)  # part 14's runs
     cli = ap.parse_args()
     part = "layout-child" if cli.layout_child else cli.part
     part = "pointwise-child" if cli.pointwise_child else part
     part = "trunk-child" if cli.trunk_child else part
+    part = "split-child" if cli.split_child else part
     if part == "layout-child":
         i, n_, out = cli.layout_child
         layout_child(_LAYOUTS[int(i)], int(n_), out)
@@ -1151,6 +1229,9 @@ if __name__ == "__main__":
     elif part == "trunk-child":
         i, n_, out = cli.trunk_child
         trunk_child(int(i), int(n_), out)
+    elif part == "split-child":
+        i, n_, out = cli.split_child
+        split_child(int(i), int(n_), out)
     elif part == "directions":
         directions()
     elif part == "plan":
@@ -1173,5 +1254,7 @@ if __name__ == "__main__":
         trunk_part()
     elif part == "trunk-text":
         trunk_text_part()
+    elif part == "split":
+        split_part()
     else:
         main()

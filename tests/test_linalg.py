@@ -106,3 +106,41 @@ def test_kernel_eigh_uses_projected_eigh():
     torch.testing.assert_close(lam, ref_lam)
     torch.testing.assert_close(u, ref_u)
     assert k.eigh()[0] is lam  # cached
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 1001])
+def test_split_products_equal_the_plain_ones(threads, rows):
+    """NOTE [split matrix-vector products]: a @ v and v @ a over blocks of rows, remainder
+    rows included, equal the plain products (float64: to rounding)."""
+    from tangentlab.linalg import split_mv, split_vm
+
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 9, generator=g, dtype=torch.float64)
+    v, w = torch.randn(9, generator=g, dtype=torch.float64), torch.randn(rows, generator=g,
+                                                                           dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mv, vm = split_mv(a, v), split_vm(w, a)
+        t_mv, t_vm = split_mv(a.T.contiguous().T, v), split_vm(w, a.T.contiguous().T)
+    finally:
+        torch.set_num_threads(before)
+    assert mv.shape == (rows,) and vm.shape == (9,)
+    torch.testing.assert_close(mv, a @ v, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(vm, w @ a, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(t_mv, a @ v, rtol=1e-13, atol=1e-13)  # not contiguous
+    torch.testing.assert_close(t_vm, w @ a, rtol=1e-13, atol=1e-13)
+
+
+def test_split_products_in_float32_agree_to_rounding():
+    """float32 as the exact top keeps Φ: the split products stay within float32 rounding of
+    a float64 reference (relative to the result's norm)."""
+    from tangentlab.linalg import split_mv, split_vm
+
+    g = torch.Generator().manual_seed(0)
+    a, v = torch.randn(4099, 64, generator=g), torch.randn(64, generator=g)
+    w = torch.randn(4099, generator=g)
+    ref_mv, ref_vm = a.double() @ v.double(), w.double() @ a.double()
+    assert float((split_mv(a, v).double() - ref_mv).norm() / ref_mv.norm()) < 1e-6
+    assert float((split_vm(w, a).double() - ref_vm).norm() / ref_vm.norm()) < 1e-6

@@ -9,6 +9,9 @@ the non-zero eigenpairs of ``Theta`` come from the ``k x k`` Gram matrix::
 This is the largest cost of a full-batch MSE forecast (issue 9): O(rows k^2) for the two
 products and ~9 k^3 for the symmetric eigensolver (LAPACK syevd). See
 :func:`projected_eigh` for the methods offered, their errors and the one chosen.
+
+Also :func:`split_mv` and :func:`split_vm`, a tall matrix's products with one vector
+computed over blocks of rows side by side (NOTE [split matrix-vector products]).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from tangentlab.errors import TangentlabError, TangentlabWarning
 
-__all__ = ["METHODS", "PrecisionFallbackWarning", "projected_eigh"]
+__all__ = ["METHODS", "PrecisionFallbackWarning", "projected_eigh", "split_mv", "split_vm"]
 
 # Row block of :func:`add_gram_`: products of blocks this size still run at full BLAS speed,
 # and k blocks need k (k + 1) / 2 of the k^2 block products.
@@ -237,3 +240,35 @@ def add_gram_(out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             if r != p:
                 out[r:t, p:q] += prod.T
     return out
+
+
+# NOTE [split matrix-vector products]
+# A product of a tall matrix with one vector (a @ v, v @ a; a [m, k], m >> k) reads a once
+# and could run at memory speed, but torch's CPU build hands it to MKL's gemv, which ran on
+# one core of the AMD EPYC of benchmarks/RESULTS.md "exact-top-split": 42 ms for the default
+# example's Φ [160000, 1024] (float32), where a sum of it took 13 ms. Written as one batched
+# product over T blocks of rows (T = torch's threads), torch runs the blocks side by side:
+# 24.5-25.8 ms there (1.63-1.67x), and the exact top's whole forecast 1.16x faster (two
+# products a step). a @ v is the same sum per row; v @ a adds the T blocks' partial sums
+# (float rounding). Off the CPU, with one thread, or for a strided a: the plain product.
+def split_mv(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``a @ v`` ``[m]`` for ``a`` ``[m, k]`` and ``v`` ``[k]``, the rows in blocks side by
+    side (NOTE [split matrix-vector products])."""
+    t, m = torch.get_num_threads(), a.shape[0]
+    if a.device.type != "cpu" or t < 2 or m < 2 * t or not a.is_contiguous():
+        return a @ v
+    head = m // t * t
+    out = torch.matmul(v.reshape(1, 1, -1), a[:head].view(t, -1, a.shape[1]).transpose(1, 2))
+    out = out.reshape(-1)
+    return out if head == m else torch.cat([out, a[head:] @ v])
+
+
+def split_vm(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``v @ a`` ``[k]`` for ``v`` ``[m]`` and ``a`` ``[m, k]``: the blocks' partial sums
+    side by side, then added (NOTE [split matrix-vector products])."""
+    t, m = torch.get_num_threads(), a.shape[0]
+    if a.device.type != "cpu" or t < 2 or m < 2 * t or not a.is_contiguous():
+        return v @ a
+    head = m // t * t
+    out = (v[:head].reshape(t, 1, -1) @ a[:head].view(t, -1, a.shape[1])).sum((0, 1))
+    return out if head == m else out + v[head:] @ a[head:]

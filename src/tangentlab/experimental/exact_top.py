@@ -139,6 +139,7 @@ from tangentlab.compute import compute_kernel
 from tangentlab.data import as_arrays, num_rows, take
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarning
 from tangentlab.headbody import _rest_kernel
+from tangentlab.linalg import split_mv, split_vm
 from tangentlab.projection import Projection
 from tangentlab.structured import AffineBatchNorm
 from tangentlab.tangent import ParamSpec, Tangent, select_params
@@ -367,8 +368,8 @@ class ExactTopKernel:
         if self.features is not None:  # two matrix-vector products (BLAS; einsum was 8x slower)
             phi = self.features.to(gamma.dtype)  # [N q, k]
             sub = phi if rows is None else phi.reshape(n, q, -1)[rows].reshape(-1, phi.shape[1])
-            v = c.reshape(-1) @ sub  # [k]
-            inside = (phi @ v).reshape(n, q)
+            v = split_vm(c.reshape(-1), sub)  # [k] (NOTE [split matrix-vector products])
+            inside = split_mv(phi, v).reshape(n, q)
         else:
             m = self.block.to(gamma.dtype)  # [N q, N q]
             sub = m if rows is None else m.reshape(n * q, n, q)[:, rows].reshape(n * q, -1)
