@@ -154,6 +154,25 @@ def test_intact_parts_are_resumed_without_warning(interrupted, ref, chunks, recw
     torch.testing.assert_close(k.features, ref.features, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("projection", [8, None])
+def test_a_kernel_of_one_unit_writes_no_part(tmp_path, monkeypatch, projection):
+    """NOTE [cache layout]: one chunk (projected) or one strip (exact) is the whole kernel:
+    no part is written, the kernel file is, and the next run reuses it."""
+    saved = []
+    real = compute._Cache.save_part
+    monkeypatch.setattr(compute._Cache, "save_part",
+                        lambda self, s, e, part: (saved.append((s, e)), real(self, s, e, part)))
+    t = tl.Tangent(make_mlp(), projection=projection, jacobian_mode="vmap")
+    k = tl.compute_kernel(t, _data(), cache=tmp_path / "c", batch_size=7, progress=False)
+    assert saved == [] and (tmp_path / "c" / "kernel.safetensors").exists()
+    again = tl.compute_kernel(t, _data(), cache=tmp_path / "c", batch_size=7, progress=False)
+    for a, b in ((k.features, again.features), (k.theta, again.theta)):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _kernel(tmp_path / "d")  # 4 chunks: every one is saved as it finishes
+    assert saved == [(0, 2), (2, 4), (4, 6), (6, 7)]
+
+
 @pytest.mark.parametrize("text", ["{not json", '{"chunk": 2}', '{"chunk": 0, "strip": 7}'])
 def test_corrupt_plan_json_restarts(interrupted, ref, chunks, text):
     (interrupted / "plan.json").write_text(text)

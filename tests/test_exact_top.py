@@ -695,3 +695,23 @@ def test_default_subspace_is_2c_p_squared_for_a_map():
     assert etk.rank == 8 * 4 and etk.rest is None  # 2C P² = 64 > D = 32: all of z
     assert compute_exact_top_kernel(body, top, (x, torch.arange(40) % 2), directions=3,
                                     progress=False).rank == 3  # fmt: skip
+
+
+def test_top_jacobians_are_the_per_sample_jacobians_across_chunks(monkeypatch):
+    """The basis's gradient rows: C reverse passes a chunk of samples equal a per-sample
+    ``vmap(jacrev)`` of the top (float64: to rounding), chunks of 3 of 10 samples."""
+    from torch.func import jacrev, vmap
+
+    from tangentlab.experimental import exact_top as et
+
+    torch.manual_seed(0)
+    top = nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(24, 3)).double().eval()  # fmt: skip
+    with torch.no_grad():
+        top[1].running_mean.normal_(), top[1].running_var.uniform_(0.5, 2.0)
+    z = torch.randn(10, 16, dtype=torch.float64)
+    monkeypatch.setattr(et, "_CHUNK", 3)
+    got = et._top_jacobians(top, z, (4, 2, 2))
+    ref = vmap(jacrev(lambda zi: top(zi[None])[0]))(z.reshape(-1, 4, 2, 2)).reshape(10, 3, 16)
+    assert got.shape == (10, 3, 16)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
