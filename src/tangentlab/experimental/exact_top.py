@@ -1330,14 +1330,14 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
 # (Δz_i = Qᵀ-rows (Φ s)_i Qᵀ, momentum and weight decay acting on s as on w), so the path
 # keeps s and forms the batch's rows Φ_b s alone at each step; the logged steps' z come from
 # one product Φ [s_t1 .. s_tL] per chunk of MINIBATCH_CHUNK logged steps, which reads Φ
-# [N q, k] once a chunk instead of twice a step (the step-by-step path's cost, memory-bound
-# on the default example). Outside Q (κ_⊥ [N, N]) Δz is kept as before. The steps of a chunk
-# are taken before its losses are read; where a read step starts a catapult (NOTE
-# [exact-top catapult]), the chunk is replayed from its start up to that step (the same
-# operations, the same numbers) and goes on with the new scale; a blow-up or ``stop_below``
-# ends the path at its step as before. The path equals ``_path(reference=True)`` up to
-# float32 rounding (tests/test_exact_top_minibatch.py); on the default example a step costs
-# about 2.5x fewer seconds (benchmarks/RESULTS.md "exact-top-minibatch").
+# [N q, k] once a chunk instead of twice a step (the step-by-step path's cost). Outside Q
+# (κ_⊥ [N, N]) Δz is kept as before. The steps of a chunk are taken before its losses are
+# read; where a read step starts a catapult (NOTE [exact-top catapult]), the chunk is
+# replayed from its start up to that step (the same operations, the same numbers) and goes
+# on with the new scale; a blow-up or ``stop_below`` ends the path at its step as before.
+# The path equals ``_path(reference=True)`` up to float32 rounding
+# (tests/test_exact_top_minibatch.py); on the default example a step costs about 2.5x fewer
+# seconds (benchmarks/RESULTS.md "exact-top-minibatch").
 MINIBATCH_CHUNK = 16
 _CHUNK_BYTES = 256 * 2**20  # at most this much memory for a chunk's stored z and weights
 
