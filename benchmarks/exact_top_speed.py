@@ -87,14 +87,21 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    products] in linalg.py); each run a fresh process, interleaved; the two products alone
    timed on the kernel's Φ in each child.
 
+15. ``--part reliable``: the text example's ``reliable_lr`` as the command line runs it where
+   the check flags its default forecast (rt-minilm, its default N, k = 1024, the frozen
+   trunk; MSE, the default rate, 300 steps, drops 50% and 80%, stopped below the 80% drop's
+   target) with every try run in full (before) and with a try stopped at the first
+   excursion that flags it for certain (now: ``forecast_exact_top(stop_if_flagged=)``), in
+   one process, interleaved; the rates and forecasts compared.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
     #                      minibatch, capture, chunk, layout, pointwise, trunk, trunk-text,
-    #                      split
+    #                      split, reliable
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
 "exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture",
 "exact-top-chunk", "exact-top-layout", "exact-top-pointwise", "exact-top-trunk",
-"exact-top-trunk-text" and "exact-top-split" of RESULTS.md.
+"exact-top-trunk-text", "exact-top-split" and "exact-top-reliable" of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -1205,11 +1212,78 @@ def split_part(n: int = N, repeats: int = 5) -> None:
     _report("exact-top-split", text)
 
 
+def reliable_part(repeats: int = 3) -> None:
+    """Part 15: reliable_lr on the text example with its tries in full (before) and stopped
+    at a certain flag (now), in this process, interleaved."""
+    import os
+
+    from tangentlab.cli import _EXAMPLE_DEFAULTS, TOP_PROJECTION
+    from tangentlab.examples import MINILM_DEFAULT_PARAMS, split_trunk
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.simplefilter("ignore")
+    ex = load_example("rt-minilm", num_samples=_EXAMPLE_DEFAULTS["rt-minilm"]["samples"])
+    body, top, _ = split_model(ex.model.eval())
+    trunk, rest = split_trunk(body, MINILM_DEFAULT_PARAMS)
+    etk = et.compute_exact_top_kernel(rest, top, ex.data, params=MINILM_DEFAULT_PARAMS,
+                                      top_params=MINILM_DEFAULT_PARAMS, trunk=trunk,
+                                      projection=TOP_PROJECTION, progress=False)  # fmt: skip
+    lr = et.stable_lr(etk, loss="mse")
+    l0 = etk.initial_loss("mse")
+    real_forecast = et.forecast_exact_top
+    tries: list[tuple[float, int, float]] = []
+
+    def forecast(*a, full: bool, **k):
+        if full:
+            k["stop_if_flagged"] = None
+        fc = real_forecast(*a, **k)
+        tries.append((fc.settings["lr"], int(fc.steps[-1]), fc.seconds))
+        return fc
+
+    names = ("every try run in full (before)", "a try stopped at a certain flag (now)")
+    secs: list[list[float]] = [[], []]
+    got: list = [None, None]
+    runs: list[list] = [[], []]
+    for _ in range(repeats):
+        for i in range(2):
+            et.forecast_exact_top = lambda *a, _f=i == 0, **k: forecast(*a, full=_f, **k)
+            tries.clear()
+            t0 = time.perf_counter()
+            got[i] = et.reliable_lr(etk, tl.SGD(lr), STEPS, drops=(0.5, 0.8), loss="mse",
+                                    stop_below=0.2 * l0, progress=False)  # fmt: skip
+            secs[i].append(time.perf_counter() - t0)
+            runs[i] = list(tries)
+    et.forecast_exact_top = real_forecast
+    same = got[0] is not None and got[1] is not None and np.array_equal(got[0].loss, got[1].loss)
+    rows = [f"| {name} | {statistics.median(secs[i]):.1f} | "
+            f"{', '.join(f'{t:.1f}' for t in secs[i])} | "
+            f"{statistics.median(secs[0]) / statistics.median(secs[i]):.2f}x | "
+            f"{', '.join(f'{lr_:.4g}: {last}' for lr_, last, _ in runs[i])} | "
+            f"{'-' if got[i] is None else format(got[i].settings['lr'], '.4g')} |"
+            for i, name in enumerate(names)]  # fmt: skip
+    text = [
+        f"Command: `{COMMAND} --part reliable`. Machine: {machine()}.",
+        "",
+        f"`reliable_lr` on the text example's exact-top kernel (rt-minilm, N = "
+        f"{etk.num_samples}, q = {etk.rank}, k = {TOP_PROJECTION}, the frozen trunk) as the "
+        f"command line runs it where the check flags the default forecast: MSE, the default "
+        f"rate {lr:.4g}, {STEPS} steps, drops 50% and 80%, each try stopped below the 80% "
+        f"drop's target; seconds ({repeats} runs in one process, the variants interleaved), "
+        "each try's rate and last simulated step, and the rate returned. The returned "
+        f"forecasts are {'identical' if same else 'NOT identical'} (every logged loss).",
+        "",
+        "| variant | seconds | runs | speed-up | tries (rate: last step) | rate returned |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    _report("exact-top-reliable", text)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
                                        "capture", "chunk", "layout", "pointwise",
-                                       "trunk", "trunk-text", "split"],
+                                       "trunk", "trunk-text", "split", "reliable"],
                     default="speed")
     ap.add_argument("--layout-child", nargs=3, help=argparse.SUPPRESS)  # part 11's runs
     ap.add_argument("--pointwise-child", nargs=3, help=argparse.SUPPRESS)  # part 12's runs
@@ -1256,5 +1330,7 @@ if __name__ == "__main__":
         trunk_text_part()
     elif part == "split":
         split_part()
+    elif part == "reliable":
+        reliable_part()
     else:
         main()

@@ -715,3 +715,63 @@ def test_top_jacobians_are_the_per_sample_jacobians_across_chunks(monkeypatch):
     ref = vmap(jacrev(lambda zi: top(zi[None])[0]))(z.reshape(-1, 4, 2, 2)).reshape(10, 3, 16)
     assert got.shape == (10, 3, 16)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_stop_if_flagged_stops_at_the_first_excursion_the_check_reads(batch):
+    """A forecast flagged at a drop d stops at the first rise the check reads before the
+    loss reaches (1 − d) L0: the same path up to there, still flagged; one that passes at d
+    runs in full, step for step the same."""
+    import warnings
+
+    from tangentlab.experimental.exact_top import CHECK_EVERY_MINIBATCH, REBOUND_MAX
+
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ValidityWarning)
+        full = _oscillating(etk, batch_size=batch)
+        cut = _oscillating(etk, batch_size=batch, stop_if_flagged=0.8)
+    assert full.flagged(0.8) and cut.flagged(0.8) and cut.settings["stop_if_flagged"] == 0.8
+    every = 1 if batch is None else CHECK_EVERY_MINIBATCH
+    read = [i for i, t in enumerate(full.steps) if t % every == 0]
+    low, stop = math.inf, None  # the first read step that rises above the running minimum
+    for i in read:
+        if full.loss[i] > low + REBOUND_MAX * full.loss[0]:
+            stop = i
+            break
+        low = min(low, full.loss[i])
+    t80 = full.steps_to_drop(0.8)
+    assert stop is not None and (t80 is None or t80 > full.steps[stop])
+    assert len(cut.steps) == stop + 1 < len(full.steps)
+    np.testing.assert_array_equal(cut.steps, full.steps[: stop + 1])
+    np.testing.assert_allclose(cut.loss, full.loss[: stop + 1], rtol=1e-12)
+    calm = forecast_exact_top(etk, tl.SGD(0.05), 40, loss="ce", batch_size=batch,
+                              progress=False)  # fmt: skip
+    same = forecast_exact_top(etk, tl.SGD(0.05), 40, loss="ce", batch_size=batch,
+                              progress=False, stop_if_flagged=0.8)  # fmt: skip
+    assert not calm.flagged(0.8)
+    np.testing.assert_array_equal(same.loss, calm.loss)
+    for bad in (0.0, 1.0, "0.8", True):
+        with pytest.raises(TangentlabError, match="stop_if_flagged"):
+            forecast_exact_top(etk, tl.SGD(0.05), 4, progress=False, stop_if_flagged=bad)
+
+
+def test_reliable_lr_with_stopped_tries_is_the_walk_of_full_forecasts():
+    """reliable_lr's tries stop at a certain flag: the rate and forecast it returns are those
+    of a walk down the grid with every try run in full."""
+    import warnings
+
+    body, top = _net()
+    etk = compute_exact_top_kernel(body, top, _data(), progress=False)
+    kw = dict(loss="ce", seed=3)
+    fc = reliable_lr(etk, tl.SGD(2.0), 40, progress=False, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ValidityWarning)
+        for k in range(10):
+            ref = forecast_exact_top(etk, tl.SGD(2.0 * 0.8**k), math.ceil(40 / 0.8**k),
+                                     progress=False, **kw)  # fmt: skip
+            if ref.blowup is None and not ref.flagged(0.5) and not ref.flagged(0.8):
+                break
+    assert fc.settings["lr"] == ref.settings["lr"]
+    np.testing.assert_array_equal(fc.loss, ref.loss)

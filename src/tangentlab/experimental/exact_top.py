@@ -599,6 +599,7 @@ def forecast_exact_top(
     log_every: int = 1,
     stop_below: float | None = None,
     catapult: float = CATAPULT,
+    stop_if_flagged: float | None = None,
     progress: bool = True,
 ) -> ExactTopForecast:
     """Simulate SGD on the exact-top model ``kernel`` (NOTE [exact top, block linear]).
@@ -620,6 +621,11 @@ def forecast_exact_top(
       catapult: β in (0, 1]: the block's kernel is multiplied by β at each excursion of the
         loss that the reliability check reads (NOTE [exact-top catapult]); 1: a fixed
         kernel. Only targets the check flags change.
+      stop_if_flagged: a drop d in (0, 1): stop at the first excursion the reliability check
+        reads before the loss has reached (1 − d) L0, where the check's answer at d (and at
+        every smaller drop not yet reached) is certain: flagged. For searches that need only
+        that answer (:func:`reliable_lr`); a forecast the check passes at d runs in full.
+        ``None``: never.
       progress: a progress bar over the steps (stderr).
 
     Returns:
@@ -640,16 +646,22 @@ def forecast_exact_top(
             or not 0.0 < catapult <= 1.0):  # fmt: skip
         raise TangentlabError(f"{fn}: catapult must be a number in (0, 1], got {catapult!r}; "
                               f"e.g. {CATAPULT:g} (the default), or 1 for a fixed kernel.")
+    if stop_if_flagged is not None and (not isinstance(stop_if_flagged, (int, float))
+                                        or isinstance(stop_if_flagged, bool)
+                                        or not 0.0 < stop_if_flagged < 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: stop_if_flagged must be a drop in (0, 1) or None, got "
+                              f"{stop_if_flagged!r}; e.g. 0.8 (an 80% drop of L0).")
     t0 = time.perf_counter()
     shrunk: list[int] = []
     logged, losses, accs, blowup = _path(kernel, lossf, rates, m, lam, batches, log_every,
-                                         stop_below, progress, float(catapult),
-                                         shrunk)  # fmt: skip
+                                         stop_below, progress, float(catapult), shrunk,
+                                         stop_flagged=stop_if_flagged)  # fmt: skip
     settings = dict(optimizer=type(optimizer).__name__, lr=optimizer.lr, momentum=m,
                     weight_decay=lam, loss=lossf.describe(), loss_name=lossf.name,
                     full_batch=full, batch_size=batch_size, seed=seed,
                     sampling=sampling, log_every=log_every, steps=steps,
-                    stop_below=stop_below, catapult=float(catapult))  # fmt: skip
+                    stop_below=stop_below, catapult=float(catapult),
+                    stop_if_flagged=stop_if_flagged)  # fmt: skip
     fc = ExactTopForecast(np.asarray(logged), np.asarray(losses, dtype=np.float64),
                           np.asarray(accs, dtype=np.float64), blowup, time.perf_counter() - t0,
                           settings)  # fmt: skip
@@ -928,11 +940,12 @@ def reliable_lr(
     its steps can be trusted (within the passed band, ``fc.steps_interval``).
 
     Each try runs ``forecast_exact_top(kernel, optimizer with lr η s^k, ceil(steps /
-    s^k), **forecast_kwargs)``: the horizon grows as the rate shrinks, so that η_k T_k
-    stays ``optimizer.lr * steps``. The rate is read off the result
-    (``fc.settings["lr"]``). The check is not monotone in η near the edge of stability (a
-    real run is chaotic there too: RESULTS.md "twolayer-chaos"), so this is the first rate
-    on the grid from η down that passes, not a threshold.
+    s^k), stop_if_flagged=max(drops), **forecast_kwargs)``: the horizon grows as the rate
+    shrinks, so that η_k T_k stays ``optimizer.lr * steps``, and a try stops at the first
+    excursion that flags it for certain (the one it returns runs in full). The rate is read
+    off the result (``fc.settings["lr"]``). The check is not monotone in η near the edge of
+    stability (a real run is chaotic there too: RESULTS.md "twolayer-chaos"), so this is the
+    first rate on the grid from η down that passes, not a threshold.
 
     Args:
       kernel, optimizer, steps: as :func:`forecast_exact_top`; a schedule that decays
@@ -967,7 +980,7 @@ def reliable_lr(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ValidityWarning)
             fc = forecast_exact_top(kernel, opt, math.ceil(steps / shrink**k), progress=False,
-                                    **forecast_kwargs)  # fmt: skip
+                                    stop_if_flagged=max(drops), **forecast_kwargs)  # fmt: skip
         ok = fc.blowup is None and not any(fc.flagged(d) for d in drops)
         if progress:
             print(f"{fn}: lr {lr:.4g} ({shrink:g}^{k} x {optimizer.lr:.4g}): "
@@ -1215,12 +1228,21 @@ def _reliability(fc: ExactTopForecast) -> None:
         )
 
 
+def _flag_is_certain(losses: list[float], rise: bool, drop: float | None) -> bool:
+    """Whether the rise the check reads at the last logged loss of ``losses`` flags the
+    target at ``drop`` for certain (NOTE [exact-top reliability check]): no earlier logged
+    loss reached (1 − ``drop``) L0, so the forecast's step to it, if any, comes later and
+    its R counts this rise (> ``REBOUND_MAX``). ``drop`` None: never."""
+    return drop is not None and rise and min(losses[:-1]) > (1.0 - drop) * losses[0]
+
+
 def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam: float,
           batches: list[np.ndarray] | None, log_every: int, stop_below: float | None,
           progress: bool, catapult: float = 1.0, shrunk: list[int] | None = None,
           while_rising: bool = False, recover: float = 0.0, pin: float = 0.0,
           pin_always: bool = False, sharpness: list[tuple[int, float, float]] | None = None,
-          reference: bool = False) -> tuple[list[int], list[float], list[float], int | None]:
+          reference: bool = False, stop_flagged: float | None = None
+          ) -> tuple[list[int], list[float], list[float], int | None]:
     """SGD on the exact-top model (NOTE [exact top, block linear]) for ``len(rates)`` steps,
     ``batches`` per step (``None``: full batch): the logged steps, losses, accuracies and
     the blow-up step (or None). ``catapult`` = β < 1: the block's kernel times β at each
@@ -1235,11 +1257,12 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
     stays at most c · 2(1 + m)/η_t (h grows back toward 1 below it); (step, S, scale · h)
     appended to ``sharpness``. A minibatch path with a projected block takes
     :func:`_minibatch_path` (NOTE [exact-top minibatch path]) unless ``reference`` (tests and
-    benchmarks: this step-by-step path in z) or a candidate's option is set."""
+    benchmarks: this step-by-step path in z) or a candidate's option is set. ``stop_flagged``:
+    ``forecast_exact_top``'s ``stop_if_flagged`` (:func:`_flag_is_certain`)."""
     if (batches is not None and kernel.features is not None and not reference
             and not (while_rising or recover or pin)):  # fmt: skip
         return _minibatch_path(kernel, lossf, rates, m, lam, batches, log_every, stop_below,
-                               progress, catapult, shrunk)  # fmt: skip
+                               progress, catapult, shrunk, stop_flagged)  # fmt: skip
     top, y = kernel.top, kernel.y
     w = dict(top.named_parameters())
     th0 = [w[a].detach().clone() for a in kernel.top_params]
@@ -1285,6 +1308,8 @@ def _path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float, lam:
                     break
                 if t % every == 0:  # an excursion as rebound() reads it: shrink once
                     rise = value > low + REBOUND_MAX * losses[0]
+                    if _flag_is_certain(losses, rise, stop_flagged):
+                        break
                     again = while_rising and value > last  # still climbing: shrink again
                     if rise and (armed or again) and catapult != 1.0:
                         pinned = pinned or bool(pin)
@@ -1413,8 +1438,8 @@ class _MiniState:
 def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: float,
                     lam: float, batches: list[np.ndarray], log_every: int,
                     stop_below: float | None, progress: bool, catapult: float,
-                    shrunk: list[int] | None) -> tuple[list[int], list[float], list[float],
-                                                       int | None]:  # fmt: skip
+                    shrunk: list[int] | None, stop_flagged: float | None = None
+                    ) -> tuple[list[int], list[float], list[float], int | None]:
     """``_path`` of a minibatch run on a projected block (NOTE [exact-top minibatch path])."""
     y, z0, n, q = kernel.y, kernel.z0, kernel.num_samples, kernel.rank
     st = _MiniState(kernel, lossf, rates, m, lam, batches)
@@ -1456,6 +1481,8 @@ def _minibatch_path(kernel: ExactTopKernel, lossf: Loss, rates: np.ndarray, m: f
                     return logged, losses, accs, None
                 if tt % CHECK_EVERY_MINIBATCH == 0:  # an excursion as rebound() reads it
                     rise = value > low + REBOUND_MAX * losses[0]
+                    if _flag_is_certain(losses, rise, stop_flagged):
+                        return logged, losses, accs, None
                     fire = rise and armed and catapult != 1.0
                     armed, low = not rise, min(low, value)
                     if fire:
