@@ -635,22 +635,13 @@ def forecast_exact_top(
     """
     fn = "forecast_exact_top"
     steps, lossf = _check_forecast(fn, kernel, optimizer, steps, loss, batch_size, sampling,
-                                   log_every, stop_below)  # fmt: skip
+                                   log_every, stop_below, catapult, stop_if_flagged)  # fmt: skip
     n = kernel.num_samples
     full = batch_size is None or batch_size >= n
     batches = None if full else dyn.batch_schedule(
         n, batch_size, steps, sampling=sampling, rng=dyn.path_rngs(seed, 1)[0])
     rates = optimizer.lr * optimizer.schedule.multipliers(steps)
     m, lam = float(optimizer.momentum), float(optimizer.weight_decay)
-    if (not isinstance(catapult, (int, float)) or isinstance(catapult, bool)
-            or not 0.0 < catapult <= 1.0):  # fmt: skip
-        raise TangentlabError(f"{fn}: catapult must be a number in (0, 1], got {catapult!r}; "
-                              f"e.g. {CATAPULT:g} (the default), or 1 for a fixed kernel.")
-    if stop_if_flagged is not None and (not isinstance(stop_if_flagged, (int, float))
-                                        or isinstance(stop_if_flagged, bool)
-                                        or not 0.0 < stop_if_flagged < 1.0):  # fmt: skip
-        raise TangentlabError(f"{fn}: stop_if_flagged must be a drop in (0, 1) or None, got "
-                              f"{stop_if_flagged!r}; e.g. 0.8 (an 80% drop of L0).")
     t0 = time.perf_counter()
     shrunk: list[int] = []
     logged, losses, accs, blowup = _path(kernel, lossf, rates, m, lam, batches, log_every,
@@ -1618,8 +1609,9 @@ def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
 
 
 def _check_forecast(fn: str, kernel: Any, optimizer: Any, steps: Any, loss: Any,
-                    batch_size: Any, sampling: Any, log_every: Any,
-                    stop_below: Any) -> tuple[int, Loss]:
+                    batch_size: Any, sampling: Any, log_every: Any, stop_below: Any,
+                    catapult: Any = CATAPULT, stop_if_flagged: Any = None
+                    ) -> tuple[int, Loss]:
     """Validate :func:`forecast_exact_top`'s request; ``(steps, loss object)``."""
     if not isinstance(kernel, ExactTopKernel):
         raise TangentlabError(f"{fn}: kernel must come from compute_exact_top_kernel, got "
@@ -1646,6 +1638,15 @@ def _check_forecast(fn: str, kernel: Any, optimizer: Any, steps: Any, loss: Any,
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise TangentlabError(f"{fn}: batch_size must be an integer >= 1 or None, got "
                               f"{batch_size!r}.")  # fmt: skip
+    if (not isinstance(catapult, (int, float)) or isinstance(catapult, bool)
+            or not 0.0 < catapult <= 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: catapult must be a number in (0, 1], got {catapult!r}; "
+                              f"e.g. {CATAPULT:g} (the default), or 1 for a fixed kernel.")
+    if stop_if_flagged is not None and (not isinstance(stop_if_flagged, (int, float))
+                                        or isinstance(stop_if_flagged, bool)
+                                        or not 0.0 < stop_if_flagged < 1.0):  # fmt: skip
+        raise TangentlabError(f"{fn}: stop_if_flagged must be a drop in (0, 1) or None, got "
+                              f"{stop_if_flagged!r}; e.g. 0.8 (an 80% drop of L0).")
     return steps, lossf
 
 
