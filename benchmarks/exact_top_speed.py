@@ -94,14 +94,20 @@ One run, one machine, ratios measured in the same process (interleaved repeats):
    excursion that flags it for certain (now: ``forecast_exact_top(stop_if_flagged=)``), in
    one process, interleaved; the rates and forecasts compared.
 
+16. ``--part ops``: the default example's exact-top kernel (N = 250: one chunk, k = 1024,
+   the frozen trunk) with every torch operation inside its passes
+   (``structured.structured_projected``) timed by a dispatch-mode timer: seconds and calls
+   by operation.
+
     .venv/bin/python benchmarks/exact_top_speed.py [--part NAME]  # directions, plan, k, sweep,
     #                      minibatch, capture, chunk, layout, pointwise, trunk, trunk-text,
-    #                      split, reliable
+    #                      split, reliable, ops
 
 Results: sections "exact-top-speed", "exact-top-directions", "exact-top-plan",
 "exact-top-k", "exact-top-sweep", "exact-top-minibatch", "exact-top-capture",
 "exact-top-chunk", "exact-top-layout", "exact-top-pointwise", "exact-top-trunk",
-"exact-top-trunk-text", "exact-top-split" and "exact-top-reliable" of RESULTS.md.
+"exact-top-trunk-text", "exact-top-split", "exact-top-reliable" and "exact-top-ops" of
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -1279,11 +1285,72 @@ def reliable_part(repeats: int = 3) -> None:
     _report("exact-top-reliable", text)
 
 
+def ops_part(n: int = 250, top_rows: int = 12) -> None:
+    """Part 16: the seconds of each torch operation inside the exact-top kernel's passes
+    (default example, N = n, after a warm-up), by a dispatch-mode timer."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tangentlab import structured, tangent
+    from tangentlab.data import take
+    from tangentlab.examples import split_trunk
+
+    ex, body, top = _example(n)
+    trunk, body = split_trunk(body, LITE0_DEFAULT_PARAMS)
+    _kernel(tuple(take(a, slice(0, 8)) for a in ex.data), body, top, trunk)  # warm-up
+    secs: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            secs[str(func)] += time.perf_counter() - t0
+            calls[str(func)] += 1
+            return out
+
+    real = structured.structured_projected
+    inside = [0.0]
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        with Timer():
+            out = real(*a, **k)
+        inside[0] += time.perf_counter() - t0
+        return out
+
+    structured.structured_projected = tangent.structured_projected = timed
+    try:
+        kernel_s, etk = _kernel(ex.data, body, top, trunk)
+    finally:
+        structured.structured_projected = tangent.structured_projected = real
+    total = sum(secs.values())
+    rows = [f"| `{name}` | {t:.2f} | {t / total:.0%} | {calls[name]} |"
+            for name, t in sorted(secs.items(), key=lambda kv: -kv[1])[:top_rows]]
+    text = [
+        f"Command: `{COMMAND} --part ops`. Machine: {machine()}.",
+        "",
+        f"The default example's exact-top kernel (N = {n}: one chunk, q = {etk.rank}, k = "
+        f"{etk.features.shape[1]}, the frozen trunk) took {kernel_s:.1f} s with the timer on, "
+        f"{inside[0]:.1f} s of it in the passes (`structured.structured_projected`: the "
+        "read-out kernel's q backward passes and the rest kernel's 4), where the torch "
+        f"operations timed one by one (a dispatch-mode timer) add up to {total:.1f} s. The "
+        f"{top_rows} largest, seconds, share of the operations' sum and calls:",
+        "",
+        "| operation | seconds | share | calls |",
+        "|---|---|---|---|",
+        *rows,
+    ]
+    _report("exact-top-ops", text)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["speed", "directions", "plan", "k", "sweep", "minibatch",
                                        "capture", "chunk", "layout", "pointwise",
-                                       "trunk", "trunk-text", "split", "reliable"],
+                                       "trunk", "trunk-text", "split", "reliable",
+                                       "ops"],
                     default="speed")
     ap.add_argument("--layout-child", nargs=3, help=argparse.SUPPRESS)  # part 11's runs
     ap.add_argument("--pointwise-child", nargs=3, help=argparse.SUPPRESS)  # part 12's runs
@@ -1332,5 +1399,7 @@ if __name__ == "__main__":
         split_part()
     elif part == "reliable":
         reliable_part()
+    elif part == "ops":
+        ops_part()
     else:
         main()
