@@ -350,10 +350,11 @@ TEXT_SPLITS = ("layer", "ffn")  # the last layer linear / its attention linear, 
 TEXT_SPLIT = {"split": "layer"}  # grid_task's text split (``--text-split``)
 
 
-def _text_kernel(name: str, top, h: dict, y: torch.Tensor, params: str, split: str = "layer"):
+def _text_kernel(name: str, top, h: dict, y: torch.Tensor, params: str, split: str = "layer",
+                 variant: str = "2C"):
     """The library's exact-top kernel of a MiniLM text task: the last encoder layer
-    linearized, pooler and classifier exact (``split_minilm``'s split), q = 2C, the task's
-    projection."""
+    linearized, pooler and classifier exact (``split_minilm``'s split), q of ``variant``
+    (``_q``; "2C": the library's default for z a vector), the task's projection."""
     from tangentlab.examples import _BertTop
     from tangentlab.experimental.exact_top import compute_exact_top_kernel
 
@@ -369,8 +370,10 @@ def _text_kernel(name: str, top, h: dict, y: torch.Tensor, params: str, split: s
         last = rf"bert\.encoder\.layer\.{len(top.bert.encoder.layer) - 1}\."
         body_params = rf"^{last}attention\."
         top_params = rf"^(?:{last}(?:intermediate|output)\.|bert\.pooler\.|classifier\.)"
+    q = (None if variant == "2C"
+         else _q(variant, ho.TASKS[name]["num_classes"], top.classifier.in_features))
     return compute_exact_top_kernel(body, exact, (h, y), params=body_params,
-                                    top_params=top_params,
+                                    top_params=top_params, directions=q,
                                     projection=ho.TASKS[name]["projection"], progress=False)
 
 
@@ -430,11 +433,14 @@ def run_task(name: str, variant: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", action="append", help="one image development task (repeatable)")
-    ap.add_argument("--q", action="append", choices=VARIANTS, help="one variant (repeatable)")
+    ap.add_argument("--q", action="append", choices=sorted({*VARIANTS, *DEV32_VARIANTS}),
+                    help="one variant (repeatable)")
     ap.add_argument("--check", action="store_true", help="against weight space on 16 samples")
     ap.add_argument("--report", action="store_true", help="RESULTS.md section only")
     ap.add_argument("--grid", action="store_true",
                     help="the library's forecast of every stored cell (the rounds' grid)")
+    ap.add_argument("--full-only", action="store_true",
+                    help="--grid --q: the full-batch cells only")
     ap.add_argument("--holdout", action="store_true",
                     help="the held-out tasks (rounds 8-9's image tasks), once")
     ap.add_argument("--choose-band", action="store_true",
@@ -481,6 +487,9 @@ def main() -> None:
     ap.add_argument("--head-exact", metavar="ROUND", choices=sorted(ROUNDS),
                     help="the command line's default forecast (head exact) of a fresh "
                          "round's cells, for the comparison its plan names")
+    ap.add_argument("--fresh11", choices=FRESH11_Q, action="append",
+                    help="the eleventh fresh round, 32 px (twolayer_fresh11.py; "
+                         "PLAN-fresh11.md) at this q, once (repeatable)")
     ap.add_argument("--dev64", choices=DEV64_VARIANTS, action="append",
                     help="the 64-px development tasks (twolayer_dev64.py) at this q "
                          "(repeatable)")
@@ -500,7 +509,8 @@ def main() -> None:
         return
     if args.grid:
         for name in args.task or dh.image_tasks():
-            grid_task(name)
+            for v in args.q or (None,):
+                run_dev32(name, v, full_only=args.full_only)
         return
     if args.holdout:
         run_holdout(args.task or list(HOLDOUT))
@@ -511,6 +521,10 @@ def main() -> None:
     if args.head_exact:
         head_exact_round(args.head_exact,
                          args.task or list(round_tasks(args.head_exact)))
+        return
+    if args.fresh11:
+        for v in args.fresh11:
+            run_round(f"fresh11_q{v}", args.task or list(round_tasks(f"fresh11_q{v}")))
         return
     if args.dev64:
         for v in args.dev64:
@@ -528,7 +542,9 @@ def main() -> None:
         TEXT_SPLIT["split"] = args.text_split
         out = TEXT_OUT if args.text_split == "layer" else TEXT_OUT / args.text_split
         for name in args.task or dh.image_tasks("text"):
-            grid_task(name, cells=dev[name][0], path=out / f"{name}-grid.json")
+            for v in args.q or (None,):  # None: the stored grid (q = 2C)
+                grid_task(name, v or "2C", cells=dev[name][0],
+                          path=out / ("" if v is None else f"q{v}") / f"{name}-grid.json")
         return
     if args.choose_band:
         for kind, res in choose_bands().items():
@@ -636,7 +652,7 @@ def grid_task(name: str, variant: str = "2C", *, cells: dict | None = None,
     task, top, h, y, params = _task(name)
     t0 = time.perf_counter()
     text = ho.TASKS[name]["kind"] == "text"
-    etk = (_text_kernel(name, top, h, y, task["params"], TEXT_SPLIT["split"]) if text
+    etk = (_text_kernel(name, top, h, y, task["params"], TEXT_SPLIT["split"], variant) if text
            else _library_kernel(name, top, h, y, params, variant))  # fmt: skip
     state.update(q=etk.rank, variant=variant, kernel_seconds=time.perf_counter() - t0,
                  machine=machine(), threads=torch.get_num_threads())  # fmt: skip
@@ -747,6 +763,7 @@ def report() -> list[str]:
     lines += band_lines()
     lines += check_lines()
     lines += dev64_lines()
+    lines += dev32_lines()
     lines += holdout_lines()
     lines += check_scored_lines("holdout")
     lines += check_scored_lines("fresh")
@@ -775,6 +792,9 @@ def report() -> list[str]:
     lines += head_exact_lines("fresh10", tuple(f"fresh10_k{k}" for k in FRESH10_K))
     for k in FRESH10_K:
         lines += check_scored_lines(f"fresh10_k{k}")
+    for v in FRESH11_Q:
+        if list((FRESH11_OUT / f"q{v}").glob("*-grid.json")):
+            lines += check_scored_lines(f"fresh11_q{v}")
     lines += round_cost_lines(("fresh8", "fresh9", *(f"fresh9_k{k}" for k in FRESH9_K),
                                "fresh10", *(f"fresh10_k{k}" for k in FRESH10_K)))
     lines += default_choice_lines()
@@ -802,10 +822,16 @@ def _task_set(which: str) -> tuple[Path, dict]:
     tasks, ``HOLDOUT``) or "fresh" (``twolayer_fresh.py``'s tasks, ``FRESH_OUT``)."""
     if which == "dev":
         return OUT, {k: v[:2] for k, v in dh.dev_tasks().items()}
+    if which.startswith("dev32_q"):
+        return (DEV32_OUT / f"q{which[len('dev32_q'):]}",
+                {k: v[:2] for k, v in dh.dev_tasks().items()})
     if which == "holdout":
         return HOLDOUT_OUT, {k: v[:2] for k, v in holdout_tasks().items()}
     if which == "fresh":
         return FRESH_OUT, {k: (v, None) for k, v in fresh_tasks().items()}
+    if which.startswith("text-ffn_q"):  # the text development tasks at another q
+        return (TEXT_OUT / "ffn" / f"q{which[len('text-ffn_q'):]}",
+                {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"})
     if which in ("text", "text-ffn"):
         folder = TEXT_OUT if which == "text" else TEXT_OUT / "ffn"
         return folder, {k: v[:2] for k, v in dh.dev_tasks().items() if v[2] == "text"}
@@ -1055,6 +1081,14 @@ _round_with_projections("fresh9", "twolayer_fresh9", FRESH9_OUT, FRESH9_K)
 FRESH10_OUT = OUT / "fresh10"
 FRESH10_K = (1024,)
 _round_with_projections("fresh10", "twolayer_fresh10", FRESH10_OUT, FRESH10_K)
+# the eleventh (32 px): q chosen again on the 32-px development grid (``dev32_q<variant>``),
+# the chosen q and the default before it (2C) side by side (results/twolayer/PLAN-fresh11.md)
+FRESH11_OUT = OUT / "fresh11"
+FRESH11_Q = ("2C", "32C", "D")
+for _v in FRESH11_Q:
+    ROUNDS[f"fresh11_q{_v}"] = ("twolayer_fresh11", FRESH11_OUT)
+    ROUND_Q[f"fresh11_q{_v}"] = _v
+    ROUND_GRIDS[f"fresh11_q{_v}"] = FRESH11_OUT / f"q{_v}"
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
@@ -1066,6 +1100,26 @@ for _v in DEV64_VARIANTS:
     ROUNDS[f"dev64_q{_v}"] = ("twolayer_dev64", DEV64_OUT)
     ROUND_Q[f"dev64_q{_v}"] = _v
     ROUND_GRIDS[f"dev64_q{_v}"] = DEV64_OUT / f"q{_v}"
+# Development at 32 px, q chosen again (issue 13: at 32 px z is a vector, D = 320, and the
+# default keeps 2C directions; ``--q D`` on deephead's cells kept CE's p90 at the 50% drop
+# at 14% against 29%): the whole development grid at other q, each its own set
+# ``dev32_q<variant>``, grids in ``dev32/q<variant>``; ``--grid`` alone is the stored q = 2C
+# grid (``dev``: made before the catapult, its flagged cells' paths in ``flagged/``).
+DEV32_OUT = OUT / "dev32"
+DEV32_VARIANTS = ("2C", "8C", "16C", "32C", "D")
+
+
+def run_dev32(name: str, variant: str | None, *, full_only: bool = False) -> dict:
+    """``grid_task`` of development task ``name`` at ``variant`` (None: the stored grid,
+    ``<task>-grid.json``), ``dev32/q<variant>/<task>-grid.json``; ``full_only``: its
+    full-batch cells only (the rest can follow: resumable per cell)."""
+    if variant is None:
+        return grid_task(name)
+    cells = dh.dev_tasks()[name][0]
+    if full_only:
+        cells = {k: c for k, c in cells.items() if c.get("batch_size") is None}
+    return grid_task(name, variant, cells=cells,
+                     path=DEV32_OUT / f"q{variant}" / f"{name}-grid.json")
 
 
 def round_tasks(which: str) -> dict:
@@ -1609,6 +1663,9 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
                      "is: q = 2C P², 32C, k = 4096)",
           **{f"fresh10_k{_k}": f"the tenth fresh round's two image tasks at k = {_k} (q = "
                                "32C; PLAN-fresh10.md, reported beside it)" for _k in FRESH10_K},
+          **{f"fresh11_q{_v}": "the eleventh fresh round's two image tasks, 32 px "
+                               f"(`twolayer_fresh11.py`, PLAN-fresh11.md; first look), q = {_v}"
+             for _v in FRESH11_Q},
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}
@@ -1806,9 +1863,6 @@ def check_scored_lines(which: str) -> list[str]:
 def dev64_lines() -> list[str]:
     """The 64-px development tasks (``twolayer_dev64.py``) at each q that ran: the
     estimate's errors, bias, check and interval, and the forecast's seconds."""
-    from headbody import _fmt
-    from tangentlab.experimental.exact_top import REBOUND_MAX
-
     runs = {v: check_rows(f"dev64_q{v}") for v in DEV64_VARIANTS
             if list((DEV64_OUT / f"q{v}").glob("*-grid.json"))}  # fmt: skip
     if not runs:
@@ -1826,13 +1880,48 @@ def dev64_lines() -> list[str]:
              "the drift of long runs), and the share of targets where the "
              "estimate is slow (T̃ > T); interval: share of targets inside the library's "
              "steps interval; seconds: the forecasts' simulation summed over the grid, and "
-             "the kernels', one thread.", "",
-             "| q | tasks | MSE 50% | MSE 80% | CE 50% | CE 80% | all | T̃/T | slow | flagged "
+             "the kernels', one thread.", ""]
+    return lines + _variant_table(runs, DEV64_OUT, head_exact=True)
+
+
+def dev32_lines() -> list[str]:
+    """The 32-px development tasks at each q of ``DEV32_VARIANTS`` that ran (``--grid --q``),
+    on the targets every variant has (the full-batch cells where a variant ran only those)."""
+    runs = {v: check_rows(f"dev32_q{v}") for v in DEV32_VARIANTS
+            if list((DEV32_OUT / f"q{v}").glob("*-grid.json"))}  # fmt: skip
+    if not runs:
+        return []
+    keys = set.intersection(*({(r["task"], r["cell"], r["drop"]) for r in rows}
+                              for rows in runs.values()))  # fmt: skip
+    runs = {v: [r for r in rows if (r["task"], r["cell"], r["drop"]) in keys]
+            for v, rows in runs.items()}  # fmt: skip
+    rows = next(iter(runs.values()))
+    tasks = sorted({r["task"] for r in rows})
+    full = all(r["batch"] == "full" for r in rows)
+    lines = ["", "**Development at 32 px, q again** (`" + COMMAND + " --grid --q VARIANT"
+             + (" --full-only" if full else "") + f"`; the {len(tasks)} image development "
+             "tasks, z a vector of D = 320; " + ("the full-batch cells" if full else
+                                                "the whole grid")
+             + f", {len(rows)} targets every variant has; development data, nothing held "
+             "out). The library as it is now (with the catapult) at each q: 2C (the default "
+             "for a vector z), kC, D (all of z: Q = I, no κ_⊥); columns as the 64-px table "
+             "below; seconds: the simulations' and the kernels', one thread.", ""]
+    return lines + _variant_table(runs, DEV32_OUT)
+
+
+def _variant_table(runs: dict[str, list[dict]], folder: Path, *,
+                   head_exact: bool = False) -> list[str]:
+    """The table of :func:`dev64_lines` and :func:`dev32_lines`: one line per variant of
+    ``runs`` (``{variant: check_rows}``, grids in ``folder / q<variant>``)."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    lines = ["| q | tasks | MSE 50% | MSE 80% | CE 50% | CE 80% | all | T̃/T | slow | flagged "
              "| interval | interval, passed | seconds (kernel) |", "|" + "---|" * 13]
     groups = (("mse", "0.5"), ("mse", "0.8"), ("ce", "0.5"), ("ce", "0.8"))
     for v, rows in runs.items():
         states = [json.loads(p.read_text())
-                  for p in sorted((DEV64_OUT / f"q{v}").glob("*-grid.json"))]  # fmt: skip
+                  for p in sorted((folder / f"q{v}").glob("*-grid.json"))]  # fmt: skip
         ratios = [r["et"] / r["T"] for r in rows if r["et"] is not None]
         path = [r["et_path"] / r["T"] for r in rows if r["et_path"] is not None]
         passed = [r for r in rows if r["R"] <= REBOUND_MAX]
@@ -1850,7 +1939,7 @@ def dev64_lines() -> list[str]:
                      f"{np.mean([_inside(r) for r in passed]) if passed else 0:.0%} | "
                      f"{secs:.0f} ({ks:.0f}) |")
     rows = next(iter(runs.values()))
-    if any(r["hb"] is not None for r in rows):  # the head-exact forecasts were made
+    if head_exact and any(r["hb"] is not None for r in rows):  # the head-exact forecasts
         cols = [_fmt(dh._errors([r for r in rows if (r["loss"], r["drop"]) == g], "hb"))
                 for g in groups]  # fmt: skip
         ratios = [r["hb"] / r["T"] for r in rows if r["hb"] is not None]
