@@ -490,6 +490,9 @@ def main() -> None:
     ap.add_argument("--fresh11", choices=FRESH11_Q, action="append",
                     help="the eleventh fresh round, 32 px (twolayer_fresh11.py; "
                          "PLAN-fresh11.md) at this q, once (repeatable)")
+    ap.add_argument("--calibrate", choices=DEV32_VARIANTS, metavar="Q",
+                    help="the drift and bands chosen again at q = Q on the 32-px image and "
+                         "the text development grids (development only)")
     ap.add_argument("--dev64", choices=DEV64_VARIANTS, action="append",
                     help="the 64-px development tasks (twolayer_dev64.py) at this q "
                          "(repeatable)")
@@ -521,6 +524,9 @@ def main() -> None:
     if args.head_exact:
         head_exact_round(args.head_exact,
                          args.task or list(round_tasks(args.head_exact)))
+        return
+    if args.calibrate:
+        print("\n".join(calibration_lines(args.calibrate)))
         return
     if args.fresh11:
         for v in args.fresh11:
@@ -796,6 +802,7 @@ def report() -> list[str]:
         if list((FRESH11_OUT / f"q{v}").glob("*-grid.json")):
             lines += check_scored_lines(f"fresh11_q{v}")
     lines += FRESH11_READING.splitlines()
+    lines += calibration_lines("32C")
     lines += round_cost_lines(("fresh8", "fresh9", *(f"fresh9_k{k}" for k in FRESH9_K),
                                "fresh10", *(f"fresh10_k{k}" for k in FRESH10_K)))
     lines += default_choice_lines()
@@ -1371,6 +1378,60 @@ def choose_drift(rows: list[dict] | None = None) -> dict:
         out[loss] = dict(a=a, b=b, n=len(sub), path=_fmt(dh._errors(left, "et_path")),
                          loto=_fmt(dh._errors(left, "loto")))  # fmt: skip
     return out
+
+
+def calibration_at(variant: str) -> dict:
+    """The exact top's calibration chosen again at q = ``variant`` on the development tasks
+    (``dev32_q<variant>`` and ``text-ffn_q<variant>``; development only, nothing adopted):
+    the drift line per loss (:func:`choose_drift`), then the bands (:func:`choose_bands`)
+    around the estimate with that drift; ``rows``: the targets with their ``et`` so."""
+    rows = [r for w in (f"dev32_q{variant}", f"text-ffn_q{variant}") for r in check_rows(w)]
+    if not rows:
+        return {}
+    drift = choose_drift(rows)
+    for r in rows:
+        a, b, t = drift[r["loss"]]["a"], drift[r["loss"]]["b"], r["et_path"]
+        r["et"] = None if t is None else t * math.exp(min(0.0, a + b * math.log(max(t, 1.0))))
+    return dict(drift=drift, bands=choose_bands(rows), rows=rows)
+
+
+def calibration_lines(variant: str = "32C") -> list[str]:
+    """RESULTS.md lines of :func:`calibration_at`: the drift and the bands at ``variant``
+    against the library's (chosen at q = 2C), and the development targets' errors."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import DRIFT, STEPS_BAND, STEPS_BAND_FLAGGED
+
+    cal = calibration_at(variant)
+    if not cal:
+        return []
+    lines = ["", f"*The calibration at q = {variant}, development only* (`{COMMAND} "
+             f"--calibrate {variant}`; the 14 image development tasks at 32 px and the 14 text "
+             "tasks at that q; nothing adopted): the drift line per loss (``choose_drift``) and "
+             "the bands around the estimate with that drift (``choose_bands``, the rule of "
+             "every band: the narrowest level whose left-out-task coverage reaches "
+             f"{BAND_COVER:.0%}), against the library's, chosen at q = 2C.", "",
+             "| what | library (q = 2C) | chosen again at this q |", "|---|---|---|"]
+    for loss, d in cal["drift"].items():
+        lines.append(f"| drift {loss} (a, b) | {DRIFT[loss][0]:.4f}, {DRIFT[loss][1]:.4f} | "
+                     f"{d['a']:.4f}, {d['b']:.4f} (n {d['n']}; left out: path {d['path']}, "
+                     f"T̃ {d['loto']}) |")
+    for kind, res in cal["bands"].items():
+        lv = res["chosen"]
+        if lv is None:
+            lines.append(f"| band {kind} | {STEPS_BAND_FLAGGED[0]:.2f}, "
+                         f"{STEPS_BAND_FLAGGED[1]:.2f} | no level reaches {BAND_COVER:.0%} |"
+                         if kind == "flagged" else f"| band {kind} | - | no level reaches "
+                         f"{BAND_COVER:.0%} |")  # fmt: skip
+            continue
+        for (loss, batch), b in res["candidates"][lv]["table"].items():
+            now = (STEPS_BAND_FLAGGED if kind == "flagged"
+                   else STEPS_BAND[(loss, batch == "full")])  # fmt: skip
+            lines.append(f"| band {kind} {loss} {batch} | {now[0]:.2f}, {now[1]:.2f} | "
+                         f"{b['lo']:.2f}, {b['hi']:.2f} (p {lv[0]:g}; left out "
+                         f"{b['loto']:.0%}, n {b['n']}) |")
+    rows = cal["rows"]
+    lines.append(f"| errors of T̃, all {len(rows)} targets | - | {_fmt(dh._errors(rows, 'et'))} |")
+    return lines
 
 
 PLOT_SETS = {"fresh11_q2C": "eleventh fresh round, 32 px (held out once, q = 2C)",
@@ -2018,8 +2079,12 @@ and little else: the partial grid of the freeze flattered it.)
   (0.0676, -0.0367) now: under CE it starts at T̂ = 15 steps instead of 6 and takes 5% off
   at T̂ = 100 instead of 10% (left out by task: CE 1% / 10%, MSE 2% / 6%). Applied to this
   round's 32C paths (a second look, not evidence) it scores 5% / 24%, no miss (CE 7% / 35%
-  at 50%, 7% / 30% at 80%). Not adopted: the next step is to choose the bands at 32C on
-  the development tasks too, freeze both, and hold them out on a twelfth round.
+  at 50%, 7% / 30% at 80%). Not adopted. The drift and the bands chosen again at 32C on the
+  development tasks are in the table below (``--calibrate 32C``): the passed targets' bands
+  come out narrower than the library's at full batch (CE x0.91-1.05 against x0.84-1.06)
+  and wider for CE at B = 32 (x0.84-1.51 against x0.84-1.25), and no finite band of the
+  flagged targets reaches 85% left-out coverage. Next: a flagged band at 32C, then q = 32C with its
+  own calibration, frozen, on a twelfth round.
 """
 
 
