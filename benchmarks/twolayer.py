@@ -490,6 +490,12 @@ def main() -> None:
     ap.add_argument("--fresh11", choices=FRESH11_Q, action="append",
                     help="the eleventh fresh round, 32 px (twolayer_fresh11.py; "
                          "PLAN-fresh11.md) at this q, once (repeatable)")
+    ap.add_argument("--fresh12", choices=FRESH12_Q, action="append",
+                    help="the twelfth fresh round, 32 px (twolayer_fresh12.py; "
+                         "PLAN-fresh12.md) at this q, once (repeatable)")
+    ap.add_argument("--candidate", action="store_true",
+                    help="PLAN-fresh12.md's candidate calibration at q = 32C, chosen on the "
+                         "development grids and the eleventh round (development only)")
     ap.add_argument("--calibrate", choices=DEV32_VARIANTS, metavar="Q",
                     help="the drift and bands chosen again at q = Q on the 32-px image and "
                          "the text development grids (development only)")
@@ -531,6 +537,14 @@ def main() -> None:
     if args.fresh11:
         for v in args.fresh11:
             run_round(f"fresh11_q{v}", args.task or list(round_tasks(f"fresh11_q{v}")))
+        return
+    if args.fresh12:
+        for v in args.fresh12:
+            run_round(f"fresh12_q{v}", args.task or list(round_tasks(f"fresh12_q{v}")))
+        return
+    if args.candidate:
+        print(json.dumps({k: {str(g): v for g, v in d.items()} if isinstance(d, dict) else d
+                          for k, d in candidate_calibration().items()}, indent=1))
         return
     if args.dev64:
         for v in args.dev64:
@@ -1097,6 +1111,14 @@ for _v in FRESH11_Q:
     ROUNDS[f"fresh11_q{_v}"] = ("twolayer_fresh11", FRESH11_OUT)
     ROUND_Q[f"fresh11_q{_v}"] = _v
     ROUND_GRIDS[f"fresh11_q{_v}"] = FRESH11_OUT / f"q{_v}"
+# the twelfth (32 px): q = 32C with its drift and bands chosen again at that q (``FRESH12_CAL``)
+# against the default (2C) (results/twolayer/PLAN-fresh12.md)
+FRESH12_OUT = OUT / "fresh12"
+FRESH12_Q = ("2C", "32C")
+for _v in FRESH12_Q:
+    ROUNDS[f"fresh12_q{_v}"] = ("twolayer_fresh12", FRESH12_OUT)
+    ROUND_Q[f"fresh12_q{_v}"] = _v
+    ROUND_GRIDS[f"fresh12_q{_v}"] = FRESH12_OUT / f"q{_v}"
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
@@ -1380,12 +1402,14 @@ def choose_drift(rows: list[dict] | None = None) -> dict:
     return out
 
 
-def calibration_at(variant: str) -> dict:
+def calibration_at(variant: str, extra: tuple[str, ...] = ()) -> dict:
     """The exact top's calibration chosen again at q = ``variant`` on the development tasks
-    (``dev32_q<variant>`` and ``text-ffn_q<variant>``; development only, nothing adopted):
-    the drift line per loss (:func:`choose_drift`), then the bands (:func:`choose_bands`)
-    around the estimate with that drift; ``rows``: the targets with their ``et`` so."""
-    rows = [r for w in (f"dev32_q{variant}", f"text-ffn_q{variant}") for r in check_rows(w)]
+    (``dev32_q<variant>`` and ``text-ffn_q<variant>``, and the task sets ``extra``: rounds
+    scored before; development only, nothing adopted): the drift line per loss
+    (:func:`choose_drift`), then the bands (:func:`choose_bands`) around the estimate with
+    that drift; ``rows``: the targets with their ``et`` so."""
+    rows = [r for w in (f"dev32_q{variant}", f"text-ffn_q{variant}", *extra)
+            for r in check_rows(w)]  # fmt: skip
     if not rows:
         return {}
     drift = choose_drift(rows)
@@ -1393,6 +1417,57 @@ def calibration_at(variant: str) -> dict:
         a, b, t = drift[r["loss"]]["a"], drift[r["loss"]]["b"], r["et_path"]
         r["et"] = None if t is None else t * math.exp(min(0.0, a + b * math.log(max(t, 1.0))))
     return dict(drift=drift, bands=choose_bands(rows), rows=rows)
+
+
+CANDIDATE_EXTRA = ("fresh11_q32C",)  # rounds scored before, used as development (PLAN-fresh12)
+
+
+def candidate_calibration() -> dict:
+    """PLAN-fresh12.md's candidate: the drift ``(a, b)`` per loss and the passed targets'
+    bands per ``(loss, full batch)`` chosen at q = 32C (:func:`calibration_at` on the
+    development grids and ``CANDIDATE_EXTRA``), the flagged band the library's
+    (``STEPS_BAND_FLAGGED``) where no level reaches ``BAND_COVER``; frozen as
+    ``FRESH12_CAL``."""
+    from tangentlab.experimental.exact_top import STEPS_BAND_FLAGGED
+
+    cal = calibration_at("32C", CANDIDATE_EXTRA)
+    calm, fl = cal["bands"]["calm"], cal["bands"]["flagged"]
+    assert calm["chosen"] is not None
+    bands = {(loss, batch == "full"): (round(b["lo"], 2), round(b["hi"], 2))
+             for (loss, batch), b in calm["candidates"][calm["chosen"]]["table"].items()}
+    flagged = STEPS_BAND_FLAGGED
+    if fl["chosen"] is not None:
+        b = fl["candidates"][fl["chosen"]]["table"][("any", "any")]
+        flagged = (round(b["lo"], 2), round(b["hi"], 2))
+    return dict(drift={loss: (round(d["a"], 4), round(d["b"], 4))
+                       for loss, d in cal["drift"].items()},
+                bands=bands, flagged=flagged)  # fmt: skip
+
+
+# PLAN-fresh12.md's candidate, frozen before any forecast of the twelfth round
+# (``candidate_calibration()`` on 2026-12-04)
+FRESH12_CAL = dict(drift={"mse": (0.0032, -0.0053), "ce": (0.0690, -0.0255)},
+                   bands={("mse", True): (-0.07, 0.07), ("mse", False): (-0.17, 0.12),
+                          ("ce", True): (-0.09, 0.06), ("ce", False): (-0.18, 0.40)},
+                   flagged=(-1.30, 1.02))  # fmt: skip
+
+
+def recalibrate(rows: list[dict], cal: dict) -> list[dict]:
+    """``rows`` (``check_rows``) with the estimate T̃ = T̂ exp(min(0, a + b ln T̂)) of
+    ``cal["drift"]``, its ``bad`` and whether the target is inside ``cal``'s bands
+    (``inside``; a miss is outside)."""
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    out = []
+    for r in rows:
+        a, b = cal["drift"][r["loss"]]
+        t = r["et_path"]
+        et = None if t is None else t * math.exp(min(0.0, a + b * math.log(max(t, 1.0))))
+        lo, hi = (cal["flagged"] if r["R"] > REBOUND_MAX
+                  else cal["bands"][(r["loss"], r["batch"] == "full")])  # fmt: skip
+        inside = et is not None and et * math.exp(lo) <= r["T"] <= et * math.exp(hi)
+        out.append(dict(r, et=et, bad=_bad(et, r["T"]), inside=inside))
+    return out
 
 
 def calibration_lines(variant: str = "32C") -> list[str]:
@@ -1729,6 +1804,9 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           **{f"fresh11_q{_v}": "the eleventh fresh round's two image tasks, 32 px "
                                f"(`twolayer_fresh11.py`, PLAN-fresh11.md; first look), q = {_v}"
              for _v in FRESH11_Q},
+          **{f"fresh12_q{_v}": "the twelfth fresh round's two image tasks, 32 px "
+                               f"(`twolayer_fresh12.py`, PLAN-fresh12.md; first look), q = {_v}"
+             for _v in FRESH12_Q},
           "text-holdout": "the six held-out text tasks (PLAN-text.md: MiniLM, FFN-exact "
                           "split; the check and interval as chosen on the image tasks; first "
                           "look)"}
@@ -1852,20 +1930,26 @@ def round_cost_lines(rounds: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def check_scored_lines(which: str) -> list[str]:
+def check_scored_lines(which: str, *, cal: dict | None = None) -> list[str]:
     """The frozen check and interval (results/twolayer/PLAN-check.md) scored on ``which``:
     errors, the check's precision and recall, and the interval's coverage, per loss, batch
-    and drop, and per task."""
+    and drop, and per task; ``cal``: with that drift and those bands (:func:`recalibrate`)
+    in place of the library's."""
     from headbody import _fmt
     from tangentlab.experimental.exact_top import REBOUND_MAX
 
     rows = check_rows(which, prefix=True)
     if not rows:
         return []
+    if cal is not None:
+        rows = recalibrate(rows, cal)
     for r in rows:
-        r["inside"] = _inside(r)
+        r["inside"] = r["inside"] if cal is not None else _inside(r)
     tasks = sorted({r["task"] for r in rows})
-    lines = ["", f"**Scored: {SCORED[which]}** ({', '.join(tasks)}; {len(rows)} targets), "
+    title = SCORED[which] + (", **with the candidate calibration** (``FRESH12_CAL``: the "
+                             "drift and the bands chosen again at q = 32C; PLAN-fresh12.md; "
+                             "*interval* columns: its bands)" if cal is not None else "")
+    lines = ["", f"**Scored: {title}** ({', '.join(tasks)}; {len(rows)} targets), "
              "the library as it is now: its path (NOTE [exact-top catapult]: a flagged "
              f"target's T̂ from its catapult path), its check (R > {REBOUND_MAX:g}, "
              "PLAN-check.md) and its interval (``STEPS_BAND``, ``STEPS_BAND_FLAGGED``: "
