@@ -67,6 +67,24 @@ def test_exact_top_steps_band_is_the_rule_on_the_stored_development_grid():
     assert min(t["kinds"].values()) >= tw.BAND_COVER  # misses counted outside
 
 
+def test_exact_top_vector_calibration_is_the_rule_at_32c_on_the_stored_grids():
+    """NOTE [exact-top vector z]: DRIFT_VECTOR and STEPS_BAND_VECTOR are the drift and band
+    rules at q = 32C on the stored development grids and the eleventh round
+    (PLAN-fresh12.md's candidate, frozen as ``twolayer.FRESH12_CAL``); the flagged band,
+    which no level reaches there, stays the library's."""
+    import twolayer as tw
+    from tangentlab.experimental.exact_top import (
+        DRIFT_VECTOR,
+        STEPS_BAND_FLAGGED,
+        STEPS_BAND_VECTOR,
+    )
+
+    cal = tw.candidate_calibration()
+    assert cal == tw.FRESH12_CAL
+    assert cal["drift"] == DRIFT_VECTOR and cal["bands"] == STEPS_BAND_VECTOR
+    assert cal["flagged"] == STEPS_BAND_FLAGGED
+
+
 def test_exact_top_advised_band_is_the_rule_on_the_stored_reliable_runs():
     """STEPS_BAND_ADVISED: the band rule on the development targets at reliable_lr's rate;
     a narrower level misses the coverage the rule asks for."""

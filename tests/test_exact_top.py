@@ -16,6 +16,7 @@ from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarnin
 from tangentlab.experimental.exact_top import (
     STEPS_BAND,
     STEPS_BAND_ADVISED,
+    STEPS_BAND_VECTOR,
     compute_exact_top_kernel,
     drift_steps,
     forecast_exact_top,
@@ -163,16 +164,27 @@ def test_a_body_linear_and_isotropic_in_z_is_real_training_for_any_subspace(loss
     np.testing.assert_array_equal(fc.accuracy, real.accuracy)
 
 
-def test_default_subspace_is_2c_orthonormal_and_holds_the_gradient_rows():
-    body = nn.Sequential(nn.Linear(5, 20), nn.Tanh()).double().eval()
-    top = nn.Linear(20, 3).double().eval()
-    x, y = _data()
+def test_default_subspace_of_a_vector_is_32c_orthonormal_and_holds_the_gradient_rows():
+    """NOTE [exact-top vector z]: q = 32C for a vector z, at most D."""
+    from tangentlab.experimental.exact_top import is_vector
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 120), nn.Tanh()).double().eval()
+    top = nn.Linear(120, 3).double().eval()
+    x, y = _data(60)  # N >= q/2: z0's 48 principal directions
     etk = compute_exact_top_kernel(body, top, (x, y), progress=False)
     q = etk.basis
-    assert q.shape == (20, 6)
-    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(6), atol=1e-12)
+    assert q.shape == (120, 96) and etk.rest is not None and is_vector(etk.shape)
+    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(96), atol=1e-12)
     w = top.weight.detach().double()  # a linear top: the gradient rows are W's rows
     np.testing.assert_allclose((w @ q @ q.T).numpy(), w.numpy(), atol=1e-10)
+    small = nn.Sequential(nn.Linear(5, 20), nn.Tanh()).double().eval()
+    etk = compute_exact_top_kernel(small, nn.Linear(20, 3).double().eval(), (x, y),
+                                   progress=False)  # fmt: skip
+    assert etk.rank == 20 and etk.rest is None  # 32C = 96 > D = 20: all of z
+    assert compute_exact_top_kernel(small, nn.Linear(20, 3).double().eval(), (x, y),
+                                    directions=6, progress=False).rank == 6  # fmt: skip
+    assert is_vector((320, 1, 1)) and not is_vector((320, 2, 2)) and not is_vector((8, 384))
 
 
 def test_projected_kernel_kept_factored_applies_as_its_gram():
@@ -352,27 +364,31 @@ def test_split_lite_refuses_other_models():
 def test_steps_interval_is_the_calibrated_band_around_the_estimate():
     import math
 
-    from tangentlab.experimental.exact_top import STEPS_BAND
-
     body, top = _net()
     etk = compute_exact_top_kernel(body, top, _data(), progress=False)
     for loss, batch in (("mse", None), ("ce", 4)):
         fc = forecast_exact_top(etk, tl.SGD(0.2), 60, loss=loss, batch_size=batch,
                                 progress=False)  # fmt: skip
+        assert fc.settings["z_vector"]  # z [6]: a vector's calibration (NOTE [exact-top vector z])
         t = fc.steps_estimate(0.5)
-        assert t == pytest.approx(drift_steps(fc.steps_to_drop(0.5), loss))
-        lo, hi = STEPS_BAND[(loss, batch is None)]
+        assert t == pytest.approx(drift_steps(fc.steps_to_drop(0.5), loss, vector=True))
+        lo, hi = STEPS_BAND_VECTOR[(loss, batch is None)]
         assert t is not None and not fc.reliability["flagged"]  # the passed targets' band
         assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
         assert fc.steps_interval(0.999999) is None  # not reached: no interval
         assert fc.steps_estimate(0.999999) is None
+        fc.settings["z_vector"] = False  # a map's (or a forecast stored before the rule)
+        t = fc.steps_estimate(0.5)
+        assert t == pytest.approx(drift_steps(fc.steps_to_drop(0.5), loss))
+        lo, hi = STEPS_BAND[(loss, batch is None)]
+        assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
 
 
 def test_drift_shortens_long_runs_only_and_keeps_their_order():
     """NOTE [exact-top drift]: T̃ = T̂ exp(min(0, a + b ln T̂)), T̂ kept below e^(-a/b)."""
     import math
 
-    from tangentlab.experimental.exact_top import DRIFT
+    from tangentlab.experimental.exact_top import DRIFT, DRIFT_VECTOR
 
     a, b = DRIFT["ce"]
     assert b < 0 < a  # long CE runs: the real run is faster
@@ -383,6 +399,9 @@ def test_drift_shortens_long_runs_only_and_keeps_their_order():
     assert est[999] == pytest.approx(1000 * math.exp(a + b * math.log(1000)))
     assert np.all(np.diff(est) > 0) and np.all(est <= steps)  # monotone, never later
     assert drift_steps(300, "hinge") == 300  # no calibration: T̂
+    a, b = DRIFT_VECTOR["ce"]  # a vector z's (NOTE [exact-top vector z]): the same form
+    assert drift_steps(1000, "ce", vector=True) == pytest.approx(
+        1000 * math.exp(a + b * math.log(1000)))
 
 
 def test_rebound_is_the_largest_rise_above_the_running_minimum():
@@ -566,7 +585,7 @@ def test_reliable_lr_is_the_first_rate_down_the_grid_whose_check_passes():
     t = fc.steps_estimate(0.5)
     lo, hi = STEPS_BAND_ADVISED
     assert fc.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
-    calm_lo, calm_hi = STEPS_BAND[("ce", True)]
+    calm_lo, calm_hi = STEPS_BAND_VECTOR[("ce", True)]  # z [6]: NOTE [exact-top vector z]
     assert lo < calm_lo and hi > calm_hi  # wider than the grid's passed CE full-batch band
     with pytest.warns(ValidityWarning):  # the rate just above it on the grid is flagged
         above = forecast_exact_top(etk, tl.SGD(2.0 * 0.8 ** (k - 1)),
@@ -575,7 +594,7 @@ def test_reliable_lr_is_the_first_rate_down_the_grid_whose_check_passes():
     calm = reliable_lr(etk, tl.SGD(fc.settings["lr"]), 40, progress=False, **kw)
     assert calm.settings["lr"] == fc.settings["lr"]  # a passing rate is its own answer
     assert "advised" not in calm.settings  # not lowered: the grid's passed band
-    lo, hi = STEPS_BAND[("ce", True)]
+    lo, hi = STEPS_BAND_VECTOR[("ce", True)]
     t = calm.steps_estimate(0.5)
     assert calm.steps_interval(0.5) == pytest.approx((t * math.exp(lo), t * math.exp(hi)))
     assert reliable_lr(etk, tl.SGD(2.0), 40, tries=1, progress=False, **kw) is None
@@ -680,7 +699,7 @@ def test_split_model_says_how_to_split_an_unknown_model_and_mismatch_is_measured
 
 def test_default_subspace_is_2c_p_squared_for_a_map():
     """z [channels, h, w] (a conv map of P = h w positions): q = 2C P² by default, at most D
-    (2C for a vector z, above)."""
+    (32C for a vector z, above)."""
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.Tanh()).double().eval()
     top = nn.Sequential(nn.Conv2d(24, 4, 1), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2))

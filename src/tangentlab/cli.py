@@ -103,7 +103,7 @@ def _linearize_options() -> list:
                      "exact beside the head's rows (default: C); 'all': every direction "
                      "the training features span — closer to real runs on convolutional "
                      "bodies, costlier (N + C read-outs per sample; see README). "
-                     "--linearize top: the directions of z kept exact (default 2C for a "
+                     "--linearize top: the directions of z kept exact (default 32C for a "
                      "vector z, 2C P² for a map of P positions, at most all of z)."),
     ]
 
