@@ -1530,7 +1530,8 @@ def calibration_lines(variant: str = "32C") -> list[str]:
     return lines
 
 
-PLOT_SETS = {"fresh11_q2C": "eleventh fresh round, 32 px (held out once, q = 2C)",
+PLOT_SETS = {"fresh12_q32C": "twelfth fresh round, 32 px (held out once, q = 32C)",
+             "fresh11_q2C": "eleventh fresh round, 32 px (held out once, q = 2C)",
              "fresh10": "tenth fresh round, 64 px (held out once, q = 2C P²)",
              "fresh9": "ninth fresh round, 64 px (held out once, q = 2C P²)",
              "fresh8": "eighth fresh round, 64 px (held out once, q = 2C P²)",
@@ -1544,6 +1545,7 @@ PLOT_SETS = {"fresh11_q2C": "eleventh fresh round, 32 px (held out once, q = 2C)
              "holdout": "rounds 8-9, full batch (second look)",
              "text-holdout": "text held out (second look)"}
 PLOT = OUT / "calibration.png"
+PLOT_CAL = {"fresh12_q32C": FRESH12_CAL}  # sets scored with another calibration
 
 
 def plot_calibration(path: Path = PLOT) -> Path:
@@ -1560,6 +1562,8 @@ def plot_calibration(path: Path = PLOT) -> Path:
         ax.set_axis_off()
     for ax, (which, title) in zip(axes.flat, PLOT_SETS.items()):
         rows = check_rows(which)
+        if which in PLOT_CAL and rows:  # scored with its own calibration
+            rows = recalibrate(rows, PLOT_CAL[which])
         if not rows:
             continue
         top = 2 * max(max(r["T"] for r in rows), max(r["et"] or 1 for r in rows))
