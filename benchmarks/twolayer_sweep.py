@@ -214,7 +214,20 @@ def report() -> list[str]:
               "group's real runs. A first look at both the development and the held-out "
               "sets.", "", "Development:", "", *samples_table(DEV), "", "Held out:", "",
               *samples_table(HELD_OUT)]
+    lines += ["", "**At q = 32C for a vector z** (the default since PLAN-fresh12.md, NOTE "
+              "[exact-top vector z]). Its drift is monotone in T̂ within a loss, so the "
+              "picks are those of the forecasts' T̂: the same rules on the 32-px image and "
+              "the text development grids at q = 2C and at 32C (`twolayer.py --grid --q`, "
+              "`--text --text-split ffn --q 32C`), and on the eleventh and twelfth rounds "
+              "(second looks: their forecasts were scored before; 12 settings groups each).",
+              ""]
+    for by in ("settings", "rates"):
+        lines += table(Q32_SETS, by) + [""]
     return lines
+
+
+Q32_SETS = ("dev32_q2C", "dev32_q32C", "text-ffn", "text-ffn_q32C", "fresh11_q2C",
+            "fresh11_q32C", "fresh12_q2C", "fresh12_q32C")  # fmt: skip
 
 
 EXAMPLE_OUT = tw.OUT / "sweep-example.json"
