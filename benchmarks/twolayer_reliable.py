@@ -42,7 +42,8 @@ from tangentlab.experimental import exact_top as et  # noqa: E402
 
 OUT = tw.OUT / "reliable"
 COMMAND = ".venv/bin/python benchmarks/twolayer_reliable.py"
-WHICH = ("dev", "fresh5", "fresh6")  # held out once each: PLAN-fresh5.md's addendum, PLAN-fresh6
+WHICH = ("dev", "fresh5", "fresh6",  # held out once each: PLAN-fresh5.md's addendum, PLAN-fresh6
+         "fresh11_q32C", "fresh12_q32C")  # at q = 32C, held out once: PLAN-reliable32.md
 STOP = 0.19  # each try stops just below the 80% drop's target: the check reads no further
 MAX_CAP = 4000  # the real run's cap at the lower rate: H_CAP / 0.8^k, at most this
 
@@ -64,6 +65,11 @@ def _options(c: dict) -> dict:
                 stop_below=STOP * float(c["run_loss"][0]))
 
 
+def _variant(which: str) -> str:
+    """The q of ``which``'s grid ("<set>_q<variant>"; the others: 2C)."""
+    return which.split("_q", 1)[1] if "_q" in which else "2C"
+
+
 def run(which: str, only: list[str] | None = None) -> None:
     _, tasks = tw._task_set(which)
     for name, keys in cells(which).items():
@@ -77,7 +83,7 @@ def run(which: str, only: list[str] | None = None) -> None:
         task, top, h, y, params = tw._task(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            etk = tw._library_kernel(name, top, h, y, params, "2C")
+            etk = tw._library_kernel(name, top, h, y, params, _variant(which))
             real_task = ho.load_task(name)
         for key in todo:
             c = tasks[name][0][key]
@@ -119,7 +125,7 @@ def backfill(which: str) -> None:
         _, top, h, y, params = tw._task(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            etk = tw._library_kernel(name, top, h, y, params, "2C")
+            etk = tw._library_kernel(name, top, h, y, params, _variant(which))
         for key in todo:
             c, st = tasks[name][0][key], state[key]
             with warnings.catch_warnings():
@@ -216,7 +222,8 @@ def _fmt(errs: list[float]) -> str:
 
 def report() -> list[str]:
     lines = [f"Command: `{COMMAND} --run --which dev`, `--run --which fresh5`, `--run "
-             f"--which fresh6`, then `--report`. Machine: {machine()}.", "",
+             f"--which fresh6`, `--run --which fresh11_q32C`, `--run --which fresh12_q32C`, "
+             f"then `--report`. Machine: {machine()}.", "",
              "The advice of the exact-top ValidityWarning, tested against real runs (see the "
              "module docstring): on every image cell with a target the check flags at the "
              "50% or 80% drop, `exact_top.reliable_lr` picks a lower rate whose forecast "
