@@ -288,6 +288,14 @@ the forecast scores **8% / 20% with 3% bad** (19% / 44% with 44% bad at the cell
 rates), and the new band holds **94%** of the targets: every part of the frozen claim held
 (goals met, at most 10% bad, the band >= 80%). The real runs at the lower rate took 1.23x
 the steps (median; reported, no claim: 1.01x on the development tasks, 1.41x on fresh5).
+*At q = 32C* (PLAN-reliable32.md, frozen before any run; the library's q for a vector z
+since PLAN-fresh12.md, with its own drift; ``STEPS_BAND_ADVISED`` unchanged), held out once
+on the flagged cells of the eleventh and twelfth rounds (25 cells, 38 flagged targets):
+``reliable_lr`` found no passing rate for 2 cells of each round (4 targets); at its rate
+(median 0.33x the cell's) the forecast scores **6% / 16% with 3% bad** on the other 34
+(23% / 62% with 45% bad at the cells' own rates), and the advised band holds **94%**: every
+part of the frozen claim held (goals met, at most 10% bad, the band >= 80%). The real runs
+at the lower rate took 1.21x the steps (median; reported, no claim).
 """
 
 
