@@ -233,7 +233,7 @@ def test_top_out_of_memory_names_the_cheaper_options(user, tmp_path):
                         "--out", tmp_path / "m"))
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert "memory budget" in res.output and "--linearize body" in res.output
-    assert "--projection 256" in res.output
+    assert "--projection 256" in res.output and "fewer --directions" in res.output
 
 
 @pytest.mark.parametrize("extra, why", [
