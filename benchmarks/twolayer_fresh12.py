@@ -51,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twolayer_fresh as tf  # noqa: E402
+from twolayer_fresh11 import _glyph  # noqa: E402  (a glyph drawn black at 96 px, RGBA)
 
 OUT = tf.OUT
 FOLDER = "fresh12"  # results: OUT / FOLDER / <task>.json
@@ -67,7 +68,6 @@ BLOCKS = {  # Unicode blocks of the math face's symbols
     "technical": range(0x2300, 0x2400),
     "letterlike": range(0x2100, 0x2150),
 }
-GLYPH_PX = 96
 
 
 def fetch() -> None:
@@ -82,17 +82,6 @@ def _need(path: Path) -> Path:
 def faces() -> list[Path]:
     """Latin Modern's text faces."""
     return sorted(_need(FONTS).glob("lm*.otf"))
-
-
-def _glyph(face: str, text: str):
-    """``text`` drawn black in ``face`` at ``GLYPH_PX`` px on a transparent canvas, RGBA."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.truetype(face, GLYPH_PX)
-    img = Image.new("RGBA", (3 * GLYPH_PX, 2 * GLYPH_PX), (0, 0, 0, 0))
-    ImageDraw.Draw(img).text((GLYPH_PX // 2, GLYPH_PX // 4), text, font=font,
-                             fill=(0, 0, 0, 255))  # fmt: skip
-    return img
 
 
 def digit_pools() -> list[list[tuple[str, str]]]:
