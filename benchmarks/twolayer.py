@@ -493,6 +493,10 @@ def main() -> None:
     ap.add_argument("--fresh12", choices=FRESH12_Q + FRESH12_EXTRA, action="append",
                     help="the twelfth fresh round, 32 px (twolayer_fresh12.py; "
                          "PLAN-fresh12.md) at this q, once (repeatable)")
+    ap.add_argument("--fresh13", choices=FRESH13_Q, action="append",
+                    help="the thirteenth fresh round, 32 px, ten classes "
+                         "(twolayer_fresh13.py; PLAN-fresh13.md) at this q, once "
+                         "(repeatable)")
     ap.add_argument("--candidate", action="store_true",
                     help="PLAN-fresh12.md's candidate calibration at q = 32C, chosen on the "
                          "development grids and the eleventh round (development only)")
@@ -544,6 +548,10 @@ def main() -> None:
     if args.fresh12:
         for v in args.fresh12:
             run_round(f"fresh12_q{v}", args.task or list(round_tasks(f"fresh12_q{v}")))
+        return
+    if args.fresh13:
+        for v in args.fresh13:
+            run_round(f"fresh13_q{v}", args.task or list(round_tasks(f"fresh13_q{v}")))
         return
     if args.candidate:
         print(json.dumps({k: {str(g): v for g, v in d.items()} if isinstance(d, dict) else d
@@ -832,8 +840,13 @@ def report() -> list[str]:
     if list((TEXT_HOLDOUT_OUT / "q32C").glob("*-grid.json")):
         lines += check_scored_lines("text-holdout_q32C", cal=FRESH12_CAL)
     lines += FRESH12_READING.splitlines()
+    if all(list((FRESH13_OUT / f"q{v}").glob("*-grid.json")) for v in FRESH13_Q):
+        lines += check_scored_lines("fresh13_q32C", cal=FRESH12_CAL)
+        lines += check_scored_lines("fresh13_q2C")
+        lines += FRESH13_READING.splitlines()
     lines += round_cost_lines(("fresh11_q2C", "fresh11_q32C", "fresh12_q2C", "fresh12_q32C",
-                               "fresh12_q32C-k1024"), "32-px rounds'")
+                               "fresh12_q32C-k1024", "fresh13_q2C", "fresh13_q32C"),
+                              "32-px rounds'")
     lines += round_cost_lines(("fresh8", "fresh9", *(f"fresh9_k{k}" for k in FRESH9_K),
                                "fresh10", *(f"fresh10_k{k}" for k in FRESH10_K)))
     lines += default_choice_lines()
@@ -1140,6 +1153,14 @@ for _v in FRESH12_Q + FRESH12_EXTRA:
     ROUNDS[f"fresh12_q{_v}"] = ("twolayer_fresh12", FRESH12_OUT)
     ROUND_Q[f"fresh12_q{_v}"] = _v
     ROUND_GRIDS[f"fresh12_q{_v}"] = FRESH12_OUT / f"q{_v}"
+# the thirteenth (32 px, ten classes: the rule keeps all of z) against the default before
+# (results/twolayer/PLAN-fresh13.md)
+FRESH13_OUT = OUT / "fresh13"
+FRESH13_Q = ("2C", "32C")
+for _v in FRESH13_Q:
+    ROUNDS[f"fresh13_q{_v}"] = ("twolayer_fresh13", FRESH13_OUT)
+    ROUND_Q[f"fresh13_q{_v}"] = _v
+    ROUND_GRIDS[f"fresh13_q{_v}"] = FRESH13_OUT / f"q{_v}"
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
@@ -1835,6 +1856,9 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           **{f"fresh12_q{_v}": "the twelfth fresh round's two image tasks, 32 px "
                                f"(`twolayer_fresh12.py`, PLAN-fresh12.md; first look), q = {_v}"
              for _v in FRESH12_Q},
+          **{f"fresh13_q{_v}": "the thirteenth fresh round's two image tasks, 32 px, ten "
+                               f"classes (`twolayer_fresh13.py`, PLAN-fresh13.md; first "
+                               f"look), q = {_v}" for _v in FRESH13_Q},
           "fresh12_q32C-k1024": "the twelfth fresh round's two image tasks again at q = 32C "
                                 "and the command line's k = 1024 (a second look after "
                                 "PLAN-fresh12.md's scoring)",
@@ -2160,6 +2184,10 @@ def _variant_table(runs: dict[str, list[dict]], folder: Path, *, head_exact: boo
                      f"{np.median(ratios):.2f} | {np.mean([x > 1 for x in ratios]):.0%} | "
                      "- | - | - | - |")
     return lines
+
+
+FRESH13_READING = """
+"""
 
 
 FRESH12_READING = """
