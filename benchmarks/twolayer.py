@@ -1554,7 +1554,8 @@ def calibration_lines(variant: str = "32C") -> list[str]:
     return lines
 
 
-PLOT_SETS = {"fresh12_q32C": "twelfth fresh round, 32 px (held out once, q = 32C)",
+PLOT_SETS = {"fresh13_q32C": "thirteenth fresh round, 32 px, C = 10 (held out once, q = D)",
+             "fresh12_q32C": "twelfth fresh round, 32 px (held out once, q = 32C)",
              "fresh11_q2C": "eleventh fresh round, 32 px (held out once, q = 2C)",
              "fresh10": "tenth fresh round, 64 px (held out once, q = 2C P²)",
              "fresh9": "ninth fresh round, 64 px (held out once, q = 2C P²)",
@@ -1569,7 +1570,7 @@ PLOT_SETS = {"fresh12_q32C": "twelfth fresh round, 32 px (held out once, q = 32C
              "holdout": "rounds 8-9, full batch (second look)",
              "text-holdout": "text held out (second look)"}
 PLOT = OUT / "calibration.png"
-PLOT_CAL = {"fresh12_q32C": FRESH12_CAL}  # sets scored with another calibration
+PLOT_CAL = {"fresh12_q32C": FRESH12_CAL, "fresh13_q32C": FRESH12_CAL}  # their own
 
 
 def plot_calibration(path: Path = PLOT) -> Path:
@@ -2187,6 +2188,27 @@ def _variant_table(runs: dict[str, list[dict]], folder: Path, *, head_exact: boo
 
 
 FRESH13_READING = """
+*The thirteenth fresh round: ten classes, where the rule for a vector z keeps all of z*
+(PLAN-fresh13.md; 2026-12-04). Nothing chosen: the library as it is (q = 32C = 320 = D
+with the vector calibration, ``FRESH12_CAL``) against the default before (q = 2C = 20, the
+calibration chosen at 2C). Two fresh tasks at 32 px (``twolayer_fresh13.py``: the digits
+0-9, Lite0, and the lowercase letters a-j, Lite1, in 42 faces of six font packages; N =
+160), 110 targets, scored once (the two tables above):
+
+- The default now: **6% / 37%**, no miss; interval **88%** (88% of the full-batch
+  targets); passed targets MSE 4% / 10% (50%), 3% / 9% (80%), CE 3% / 28%, 3% / 11%.
+- The default before: **9% / 37%**, no miss; interval 84% (82%); passed MSE 6% / 12%, 7% /
+  12%, CE 5% / 32%, 11% / 15%.
+- Claim 1 (p90 at most the before's, median at most the before's + 1 point, no more
+  misses) held, its p90 by a tie: 36.55% against 36.56% (the reports' linear quantile;
+  with the next order statistic instead, 38.3% against 36.9%, it would not). Claim 2
+  (interval at least 80% of all and of the full-batch targets) held: 88%, 88%. **The rule
+  stands at ten classes**, more accurate at the median and in the interval, tied in the
+  tail, which is the flagged targets' again (CE 42-52% p90 with them, 11-28% without).
+- Cost (table below): all of z costs 4.7x q = 2C's simulations (598-600 s against 123-130
+  s a task) and 5x its kernel (9 s against 1.7 s): 0.80-0.82 of the real runs of the same
+  cells on cached trunk outputs, against 0.17. Issue 13's cost goal is missed there by the
+  default (README: 20% of a real run on the default example's data at 32 px).
 """
 
 

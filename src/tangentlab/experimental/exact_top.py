@@ -275,8 +275,10 @@ DRIFT: dict[str, tuple[float, float]] = {
 # median / p90 of |T̃ − T|/T 6% / 55% (1 miss), interval 85% (83% of full batch), against
 # 10% / 58% (3 misses), 84% for q = 2C with the calibration above; the passed targets 1-5% /
 # 8-15% per loss and drop. Its simulations cost about 3.8x q = 2C's there (kernel 8.6 s,
-# simulations 440 s for 48 cells, one thread). A map z (P > 1) keeps q = 2C P² and the
-# calibration above, which met issue 13's goals on the 64-px rounds.
+# simulations 440 s for 48 cells, one thread). On the thirteenth round (ten classes, where
+# 32C = D keeps all of z; PLAN-fresh13.md, 110 targets): 6% / 37%, interval 88%, against
+# 9% / 37%, 84% for q = 2C, at 4.7x its simulations' seconds. A map z (P > 1) keeps
+# q = 2C P² and the calibration above, which met issue 13's goals on the 64-px rounds.
 DRIFT_VECTOR: dict[str, tuple[float, float]] = {
     "mse": (0.0032, -0.0053),
     "ce": (0.0690, -0.0255),
