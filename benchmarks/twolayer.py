@@ -541,18 +541,12 @@ def main() -> None:
     if args.calibrate:
         print("\n".join(calibration_lines(args.calibrate)))
         return
-    if args.fresh11:
-        for v in args.fresh11:
-            run_round(f"fresh11_q{v}", args.task or list(round_tasks(f"fresh11_q{v}")))
-        return
-    if args.fresh12:
-        for v in args.fresh12:
-            run_round(f"fresh12_q{v}", args.task or list(round_tasks(f"fresh12_q{v}")))
-        return
-    if args.fresh13:
-        for v in args.fresh13:
-            run_round(f"fresh13_q{v}", args.task or list(round_tasks(f"fresh13_q{v}")))
-        return
+    for name in ("fresh11", "fresh12", "fresh13"):  # the rounds run at each q asked
+        if getattr(args, name):
+            for v in getattr(args, name):
+                which = f"{name}_q{v}"
+                run_round(which, args.task or list(round_tasks(which)))
+            return
     if args.candidate:
         print(json.dumps({k: {str(g): v for g, v in d.items()} if isinstance(d, dict) else d
                           for k, d in candidate_calibration().items()}, indent=1))
