@@ -388,11 +388,15 @@ def _projection_of(variant: str, k: int) -> int:
 
 def _q(variant: str, c: int, d: int) -> int | None:
     """The directions of z kept exact: "2C", "D" (all of z), "default" (None: the
-    library's own, 2C per position of a map-shaped z), "<k>C" (k C) or a number; a suffix
+    library's own, 2C per position of a map-shaped z), "<k>C" (k C), "<k>Cmax<n>" (k C, at
+    most n) or a number; a suffix
     "-k<k>" names the projection (:func:`_projection_of`)."""
     variant = variant.split("-k")[0]
     if variant == "default":
         return None
+    if "max" in variant:  # "<k>Cmax<n>": kC directions, at most n (and at most D)
+        base, cap = variant.split("max")
+        return min(_q(base, c, d), int(cap))
     if variant.endswith("C") and variant[:-1].isdigit():
         return min(d, int(variant[:-1]) * c)
     return {"2C": 2 * c, "D": d}.get(variant) or int(variant)
@@ -493,10 +497,18 @@ def main() -> None:
     ap.add_argument("--fresh12", choices=FRESH12_Q + FRESH12_EXTRA, action="append",
                     help="the twelfth fresh round, 32 px (twolayer_fresh12.py; "
                          "PLAN-fresh12.md) at this q, once (repeatable)")
-    ap.add_argument("--fresh13", choices=FRESH13_Q, action="append",
+    ap.add_argument("--fresh13", choices=FRESH13_Q + FRESH13_EXTRA, action="append",
                     help="the thirteenth fresh round, 32 px, ten classes "
                          "(twolayer_fresh13.py; PLAN-fresh13.md) at this q, once "
                          "(repeatable)")
+    ap.add_argument("--fresh14", choices=FRESH14_Q, action="append",
+                    help="the fourteenth fresh round, 32 px, ten classes "
+                         "(twolayer_fresh14.py; PLAN-fresh14.md) at this q, once "
+                         "(repeatable)")
+    ap.add_argument("--candidate14", action="store_true",
+                    help="PLAN-fresh14.md's candidate calibration at the cap q = min(32C, "
+                         "128), chosen on the development grids and rounds 11-13 "
+                         "(development only)")
     ap.add_argument("--candidate", action="store_true",
                     help="PLAN-fresh12.md's candidate calibration at q = 32C, chosen on the "
                          "development grids and the eleventh round (development only)")
@@ -541,15 +553,17 @@ def main() -> None:
     if args.calibrate:
         print("\n".join(calibration_lines(args.calibrate)))
         return
-    for name in ("fresh11", "fresh12", "fresh13"):  # the rounds run at each q asked
+    for name in ("fresh11", "fresh12", "fresh13", "fresh14"):  # the rounds at each q asked
         if getattr(args, name):
             for v in getattr(args, name):
                 which = f"{name}_q{v}"
                 run_round(which, args.task or list(round_tasks(which)))
             return
-    if args.candidate:
+    if args.candidate or args.candidate14:
+        cal = (candidate_calibration("32Cmax128", FRESH14_EXTRA) if args.candidate14
+               else candidate_calibration())  # fmt: skip
         print(json.dumps({k: {str(g): v for g, v in d.items()} if isinstance(d, dict) else d
-                          for k, d in candidate_calibration().items()}, indent=1))
+                          for k, d in cal.items()}, indent=1))
         return
     if args.dev64:
         for v in args.dev64:
@@ -838,8 +852,17 @@ def report() -> list[str]:
         lines += check_scored_lines("fresh13_q32C", cal=FRESH12_CAL)
         lines += check_scored_lines("fresh13_q2C")
         lines += FRESH13_READING.splitlines()
+    if all(list((FRESH14_OUT / f"q{v}").glob("*-grid.json")) for v in FRESH14_Q):
+        lines += check_scored_lines("fresh14_q32Cmax128", cal=FRESH14_CAL,
+                                    cal_label=FRESH14_LABEL)
+        lines += check_scored_lines("fresh14_q32C", cal=FRESH12_CAL,
+                                    cal_label=FRESH14_RULE_LABEL)
+        lines += check_scored_lines("fresh14_q32Cmax128", cal=FRESH12_CAL,
+                                    cal_label=FRESH14_INFO_LABEL)
+        lines += FRESH14_READING.splitlines()
     lines += round_cost_lines(("fresh11_q2C", "fresh11_q32C", "fresh12_q2C", "fresh12_q32C",
-                               "fresh12_q32C-k1024", "fresh13_q2C", "fresh13_q32C"),
+                               "fresh12_q32C-k1024", "fresh13_q2C", "fresh13_q32C",
+                               "fresh13_q32Cmax128", *(f"fresh14_q{v}" for v in FRESH14_Q)),
                               "32-px rounds'")
     lines += round_cost_lines(("fresh8", "fresh9", *(f"fresh9_k{k}" for k in FRESH9_K),
                                "fresh10", *(f"fresh10_k{k}" for k in FRESH10_K)))
@@ -1151,10 +1174,20 @@ for _v in FRESH12_Q + FRESH12_EXTRA:
 # (results/twolayer/PLAN-fresh13.md)
 FRESH13_OUT = OUT / "fresh13"
 FRESH13_Q = ("2C", "32C")
-for _v in FRESH13_Q:
+FRESH13_EXTRA = ("32Cmax128",)  # a cap on q chosen after the scoring (development)
+for _v in FRESH13_Q + FRESH13_EXTRA:
     ROUNDS[f"fresh13_q{_v}"] = ("twolayer_fresh13", FRESH13_OUT)
     ROUND_Q[f"fresh13_q{_v}"] = _v
     ROUND_GRIDS[f"fresh13_q{_v}"] = FRESH13_OUT / f"q{_v}"
+# the fourteenth (32 px, ten classes): a cap on q for a vector z, q = min(32C, 128), with
+# the calibration chosen again at it (``FRESH14_CAL``) against the library's rule (q = 32C,
+# ``FRESH12_CAL``) (results/twolayer/PLAN-fresh14.md)
+FRESH14_OUT = OUT / "fresh14"
+FRESH14_Q = ("32C", "32Cmax128")
+for _v in FRESH14_Q:
+    ROUNDS[f"fresh14_q{_v}"] = ("twolayer_fresh14", FRESH14_OUT)
+    ROUND_Q[f"fresh14_q{_v}"] = _v
+    ROUND_GRIDS[f"fresh14_q{_v}"] = FRESH14_OUT / f"q{_v}"
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
@@ -1172,7 +1205,7 @@ for _v in DEV64_VARIANTS:
 # ``dev32_q<variant>``, grids in ``dev32/q<variant>``; ``--grid`` alone is the stored q = 2C
 # grid (``dev``: made before the catapult, its flagged cells' paths in ``flagged/``).
 DEV32_OUT = OUT / "dev32"
-DEV32_VARIANTS = ("2C", "8C", "16C", "32C", "D")
+DEV32_VARIANTS = ("2C", "8C", "16C", "32C", "D", "32Cmax128")
 
 
 def run_dev32(name: str, variant: str | None, *, full_only: bool = False) -> dict:
@@ -1461,15 +1494,16 @@ def calibration_at(variant: str, extra: tuple[str, ...] = ()) -> dict:
 CANDIDATE_EXTRA = ("fresh11_q32C",)  # rounds scored before, used as development (PLAN-fresh12)
 
 
-def candidate_calibration() -> dict:
+def candidate_calibration(variant: str = "32C", extra: tuple[str, ...] = CANDIDATE_EXTRA
+                          ) -> dict:
     """PLAN-fresh12.md's candidate: the drift ``(a, b)`` per loss and the passed targets'
-    bands per ``(loss, full batch)`` chosen at q = 32C (:func:`calibration_at` on the
-    development grids and ``CANDIDATE_EXTRA``), the flagged band the library's
+    bands per ``(loss, full batch)`` chosen at q = ``variant`` (:func:`calibration_at` on
+    the development grids and the rounds ``extra``), the flagged band the library's
     (``STEPS_BAND_FLAGGED``) where no level reaches ``BAND_COVER``; frozen as
-    ``FRESH12_CAL``."""
+    ``FRESH12_CAL`` (at 32C with ``CANDIDATE_EXTRA``) and ``FRESH14_CAL``."""
     from tangentlab.experimental.exact_top import STEPS_BAND_FLAGGED
 
-    cal = calibration_at("32C", CANDIDATE_EXTRA)
+    cal = calibration_at(variant, extra)
     calm, fl = cal["bands"]["calm"], cal["bands"]["flagged"]
     assert calm["chosen"] is not None
     bands = {(loss, batch == "full"): (round(b["lo"], 2), round(b["hi"], 2))
@@ -1488,6 +1522,18 @@ def candidate_calibration() -> dict:
 FRESH12_CAL = dict(drift={"mse": (0.0032, -0.0053), "ce": (0.0690, -0.0255)},
                    bands={("mse", True): (-0.07, 0.07), ("mse", False): (-0.17, 0.12),
                           ("ce", True): (-0.09, 0.06), ("ce", False): (-0.18, 0.40)},
+                   flagged=(-1.30, 1.02))  # fmt: skip
+
+
+# PLAN-fresh14.md's candidate: q = min(32C, 128) for a vector z with the calibration chosen
+# again at it (``candidate_calibration("32Cmax128", FRESH14_EXTRA)`` on 2026-12-04: the
+# 32-px image and the text development grids at the cap, and rounds 11-13, scored before:
+# rounds 11-12 have four classes, where the cap is 32C, so their 32C grids are theirs),
+# frozen before any forecast of the fourteenth round
+FRESH14_EXTRA = ("fresh11_q32C", "fresh12_q32C", "fresh13_q32Cmax128")
+FRESH14_CAL = dict(drift={"mse": (0.0249, -0.0113), "ce": (0.0799, -0.0295)},
+                   bands={("mse", True): (-0.10, 0.08), ("mse", False): (-0.18, 0.16),
+                          ("ce", True): (-0.09, 0.06), ("ce", False): (-0.23, 0.41)},
                    flagged=(-1.30, 1.02))  # fmt: skip
 
 
@@ -1854,6 +1900,12 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           **{f"fresh13_q{_v}": "the thirteenth fresh round's two image tasks, 32 px, ten "
                                f"classes (`twolayer_fresh13.py`, PLAN-fresh13.md; first "
                                f"look), q = {_v}" for _v in FRESH13_Q},
+          **{f"fresh14_q{_v}": "the fourteenth fresh round's two image tasks, 32 px, ten "
+                               f"classes (`twolayer_fresh14.py`, PLAN-fresh14.md; first "
+                               f"look), q = {_v}" for _v in FRESH14_Q},
+          "fresh13_q32Cmax128": "the thirteenth fresh round's two image tasks again at q = "
+                                "min(32C, 128) (development for PLAN-fresh14.md, after its "
+                                "scoring)",
           "fresh12_q32C-k1024": "the twelfth fresh round's two image tasks again at q = 32C "
                                 "and the command line's k = 1024 (a second look after "
                                 "PLAN-fresh12.md's scoring)",
@@ -1985,7 +2037,8 @@ def round_cost_lines(rounds: tuple[str, ...], label: str = "64-px rounds'") -> l
     return lines
 
 
-def check_scored_lines(which: str, *, cal: dict | None = None) -> list[str]:
+def check_scored_lines(which: str, *, cal: dict | None = None, cal_label: str | None = None
+                       ) -> list[str]:
     """The frozen check and interval (results/twolayer/PLAN-check.md) scored on ``which``:
     errors, the check's precision and recall, and the interval's coverage, per loss, batch
     and drop, and per task; ``cal``: with that drift and those bands (:func:`recalibrate`)
@@ -2001,9 +2054,10 @@ def check_scored_lines(which: str, *, cal: dict | None = None) -> list[str]:
     for r in rows:
         r["inside"] = r["inside"] if cal is not None else _inside(r)
     tasks = sorted({r["task"] for r in rows})
-    title = SCORED[which] + (", **with the candidate calibration** (``FRESH12_CAL``: the "
-                             "drift and the bands chosen again at q = 32C; PLAN-fresh12.md; "
-                             "*interval* columns: its bands)" if cal is not None else "")
+    cal_label = cal_label or ("the candidate calibration** (``FRESH12_CAL``: the drift and "
+                              "the bands chosen again at q = 32C; PLAN-fresh12.md")
+    title = SCORED[which] + (f", **with {cal_label}; *interval* columns: its bands)"
+                             if cal is not None else "")  # fmt: skip
     lines = ["", f"**Scored: {title}** ({', '.join(tasks)}; {len(rows)} targets), "
              "the library as it is now: its path (NOTE [exact-top catapult]: a flagged "
              f"target's T̂ from its catapult path), its check (R > {REBOUND_MAX:g}, "
@@ -2179,6 +2233,15 @@ def _variant_table(runs: dict[str, list[dict]], folder: Path, *, head_exact: boo
                      f"{np.median(ratios):.2f} | {np.mean([x > 1 for x in ratios]):.0%} | "
                      "- | - | - | - |")
     return lines
+
+
+FRESH14_LABEL = ("the candidate** (PLAN-fresh14.md: q = min(32C, 128) with ``FRESH14_CAL``, "
+                 "the drift and the bands chosen again at the cap")
+FRESH14_RULE_LABEL = ("the library's rule** (q = 32C with ``FRESH12_CAL`` = ``DRIFT_VECTOR``, "
+                      "``STEPS_BAND_VECTOR``")
+FRESH14_INFO_LABEL = ("the rule's calibration** (for information: q = min(32C, 128) with "
+                      "``FRESH12_CAL``")
+FRESH14_READING = ""  # written after the scoring
 
 
 FRESH13_READING = """
