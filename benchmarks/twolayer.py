@@ -1594,7 +1594,9 @@ def calibration_lines(variant: str = "32C") -> list[str]:
     return lines
 
 
-PLOT_SETS = {"fresh13_q32C": "thirteenth fresh round, 32 px, C = 10 (held out once, q = D)",
+PLOT_SETS = {"fresh14_q32Cmax128": "fourteenth fresh round, 32 px, C = 10 (held out once, "
+                                   "q = 128)",
+             "fresh13_q32C": "thirteenth fresh round, 32 px, C = 10 (held out once, q = D)",
              "fresh12_q32C": "twelfth fresh round, 32 px (held out once, q = 32C)",
              "fresh11_q2C": "eleventh fresh round, 32 px (held out once, q = 2C)",
              "fresh10": "tenth fresh round, 64 px (held out once, q = 2C P²)",
@@ -1610,7 +1612,8 @@ PLOT_SETS = {"fresh13_q32C": "thirteenth fresh round, 32 px, C = 10 (held out on
              "holdout": "rounds 8-9, full batch (second look)",
              "text-holdout": "text held out (second look)"}
 PLOT = OUT / "calibration.png"
-PLOT_CAL = {"fresh12_q32C": FRESH12_CAL, "fresh13_q32C": FRESH12_CAL}  # their own
+PLOT_CAL = {"fresh12_q32C": FRESH12_CAL, "fresh13_q32C": FRESH12_CAL,
+            "fresh14_q32Cmax128": FRESH14_CAL}  # their own
 
 
 def plot_calibration(path: Path = PLOT) -> Path:
@@ -1649,7 +1652,7 @@ def plot_calibration(path: Path = PLOT) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("Exact top: real steps to a 50/80/90% drop against the estimate "
                  "(dotted: ±25%; a miss at the right edge)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # room for the title above the first row
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -2159,8 +2162,10 @@ def dev32_lines() -> list[str]:
              f"D = 320; the full-batch cells of every task, the B = 32 cells of {len(b32)} "
              f"(where every variant ran them): {len(rows)} targets; development data, "
              "nothing held out). The library as it is now (with the catapult) at each q: "
-             "2C (the default "
-             "for a vector z), kC, D (all of z: Q = I, no κ_⊥); columns as the 64-px table "
+             "2C (the default for a vector z until PLAN-fresh12.md), kC (32C the default "
+             "until PLAN-fresh14.md), D (all of z: Q = I, no κ_⊥), 32Cmax128 (min(32C, "
+             "128), the default since); every row's estimate and interval with the map's "
+             "calibration (``DRIFT``, ``STEPS_BAND``); columns as the 64-px table "
              "below; seconds: the simulations of the full-batch cells of all 14 tasks and "
              "the kernels, one thread, two or three jobs at a time.", ""]
     return (lines + _variant_table(runs, DEV32_OUT, full_cells=True)
@@ -2236,12 +2241,53 @@ def _variant_table(runs: dict[str, list[dict]], folder: Path, *, head_exact: boo
 
 
 FRESH14_LABEL = ("the candidate** (PLAN-fresh14.md: q = min(32C, 128) with ``FRESH14_CAL``, "
-                 "the drift and the bands chosen again at the cap")
-FRESH14_RULE_LABEL = ("the library's rule** (q = 32C with ``FRESH12_CAL`` = ``DRIFT_VECTOR``, "
-                      "``STEPS_BAND_VECTOR``")
+                 "the drift and the bands chosen again at the cap; the library's since")
+FRESH14_RULE_LABEL = ("the library's rule at the freeze** (q = 32C with ``FRESH12_CAL``, the "
+                      "vector calibration until this round")
 FRESH14_INFO_LABEL = ("the rule's calibration** (for information: q = min(32C, 128) with "
                       "``FRESH12_CAL``")
-FRESH14_READING = ""  # written after the scoring
+FRESH14_READING = """
+*The fourteenth fresh round: a cap on q for a vector z* (PLAN-fresh14.md; 2026-12-04).
+With ten classes the rule q = 32C keeps all of z (320 at 32 px), and its forecast cost 0.8
+of the thirteenth round's real runs on cached trunk outputs. The candidate: q = min(32C,
+128) with the drift and the bands chosen again at the cap by the library's rules
+(``--candidate14``) on the 32-px image and the text development grids at the cap and rounds
+11-13 (scored before), frozen as ``FRESH14_CAL``: drift MSE (0.0249, -0.0113), CE (0.0799,
+-0.0295); passed bands MSE full x0.90-1.08, B32 x0.84-1.17, CE full x0.91-1.06, B32
+x0.79-1.51; flagged band the library's. On development the cap scored 2.6% / 24.4% against
+32C's 2.3% / 24.2% (images, 830 targets; *Development at 32 px* above) at 0.55 of its
+seconds, and on the thirteenth round 6.7% / 36.2% against 5.8% / 36.6%, where the
+calibration chosen at 32C held only 75% of the full-batch targets (hence the candidate's
+own). Two fresh image tasks at 32 px, ten classes (``twolayer_fresh14.py``: the Hebrew
+letters alef to yod in the 36 Culmus faces, Lite0; the Thai digits in the 58 TLWG faces,
+Lite1; N = 160), 111 targets, scored once (the tables above: the candidate, the library's
+rule, and the cap with the rule's calibration for information):
+
+- The candidate: **4% / 33%**, no miss; interval **92%** (91% of the full-batch targets);
+  MSE 3% / 6% (50%), 4% / 9% (80%); CE 4% / 47%, 7% / 41%.
+- The rule (q = 32C = D, ``FRESH12_CAL``): **4% / 32%**, no miss; interval 90% (84%); MSE
+  2% / 10%, 4% / 8%; CE 5% / 51%, 6% / 42%.
+- The cap with the rule's calibration: 4% / 34%, interval 87%.
+- Claim 1 (median at most the rule's + 1 point, p90 at most its + 3 points, at most one
+  miss more) held: 3.7% against 4.3%, 32.5% against 32.1%, no miss either. Claim 2 (interval
+  at least 80% of all and of the full-batch targets) held: 92%, 91%. Claim 3 (at most 0.7
+  of the rule's seconds) held: 0.45 (732 s against 1,629 s, kernels and simulations, one
+  thread). **The library's exact top now keeps q = min(32C, 128) for a vector z with this
+  calibration** (NOTE [exact-top vector z]: ``VECTOR_MAX_DIRECTIONS``, ``DRIFT_VECTOR``,
+  ``STEPS_BAND_VECTOR``); with four classes or fewer only the calibration changed.
+- Issue 13's goals on this round: met for MSE and overall (p90 33% ≤ 35%), **not** for CE
+  (p90 47% and 41%, either q): the flagged targets (CE 33% / 63%) are the tail again. The
+  check flags fewer CE targets at the cap (15 against 19), and five of the 40 it passes are
+  off by more than 25% (passed CE 3% / 29%, the rule's 4% / 11%).
+- Cost (table below): the cap's forecasts cost 0.42-0.47 of the rule's here, and 0.57-0.65
+  of the real runs of the same cells on cached trunk outputs, where a real step is cheap
+  (the rule's: 1.35-1.39). Where the real run trains the network from its input, as a user's
+  does, the cap meets issue 13's 10%: `tangentlab validate --example fashion-lite0
+  --image-size 32 --samples 500 --steps 300 --linearize top` (ten classes, q = 128):
+  kernel and forecast 14.5 s against the real run's 165 s (8.8%), against 28.6 s and 157 s
+  (18%) with `--directions all` (q = 320, the rule's), one run each back to back
+  (README).
+"""
 
 
 FRESH13_READING = """
