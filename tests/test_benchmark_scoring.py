@@ -67,11 +67,12 @@ def test_exact_top_steps_band_is_the_rule_on_the_stored_development_grid():
     assert min(t["kinds"].values()) >= tw.BAND_COVER  # misses counted outside
 
 
-def test_exact_top_vector_calibration_is_the_rule_at_32c_on_the_stored_grids():
+def test_exact_top_vector_calibration_is_the_rule_at_the_cap_on_the_stored_grids():
     """NOTE [exact-top vector z]: DRIFT_VECTOR and STEPS_BAND_VECTOR are the drift and band
-    rules at q = 32C on the stored development grids and the eleventh round
-    (PLAN-fresh12.md's candidate, frozen as ``twolayer.FRESH12_CAL``); the flagged band,
-    which no level reaches there, stays the library's."""
+    rules at q = min(32C, 128) on the stored development grids and rounds 11-13
+    (PLAN-fresh14.md's candidate, frozen as ``twolayer.FRESH14_CAL``); the flagged band,
+    which no level reaches there, stays the library's. PLAN-fresh12.md's (at q = 32C, the
+    eleventh round beside the development grids) is still its rule's."""
     import twolayer as tw
     from tangentlab.experimental.exact_top import (
         DRIFT_VECTOR,
@@ -79,10 +80,11 @@ def test_exact_top_vector_calibration_is_the_rule_at_32c_on_the_stored_grids():
         STEPS_BAND_VECTOR,
     )
 
-    cal = tw.candidate_calibration()
-    assert cal == tw.FRESH12_CAL
+    cal = tw.candidate_calibration("32Cmax128", tw.FRESH14_EXTRA)
+    assert cal == tw.FRESH14_CAL
     assert cal["drift"] == DRIFT_VECTOR and cal["bands"] == STEPS_BAND_VECTOR
     assert cal["flagged"] == STEPS_BAND_FLAGGED
+    assert tw.candidate_calibration() == tw.FRESH12_CAL
 
 
 def test_exact_top_advised_band_is_the_rule_on_the_stored_reliable_runs():
@@ -329,4 +331,6 @@ def test_twolayer_variant_names_their_q_and_projection():
     assert tw._q("32C", 3, 1280) == 96 and tw._projection_of("32C", 4096) == 4096
     assert tw._q("default", 3, 1280) is None and tw._projection_of("default", 4096) == 4096
     assert tw._q("32C", 6, 100) == 100  # never more than z's D numbers
+    assert tw._q("32Cmax128", 10, 320) == 128 and tw._q("32Cmax128", 2, 320) == 64  # a cap
+    assert tw._q("32Cmax128", 10, 100) == 100 and tw._q("32Cmax128-k1024", 4, 320) == 128
     assert tw.ROUND_Q["fresh9_k1024"] == "32C-k1024"

@@ -165,7 +165,8 @@ def test_a_body_linear_and_isotropic_in_z_is_real_training_for_any_subspace(loss
 
 
 def test_default_subspace_of_a_vector_is_32c_orthonormal_and_holds_the_gradient_rows():
-    """NOTE [exact-top vector z]: q = 32C for a vector z, at most D."""
+    """NOTE [exact-top vector z]: q = 32C for a vector z, at most VECTOR_MAX_DIRECTIONS
+    and at most D."""
     from tangentlab.experimental.exact_top import is_vector
 
     torch.manual_seed(0)
@@ -185,6 +186,10 @@ def test_default_subspace_of_a_vector_is_32c_orthonormal_and_holds_the_gradient_
     assert compute_exact_top_kernel(small, nn.Linear(20, 3).double().eval(), (x, y),
                                     directions=6, progress=False).rank == 6  # fmt: skip
     assert is_vector((320, 1, 1)) and not is_vector((320, 2, 2)) and not is_vector((8, 384))
+    wide = nn.Sequential(nn.Linear(5, 200), nn.Tanh()).double().eval()
+    etk = compute_exact_top_kernel(wide, nn.Linear(200, 5).double().eval(), _data(80),
+                                   progress=False)  # N >= 64 principal directions
+    assert etk.rank == 128 and etk.rest is not None  # 32C = 160 > 128: the cap
 
 
 def test_projected_kernel_kept_factored_applies_as_its_gram():

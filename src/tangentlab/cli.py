@@ -103,8 +103,9 @@ def _linearize_options() -> list:
                      "exact beside the head's rows (default: C); 'all': every direction "
                      "the training features span — closer to real runs on convolutional "
                      "bodies, costlier (N + C read-outs per sample; see README). "
-                     "--linearize top: the directions of z kept exact (default 32C for a "
-                     "vector z, 2C P² for a map of P positions, at most all of z)."),
+                     "--linearize top: the directions of z kept exact (default 32C, at most "
+                     "128, for a vector z, 2C P² for a map of P positions, at most all of "
+                     "z)."),
     ]
 
 
@@ -1109,8 +1110,8 @@ def _top_kernel(o: dict[str, Any], timer: dict) -> dict[str, Any]:
         raise MemoryBudgetError(
             f"{exc} The exact top keeps Φ [N q, k] in memory (q directions of z per sample; "
             f"{'--linearize auto chose it' if o.get('auto_top') else '--linearize top'}): "
-            "--projection 256, fewer --directions (by default 32C for a vector z, 2C P² for "
-            "a map) or --linearize body (the head-exact model) need far less."
+            "--projection 256, fewer --directions (by default 32C, at most 128, for a vector z, "
+            "2C P² for a map) or --linearize body (the head-exact model) need far less."
         ) from None
     timer["kernel (exact top, block linear)"] = time.perf_counter() - t0
     return dict(kernel=etk, name=name, params=params, how=how, defaults=defaults, k=k)
