@@ -1147,6 +1147,15 @@ def _round_with_projections(name: str, module: str, out: Path, ks: tuple[int, ..
         ROUND_GRIDS[f"{name}_k{k}"] = out / f"k{k}"
 
 
+def _round_at_qs(name: str, module: str, out: Path, variants: tuple[str, ...]) -> None:
+    """Register round ``name`` (``module``'s tasks, real runs in ``out``) at each q of
+    ``variants`` (``<name>_q<variant>``, grids in ``out / q<variant>``)."""
+    for v in variants:
+        ROUNDS[f"{name}_q{v}"] = (module, out)
+        ROUND_Q[f"{name}_q{v}"] = v
+        ROUND_GRIDS[f"{name}_q{v}"] = out / f"q{v}"
+
+
 _round_with_projections("fresh9", "twolayer_fresh9", FRESH9_OUT, FRESH9_K)
 # the tenth (64 px): the default (q = 32C, k = 4096) and k = 1024 again, each task's two
 # grids back to back in one worker (results/twolayer/PLAN-fresh10.md)
@@ -1157,37 +1166,25 @@ _round_with_projections("fresh10", "twolayer_fresh10", FRESH10_OUT, FRESH10_K)
 # the chosen q and the default before it (2C) side by side (results/twolayer/PLAN-fresh11.md)
 FRESH11_OUT = OUT / "fresh11"
 FRESH11_Q = ("2C", "32C", "D")
-for _v in FRESH11_Q:
-    ROUNDS[f"fresh11_q{_v}"] = ("twolayer_fresh11", FRESH11_OUT)
-    ROUND_Q[f"fresh11_q{_v}"] = _v
-    ROUND_GRIDS[f"fresh11_q{_v}"] = FRESH11_OUT / f"q{_v}"
+_round_at_qs("fresh11", "twolayer_fresh11", FRESH11_OUT, FRESH11_Q)
 # the twelfth (32 px): q = 32C with its drift and bands chosen again at that q (``FRESH12_CAL``)
 # against the default (2C) (results/twolayer/PLAN-fresh12.md)
 FRESH12_OUT = OUT / "fresh12"
 FRESH12_Q = ("2C", "32C")
 FRESH12_EXTRA = ("32C-k1024",)  # the command line's k (a second look after the scoring)
-for _v in FRESH12_Q + FRESH12_EXTRA:
-    ROUNDS[f"fresh12_q{_v}"] = ("twolayer_fresh12", FRESH12_OUT)
-    ROUND_Q[f"fresh12_q{_v}"] = _v
-    ROUND_GRIDS[f"fresh12_q{_v}"] = FRESH12_OUT / f"q{_v}"
+_round_at_qs("fresh12", "twolayer_fresh12", FRESH12_OUT, FRESH12_Q + FRESH12_EXTRA)
 # the thirteenth (32 px, ten classes: the rule keeps all of z) against the default before
 # (results/twolayer/PLAN-fresh13.md)
 FRESH13_OUT = OUT / "fresh13"
 FRESH13_Q = ("2C", "32C")
 FRESH13_EXTRA = ("32Cmax128",)  # a cap on q chosen after the scoring (development)
-for _v in FRESH13_Q + FRESH13_EXTRA:
-    ROUNDS[f"fresh13_q{_v}"] = ("twolayer_fresh13", FRESH13_OUT)
-    ROUND_Q[f"fresh13_q{_v}"] = _v
-    ROUND_GRIDS[f"fresh13_q{_v}"] = FRESH13_OUT / f"q{_v}"
+_round_at_qs("fresh13", "twolayer_fresh13", FRESH13_OUT, FRESH13_Q + FRESH13_EXTRA)
 # the fourteenth (32 px, ten classes): a cap on q for a vector z, q = min(32C, 128), with
 # the calibration chosen again at it (``FRESH14_CAL``) against the library's rule (q = 32C,
 # ``FRESH12_CAL``) (results/twolayer/PLAN-fresh14.md)
 FRESH14_OUT = OUT / "fresh14"
 FRESH14_Q = ("32C", "32Cmax128")
-for _v in FRESH14_Q:
-    ROUNDS[f"fresh14_q{_v}"] = ("twolayer_fresh14", FRESH14_OUT)
-    ROUND_Q[f"fresh14_q{_v}"] = _v
-    ROUND_GRIDS[f"fresh14_q{_v}"] = FRESH14_OUT / f"q{_v}"
+_round_at_qs("fresh14", "twolayer_fresh14", FRESH14_OUT, FRESH14_Q)
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
