@@ -49,7 +49,9 @@ from tangentlab.experimental import exact_top as et  # noqa: E402
 
 OUT = tw.OUT / "chaos"
 COMMAND = ".venv/bin/python benchmarks/twolayer_chaos.py"
-WHICH = ("dev", "text-ffn", "fresh4", "fresh5", "fresh6")  # fresh4-6: held out once (PLANs)
+WHICH = ("dev", "text-ffn", "fresh4", "fresh5", "fresh6",  # fresh4-6: held out once (PLANs)
+         "fresh11_q32C", "fresh12_q32C", "fresh13_q32Cmax128",  # 32 px at the library's q
+         "fresh14_q32Cmax128")  # (PLAN-chaos32.md)
 CONTROL_SEED = 37
 PERTURB = {"seed": dict(seed=ho.SEED + 1, lr=1.0), "lr+1%": dict(seed=ho.SEED, lr=1.01)}
 
