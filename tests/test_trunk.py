@@ -115,6 +115,43 @@ def test_exact_top_kernel_with_a_trunk_is_the_kernel_without_it(tmp_path):
     np.testing.assert_allclose(fb.loss, fa.loss, rtol=1e-9)
 
 
+class _Above(nn.Module):
+    """The layers above a trunk (README "Exact top, last block linear": the real run of a
+    flagged setting on cached trunk outputs)."""
+
+    def __init__(self, rest: nn.Module, top: nn.Module) -> None:
+        super().__init__()
+        self.rest, self.top = rest, top
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.top(self.rest(h))
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_fine_tuning_on_cached_trunk_outputs_is_the_networks_run(batch_size):
+    """README's recipe (benchmarks/cached_trunk.py): with the trunk frozen in eval mode the
+    run of the layers above it on trunk(x), computed once, is tl.finetune of the network:
+    the same logged losses (float64, to rounding) and the same trained weights."""
+    from tangentlab.tangent import select_params
+
+    model = _lite()
+    body, top = split_lite(model)
+    trunk, rest = split_trunk(body, LITE0_DEFAULT_PARAMS)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.arange(8) % 3
+    names = ([f"rest.{n}" for n in select_params(rest, LITE0_DEFAULT_PARAMS)]
+             + [f"top.{n}" for n in select_params(top, LITE0_DEFAULT_PARAMS)])  # fmt: skip
+    assert len(names) == len(select_params(model, LITE0_DEFAULT_PARAMS))
+    opt = tl.SGD(0.01, momentum=0.5)
+    kw = dict(loss="ce", batch_size=batch_size, log_every=1, progress=False)
+    whole = tl.finetune(model, (x, y), opt, 6, params=LITE0_DEFAULT_PARAMS, **kw)
+    with torch.no_grad():
+        h = trunk(x)
+    cached = tl.finetune(_Above(rest, top).eval(), (h, y), opt, 6, params=names, **kw)
+    np.testing.assert_allclose(cached.loss, whole.loss, rtol=1e-10)
+    assert whole.loss[-1] < whole.loss[0]  # it trained
+
+
 def test_exact_top_kernel_with_a_bert_trunk_is_the_kernel_without_it():
     model, x, y = _tiny_bert()
     body, top = split_minilm(model)
