@@ -219,7 +219,17 @@ STEPS_BAND_ADVISED: tuple[float, float] = (-0.19, 0.19)  # passed at reliable_lr
 # round, 10% and 19% of the flagged targets (p90 26%, 29%), on the fifth 8% and 0% (p90
 # 20%, 13%), on the sixth 17% and 0% (p90 29%, 17%), 0% of the passed on all three. The
 # forecast is off by that much on 28-47% of the flagged targets: most of its error there is
-# the model's, not the chaos's.
+# the model's, not the chaos's. The same held on the 32-px rounds 11-14 at the vector q of
+# now (PLAN-chaos32.md): on their flagged CE targets another real run is 8-14% / 38-42%
+# (median / p90), the forecast 23-28% / 65-67%. Nor is it this module's approximations
+# (the q directions, the projection, the catapult): the same model simulated exactly in
+# weight space (``benchmarks/twolayer_weights.py``, RESULTS.md "twolayer-weights",
+# development sets) is no better on the flagged image targets (41% of 217 off by more than
+# 25%, 16 misses, against 45% and 7) and better on the text ones (40% of 100, 6 misses,
+# against 49% and 12). On images the flagged error is the block's linearization, which the
+# real network leaves at its edge of stability: a model of that costs what training costs,
+# and where the trunk below the trained weights is frozen, the real run on its cached
+# outputs is the same run at 0.10-0.20 of the cost (``benchmarks/cached_trunk.py``).
 # A minibatch path's rebounds include its SGD noise, which the threshold was chosen
 # with (B = 32, N = 128, the loss logged every 2 steps): R is read on the logged steps that
 # are multiples of CHECK_EVERY_MINIBATCH there (every logged step in full batch), so that
