@@ -54,30 +54,13 @@ import twolayer as tw  # noqa: E402
 from _common import machine, write_section  # noqa: E402
 from tangentlab import dynamics as dyn  # noqa: E402
 from tangentlab.experimental import exact_top as et  # noqa: E402
+from twolayer_chaos import _err, _fmt, cells  # noqa: E402  (the same cells and scores)
 
 OUT = tw.OUT / "weights"
 COMMAND = ".venv/bin/python benchmarks/twolayer_weights.py"
 WHICH = ("dev32_q32Cmax128", "fresh11_q32C", "fresh12_q32C", "fresh13_q32Cmax128",
          "text-ffn_q32Cmax128", "fresh14_q32Cmax128")  # fmt: skip
-CONTROL_SEED = 37
 BLOWUP = 1e4  # the library's: a loss above this many times L0 is a blow-up
-
-
-def cells(which: str) -> dict[str, dict[str, str]]:
-    """``{task: {cell: "flagged" | "control"}}``, as ``twolayer_chaos.cells``: every cell with
-    a target the check flags (the library's R > ``REBOUND_MAX`` on the stored path), and as
-    many passed cells drawn per task with ``CONTROL_SEED``."""
-    rows = tw.check_rows(which)
-    out: dict[str, dict[str, str]] = {}
-    for name in sorted({r["task"] for r in rows}):
-        mine = [r for r in rows if r["task"] == name]
-        flagged = sorted({r["cell"] for r in mine if r["R"] > et.REBOUND_MAX})
-        calm = sorted({r["cell"] for r in mine} - set(flagged))
-        rng = np.random.default_rng([CONTROL_SEED, len(name), sum(map(ord, name))])
-        pick = rng.choice(len(calm), size=min(len(flagged), len(calm)), replace=False)
-        out[name] = {**{k: "flagged" for k in flagged},
-                     **{calm[i]: "control" for i in sorted(pick)}}  # fmt: skip
-    return out
 
 
 def split(top: torch.nn.Module, params: list[str], text: bool
@@ -210,20 +193,6 @@ def scored(which: str) -> list[dict]:
         out.append(dict(r, group=st["group"], w=hit, w_seconds=st["seconds"],
                         real_seconds=st["real_seconds"]))  # fmt: skip
     return out
-
-
-def _err(t: float | None, big_t: int) -> float:
-    return math.inf if t is None else abs(t - big_t) / big_t
-
-
-def _fmt(errs: list[float]) -> str:
-    e = np.array(errs, dtype=float)
-    if not len(e):
-        return "-"
-    q = lambda p: "miss" if np.quantile(e, p, method="higher") == math.inf else (  # noqa: E731
-        f"{np.quantile(e, p, method='higher'):.0%}")
-    share = np.mean(e > tw.BAD)
-    return f"{q(0.5)} / {q(0.9)}; {share:.0%} > 25% ({len(e)}, {int(np.isinf(e).sum())} miss)"
 
 
 def _bias(rows: list[dict], col: str) -> str:
