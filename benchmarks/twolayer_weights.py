@@ -18,13 +18,17 @@ three (71 / 101 / 116), each of them making the path faster: the fixed kernel at
 This script simulates the same model in weight space, exactly (``torch.func.jvp`` through
 the block at w0 at every step: z = z0 + J Δw, the top on it, full-batch or minibatch SGD
 with momentum on Δw and θ; the minibatch cells with the library's batches of seed
-``twolayer.GRID_SEED``, as the grids' forecasts), on the cells of the 32-px development
-sets with a target the check flags at the library's q, and on as many passed cells (seed
-37, as ``twolayer_chaos.py``). It costs about what a real step of the top costs, two to
-three passes of the block, so it is a diagnostic of the library's approximations, and a
-candidate refinement for flagged settings only if it wins there.
+``twolayer.GRID_SEED``, as the grids' forecasts), on the cells of the 32-px image
+development sets and the text development tasks (the "ffn" split) with a target the check
+flags at the library's q, and on as many passed cells (seed 37, as ``twolayer_chaos.py``).
+``--library TAG`` runs the library's own path of the flagged cells changed one way
+(``LIBRARY_VARIANTS``: without the catapult, or with all of z exact). The weight-space
+model costs about what a real step of the top costs, two to three passes of the block, so
+it is a diagnostic of the library's approximations, and a candidate refinement for flagged
+settings only if it wins there.
 
     .venv/bin/python benchmarks/twolayer_weights.py --run --which dev32_q32Cmax128
+    .venv/bin/python benchmarks/twolayer_weights.py --library qD --which text-ffn_q32Cmax128
     .venv/bin/python benchmarks/twolayer_weights.py --report
 
 Results: ``results/twolayer/weights/<which>-<task>.json`` (resumable per cell); section
