@@ -505,6 +505,9 @@ def main() -> None:
                     help="the fourteenth fresh round, 32 px, ten classes "
                          "(twolayer_fresh14.py; PLAN-fresh14.md) at this q, once "
                          "(repeatable)")
+    ap.add_argument("--text2", choices=TEXT2_Q, action="append",
+                    help="the second held-out text round (twolayer_text2.py; PLAN-text2.md; "
+                         "FFN-exact split) at this q, once (repeatable)")
     ap.add_argument("--candidate14", action="store_true",
                     help="PLAN-fresh14.md's candidate calibration at the cap q = min(32C, "
                          "128), chosen on the development grids and rounds 11-13 "
@@ -559,6 +562,11 @@ def main() -> None:
                 which = f"{name}_q{v}"
                 run_round(which, args.task or list(round_tasks(which)))
             return
+    if args.text2:
+        TEXT_SPLIT["split"] = "ffn"
+        for v in args.text2:
+            run_round(f"text2_q{v}", args.task or list(round_tasks(f"text2_q{v}")))
+        return
     if args.candidate or args.candidate14:
         cal = (candidate_calibration("32Cmax128", FRESH14_EXTRA) if args.candidate14
                else candidate_calibration())  # fmt: skip
@@ -860,6 +868,7 @@ def report() -> list[str]:
         lines += check_scored_lines("fresh14_q32Cmax128", cal=FRESH12_CAL,
                                     cal_label=FRESH14_INFO_LABEL)
         lines += FRESH14_READING.splitlines()
+    lines += text2_lines()
     lines += round_cost_lines(("fresh11_q2C", "fresh11_q32C", "fresh12_q2C", "fresh12_q32C",
                                "fresh12_q32C-k1024", "fresh13_q2C", "fresh13_q32C",
                                "fresh13_q32Cmax128", *(f"fresh14_q{v}" for v in FRESH14_Q)),
@@ -1185,6 +1194,12 @@ _round_at_qs("fresh13", "twolayer_fresh13", FRESH13_OUT, FRESH13_Q + FRESH13_EXT
 FRESH14_OUT = OUT / "fresh14"
 FRESH14_Q = ("32C", "32Cmax128")
 _round_at_qs("fresh14", "twolayer_fresh14", FRESH14_OUT, FRESH14_Q)
+# A second held-out text round (``twolayer_text2.py``; results/twolayer/PLAN-text2.md): the
+# library's q for a vector z (min(32C, 128)) against all of z (q = D), ``split_minilm``'s
+# FFN-exact split, each scored with the library's calibration for a vector z (FRESH14_CAL)
+TEXT2_OUT = OUT / "text2"
+TEXT2_Q = ("32Cmax128", "D")
+_round_at_qs("text2", "twolayer_text2", TEXT2_OUT, TEXT2_Q)
 # Development at 64 px (``twolayer_dev64.py``: three image development tasks made again at
 # 64 px): the forecast at several q, each its own set ``dev64_q<variant>``, grids in
 # ``dev64/q<variant>``; q chosen here, never on fresh7.
@@ -1938,6 +1953,9 @@ SCORED = {"holdout": "rounds 8-9's four image tasks (second look: PLAN-check.md)
           "fresh12_q32C-k1024": "the twelfth fresh round's two image tasks again at q = 32C "
                                 "and the command line's k = 1024 (a second look after "
                                 "PLAN-fresh12.md's scoring)",
+          **{f"text2_q{_v}": "the second fresh text round's four tasks (MiniLM, FFN-exact "
+                             f"split; `twolayer_text2.py`, PLAN-text2.md; first look), "
+                             f"q = {_v}" for _v in TEXT2_Q},
           "text-holdout_q32C": "the six held-out text tasks again at q = 32C (PLAN-text.md's "
                                "tasks, scored once at q = 2C: a second look after "
                                "PLAN-fresh12.md)",
@@ -2195,7 +2213,7 @@ def dev32_lines() -> list[str]:
              "below; seconds: the simulations of the full-batch cells of all 14 tasks and "
              "the kernels, one thread, two or three jobs at a time.", ""]
     return (lines + _variant_table(runs, DEV32_OUT, full_cells=True)
-            + text_q_lines())
+            + text_q_lines() + text_qd_lines())
 
 
 def text_q_lines() -> list[str]:
@@ -2221,6 +2239,101 @@ def text_q_lines() -> list[str]:
                      f"{sum(r['R'] > 0.15 for r in rows)} | "
                      f"{np.mean([_inside(r) for r in rows]):.0%} |")
     return lines
+
+
+TEXT_Q_SETS = {"32Cmax128": "text-ffn_q32Cmax128", "D": "text-ffn_qD"}  # PLAN-text2.md
+
+
+def _q_compare(runs: dict[str, list[dict]], folders: dict[str, Path]) -> list[str]:
+    """One line per q of ``runs`` (``{q: recalibrated rows}``, on the targets all have;
+    grids in ``folders[q]``): the estimate's errors per loss and drop, where the check
+    passes and where it flags, the bad targets, the interval, and the seconds."""
+    from headbody import _fmt
+    from tangentlab.experimental.exact_top import REBOUND_MAX
+
+    def part(sub: list[dict]) -> str:
+        bad = np.mean([r["bad"] for r in sub]) if sub else 0.0
+        return f"{_fmt(dh._errors(sub, 'et'))}, {bad:.0%} bad" if sub else "-"
+
+    keys = set.intersection(*({(r["task"], r["cell"], r["drop"]) for r in rows}
+                              for rows in runs.values()))  # fmt: skip
+    lines = ["| q | MSE 50% | MSE 80% | CE 50% | CE 80% | all | passed | flagged | bad | "
+             "interval | seconds (kernel) |", "|" + "---|" * 11]
+    for v, rows in runs.items():
+        rows = [r for r in rows if (r["task"], r["cell"], r["drop"]) in keys]
+        cols = [_fmt(dh._errors([r for r in rows if (r["loss"], r["drop"]) == (lo, d)], "et"))
+                for lo in ("mse", "ce") for d in ("0.5", "0.8")]  # fmt: skip
+        calm = [r for r in rows if r["R"] <= REBOUND_MAX]
+        flag = [r for r in rows if r["R"] > REBOUND_MAX]
+        states = [json.loads(p.read_text()) for p in sorted(folders[v].glob("*-grid.json"))]
+        sim = sum(c.get("seconds", 0.0) for g in states for c in g["cells"].values())
+        kern = sum(g["kernel_seconds"] for g in states)
+        lines.append(f"| {v} | " + " | ".join(cols) + f" | {_fmt(dh._errors(rows, 'et'))} | "
+                     f"{part(calm)} | {part(flag)} | {sum(r['bad'] for r in rows)} of "
+                     f"{len(rows)} | {np.mean([r['inside'] for r in rows]):.0%} | "
+                     f"{sim + kern:.0f} ({kern:.0f}) |")
+    return lines
+
+
+TEXT2_LABEL = ("the library's calibration for a vector z** (``DRIFT_VECTOR``, "
+               "``STEPS_BAND_VECTOR`` = ``FRESH14_CAL``; PLAN-text2.md")
+
+
+def text2_lines() -> list[str]:
+    """The second fresh text round (PLAN-text2.md), once it has run at both q: each q
+    scored with the library's vector calibration, the two side by side, the plan's claims
+    1-3 (claim 4 is the README's ``validate`` line), and the forecasts' seconds."""
+    from headbody import _fmt
+
+    if not all(list((TEXT2_OUT / f"q{v}").glob("*-grid.json")) for v in TEXT2_Q):
+        return []
+    lines = []
+    for v in TEXT2_Q:
+        lines += check_scored_lines(f"text2_q{v}", cal=FRESH14_CAL, cal_label=TEXT2_LABEL)
+    runs = {v: recalibrate(check_rows(f"text2_q{v}"), FRESH14_CAL) for v in TEXT2_Q}
+    lines += ["", "**The second fresh text round, the two q side by side** (PLAN-text2.md; "
+              "columns as the development table of *All of z for text bodies*; seconds: "
+              "the round's kernels and simulations, one thread, two jobs at a time):", ""]
+    lines += _q_compare(runs, {v: TEXT2_OUT / f"q{v}" for v in TEXT2_Q})
+    lib, cand = runs["32Cmax128"], runs["D"]
+    from headbody import _quantile
+
+    e_lib, e_cand = (dh._errors(r, "et") for r in (lib, cand))
+    miss = [sum(r["et"] is None for r in rows) for rows in (lib, cand)]
+    fb = [r["inside"] for r in cand if r["batch"] == "full"]
+    claims = [
+        ("no more bad targets", sum(r["bad"] for r in cand) <= sum(r["bad"] for r in lib),
+         f"{sum(r['bad'] for r in cand)} against {sum(r['bad'] for r in lib)}"),
+        ("median within +1 point, p90 within +3, at most one miss more",
+         (_quantile(e_cand, 0.5) <= _quantile(e_lib, 0.5) + 0.01
+          and _quantile(e_cand, 0.9) <= _quantile(e_lib, 0.9) + 0.03
+          and miss[1] <= miss[0] + 1),
+         f"{_fmt(dh._errors(cand, 'et'))} against {_fmt(dh._errors(lib, 'et'))}"),
+        ("interval ≥ 80% of all and of the full-batch targets",
+         np.mean([r["inside"] for r in cand]) >= 0.8 and np.mean(fb) >= 0.8,
+         f"{np.mean([r['inside'] for r in cand]):.0%}, full batch {np.mean(fb):.0%}")]
+    lines += ["", "| PLAN-text2.md claim | held | figures |", "|---|---|---|"]
+    lines += [f"| {i}. {c} | {'yes' if ok else '**no**'} | {f} |"
+              for i, (c, ok, f) in enumerate(claims, 1)]  # fmt: skip
+    return lines
+
+
+def text_qd_lines() -> list[str]:
+    """The text development tasks at the library's q for a vector z (min(32C, 128)) and at
+    q = D (all of z), both with the library's calibration for a vector z (``FRESH14_CAL``):
+    the choice PLAN-text2.md froze."""
+    runs = {v: recalibrate(check_rows(w), FRESH14_CAL) for v, w in TEXT_Q_SETS.items()}
+    if not all(runs.values()):
+        return []
+    lines = ["", f"*All of z for text bodies, development* (`{COMMAND} --text --text-split ffn "
+             "--q D`; the 14 text development tasks, MiniLM's [CLS] state, D = 384, where the "
+             "library keeps q = min(32C, 128) = 64-128): both with the library's calibration "
+             "for a vector z (``DRIFT_VECTOR``, ``STEPS_BAND_VECTOR``: chosen with the q = "
+             "min(32C, 128) grids of these tasks among others, which favours that row). "
+             "Entries median / p90 of |T̃ − T|/T (targets, misses); *bad*: > 25% or a miss; "
+             "interval: share inside the library's steps interval; seconds: kernels and "
+             "simulations of the 14 grids, one thread, two jobs at a time.", ""]
+    return lines + _q_compare(runs, {v: TEXT_OUT / "ffn" / f"q{v}" for v in runs})
 
 
 def _variant_table(runs: dict[str, list[dict]], folder: Path, *, head_exact: bool = False,
