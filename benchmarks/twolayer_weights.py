@@ -367,11 +367,13 @@ development tasks' flagged cells, the last table): not the catapult, which helps
 (without it 27% / miss, 51% bad, 15 misses, against the library's 25% / miss, 49%, 12), but
 the subspace: with all of z exact (q = D = 384 instead of min(32C, 128) = 64-128, the
 catapult kept) the flagged text targets score 14% / 63%, 32% bad, 6 misses, better than the
-library and than the exact weight-space model (which has no catapult). A candidate for text
-bodies, for development first: q = D (here its flagged paths took 662 s against 458 s at
-the library's q with a fixed kernel, 1.4x; its kernels were not timed), with its own
-calibration on the passed targets, then a held-out text round. Not run on the image sets
-(there the exact model shows nothing to gain).
+library and than the exact weight-space model (which has no catapult). Here its flagged
+paths took 662 s against 458 s at the library's q with a fixed kernel (1.4x; kernels not
+timed). Not run on the image sets (there the exact model shows nothing to gain). Followed
+up on the whole text development grid and held out on a second fresh text round
+(PLAN-text2.md; RESULTS.md "twolayer", *The second fresh text round*): as accurate or
+better there (10 bad targets against 11), but its kernel costs 4.8x the library's on the
+command line's text example (29% of a real run against 5.4%), so the library keeps its q.
 """
 
 

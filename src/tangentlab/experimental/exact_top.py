@@ -294,6 +294,10 @@ DRIFT: dict[str, tuple[float, float]] = {
 #   128 (four classes or fewer) nothing changed but the calibration.
 # A map z (P > 1) keeps q = 2C P² and the calibration above, which met issue 13's goals on
 # the 64-px rounds.
+# Tried and not adopted: all of z (q = D) for MiniLM's [CLS] state (PLAN-text2.md). On a
+# fresh text round it was as accurate (2% / 12%, 10 targets off by > 25%, against 2% / 10%,
+# 11) and narrowed the flagged tail, but its kernel cost 4.8x: 29% of a real run on the
+# text example against 5.4% at q = 64. ``directions="all"`` remains the user's option.
 VECTOR_MAX_DIRECTIONS = 128  # a vector z's default q is at most this (NOTE above)
 DRIFT_VECTOR: dict[str, tuple[float, float]] = {
     "mse": (0.0249, -0.0113),
