@@ -223,9 +223,19 @@ def report() -> list[str]:
               ""]
     for by in ("settings", "rates"):
         lines += table(Q32_SETS, by) + [""]
+    lines += ["**At the library's q now, min(32C, 128), for a vector z** (since "
+              "PLAN-fresh14.md): the development grids at the cap (images at 32 px, text), "
+              "the thirteenth round (scored before the cap was chosen on it) and two held-out "
+              "rounds scored once before this table was first drawn: the fourteenth (images, "
+              "ten classes) and the second text round (`twolayer_text2.py`); the ranking of "
+              "those two is a first look.", ""]
+    for by in ("settings", "rates"):
+        lines += table(CAP_SETS, by) + [""]
     return lines
 
 
+CAP_SETS = ("dev32_q32Cmax128", "text-ffn_q32Cmax128", "fresh13_q32Cmax128",
+            "fresh14_q32Cmax128", "text2_q32Cmax128")  # fmt: skip
 Q32_SETS = ("dev32_q2C", "dev32_q32C", "text-ffn", "text-ffn_q32C", "fresh11_q2C",
             "fresh11_q32C", "fresh12_q2C", "fresh12_q32C")  # fmt: skip
 
