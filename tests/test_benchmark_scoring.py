@@ -334,3 +334,18 @@ def test_twolayer_variant_names_their_q_and_projection():
     assert tw._q("32Cmax128", 10, 320) == 128 and tw._q("32Cmax128", 2, 320) == 64  # a cap
     assert tw._q("32Cmax128", 10, 100) == 100 and tw._q("32Cmax128-k1024", 4, 320) == 128
     assert tw.ROUND_Q["fresh9_k1024"] == "32C-k1024"
+
+
+def test_the_second_text_rounds_entries_lose_the_giveaways_of_their_files(tmp_path):
+    """twolayer_text2.py: a header every entry of a file carries ("BOFH excuse #N:", a
+    Debian hint's header in any language) and an indented "-- author" line at the end are
+    removed, so a class is not read off them; the text itself is kept."""
+    import twolayer_text2 as t2
+
+    f = tmp_path / "fortunes"
+    f.write_text("BOFH excuse #1:\n\nclock speed\n%\nDebian Hint #2: You can use apt.\n%\n"
+                 "Astuce Debian n° 3 : vous pouvez\n%\n-- Ora, mamãe!\n-- Sim.\n%\n"
+                 "dormitory <--> dirty room\n                -- anagrama\n%\n",
+                 encoding="utf-8")  # fmt: skip
+    assert t2._entries(f) == ["clock speed", "You can use apt.", "vous pouvez",
+                              "-- Ora, mamãe! -- Sim.", "dormitory <--> dirty room"]
