@@ -349,3 +349,55 @@ def test_the_second_text_rounds_entries_lose_the_giveaways_of_their_files(tmp_pa
                  encoding="utf-8")  # fmt: skip
     assert t2._entries(f) == ["clock speed", "You can use apt.", "vous pouvez",
                               "-- Ora, mamãe! -- Sim.", "dormitory <--> dirty room"]
+
+
+def test_frozen_gates_keep_the_block_at_w0_and_drop_only_the_flips():
+    """twolayer_weights.py --order gates: each ReLU6 of the trained block becomes its tangent
+    at the sample's w0 pre-activation. At w0 and wherever no gate changes state the block is
+    unchanged; past a flip it is the linear extension, m·x + 6·1[x0 >= 6]; ``rows`` picks the
+    samples' gates; ``restore`` puts the ReLU6 back."""
+    import torch
+    from torch import nn
+    from torch.func import functional_call
+
+    import twolayer_weights as tww
+
+    class Block(nn.Module):  # expand, ReLU6, scale, ReLU6, project: one ReLU6 used twice
+        def __init__(self):
+            super().__init__()
+            self._expand_conv = nn.Linear(3, 5, bias=False)
+            self._scale = nn.Parameter(torch.full((5,), 2.0))
+            self._project_conv = nn.Linear(5, 2, bias=False)
+            self._swish = nn.ReLU6()
+
+        def forward(self, x):
+            x = self._swish(self._expand_conv(x))
+            return self._project_conv(self._swish(self._scale * x))
+
+    torch.manual_seed(0)
+    body = nn.Sequential()
+    body.add_module("blk", Block())
+    h = 2.0 * torch.randn(7, 3, dtype=torch.float64)
+    body = body.double()
+    names = ["blk._expand_conv.weight", "blk._scale", "blk._project_conv.weight"]
+    w0 = tuple(dict(body.named_parameters())[n].detach().clone() for n in names)
+    real = lambda w, x: functional_call(body, dict(zip(names, w)), (x,))  # noqa: E731
+    z0 = real(w0, h)
+    gates = tww._FrozenGates(body, names, h, w0)
+    assert body.blk._swish is gates
+    torch.testing.assert_close(real(w0, h), z0)  # unchanged at w0
+    gates.rows = torch.tensor([4, 1])
+    torch.testing.assert_close(real(w0, h[[4, 1]]), z0[[4, 1]])
+    gates.rows = None
+    # far from w0 gates flip: the frozen block is the linear extension of each gate
+    w = (3.0 * w0[0], w0[1] + 1.0, w0[2])
+    pre1 = h @ w0[0].T
+    m1, c1 = ((pre1 > 0) & (pre1 < 6)).double(), 6.0 * (pre1 >= 6).double()
+    a1 = m1 * (h @ w[0].T) + c1
+    pre2 = w0[1] * (m1 * pre1 + c1)
+    m2, c2 = ((pre2 > 0) & (pre2 < 6)).double(), 6.0 * (pre2 >= 6).double()
+    want = (m2 * (w[1] * a1) + c2) @ w[2].T
+    torch.testing.assert_close(real(w, h), want)
+    gates.restore()
+    assert isinstance(body.blk._swish, nn.ReLU6)
+    assert not torch.allclose(real(w, h), want)  # the real block flips: it differs
