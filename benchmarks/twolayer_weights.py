@@ -564,7 +564,8 @@ def fixed_lines(sets: list[tuple[str, list[dict]]]) -> list[str]:
 
 
 READING = """
-*Reading* (development sets; round 14, scored once before, is not among them). Where the
+*Reading* (development sets; round 14's rows, run on 2026-12-04 as a second look, are in no
+pooled figure). Where the
 check passes, the weight-space model and the library agree with the real runs alike
 (images, pooled: 3% of 282 control targets off by more than 25% either way; text 0% of
 173): the library's three approximations cost nothing there. Where it flags, on the
@@ -650,7 +651,7 @@ The block exact is also the floor of these targets: its full-batch runs are the 
 computation up to floating-point rounding (on round 14's four full-batch cells they agree
 to 1e-7 over the first steps, then part after 17-41 steps: 11% of 9 CE targets off by more
 than 25%), so these targets are chaotic at the scale of rounding.
-It costs what the real runs on cached trunk outputs cost (*seconds*; 0.10-0.20 of the
+It costs what the real runs on cached trunk outputs cost (*seconds*; 0.07-0.24 of the
 network's run, RESULTS.md "cached-trunk"), so it is not a forecast: where the check flags,
 the library's advice stays a lower rate (``reliable_lr``) or that real run.
 """

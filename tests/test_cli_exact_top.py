@@ -142,6 +142,38 @@ def test_validate_top_compares_the_forecast_with_the_real_run(user, tmp_path):
     assert res.exit_code != 0 and "drop --bn train" in res.output
 
 
+def test_validate_cached_trunk_says_where_it_cannot_cut(user, tmp_path):
+    """--cached-trunk needs the exact top's split and a trunk split_trunk can cut."""
+    mod, npz = user
+    res = invoke("validate", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--linearize", "top", "--split", f"{mod}:split", "--lr", 0.4, "--steps", 5,
+                 "--cached-trunk", "--no-progress", "--out", tmp_path / "a")  # fmt: skip
+    assert res.exit_code != 0 and "no frozen layers below the trained weights" in res.output
+    assert "drop --cached-trunk" in res.output
+    res = invoke("validate", "--model", f"{mod}:make", "--data", npz, "--num-classes", 3,
+                 "--linearize", "all", "--lr", 0.4, "--steps", 5, "--cached-trunk",
+                 "--no-progress", "--out", tmp_path / "b")  # fmt: skip
+    assert res.exit_code != 0 and "pass --linearize top or drop --cached-trunk" in res.output
+
+
+@pytest.mark.slow
+def test_validate_cached_trunk_is_the_same_real_run(tmp_path):
+    """fashion-lite0 at 32 px: the real run on cached trunk outputs logs the network's run."""
+    runs = {}
+    for tag, more in (("whole", ()), ("cached", ("--cached-trunk",))):
+        out = tmp_path / tag
+        res = ok(invoke("validate", "--example", "fashion-lite0", "--samples", 32,
+                        "--image-size", 32, "--steps", 8, "--log-every", 1, "--out", out,
+                        "--no-progress", *more))  # fmt: skip
+        runs[tag] = strict_json(out / "validation.json")
+    cmp = runs["cached"]["info"]["comparison"]
+    assert cmp["real_run_on"] == "cached trunk outputs" and cmp["real_trunk_seconds"] > 0
+    assert runs["whole"]["info"]["comparison"]["real_run_on"] == "the network"
+    np.testing.assert_allclose(runs["cached"]["measured"][0]["loss"],
+                               runs["whole"]["measured"][0]["loss"], rtol=1e-4)  # fmt: skip
+    assert "on cached trunk outputs (+" in res.stdout
+
+
 def test_forecast_top_flagged_with_a_decaying_schedule_says_to_lower_the_rate(user, tmp_path):
     from tangentlab.errors import TangentlabError
     from tangentlab.experimental import exact_top as et

@@ -1,7 +1,7 @@
-"""The frozen trunk of the exact-top kernel (NOTE [frozen trunk] in exact_top.py):
-``examples.split_trunk`` cuts a known body below its first trained weight, and
-``compute_exact_top_kernel(..., trunk=)`` runs it once and gives the kernel of the body
-without it."""
+"""The frozen trunk (NOTE [frozen trunk] in exact_top.py): ``examples.split_trunk`` cuts a
+known body below its first trained weight; ``compute_exact_top_kernel(..., trunk=)`` runs it
+once and gives the kernel of the body without it; ``tl.finetune(compose(rest, top), ...,
+trunk=)`` runs it once and is the network's run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from torch import nn
 
 import tangentlab as tl
 from tangentlab.errors import ModeSwitchWarning, TangentlabError
-from tangentlab.examples import LITE0_DEFAULT_PARAMS, split_lite, split_minilm, split_trunk
+from tangentlab.examples import (
+    LITE0_DEFAULT_PARAMS,
+    compose,
+    split_lite,
+    split_minilm,
+    split_trunk,
+)
 from tangentlab.experimental.exact_top import (
     compute_exact_top_kernel,
     forecast_exact_top,
@@ -115,41 +121,91 @@ def test_exact_top_kernel_with_a_trunk_is_the_kernel_without_it(tmp_path):
     np.testing.assert_allclose(fb.loss, fa.loss, rtol=1e-9)
 
 
-class _Above(nn.Module):
-    """The layers above a trunk (README "Exact top, last block linear": the real run of a
-    flagged setting on cached trunk outputs)."""
-
-    def __init__(self, rest: nn.Module, top: nn.Module) -> None:
-        super().__init__()
-        self.rest, self.top = rest, top
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.top(self.rest(h))
+def test_compose_keeps_the_parts_weight_names_and_composes():
+    """compose(rest, top) of a Lite and a BERT split: above(trunk(x)) == model(x), and its
+    weights are the model's, under the model's names (a merged ``bert`` for BERT)."""
+    model = _lite()
+    body, top = split_lite(model)
+    trunk, rest = split_trunk(body, LITE0_DEFAULT_PARAMS)
+    above = compose(rest, top)
+    whole = dict(model.named_parameters())
+    assert all(whole[n] is p for n, p in above.named_parameters())
+    assert {n for n in whole if re.search(LITE0_DEFAULT_PARAMS, n)} <= _names(above)
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(above(trunk(x)), model(x), rtol=0, atol=0)
+    bert, xb, _ = _tiny_bert()
+    b, t = split_minilm(bert)
+    tr, re_ = split_trunk(b, r"^bert\.encoder\.layer\.1\.")
+    ab = compose(re_, t)
+    wb = dict(bert.named_parameters())
+    assert all(wb[n] is p for n, p in ab.named_parameters())
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= _names(ab)
+    torch.testing.assert_close(ab(**tr(**xb)), bert(**xb).logits, rtol=0, atol=0)
+    ab.train()
+    assert all(m.training for m in ab.modules()) and re_.training and t.training
+    ab.eval()
+    with pytest.raises(TangentlabError, match="second must be an nn.Module"):
+        compose(rest, lambda h: h)
+    with pytest.raises(TangentlabError, match="both parts have a weight or buffer 'weight'"):
+        compose(nn.Linear(2, 2), nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("batch_size", [None, 3])
-def test_fine_tuning_on_cached_trunk_outputs_is_the_networks_run(batch_size):
-    """README's recipe (benchmarks/cached_trunk.py): with the trunk frozen in eval mode the
-    run of the layers above it on trunk(x), computed once, is tl.finetune of the network:
-    the same logged losses (float64, to rounding) and the same trained weights."""
-    from tangentlab.tangent import select_params
-
+def test_fine_tuning_with_a_trunk_is_the_networks_run(batch_size):
+    """tl.finetune(compose(rest, top), data, ..., trunk=trunk): with the trunk frozen in eval
+    mode, the run of the layers above it on trunk(x), computed once, is tl.finetune of the
+    network: the same logged losses and held-out losses (float64, to rounding) and the same
+    trained weights; the trunk's seconds are reported apart."""
     model = _lite()
     body, top = split_lite(model)
     trunk, rest = split_trunk(body, LITE0_DEFAULT_PARAMS)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.arange(8) % 3
-    names = ([f"rest.{n}" for n in select_params(rest, LITE0_DEFAULT_PARAMS)]
-             + [f"top.{n}" for n in select_params(top, LITE0_DEFAULT_PARAMS)])  # fmt: skip
-    assert len(names) == len(select_params(model, LITE0_DEFAULT_PARAMS))
+    xe, ye = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.arange(4) % 3
     opt = tl.SGD(0.01, momentum=0.5)
-    kw = dict(loss="ce", batch_size=batch_size, log_every=1, progress=False)
-    whole = tl.finetune(model, (x, y), opt, 6, params=LITE0_DEFAULT_PARAMS, **kw)
-    with torch.no_grad():
-        h = trunk(x)
-    cached = tl.finetune(_Above(rest, top).eval(), (h, y), opt, 6, params=names, **kw)
+    kw = dict(loss="ce", batch_size=batch_size, log_every=1, progress=False,
+              params=LITE0_DEFAULT_PARAMS, eval_data=(xe, ye))  # fmt: skip
+    whole = tl.finetune(model, (x, y), opt, 6, **kw)
+    cached = tl.finetune(compose(rest, top), (x, y), opt, 6, trunk=trunk, **kw)
     np.testing.assert_allclose(cached.loss, whole.loss, rtol=1e-10)
+    np.testing.assert_allclose(cached.eval_loss, whole.eval_loss, rtol=1e-10)
     assert whole.loss[-1] < whole.loss[0]  # it trained
+    trained = dict(cached.model.named_parameters())
+    for n, p in whole.model.named_parameters():
+        if re.search(LITE0_DEFAULT_PARAMS, n):
+            torch.testing.assert_close(trained[n], p, rtol=1e-9, atol=1e-12)
+    assert cached.hyperparameters["trunk_seconds"] > 0
+    assert "trunk" not in whole.hyperparameters
+
+
+def test_fine_tuning_a_bert_with_a_trunk_is_the_networks_run():
+    """The same for a BERT split (a Mapping of hidden states and mask between the parts)."""
+    bert, x, y = _tiny_bert()
+    b, t = split_minilm(bert)
+    params = r"^(?:bert\.encoder\.layer\.1\.|bert\.pooler\.|classifier\.)"
+    tr, rest = split_trunk(b, params)
+    kw = dict(loss="ce", log_every=1, progress=False, params=params)
+    whole = tl.finetune(bert, (x, y), tl.SGD(0.05), 4, **kw)
+    cached = tl.finetune(compose(rest, t), (x, y), tl.SGD(0.05), 4, trunk=tr, **kw)
+    np.testing.assert_allclose(cached.loss, whole.loss, rtol=1e-6)
+    assert whole.loss[-1] < whole.loss[0]
+
+
+def test_a_trunk_that_moves_or_trains_is_refused_with_the_fix():
+    model = _lite()
+    body, top = split_lite(model)
+    trunk, rest = split_trunk(body, LITE0_DEFAULT_PARAMS)
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.arange(4) % 3
+    opt = tl.SGD(0.01)
+    with pytest.raises(TangentlabError, match="pass bn='frozen' or drop trunk"):
+        tl.finetune(compose(rest, top), (x, y), opt, 2, trunk=trunk, bn="train",
+                    params=LITE0_DEFAULT_PARAMS, progress=False)  # fmt: skip
+    with pytest.raises(TangentlabError, match="trunk holds the trained weight '_blocks.15"):
+        tl.finetune(compose(rest, top), (x, y), opt, 2, trunk=body,
+                    params=LITE0_DEFAULT_PARAMS, progress=False)  # fmt: skip
+    with pytest.raises(TangentlabError, match="trunk must be an nn.Module"):
+        tl.finetune(compose(rest, top), (x, y), opt, 2, trunk=lambda v: trunk(v),
+                    params=LITE0_DEFAULT_PARAMS, progress=False)  # fmt: skip
 
 
 def test_exact_top_kernel_with_a_bert_trunk_is_the_kernel_without_it():
@@ -185,7 +241,7 @@ def test_a_bad_trunk_is_refused_with_the_fix():
     kw = dict(params=r"^1\.", directions=2, progress=False)
     with pytest.raises(TangentlabError, match="trunk must be an nn.Module"):
         fn(rest, top, (x, y), trunk=lambda v: first(v), **kw)
-    with pytest.raises(TangentlabError, match="trunk holds the body's trained weight '1.weight'"):
+    with pytest.raises(TangentlabError, match="trunk holds the trained weight '1.weight'"):
         fn(rest, top, (x, y), trunk=nn.Sequential(first, second), **kw)
     with pytest.raises(TangentlabError, match=r"must return a tensor \[B, \.\.\.\]"):
         fn(rest, top, (x, y), trunk=_Listed(first).eval(), **kw)

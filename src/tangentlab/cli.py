@@ -1394,11 +1394,25 @@ def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
     model, data, _, params, _, _ = _resolve(o, quiet=True)  # a fresh copy: w0 again
     if params == "all":
         params = None
-    _echo(f"tangentlab: fine-tuning for real: {steps} steps of {opt.describe()} (BN frozen) ...")
+    net, cached = model, {}
+    if o["cached_trunk"]:  # NOTE [frozen trunk]: the same run on the trunk's outputs
+        from tangentlab.examples import compose, split_trunk
+
+        body, top, how = _split(o, model)
+        trunk, rest = split_trunk(body, params)
+        if trunk is None:
+            raise TangentlabError(f"tangentlab: --cached-trunk: no frozen layers below the "
+                                  f"trained weights to cache ({how}; the first layer is "
+                                  "trained, or the body is not one split_trunk knows): drop "
+                                  "--cached-trunk.")  # fmt: skip
+        net, cached = compose(rest, top), dict(trunk=trunk)
+    _echo(f"tangentlab: fine-tuning for real: {steps} steps of {opt.describe()} (BN frozen"
+          + ("; the layers above the frozen trunk, on its outputs computed once" if cached
+             else "") + ") ...")  # fmt: skip
     t0 = time.perf_counter()
-    run = tl.finetune(model, data, opt, steps, params=params, log_every=o["log_every"],
+    run = tl.finetune(net, data, opt, steps, params=params, log_every=o["log_every"],
                       bn="frozen", device=o["device"], progress=not o["no_progress"],
-                      **r["train"])  # fmt: skip
+                      **cached, **r["train"])  # fmt: skip
     timer["real fine-tuning"] = time.perf_counter() - t0
     if run.steps.size == 0:  # interrupted before the initial loss: nothing to compare
         raise KeyboardInterrupt
@@ -1418,6 +1432,8 @@ def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
                       interval=None if iv is None else list(iv), inside=inside,
                       steps_error=err, curve_error=curve, check="flagged" if r["flagged"]
                       else "passed", real_train_seconds=run.train_seconds,
+                      real_run_on="cached trunk outputs" if cached else "the network",
+                      real_trunk_seconds=run.hyperparameters.get("trunk_seconds"),
                       forecast_seconds=cost,
                       cost_ratio=run.train_seconds / cost if cost > 0 else None)  # fmt: skip
     info = dict(r["info"], comparison=comparison, bn="frozen",
@@ -1437,7 +1453,9 @@ def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
         click.echo(f"real steps vs the interval ({band}, check {comparison['check']}): "
                    f"{'inside' if inside else 'OUTSIDE'}")
     click.echo(f"curve error mean|L̂−L|/L0: {curve:.3g} over {int(ok.sum())} logged steps")
-    click.echo(f"cost: real run {run.train_seconds:.2f} s training; kernel + forecast "
+    trunk_s = run.hyperparameters.get("trunk_seconds")
+    where = "" if trunk_s is None else f" on cached trunk outputs (+ {trunk_s:.2f} s trunk)"
+    click.echo(f"cost: real run {run.train_seconds:.2f} s training{where}; kernel + forecast "
                f"{cost:.2f} s; ratio real/forecast {run.train_seconds / cost:.2f}x")
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
@@ -1464,7 +1482,9 @@ def _print_top(fc, drop: float, safe, flagged: bool, *, skipped: bool = False) -
         return
     if safe is None:
         click.echo("  advice: no rate down to 0.8^9 x lr passes the check; read the steps as "
-                   "uncertain, or validate with a real run.")
+                   "uncertain, or validate with a real run (tangentlab validate "
+                   "--cached-trunk: the same run at a tenth to a quarter of its cost where "
+                   "the layers below the trained weights are frozen).")
         return
     st = safe.steps_estimate(drop)
     siv = safe.steps_interval(drop)
@@ -1472,7 +1492,8 @@ def _print_top(fc, drop: float, safe, flagged: bool, *, skipped: bool = False) -
            f"estimate {st:.0f} steps, interval {siv[0]:.0f}-{siv[1]:.0f}")  # fmt: skip
     ratio = safe.settings["lr"] / fc.settings["lr"]
     click.echo(f"  advice: at lr {safe.settings['lr']:.4g} ({ratio:.2g}x) the check passes: "
-               f"{got} (exact_top.reliable_lr).")
+               f"{got} (exact_top.reliable_lr); for this rate itself, train: tangentlab "
+               "validate --cached-trunk (the same run at a tenth to a quarter of its cost).")
 
 
 def _print_divergence(fc) -> None:
@@ -1634,6 +1655,12 @@ def kernel(**o: Any) -> None:
               show_default=True,
               help="Batch norm in the real run: frozen (eval mode, as the tangent model) "
               "or train (batch statistics, running statistics updated, dropout on).")
+@click.option("--cached-trunk", is_flag=True,
+              help="With the exact top (--linearize top, or auto where it applies): train "
+              "the layers above the frozen trunk (the layers below the first trained weight) "
+              "on its outputs, computed once: the same real run up to float rounding, at "
+              "a tenth to a quarter of its cost (tl.finetune(trunk=); README 'Exact top, "
+              "last block linear'). The cost ratio then compares the forecast with that run.")
 @_eval_options
 @_pilot_option
 @_errors_as_usage
@@ -1664,6 +1691,11 @@ def validate(**o: Any) -> None:
         )
     if _top_or_fallback(o, _validate_top, optimizer, start, timer):
         return
+    if o["cached_trunk"]:
+        raise TangentlabError("tangentlab: --cached-trunk runs the layers above the model's "
+                              "split (the exact top's); this validation uses "
+                              f"--linearize {o['linearize']}: pass --linearize top or drop "
+                              "--cached-trunk.")  # fmt: skip
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)

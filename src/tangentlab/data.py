@@ -171,6 +171,56 @@ def check_labels(y: torch.Tensor, num_classes: int, *, where: str) -> None:
         )
 
 
+# NOTE [frozen trunk] (the mathematics in tangentlab.experimental.exact_top): the layers
+# below the first trained weight never move, and all the layers above see of x is their
+# output; computed once, it stands in for x.
+TRUNK_CHUNK = 256  # samples per forward pass of a trunk
+
+
+def trunk_outputs(trunk: Any, x: Inputs, *, trained: dict[int, str], where: str) -> Inputs:
+    """``trunk`` on all N inputs ``x`` (a tensor ``[N, ...]`` or a Mapping of them, passed as
+    keyword arguments), in chunks of ``TRUNK_CHUNK`` without gradients: a tensor ``[N, ...]``
+    or a dict of them (the next layers' keyword inputs) (NOTE [frozen trunk]). ``trained``
+    maps ``id(parameter)`` to the name of each trained weight, none of which the trunk may
+    hold; a trunk in training mode is switched to eval mode, with a ModeSwitchWarning."""
+    import warnings
+
+    from torch import nn
+
+    from tangentlab.errors import ModeSwitchWarning
+
+    if not isinstance(trunk, nn.Module):
+        raise TangentlabError(f"{where}: trunk must be an nn.Module (or None), got "
+                              f"{type(trunk).__name__}.")  # fmt: skip
+    shared = [trained[id(p)] for p in trunk.parameters() if id(p) in trained]
+    if shared:
+        raise TangentlabError(f"{where}: the trunk holds the trained weight {shared[0]!r}; a "
+                              "trunk runs once, frozen: cut it below the first trained weight "
+                              "(examples.split_trunk does).")  # fmt: skip
+    if trunk.training:
+        warnings.warn(f"{where}: switched trunk to eval mode (batch-norm statistics frozen, "
+                      "dropout off), as the model requires. Call trunk.train() afterwards "
+                      "to restore it.", ModeSwitchWarning, stacklevel=3)  # fmt: skip
+        trunk.eval()
+    n, outs = num_rows(x), []
+    with torch.no_grad():
+        for s in range(0, n, TRUNK_CHUNK):
+            xb = take(x, slice(s, s + TRUNK_CHUNK))
+            h = trunk(**xb) if isinstance(xb, Mapping) else trunk(xb)
+            rows = min(TRUNK_CHUNK, n - s)
+            parts = list(h.values()) if isinstance(h, Mapping) else [h]
+            if not parts or not all(isinstance(t, torch.Tensor) and t.ndim >= 1
+                                    and t.shape[0] == rows for t in parts):  # fmt: skip
+                raise TangentlabError(
+                    f"{where}: the trunk must return a tensor [B, ...] or a Mapping of such "
+                    f"tensors (the next layers' keyword inputs) for a batch of B = {rows}, got "
+                    f"{type(h).__name__}.")  # fmt: skip
+            outs.append(h)
+    if isinstance(outs[0], Mapping):
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    return torch.cat(outs)
+
+
 def fingerprint(x: Inputs, y: torch.Tensor) -> str:
     """A sha256 of the data's values, shapes and dtypes (used to key caches)."""
     h = hashlib.sha256()

@@ -46,7 +46,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ __all__ = [
     "FASHION_MNIST_ENV",
     "LITE0_DEFAULT_PARAMS",
     "MINILM_DEFAULT_PARAMS",
+    "compose",
     "load_example",
     "read_idx",
     "split_lite",
@@ -821,6 +822,75 @@ class _BertRest(nn.Module):
                    else layer.attention(h, ext))  # fmt: skip
             h = out[0] if isinstance(out, tuple) else out
         return h[:, 0]
+
+
+class _Composed(nn.Module):
+    """``second(first(·))`` under the two parts' own weight names (``compose``)."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__()
+        # not registered: the weights are reached through the grafted tree, once each
+        object.__setattr__(self, "_parts", (first, second))
+        for part in (first, second):
+            _graft(self, part)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        first, second = self._parts
+        h = first(*args, **kwargs)
+        return second(**h) if isinstance(h, Mapping) else second(h)
+
+    def train(self, mode: bool = True) -> _Composed:
+        super().train(mode)
+        for part in self._parts:  # the parts' own flags (their children are grafted)
+            part.train(mode)
+        return self
+
+
+def _graft(dst: nn.Module, src: nn.Module) -> None:
+    """Register ``src``'s children, weights and buffers in ``dst`` under their names,
+    merging two children of the same name into a plain container (``compose``)."""
+    for kind in ("_parameters", "_buffers"):
+        for name, t in getattr(src, kind).items():
+            mine = getattr(dst, kind)
+            if name in mine and mine[name] is not t:
+                raise TangentlabError(f"compose: both parts have a weight or buffer {name!r}; "
+                                      "rename one so that the names stay unique.")  # fmt: skip
+            mine[name] = t
+    for name, child in src.named_children():
+        have = dst._modules.get(name)
+        if have is None or have is child:
+            dst._modules[name] = child
+            continue
+        if not getattr(have, "_tangentlab_merged", False):
+            merged = nn.Module()
+            merged._tangentlab_merged = True
+            _graft(merged, have)
+            dst._modules[name] = have = merged
+        _graft(have, child)
+
+
+def compose(first: nn.Module, second: nn.Module) -> nn.Module:
+    """``second(first(x))`` as one ``nn.Module`` whose weights keep the names they have in
+    the two parts (children of the same name merged), so the ``params`` that select the
+    trained weights in the parts (e.g. ``LITE0_DEFAULT_PARAMS`` in :func:`split_trunk`'s
+    rest and :func:`split_model`'s top) select the same weights in it. A Mapping output of
+    ``first`` is passed to ``second`` as keyword arguments. The parts are shared, not
+    copied; ``train()``/``eval()`` reach them.
+
+    For the real run of the layers above a frozen trunk, on its outputs computed once
+    (:func:`tangentlab.finetune`'s ``trunk``; NOTE [frozen trunk])::
+
+        >>> body, top, _ = split_model(model)                  # EfficientNet-Lite0
+        >>> trunk, rest = split_trunk(body, LITE0_DEFAULT_PARAMS)
+        >>> above = compose(rest, top)                         # above(trunk(x)) == model(x)
+        >>> tl.finetune(above, (X, y), tl.SGD(0.01), 100, params=LITE0_DEFAULT_PARAMS,
+        ...             trunk=trunk)                           # the network's run, cheaper
+    """
+    for name, part in (("first", first), ("second", second)):
+        if not isinstance(part, nn.Module):
+            raise TangentlabError(f"compose: {name} must be an nn.Module, got "
+                                  f"{type(part).__name__}.")  # fmt: skip
+    return _Composed(first, second).train(first.training and second.training)
 
 
 def split_trunk(body: nn.Module, params: Any = None) -> tuple[nn.Module | None, nn.Module]:

@@ -137,7 +137,7 @@ from torch.func import functional_call
 
 from tangentlab import dynamics as dyn
 from tangentlab.compute import compute_kernel
-from tangentlab.data import as_arrays, num_rows, take
+from tangentlab.data import as_arrays, num_rows, take, trunk_outputs
 from tangentlab.errors import ModeSwitchWarning, TangentlabError, ValidityWarning
 from tangentlab.headbody import _rest_kernel
 from tangentlab.linalg import split_mv, split_vm
@@ -229,7 +229,7 @@ STEPS_BAND_ADVISED: tuple[float, float] = (-0.19, 0.19)  # passed at reliable_lr
 # against 49% and 12). On images the flagged error is the block's linearization, which the
 # real network leaves at its edge of stability: a model of that costs what training costs,
 # and where the trunk below the trained weights is frozen, the real run on its cached
-# outputs is the same run at 0.10-0.20 of the cost (``benchmarks/cached_trunk.py``).
+# outputs is the same run at 0.07-0.24 of the cost (``benchmarks/cached_trunk.py``).
 # Under CE it is the block's ReLU6 gates flipping: with the gates frozen at w0 (the limit of
 # a Taylor model of the block around w0 of any order) 47% of 137 flagged CE targets are
 # off by more than 25%, with the real block 12% (``twolayer_weights.py --order gates`` and
@@ -1289,8 +1289,8 @@ def _reliability(fc: ExactTopForecast) -> None:
             "learning rate (exact_top.reliable_lr finds the largest rate, on a grid below "
             "this one, whose forecast passes the check), or, for this rate itself, train: "
             "where the layers below the trained weights are frozen, the real run on their "
-            "outputs computed once is the same run at a fraction of the cost (README, "
-            "'Exact top, last block linear').",
+            "outputs computed once is the same run at a fraction of the cost "
+            "(tl.finetune(..., trunk=); README 'Exact top, last block linear').",
             ValidityWarning,
             stacklevel=3,
         )
@@ -1626,38 +1626,11 @@ class _Sharpness:
 def _trunk_outputs(trunk: Any, body: nn.Module, names: list[str], x: Any, n: int, fn: str
                    ) -> Any:
     """The trunk's outputs on all N inputs ``x`` (a tensor ``[N, ...]`` or a dict of them),
-    computed in chunks without gradients (NOTE [frozen trunk])."""
-    if not isinstance(trunk, nn.Module):
-        raise TangentlabError(f"{fn}: trunk must be an nn.Module (or None), got "
-                              f"{type(trunk).__name__}.")  # fmt: skip
+    computed in chunks without gradients (NOTE [frozen trunk];
+    :func:`tangentlab.data.trunk_outputs`)."""
     chosen = set(names)
     trained = {id(p): a for a, p in body.named_parameters() if a in chosen}
-    shared = [trained[id(p)] for p in trunk.parameters() if id(p) in trained]
-    if shared:
-        raise TangentlabError(f"{fn}: the trunk holds the body's trained weight {shared[0]!r}; "
-                              "a trunk runs once, frozen: cut it below the first trained "
-                              "weight (examples.split_trunk does).")  # fmt: skip
-    if trunk.training:
-        warnings.warn(f"{fn}: switched trunk to eval mode (batch-norm statistics frozen, "
-                      "dropout off), as the model requires. Call trunk.train() afterwards "
-                      "to restore it.", ModeSwitchWarning, stacklevel=3)  # fmt: skip
-        trunk.eval()
-    outs = []
-    with torch.no_grad():
-        for s in range(0, n, _CHUNK):
-            h = _run(trunk, take(x, slice(s, s + _CHUNK)))
-            rows = min(_CHUNK, n - s)
-            parts = h.values() if isinstance(h, Mapping) else [h]
-            if not parts or not all(isinstance(t, torch.Tensor) and t.ndim >= 1
-                                    and t.shape[0] == rows for t in parts):  # fmt: skip
-                raise TangentlabError(
-                    f"{fn}: the trunk must return a tensor [B, ...] or a Mapping of such "
-                    f"tensors (the body's keyword inputs) for a batch of B = {rows}, got "
-                    f"{type(h).__name__}.")  # fmt: skip
-            outs.append(h)
-    if isinstance(outs[0], Mapping):
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-    return torch.cat(outs)
+    return trunk_outputs(trunk, x, trained=trained, where=fn)
 
 
 def _read_outs(tb: Tangent, x: Any, basis: torch.Tensor, probes: int, seed: int,
