@@ -438,24 +438,30 @@ def quad_lines(sets: list[tuple[str, list[dict]]]) -> list[str]:
            "| set | loss | batch | block linear | block second order | log(T / T̂₂) | "
            "library T̃ | seconds (second order / linear / real) |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for which, loss, batch, sub, cellset in _flagged_groups(sets, lambda r: r["has_quad"]):
+        qs = sum(r["quad_seconds"] for r in cellset)
+        ws = sum(r["w_seconds"] for r in cellset)
+        rs = sum(r["real_seconds"] or 0 for r in cellset)
+        out.append(f"| {which} | {loss} | {batch} | "
+                   f"{_fmt([_err(r['w'], r['T']) for r in sub])} | "
+                   f"{_fmt([_err(r['quad'], r['T']) for r in sub])} | "
+                   f"{_bias(sub, 'quad')} | "
+                   f"{_fmt([_err(r['et'], r['T']) for r in sub])} | "
+                   f"{qs:.0f} / {ws:.0f} / {rs:.0f} |")
+    return out if len(out) > 5 else []
+
+
+def _flagged_groups(sets: list[tuple[str, list[dict]]], keep):
+    """``(set, loss, batch, its flagged targets that ``keep`` takes, their cells' rows once
+    each)`` for every set, loss (and "all") and batch (and "all") with such targets."""
     for which, rows in sets:
         for loss in (*ho.LOSSES, "all"):
             for batch in ("full", "B32", "all"):
-                sub = [r for r in rows if r["R"] > et.REBOUND_MAX and r["has_quad"]
+                sub = [r for r in rows if r["R"] > et.REBOUND_MAX and keep(r)
                        and loss in ("all", r["loss"]) and batch in ("all", r["batch"])]
-                if not sub:
-                    continue
-                cellset = {(r["task"], r["cell"]): r for r in sub}
-                qs = sum(r["quad_seconds"] for r in cellset.values())
-                ws = sum(r["w_seconds"] for r in cellset.values())
-                rs = sum(r["real_seconds"] or 0 for r in cellset.values())
-                out.append(f"| {which} | {loss} | {batch} | "
-                           f"{_fmt([_err(r['w'], r['T']) for r in sub])} | "
-                           f"{_fmt([_err(r['quad'], r['T']) for r in sub])} | "
-                           f"{_bias(sub, 'quad')} | "
-                           f"{_fmt([_err(r['et'], r['T']) for r in sub])} | "
-                           f"{qs:.0f} / {ws:.0f} / {rs:.0f} |")
-    return out if len(out) > 5 else []
+                if sub:
+                    cells_ = {(r["task"], r["cell"]): r for r in sub}
+                    yield which, loss, batch, sub, list(cells_.values())
 
 
 def gates_lines(sets: list[tuple[str, list[dict]]]) -> list[str]:
@@ -472,27 +478,19 @@ def gates_lines(sets: list[tuple[str, list[dict]]]) -> list[str]:
            "| set | loss | batch | block linear | second order | gates frozen | "
            "log(T / T̂) gates | block exact | library T̃ | seconds (gates / exact / real) |",
            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for which, rows in sets:
-        for loss in (*ho.LOSSES, "all"):
-            for batch in ("full", "B32", "all"):
-                sub = [r for r in rows if r["R"] > et.REBOUND_MAX and r["has_quad"]
-                       and {"gates", "exact"} <= set(r["orders"])
-                       and loss in ("all", r["loss"]) and batch in ("all", r["batch"])]
-                if not sub:
-                    continue
-                for r in sub:
-                    r["gates"], r["exact"] = r["orders"]["gates"][0], r["orders"]["exact"][0]
-                cellset = {(r["task"], r["cell"]): r for r in sub}
-                gs, xs = (sum(r["orders"][o][1] for r in cellset.values())
-                          for o in ("gates", "exact"))  # fmt: skip
-                rs = sum(r["real_seconds"] or 0 for r in cellset.values())
-                out.append(f"| {which} | {loss} | {batch} | "
-                           + " | ".join(_fmt([_err(r[k], r["T"]) for r in sub])
-                                        for k in ("w", "quad", "gates"))
-                           + f" | {_bias(sub, 'gates')} | "
-                           + " | ".join(_fmt([_err(r[k], r["T"]) for r in sub])
-                                        for k in ("exact", "et"))
-                           + f" | {gs:.0f} / {xs:.0f} / {rs:.0f} |")
+    both = lambda r: r["has_quad"] and {"gates", "exact"} <= set(r["orders"])  # noqa: E731
+    for which, loss, batch, sub, cellset in _flagged_groups(sets, both):
+        for r in sub:
+            r["gates"], r["exact"] = r["orders"]["gates"][0], r["orders"]["exact"][0]
+        gs, xs = (sum(r["orders"][o][1] for r in cellset) for o in ("gates", "exact"))
+        rs = sum(r["real_seconds"] or 0 for r in cellset)
+        out.append(f"| {which} | {loss} | {batch} | "
+                   + " | ".join(_fmt([_err(r[k], r["T"]) for r in sub])
+                                for k in ("w", "quad", "gates"))
+                   + f" | {_bias(sub, 'gates')} | "
+                   + " | ".join(_fmt([_err(r[k], r["T"]) for r in sub])
+                                for k in ("exact", "et"))
+                   + f" | {gs:.0f} / {xs:.0f} / {rs:.0f} |")
     return out if len(out) > 5 else []
 
 

@@ -1394,18 +1394,7 @@ def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
     model, data, _, params, _, _ = _resolve(o, quiet=True)  # a fresh copy: w0 again
     if params == "all":
         params = None
-    net, cached = model, {}
-    if o["cached_trunk"]:  # NOTE [frozen trunk]: the same run on the trunk's outputs
-        from tangentlab.examples import compose, split_trunk
-
-        body, top, how = _split(o, model)
-        trunk, rest = split_trunk(body, params)
-        if trunk is None:
-            raise TangentlabError(f"tangentlab: --cached-trunk: no frozen layers below the "
-                                  f"trained weights to cache ({how}; the first layer is "
-                                  "trained, or the body is not one split_trunk knows): drop "
-                                  "--cached-trunk.")  # fmt: skip
-        net, cached = compose(rest, top), dict(trunk=trunk)
+    net, cached = _above_trunk(o, model, params) if o["cached_trunk"] else (model, {})
     _echo(f"tangentlab: fine-tuning for real: {steps} steps of {opt.describe()} (BN frozen"
           + ("; the layers above the frozen trunk, on its outputs computed once" if cached
              else "") + ") ...")  # fmt: skip
@@ -1459,6 +1448,21 @@ def _validate_top(o: dict[str, Any], optimizer, start: float, timer: dict) -> No
                f"{cost:.2f} s; ratio real/forecast {run.train_seconds / cost:.2f}x")
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['json']}, {paths['png']}, {paths['html']}")
+
+
+def _above_trunk(o: dict[str, Any], model, params) -> tuple[Any, dict]:
+    """``validate --cached-trunk``: (the layers above the frozen trunk, ``{"trunk": trunk}``)
+    for tl.finetune, which runs the trunk once (NOTE [frozen trunk]: the same run)."""
+    from tangentlab.examples import compose, split_trunk
+
+    body, top, how = _split(o, model)
+    trunk, rest = split_trunk(body, params)
+    if trunk is None:
+        raise TangentlabError(
+            f"tangentlab: --cached-trunk: no frozen layers below the trained weights to cache "
+            f"({how}; the first layer is trained, or the body is not one split_trunk knows): "
+            "drop --cached-trunk.")  # fmt: skip
+    return compose(rest, top), dict(trunk=trunk)
 
 
 def _print_top(fc, drop: float, safe, flagged: bool, *, skipped: bool = False) -> None:
