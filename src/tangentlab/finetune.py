@@ -248,7 +248,8 @@ def finetune(
         without gradients, and ``model`` trains on their outputs h = trunk(x), a tensor
         ``[N, ...]`` or a Mapping of them (``model``'s keyword inputs). Fine-tuning never
         moves them, so with ``bn="frozen"`` this is the run of ``model(trunk(x))``, the same
-        logged losses up to float rounding, at a fraction of the cost (NOTE [frozen trunk]:
+        logged losses up to float rounding (which a chaotic run, past its edge of stability,
+        amplifies as it would any rounding), at a fraction of the cost (NOTE [frozen trunk]:
         0.07-0.24 of the network's run for EfficientNet-Lite0's last block at 32-64 px,
         benchmarks/RESULTS.md "cached-trunk"). :func:`tangentlab.examples.split_trunk` cuts
         one off a known body and :func:`tangentlab.examples.compose` joins the rest to the
