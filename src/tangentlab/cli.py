@@ -1696,10 +1696,10 @@ def validate(**o: Any) -> None:
     if _top_or_fallback(o, _validate_top, optimizer, start, timer):
         return
     if o["cached_trunk"]:
-        raise TangentlabError("tangentlab: --cached-trunk runs the layers above the model's "
-                              "split (the exact top's); this validation uses "
-                              f"--linearize {o['linearize']}: pass --linearize top or drop "
-                              "--cached-trunk.")  # fmt: skip
+        raise TangentlabError(
+            "tangentlab: --cached-trunk runs the layers above the exact top's split, and this "
+            f"validation does not use the exact top (--linearize {o['linearize']}): pass "
+            "--linearize top (with --split for a model of your own) or drop --cached-trunk.")
     _check_held_out(o)
     kernel, defaults, info = _kernel(o, timer)
     steps = o["steps"] if o["steps"] is not None else defaults.get("steps", 300)
