@@ -425,12 +425,14 @@ def test_sweep_takes_the_exact_top_on_the_image_example(tmp_path):
     js = strict_json(out / "sweep.json")
     assert js["info"]["linearize"].startswith("auto: the exact top (split_lite")
     assert len(js["table"]) == 4 and js["kernel"]["directions"] == 320
+    assert "--steps" in res.stdout and "--cached-trunk (the same run" in res.stdout
 
 
 def test_sweep_top_ranks_by_samples_and_refuses_it_elsewhere(user, tmp_path):
     out = tmp_path / "s"
     res = _sweep(user, out, "--lr", "0.0668", "--momentum", "0.9", "--batch-size", "8,full",
                  "--steps", 200, "--rank-by", "samples")  # fmt: skip
+    assert "to check the pick" in res.stdout and "--cached-trunk" not in res.stdout  # no trunk
     rows = strict_json(out / "sweep.json")["table"]
     assert [r["batch_size"] for r in rows] == [8, None]  # 8 x T̃(8) < 24 x T̃(full)
     assert rows[0]["samples_to_target"] < rows[1]["samples_to_target"]

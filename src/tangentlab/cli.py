@@ -1301,7 +1301,7 @@ def _sweep_top(o: dict[str, Any], optimizers: list, start: float, timer: dict) -
     paths = write_exact_top_sweep_report(
         o["out"], result, etk, info=info,
         title=f"tangentlab sweep (exact top): {r['name']}")  # fmt: skip
-    _print_top_sweep(result, rank_by, len(sizes))
+    _print_top_sweep(result, rank_by, len(sizes), trunk=bool(etk.metadata.get("trunk")))
     click.echo(f"time: {_timings(timer, start)}")
     click.echo(f"wrote {paths['csv']}, {paths['json']}, {paths['ranking']}, {paths['png']}, "
                f"{paths['html']}")
@@ -1330,7 +1330,7 @@ def _batch_label(value: Any) -> str | int:
     return "full" if value is None or value != value else int(value)
 
 
-def _print_top_sweep(result, rank_by: str, n_sizes: int) -> None:
+def _print_top_sweep(result, rank_by: str, n_sizes: int, *, trunk: bool = False) -> None:
     """The exact-top sweep's table and its reading in words (the safer pick where the first
     is flagged)."""
     table = result.table
@@ -1373,6 +1373,8 @@ def _print_top_sweep(result, rank_by: str, n_sizes: int) -> None:
         click.echo(f"to check the pick with a real run: tangentlab validate (the same model and "
                    f"data options) --lr {first['lr']:g} --momentum {first['momentum']:g} "
                    f"--batch-size {b} --steps {steps}"
+                   + (" --cached-trunk (the same run on the frozen trunk's outputs, cheaper)"
+                      if trunk else "")
                    + ("" if first["schedule"] == "Constant()" else
                       f", with its schedule {first['schedule']}"))
 
