@@ -401,3 +401,53 @@ def test_frozen_gates_keep_the_block_at_w0_and_drop_only_the_flips():
     gates.restore()
     assert isinstance(body.blk._swish, nn.ReLU6)
     assert not torch.allclose(real(w, h), want)  # the real block flips: it differs
+
+
+def test_projected_second_order_is_the_blocks_taylor_series_in_the_subspace():
+    """twolayer_weights.py --order 2p: z0 + A c + ½ B[c, c] is the body at w0 + P c to second
+    order (the error falls as |c|³), A is the body's Jacobian along P, B is symmetric."""
+    import torch
+    from torch import nn
+    from torch.func import functional_call, jvp
+
+    import twolayer_weights as tww
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    names = ["0.weight", "2.weight"]
+    w0 = [dict(body.named_parameters())[n].detach().clone() for n in names]
+    h = torch.randn(5, 3, dtype=torch.float64)
+    sizes = [v.numel() for v in w0]
+    P = torch.linalg.qr(torch.randn(sum(sizes), 3, dtype=torch.float64))[0]
+    z0, A, B, _ = tww._projected(body, names, h, P)
+    assert A.shape == (5, 2, 3) and B.shape == (5, 2, 3, 3)
+    torch.testing.assert_close(B, B.transpose(2, 3))
+
+    def real(c):
+        d = (P @ c).split(sizes)
+        return functional_call(body, {n: b + e.reshape(b.shape)
+                                      for n, b, e in zip(names, w0, d)}, (h,))
+
+    c1 = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(A @ c1, jvp(real, (torch.zeros(3, dtype=torch.float64),),
+                                           (c1,))[1])
+    errs = []
+    for s in (1e-1, 5e-2):
+        c = s * c1
+        approx = z0 + A @ c + 0.5 * torch.einsum("ndkl,k,l->nd", B, c, c)
+        errs.append(float((real(c) - approx).abs().max()))
+    assert errs[1] < errs[0] / 6  # third order: halving c divides the error by about 8
+
+
+def test_snapshots_keep_at_most_cap_evenly_thinned():
+    """twolayer_weights.py --order 2p keeps at most 256 Δw of a long path, every stride-th."""
+    import twolayer_weights as tww
+
+    s = tww._Snapshots(cap=4)
+    for i in range(11):
+        s.append(i)
+    assert s.items == [0, 4, 8] and s.stride == 4
+    s = tww._Snapshots(cap=4)
+    for i in range(4):
+        s.append(i)
+    assert s.items == [0, 1, 2, 3]
