@@ -353,7 +353,8 @@ def run(which: str, only: list[str] | None = None, order: str = "1") -> None:
                 if order == "2p":
                     state[key] = dict(group=group, real_seconds=c.get("real_seconds"),
                                       **_run_projected(top, h, y, params, c))
-                    secs, curve = state[key]["subspace_seconds"], state[key]["4"]["loss"]
+                    secs = state[key]["subspace_seconds"]
+                    curve = state[key][str(PROJ_KS[0])]["loss"]
                 else:
                     curve, secs = simulate(top, h, y, params, c, order=order)
                     state[key] = dict(group=group, loss=curve, seconds=secs,
