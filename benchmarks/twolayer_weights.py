@@ -140,7 +140,7 @@ def simulate(top: torch.nn.Module, h, y: torch.Tensor, params: list[str], c: dic
     delta = [torch.zeros_like(v, requires_grad=True) for v in b0]
     theta = [we[n].detach().clone().requires_grad_(True) for n in names]
     if proj is not None:  # the subspace's coordinates are the trained variables
-        cv = torch.zeros(proj[0].shape[1], requires_grad=True)
+        cv = torch.zeros(proj[0].shape[1], dtype=proj[0].dtype, requires_grad=True)
         delta = [cv]
     with torch.no_grad():  # the split is the task's top network
         x4 = _rows(h, slice(0, 4))
